@@ -1,0 +1,385 @@
+//! The Rendezvous API: route a parsed request, decode its arguments (key,
+//! `ttl`, owner secret, expected value, client IP), and turn the owner's
+//! reply into a response.
+//!
+//! Everything here is synchronous and pure: `prepare` produces either the
+//! docs page or a store operation with its rate-limit cost, and `respond`
+//! maps a `Reply` to a `Response`. The connection task does the awaiting in
+//! between. Validation errors are decided here, before any token is charged
+//! ("errors before routing cost nothing").
+
+use crate::command::{Op, Reply};
+use crate::error::Error;
+use crate::http::{Body, Method, RequestHead, Response};
+use crate::ratelimit::Refused;
+use crate::secret::SecretKey;
+use crate::shard::{Condition, Found, Write, WriteOutcome};
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Tokens a read costs.
+pub const READ_COST: u32 = 1;
+/// Tokens a write costs.
+pub const WRITE_COST: u32 = 3;
+
+/// The API's routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Docs,
+    Get,
+    Set,
+    Los,
+    Cas,
+    Casoc,
+}
+
+impl Route {
+    /// Bounded label for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Docs => "docs",
+            Route::Get => "get",
+            Route::Set => "set",
+            Route::Los => "los",
+            Route::Cas => "cas",
+            Route::Casoc => "casoc",
+        }
+    }
+}
+
+/// The limits the API enforces (from the flags).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_key_size: usize,
+    pub max_value_size: usize,
+    pub max_ttl: Duration,
+}
+
+/// A request ready to execute.
+#[derive(Debug)]
+pub enum Action {
+    Docs,
+    Store(StoreAction),
+}
+
+/// A store operation and what the response needs to know about it.
+#[derive(Debug)]
+pub struct StoreAction {
+    pub route: Route,
+    pub cost: u32,
+    pub op: Op,
+    /// An `ip/` write: a success answers the client IP instead of `OK`.
+    pub ip_key: bool,
+}
+
+/// Splits the request target and matches the route and method.
+/// Returns the route, the raw (still percent-encoded) key and the query.
+pub fn route(method: Method, target: &[u8]) -> Result<(Route, &[u8], Option<&[u8]>), Error> {
+    let (path, query) = match target.iter().position(|&b| b == b'?') {
+        Some(q) => (&target[..q], Some(&target[q + 1..])),
+        None => (target, None),
+    };
+    let read = matches!(method, Method::Get | Method::Head);
+    if path == b"/" {
+        return if read { Ok((Route::Docs, b"", query)) } else { Err(Error::MethodNotAllowed("GET, HEAD")) };
+    }
+    const WRITES: [(&[u8], Route); 4] =
+        [(b"/set/", Route::Set), (b"/los/", Route::Los), (b"/cas/", Route::Cas), (b"/casoc/", Route::Casoc)];
+    if let Some(key) = path.strip_prefix(b"/get/") {
+        return if read { Ok((Route::Get, key, query)) } else { Err(Error::MethodNotAllowed("GET, HEAD")) };
+    }
+    for (prefix, route) in WRITES {
+        if let Some(key) = path.strip_prefix(prefix) {
+            return if method == Method::Post { Ok((route, key, query)) } else { Err(Error::MethodNotAllowed("POST")) };
+        }
+    }
+    Err(Error::NoSuchRoute)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Percent-decodes once; a `%` not followed by two hex digits is an error.
+pub fn percent_decode(raw: &[u8]) -> Result<Vec<u8>, Error> {
+    let mut i = 0;
+    while let Some(p) = raw[i..].iter().position(|&b| b == b'%') {
+        let at = i + p;
+        match (raw.get(at + 1).copied().and_then(hex), raw.get(at + 2).copied().and_then(hex)) {
+            (Some(_), Some(_)) => i = at + 3,
+            _ => return Err(Error::BadPercentEncoding),
+        }
+    }
+    Ok(percent_encoding::percent_decode(raw).collect())
+}
+
+/// Decodes and checks a key (`-maxKeySize` counts decoded bytes, before
+/// `ip/` expansion).
+pub fn decode_key(raw: &[u8], max_key_size: usize) -> Result<Vec<u8>, Error> {
+    // Cheap early exit: the encoded form is at least as long as the decoded one,
+    // so only a raw key over 3x the limit is certainly too long.
+    if raw.len() > max_key_size.saturating_mul(3) {
+        return Err(Error::KeyTooLong);
+    }
+    let key = percent_decode(raw)?;
+    if key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if key.len() > max_key_size {
+        return Err(Error::KeyTooLong);
+    }
+    Ok(key)
+}
+
+/// The TTL asked for with `?ttl=`: absent means the maximum, above the
+/// maximum is capped, zero/negative/garbage is a 400.
+pub fn ttl(query: Option<&[u8]>, max: Duration) -> Result<Duration, Error> {
+    let Some(query) = query else { return Ok(max) };
+    let Some(raw) = query.split(|&b| b == b'&').find_map(|p| p.strip_prefix(b"ttl=")) else {
+        return Ok(max);
+    };
+    let decoded = percent_decode(raw).map_err(|_| Error::BadTtl)?;
+    let text = std::str::from_utf8(&decoded).map_err(|_| Error::BadTtl)?;
+    let d = crate::duration::parse_positive(text).map_err(|_| Error::BadTtl)?;
+    Ok(d.min(max))
+}
+
+/// `ip/<rest>` becomes `ip/<client-ip>/<rest>`; other keys are unchanged.
+pub fn expand_ip_key(key: Vec<u8>, client_ip: IpAddr) -> (Vec<u8>, bool) {
+    let Some(rest) = key.strip_prefix(b"ip/") else { return (key, false) };
+    let ip = client_ip.to_string();
+    let mut out = Vec::with_capacity(4 + ip.len() + rest.len());
+    out.extend_from_slice(b"ip/");
+    out.extend_from_slice(ip.as_bytes());
+    out.push(b'/');
+    out.extend_from_slice(rest);
+    (out, true)
+}
+
+/// Decodes a request into an action. `now_ms` is the Unix time in ms.
+pub fn prepare(
+    head: &RequestHead,
+    body: &[u8],
+    client_ip: IpAddr,
+    limits: &Limits,
+    secrets: &SecretKey,
+    now_ms: u64,
+) -> Result<Action, Error> {
+    let (route, raw_key, query) = route(head.method, &head.target)?;
+    if route == Route::Docs {
+        return Ok(Action::Docs);
+    }
+    let key = decode_key(raw_key, limits.max_key_size)?;
+    if route == Route::Get {
+        return Ok(Action::Store(StoreAction {
+            route,
+            cost: READ_COST,
+            op: Op::Get { key: key.into_boxed_slice() },
+            ip_key: false,
+        }));
+    }
+    let ttl = ttl(query, limits.max_ttl)?;
+    // Sub-millisecond TTLs round up so that a positive TTL never means "already expired".
+    let ttl_ms = (ttl.as_nanos().div_ceil(1_000_000)) as u64;
+    let secret = head.secret.get().filter(|s| !s.is_empty());
+    if body.len() + secret.map_or(0, <[u8]>::len) > limits.max_value_size {
+        return Err(Error::ValueTooLarge);
+    }
+    let expected = || head.expected.get().map(Into::into).ok_or(Error::MissingExpectedValue);
+    let cond = match route {
+        Route::Set => Condition::Set,
+        Route::Los => Condition::Los,
+        Route::Cas => Condition::Cas(expected()?),
+        Route::Casoc => Condition::Casoc(expected()?),
+        Route::Docs | Route::Get => return Err(Error::NoSuchRoute),
+    };
+    let (key, ip_key) = expand_ip_key(key, client_ip);
+    let secret = secret.map(|s| secrets.hash(&key, s));
+    let write = Write::new(&key, body, secret, now_ms.saturating_add(ttl_ms), cond);
+    Ok(Action::Store(StoreAction { route, cost: WRITE_COST, op: Op::Write(write), ip_key }))
+}
+
+fn expires_header(ms: u64) -> Option<u64> {
+    Some(ms / 1000)
+}
+
+/// Builds the response for an executed store action. `retry_after` is only
+/// called for a rate-limited request; `client_ip` is the detected address.
+pub fn respond(
+    route: Route,
+    ip_key: bool,
+    reply: Reply,
+    client_ip: &str,
+    retry_after: impl FnOnce() -> u64,
+) -> Response {
+    let created_header = matches!(route, Route::Los | Route::Casoc);
+    match reply {
+        Reply::Limited(Refused::Exhausted | Refused::TableFull) => Response::from_error(Error::RateLimited(retry_after())),
+        // A charge-only command never reaches `respond`; treat it as an internal miss.
+        Reply::Charged => Response::from_error(Error::KeyNotFound),
+        Reply::Got(None) => Response::from_error(Error::KeyNotFound),
+        Reply::Got(Some(Found { value, expires_ms })) => {
+            let mut r = Response::new(200, Body::Bytes(value));
+            r.expires_at = expires_header(expires_ms);
+            r
+        }
+        Reply::Wrote(outcome) => match outcome {
+            WriteOutcome::Stored { created, expires_ms } => {
+                let body = if ip_key { Body::OwnedText(client_ip.to_owned()) } else { Body::Text("OK") };
+                let mut r = Response::new(200, body);
+                r.expires_at = expires_header(expires_ms);
+                r.created = created_header.then_some(created);
+                r
+            }
+            WriteOutcome::Existing { value, expires_ms } => {
+                let mut r = Response::new(200, Body::Bytes(value));
+                r.expires_at = expires_header(expires_ms);
+                r.created = created_header.then_some(false);
+                r
+            }
+            WriteOutcome::Conflict { value, expires_ms } => {
+                let mut r = Response::new(409, Body::Bytes(value));
+                r.expires_at = expires_header(expires_ms);
+                r
+            }
+            WriteOutcome::NotFound => Response::from_error(Error::KeyNotFound),
+            WriteOutcome::Forbidden => Response::from_error(Error::WrongSecret),
+            WriteOutcome::Full => Response::from_error(Error::StoreFull),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn routes_and_methods() {
+        assert_eq!(route(Method::Get, b"/").unwrap().0, Route::Docs);
+        assert_eq!(route(Method::Get, b"/get/a/b?x=1").unwrap(), (Route::Get, &b"a/b"[..], Some(&b"x=1"[..])));
+        assert_eq!(route(Method::Head, b"/get/a").unwrap().0, Route::Get);
+        assert_eq!(route(Method::Post, b"/casoc/k").unwrap().0, Route::Casoc);
+        assert_eq!(route(Method::Post, b"/get/k").unwrap_err(), Error::MethodNotAllowed("GET, HEAD"));
+        assert_eq!(route(Method::Get, b"/set/k").unwrap_err(), Error::MethodNotAllowed("POST"));
+        assert_eq!(route(Method::Get, b"/nope").unwrap_err(), Error::NoSuchRoute);
+        assert_eq!(route(Method::Get, b"/get").unwrap_err(), Error::NoSuchRoute);
+        assert_eq!(route(Method::Get, b"*").unwrap_err(), Error::NoSuchRoute);
+    }
+
+    #[test]
+    fn keys_decode_once() {
+        assert_eq!(decode_key(b"a%2Fb", 100).unwrap(), b"a/b");
+        assert_eq!(decode_key(b"a/b", 100).unwrap(), b"a/b");
+        assert_eq!(decode_key(b"%252F", 100).unwrap(), b"%2F");
+        assert_eq!(decode_key(b"%00%ff", 100).unwrap(), b"\x00\xff");
+        assert_eq!(decode_key(b"a%2", 100).unwrap_err(), Error::BadPercentEncoding);
+        assert_eq!(decode_key(b"a%zz", 100).unwrap_err(), Error::BadPercentEncoding);
+        assert_eq!(decode_key(b"", 100).unwrap_err(), Error::EmptyKey);
+        assert_eq!(decode_key(b"abcd", 3).unwrap_err(), Error::KeyTooLong);
+        assert_eq!(decode_key(b"%41%42%43", 3).unwrap(), b"ABC");
+    }
+
+    #[test]
+    fn ttl_rules() {
+        let max = Duration::from_secs(7200);
+        assert_eq!(ttl(None, max), Ok(max));
+        assert_eq!(ttl(Some(b"other=1"), max), Ok(max));
+        assert_eq!(ttl(Some(b"ttl=30s"), max), Ok(Duration::from_secs(30)));
+        assert_eq!(ttl(Some(b"a=b&ttl=1h30m"), max), Ok(Duration::from_secs(5400)));
+        assert_eq!(ttl(Some(b"ttl=1.5h"), max), Ok(Duration::from_secs(5400)));
+        assert_eq!(ttl(Some(b"ttl=100h"), max), Ok(max));
+        for bad in [&b"ttl=0"[..], b"ttl=-1s", b"ttl=", b"ttl=abc", b"ttl=5", b"ttl=%zz", b"ttl=%C3%A9s"] {
+            assert_eq!(ttl(Some(bad), max), Err(Error::BadTtl), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn ip_keys_expand() {
+        assert_eq!(expand_ip_key(b"ip/svc1".to_vec(), ip("20.18.12.10")), (b"ip/20.18.12.10/svc1".to_vec(), true));
+        assert_eq!(expand_ip_key(b"ip/a/b".to_vec(), ip("2001:db8::1")), (b"ip/2001:db8::1/a/b".to_vec(), true));
+        assert_eq!(expand_ip_key(b"ipx/a".to_vec(), ip("1.2.3.4")), (b"ipx/a".to_vec(), false));
+        assert_eq!(expand_ip_key(b"ip".to_vec(), ip("1.2.3.4")), (b"ip".to_vec(), false));
+    }
+
+    fn head(method: Method, target: &str, secret: Option<&str>, expected: Option<&str>) -> RequestHead {
+        let mut raw = format!("{} {target} HTTP/1.1\r\n", if method == Method::Get { "GET" } else { "POST" });
+        if let Some(s) = secret {
+            raw += &format!("X-Owner-Secret: {s}\r\n");
+        }
+        if let Some(e) = expected {
+            raw += &format!("X-Expected-Value: {e}\r\n");
+        }
+        raw += "\r\n";
+        let mut h = RequestHead::default();
+        crate::http::parse_head(raw.as_bytes(), &mut h).unwrap().unwrap();
+        h
+    }
+
+    fn limits() -> Limits {
+        Limits { max_key_size: 20, max_value_size: 10, max_ttl: Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn prepare_writes() {
+        let k = SecretKey::from_bytes([3; 32]);
+        let c = ip("1.2.3.4");
+        let h = head(Method::Post, "/set/ip/x?ttl=10s", Some("pw"), None);
+        let Ok(Action::Store(a)) = prepare(&h, b"val", c, &limits(), &k, 1000) else { panic!() };
+        assert_eq!((a.route, a.cost, a.ip_key), (Route::Set, WRITE_COST, true));
+        let Op::Write(w) = a.op else { panic!() };
+        assert_eq!(w.key(), b"ip/1.2.3.4/x");
+        assert_eq!(w.expires_ms, 11_000);
+        assert_eq!(w.secret, Some(k.hash(b"ip/1.2.3.4/x", b"pw")));
+
+        // Value + secret over the limit.
+        let h = head(Method::Post, "/set/k", Some("12345"), None);
+        assert_eq!(prepare(&h, b"123456", c, &limits(), &k, 0).unwrap_err(), Error::ValueTooLarge);
+        assert!(prepare(&h, b"12345", c, &limits(), &k, 0).is_ok());
+        // cas without the header is a 400, with an empty one it compares with "".
+        let h = head(Method::Post, "/cas/k", None, None);
+        assert_eq!(prepare(&h, b"v", c, &limits(), &k, 0).unwrap_err(), Error::MissingExpectedValue);
+        let h = head(Method::Post, "/cas/k", None, Some(""));
+        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 0) else { panic!() };
+        let Op::Write(w) = a.op else { panic!() };
+        assert_eq!(w.cond, Condition::Cas(Box::new([])));
+        // Sub-millisecond TTL rounds up.
+        let h = head(Method::Post, "/set/k?ttl=10us", None, None);
+        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 5) else { panic!() };
+        let Op::Write(w) = a.op else { panic!() };
+        assert_eq!(w.expires_ms, 6);
+    }
+
+    #[test]
+    fn reads_cost_one_and_are_not_expanded() {
+        let k = SecretKey::from_bytes([3; 32]);
+        let h = head(Method::Get, "/get/ip/1.2.3.4/x", None, None);
+        let Ok(Action::Store(a)) = prepare(&h, b"", ip("9.9.9.9"), &limits(), &k, 0) else { panic!() };
+        assert_eq!(a.cost, READ_COST);
+        assert_eq!(a.op.key(), b"ip/1.2.3.4/x");
+    }
+
+    #[test]
+    fn responses() {
+        let ok = Reply::Wrote(WriteOutcome::Stored { created: true, expires_ms: 5_999 });
+        let r = respond(Route::Los, false, ok, "1.2.3.4", || 0);
+        assert_eq!((r.status, r.created, r.expires_at), (200, Some(true), Some(5)));
+        assert_eq!(r.body, Body::Text("OK"));
+        let ok = Reply::Wrote(WriteOutcome::Stored { created: false, expires_ms: 0 });
+        let r = respond(Route::Set, true, ok, "1.2.3.4", || 0);
+        assert_eq!((r.body, r.created), (Body::OwnedText("1.2.3.4".into()), None));
+        let r = respond(Route::Get, false, Reply::Limited(Refused::Exhausted), "x", || 42);
+        assert_eq!((r.status, r.retry_after), (429, Some(42)));
+        let conflict = Reply::Wrote(WriteOutcome::Conflict { value: (*b"cur").into(), expires_ms: 1000 });
+        let r = respond(Route::Cas, false, conflict, "x", || 0);
+        assert_eq!((r.status, r.body), (409, Body::Bytes((*b"cur").into())));
+    }
+}

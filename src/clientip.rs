@@ -1,0 +1,192 @@
+//! Who is the client: the TCP peer, or (behind a trusted proxy) the address
+//! found by walking `X-Forwarded-For` from the right.
+//!
+//! Walking from the right matters: a standard nginx `proxy_add_x_forwarded_for`
+//! appends the real peer to whatever the client sent, so the leftmost entry is
+//! attacker-chosen. This module also defines the rate-limit bucket identity
+//! (IPv4 address, or IPv6 /64). It is pure: no I/O, no logging.
+
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+/// The CIDR ranges whose `X-Forwarded-For` we believe.
+#[derive(Debug, Clone)]
+pub struct TrustedProxies {
+    nets: Vec<IpNet>,
+}
+
+/// Loopback plus the private ranges (RFC 1918 and IPv6 ULA).
+pub const DEFAULT_TRUSTED: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7";
+
+impl TrustedProxies {
+    /// Parses a comma-separated CIDR list; a bare address means a single host.
+    /// An empty string trusts nobody.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut nets = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let net = match item.parse::<IpNet>() {
+                Ok(net) => net,
+                Err(_) => match item.parse::<IpAddr>() {
+                    Ok(ip) => IpNet::from(ip),
+                    Err(_) => return Err(format!("{item:?} is not an IP address or CIDR range")),
+                },
+            };
+            nets.push(net.trunc());
+        }
+        Ok(TrustedProxies { nets })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.nets.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+}
+
+/// IPv4-mapped IPv6 (`::ffff:1.2.3.4`, what a dual-stack listener reports for
+/// IPv4 peers) becomes plain IPv4, so one client has one identity.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Parses one `X-Forwarded-For` entry: a bare address, `1.2.3.4:port`,
+/// `[v6]` or `[v6]:port`. Addresses that can never be a client's source
+/// (unspecified, multicast) count as unparsable.
+fn parse_entry(raw: &[u8]) -> Option<IpAddr> {
+    let s = std::str::from_utf8(raw).ok()?.trim();
+    let ip = if let Ok(ip) = s.parse::<IpAddr>() {
+        ip
+    } else if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
+        sa.ip()
+    } else {
+        s.strip_prefix('[')?.strip_suffix(']')?.parse::<IpAddr>().ok()?
+    };
+    let ip = canonical(ip);
+    if ip.is_unspecified() || ip.is_multicast() {
+        return None;
+    }
+    Some(ip)
+}
+
+/// The client address for a request from `peer` carrying the given
+/// `X-Forwarded-For` value (all headers joined with `,`, in order).
+///
+/// If the peer is not trusted, XFF is ignored. Otherwise entries are walked
+/// from the right, skipping unparsable ones; the first that is not a trusted
+/// proxy is the client. If every entry is trusted, the leftmost valid one is
+/// (a client inside the proxy's own network); with no valid entry, the peer.
+pub fn client_ip(peer: IpAddr, xff: Option<&[u8]>, trusted: &TrustedProxies) -> IpAddr {
+    let peer = canonical(peer);
+    let Some(xff) = xff else { return peer };
+    if !trusted.contains(peer) {
+        return peer;
+    }
+    let mut leftmost_trusted = None;
+    for entry in xff.rsplit(|&b| b == b',') {
+        let Some(ip) = parse_entry(entry) else { continue };
+        if !trusted.contains(ip) {
+            return ip;
+        }
+        leftmost_trusted = Some(ip);
+    }
+    leftmost_trusted.unwrap_or(peer)
+}
+
+/// Rate-limit bucket identity: the IPv4 address, or the IPv6 /64 prefix.
+///
+/// IPv4 is tagged into `ffff:ffff::/32`, a multicast range that `parse_entry`
+/// and TCP never yield as a client, so the two families never collide.
+pub fn bucket_key(ip: IpAddr) -> u64 {
+    match canonical(ip) {
+        IpAddr::V4(v4) => 0xffff_ffff_0000_0000 | u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn default_trusted() -> TrustedProxies {
+        TrustedProxies::parse(DEFAULT_TRUSTED).unwrap()
+    }
+
+    #[test]
+    fn untrusted_peer_ignores_xff() {
+        let t = default_trusted();
+        assert_eq!(client_ip(ip("8.8.8.8"), Some(b"1.2.3.4"), &t), ip("8.8.8.8"));
+    }
+
+    #[test]
+    fn walks_from_the_right() {
+        let t = default_trusted();
+        // Client spoofed 6.6.6.6; nginx appended the real 20.18.12.10.
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), Some(b"6.6.6.6, 20.18.12.10"), &t),
+            ip("20.18.12.10")
+        );
+        // A chain of trusted proxies is skipped.
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), Some(b"6.6.6.6, 20.18.12.10, 10.0.0.7, 192.168.1.1"), &t),
+            ip("20.18.12.10")
+        );
+    }
+
+    #[test]
+    fn skips_garbage_entries() {
+        let t = default_trusted();
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"1.2.3.4, garbage,,"), &t), ip("1.2.3.4"));
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"\xff\xfe"), &t), ip("127.0.0.1"));
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"0.0.0.0, 224.0.0.1"), &t), ip("127.0.0.1"));
+    }
+
+    #[test]
+    fn ports_and_brackets() {
+        let t = default_trusted();
+        assert_eq!(client_ip(ip("::1"), Some(b"1.2.3.4:5678"), &t), ip("1.2.3.4"));
+        assert_eq!(client_ip(ip("::1"), Some(b"[2001:db8::1]:80"), &t), ip("2001:db8::1"));
+        assert_eq!(client_ip(ip("::1"), Some(b"[2001:db8::1]"), &t), ip("2001:db8::1"));
+    }
+
+    #[test]
+    fn all_trusted_gives_leftmost() {
+        let t = default_trusted();
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"10.1.1.1, 10.2.2.2"), &t), ip("10.1.1.1"));
+    }
+
+    #[test]
+    fn mapped_addresses_are_ipv4() {
+        let t = TrustedProxies::parse("").unwrap();
+        assert_eq!(client_ip(ip("::ffff:1.2.3.4"), None, &t), ip("1.2.3.4"));
+        assert!(default_trusted().contains(ip("::ffff:127.0.0.1")));
+    }
+
+    #[test]
+    fn parse_list() {
+        assert!(TrustedProxies::parse("10.0.0.0/8, 1.2.3.4 ,::1").is_ok());
+        assert!(TrustedProxies::parse("").unwrap().is_empty());
+        assert!(TrustedProxies::parse("10.0.0.0/33").is_err());
+        assert!(TrustedProxies::parse("nope").is_err());
+    }
+
+    #[test]
+    fn buckets_per_v4_and_v6_64() {
+        assert_ne!(bucket_key(ip("1.2.3.4")), bucket_key(ip("1.2.3.5")));
+        assert_eq!(bucket_key(ip("2001:db8:1:2::1")), bucket_key(ip("2001:db8:1:2:ffff::9")));
+        assert_ne!(bucket_key(ip("2001:db8:1:2::1")), bucket_key(ip("2001:db8:1:3::1")));
+        assert_eq!(bucket_key(ip("::ffff:1.2.3.4")), bucket_key(ip("1.2.3.4")));
+    }
+}

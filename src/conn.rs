@@ -1,0 +1,371 @@
+//! One client connection: the keep-alive loop that reads requests, answers
+//! them in order, and enforces every per-connection limit.
+//!
+//! Deadlines: `-idleTimeout` while waiting for the first byte of a request,
+//! then `-readTimeout` for that whole request (head and body) from its first
+//! byte, so a client dribbling bytes (slowloris) is cut off after at most
+//! that long; writes get `-idleTimeout`. Limits: the head must fit in 8 KiB,
+//! a declared body over `-maxValueSize` is refused before a byte of it is
+//! read, and a chunked body is counted as it streams. Pipelined requests are
+//! parsed straight from the buffer and their responses written in one go
+//! when the buffer runs dry. Values are copied out of the read buffer into
+//! exact-size allocations, so a stored value never pins a connection buffer.
+//! This module owns no store state: it calls `api` to decode and `router`
+//! to execute.
+
+use crate::api::{self, Action};
+use crate::clientip;
+use crate::error::Error;
+use crate::http::{self, BodyKind, ChunkedDecoder, Method, RequestHead, Response};
+use crate::server::Shared;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use std::cell::Cell;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::command::Charge;
+use crate::router::Router;
+
+/// Initial read buffer; grows up to the head limit when a head needs it.
+const READ_BUF: usize = 4096;
+/// Buffered responses are written once they reach this size, even mid-pipeline.
+const OUT_HIGH_WATER: usize = 64 * 1024;
+/// Largest scratch body kept between requests.
+const BODY_KEEP: usize = 64 * 1024;
+/// After a framing error, how much unread input is drained before closing, so
+/// the kernel does not reset the connection before the client reads our answer.
+const LINGER_BYTES: usize = 256 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(1);
+/// The localhost warning is logged at most this often per core.
+const LOCAL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// What each core's connections share.
+pub struct CoreCtx {
+    pub shared: Arc<Shared>,
+    pub router: Rc<Router>,
+    pub limits: api::Limits,
+    last_local_warning: Cell<Option<Instant>>,
+}
+
+impl CoreCtx {
+    pub fn new(shared: Arc<Shared>, router: Rc<Router>) -> Self {
+        let cfg = &shared.config;
+        let limits = api::Limits {
+            max_key_size: cfg.max_key_size,
+            max_value_size: cfg.max_value_size,
+            max_ttl: cfg.expire_duration,
+        };
+        CoreCtx { shared, router, limits, last_local_warning: Cell::new(None) }
+    }
+
+    fn warn_local(&self, peer: IpAddr) {
+        let now = Instant::now();
+        if self.last_local_warning.get().is_some_and(|t| now.duration_since(t) < LOCAL_WARNING_EVERY) {
+            return;
+        }
+        self.last_local_warning.set(Some(now));
+        log::warn!(
+            "request from {peer} without X-Forwarded-For: if a reverse proxy runs in front of this server, \
+             make it set X-Forwarded-For, or every client shares one IP (silence with -disableLocalIPWarning)"
+        );
+    }
+}
+
+/// Why a connection stops.
+enum Stop {
+    /// Orderly end: EOF between requests, `Connection: close`, idle timeout.
+    Done,
+    /// I/O error or EOF mid-request: nothing more can be said.
+    Broken,
+    /// The request must be answered with this error and the connection closed.
+    Reject(Error),
+}
+
+struct Conn<'a> {
+    ctx: &'a CoreCtx,
+    stream: TcpStream,
+    peer: IpAddr,
+    /// The detected client of the current request (peer, or from XFF).
+    client: IpAddr,
+    client_text: String,
+    buf: Vec<u8>,
+    /// Start of unconsumed bytes in `buf`.
+    start: usize,
+    out: Vec<u8>,
+    head: RequestHead,
+    body: Vec<u8>,
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let peer = clientip::canonical(peer.ip());
+    let mut conn = Conn {
+        ctx: &ctx,
+        stream,
+        peer,
+        client: peer,
+        client_text: peer.to_string(),
+        buf: Vec::with_capacity(READ_BUF),
+        start: 0,
+        out: Vec::new(),
+        head: RequestHead::default(),
+        body: Vec::new(),
+    };
+    match conn.run().await {
+        Stop::Done | Stop::Broken => {}
+        Stop::Reject(e) => conn.reject(e).await,
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Conn<'_> {
+    async fn run(&mut self) -> Stop {
+        loop {
+            self.set_client(self.peer);
+            let deadline = match self.next_head().await {
+                Ok(Some(d)) => d,
+                Ok(None) => return Stop::Done,
+                Err(stop) => return stop,
+            };
+            self.detect_client();
+            if let Err(stop) = self.read_body(deadline).await {
+                return stop;
+            }
+            let keep_alive = self.head.keep_alive;
+            self.handle().await;
+            if self.body.capacity() > BODY_KEEP {
+                self.body = Vec::new();
+            }
+            if !keep_alive {
+                let _ = self.flush().await;
+                return Stop::Done;
+            }
+            if self.out.len() >= OUT_HIGH_WATER {
+                if let Err(stop) = self.flush().await {
+                    return stop;
+                }
+            }
+        }
+    }
+
+    /// Waits for a complete request head and parses it into `self.head`,
+    /// consuming it from the buffer. Returns the request's deadline, or
+    /// `None` on a clean end between requests.
+    async fn next_head(&mut self) -> Result<Option<Instant>, Stop> {
+        let cfg = &self.ctx.shared.config;
+        let mut scanned = 0;
+        let mut deadline = None;
+        loop {
+            let avail = &self.buf[self.start..];
+            if !avail.is_empty() {
+                deadline.get_or_insert_with(|| Instant::now() + cfg.read_timeout);
+                if http::head_may_be_complete(avail, scanned) {
+                    match http::parse_head(avail, &mut self.head) {
+                        Ok(Some(n)) => {
+                            self.start += n;
+                            return Ok(deadline);
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Err(Stop::Reject(e)),
+                    }
+                }
+                if avail.len() >= http::MAX_HEAD {
+                    return Err(Stop::Reject(Error::HeadTooLarge));
+                }
+                scanned = avail.len();
+            }
+            // About to wait for the client: answers to pipelined requests go first.
+            self.flush().await?;
+            let had_bytes = deadline.is_some();
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => cfg.idle_timeout,
+            };
+            match self.read_more(wait).await {
+                Ok(0) if !had_bytes => return Ok(None),
+                Ok(0) => return Err(Stop::Broken),
+                Ok(_) => {}
+                Err(ReadFail::Timeout) if had_bytes => return Err(Stop::Reject(Error::RequestTimeout)),
+                Err(ReadFail::Timeout) => return Err(Stop::Done),
+                Err(ReadFail::Io) => return Err(Stop::Broken),
+            }
+        }
+    }
+
+    /// Reads into the spare capacity of `buf` (compacting it first).
+    async fn read_more(&mut self, wait: Duration) -> Result<usize, ReadFail> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start.., 0);
+            self.buf.truncate(self.buf.len() - self.start);
+            self.start = 0;
+        }
+        if self.buf.capacity() - self.buf.len() < READ_BUF / 4 {
+            self.buf.reserve(READ_BUF);
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let (len, cap) = (buf.len(), buf.capacity());
+        let read = monoio::time::timeout(wait, self.stream.read(buf.slice_mut(len..cap))).await;
+        let Ok((res, slice)) = read else { return Err(ReadFail::Timeout) };
+        self.buf = slice.into_inner();
+        res.map_err(|_| ReadFail::Io)
+    }
+
+    /// Reads the body the head announced into `self.body`, within the cap.
+    async fn read_body(&mut self, deadline: Instant) -> Result<(), Stop> {
+        self.body.clear();
+        let max = self.ctx.limits.max_value_size;
+        match self.head.body {
+            BodyKind::None => Ok(()),
+            BodyKind::Length(n) => {
+                if n > max as u64 {
+                    return Err(Stop::Reject(Error::BodyTooLarge));
+                }
+                let n = n as usize;
+                self.send_continue().await?;
+                let have = n.min(self.buf.len() - self.start);
+                self.body.extend_from_slice(&self.buf[self.start..self.start + have]);
+                self.start += have;
+                while self.body.len() < n {
+                    self.body.reserve_exact(n - self.body.len());
+                    let body = std::mem::take(&mut self.body);
+                    let len = body.len();
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..n))).await;
+                    let Ok((res, slice)) = read else { return Err(Stop::Reject(Error::RequestTimeout)) };
+                    self.body = slice.into_inner();
+                    match res {
+                        Ok(0) | Err(_) => return Err(Stop::Broken),
+                        Ok(_) => {}
+                    }
+                }
+                Ok(())
+            }
+            BodyKind::Chunked => {
+                self.send_continue().await?;
+                let mut decoder = ChunkedDecoder::new(max);
+                loop {
+                    let used = decoder.decode(&self.buf[self.start..], &mut self.body).map_err(Stop::Reject)?;
+                    self.start += used;
+                    if decoder.is_done() {
+                        return Ok(());
+                    }
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    match self.read_more(wait).await {
+                        Ok(0) | Err(ReadFail::Io) => return Err(Stop::Broken),
+                        Ok(_) => {}
+                        Err(ReadFail::Timeout) => return Err(Stop::Reject(Error::RequestTimeout)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers `Expect: 100-continue` once the body is known to be acceptable.
+    async fn send_continue(&mut self) -> Result<(), Stop> {
+        if self.head.expect_continue && !self.head.http10 {
+            self.out.extend_from_slice(http::CONTINUE);
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Works out who sent the request just parsed (`X-Client-Ip`, `ip/`
+    /// keys, rate-limit bucket), reusing the peer's text when it is the peer.
+    fn detect_client(&mut self) {
+        let cfg = &self.ctx.shared.config;
+        let forwarded = self.head.forwarded_for.get();
+        if forwarded.is_none() && self.peer.is_loopback() && !cfg.disable_local_ip_warning {
+            self.ctx.warn_local(self.peer);
+        }
+        self.set_client(clientip::client_ip(self.peer, forwarded, &cfg.trusted_proxies));
+    }
+
+    fn set_client(&mut self, client: IpAddr) {
+        if client != self.client {
+            self.client = client;
+            self.client_text.clear();
+            let _ = write!(self.client_text, "{client}");
+        }
+    }
+
+    /// Executes the parsed request and appends its response to `out`.
+    async fn handle(&mut self) {
+        let ctx = self.ctx;
+        let shared = &ctx.shared;
+        let client = self.client;
+        let client_str = &self.client_text;
+        let prepared = api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, unix_ms());
+        let response = match prepared {
+            Err(e) => Response::from_error(e),
+            Ok(Action::Docs) => {
+                let host = self.head.host.get().unwrap_or_default();
+                let host = if host.is_empty() { self.ctx.shared.listen_text.as_bytes() } else { host };
+                Response::new(200, http::Body::Html(crate::docs::page(host, &shared.config)))
+            }
+            Ok(Action::Store(action)) => {
+                let charge = Some(Charge { bucket: clientip::bucket_key(client), cost: action.cost });
+                let reply = ctx.router.run(charge, action.op).await;
+                let periods = ctx.router.periods();
+                api::respond(action.route, action.ip_key, reply, client_str, || {
+                    periods.retry_after_secs(Instant::now())
+                })
+            }
+        };
+        let head_only = self.head.method == Method::Head;
+        http::encode(&mut self.out, &response, client_str, self.head.keep_alive, self.head.http10, head_only);
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let wait = self.ctx.shared.config.idle_timeout;
+        let Ok((res, mut out)) = monoio::time::timeout(wait, self.stream.write_all(out)).await else {
+            return Err(Stop::Broken);
+        };
+        res.map_err(|_| Stop::Broken)?;
+        out.clear();
+        if out.capacity() > OUT_HIGH_WATER * 2 {
+            out = Vec::new();
+        }
+        self.out = out;
+        Ok(())
+    }
+
+    /// Answers a request that cannot be served on this connection, then
+    /// closes it gracefully: stop writing, drain a bounded amount of input.
+    async fn reject(&mut self, e: Error) {
+        let response = Response::from_error(e);
+        let http10 = self.head.http10;
+        http::encode(&mut self.out, &response, &self.client_text, false, http10, false);
+        if self.flush().await.is_err() {
+            return;
+        }
+        let _ = self.stream.shutdown().await;
+        let until = Instant::now() + LINGER_TIME;
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            self.start = self.buf.len();
+            let wait = until.saturating_duration_since(Instant::now());
+            match self.read_more(wait).await {
+                Ok(n) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
+    }
+}
+
+enum ReadFail {
+    Timeout,
+    Io,
+}

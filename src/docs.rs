@@ -1,0 +1,109 @@
+//! The `GET /` page: the API documented with this instance's real limits and
+//! the request's own host in every example.
+//!
+//! The Host header is attacker-controlled, so it is HTML-escaped before it is
+//! placed in the page; this module never emits unescaped request data.
+
+use crate::config::Config;
+use crate::duration;
+
+/// Escapes text for HTML element and attribute content.
+pub fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Renders the page for a request that named `host` (or the listen address).
+pub fn page(host: &[u8], cfg: &Config) -> String {
+    let host = escape_html(&String::from_utf8_lossy(host));
+    let base = format!("http://{host}");
+    let expire = duration::format(cfg.expire_duration);
+    let reset = duration::format(cfg.reset_duration);
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Rendezvous</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}
+code,pre{{background:#f4f4f4;border-radius:4px}}pre{{padding:.6rem;overflow-x:auto}}td,th{{padding:.2rem .6rem;text-align:left}}</style>
+</head><body>
+<h1>Rendezvous</h1>
+<p>A public, registration-free key-value store for peers that need to find each other.
+One side writes <code>host:port</code>, a token or an offer under an agreed key; the other side reads it.</p>
+
+<h2>API</h2>
+<table>
+<tr><th>request</th><th>does</th></tr>
+<tr><td><code>GET /get/&lt;key&gt;</code></td><td>200 with the value (header <code>X-Expires-At</code>), or 404</td></tr>
+<tr><td><code>POST /set/&lt;key&gt;[?ttl=D]</code></td><td>store the body; 200 <code>OK</code></td></tr>
+<tr><td><code>POST /los/&lt;key&gt;[?ttl=D]</code></td><td>load or store: store if absent, else return the current value (<code>X-Created: true|false</code>)</td></tr>
+<tr><td><code>POST /cas/&lt;key&gt;[?ttl=D]</code></td><td>replace if the value equals header <code>X-Expected-Value</code>; 409 with the current value otherwise, 404 if absent</td></tr>
+<tr><td><code>POST /casoc/&lt;key&gt;[?ttl=D]</code></td><td>like cas, but creates an absent key (<code>X-Created</code>)</td></tr>
+</table>
+<p>Keys are everything after the route prefix, slashes included, percent-decoded once.
+<code>ttl</code> takes Go durations (<code>30s</code>, <code>5m</code>, <code>1h30m</code>, <code>1.5h</code>); absent or larger means {expire}.
+A write may carry <code>X-Owner-Secret</code>: after that, only writes with the same secret may change the key.
+Keys starting with <code>ip/</code> are stored under <code>ip/&lt;your IP&gt;/…</code>, so only you can write them.
+Every response carries <code>X-Client-Ip</code>, the address this server sees for you.</p>
+
+<h2>Examples</h2>
+<pre>curl -d '203.0.113.7:4000' '{base}/set/my-mesh/peer-a?ttl=10m'
+curl {base}/get/my-mesh/peer-a
+curl -d 'offer' {base}/los/my-mesh/leader
+curl -H 'X-Expected-Value: 1' -d 2 {base}/cas/my-mesh/counter
+curl -H 'X-Owner-Secret: s3cret' -d 'mine' {base}/set/my-mesh/owned
+curl -d '4000' {base}/set/ip/game     # then: curl {base}/get/ip/&lt;your IP&gt;/game</pre>
+
+<h2>Limits of this instance</h2>
+<table>
+<tr><td>key size</td><td>{max_key} bytes</td></tr>
+<tr><td>value + owner secret</td><td>{max_value} bytes</td></tr>
+<tr><td>keys in the store</td><td>{max_kv}</td></tr>
+<tr><td>maximum and default TTL</td><td>{expire}</td></tr>
+<tr><td>rate limit</td><td>{max_req} tokens per IP (IPv6: per /64) every {reset}; a read costs 1, a write 3; 429 with <code>Retry-After</code> when empty</td></tr>
+</table>
+</body></html>
+"#,
+        max_key = cfg.max_key_size,
+        max_value = cfg.max_value_size,
+        max_kv = cfg.max_num_kv,
+        max_req = cfg.max_requests,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(escape_html("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+    }
+
+    #[test]
+    fn page_shows_host_and_limits() {
+        let crate::config::Parsed::Run(cfg) = crate::config::parse(
+            ["-maxValueSize", "4096", "-maxRequests", "99", "-expireDuration", "30m"].map(String::from),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let p = page(b"rv.example:8080", &cfg);
+        assert!(p.contains("http://rv.example:8080/get/my-mesh/peer-a"));
+        assert!(p.contains("4096 bytes"));
+        assert!(p.contains("99 tokens"));
+        assert!(p.contains("30m"));
+        let evil = page(b"<script>alert(1)</script>", &cfg);
+        assert!(!evil.contains("<script>"));
+    }
+}

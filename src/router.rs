@@ -1,0 +1,416 @@
+//! Getting a command to the core that owns its key, and the answer back.
+//!
+//! Ownership: `owner = route_hash(key)` over a randomly seeded SipHash shared
+//! by all cores (independent of each shard's table hash). Client IPs are
+//! routed the same way (their rate-limit bucket is treated like a key), so
+//! one IP has one bucket whichever core its connections land on.
+//!
+//! Protocol (after Seastar/Dragonfly): a local owner is applied inline, with
+//! no message and no await. For a remote owner the command goes into a
+//! per-destination outbox and the caller awaits a core-local completion
+//! slot. One flusher task per core sends each non-empty outbox as one batch
+//! (one channel send, at most one wake per destination per scheduler pass).
+//! Each core's inbox task drains its `crossbeam-channel` receiver, applies
+//! calls, and queues the replies the same way; replies complete slots, so a
+//! connection task is only ever woken by its own core. Channels are
+//! unbounded and only `try_recv`/`send` are used, so no executor ever blocks;
+//! back-pressure is a per-destination in-flight budget on the sender side.
+//! The inbox task never wakes itself (monoio 0.2.4 runs self-waking tasks
+//! ahead of others): it registers its waker, drains, and returns Pending.
+//! This module must never hold a `RefCell` borrow across an `.await`.
+
+use crate::command::{Charge, Cmd, Now, Op, Owned, Reply};
+use crate::ratelimit::Periods;
+use crate::shard::KeyBudget;
+use atomic_waker::AtomicWaker;
+use crossbeam_channel::{Receiver, Sender};
+use std::cell::{Cell, RefCell};
+use std::collections::hash_map::RandomState;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Calls one core may have outstanding towards another before its
+/// connections wait for replies.
+const IN_FLIGHT_BUDGET: u32 = 4096;
+
+/// A message between cores.
+#[derive(Debug)]
+pub enum Msg {
+    Call { from: u32, slot: u32, cmd: Cmd },
+    Done { slot: u32, reply: Reply },
+}
+
+/// The key -> core mapping, identical on every core.
+#[derive(Clone, Debug)]
+pub struct Routing {
+    hasher: RandomState,
+    cores: usize,
+}
+
+impl Routing {
+    pub fn new(cores: usize) -> Self {
+        Routing { hasher: RandomState::new(), cores: cores.max(1) }
+    }
+
+    fn spread(&self, h: u64) -> usize {
+        ((u128::from(h) * self.cores as u128) >> 64) as usize
+    }
+
+    /// The core owning `key` (after `ip/` expansion).
+    pub fn owner(&self, key: &[u8]) -> usize {
+        self.spread(self.hasher.hash_one(key))
+    }
+
+    /// The core owning a client's rate-limit bucket.
+    pub fn bucket_owner(&self, bucket: u64) -> usize {
+        self.spread(self.hasher.hash_one(bucket))
+    }
+
+    pub fn cores(&self) -> usize {
+        self.cores
+    }
+}
+
+struct Inbox {
+    tx: Sender<Vec<Msg>>,
+    waker: AtomicWaker,
+}
+
+/// The cross-core channels: one inbox per core, shared by all.
+pub struct Mesh {
+    inboxes: Vec<Inbox>,
+}
+
+impl Mesh {
+    /// Builds the mesh and returns each core's receiving end.
+    pub fn new(cores: usize) -> (Arc<Mesh>, Vec<Receiver<Vec<Msg>>>) {
+        let (inboxes, receivers) = (0..cores)
+            .map(|_| {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                (Inbox { tx, waker: AtomicWaker::new() }, rx)
+            })
+            .unzip();
+        (Arc::new(Mesh { inboxes }), receivers)
+    }
+}
+
+enum Slot {
+    Free,
+    Waiting { dest: u32, waker: Option<Waker> },
+    Ready(Reply),
+    /// The caller went away; the reply will be dropped on arrival.
+    Abandoned { dest: u32 },
+}
+
+/// Per-core counters of cross-core traffic.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TrafficStats {
+    pub calls_sent: u64,
+    pub batches_sent: u64,
+    pub calls_received: u64,
+}
+
+/// One core's end of the mesh, plus the state that core owns.
+pub struct Router {
+    me: usize,
+    routing: Routing,
+    mesh: Arc<Mesh>,
+    rx: Receiver<Vec<Msg>>,
+    owned: RefCell<Owned>,
+    budget: Arc<KeyBudget>,
+    periods: Periods,
+    outboxes: RefCell<Vec<Vec<Msg>>>,
+    flush_pending: Cell<bool>,
+    flusher: RefCell<Option<Waker>>,
+    slots: RefCell<Vec<Slot>>,
+    free_slots: RefCell<Vec<u32>>,
+    in_flight: RefCell<Vec<u32>>,
+    credit_waiters: RefCell<Vec<Vec<Waker>>>,
+    stats: Cell<TrafficStats>,
+}
+
+impl Router {
+    pub fn new(
+        me: usize,
+        routing: Routing,
+        mesh: Arc<Mesh>,
+        rx: Receiver<Vec<Msg>>,
+        owned: Owned,
+        budget: Arc<KeyBudget>,
+        periods: Periods,
+    ) -> Rc<Self> {
+        let n = routing.cores();
+        Rc::new(Router {
+            me,
+            routing,
+            mesh,
+            rx,
+            owned: RefCell::new(owned),
+            budget,
+            periods,
+            outboxes: RefCell::new((0..n).map(|_| Vec::new()).collect()),
+            flush_pending: Cell::new(false),
+            flusher: RefCell::new(None),
+            slots: RefCell::new(Vec::new()),
+            free_slots: RefCell::new(Vec::new()),
+            in_flight: RefCell::new(vec![0; n]),
+            credit_waiters: RefCell::new((0..n).map(|_| Vec::new()).collect()),
+            stats: Cell::new(TrafficStats::default()),
+        })
+    }
+
+    pub fn routing(&self) -> &Routing {
+        &self.routing
+    }
+
+    pub fn periods(&self) -> &Periods {
+        &self.periods
+    }
+
+    pub fn stats(&self) -> TrafficStats {
+        self.stats.get()
+    }
+
+    /// Runs `f` on this core's owned state (sweeps, metrics, snapshots).
+    pub fn with_owned<R>(&self, f: impl FnOnce(&mut Owned, &KeyBudget) -> R) -> R {
+        f(&mut self.owned.borrow_mut(), &self.budget)
+    }
+
+    fn now(&self) -> Now {
+        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Now { unix_ms, epoch: self.periods.epoch(Instant::now()) }
+    }
+
+    fn apply_local(&self, cmd: Cmd) -> Reply {
+        let now = self.now();
+        self.owned.borrow_mut().apply(cmd, now, &self.budget)
+    }
+
+    /// Charges the client (if `charge`) and applies `op` on the owning cores,
+    /// combining both into one message when they share an owner.
+    pub async fn run(self: &Rc<Self>, charge: Option<Charge>, op: Op) -> Reply {
+        let key_owner = self.routing.owner(op.key());
+        if let Some(c) = charge {
+            let bucket_owner = self.routing.bucket_owner(c.bucket);
+            if bucket_owner != key_owner {
+                match self.call(bucket_owner, Cmd { charge: Some(c), op: None }).await {
+                    Reply::Charged => {}
+                    refused => return refused,
+                }
+                return self.call(key_owner, Cmd { charge: None, op: Some(op) }).await;
+            }
+        }
+        self.call(key_owner, Cmd { charge, op: Some(op) }).await
+    }
+
+    /// Executes `cmd` on core `dest`.
+    pub async fn call(self: &Rc<Self>, dest: usize, cmd: Cmd) -> Reply {
+        if dest == self.me {
+            return self.apply_local(cmd);
+        }
+        Credit { router: self, dest }.await;
+        let slot = self.alloc_slot(dest as u32);
+        self.push(dest, Msg::Call { from: self.me as u32, slot, cmd });
+        let mut s = self.stats.get();
+        s.calls_sent += 1;
+        self.stats.set(s);
+        SlotFuture { router: self, slot, done: false }.await
+    }
+
+    fn alloc_slot(&self, dest: u32) -> u32 {
+        let mut slots = self.slots.borrow_mut();
+        let state = Slot::Waiting { dest, waker: None };
+        match self.free_slots.borrow_mut().pop() {
+            Some(i) => {
+                slots[i as usize] = state;
+                i
+            }
+            None => {
+                slots.push(state);
+                (slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn release_slot(&self, slots: &mut [Slot], i: u32) {
+        slots[i as usize] = Slot::Free;
+        self.free_slots.borrow_mut().push(i);
+    }
+
+    fn push(&self, dest: usize, msg: Msg) {
+        self.outboxes.borrow_mut()[dest].push(msg);
+        if !self.flush_pending.replace(true) {
+            if let Some(w) = self.flusher.borrow().as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    fn return_credit(&self, dest: u32) {
+        self.in_flight.borrow_mut()[dest as usize] -= 1;
+        if let Some(w) = self.credit_waiters.borrow_mut()[dest as usize].pop() {
+            w.wake();
+        }
+    }
+
+    fn complete(&self, slot: u32, reply: Reply) {
+        let mut slots = self.slots.borrow_mut();
+        let Some(state) = slots.get_mut(slot as usize) else { return };
+        match std::mem::replace(state, Slot::Free) {
+            Slot::Waiting { dest, waker } => {
+                *state = Slot::Ready(reply);
+                drop(slots);
+                self.return_credit(dest);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }
+            Slot::Abandoned { dest } => {
+                self.release_slot(&mut slots, slot);
+                drop(slots);
+                self.return_credit(dest);
+            }
+            other => *state = other,
+        }
+    }
+
+    fn drain_inbox(&self, cx: &mut Context<'_>) {
+        self.mesh.inboxes[self.me].waker.register(cx.waker());
+        while let Ok(batch) = self.rx.try_recv() {
+            let mut received = 0;
+            for msg in batch {
+                match msg {
+                    Msg::Call { from, slot, cmd } => {
+                        received += 1;
+                        let reply = self.apply_local(cmd);
+                        self.push(from as usize, Msg::Done { slot, reply });
+                    }
+                    Msg::Done { slot, reply } => self.complete(slot, reply),
+                }
+            }
+            let mut s = self.stats.get();
+            s.calls_received += received;
+            self.stats.set(s);
+        }
+    }
+
+    fn flush(&self, cx: &mut Context<'_>) {
+        {
+            let mut f = self.flusher.borrow_mut();
+            if !f.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *f = Some(cx.waker().clone());
+            }
+        }
+        if !self.flush_pending.replace(false) {
+            return;
+        }
+        let mut outboxes = self.outboxes.borrow_mut();
+        let mut s = self.stats.get();
+        for (dest, outbox) in outboxes.iter_mut().enumerate() {
+            if outbox.is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(outbox);
+            let inbox = &self.mesh.inboxes[dest];
+            // The receiver lives as long as its core; with panic=abort a dead
+            // core means a dead process, so a failed send cannot strand a slot.
+            let _ = inbox.tx.send(batch);
+            inbox.waker.wake();
+            s.batches_sent += 1;
+        }
+        self.stats.set(s);
+    }
+
+    /// The task that receives this core's cross-core messages. Never returns.
+    pub fn inbox_task(self: Rc<Self>) -> impl Future<Output = ()> {
+        std::future::poll_fn(move |cx| {
+            self.drain_inbox(cx);
+            Poll::Pending
+        })
+    }
+
+    /// The task that sends this core's outboxes once per scheduler pass.
+    pub fn flusher_task(self: Rc<Self>) -> impl Future<Output = ()> {
+        std::future::poll_fn(move |cx| {
+            self.flush(cx);
+            Poll::Pending
+        })
+    }
+}
+
+/// Waits for room in the in-flight budget towards `dest`, then takes it.
+struct Credit<'a> {
+    router: &'a Router,
+    dest: usize,
+}
+
+impl Future for Credit<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut in_flight = self.router.in_flight.borrow_mut();
+        if in_flight[self.dest] < IN_FLIGHT_BUDGET {
+            in_flight[self.dest] += 1;
+            return Poll::Ready(());
+        }
+        self.router.credit_waiters.borrow_mut()[self.dest].push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Waits for the reply in a completion slot.
+struct SlotFuture<'a> {
+    router: &'a Router,
+    slot: u32,
+    done: bool,
+}
+
+impl Future for SlotFuture<'_> {
+    type Output = Reply;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
+        let router = self.router;
+        let mut slots = router.slots.borrow_mut();
+        let i = self.slot as usize;
+        match std::mem::replace(&mut slots[i], Slot::Free) {
+            Slot::Ready(reply) => {
+                router.release_slot(&mut slots, self.slot);
+                self.done = true;
+                Poll::Ready(reply)
+            }
+            Slot::Waiting { dest, waker } => {
+                let waker = match waker {
+                    Some(w) if w.will_wake(cx.waker()) => w,
+                    _ => cx.waker().clone(),
+                };
+                slots[i] = Slot::Waiting { dest, waker: Some(waker) };
+                Poll::Pending
+            }
+            // Free/Abandoned cannot be observed by the live owner of the slot.
+            other => {
+                slots[i] = other;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for SlotFuture<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut slots = self.router.slots.borrow_mut();
+        let i = self.slot as usize;
+        match std::mem::replace(&mut slots[i], Slot::Free) {
+            Slot::Waiting { dest, .. } => slots[i] = Slot::Abandoned { dest },
+            Slot::Ready(_) => self.router.release_slot(&mut slots, self.slot),
+            other => slots[i] = other,
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Startup and the per-core runtime: bind one `SO_REUSEPORT` listener per
+//! core, start one OS thread per core running its own monoio executor
+//! (io_uring, or epoll where io_uring cannot be set up), and accept
+//! connections on each.
+//!
+//! Everything shared between cores is built here once and is read-only
+//! afterwards (`Shared`), except the key budget counter and the mesh
+//! channels, which are designed for cross-thread use. Because `SO_REUSEPORT`
+//! would let a second instance silently join the port and split traffic, the
+//! port is first probed with a plain bind: if anything already listens there,
+//! startup fails with a clear message.
+
+use crate::command::Owned;
+use crate::config::{Config, IoDriver};
+use crate::conn::{self, CoreCtx};
+use crate::ratelimit::{Limiter, Periods};
+use crate::router::{Mesh, Msg, Router, Routing};
+use crate::secret::SecretKey;
+use crate::shard::{KeyBudget, Shard};
+use crossbeam_channel::Receiver;
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How often each core reclaims expired keys.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// Entries examined per sweep at least / at most. Between the two, a tenth of
+/// the shard, so the whole shard is visited about once a second.
+const SWEEP_MIN: usize = 1024;
+const SWEEP_MAX: usize = 65_536;
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Read-only state every core shares.
+pub struct Shared {
+    pub config: Config,
+    pub routing: Routing,
+    pub mesh: Arc<Mesh>,
+    pub budget: Arc<KeyBudget>,
+    pub periods: Periods,
+    pub secret_key: SecretKey,
+    /// The bound address, for the docs page when a request has no Host.
+    pub listen_text: String,
+}
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartupError {
+    PortInUse(SocketAddr),
+    Bind(SocketAddr, std::io::Error),
+    Runtime(String),
+    Random(std::io::Error),
+}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartupError::PortInUse(a) => {
+                write!(f, "cannot listen on {a}: another process is already listening on that port")
+            }
+            StartupError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
+            StartupError::Runtime(e) => write!(f, "cannot start the I/O runtime: {e}"),
+            StartupError::Random(e) => write!(f, "cannot read the system's random source: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartupError {}
+
+fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, StartupError> {
+    let err = |e| StartupError::Bind(addr, e);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_reuse_port(true).map_err(err)?;
+    if addr.is_ipv6() {
+        // `::` serves IPv4 too, whatever the system default says.
+        socket.set_only_v6(false).map_err(err)?;
+    }
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)?;
+    Ok(socket.into())
+}
+
+/// Binds `n` listeners sharing one port. With port 0 the kernel picks the
+/// port for the first and the others join it.
+pub fn bind_listeners(addr: SocketAddr, n: usize) -> Result<(Vec<std::net::TcpListener>, SocketAddr), StartupError> {
+    if addr.port() != 0 {
+        // A plain bind (no SO_REUSEPORT) fails if anyone listens on the port,
+        // including another instance of this server.
+        match std::net::TcpListener::bind(addr) {
+            Ok(probe) => drop(probe),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(StartupError::PortInUse(addr)),
+            Err(e) => return Err(StartupError::Bind(addr, e)),
+        }
+    }
+    let first = reuseport_listener(addr)?;
+    let actual = first.local_addr().map_err(|e| StartupError::Bind(addr, e))?;
+    let mut listeners = vec![first];
+    for _ in 1..n {
+        listeners.push(reuseport_listener(actual)?);
+    }
+    Ok((listeners, actual))
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What one core thread needs to start.
+struct CoreStart {
+    id: usize,
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    inbox: Receiver<Vec<Msg>>,
+    ready: mpsc::Sender<Result<&'static str, String>>,
+}
+
+/// Starts the server and blocks while it runs.
+pub fn run(config: Config) -> Result<(), StartupError> {
+    let n = config.threads;
+    let (listeners, bound) = bind_listeners(config.listen, n)?;
+    let (mesh, receivers) = Mesh::new(n);
+    let budget = Arc::new(KeyBudget::new(config.max_num_kv));
+    let shared = Arc::new(Shared {
+        routing: Routing::new(n),
+        mesh,
+        budget,
+        periods: Periods::new(Instant::now(), config.reset_duration),
+        secret_key: SecretKey::random().map_err(StartupError::Random)?,
+        listen_text: bound.to_string(),
+        config,
+    });
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut threads = Vec::with_capacity(n);
+    for (id, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
+        let start = CoreStart { id, shared: shared.clone(), listener, inbox, ready: ready_tx.clone() };
+        let handle = std::thread::Builder::new()
+            .name(format!("core-{id}"))
+            .spawn(move || core_thread(start))
+            .map_err(|e| StartupError::Runtime(e.to_string()))?;
+        threads.push(handle);
+    }
+    drop(ready_tx);
+    let mut drivers = Vec::with_capacity(n);
+    for _ in 0..n {
+        match ready_rx.recv() {
+            Ok(Ok(driver)) => drivers.push(driver),
+            Ok(Err(e)) => return Err(StartupError::Runtime(e)),
+            Err(_) => return Err(StartupError::Runtime("a core thread exited during startup".into())),
+        }
+    }
+    drivers.dedup();
+    log::info!(
+        "rendezvous listening on http://{bound} ({n} threads, {} driver, maxNumKV {}, maxRequests {} per {})",
+        drivers.join("+"),
+        shared.config.max_num_kv,
+        shared.config.max_requests,
+        crate::duration::format(shared.config.reset_duration),
+    );
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn core_thread(start: CoreStart) {
+    let driver = start.shared.config.io_driver;
+    if driver != IoDriver::Epoll {
+        match RuntimeBuilder::<IoUringDriver>::new().enable_timer().build() {
+            Ok(mut rt) => {
+                let _ = start.ready.send(Ok("io_uring"));
+                rt.block_on(core_main(start));
+                return;
+            }
+            Err(e) if driver == IoDriver::Uring => {
+                let _ = start.ready.send(Err(format!("io_uring: {e}")));
+                return;
+            }
+            Err(e) => {
+                if start.id == 0 {
+                    log::warn!("io_uring unavailable ({e}); falling back to epoll");
+                }
+            }
+        }
+    }
+    match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
+        Ok(mut rt) => {
+            let _ = start.ready.send(Ok("epoll"));
+            rt.block_on(core_main(start));
+        }
+        Err(e) => {
+            let _ = start.ready.send(Err(format!("epoll: {e}")));
+        }
+    }
+}
+
+async fn core_main(start: CoreStart) {
+    let CoreStart { id, shared, listener, inbox, .. } = start;
+    let cfg = &shared.config;
+    let n = cfg.threads;
+    // Sized up front: growing a big table stalls the core while it rehashes.
+    let per_core = (cfg.max_num_kv / n + cfg.max_num_kv / n / 8 + 1024).min(cfg.max_num_kv);
+    let owned = Owned {
+        shard: Shard::with_capacity(per_core),
+        limiter: Limiter::new(cfg.max_requests, cfg.max_tracked_ips.div_ceil(n)),
+    };
+    let router = Router::new(
+        id,
+        shared.routing.clone(),
+        shared.mesh.clone(),
+        inbox,
+        owned,
+        shared.budget.clone(),
+        shared.periods,
+    );
+    monoio::spawn(router.clone().inbox_task());
+    monoio::spawn(router.clone().flusher_task());
+    monoio::spawn(sweeper(router.clone()));
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("core {id}: cannot register listener: {e}");
+            std::process::exit(1);
+        }
+    };
+    let ctx = Rc::new(CoreCtx::new(shared.clone(), router));
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                monoio::spawn(conn::serve(ctx.clone(), stream, peer));
+            }
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning on the error.
+                log::warn!("core {id}: accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reclaims expired keys a bounded slice at a time, and forgets rate-limit
+/// buckets at each refill even on a core that sees no traffic.
+async fn sweeper(router: Rc<Router>) {
+    let mut tick = monoio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        let epoch = router.periods().epoch(Instant::now());
+        router.with_owned(|owned, budget| {
+            let slice = (owned.shard.len() / 10).clamp(SWEEP_MIN, SWEEP_MAX);
+            owned.shard.sweep(unix_ms(), slice, budget);
+            owned.limiter.refill_if_due(epoch);
+        });
+    }
+}

@@ -1,0 +1,501 @@
+//! One core's slice of the store: the SPEC's key-value semantics as a plain
+//! synchronous state machine.
+//!
+//! Only the owning core's thread ever touches a `Shard` (no lock). Layout: a
+//! dense `Vec<Entry>` plus a `hashbrown::HashTable<u32>` of indices into it.
+//! The dense vector gives the expiry sweep a cursor that survives inserts and
+//! removals, so expired keys are reclaimed a bounded slice at a time instead
+//! of a stop-the-world scan, and each entry keeps key and value in one
+//! exact-size allocation. The table is hashed with a per-shard random SipHash
+//! key, independent of the routing hash. Everything here is deterministic
+//! given `now_ms`: no clock, no I/O, no logging.
+
+use crate::secret::{self, SecretHash};
+use hashbrown::HashTable;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The server-wide `-maxNumKV` budget shared by all shards.
+///
+/// An atomic counter touched only when a key is created or removed (never on
+/// reads or updates), which keeps the limit exact across cores without a lock
+/// on the request path.
+#[derive(Debug)]
+pub struct KeyBudget {
+    live: AtomicUsize,
+    max: usize,
+}
+
+impl KeyBudget {
+    pub fn new(max: usize) -> Self {
+        KeyBudget { live: AtomicUsize::new(0), max }
+    }
+
+    /// Claims room for one new key, or reports the store full.
+    pub fn try_reserve(&self) -> bool {
+        self.live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .is_ok()
+    }
+
+    pub fn release(&self, n: usize) {
+        if n > 0 {
+            self.live.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// A stored key-value pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Key bytes followed by value bytes, one allocation of exact size.
+    data: Box<[u8]>,
+    key_len: u32,
+    /// Unix milliseconds after which the entry no longer exists.
+    pub expires_ms: u64,
+    pub secret: Option<Box<SecretHash>>,
+}
+
+impl Entry {
+    pub fn new(data: Box<[u8]>, key_len: u32, expires_ms: u64, secret: Option<SecretHash>) -> Self {
+        debug_assert!(key_len as usize <= data.len());
+        Entry { data, key_len, expires_ms, secret: secret.map(Box::new) }
+    }
+
+    pub fn key(&self) -> &[u8] {
+        &self.data[..self.key_len as usize]
+    }
+
+    pub fn value(&self) -> &[u8] {
+        &self.data[self.key_len as usize..]
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        now_ms >= self.expires_ms
+    }
+}
+
+/// What a write asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// `set`: create or replace.
+    Set,
+    /// `los`: create if absent, else return the current value.
+    Los,
+    /// `cas`: replace if the current value equals this; absent is not found.
+    Cas(Box<[u8]>),
+    /// `casoc`: like `cas`, but an absent key is created.
+    Casoc(Box<[u8]>),
+}
+
+/// A write, fully decoded (effective key, hashed secret, absolute expiry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// Key bytes followed by the value bytes.
+    pub data: Box<[u8]>,
+    pub key_len: u32,
+    pub secret: Option<SecretHash>,
+    pub expires_ms: u64,
+    pub cond: Condition,
+}
+
+impl Write {
+    /// Joins key and value into the one allocation the entry will keep.
+    pub fn new(key: &[u8], value: &[u8], secret: Option<SecretHash>, expires_ms: u64, cond: Condition) -> Self {
+        let mut data = Vec::with_capacity(key.len() + value.len());
+        data.extend_from_slice(key);
+        data.extend_from_slice(value);
+        Write { data: data.into_boxed_slice(), key_len: key.len() as u32, secret, expires_ms, cond }
+    }
+
+    pub fn key(&self) -> &[u8] {
+        &self.data[..self.key_len as usize]
+    }
+}
+
+/// The result of a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The value was stored; `created` tells a new key from a replacement.
+    Stored { created: bool, expires_ms: u64 },
+    /// `los` on a present key: the current value, nothing changed.
+    Existing { value: Box<[u8]>, expires_ms: u64 },
+    /// cas/casoc mismatch: the current value, nothing changed.
+    Conflict { value: Box<[u8]>, expires_ms: u64 },
+    /// cas on an absent key.
+    NotFound,
+    /// The key has an owner secret and the write did not carry it.
+    Forbidden,
+    /// Creating the key would exceed `-maxNumKV`.
+    Full,
+}
+
+/// A read hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub value: Box<[u8]>,
+    pub expires_ms: u64,
+}
+
+/// One core's entries.
+pub struct Shard {
+    entries: Vec<Entry>,
+    table: HashTable<u32>,
+    hasher: RandomState,
+    sweep_cursor: usize,
+    /// Sum of key + value bytes of the entries held.
+    bytes: usize,
+    /// Entries removed because they expired (on read or by the sweep).
+    expired_total: u64,
+}
+
+impl Shard {
+    /// `capacity` is a sizing hint: growing a large table stalls the core
+    /// while it rehashes, so shards are sized up front from `-maxNumKV`.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Shard {
+            entries: Vec::with_capacity(capacity),
+            table: HashTable::with_capacity(capacity),
+            hasher: RandomState::new(),
+            sweep_cursor: 0,
+            bytes: 0,
+            expired_total: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn expired_total(&self) -> u64 {
+        self.expired_total
+    }
+
+    /// All entries, live or not yet swept (for snapshots).
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
+        let entries = &self.entries;
+        self.table.find(hash, |&i| entries[i as usize].key() == key).map(|&i| i as usize)
+    }
+
+    /// Looks a key up; an expired entry is removed and reported absent.
+    pub fn get(&mut self, key: &[u8], now_ms: u64, budget: &KeyBudget) -> Option<Found> {
+        let hash = self.hasher.hash_one(key);
+        let idx = self.find(hash, key)?;
+        let e = &self.entries[idx];
+        if e.is_expired(now_ms) {
+            self.remove_at(idx, budget);
+            self.expired_total += 1;
+            return None;
+        }
+        Some(Found { value: e.value().into(), expires_ms: e.expires_ms })
+    }
+
+    /// Applies a write with the SPEC's semantics.
+    pub fn write(&mut self, w: Write, now_ms: u64, budget: &KeyBudget) -> WriteOutcome {
+        let hash = self.hasher.hash_one(w.key());
+        let mut found = self.find(hash, w.key());
+        if let Some(idx) = found {
+            if self.entries[idx].is_expired(now_ms) {
+                self.remove_at(idx, budget);
+                self.expired_total += 1;
+                found = None;
+            }
+        }
+        match found {
+            None => self.create(hash, w, budget),
+            Some(idx) => self.update(idx, w),
+        }
+    }
+
+    fn create(&mut self, hash: u64, w: Write, budget: &KeyBudget) -> WriteOutcome {
+        if let Condition::Cas(_) = w.cond {
+            return WriteOutcome::NotFound;
+        }
+        if !budget.try_reserve() {
+            return WriteOutcome::Full;
+        }
+        let expires_ms = w.expires_ms;
+        let entry = Entry::new(w.data, w.key_len, w.expires_ms, w.secret);
+        self.bytes += entry.data.len();
+        let idx = self.entries.len() as u32;
+        self.entries.push(entry);
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
+        WriteOutcome::Stored { created: true, expires_ms }
+    }
+
+    fn update(&mut self, idx: usize, w: Write) -> WriteOutcome {
+        let current = &mut self.entries[idx];
+        if let Condition::Los = w.cond {
+            return WriteOutcome::Existing { value: current.value().into(), expires_ms: current.expires_ms };
+        }
+        let authorized = match (&current.secret, &w.secret) {
+            (None, _) => true,
+            (Some(stored), Some(offered)) => secret::matches(stored, offered),
+            (Some(_), None) => false,
+        };
+        if !authorized {
+            return WriteOutcome::Forbidden;
+        }
+        if let Condition::Cas(expected) | Condition::Casoc(expected) = &w.cond {
+            if current.value() != &expected[..] {
+                return WriteOutcome::Conflict { value: current.value().into(), expires_ms: current.expires_ms };
+            }
+        }
+        // A key without a secret is claimed by the first write that brings one;
+        // a key with one keeps it (the write proved it knows it).
+        let secret = current.secret.take().or(w.secret.map(Box::new));
+        self.bytes = self.bytes - current.data.len() + w.data.len();
+        *current = Entry { data: w.data, key_len: w.key_len, expires_ms: w.expires_ms, secret };
+        WriteOutcome::Stored { created: false, expires_ms: w.expires_ms }
+    }
+
+    /// Removes the entry at `idx` by swapping the last entry into its place.
+    fn remove_at(&mut self, idx: usize, budget: &KeyBudget) {
+        let hash = self.hasher.hash_one(self.entries[idx].key());
+        if let Ok(slot) = self.table.find_entry(hash, |&i| i as usize == idx) {
+            slot.remove();
+        }
+        let last = self.entries.len() - 1;
+        if idx != last {
+            let moved_hash = self.hasher.hash_one(self.entries[last].key());
+            if let Some(slot) = self.table.find_mut(moved_hash, |&i| i as usize == last) {
+                *slot = idx as u32;
+            }
+        }
+        let removed = self.entries.swap_remove(idx);
+        self.bytes -= removed.data.len();
+        budget.release(1);
+    }
+
+    /// Reclaims expired entries, examining at most `budget_entries` slots from
+    /// where the previous sweep stopped. Returns how many were removed.
+    pub fn sweep(&mut self, now_ms: u64, budget_entries: usize, budget: &KeyBudget) -> usize {
+        let mut removed = 0;
+        let mut examined = 0;
+        while examined < budget_entries && !self.entries.is_empty() {
+            if self.sweep_cursor >= self.entries.len() {
+                self.sweep_cursor = 0;
+            }
+            examined += 1;
+            if self.entries[self.sweep_cursor].is_expired(now_ms) {
+                // The last entry moves into this slot: examine it next.
+                self.remove_at(self.sweep_cursor, budget);
+                removed += 1;
+            } else {
+                self.sweep_cursor += 1;
+            }
+        }
+        self.expired_total += removed as u64;
+        removed
+    }
+
+    /// Inserts an entry loaded from a snapshot (no conditions, no secret
+    /// check). Returns false if the key budget is exhausted.
+    pub fn restore(&mut self, entry: Entry, budget: &KeyBudget) -> bool {
+        let hash = self.hasher.hash_one(entry.key());
+        if let Some(idx) = self.find(hash, entry.key()) {
+            self.bytes = self.bytes - self.entries[idx].data.len() + entry.data.len();
+            self.entries[idx] = entry;
+            return true;
+        }
+        if !budget.try_reserve() {
+            return false;
+        }
+        self.bytes += entry.data.len();
+        let idx = self.entries.len() as u32;
+        self.entries.push(entry);
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: u64 = 1_000_000;
+
+    fn w(key: &str, value: &str, secret: Option<u8>, cond: Condition) -> Write {
+        Write::new(key.as_bytes(), value.as_bytes(), secret.map(|b| [b; 32]), T + 1000, cond)
+    }
+
+    fn get(s: &mut Shard, key: &str, b: &KeyBudget) -> Option<Vec<u8>> {
+        s.get(key.as_bytes(), T, b).map(|f| f.value.to_vec())
+    }
+
+    fn cas(v: &str) -> Condition {
+        Condition::Cas(v.as_bytes().into())
+    }
+
+    fn casoc(v: &str) -> Condition {
+        Condition::Casoc(v.as_bytes().into())
+    }
+
+    fn stored(created: bool) -> WriteOutcome {
+        WriteOutcome::Stored { created, expires_ms: T + 1000 }
+    }
+
+    #[test]
+    fn set_get_replace() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        assert_eq!(get(&mut s, "a", &b), None);
+        assert_eq!(s.write(w("a", "1", None, Condition::Set), T, &b), stored(true));
+        assert_eq!(s.write(w("a", "22", None, Condition::Set), T, &b), stored(false));
+        assert_eq!(get(&mut s, "a", &b).as_deref(), Some(&b"22"[..]));
+        assert_eq!(s.bytes(), 3);
+        assert_eq!(b.live(), 1);
+    }
+
+    #[test]
+    fn los_creates_once_then_returns_current() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        assert_eq!(s.write(w("k", "first", None, Condition::Los), T, &b), stored(true));
+        assert_eq!(
+            s.write(w("k", "second", Some(1), Condition::Los), T, &b),
+            WriteOutcome::Existing { value: (*b"first").into(), expires_ms: T + 1000 }
+        );
+        assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"first"[..]));
+    }
+
+    #[test]
+    fn cas_semantics() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        assert_eq!(s.write(w("k", "x", None, cas("")), T, &b), WriteOutcome::NotFound);
+        s.write(w("k", "1", None, Condition::Set), T, &b);
+        assert_eq!(
+            s.write(w("k", "3", None, cas("2")), T, &b),
+            WriteOutcome::Conflict { value: (*b"1").into(), expires_ms: T + 1000 }
+        );
+        assert_eq!(s.write(w("k", "2", None, cas("1")), T, &b), stored(false));
+        assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"2"[..]));
+    }
+
+    #[test]
+    fn casoc_creates_or_compares() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        assert_eq!(s.write(w("k", "1", None, casoc("anything")), T, &b), stored(true));
+        assert!(matches!(s.write(w("k", "2", None, casoc("0")), T, &b), WriteOutcome::Conflict { .. }));
+        assert_eq!(s.write(w("k", "2", None, casoc("1")), T, &b), stored(false));
+    }
+
+    #[test]
+    fn secrets_claim_and_protect() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        s.write(w("k", "v0", None, Condition::Set), T, &b);
+        // Claimed by the first write that brings a secret.
+        assert_eq!(s.write(w("k", "v1", Some(7), Condition::Set), T, &b), stored(false));
+        assert_eq!(s.write(w("k", "v2", None, Condition::Set), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(s.write(w("k", "v2", Some(8), Condition::Set), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(s.write(w("k", "v2", Some(8), cas("v1")), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(s.write(w("k", "v2", None, casoc("v1")), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"v1"[..]));
+        // The owner keeps writing, and the secret stays.
+        assert_eq!(s.write(w("k", "v3", Some(7), cas("v1")), T, &b), stored(false));
+        assert_eq!(s.write(w("k", "v4", None, Condition::Set), T, &b), WriteOutcome::Forbidden);
+        // los on a present key is a read: no secret needed.
+        assert!(matches!(s.write(w("k", "x", None, Condition::Los), T, &b), WriteOutcome::Existing { .. }));
+    }
+
+    #[test]
+    fn failed_cas_does_not_claim() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        s.write(w("k", "v0", None, Condition::Set), T, &b);
+        assert!(matches!(s.write(w("k", "v1", Some(7), cas("zz")), T, &b), WriteOutcome::Conflict { .. }));
+        assert_eq!(s.write(w("k", "v1", None, Condition::Set), T, &b), stored(false));
+    }
+
+    #[test]
+    fn expiry_on_read_and_write() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        s.write(w("k", "v", Some(1), Condition::Set), T, &b);
+        assert!(s.get(b"k", T + 999, &b).is_some());
+        assert!(s.get(b"k", T + 1000, &b).is_none());
+        assert_eq!(s.len(), 0);
+        assert_eq!(b.live(), 0);
+        // An expired key's secret no longer protects it.
+        s.write(w("k", "v", Some(1), Condition::Set), T, &b);
+        let late = Write::new(b"k", b"new", None, T + 5000, Condition::Set);
+        assert_eq!(s.write(late, T + 2000, &b), WriteOutcome::Stored { created: true, expires_ms: T + 5000 });
+        assert_eq!(s.expired_total(), 2);
+    }
+
+    #[test]
+    fn capacity_is_exact_and_updates_still_work() {
+        let b = KeyBudget::new(2);
+        let mut s1 = Shard::with_capacity(4);
+        let mut s2 = Shard::with_capacity(4);
+        assert_eq!(s1.write(w("a", "1", None, Condition::Set), T, &b), stored(true));
+        assert_eq!(s2.write(w("b", "1", None, Condition::Set), T, &b), stored(true));
+        assert_eq!(s1.write(w("c", "1", None, Condition::Set), T, &b), WriteOutcome::Full);
+        assert_eq!(s2.write(w("d", "1", None, Condition::Los), T, &b), WriteOutcome::Full);
+        assert_eq!(s1.write(w("a", "2", None, Condition::Set), T, &b), stored(false));
+        assert_eq!(s2.write(w("b", "2", None, casoc("1")), T, &b), stored(false));
+    }
+
+    #[test]
+    fn sweep_is_incremental_and_complete() {
+        let b = KeyBudget::new(1000);
+        let mut s = Shard::with_capacity(8);
+        for i in 0..100 {
+            let exp = if i % 3 == 0 { T + 10 } else { T + 10_000 };
+            let wr = Write::new(format!("k{i}").as_bytes(), b"v", None, exp, Condition::Set);
+            s.write(wr, T, &b);
+        }
+        let now = T + 20;
+        let mut removed = 0;
+        for _ in 0..10 {
+            let r = s.sweep(now, 10, &b);
+            assert!(r <= 10);
+            removed += r;
+        }
+        removed += s.sweep(now, 1000, &b);
+        assert_eq!(removed, 34);
+        assert_eq!(s.len(), 66);
+        assert_eq!(b.live(), 66);
+        // Every survivor is still reachable through the table.
+        for i in 0..100 {
+            let hit = s.get(format!("k{i}").as_bytes(), now, &b).is_some();
+            assert_eq!(hit, i % 3 != 0, "k{i}");
+        }
+    }
+
+    #[test]
+    fn restore_replaces_and_respects_budget() {
+        let b = KeyBudget::new(1);
+        let mut s = Shard::with_capacity(2);
+        assert!(s.restore(Entry::new((*b"kv").into(), 1, T + 5, None), &b));
+        assert!(s.restore(Entry::new((*b"kw").into(), 1, T + 5, None), &b));
+        assert!(!s.restore(Entry::new((*b"zv").into(), 1, T + 5, None), &b));
+        assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"w"[..]));
+    }
+}
