@@ -1,0 +1,291 @@
+//! Test harness: starts the real `rendezvous` binary on an ephemeral port
+//! and talks HTTP/1.1 to it over real TCP sockets.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rendezvous");
+
+/// A running server, killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    /// The startup line ("listening on ...").
+    pub banner: String,
+    log: mpsc::Receiver<String>,
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("rendezvous-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Server {
+    /// Starts with test-friendly defaults (loopback, any port, no snapshot,
+    /// effectively unlimited rate) overridden by `args`.
+    pub fn start(args: &[&str]) -> Server {
+        Self::start_in(TempDir::new(), args)
+    }
+
+    pub fn start_in(dir: TempDir, args: &[&str]) -> Server {
+        let mut all: Vec<String> = ["-l", "127.0.0.1", "-port", "0", "-maxRequests", "4294967295", "-disableLocalIPWarning"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if !args.iter().any(|a| a.contains("snapshotPath")) {
+            all.push("-snapshotPath".into());
+            all.push(dir.path().join("store.rkyv").display().to_string());
+        }
+        all.extend(args.iter().map(|s| s.to_string()));
+        let mut child = Command::new(BIN)
+            .args(&all)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                        return Server { child: Some(child), addr, dir, banner: line, log: rx };
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    panic!("server did not start: {status:?}");
+                }
+            }
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    /// One request on a fresh connection.
+    pub fn req(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        self.client().req(method, path, headers, body)
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.req("GET", path, &[], b"")
+    }
+
+    pub fn post(&self, path: &str, body: &[u8]) -> Resp {
+        self.req("POST", path, &[], body)
+    }
+
+    /// Log lines printed so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a signal and waits for the exit status (with a deadline).
+    pub fn signal_and_wait(&mut self, sig: &str) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+        wait_deadline(&mut child, Duration::from_secs(30))
+    }
+
+    /// Takes the temp dir out (to restart a server on the same files).
+    pub fn stop_keep_dir(mut self, sig: &str) -> (TempDir, std::process::ExitStatus) {
+        let status = self.signal_and_wait(sig);
+        let dir = std::mem::replace(&mut self.dir, TempDir(PathBuf::new()));
+        (dir, status)
+    }
+}
+
+pub fn wait_deadline(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A parsed response.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn expires_at(&self) -> u64 {
+        self.header("X-Expires-At").expect("X-Expires-At").parse().unwrap()
+    }
+}
+
+/// A keep-alive HTTP/1.1 client on one connection.
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client { stream, buf: Vec::new() }
+    }
+
+    pub fn send_raw(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).expect("write");
+    }
+
+    pub fn req(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        self.send_raw(&build(method, path, headers, body));
+        self.read_response(method == "HEAD").expect("response")
+    }
+
+    /// Reads one response; `None` on EOF before any byte.
+    pub fn read_response(&mut self, head_only: bool) -> Option<Resp> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(n)) = resp.parse(&self.buf) {
+                let status = resp.code.unwrap();
+                let hs: Vec<(String, Vec<u8>)> =
+                    resp.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect();
+                let len: usize = hs
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .map(|(_, v)| std::str::from_utf8(v).unwrap().parse().unwrap())
+                    .unwrap_or(0);
+                if status == 100 {
+                    self.buf.drain(..n);
+                    continue;
+                }
+                let len = if head_only { 0 } else { len };
+                while self.buf.len() < n + len {
+                    if !self.fill() {
+                        panic!("EOF inside body");
+                    }
+                }
+                let body = self.buf[n..n + len].to_vec();
+                self.buf.drain(..n + len);
+                return Some(Resp { status, headers: hs, body });
+            }
+            if !self.fill() {
+                assert!(self.buf.is_empty(), "EOF inside head: {:?}", String::from_utf8_lossy(&self.buf));
+                return None;
+            }
+        }
+    }
+
+    fn fill(&mut self) -> bool {
+        let mut tmp = [0u8; 65536];
+        match self.stream.read(&mut tmp) {
+            Ok(0) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+
+    /// True if the server closed the connection (EOF) with nothing more to read.
+    pub fn is_closed(&mut self) -> bool {
+        self.buf.is_empty() && !self.fill()
+    }
+}
+
+/// Encodes a request with Content-Length (for POST) and a Host header.
+pub fn build(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: test.local\r\n");
+    for (k, v) in headers {
+        raw += &format!("{k}: {v}\r\n");
+    }
+    if method == "POST" || !body.is_empty() {
+        raw += &format!("Content-Length: {}\r\n", body.len());
+    }
+    raw += "\r\n";
+    let mut out = raw.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Percent-encodes arbitrary bytes for a path.
+pub fn pct(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("%{b:02X}")).collect()
+}
