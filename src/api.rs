@@ -72,9 +72,11 @@ pub struct StoreAction {
     pub ip_key: bool,
 }
 
+/// A matched route with its raw (still percent-encoded) key and query.
+pub type Routed<'a> = (Route, &'a [u8], Option<&'a [u8]>);
+
 /// Splits the request target and matches the route and method.
-/// Returns the route, the raw (still percent-encoded) key and the query.
-pub fn route(method: Method, target: &[u8]) -> Result<(Route, &[u8], Option<&[u8]>), Error> {
+pub fn route(method: Method, target: &[u8]) -> Result<Routed<'_>, Error> {
     let (path, query) = match target.iter().position(|&b| b == b'?') {
         Some(q) => (&target[..q], Some(&target[q + 1..])),
         None => (target, None),

@@ -1,9 +1,10 @@
 //! Every way a request can fail, and the one place that maps each to an HTTP
 //! status, a plain-text body, and whether the connection must close.
 //!
-//! Framing errors close the connection because the byte stream can no longer
-//! be trusted (request smuggling starts with a lenient parser guessing where a
-//! message ends); everything else keeps the connection alive.
+//! Framing errors (the first group) are raised by `http` and `conn`, which
+//! close the connection after answering them: the byte stream can no longer be
+//! trusted (request smuggling starts with a lenient parser guessing where a
+//! message ends). Everything else keeps the connection alive.
 
 /// A request that cannot be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,23 +98,6 @@ impl Error {
             RateLimited(_) => "Too many requests",
         }
     }
-
-    /// Whether the connection must close after this response.
-    pub fn closes_connection(self) -> bool {
-        use Error::*;
-        matches!(
-            self,
-            MalformedRequest
-                | HeadTooLarge
-                | BadContentLength
-                | AmbiguousLength
-                | UnsupportedTransferEncoding
-                | ExpectationFailed
-                | BodyTooLarge
-                | BadChunk
-                | RequestTimeout
-        )
-    }
 }
 
 impl std::fmt::Display for Error {
@@ -138,7 +122,5 @@ mod tests {
         assert_eq!(Error::RateLimited(3).status(), 429);
         assert_eq!(Error::MethodNotAllowed("GET").status(), 405);
         assert_eq!(Error::HeadTooLarge.status(), 431);
-        assert!(Error::BodyTooLarge.closes_connection());
-        assert!(!Error::KeyTooLong.closes_connection());
     }
 }
