@@ -96,6 +96,14 @@ struct Flags {
     io_driver: String,
     #[options(long = "snapshotPath", default = "store.rkyv", meta = "PATH", help = "snapshot file (empty: no snapshots)")]
     snapshot_path: String,
+    #[options(
+        long = "shutdownTimeout",
+        default = "5s",
+        meta = "DURATION",
+        parse(try_from_str = "parse_duration_flag"),
+        help = "on SIGTERM/SIGINT, how long in-flight requests may take before the final snapshot"
+    )]
+    shutdown_timeout: Duration,
 }
 
 /// Which monoio driver the cores run.
@@ -126,6 +134,7 @@ pub struct Config {
     pub max_tracked_ips: usize,
     pub io_driver: IoDriver,
     pub snapshot_path: Option<PathBuf>,
+    pub shutdown_timeout: Duration,
 }
 
 /// What the command line asked for.
@@ -285,6 +294,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         max_tracked_ips: flags.max_tracked_ips,
         io_driver,
         snapshot_path,
+        shutdown_timeout: flags.shutdown_timeout,
     })))
 }
 
@@ -313,7 +323,7 @@ mod tests {
         assert_eq!(c.reset_duration, Duration::from_secs(60));
         assert_eq!(c.save_duration, Duration::from_secs(1800));
         assert_eq!(c.max_requests, 17);
-        assert_eq!(c.listen, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(c.listen, "0.0.0.0:80".parse::<SocketAddr>().unwrap());
         assert!(!c.disable_local_ip_warning);
         assert_eq!(c.read_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
@@ -327,7 +337,7 @@ mod tests {
         assert_eq!(run("--maxValueSize 4096").max_value_size, 4096);
         assert_eq!(run("--maxValueSize=4096").max_value_size, 4096);
         assert_eq!(run("-expireDuration 1h30m").expire_duration, Duration::from_secs(5400));
-        assert_eq!(run("-l :: -port 8080").listen, "[::]:8080".parse().unwrap());
+        assert_eq!(run("-l :: -port 8080").listen, "[::]:8080".parse::<SocketAddr>().unwrap());
         assert_eq!(run("-l=127.0.0.1").listen.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(run("-maxRequests 4294967295").max_requests, u32::MAX);
     }
@@ -348,7 +358,7 @@ mod tests {
         for flag in [
             "-maxKeySize", "-maxValueSize", "-maxNumKV", "-expireDuration", "-resetDuration", "-saveDuration",
             "-maxRequests", "-port", "-l ", "-disableLocalIPWarning", "-threads", "-trustedProxies", "-readTimeout",
-            "-idleTimeout", "-snapshotPath",
+            "-idleTimeout", "-snapshotPath", "-shutdownTimeout",
         ] {
             assert!(text.contains(flag), "{flag} missing from help");
         }

@@ -21,7 +21,8 @@ use crate::server::Shared;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::task::{Poll, Waker};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -50,6 +51,27 @@ pub struct CoreCtx {
     pub router: Rc<Router>,
     pub limits: api::Limits,
     last_local_warning: Cell<Option<Instant>>,
+    /// Set once shutdown starts: no new connections, no new requests.
+    draining: Cell<bool>,
+    /// Requests between "head parsed" and "response handed to the socket".
+    in_progress: Cell<usize>,
+    idle_waker: RefCell<Option<Waker>>,
+    accept_waker: RefCell<Option<Waker>>,
+}
+
+/// Counts a request as in progress while alive.
+struct InFlight<'a>(&'a CoreCtx);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let n = self.0.in_progress.get() - 1;
+        self.0.in_progress.set(n);
+        if n == 0 {
+            if let Some(w) = self.0.idle_waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
 }
 
 impl CoreCtx {
@@ -60,7 +82,51 @@ impl CoreCtx {
             max_value_size: cfg.max_value_size,
             max_ttl: cfg.expire_duration,
         };
-        CoreCtx { shared, router, limits, last_local_warning: Cell::new(None) }
+        CoreCtx {
+            shared,
+            router,
+            limits,
+            last_local_warning: Cell::new(None),
+            draining: Cell::new(false),
+            in_progress: Cell::new(0),
+            idle_waker: RefCell::new(None),
+            accept_waker: RefCell::new(None),
+        }
+    }
+
+    fn begin_request(&self) -> InFlight<'_> {
+        self.in_progress.set(self.in_progress.get() + 1);
+        InFlight(self)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Starts shutdown on this core: the accept loop stops, requests that
+    /// arrive from now on get 503, requests in progress finish.
+    pub fn start_draining(&self) {
+        self.draining.set(true);
+        if let Some(w) = self.accept_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once no request is in progress on this core.
+    pub async fn requests_finished(&self) {
+        std::future::poll_fn(|cx| {
+            if self.in_progress.get() == 0 {
+                return Poll::Ready(());
+            }
+            *self.idle_waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Registers the accept loop to be woken when draining starts.
+    pub fn on_drain(&self, waker: &Waker) {
+        *self.accept_waker.borrow_mut() = Some(waker.clone());
     }
 
     fn warn_local(&self, peer: IpAddr) {
@@ -137,11 +203,15 @@ impl Conn<'_> {
                 Err(stop) => return stop,
             };
             self.detect_client();
+            if self.ctx.is_draining() {
+                return Stop::Reject(Error::ShuttingDown);
+            }
+            let _in_flight = self.ctx.begin_request();
             if let Err(stop) = self.read_body(deadline).await {
                 return stop;
             }
-            let keep_alive = self.head.keep_alive;
             self.handle().await;
+            let keep_alive = self.head.keep_alive && !self.ctx.is_draining();
             if self.body.capacity() > BODY_KEEP {
                 self.body = Vec::new();
             }
@@ -321,7 +391,8 @@ impl Conn<'_> {
             }
         };
         let head_only = self.head.method == Method::Head;
-        http::encode(&mut self.out, &response, client_str, self.head.keep_alive, self.head.http10, head_only);
+        let keep_alive = self.head.keep_alive && !ctx.is_draining();
+        http::encode(&mut self.out, &response, client_str, keep_alive, self.head.http10, head_only);
     }
 
     async fn flush(&mut self) -> Result<(), Stop> {

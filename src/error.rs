@@ -49,6 +49,8 @@ pub enum Error {
     StoreFull,
     /// Out of tokens; seconds until the next refill.
     RateLimited(u64),
+    /// The server is shutting down and takes no new requests.
+    ShuttingDown,
 }
 
 impl Error {
@@ -68,6 +70,7 @@ impl Error {
             WrongSecret => 403,
             StoreFull => 507,
             RateLimited(_) => 429,
+            ShuttingDown => 503,
         }
     }
 
@@ -96,6 +99,7 @@ impl Error {
             WrongSecret => "Wrong owner secret",
             StoreFull => "Store full",
             RateLimited(_) => "Too many requests",
+            ShuttingDown => "Server shutting down",
         }
     }
 }

@@ -21,8 +21,10 @@ mod http;
 mod ratelimit;
 mod router;
 mod secret;
+mod lifecycle;
 mod server;
 mod shard;
+mod snapshot;
 
 use std::process::ExitCode;
 

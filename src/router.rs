@@ -43,6 +43,19 @@ const IN_FLIGHT_BUDGET: u32 = 4096;
 pub enum Msg {
     Call { from: u32, slot: u32, cmd: Cmd },
     Done { slot: u32, reply: Reply },
+    /// From the lifecycle thread (snapshots, shutdown).
+    Control(Control),
+}
+
+/// Requests from the lifecycle thread to a core, answered on the enclosed
+/// channel (the lifecycle thread may block; cores never do).
+#[derive(Debug)]
+pub enum Control {
+    /// Copy the shard's live entries (incrementally) and send them back.
+    Snapshot(std::sync::mpsc::SyncSender<Vec<crate::shard::Entry>>),
+    /// Stop accepting, refuse new requests, wait (bounded) for in-flight
+    /// ones, then acknowledge.
+    Drain(std::sync::mpsc::SyncSender<()>),
 }
 
 /// The key -> core mapping, identical on every core.
@@ -97,6 +110,13 @@ impl Mesh {
             .unzip();
         (Arc::new(Mesh { inboxes }), receivers)
     }
+
+    /// Sends a control request to a core; callable from any thread.
+    pub fn send_control(&self, core: usize, control: Control) {
+        let inbox = &self.inboxes[core];
+        let _ = inbox.tx.send(vec![Msg::Control(control)]);
+        inbox.waker.wake();
+    }
 }
 
 enum Slot {
@@ -131,6 +151,8 @@ pub struct Router {
     free_slots: RefCell<Vec<u32>>,
     in_flight: RefCell<Vec<u32>>,
     credit_waiters: RefCell<Vec<Vec<Waker>>>,
+    controls: RefCell<std::collections::VecDeque<Control>>,
+    control_waker: RefCell<Option<Waker>>,
     stats: Cell<TrafficStats>,
 }
 
@@ -160,6 +182,8 @@ impl Router {
             free_slots: RefCell::new(Vec::new()),
             in_flight: RefCell::new(vec![0; n]),
             credit_waiters: RefCell::new((0..n).map(|_| Vec::new()).collect()),
+            controls: RefCell::new(std::collections::VecDeque::new()),
+            control_waker: RefCell::new(None),
             stats: Cell::new(TrafficStats::default()),
         })
     }
@@ -291,6 +315,12 @@ impl Router {
                         self.push(from as usize, Msg::Done { slot, reply });
                     }
                     Msg::Done { slot, reply } => self.complete(slot, reply),
+                    Msg::Control(c) => {
+                        self.controls.borrow_mut().push_back(c);
+                        if let Some(w) = self.control_waker.borrow_mut().take() {
+                            w.wake();
+                        }
+                    }
                 }
             }
             let mut s = self.stats.get();
@@ -324,6 +354,18 @@ impl Router {
             s.batches_sent += 1;
         }
         self.stats.set(s);
+    }
+
+    /// The next control request for this core.
+    pub async fn next_control(&self) -> Control {
+        std::future::poll_fn(|cx| match self.controls.borrow_mut().pop_front() {
+            Some(c) => Poll::Ready(c),
+            None => {
+                *self.control_waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// The task that receives this core's cross-core messages. Never returns.

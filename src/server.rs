@@ -14,7 +14,10 @@ use crate::command::Owned;
 use crate::config::{Config, IoDriver};
 use crate::conn::{self, CoreCtx};
 use crate::ratelimit::{Limiter, Periods};
-use crate::router::{Mesh, Msg, Router, Routing};
+use crate::lifecycle;
+use crate::router::{Control, Mesh, Msg, Router, Routing};
+use crate::snapshot;
+use std::future::Future;
 use crate::secret::SecretKey;
 use crate::shard::{KeyBudget, Shard};
 use crossbeam_channel::Receiver;
@@ -33,6 +36,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 const SWEEP_MIN: usize = 1024;
 const SWEEP_MAX: usize = 65_536;
 const LISTEN_BACKLOG: i32 = 4096;
+/// Entries a core copies per slice of a snapshot before letting requests run.
+const SNAPSHOT_SLICE: usize = 16_384;
 
 /// Read-only state every core shares.
 pub struct Shared {
@@ -53,6 +58,7 @@ pub enum StartupError {
     Bind(SocketAddr, std::io::Error),
     Runtime(String),
     Random(std::io::Error),
+    Snapshot(std::path::PathBuf, crate::snapshot::SnapshotError),
 }
 
 impl std::fmt::Display for StartupError {
@@ -64,6 +70,11 @@ impl std::fmt::Display for StartupError {
             StartupError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
             StartupError::Runtime(e) => write!(f, "cannot start the I/O runtime: {e}"),
             StartupError::Random(e) => write!(f, "cannot read the system's random source: {e}"),
+            StartupError::Snapshot(p, e) => write!(
+                f,
+                "cannot load snapshot {}: {e}. The file was left untouched; move it away to start empty.",
+                p.display()
+            ),
         }
     }
 }
@@ -114,35 +125,90 @@ fn unix_ms() -> u64 {
 struct CoreStart {
     id: usize,
     shared: Arc<Shared>,
+    owned: Owned,
     listener: std::net::TcpListener,
     inbox: Receiver<Vec<Msg>>,
     ready: mpsc::Sender<Result<&'static str, String>>,
 }
 
-/// Starts the server and blocks while it runs.
+/// Loads the snapshot (if any) into one `Owned` per core, routing every
+/// entry to its owner for the current core count. Returns the secret key the
+/// snapshot's hashes were made with (or a fresh one).
+fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<(SecretKey, Vec<Owned>), StartupError> {
+    let n = config.threads;
+    // Sized up front: growing a big table stalls the core while it rehashes.
+    let per_core = (config.max_num_kv / n + config.max_num_kv / n / 8 + 1024).min(config.max_num_kv);
+    let mut owned: Vec<Owned> = (0..n)
+        .map(|_| Owned {
+            shard: Shard::with_capacity(per_core),
+            limiter: Limiter::new(config.max_requests, config.max_tracked_ips.div_ceil(n)),
+        })
+        .collect();
+    let Some(path) = &config.snapshot_path else {
+        log::info!("snapshots disabled (-snapshotPath is empty)");
+        return Ok((SecretKey::random().map_err(StartupError::Random)?, owned));
+    };
+    let loaded = match snapshot::load(path) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            log::info!("no snapshot at {}: starting empty", path.display());
+            return Ok((SecretKey::random().map_err(StartupError::Random)?, owned));
+        }
+        Err(e) => return Err(StartupError::Snapshot(path.clone(), e)),
+    };
+    let now = unix_ms();
+    let max_expiry = now.saturating_add(config.expire_duration.as_millis() as u64);
+    let (total, mut expired, mut dropped) = (loaded.entries.len(), 0, 0);
+    for mut entry in loaded.entries {
+        if entry.is_expired(now) {
+            expired += 1;
+            continue;
+        }
+        // A lowered -expireDuration applies to restored keys too.
+        entry.expires_ms = entry.expires_ms.min(max_expiry);
+        let core = routing.owner(entry.key());
+        if !owned[core].shard.restore(entry, budget) {
+            dropped += 1;
+        }
+    }
+    log::info!(
+        "loaded {} keys from {} (written {}s ago; {expired} expired since)",
+        total - expired - dropped,
+        path.display(),
+        now.saturating_sub(loaded.created_unix_ms) / 1000
+    );
+    if dropped > 0 {
+        log::warn!("{dropped} keys from the snapshot did not fit in -maxNumKV {} and were dropped", config.max_num_kv);
+    }
+    Ok((loaded.secret_key, owned))
+}
+
+/// Starts the server and runs it until shutdown.
 pub fn run(config: Config) -> Result<(), StartupError> {
     let n = config.threads;
+    let routing = Routing::new(n);
+    let budget = Arc::new(KeyBudget::new(config.max_num_kv));
+    // Load before binding: a bad snapshot must not leave a half-started server.
+    let (secret_key, owned) = restore(&config, &routing, &budget)?;
     let (listeners, bound) = bind_listeners(config.listen, n)?;
     let (mesh, receivers) = Mesh::new(n);
-    let budget = Arc::new(KeyBudget::new(config.max_num_kv));
     let shared = Arc::new(Shared {
-        routing: Routing::new(n),
+        routing,
         mesh,
         budget,
         periods: Periods::new(Instant::now(), config.reset_duration),
-        secret_key: SecretKey::random().map_err(StartupError::Random)?,
+        secret_key,
         listen_text: bound.to_string(),
         config,
     });
     let (ready_tx, ready_rx) = mpsc::channel();
-    let mut threads = Vec::with_capacity(n);
-    for (id, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
-        let start = CoreStart { id, shared: shared.clone(), listener, inbox, ready: ready_tx.clone() };
-        let handle = std::thread::Builder::new()
+    let cores = listeners.into_iter().zip(receivers).zip(owned).enumerate();
+    for (id, ((listener, inbox), owned)) in cores {
+        let start = CoreStart { id, shared: shared.clone(), owned, listener, inbox, ready: ready_tx.clone() };
+        std::thread::Builder::new()
             .name(format!("core-{id}"))
             .spawn(move || core_thread(start))
             .map_err(|e| StartupError::Runtime(e.to_string()))?;
-        threads.push(handle);
     }
     drop(ready_tx);
     let mut drivers = Vec::with_capacity(n);
@@ -161,10 +227,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         shared.config.max_requests,
         crate::duration::format(shared.config.reset_duration),
     );
-    for t in threads {
-        let _ = t.join();
-    }
-    Ok(())
+    lifecycle::run(shared)
 }
 
 fn core_thread(start: CoreStart) {
@@ -199,15 +262,7 @@ fn core_thread(start: CoreStart) {
 }
 
 async fn core_main(start: CoreStart) {
-    let CoreStart { id, shared, listener, inbox, .. } = start;
-    let cfg = &shared.config;
-    let n = cfg.threads;
-    // Sized up front: growing a big table stalls the core while it rehashes.
-    let per_core = (cfg.max_num_kv / n + cfg.max_num_kv / n / 8 + 1024).min(cfg.max_num_kv);
-    let owned = Owned {
-        shard: Shard::with_capacity(per_core),
-        limiter: Limiter::new(cfg.max_requests, cfg.max_tracked_ips.div_ceil(n)),
-    };
+    let CoreStart { id, shared, owned, listener, inbox, .. } = start;
     let router = Router::new(
         id,
         shared.routing.clone(),
@@ -228,15 +283,59 @@ async fn core_main(start: CoreStart) {
         }
     };
     let ctx = Rc::new(CoreCtx::new(shared.clone(), router));
+    monoio::spawn(control_task(ctx.clone()));
+    accept_loop(id, &ctx, listener).await;
+    // Stopped accepting (shutdown): closing the listener refuses new
+    // connections; the runtime keeps serving the ones it has.
+    std::future::pending::<()>().await;
+}
+
+async fn accept_loop(id: usize, ctx: &Rc<CoreCtx>, listener: monoio::net::TcpListener) {
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
+        let accept = listener.accept();
+        let mut accept = std::pin::pin!(accept);
+        let next = std::future::poll_fn(|cx| {
+            if ctx.is_draining() {
+                return std::task::Poll::Ready(None);
+            }
+            ctx.on_drain(cx.waker());
+            accept.as_mut().poll(cx).map(Some)
+        })
+        .await;
+        match next {
+            None => return,
+            Some(Ok((stream, peer))) => {
                 monoio::spawn(conn::serve(ctx.clone(), stream, peer));
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 // Typically EMFILE: back off instead of spinning on the error.
                 log::warn!("core {id}: accept failed: {e}");
                 monoio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Executes the lifecycle thread's requests on this core.
+async fn control_task(ctx: Rc<CoreCtx>) {
+    loop {
+        match ctx.router.next_control().await {
+            Control::Snapshot(reply) => {
+                let router = ctx.router.clone();
+                monoio::spawn(async move {
+                    router.with_owned(|o, _| o.shard.snapshot_begin(unix_ms()));
+                    while !router.with_owned(|o, _| o.shard.snapshot_step(SNAPSHOT_SLICE)) {
+                        // Let this core's connections run between slices.
+                        monoio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    let _ = reply.send(router.with_owned(|o, _| o.shard.snapshot_take()));
+                });
+            }
+            Control::Drain(ack) => {
+                ctx.start_draining();
+                let timeout = ctx.shared.config.shutdown_timeout;
+                let _ = monoio::time::timeout(timeout, ctx.requests_finished()).await;
+                let _ = ack.send(());
             }
         }
     }

@@ -79,6 +79,11 @@ impl Entry {
         &self.data[self.key_len as usize..]
     }
 
+    /// Takes the entry apart (data, key length, expiry, secret) without copying.
+    pub fn into_parts(self) -> (Box<[u8]>, u32, u64, Option<Box<SecretHash>>) {
+        (self.data, self.key_len, self.expires_ms, self.secret)
+    }
+
     pub fn is_expired(&self, now_ms: u64) -> bool {
         now_ms >= self.expires_ms
     }
@@ -156,6 +161,18 @@ pub struct Shard {
     bytes: usize,
     /// Entries removed because they expired (on read or by the sweep).
     expired_total: u64,
+    /// A snapshot copy in progress, taken a slice at a time.
+    snapshot: Option<SnapshotCopy>,
+}
+
+/// Progress of an incremental snapshot copy. Entries at and after `cursor`
+/// are still to be copied; a removal that moves an uncopied entry in front
+/// of the cursor copies it on the spot, so every entry that lives through
+/// the whole copy is captured exactly once.
+struct SnapshotCopy {
+    cursor: usize,
+    now_ms: u64,
+    out: Vec<Entry>,
 }
 
 impl Shard {
@@ -169,6 +186,7 @@ impl Shard {
             sweep_cursor: 0,
             bytes: 0,
             expired_total: 0,
+            snapshot: None,
         }
     }
 
@@ -278,6 +296,11 @@ impl Shard {
             slot.remove();
         }
         let last = self.entries.len() - 1;
+        if let Some(copy) = &mut self.snapshot {
+            if idx < copy.cursor && last >= copy.cursor && !self.entries[last].is_expired(copy.now_ms) {
+                copy.out.push(self.entries[last].clone());
+            }
+        }
         if idx != last {
             let moved_hash = self.hasher.hash_one(self.entries[last].key());
             if let Some(slot) = self.table.find_mut(moved_hash, |&i| i as usize == last) {
@@ -309,6 +332,28 @@ impl Shard {
         }
         self.expired_total += removed as u64;
         removed
+    }
+
+    /// Starts an incremental copy of the live entries (expiry judged at `now_ms`).
+    pub fn snapshot_begin(&mut self, now_ms: u64) {
+        self.snapshot = Some(SnapshotCopy { cursor: 0, now_ms, out: Vec::with_capacity(self.entries.len()) });
+    }
+
+    /// Copies up to `max` more entries. Returns true when the copy is complete.
+    pub fn snapshot_step(&mut self, max: usize) -> bool {
+        let Some(copy) = &mut self.snapshot else { return true };
+        let end = copy.cursor.saturating_add(max).min(self.entries.len());
+        if copy.cursor < end {
+            let now = copy.now_ms;
+            copy.out.extend(self.entries[copy.cursor..end].iter().filter(|e| !e.is_expired(now)).cloned());
+            copy.cursor = end;
+        }
+        copy.cursor >= self.entries.len()
+    }
+
+    /// Ends the copy and hands over what it collected.
+    pub fn snapshot_take(&mut self) -> Vec<Entry> {
+        self.snapshot.take().map(|c| c.out).unwrap_or_default()
     }
 
     /// Inserts an entry loaded from a snapshot (no conditions, no secret
@@ -487,6 +532,33 @@ mod tests {
             let hit = s.get(format!("k{i}").as_bytes(), now, &b).is_some();
             assert_eq!(hit, i % 3 != 0, "k{i}");
         }
+    }
+
+    #[test]
+    fn incremental_snapshot_survives_concurrent_removals_and_inserts() {
+        let b = KeyBudget::new(10_000);
+        let mut s = Shard::with_capacity(8);
+        // Keys "keep{i}" live through the copy; "die{i}" expire during it.
+        for i in 0..300 {
+            s.write(Write::new(format!("keep{i}").as_bytes(), b"v", None, T + 10_000, Condition::Set), T, &b);
+            s.write(Write::new(format!("die{i}").as_bytes(), b"v", None, T + 50, Condition::Set), T, &b);
+        }
+        s.snapshot_begin(T);
+        let mut steps = 0;
+        while !s.snapshot_step(37) {
+            steps += 1;
+            // Between steps the core serves requests: expire a few, add a few.
+            s.sweep(T + 100, 23, &b);
+            s.write(Write::new(format!("new{steps}").as_bytes(), b"v", None, T + 10_000, Condition::Set), T, &b);
+        }
+        let copy = s.snapshot_take();
+        let keys: std::collections::HashSet<Vec<u8>> = copy.iter().map(|e| e.key().to_vec()).collect();
+        assert_eq!(keys.len(), copy.len(), "no entry copied twice");
+        for i in 0..300 {
+            assert!(keys.contains(format!("keep{i}").as_bytes()), "keep{i} missing");
+        }
+        assert!(steps > 5);
+        assert!(s.snapshot_step(10), "no copy in progress");
     }
 
     #[test]

@@ -117,6 +117,19 @@ impl Server {
         self.req("POST", path, &[], body)
     }
 
+    /// Waits until a log line containing `needle` is printed after the
+    /// lines already consumed.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line containing {needle:?} within {limit:?}"),
+            }
+        }
+    }
+
     /// Log lines printed so far.
     pub fn log_lines(&self) -> Vec<String> {
         self.log.try_iter().collect()
