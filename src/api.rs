@@ -33,20 +33,6 @@ pub enum Route {
     Casoc,
 }
 
-impl Route {
-    /// Bounded label for logs and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Route::Docs => "docs",
-            Route::Get => "get",
-            Route::Set => "set",
-            Route::Los => "los",
-            Route::Cas => "cas",
-            Route::Casoc => "casoc",
-        }
-    }
-}
-
 /// The limits the API enforces (from the flags).
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -70,6 +56,22 @@ pub struct StoreAction {
     pub op: Op,
     /// An `ip/` write: a success answers the client IP instead of `OK`.
     pub ip_key: bool,
+}
+
+/// The route a target names, whatever the method (for metrics labels).
+pub fn route_hint(target: &[u8]) -> Option<Route> {
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    if path == b"/" {
+        return Some(Route::Docs);
+    }
+    const PREFIXES: [(&[u8], Route); 5] = [
+        (b"/get/", Route::Get),
+        (b"/set/", Route::Set),
+        (b"/los/", Route::Los),
+        (b"/cas/", Route::Cas),
+        (b"/casoc/", Route::Casoc),
+    ];
+    PREFIXES.iter().find(|(p, _)| path.starts_with(p)).map(|&(_, r)| r)
 }
 
 /// A matched route with its raw (still percent-encoded) key and query.
@@ -275,6 +277,9 @@ mod tests {
         assert_eq!(route(Method::Get, b"/nope").unwrap_err(), Error::NoSuchRoute);
         assert_eq!(route(Method::Get, b"/get").unwrap_err(), Error::NoSuchRoute);
         assert_eq!(route(Method::Get, b"*").unwrap_err(), Error::NoSuchRoute);
+        assert_eq!(route_hint(b"/cas/x?ttl=1s"), Some(Route::Cas));
+        assert_eq!(route_hint(b"/?x"), Some(Route::Docs));
+        assert_eq!(route_hint(b"/metrics"), None);
     }
 
     #[test]

@@ -104,6 +104,13 @@ struct Flags {
         help = "on SIGTERM/SIGINT, how long in-flight requests may take before the final snapshot"
     )]
     shutdown_timeout: Duration,
+    #[options(
+        long = "metricsAddr",
+        default = "127.0.0.1:9464",
+        meta = "ADDR:PORT",
+        help = "Prometheus /metrics listen address, never the public port (empty: disabled)"
+    )]
+    metrics_addr: String,
 }
 
 /// Which monoio driver the cores run.
@@ -135,6 +142,7 @@ pub struct Config {
     pub io_driver: IoDriver,
     pub snapshot_path: Option<PathBuf>,
     pub shutdown_timeout: Duration,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// What the command line asked for.
@@ -275,6 +283,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         "epoll" | "legacy" => IoDriver::Epoll,
         other => return Err(bad("ioDriver", &format!("{other:?} is not one of auto, uring, epoll"))),
     };
+    let metrics_addr = match flags.metrics_addr.as_str() {
+        "" => None,
+        a => Some(a.parse::<SocketAddr>().map_err(|_| bad("metricsAddr", &format!("{a:?} is not an ADDR:PORT")))?),
+    };
     let snapshot_path = (!flags.snapshot_path.is_empty()).then(|| PathBuf::from(&flags.snapshot_path));
     debug_assert!(!DEFAULT_TRUSTED.is_empty());
     Ok(Parsed::Run(Box::new(Config {
@@ -295,6 +307,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         io_driver,
         snapshot_path,
         shutdown_timeout: flags.shutdown_timeout,
+        metrics_addr,
     })))
 }
 
@@ -358,7 +371,7 @@ mod tests {
         for flag in [
             "-maxKeySize", "-maxValueSize", "-maxNumKV", "-expireDuration", "-resetDuration", "-saveDuration",
             "-maxRequests", "-port", "-l ", "-disableLocalIPWarning", "-threads", "-trustedProxies", "-readTimeout",
-            "-idleTimeout", "-snapshotPath", "-shutdownTimeout",
+            "-idleTimeout", "-snapshotPath", "-shutdownTimeout", "-metricsAddr",
         ] {
             assert!(text.contains(flag), "{flag} missing from help");
         }
@@ -377,6 +390,7 @@ mod tests {
             ("-trustedProxies 1.2.3.4/99", "trustedProxies"),
             ("-maxValueSize 0", "maxValueSize"),
             ("-ioDriver kqueue", "ioDriver"),
+            ("-metricsAddr localhost", "metricsAddr"),
         ] {
             let err = parse(args(cmd)).unwrap_err().0;
             assert!(err.contains(flag), "{cmd}: {err}");

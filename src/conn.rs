@@ -29,7 +29,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::command::Charge;
+use crate::command::{Charge, Reply};
+use crate::shard::WriteOutcome;
+use crate::metrics::{self, CoreStats};
 use crate::router::Router;
 
 /// Initial read buffer; grows up to the head limit when a head needs it.
@@ -48,6 +50,8 @@ const LOCAL_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// What each core's connections share.
 pub struct CoreCtx {
     pub shared: Arc<Shared>,
+    /// This core's index (for its `CoreStats`).
+    pub id: usize,
     pub router: Rc<Router>,
     pub limits: api::Limits,
     last_local_warning: Cell<Option<Instant>>,
@@ -66,6 +70,7 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let n = self.0.in_progress.get() - 1;
         self.0.in_progress.set(n);
+        self.0.stats().requests_in_flight.sub(1);
         if n == 0 {
             if let Some(w) = self.0.idle_waker.borrow_mut().take() {
                 w.wake();
@@ -75,7 +80,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl CoreCtx {
-    pub fn new(shared: Arc<Shared>, router: Rc<Router>) -> Self {
+    pub fn new(shared: Arc<Shared>, id: usize, router: Rc<Router>) -> Self {
         let cfg = &shared.config;
         let limits = api::Limits {
             max_key_size: cfg.max_key_size,
@@ -84,6 +89,7 @@ impl CoreCtx {
         };
         CoreCtx {
             shared,
+            id,
             router,
             limits,
             last_local_warning: Cell::new(None),
@@ -96,7 +102,12 @@ impl CoreCtx {
 
     fn begin_request(&self) -> InFlight<'_> {
         self.in_progress.set(self.in_progress.get() + 1);
+        self.stats().requests_in_flight.add(1);
         InFlight(self)
+    }
+
+    fn stats(&self) -> &CoreStats {
+        &self.shared.stats[self.id]
     }
 
     pub fn is_draining(&self) -> bool {
@@ -183,10 +194,19 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr) {
         head: RequestHead::default(),
         body: Vec::new(),
     };
+    let stats = ctx.stats();
+    stats.connections_open.add(1);
+    stats.connections_total.add(1);
     match conn.run().await {
         Stop::Done | Stop::Broken => {}
-        Stop::Reject(e) => conn.reject(e).await,
+        Stop::Reject(e) => {
+            if ctx.shared.metrics_on {
+                stats.request(metrics::ROUTE_OTHER, e.status(), 0);
+            }
+            conn.reject(e).await
+        }
     }
+    stats.connections_open.sub(1);
 }
 
 fn unix_ms() -> u64 {
@@ -373,23 +393,36 @@ impl Conn<'_> {
         let shared = &ctx.shared;
         let client = self.client;
         let client_str = &self.client_text;
+        let started = shared.metrics_on.then(Instant::now);
         let prepared = api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, unix_ms());
-        let response = match prepared {
-            Err(e) => Response::from_error(e),
+        let (route, conflict, response) = match prepared {
+            Err(e) => (api::route_hint(&self.head.target), false, Response::from_error(e)),
             Ok(Action::Docs) => {
                 let host = self.head.host.get().unwrap_or_default();
                 let host = if host.is_empty() { self.ctx.shared.listen_text.as_bytes() } else { host };
-                Response::new(200, http::Body::Html(crate::docs::page(host, &shared.config)))
+                let page = Response::new(200, http::Body::Html(crate::docs::page(host, &shared.config)));
+                (Some(api::Route::Docs), false, page)
             }
             Ok(Action::Store(action)) => {
                 let charge = Some(Charge { bucket: clientip::bucket_key(client), cost: action.cost });
                 let reply = ctx.router.run(charge, action.op).await;
+                let conflict =
+                    matches!(reply, Reply::Wrote(WriteOutcome::Conflict { .. } | WriteOutcome::Existing { .. }));
                 let periods = ctx.router.periods();
-                api::respond(action.route, action.ip_key, reply, client_str, || {
+                let response = api::respond(action.route, action.ip_key, reply, client_str, || {
                     periods.retry_after_secs(Instant::now())
-                })
+                });
+                (Some(action.route), conflict, response)
             }
         };
+        if let Some(started) = started {
+            let route = metrics::route_index(route);
+            let stats = ctx.stats();
+            stats.request(route, response.status, started.elapsed().as_nanos() as u64);
+            if conflict {
+                stats.conflict(route);
+            }
+        }
         let head_only = self.head.method == Method::Head;
         let keep_alive = self.head.keep_alive && !ctx.is_draining();
         http::encode(&mut self.out, &response, client_str, keep_alive, self.head.http10, head_only);

@@ -97,10 +97,12 @@ fn shutdown(shared: &Shared) -> i32 {
 /// Collects every core's entries and writes the snapshot file.
 fn save(shared: &Shared, path: &Path) -> Result<(), ()> {
     let started = Instant::now();
+    let stats = &shared.snapshot_stats;
     let shards = match collect(shared) {
         Ok(s) => s,
         Err(e) => {
             log::error!("snapshot failed: {e}");
+            stats.failures_total.add(1);
             return Err(());
         }
     };
@@ -109,6 +111,11 @@ fn save(shared: &Shared, path: &Path) -> Result<(), ()> {
         .and_then(|bytes| snapshot::write_atomic(path, &bytes).map(|()| bytes.len()).map_err(Into::into));
     match result {
         Ok(size) => {
+            stats.saved_total.add(1);
+            stats.last_success_unix_ms.set(unix_ms());
+            stats.last_duration_us.set(started.elapsed().as_micros() as u64);
+            stats.last_size_bytes.set(size as u64);
+            stats.last_entries.set(entries as u64);
             log::info!(
                 "snapshot saved: {entries} keys, {size} bytes, {} ms, {}",
                 started.elapsed().as_millis(),
@@ -117,6 +124,7 @@ fn save(shared: &Shared, path: &Path) -> Result<(), ()> {
             Ok(())
         }
         Err(e) => {
+            stats.failures_total.add(1);
             log::error!("snapshot to {} failed: {e}", path.display());
             Err(())
         }

@@ -22,6 +22,7 @@ mod ratelimit;
 mod router;
 mod secret;
 mod lifecycle;
+mod metrics;
 mod server;
 mod shard;
 mod snapshot;

@@ -188,10 +188,6 @@ impl Router {
         })
     }
 
-    pub fn routing(&self) -> &Routing {
-        &self.routing
-    }
-
     pub fn periods(&self) -> &Periods {
         &self.periods
     }

@@ -49,6 +49,11 @@ pub struct Shared {
     pub secret_key: SecretKey,
     /// The bound address, for the docs page when a request has no Host.
     pub listen_text: String,
+    /// One per core, written only by that core.
+    pub stats: Vec<crate::metrics::CoreStats>,
+    pub snapshot_stats: crate::metrics::SnapshotStats,
+    /// Whether requests are measured (`-metricsAddr` set).
+    pub metrics_on: bool,
 }
 
 /// Why the server could not start.
@@ -59,6 +64,7 @@ pub enum StartupError {
     Runtime(String),
     Random(std::io::Error),
     Snapshot(std::path::PathBuf, crate::snapshot::SnapshotError),
+    Metrics(SocketAddr, std::io::Error),
 }
 
 impl std::fmt::Display for StartupError {
@@ -70,6 +76,7 @@ impl std::fmt::Display for StartupError {
             StartupError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
             StartupError::Runtime(e) => write!(f, "cannot start the I/O runtime: {e}"),
             StartupError::Random(e) => write!(f, "cannot read the system's random source: {e}"),
+            StartupError::Metrics(a, e) => write!(f, "cannot serve metrics on {a} (-metricsAddr): {e}"),
             StartupError::Snapshot(p, e) => write!(
                 f,
                 "cannot load snapshot {}: {e}. The file was left untouched; move it away to start empty.",
@@ -199,8 +206,15 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         periods: Periods::new(Instant::now(), config.reset_duration),
         secret_key,
         listen_text: bound.to_string(),
+        stats: (0..n).map(|_| Default::default()).collect(),
+        snapshot_stats: Default::default(),
+        metrics_on: config.metrics_addr.is_some(),
         config,
     });
+    if let Some(addr) = shared.config.metrics_addr {
+        let bound = crate::metrics::start(shared.clone(), addr).map_err(|e| StartupError::Metrics(addr, e))?;
+        log::info!("metrics on http://{bound}/metrics");
+    }
     let (ready_tx, ready_rx) = mpsc::channel();
     let cores = listeners.into_iter().zip(receivers).zip(owned).enumerate();
     for (id, ((listener, inbox), owned)) in cores {
@@ -274,7 +288,7 @@ async fn core_main(start: CoreStart) {
     );
     monoio::spawn(router.clone().inbox_task());
     monoio::spawn(router.clone().flusher_task());
-    monoio::spawn(sweeper(router.clone()));
+    monoio::spawn(sweeper(shared.clone(), id, router.clone()));
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -282,7 +296,7 @@ async fn core_main(start: CoreStart) {
             std::process::exit(1);
         }
     };
-    let ctx = Rc::new(CoreCtx::new(shared.clone(), router));
+    let ctx = Rc::new(CoreCtx::new(shared.clone(), id, router));
     monoio::spawn(control_task(ctx.clone()));
     accept_loop(id, &ctx, listener).await;
     // Stopped accepting (shutdown): closing the listener refuses new
@@ -343,15 +357,27 @@ async fn control_task(ctx: Rc<CoreCtx>) {
 
 /// Reclaims expired keys a bounded slice at a time, and forgets rate-limit
 /// buckets at each refill even on a core that sees no traffic.
-async fn sweeper(router: Rc<Router>) {
+async fn sweeper(shared: Arc<Shared>, id: usize, router: Rc<Router>) {
+    let stats = &shared.stats[id];
     let mut tick = monoio::time::interval(SWEEP_EVERY);
     loop {
         tick.tick().await;
         let epoch = router.periods().epoch(Instant::now());
         router.with_owned(|owned, budget| {
-            let slice = (owned.shard.len() / 10).clamp(SWEEP_MIN, SWEEP_MAX);
-            owned.shard.sweep(unix_ms(), slice, budget);
+            if !owned.shard.is_empty() {
+                let slice = (owned.shard.len() / 10).clamp(SWEEP_MIN, SWEEP_MAX);
+                owned.shard.sweep(unix_ms(), slice, budget);
+            }
             owned.limiter.refill_if_due(epoch);
+            // Publish what only this core may read, for the metrics thread.
+            stats.keys.set(owned.shard.len() as u64);
+            stats.stored_bytes.set(owned.shard.bytes() as u64);
+            stats.expired.set(owned.shard.expired_total());
+            stats.tracked_clients.set(owned.limiter.tracked() as u64);
         });
+        let traffic = router.stats();
+        stats.cross_core_sent.set(traffic.calls_sent);
+        stats.cross_core_batches.set(traffic.batches_sent);
+        stats.cross_core_received.set(traffic.calls_received);
     }
 }

@@ -206,11 +206,6 @@ impl Shard {
         self.expired_total
     }
 
-    /// All entries, live or not yet swept (for snapshots).
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
-    }
-
     fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
         let entries = &self.entries;
         self.table.find(hash, |&i| entries[i as usize].key() == key).map(|&i| i as usize)

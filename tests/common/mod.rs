@@ -19,6 +19,8 @@ pub struct Server {
     pub dir: TempDir,
     /// The startup line ("listening on ...").
     pub banner: String,
+    /// Where `/metrics` is served, if enabled.
+    pub metrics: Option<SocketAddr>,
     log: mpsc::Receiver<String>,
 }
 
@@ -58,6 +60,10 @@ impl Server {
             .iter()
             .map(|s| s.to_string())
             .collect();
+        if !args.iter().any(|a| a.contains("metricsAddr")) {
+            all.push("-metricsAddr".into());
+            all.push("127.0.0.1:0".into());
+        }
         if !args.iter().any(|a| a.contains("snapshotPath")) {
             all.push("-snapshotPath".into());
             all.push(dir.path().join("store.rkyv").display().to_string());
@@ -82,13 +88,17 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut metrics = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    if let Some(rest) = line.split("metrics on http://").nth(1) {
+                        metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+                    }
                     if let Some(rest) = line.split("listening on http://").nth(1) {
                         let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-                        return Server { child: Some(child), addr, dir, banner: line, log: rx };
+                        return Server { child: Some(child), addr, dir, banner: line, metrics, log: rx };
                     }
                 }
                 Err(_) => {
@@ -98,6 +108,22 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Scrapes `/metrics` (the exposition text).
+    pub fn scrape(&self) -> String {
+        let addr = self.metrics.expect("metrics enabled");
+        let r = Client::connect(addr).req("GET", "/metrics", &[], b"");
+        assert_eq!(r.status, 200);
+        r.text()
+    }
+
+    /// The value of one sample line (`name{labels}`) in the exposition.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.scrape()
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     }
 
     pub fn client(&self) -> Client {

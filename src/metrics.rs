@@ -1,0 +1,411 @@
+//! Prometheus metrics: cheap per-core recording on the data path, folded
+//! into the `metrics` recorder and served as text from an admin thread.
+//!
+//! Each core writes only its own `CoreStats`: plain relaxed load+store on
+//! single-writer atomics (no read-modify-write, no contention, no
+//! allocation) and fixed-bucket latency histograms that keep a count and a
+//! sum per bucket. The admin thread, off the data cores, folds them into
+//! `metrics-exporter-prometheus` about once a second and on every scrape:
+//! counters as absolute totals, gauges as values, and each histogram bucket's
+//! new samples as `record_many(mean of those samples, count)`, which lands
+//! them in the identical exporter bucket and keeps `_sum` exact. It serves
+//! `/metrics` on `-metricsAddr`, never on the public port. Label values are
+//! from fixed lists (routes, status codes, core ids), so series are bounded.
+
+use crate::server::Shared;
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Route labels (index = `route_index`).
+pub const ROUTES: [&str; 7] = ["docs", "get", "set", "los", "cas", "casoc", "other"];
+pub const ROUTE_OTHER: usize = 6;
+/// Status codes with their own label; anything else is "other".
+const CODES: [u16; 15] = [200, 304, 400, 403, 404, 405, 408, 409, 413, 417, 429, 431, 501, 503, 507];
+/// Latency bucket upper bounds, in seconds.
+pub const BUCKETS: [f64; 14] =
+    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+const BUCKET_NS: [u64; 14] = [
+    50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000,
+    100_000_000, 250_000_000, 500_000_000, 1_000_000_000,
+];
+const FOLD_EVERY: Duration = Duration::from_secs(1);
+
+/// A counter or gauge written by one thread only.
+#[derive(Default, Debug)]
+pub struct Cell64(AtomicU64);
+
+impl Cell64 {
+    /// Single-writer increment: a plain load and store, no locked instruction.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A fixed-bucket latency histogram (count and nanosecond sum per bucket;
+/// the last bucket is +Inf).
+#[derive(Default, Debug)]
+pub struct Histogram {
+    counts: [Cell64; 15],
+    sums_ns: [Cell64; 15],
+}
+
+impl Histogram {
+    #[inline]
+    pub fn record_ns(&self, ns: u64) {
+        let i = BUCKET_NS.iter().position(|&b| ns <= b).unwrap_or(BUCKET_NS.len());
+        self.counts[i].add(1);
+        self.sums_ns[i].add(ns);
+    }
+}
+
+/// Everything one core counts. Aligned so two cores' stats never share a
+/// cache line.
+#[derive(Default, Debug)]
+#[repr(align(128))]
+pub struct CoreStats {
+    requests: [[Cell64; CODES.len() + 1]; ROUTES.len()],
+    latency: [Histogram; ROUTES.len()],
+    pub connections_open: Cell64,
+    pub connections_total: Cell64,
+    pub requests_in_flight: Cell64,
+    pub rate_limited: Cell64,
+    pub secret_rejections: Cell64,
+    pub store_full: Cell64,
+    conflicts: [Cell64; ROUTES.len()],
+    // Published by the core's sweeper from state only the core may read.
+    pub keys: Cell64,
+    pub stored_bytes: Cell64,
+    pub expired: Cell64,
+    pub tracked_clients: Cell64,
+    pub cross_core_sent: Cell64,
+    pub cross_core_batches: Cell64,
+    pub cross_core_received: Cell64,
+}
+
+/// The label index of a route (`None`: no route matched).
+pub fn route_index(route: Option<crate::api::Route>) -> usize {
+    use crate::api::Route;
+    match route {
+        Some(Route::Docs) => 0,
+        Some(Route::Get) => 1,
+        Some(Route::Set) => 2,
+        Some(Route::Los) => 3,
+        Some(Route::Cas) => 4,
+        Some(Route::Casoc) => 5,
+        None => ROUTE_OTHER,
+    }
+}
+
+fn code_index(status: u16) -> usize {
+    CODES.iter().position(|&c| c == status).unwrap_or(CODES.len())
+}
+
+impl CoreStats {
+    /// Records one answered request.
+    #[inline]
+    pub fn request(&self, route: usize, status: u16, elapsed_ns: u64) {
+        self.requests[route][code_index(status)].add(1);
+        self.latency[route].record_ns(elapsed_ns);
+        match status {
+            403 => self.secret_rejections.add(1),
+            429 => self.rate_limited.add(1),
+            507 => self.store_full.add(1),
+            _ => {}
+        }
+    }
+
+    /// A cas/casoc mismatch, or a los that found the key present.
+    #[inline]
+    pub fn conflict(&self, route: usize) {
+        self.conflicts[route].add(1);
+    }
+}
+
+/// What the lifecycle thread records about snapshots.
+#[derive(Default, Debug)]
+pub struct SnapshotStats {
+    pub saved_total: Cell64,
+    pub failures_total: Cell64,
+    pub last_success_unix_ms: Cell64,
+    pub last_duration_us: Cell64,
+    pub last_size_bytes: Cell64,
+    pub last_entries: Cell64,
+}
+
+fn describe() {
+    let c = |name: &'static str, unit: Unit, help: &'static str| describe_counter!(name, unit, help);
+    let g = |name: &'static str, unit: Unit, help: &'static str| describe_gauge!(name, unit, help);
+    c("rendezvous_http_requests_total", Unit::Count, "HTTP requests answered, by route and status code.");
+    describe_histogram!(
+        "rendezvous_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time from a request's parsed head to its encoded response, by route."
+    );
+    g("rendezvous_http_requests_in_flight", Unit::Count, "Requests being processed.");
+    g("rendezvous_connections_open", Unit::Count, "Open client connections.");
+    c("rendezvous_connections_total", Unit::Count, "Client connections accepted.");
+    g("rendezvous_keys", Unit::Count, "Keys stored (expired ones count until reclaimed).");
+    g("rendezvous_keys_max", Unit::Count, "The -maxNumKV limit.");
+    g("rendezvous_stored_bytes", Unit::Bytes, "Key and value bytes stored.");
+    c("rendezvous_keys_expired_total", Unit::Count, "Keys removed because their TTL ran out.");
+    c("rendezvous_store_full_total", Unit::Count, "Writes refused with 507 because -maxNumKV was reached.");
+    c("rendezvous_secret_rejections_total", Unit::Count, "Writes refused with 403 (wrong or missing owner secret).");
+    c("rendezvous_conflicts_total", Unit::Count, "cas/casoc value mismatches (409) and los on a present key.");
+    c("rendezvous_rate_limited_total", Unit::Count, "Requests refused with 429.");
+    g("rendezvous_ratelimit_tracked_clients", Unit::Count, "Client buckets tracked this refill period.");
+    c("rendezvous_cross_core_messages_total", Unit::Count, "Commands sent to another core, by sending core.");
+    c("rendezvous_cross_core_batches_total", Unit::Count, "Channel sends (batches of commands and replies), by sending core.");
+    c("rendezvous_core_requests_total", Unit::Count, "Requests answered, by the core that accepted them.");
+    c("rendezvous_snapshots_total", Unit::Count, "Snapshots written.");
+    c("rendezvous_snapshot_failures_total", Unit::Count, "Snapshots that failed.");
+    g("rendezvous_snapshot_last_success_timestamp_seconds", Unit::Seconds, "Unix time of the last snapshot written.");
+    g("rendezvous_snapshot_duration_seconds", Unit::Seconds, "Duration of the last snapshot written.");
+    g("rendezvous_snapshot_size_bytes", Unit::Bytes, "Size of the last snapshot written.");
+    g("rendezvous_snapshot_keys", Unit::Count, "Keys in the last snapshot written.");
+    g("rendezvous_build_info", Unit::Count, "Always 1; labels carry the version.");
+    g("rendezvous_threads", Unit::Count, "Worker threads (one shard each).");
+    c("process_cpu_seconds_total", Unit::Seconds, "User and system CPU time of the process.");
+    g("process_resident_memory_bytes", Unit::Bytes, "Resident memory of the process.");
+    g("process_open_fds", Unit::Count, "Open file descriptors.");
+    g("process_start_time_seconds", Unit::Seconds, "Unix time the process started.");
+}
+
+/// Folds per-core stats into the recorder; remembers what it already folded
+/// for histograms (counters and gauges are absolute).
+struct Folder {
+    shared: Arc<Shared>,
+    folded_counts: Vec<[[u64; 15]; ROUTES.len()]>,
+    folded_sums: Vec<[[u64; 15]; ROUTES.len()]>,
+    start_unix: f64,
+}
+
+impl Folder {
+    fn fold(&mut self) {
+        let stats = &self.shared.stats;
+        for (r, route) in ROUTES.iter().enumerate() {
+            for (ci, code) in CODES.iter().map(u16::to_string).chain(["other".to_string()]).enumerate() {
+                let total: u64 = stats.iter().map(|s| s.requests[r][ci].get()).sum();
+                if total > 0 {
+                    metrics::counter!("rendezvous_http_requests_total", "route" => *route, "code" => code)
+                        .absolute(total);
+                }
+            }
+            let hist = metrics::histogram!("rendezvous_http_request_duration_seconds", "route" => *route);
+            for (core, s) in stats.iter().enumerate() {
+                for b in 0..15 {
+                    let (count, sum) = (s.latency[r].counts[b].get(), s.latency[r].sums_ns[b].get());
+                    let new = count.wrapping_sub(self.folded_counts[core][r][b]);
+                    let new_sum = sum.wrapping_sub(self.folded_sums[core][r][b]);
+                    if new > 0 {
+                        let mean_seconds = new_sum as f64 / new as f64 / 1e9;
+                        hist.record_many(mean_seconds, new as usize);
+                    }
+                    self.folded_counts[core][r][b] = count;
+                    self.folded_sums[core][r][b] = sum;
+                }
+            }
+            let conflicts: u64 = stats.iter().map(|s| s.conflicts[r].get()).sum();
+            if conflicts > 0 {
+                metrics::counter!("rendezvous_conflicts_total", "route" => *route).absolute(conflicts);
+            }
+        }
+        let sum = |f: fn(&CoreStats) -> u64| stats.iter().map(f).sum::<u64>();
+        metrics::gauge!("rendezvous_http_requests_in_flight").set(sum(|s| s.requests_in_flight.get()) as f64);
+        metrics::gauge!("rendezvous_connections_open").set(sum(|s| s.connections_open.get()) as f64);
+        metrics::counter!("rendezvous_connections_total").absolute(sum(|s| s.connections_total.get()));
+        metrics::gauge!("rendezvous_keys").set(self.shared.budget.live() as f64);
+        metrics::gauge!("rendezvous_keys_max").set(self.shared.budget.max() as f64);
+        metrics::gauge!("rendezvous_stored_bytes").set(sum(|s| s.stored_bytes.get()) as f64);
+        metrics::counter!("rendezvous_keys_expired_total").absolute(sum(|s| s.expired.get()));
+        metrics::counter!("rendezvous_store_full_total").absolute(sum(|s| s.store_full.get()));
+        metrics::counter!("rendezvous_secret_rejections_total").absolute(sum(|s| s.secret_rejections.get()));
+        metrics::counter!("rendezvous_rate_limited_total").absolute(sum(|s| s.rate_limited.get()));
+        metrics::gauge!("rendezvous_ratelimit_tracked_clients").set(sum(|s| s.tracked_clients.get()) as f64);
+        for (core, s) in stats.iter().enumerate() {
+            let core = core.to_string();
+            metrics::counter!("rendezvous_cross_core_messages_total", "core" => core.clone())
+                .absolute(s.cross_core_sent.get());
+            metrics::counter!("rendezvous_cross_core_batches_total", "core" => core.clone())
+                .absolute(s.cross_core_batches.get());
+            let handled: u64 = s.requests.iter().flatten().map(Cell64::get).sum();
+            metrics::counter!("rendezvous_core_requests_total", "core" => core).absolute(handled);
+        }
+        let snap = &self.shared.snapshot_stats;
+        metrics::counter!("rendezvous_snapshots_total").absolute(snap.saved_total.get());
+        metrics::counter!("rendezvous_snapshot_failures_total").absolute(snap.failures_total.get());
+        if snap.saved_total.get() > 0 {
+            metrics::gauge!("rendezvous_snapshot_last_success_timestamp_seconds")
+                .set(snap.last_success_unix_ms.get() as f64 / 1000.0);
+            metrics::gauge!("rendezvous_snapshot_duration_seconds").set(snap.last_duration_us.get() as f64 / 1e6);
+            metrics::gauge!("rendezvous_snapshot_size_bytes").set(snap.last_size_bytes.get() as f64);
+            metrics::gauge!("rendezvous_snapshot_keys").set(snap.last_entries.get() as f64);
+        }
+        metrics::gauge!("rendezvous_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        metrics::gauge!("rendezvous_threads").set(self.shared.config.threads as f64);
+        if let Some(p) = read_process() {
+            metrics::counter!("process_cpu_seconds_total").absolute(p.cpu_ticks / 100);
+            metrics::gauge!("process_resident_memory_bytes").set(p.rss_bytes as f64);
+            metrics::gauge!("process_open_fds").set(p.open_fds as f64);
+        }
+        metrics::gauge!("process_start_time_seconds").set(self.start_unix);
+    }
+}
+
+struct ProcessStats {
+    /// utime + stime in USER_HZ ticks (100 per second on every Linux ABI).
+    cpu_ticks: u64,
+    rss_bytes: u64,
+    open_fds: u64,
+}
+
+fn read_process() -> Option<ProcessStats> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name, which may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
+    Some(ProcessStats { cpu_ticks: utime + stime, rss_bytes: rss_kb * 1024, open_fds })
+}
+
+/// Binds the admin listener (so a bad address fails startup) and starts the
+/// metrics thread. Returns the bound address.
+pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("rendezvous_http_request_duration_seconds".into()), &BUCKETS)
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| std::io::Error::other(e.to_string()))?;
+    describe();
+    let n = shared.stats.len();
+    let start_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let folder = Folder {
+        shared,
+        folded_counts: vec![[[0; 15]; ROUTES.len()]; n],
+        folded_sums: vec![[[0; 15]; ROUTES.len()]; n],
+        start_unix,
+    };
+    std::thread::Builder::new().name("metrics".into()).spawn(move || serve(listener, folder, handle))?;
+    Ok(bound)
+}
+
+fn serve(listener: TcpListener, mut folder: Folder, handle: PrometheusHandle) {
+    // Fold on a timer even without scrapes, so histogram samples never pile up.
+    let _ = listener.set_nonblocking(true);
+    let mut last_fold = Instant::now() - FOLD_EVERY;
+    loop {
+        if last_fold.elapsed() >= FOLD_EVERY {
+            folder.fold();
+            handle.run_upkeep();
+            last_fold = Instant::now();
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                folder.fold();
+                last_fold = Instant::now();
+                let _ = answer(stream, &handle);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    let path = loop {
+        let n = stream.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => break req.path.unwrap_or("").to_string(),
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            _ => return stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        }
+    };
+    let (status, ctype, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", handle.render())
+    } else {
+        ("404 Not Found", "text/plain; charset=utf-8", "Not found: try /metrics\n".to_string())
+    };
+    let head =
+        format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_inclusive_upper_bounds() {
+        let h = Histogram::default();
+        h.record_ns(50_000);
+        h.record_ns(50_001);
+        h.record_ns(2_000_000_000);
+        assert_eq!(h.counts[0].get(), 1);
+        assert_eq!(h.counts[1].get(), 1);
+        assert_eq!(h.counts[14].get(), 1);
+        assert_eq!(h.sums_ns[1].get(), 50_001);
+        assert_eq!(BUCKETS.len(), BUCKET_NS.len());
+        for (s, ns) in BUCKETS.iter().zip(BUCKET_NS) {
+            assert_eq!((s * 1e9).round() as u64, ns);
+        }
+    }
+
+    #[test]
+    fn request_counting_by_route_and_code() {
+        let s = CoreStats::default();
+        s.request(1, 200, 10_000);
+        s.request(1, 429, 10_000);
+        s.request(2, 403, 10_000);
+        s.request(2, 299, 10_000);
+        assert_eq!(s.requests[1][code_index(200)].get(), 1);
+        assert_eq!(s.requests[2][CODES.len()].get(), 1);
+        assert_eq!((s.rate_limited.get(), s.secret_rejections.get()), (1, 1));
+    }
+
+    #[test]
+    fn process_stats_are_readable() {
+        let p = read_process().unwrap();
+        assert!(p.rss_bytes > 0 && p.open_fds > 0);
+    }
+}
