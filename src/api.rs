@@ -71,7 +71,10 @@ pub fn route_hint(target: &[u8]) -> Option<Route> {
         (b"/cas/", Route::Cas),
         (b"/casoc/", Route::Casoc),
     ];
-    PREFIXES.iter().find(|(p, _)| path.starts_with(p)).map(|&(_, r)| r)
+    PREFIXES
+        .iter()
+        .find(|(p, _)| path.starts_with(p))
+        .map(|&(_, r)| r)
 }
 
 /// A matched route with its raw (still percent-encoded) key and query.
@@ -85,16 +88,32 @@ pub fn route(method: Method, target: &[u8]) -> Result<Routed<'_>, Error> {
     };
     let read = matches!(method, Method::Get | Method::Head);
     if path == b"/" {
-        return if read { Ok((Route::Docs, b"", query)) } else { Err(Error::MethodNotAllowed("GET, HEAD")) };
+        return if read {
+            Ok((Route::Docs, b"", query))
+        } else {
+            Err(Error::MethodNotAllowed("GET, HEAD"))
+        };
     }
-    const WRITES: [(&[u8], Route); 4] =
-        [(b"/set/", Route::Set), (b"/los/", Route::Los), (b"/cas/", Route::Cas), (b"/casoc/", Route::Casoc)];
+    const WRITES: [(&[u8], Route); 4] = [
+        (b"/set/", Route::Set),
+        (b"/los/", Route::Los),
+        (b"/cas/", Route::Cas),
+        (b"/casoc/", Route::Casoc),
+    ];
     if let Some(key) = path.strip_prefix(b"/get/") {
-        return if read { Ok((Route::Get, key, query)) } else { Err(Error::MethodNotAllowed("GET, HEAD")) };
+        return if read {
+            Ok((Route::Get, key, query))
+        } else {
+            Err(Error::MethodNotAllowed("GET, HEAD"))
+        };
     }
     for (prefix, route) in WRITES {
         if let Some(key) = path.strip_prefix(prefix) {
-            return if method == Method::Post { Ok((route, key, query)) } else { Err(Error::MethodNotAllowed("POST")) };
+            return if method == Method::Post {
+                Ok((route, key, query))
+            } else {
+                Err(Error::MethodNotAllowed("POST"))
+            };
         }
     }
     Err(Error::NoSuchRoute)
@@ -114,7 +133,10 @@ pub fn percent_decode(raw: &[u8]) -> Result<Vec<u8>, Error> {
     let mut i = 0;
     while let Some(p) = raw[i..].iter().position(|&b| b == b'%') {
         let at = i + p;
-        match (raw.get(at + 1).copied().and_then(hex), raw.get(at + 2).copied().and_then(hex)) {
+        match (
+            raw.get(at + 1).copied().and_then(hex),
+            raw.get(at + 2).copied().and_then(hex),
+        ) {
             (Some(_), Some(_)) => i = at + 3,
             _ => return Err(Error::BadPercentEncoding),
         }
@@ -144,7 +166,10 @@ pub fn decode_key(raw: &[u8], max_key_size: usize) -> Result<Vec<u8>, Error> {
 /// maximum is capped, zero/negative/garbage is a 400.
 pub fn ttl(query: Option<&[u8]>, max: Duration) -> Result<Duration, Error> {
     let Some(query) = query else { return Ok(max) };
-    let Some(raw) = query.split(|&b| b == b'&').find_map(|p| p.strip_prefix(b"ttl=")) else {
+    let Some(raw) = query
+        .split(|&b| b == b'&')
+        .find_map(|p| p.strip_prefix(b"ttl="))
+    else {
         return Ok(max);
     };
     let decoded = percent_decode(raw).map_err(|_| Error::BadTtl)?;
@@ -155,7 +180,9 @@ pub fn ttl(query: Option<&[u8]>, max: Duration) -> Result<Duration, Error> {
 
 /// `ip/<rest>` becomes `ip/<client-ip>/<rest>`; other keys are unchanged.
 pub fn expand_ip_key(key: Vec<u8>, client_ip: IpAddr) -> (Vec<u8>, bool) {
-    let Some(rest) = key.strip_prefix(b"ip/") else { return (key, false) };
+    let Some(rest) = key.strip_prefix(b"ip/") else {
+        return (key, false);
+    };
     let ip = client_ip.to_string();
     let mut out = Vec::with_capacity(4 + ip.len() + rest.len());
     out.extend_from_slice(b"ip/");
@@ -183,7 +210,9 @@ pub fn prepare(
         return Ok(Action::Store(StoreAction {
             route,
             cost: READ_COST,
-            op: Op::Get { key: key.into_boxed_slice() },
+            op: Op::Get {
+                key: key.into_boxed_slice(),
+            },
             ip_key: false,
         }));
     }
@@ -194,7 +223,12 @@ pub fn prepare(
     if body.len() + secret.map_or(0, <[u8]>::len) > limits.max_value_size {
         return Err(Error::ValueTooLarge);
     }
-    let expected = || head.expected.get().map(Into::into).ok_or(Error::MissingExpectedValue);
+    let expected = || {
+        head.expected
+            .get()
+            .map(Into::into)
+            .ok_or(Error::MissingExpectedValue)
+    };
     let cond = match route {
         Route::Set => Condition::Set,
         Route::Los => Condition::Los,
@@ -205,7 +239,12 @@ pub fn prepare(
     let (key, ip_key) = expand_ip_key(key, client_ip);
     let secret = secret.map(|s| secrets.hash(&key, s));
     let write = Write::new(&key, body, secret, now_ms.saturating_add(ttl_ms), cond);
-    Ok(Action::Store(StoreAction { route, cost: WRITE_COST, op: Op::Write(write), ip_key }))
+    Ok(Action::Store(StoreAction {
+        route,
+        cost: WRITE_COST,
+        op: Op::Write(write),
+        ip_key,
+    }))
 }
 
 fn expires_header(ms: u64) -> Option<u64> {
@@ -223,7 +262,9 @@ pub fn respond(
 ) -> Response {
     let created_header = matches!(route, Route::Los | Route::Casoc);
     match reply {
-        Reply::Limited(Refused::Exhausted | Refused::TableFull) => Response::from_error(Error::RateLimited(retry_after())),
+        Reply::Limited(Refused::Exhausted | Refused::TableFull) => {
+            Response::from_error(Error::RateLimited(retry_after()))
+        }
         // A charge-only command never reaches `respond`; treat it as an internal miss.
         Reply::Charged => Response::from_error(Error::KeyNotFound),
         Reply::Got(None) => Response::from_error(Error::KeyNotFound),
@@ -233,8 +274,15 @@ pub fn respond(
             r
         }
         Reply::Wrote(outcome) => match outcome {
-            WriteOutcome::Stored { created, expires_ms } => {
-                let body = if ip_key { Body::OwnedText(client_ip.to_owned()) } else { Body::Text("OK") };
+            WriteOutcome::Stored {
+                created,
+                expires_ms,
+            } => {
+                let body = if ip_key {
+                    Body::OwnedText(client_ip.to_owned())
+                } else {
+                    Body::Text("OK")
+                };
                 let mut r = Response::new(200, body);
                 r.expires_at = expires_header(expires_ms);
                 r.created = created_header.then_some(created);
@@ -269,12 +317,24 @@ mod tests {
     #[test]
     fn routes_and_methods() {
         assert_eq!(route(Method::Get, b"/").unwrap().0, Route::Docs);
-        assert_eq!(route(Method::Get, b"/get/a/b?x=1").unwrap(), (Route::Get, &b"a/b"[..], Some(&b"x=1"[..])));
+        assert_eq!(
+            route(Method::Get, b"/get/a/b?x=1").unwrap(),
+            (Route::Get, &b"a/b"[..], Some(&b"x=1"[..]))
+        );
         assert_eq!(route(Method::Head, b"/get/a").unwrap().0, Route::Get);
         assert_eq!(route(Method::Post, b"/casoc/k").unwrap().0, Route::Casoc);
-        assert_eq!(route(Method::Post, b"/get/k").unwrap_err(), Error::MethodNotAllowed("GET, HEAD"));
-        assert_eq!(route(Method::Get, b"/set/k").unwrap_err(), Error::MethodNotAllowed("POST"));
-        assert_eq!(route(Method::Get, b"/nope").unwrap_err(), Error::NoSuchRoute);
+        assert_eq!(
+            route(Method::Post, b"/get/k").unwrap_err(),
+            Error::MethodNotAllowed("GET, HEAD")
+        );
+        assert_eq!(
+            route(Method::Get, b"/set/k").unwrap_err(),
+            Error::MethodNotAllowed("POST")
+        );
+        assert_eq!(
+            route(Method::Get, b"/nope").unwrap_err(),
+            Error::NoSuchRoute
+        );
         assert_eq!(route(Method::Get, b"/get").unwrap_err(), Error::NoSuchRoute);
         assert_eq!(route(Method::Get, b"*").unwrap_err(), Error::NoSuchRoute);
         assert_eq!(route_hint(b"/cas/x?ttl=1s"), Some(Route::Cas));
@@ -288,8 +348,14 @@ mod tests {
         assert_eq!(decode_key(b"a/b", 100).unwrap(), b"a/b");
         assert_eq!(decode_key(b"%252F", 100).unwrap(), b"%2F");
         assert_eq!(decode_key(b"%00%ff", 100).unwrap(), b"\x00\xff");
-        assert_eq!(decode_key(b"a%2", 100).unwrap_err(), Error::BadPercentEncoding);
-        assert_eq!(decode_key(b"a%zz", 100).unwrap_err(), Error::BadPercentEncoding);
+        assert_eq!(
+            decode_key(b"a%2", 100).unwrap_err(),
+            Error::BadPercentEncoding
+        );
+        assert_eq!(
+            decode_key(b"a%zz", 100).unwrap_err(),
+            Error::BadPercentEncoding
+        );
         assert_eq!(decode_key(b"", 100).unwrap_err(), Error::EmptyKey);
         assert_eq!(decode_key(b"abcd", 3).unwrap_err(), Error::KeyTooLong);
         assert_eq!(decode_key(b"%41%42%43", 3).unwrap(), b"ABC");
@@ -301,24 +367,60 @@ mod tests {
         assert_eq!(ttl(None, max), Ok(max));
         assert_eq!(ttl(Some(b"other=1"), max), Ok(max));
         assert_eq!(ttl(Some(b"ttl=30s"), max), Ok(Duration::from_secs(30)));
-        assert_eq!(ttl(Some(b"a=b&ttl=1h30m"), max), Ok(Duration::from_secs(5400)));
+        assert_eq!(
+            ttl(Some(b"a=b&ttl=1h30m"), max),
+            Ok(Duration::from_secs(5400))
+        );
         assert_eq!(ttl(Some(b"ttl=1.5h"), max), Ok(Duration::from_secs(5400)));
         assert_eq!(ttl(Some(b"ttl=100h"), max), Ok(max));
-        for bad in [&b"ttl=0"[..], b"ttl=-1s", b"ttl=", b"ttl=abc", b"ttl=5", b"ttl=%zz", b"ttl=%C3%A9s"] {
-            assert_eq!(ttl(Some(bad), max), Err(Error::BadTtl), "{}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"ttl=0"[..],
+            b"ttl=-1s",
+            b"ttl=",
+            b"ttl=abc",
+            b"ttl=5",
+            b"ttl=%zz",
+            b"ttl=%C3%A9s",
+        ] {
+            assert_eq!(
+                ttl(Some(bad), max),
+                Err(Error::BadTtl),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
     #[test]
     fn ip_keys_expand() {
-        assert_eq!(expand_ip_key(b"ip/svc1".to_vec(), ip("20.18.12.10")), (b"ip/20.18.12.10/svc1".to_vec(), true));
-        assert_eq!(expand_ip_key(b"ip/a/b".to_vec(), ip("2001:db8::1")), (b"ip/2001:db8::1/a/b".to_vec(), true));
-        assert_eq!(expand_ip_key(b"ipx/a".to_vec(), ip("1.2.3.4")), (b"ipx/a".to_vec(), false));
-        assert_eq!(expand_ip_key(b"ip".to_vec(), ip("1.2.3.4")), (b"ip".to_vec(), false));
+        assert_eq!(
+            expand_ip_key(b"ip/svc1".to_vec(), ip("20.18.12.10")),
+            (b"ip/20.18.12.10/svc1".to_vec(), true)
+        );
+        assert_eq!(
+            expand_ip_key(b"ip/a/b".to_vec(), ip("2001:db8::1")),
+            (b"ip/2001:db8::1/a/b".to_vec(), true)
+        );
+        assert_eq!(
+            expand_ip_key(b"ipx/a".to_vec(), ip("1.2.3.4")),
+            (b"ipx/a".to_vec(), false)
+        );
+        assert_eq!(
+            expand_ip_key(b"ip".to_vec(), ip("1.2.3.4")),
+            (b"ip".to_vec(), false)
+        );
     }
 
-    fn head(method: Method, target: &str, secret: Option<&str>, expected: Option<&str>) -> RequestHead {
-        let mut raw = format!("{} {target} HTTP/1.1\r\n", if method == Method::Get { "GET" } else { "POST" });
+    fn head(
+        method: Method,
+        target: &str,
+        secret: Option<&str>,
+        expected: Option<&str>,
+    ) -> RequestHead {
+        let mut raw = format!(
+            "{} {target} HTTP/1.1\r\n",
+            if method == Method::Get { "GET" } else { "POST" }
+        );
         if let Some(s) = secret {
             raw += &format!("X-Owner-Secret: {s}\r\n");
         }
@@ -327,12 +429,18 @@ mod tests {
         }
         raw += "\r\n";
         let mut h = RequestHead::default();
-        crate::http::parse_head(raw.as_bytes(), &mut h).unwrap().unwrap();
+        crate::http::parse_head(raw.as_bytes(), &mut h)
+            .unwrap()
+            .unwrap();
         h
     }
 
     fn limits() -> Limits {
-        Limits { max_key_size: 20, max_value_size: 10, max_ttl: Duration::from_secs(60) }
+        Limits {
+            max_key_size: 20,
+            max_value_size: 10,
+            max_ttl: Duration::from_secs(60),
+        }
     }
 
     #[test]
@@ -340,7 +448,9 @@ mod tests {
         let k = SecretKey::from_bytes([3; 32]);
         let c = ip("1.2.3.4");
         let h = head(Method::Post, "/set/ip/x?ttl=10s", Some("pw"), None);
-        let Ok(Action::Store(a)) = prepare(&h, b"val", c, &limits(), &k, 1000) else { panic!() };
+        let Ok(Action::Store(a)) = prepare(&h, b"val", c, &limits(), &k, 1000) else {
+            panic!()
+        };
         assert_eq!((a.route, a.cost, a.ip_key), (Route::Set, WRITE_COST, true));
         let Op::Write(w) = a.op else { panic!() };
         assert_eq!(w.key(), b"ip/1.2.3.4/x");
@@ -349,18 +459,28 @@ mod tests {
 
         // Value + secret over the limit.
         let h = head(Method::Post, "/set/k", Some("12345"), None);
-        assert_eq!(prepare(&h, b"123456", c, &limits(), &k, 0).unwrap_err(), Error::ValueTooLarge);
+        assert_eq!(
+            prepare(&h, b"123456", c, &limits(), &k, 0).unwrap_err(),
+            Error::ValueTooLarge
+        );
         assert!(prepare(&h, b"12345", c, &limits(), &k, 0).is_ok());
         // cas without the header is a 400, with an empty one it compares with "".
         let h = head(Method::Post, "/cas/k", None, None);
-        assert_eq!(prepare(&h, b"v", c, &limits(), &k, 0).unwrap_err(), Error::MissingExpectedValue);
+        assert_eq!(
+            prepare(&h, b"v", c, &limits(), &k, 0).unwrap_err(),
+            Error::MissingExpectedValue
+        );
         let h = head(Method::Post, "/cas/k", None, Some(""));
-        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 0) else { panic!() };
+        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 0) else {
+            panic!()
+        };
         let Op::Write(w) = a.op else { panic!() };
         assert_eq!(w.cond, Condition::Cas(Box::new([])));
         // Sub-millisecond TTL rounds up.
         let h = head(Method::Post, "/set/k?ttl=10us", None, None);
-        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 5) else { panic!() };
+        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 5) else {
+            panic!()
+        };
         let Op::Write(w) = a.op else { panic!() };
         assert_eq!(w.expires_ms, 6);
     }
@@ -369,23 +489,46 @@ mod tests {
     fn reads_cost_one_and_are_not_expanded() {
         let k = SecretKey::from_bytes([3; 32]);
         let h = head(Method::Get, "/get/ip/1.2.3.4/x", None, None);
-        let Ok(Action::Store(a)) = prepare(&h, b"", ip("9.9.9.9"), &limits(), &k, 0) else { panic!() };
+        let Ok(Action::Store(a)) = prepare(&h, b"", ip("9.9.9.9"), &limits(), &k, 0) else {
+            panic!()
+        };
         assert_eq!(a.cost, READ_COST);
         assert_eq!(a.op.key(), b"ip/1.2.3.4/x");
     }
 
     #[test]
     fn responses() {
-        let ok = Reply::Wrote(WriteOutcome::Stored { created: true, expires_ms: 5_999 });
+        let ok = Reply::Wrote(WriteOutcome::Stored {
+            created: true,
+            expires_ms: 5_999,
+        });
         let r = respond(Route::Los, false, ok, "1.2.3.4", || 0);
-        assert_eq!((r.status, r.created, r.expires_at), (200, Some(true), Some(5)));
+        assert_eq!(
+            (r.status, r.created, r.expires_at),
+            (200, Some(true), Some(5))
+        );
         assert_eq!(r.body, Body::Text("OK"));
-        let ok = Reply::Wrote(WriteOutcome::Stored { created: false, expires_ms: 0 });
+        let ok = Reply::Wrote(WriteOutcome::Stored {
+            created: false,
+            expires_ms: 0,
+        });
         let r = respond(Route::Set, true, ok, "1.2.3.4", || 0);
-        assert_eq!((r.body, r.created), (Body::OwnedText("1.2.3.4".into()), None));
-        let r = respond(Route::Get, false, Reply::Limited(Refused::Exhausted), "x", || 42);
+        assert_eq!(
+            (r.body, r.created),
+            (Body::OwnedText("1.2.3.4".into()), None)
+        );
+        let r = respond(
+            Route::Get,
+            false,
+            Reply::Limited(Refused::Exhausted),
+            "x",
+            || 42,
+        );
         assert_eq!((r.status, r.retry_after), (429, Some(42)));
-        let conflict = Reply::Wrote(WriteOutcome::Conflict { value: (*b"cur").into(), expires_ms: 1000 });
+        let conflict = Reply::Wrote(WriteOutcome::Conflict {
+            value: (*b"cur").into(),
+            expires_ms: 1000,
+        });
         let r = respond(Route::Cas, false, conflict, "x", || 0);
         assert_eq!((r.status, r.body), (409, Body::Bytes((*b"cur").into())));
     }

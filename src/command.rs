@@ -91,17 +91,65 @@ mod tests {
     #[test]
     fn refused_charge_skips_the_operation() {
         let budget = KeyBudget::new(10);
-        let mut o = Owned { shard: Shard::with_capacity(4), limiter: Limiter::new(3, 10) };
-        let now = Now { unix_ms: 1000, epoch: 0 };
+        let mut o = Owned {
+            shard: Shard::with_capacity(4),
+            limiter: Limiter::new(3, 10),
+        };
+        let now = Now {
+            unix_ms: 1000,
+            epoch: 0,
+        };
         let write = |v: &[u8]| Op::Write(Write::new(b"k", v, None, 5000, Condition::Set));
         let charge = Some(Charge { bucket: 1, cost: 3 });
-        let r = o.apply(Cmd { charge, op: Some(write(b"1")) }, now, &budget);
-        assert_eq!(r, Reply::Wrote(WriteOutcome::Stored { created: true, expires_ms: 5000 }));
-        let r = o.apply(Cmd { charge, op: Some(write(b"2")) }, now, &budget);
+        let r = o.apply(
+            Cmd {
+                charge,
+                op: Some(write(b"1")),
+            },
+            now,
+            &budget,
+        );
+        assert_eq!(
+            r,
+            Reply::Wrote(WriteOutcome::Stored {
+                created: true,
+                expires_ms: 5000
+            })
+        );
+        let r = o.apply(
+            Cmd {
+                charge,
+                op: Some(write(b"2")),
+            },
+            now,
+            &budget,
+        );
         assert_eq!(r, Reply::Limited(Refused::Exhausted));
-        let r = o.apply(Cmd { charge: None, op: Some(Op::Get { key: (*b"k").into() }) }, now, &budget);
-        assert_eq!(r, Reply::Got(Some(Found { value: (*b"1").into(), expires_ms: 5000 })));
-        let r = o.apply(Cmd { charge: Some(Charge { bucket: 2, cost: 1 }), op: None }, now, &budget);
+        let r = o.apply(
+            Cmd {
+                charge: None,
+                op: Some(Op::Get {
+                    key: (*b"k").into(),
+                }),
+            },
+            now,
+            &budget,
+        );
+        assert_eq!(
+            r,
+            Reply::Got(Some(Found {
+                value: (*b"1").into(),
+                expires_ms: 5000
+            }))
+        );
+        let r = o.apply(
+            Cmd {
+                charge: Some(Charge { bucket: 2, cost: 1 }),
+                op: None,
+            },
+            now,
+            &budget,
+        );
         assert_eq!(r, Reply::Charged);
     }
 }

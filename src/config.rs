@@ -26,11 +26,26 @@ struct Flags {
     #[options(short = "h", help = "print this help and exit")]
     help: bool,
 
-    #[options(long = "maxKeySize", default = "100", meta = "BYTES", help = "maximum key length (before ip/ expansion)")]
+    #[options(
+        long = "maxKeySize",
+        default = "100",
+        meta = "BYTES",
+        help = "maximum key length (before ip/ expansion)"
+    )]
     max_key_size: usize,
-    #[options(long = "maxValueSize", default = "1000", meta = "BYTES", help = "maximum value + owner secret length")]
+    #[options(
+        long = "maxValueSize",
+        default = "1000",
+        meta = "BYTES",
+        help = "maximum value + owner secret length"
+    )]
     max_value_size: usize,
-    #[options(long = "maxNumKV", default = "100000", meta = "N", help = "maximum number of live keys in the whole server")]
+    #[options(
+        long = "maxNumKV",
+        default = "100000",
+        meta = "N",
+        help = "maximum number of live keys in the whole server"
+    )]
     max_num_kv: usize,
     #[options(
         long = "expireDuration",
@@ -56,16 +71,39 @@ struct Flags {
         help = "snapshot period"
     )]
     save_duration: Duration,
-    #[options(long = "maxRequests", default = "17", meta = "N", help = "rate-limit tokens per client IP (IPv6: /64) per period; GET costs 1, writes 3")]
+    #[options(
+        long = "maxRequests",
+        default = "17",
+        meta = "N",
+        help = "rate-limit tokens per client IP (IPv6: /64) per period; GET costs 1, writes 3"
+    )]
     max_requests: u32,
-    #[options(long = "port", default = "80", meta = "PORT", help = "listening port (0: any free port)")]
+    #[options(
+        long = "port",
+        default = "80",
+        meta = "PORT",
+        help = "listening port (0: any free port)"
+    )]
     port: u16,
-    #[options(long = "l", default = "0.0.0.0", meta = "ADDR", help = "listen address (:: for dual stack)")]
+    #[options(
+        long = "l",
+        default = "0.0.0.0",
+        meta = "ADDR",
+        help = "listen address (:: for dual stack)"
+    )]
     listen: String,
-    #[options(long = "disableLocalIPWarning", help = "do not warn about requests from localhost without X-Forwarded-For")]
+    #[options(
+        long = "disableLocalIPWarning",
+        help = "do not warn about requests from localhost without X-Forwarded-For"
+    )]
     disable_local_ip_warning: bool,
 
-    #[options(long = "threads", default = "0", meta = "N", help = "worker threads, one shard each (0: one per available core)")]
+    #[options(
+        long = "threads",
+        default = "0",
+        meta = "N",
+        help = "worker threads, one shard each (0: one per available core)"
+    )]
     threads: usize,
     #[options(
         long = "trustedProxies",
@@ -90,11 +128,26 @@ struct Flags {
         help = "close keep-alive connections idle this long"
     )]
     idle_timeout: Duration,
-    #[options(long = "maxTrackedIPs", default = "1000000", meta = "N", help = "rate-limit buckets kept per period; new clients beyond it get 429")]
+    #[options(
+        long = "maxTrackedIPs",
+        default = "1000000",
+        meta = "N",
+        help = "rate-limit buckets kept per period; new clients beyond it get 429"
+    )]
     max_tracked_ips: usize,
-    #[options(long = "ioDriver", default = "auto", meta = "auto|uring|epoll", help = "I/O driver: io_uring with epoll fallback, or force one")]
+    #[options(
+        long = "ioDriver",
+        default = "auto",
+        meta = "auto|uring|epoll",
+        help = "I/O driver: io_uring with epoll fallback, or force one"
+    )]
     io_driver: String,
-    #[options(long = "snapshotPath", default = "store.rkyv", meta = "PATH", help = "snapshot file (empty: no snapshots)")]
+    #[options(
+        long = "snapshotPath",
+        default = "store.rkyv",
+        meta = "PATH",
+        help = "snapshot file (empty: no snapshots)"
+    )]
     snapshot_path: String,
     #[options(
         long = "shutdownTimeout",
@@ -196,7 +249,9 @@ pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Result<Vec<Str
         if BOOL_FLAGS.contains(&name) {
             let on = match value {
                 None => true,
-                Some(v) => parse_go_bool(v).ok_or_else(|| ConfigError(format!("invalid boolean value {v:?} for -{name}")))?,
+                Some(v) => parse_go_bool(v).ok_or_else(|| {
+                    ConfigError(format!("invalid boolean value {v:?} for -{name}"))
+                })?,
             };
             if on {
                 out.push(format!("--{name}"));
@@ -240,7 +295,8 @@ pub fn usage() -> String {
 /// Parses and validates a command line (without the program name).
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigError> {
     let args = normalize_args(args)?;
-    let flags = Flags::parse_args_default(&args).map_err(|e| ConfigError(go_style(&e.to_string())))?;
+    let flags =
+        Flags::parse_args_default(&args).map_err(|e| ConfigError(go_style(&e.to_string())))?;
     if flags.help {
         return Ok(Parsed::Help(usage()));
     }
@@ -249,7 +305,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         return Err(bad("maxKeySize", "must be at least 1"));
     }
     if flags.max_key_size > 4096 {
-        return Err(bad("maxKeySize", "must be at most 4096 (keys travel in the 8 KiB request head)"));
+        return Err(bad(
+            "maxKeySize",
+            "must be at most 4096 (keys travel in the 8 KiB request head)",
+        ));
     }
     if flags.max_value_size == 0 {
         return Err(bad("maxValueSize", "must be at least 1"));
@@ -270,24 +329,36 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         .parse()
         .map_err(|_| bad("l", &format!("{:?} is not an IP address", flags.listen)))?;
     let threads = match flags.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     };
     if threads > 1024 {
         return Err(bad("threads", "must be at most 1024"));
     }
-    let trusted_proxies = TrustedProxies::parse(&flags.trusted_proxies).map_err(|e| bad("trustedProxies", &e))?;
+    let trusted_proxies =
+        TrustedProxies::parse(&flags.trusted_proxies).map_err(|e| bad("trustedProxies", &e))?;
     let io_driver = match flags.io_driver.as_str() {
         "auto" => IoDriver::Auto,
         "uring" | "io_uring" => IoDriver::Uring,
         "epoll" | "legacy" => IoDriver::Epoll,
-        other => return Err(bad("ioDriver", &format!("{other:?} is not one of auto, uring, epoll"))),
+        other => {
+            return Err(bad(
+                "ioDriver",
+                &format!("{other:?} is not one of auto, uring, epoll"),
+            ))
+        }
     };
     let metrics_addr = match flags.metrics_addr.as_str() {
         "" => None,
-        a => Some(a.parse::<SocketAddr>().map_err(|_| bad("metricsAddr", &format!("{a:?} is not an ADDR:PORT")))?),
+        a => Some(
+            a.parse::<SocketAddr>()
+                .map_err(|_| bad("metricsAddr", &format!("{a:?} is not an ADDR:PORT")))?,
+        ),
     };
-    let snapshot_path = (!flags.snapshot_path.is_empty()).then(|| PathBuf::from(&flags.snapshot_path));
+    let snapshot_path =
+        (!flags.snapshot_path.is_empty()).then(|| PathBuf::from(&flags.snapshot_path));
     debug_assert!(!DEFAULT_TRUSTED.is_empty());
     Ok(Parsed::Run(Box::new(Config {
         max_key_size: flags.max_key_size,
@@ -349,9 +420,18 @@ mod tests {
         assert_eq!(run("-maxValueSize=4096").max_value_size, 4096);
         assert_eq!(run("--maxValueSize 4096").max_value_size, 4096);
         assert_eq!(run("--maxValueSize=4096").max_value_size, 4096);
-        assert_eq!(run("-expireDuration 1h30m").expire_duration, Duration::from_secs(5400));
-        assert_eq!(run("-l :: -port 8080").listen, "[::]:8080".parse::<SocketAddr>().unwrap());
-        assert_eq!(run("-l=127.0.0.1").listen.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            run("-expireDuration 1h30m").expire_duration,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            run("-l :: -port 8080").listen,
+            "[::]:8080".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            run("-l=127.0.0.1").listen.ip(),
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(run("-maxRequests 4294967295").max_requests, u32::MAX);
     }
 
@@ -367,11 +447,27 @@ mod tests {
 
     #[test]
     fn help_lists_every_flag_go_style() {
-        let Ok(Parsed::Help(text)) = parse(args("-h")) else { panic!() };
+        let Ok(Parsed::Help(text)) = parse(args("-h")) else {
+            panic!()
+        };
         for flag in [
-            "-maxKeySize", "-maxValueSize", "-maxNumKV", "-expireDuration", "-resetDuration", "-saveDuration",
-            "-maxRequests", "-port", "-l ", "-disableLocalIPWarning", "-threads", "-trustedProxies", "-readTimeout",
-            "-idleTimeout", "-snapshotPath", "-shutdownTimeout", "-metricsAddr",
+            "-maxKeySize",
+            "-maxValueSize",
+            "-maxNumKV",
+            "-expireDuration",
+            "-resetDuration",
+            "-saveDuration",
+            "-maxRequests",
+            "-port",
+            "-l ",
+            "-disableLocalIPWarning",
+            "-threads",
+            "-trustedProxies",
+            "-readTimeout",
+            "-idleTimeout",
+            "-snapshotPath",
+            "-shutdownTimeout",
+            "-metricsAddr",
         ] {
             assert!(text.contains(flag), "{flag} missing from help");
         }
@@ -395,7 +491,10 @@ mod tests {
             let err = parse(args(cmd)).unwrap_err().0;
             assert!(err.contains(flag), "{cmd}: {err}");
         }
-        assert!(parse(args("-noSuchFlag 1")).unwrap_err().0.contains("noSuchFlag"));
+        assert!(parse(args("-noSuchFlag 1"))
+            .unwrap_err()
+            .0
+            .contains("noSuchFlag"));
         assert!(parse(args("-port")).is_err());
     }
 }

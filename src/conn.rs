@@ -22,17 +22,17 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
-use std::task::{Poll, Waker};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::command::{Charge, Reply};
-use crate::shard::WriteOutcome;
 use crate::metrics::{self, CoreStats};
 use crate::router::Router;
+use crate::shard::WriteOutcome;
 
 /// Initial read buffer; grows up to the head limit when a head needs it.
 const READ_BUF: usize = 4096;
@@ -142,7 +142,11 @@ impl CoreCtx {
 
     fn warn_local(&self, peer: IpAddr) {
         let now = Instant::now();
-        if self.last_local_warning.get().is_some_and(|t| now.duration_since(t) < LOCAL_WARNING_EVERY) {
+        if self
+            .last_local_warning
+            .get()
+            .is_some_and(|t| now.duration_since(t) < LOCAL_WARNING_EVERY)
+        {
             return;
         }
         self.last_local_warning.set(Some(now));
@@ -210,7 +214,9 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr) {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Conn<'_> {
@@ -284,7 +290,9 @@ impl Conn<'_> {
                 Ok(0) if !had_bytes => return Ok(None),
                 Ok(0) => return Err(Stop::Broken),
                 Ok(_) => {}
-                Err(ReadFail::Timeout) if had_bytes => return Err(Stop::Reject(Error::RequestTimeout)),
+                Err(ReadFail::Timeout) if had_bytes => {
+                    return Err(Stop::Reject(Error::RequestTimeout))
+                }
                 Err(ReadFail::Timeout) => return Err(Stop::Done),
                 Err(ReadFail::Io) => return Err(Stop::Broken),
             }
@@ -304,7 +312,9 @@ impl Conn<'_> {
         let buf = std::mem::take(&mut self.buf);
         let (len, cap) = (buf.len(), buf.capacity());
         let read = monoio::time::timeout(wait, self.stream.read(buf.slice_mut(len..cap))).await;
-        let Ok((res, slice)) = read else { return Err(ReadFail::Timeout) };
+        let Ok((res, slice)) = read else {
+            return Err(ReadFail::Timeout);
+        };
         self.buf = slice.into_inner();
         res.map_err(|_| ReadFail::Io)
     }
@@ -322,15 +332,19 @@ impl Conn<'_> {
                 let n = n as usize;
                 self.send_continue().await?;
                 let have = n.min(self.buf.len() - self.start);
-                self.body.extend_from_slice(&self.buf[self.start..self.start + have]);
+                self.body
+                    .extend_from_slice(&self.buf[self.start..self.start + have]);
                 self.start += have;
                 while self.body.len() < n {
                     self.body.reserve_exact(n - self.body.len());
                     let body = std::mem::take(&mut self.body);
                     let len = body.len();
                     let wait = deadline.saturating_duration_since(Instant::now());
-                    let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..n))).await;
-                    let Ok((res, slice)) = read else { return Err(Stop::Reject(Error::RequestTimeout)) };
+                    let read =
+                        monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..n))).await;
+                    let Ok((res, slice)) = read else {
+                        return Err(Stop::Reject(Error::RequestTimeout));
+                    };
                     self.body = slice.into_inner();
                     match res {
                         Ok(0) | Err(_) => return Err(Stop::Broken),
@@ -343,7 +357,9 @@ impl Conn<'_> {
                 self.send_continue().await?;
                 let mut decoder = ChunkedDecoder::new(max);
                 loop {
-                    let used = decoder.decode(&self.buf[self.start..], &mut self.body).map_err(Stop::Reject)?;
+                    let used = decoder
+                        .decode(&self.buf[self.start..], &mut self.body)
+                        .map_err(Stop::Reject)?;
                     self.start += used;
                     if decoder.is_done() {
                         return Ok(());
@@ -376,7 +392,11 @@ impl Conn<'_> {
         if forwarded.is_none() && self.peer.is_loopback() && !cfg.disable_local_ip_warning {
             self.ctx.warn_local(self.peer);
         }
-        self.set_client(clientip::client_ip(self.peer, forwarded, &cfg.trusted_proxies));
+        self.set_client(clientip::client_ip(
+            self.peer,
+            forwarded,
+            &cfg.trusted_proxies,
+        ));
     }
 
     fn set_client(&mut self, client: IpAddr) {
@@ -394,20 +414,43 @@ impl Conn<'_> {
         let client = self.client;
         let client_str = &self.client_text;
         let started = shared.metrics_on.then(Instant::now);
-        let prepared = api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, unix_ms());
+        let prepared = api::prepare(
+            &self.head,
+            &self.body,
+            client,
+            &ctx.limits,
+            &shared.secret_key,
+            unix_ms(),
+        );
         let (route, conflict, response) = match prepared {
-            Err(e) => (api::route_hint(&self.head.target), false, Response::from_error(e)),
+            Err(e) => (
+                api::route_hint(&self.head.target),
+                false,
+                Response::from_error(e),
+            ),
             Ok(Action::Docs) => {
                 let host = self.head.host.get().unwrap_or_default();
-                let host = if host.is_empty() { self.ctx.shared.listen_text.as_bytes() } else { host };
-                let page = Response::new(200, http::Body::Html(crate::docs::page(host, &shared.config)));
+                let host = if host.is_empty() {
+                    self.ctx.shared.listen_text.as_bytes()
+                } else {
+                    host
+                };
+                let page = Response::new(
+                    200,
+                    http::Body::Html(crate::docs::page(host, &shared.config)),
+                );
                 (Some(api::Route::Docs), false, page)
             }
             Ok(Action::Store(action)) => {
-                let charge = Some(Charge { bucket: clientip::bucket_key(client), cost: action.cost });
+                let charge = Some(Charge {
+                    bucket: clientip::bucket_key(client),
+                    cost: action.cost,
+                });
                 let reply = ctx.router.run(charge, action.op).await;
-                let conflict =
-                    matches!(reply, Reply::Wrote(WriteOutcome::Conflict { .. } | WriteOutcome::Existing { .. }));
+                let conflict = matches!(
+                    reply,
+                    Reply::Wrote(WriteOutcome::Conflict { .. } | WriteOutcome::Existing { .. })
+                );
                 let periods = ctx.router.periods();
                 let response = api::respond(action.route, action.ip_key, reply, client_str, || {
                     periods.retry_after_secs(Instant::now())
@@ -425,7 +468,14 @@ impl Conn<'_> {
         }
         let head_only = self.head.method == Method::Head;
         let keep_alive = self.head.keep_alive && !ctx.is_draining();
-        http::encode(&mut self.out, &response, client_str, keep_alive, self.head.http10, head_only);
+        http::encode(
+            &mut self.out,
+            &response,
+            client_str,
+            keep_alive,
+            self.head.http10,
+            head_only,
+        );
     }
 
     async fn flush(&mut self) -> Result<(), Stop> {
@@ -434,7 +484,8 @@ impl Conn<'_> {
         }
         let out = std::mem::take(&mut self.out);
         let wait = self.ctx.shared.config.idle_timeout;
-        let Ok((res, mut out)) = monoio::time::timeout(wait, self.stream.write_all(out)).await else {
+        let Ok((res, mut out)) = monoio::time::timeout(wait, self.stream.write_all(out)).await
+        else {
             return Err(Stop::Broken);
         };
         res.map_err(|_| Stop::Broken)?;
@@ -451,7 +502,14 @@ impl Conn<'_> {
     async fn reject(&mut self, e: Error) {
         let response = Response::from_error(e);
         let http10 = self.head.http10;
-        http::encode(&mut self.out, &response, &self.client_text, false, http10, false);
+        http::encode(
+            &mut self.out,
+            &response,
+            &self.client_text,
+            false,
+            http10,
+            false,
+        );
         if self.flush().await.is_err() {
             return;
         }

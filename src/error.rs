@@ -65,8 +65,8 @@ impl Error {
             RequestTimeout => 408,
             NoSuchRoute | KeyNotFound => 404,
             MethodNotAllowed(_) => 405,
-            BadPercentEncoding | EmptyKey | KeyTooLong | BadTtl | ValueTooLarge | MissingExpectedValue
-            | DuplicateHeader => 400,
+            BadPercentEncoding | EmptyKey | KeyTooLong | BadTtl | ValueTooLarge
+            | MissingExpectedValue | DuplicateHeader => 400,
             WrongSecret => 403,
             StoreFull => 507,
             RateLimited(_) => 429,

@@ -117,8 +117,14 @@ pub fn head_may_be_complete(buf: &[u8], scanned: usize) -> bool {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -151,7 +157,8 @@ pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, E
         Some("OPTIONS") => Method::Options,
         _ => Method::Other,
     };
-    head.target.extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    head.target
+        .extend_from_slice(req.path.unwrap_or("/").as_bytes());
     head.http10 = req.version == Some(0);
     head.keep_alive = !head.http10;
     let mut content_length: Option<u64> = None;
@@ -169,7 +176,11 @@ pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, E
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             has_te = true;
             // Only a lone `chunked` coding is understood.
-            for coding in value.split(|&b| b == b',').map(trim).filter(|c| !c.is_empty()) {
+            for coding in value
+                .split(|&b| b == b',')
+                .map(trim)
+                .filter(|c| !c.is_empty())
+            {
                 if coding.eq_ignore_ascii_case(b"chunked") && !chunked {
                     chunked = true;
                 } else {
@@ -191,7 +202,9 @@ pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, E
                 return Err(Error::ExpectationFailed);
             }
         } else if name.eq_ignore_ascii_case(b"host") {
-            head.host.set_once(trim(value)).map_err(|_| Error::MalformedRequest)?;
+            head.host
+                .set_once(trim(value))
+                .map_err(|_| Error::MalformedRequest)?;
         } else if name.eq_ignore_ascii_case(b"x-owner-secret") {
             head.secret.set_once(value)?;
         } else if name.eq_ignore_ascii_case(b"x-expected-value") {
@@ -234,7 +247,11 @@ const MAX_CHUNK_LINE: usize = 1024;
 
 impl ChunkedDecoder {
     pub fn new(limit: usize) -> Self {
-        ChunkedDecoder { state: ChunkState::Size, limit, trailer_bytes: 0 }
+        ChunkedDecoder {
+            state: ChunkState::Size,
+            limit,
+            trailer_bytes: 0,
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -273,7 +290,11 @@ impl ChunkedDecoder {
                     out.extend_from_slice(&rest[..take]);
                     pos += take;
                     let left = left - take as u64;
-                    self.state = if left == 0 { ChunkState::DataEnd } else { ChunkState::Data(left) };
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
                 }
                 ChunkState::DataEnd => {
                     if rest.starts_with(b"\r\n") {
@@ -354,7 +375,14 @@ pub struct Response {
 
 impl Response {
     pub fn new(status: u16, body: Body) -> Self {
-        Response { status, body, expires_at: None, created: None, retry_after: None, allow: None }
+        Response {
+            status,
+            body,
+            expires_at: None,
+            created: None,
+            retry_after: None,
+            allow: None,
+        }
     }
 
     pub fn from_error(e: Error) -> Self {
@@ -396,7 +424,14 @@ pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// Appends the encoded response to `out`. `head_only` omits the body (HEAD);
 /// `keep_alive` false adds `Connection: close`; `http10_keep_alive` adds the
 /// `Connection: keep-alive` an HTTP/1.0 client needs to reuse the connection.
-pub fn encode(out: &mut Vec<u8>, r: &Response, client_ip: &str, keep_alive: bool, http10: bool, head_only: bool) {
+pub fn encode(
+    out: &mut Vec<u8>,
+    r: &Response,
+    client_ip: &str,
+    keep_alive: bool,
+    http10: bool,
+    head_only: bool,
+) {
     let mut num = itoa::Buffer::new();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(num.format(r.status).as_bytes());
@@ -414,7 +449,11 @@ pub fn encode(out: &mut Vec<u8>, r: &Response, client_ip: &str, keep_alive: bool
         out.extend_from_slice(num.format(t).as_bytes());
     }
     if let Some(c) = r.created {
-        out.extend_from_slice(if c { b"\r\nX-Created: true" } else { b"\r\nX-Created: false" });
+        out.extend_from_slice(if c {
+            b"\r\nX-Created: true"
+        } else {
+            b"\r\nX-Created: false"
+        });
     }
     if let Some(s) = r.retry_after {
         out.extend_from_slice(b"\r\nRetry-After: ");
@@ -460,45 +499,83 @@ mod tests {
     fn partial_and_completion_scan() {
         assert!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
         assert!(!head_may_be_complete(b"GET / HTTP/1.1\r\nHost: x\r\n", 0));
-        assert!(head_may_be_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 20));
+        assert!(head_may_be_complete(
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            20
+        ));
         assert!(head_may_be_complete(b"GET / HTTP/1.0\n\n", 14));
     }
 
     #[test]
     fn connection_semantics() {
-        let (_, h) = parse(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().unwrap();
+        let (_, h) = parse(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!h.keep_alive);
         let (_, h) = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!h.keep_alive && h.http10);
-        let (_, h) = parse(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").unwrap().unwrap();
+        let (_, h) = parse(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(h.keep_alive);
     }
 
     #[test]
     fn body_framing() {
-        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nContent-Length: 5\r\n\r\n").unwrap().unwrap();
+        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nContent-Length: 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.body, BodyKind::Length(5));
-        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n").unwrap().unwrap();
+        let (_, h) =
+            parse(b"POST /set/k HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(h.body, BodyKind::Length(5));
-        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap().unwrap();
+        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.body, BodyKind::Chunked);
         let err = |raw: &[u8]| parse(raw).unwrap_err();
-        assert_eq!(err(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"), Error::BadContentLength);
-        assert_eq!(err(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Error::BadContentLength);
-        assert_eq!(err(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n"), Error::BadContentLength);
+        assert_eq!(
+            err(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"),
+            Error::BadContentLength
+        );
+        assert_eq!(
+            err(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Error::BadContentLength
+        );
+        assert_eq!(
+            err(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n"),
+            Error::BadContentLength
+        );
         assert_eq!(
             err(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Error::AmbiguousLength
         );
-        assert_eq!(err(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"), Error::UnsupportedTransferEncoding);
-        assert_eq!(err(b"POST / HTTP/1.1\r\nExpect: magic\r\n\r\n"), Error::ExpectationFailed);
+        assert_eq!(
+            err(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Error::UnsupportedTransferEncoding
+        );
+        assert_eq!(
+            err(b"POST / HTTP/1.1\r\nExpect: magic\r\n\r\n"),
+            Error::ExpectationFailed
+        );
     }
 
     #[test]
     fn malformed_heads() {
-        assert_eq!(parse(b"GET /\r\n\r\n").unwrap_err(), Error::MalformedRequest);
-        assert_eq!(parse(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n").unwrap_err(), Error::MalformedRequest);
-        assert_eq!(parse(b"\x00\x01\x02 garbage\r\n\r\n").unwrap_err(), Error::MalformedRequest);
+        assert_eq!(
+            parse(b"GET /\r\n\r\n").unwrap_err(),
+            Error::MalformedRequest
+        );
+        assert_eq!(
+            parse(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n").unwrap_err(),
+            Error::MalformedRequest
+        );
+        assert_eq!(
+            parse(b"\x00\x01\x02 garbage\r\n\r\n").unwrap_err(),
+            Error::MalformedRequest
+        );
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();
         for i in 0..100 {
             many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
@@ -506,7 +583,8 @@ mod tests {
         many.extend_from_slice(b"\r\n");
         assert_eq!(parse(&many).unwrap_err(), Error::HeadTooLarge);
         assert_eq!(
-            parse(b"POST / HTTP/1.1\r\nX-Expected-Value: a\r\nX-Expected-Value: b\r\n\r\n").unwrap_err(),
+            parse(b"POST / HTTP/1.1\r\nX-Expected-Value: a\r\nX-Expected-Value: b\r\n\r\n")
+                .unwrap_err(),
             Error::DuplicateHeader
         );
     }
@@ -543,14 +621,32 @@ mod tests {
     #[test]
     fn chunked_limits_and_garbage() {
         let mut out = Vec::new();
-        assert_eq!(ChunkedDecoder::new(8).decode(b"9\r\n", &mut out), Err(Error::BodyTooLarge));
-        assert_eq!(ChunkedDecoder::new(8).decode(b"5\r\nhello\r\n4\r\n", &mut out), Err(Error::BodyTooLarge));
+        assert_eq!(
+            ChunkedDecoder::new(8).decode(b"9\r\n", &mut out),
+            Err(Error::BodyTooLarge)
+        );
+        assert_eq!(
+            ChunkedDecoder::new(8).decode(b"5\r\nhello\r\n4\r\n", &mut out),
+            Err(Error::BodyTooLarge)
+        );
         out.clear();
-        assert_eq!(ChunkedDecoder::new(8).decode(b"zz\r\n", &mut out), Err(Error::BadChunk));
-        assert_eq!(ChunkedDecoder::new(8).decode(b"1\r\nabc", &mut out), Err(Error::BadChunk));
-        assert_eq!(ChunkedDecoder::new(8).decode(b"ffffffffffffffffffff\r\n", &mut out), Err(Error::BadChunk));
+        assert_eq!(
+            ChunkedDecoder::new(8).decode(b"zz\r\n", &mut out),
+            Err(Error::BadChunk)
+        );
+        assert_eq!(
+            ChunkedDecoder::new(8).decode(b"1\r\nabc", &mut out),
+            Err(Error::BadChunk)
+        );
+        assert_eq!(
+            ChunkedDecoder::new(8).decode(b"ffffffffffffffffffff\r\n", &mut out),
+            Err(Error::BadChunk)
+        );
         let long_ext = [b"1;".as_slice(), &[b'a'; 2000]].concat();
-        assert_eq!(ChunkedDecoder::new(8).decode(&long_ext, &mut out), Err(Error::BadChunk));
+        assert_eq!(
+            ChunkedDecoder::new(8).decode(&long_ext, &mut out),
+            Err(Error::BadChunk)
+        );
     }
 
     #[test]
@@ -567,7 +663,14 @@ mod tests {
              X-Client-Ip: 1.2.3.4\r\nX-Expires-At: 1700000000\r\nX-Created: true\r\n\r\nval"
         );
         let mut out = Vec::new();
-        encode(&mut out, &Response::from_error(Error::RateLimited(7)), "::1", false, false, true);
+        encode(
+            &mut out,
+            &Response::from_error(Error::RateLimited(7)),
+            "::1",
+            false,
+            false,
+            true,
+        );
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("HTTP/1.1 429 Too Many Requests\r\n"));
         assert!(s.contains("Retry-After: 7\r\n"));

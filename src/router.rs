@@ -41,8 +41,15 @@ const IN_FLIGHT_BUDGET: u32 = 4096;
 /// A message between cores.
 #[derive(Debug)]
 pub enum Msg {
-    Call { from: u32, slot: u32, cmd: Cmd },
-    Done { slot: u32, reply: Reply },
+    Call {
+        from: u32,
+        slot: u32,
+        cmd: Cmd,
+    },
+    Done {
+        slot: u32,
+        reply: Reply,
+    },
     /// From the lifecycle thread (snapshots, shutdown).
     Control(Control),
 }
@@ -67,7 +74,10 @@ pub struct Routing {
 
 impl Routing {
     pub fn new(cores: usize) -> Self {
-        Routing { hasher: RandomState::new(), cores: cores.max(1) }
+        Routing {
+            hasher: RandomState::new(),
+            cores: cores.max(1),
+        }
     }
 
     fn spread(&self, h: u64) -> usize {
@@ -105,7 +115,13 @@ impl Mesh {
         let (inboxes, receivers) = (0..cores)
             .map(|_| {
                 let (tx, rx) = crossbeam_channel::unbounded();
-                (Inbox { tx, waker: AtomicWaker::new() }, rx)
+                (
+                    Inbox {
+                        tx,
+                        waker: AtomicWaker::new(),
+                    },
+                    rx,
+                )
             })
             .unzip();
         (Arc::new(Mesh { inboxes }), receivers)
@@ -121,10 +137,15 @@ impl Mesh {
 
 enum Slot {
     Free,
-    Waiting { dest: u32, waker: Option<Waker> },
+    Waiting {
+        dest: u32,
+        waker: Option<Waker>,
+    },
     Ready(Reply),
     /// The caller went away; the reply will be dropped on arrival.
-    Abandoned { dest: u32 },
+    Abandoned {
+        dest: u32,
+    },
 }
 
 /// Per-core counters of cross-core traffic.
@@ -202,8 +223,13 @@ impl Router {
     }
 
     fn now(&self) -> Now {
-        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        Now { unix_ms, epoch: self.periods.epoch(Instant::now()) }
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Now {
+            unix_ms,
+            epoch: self.periods.epoch(Instant::now()),
+        }
     }
 
     fn apply_local(&self, cmd: Cmd) -> Reply {
@@ -218,14 +244,38 @@ impl Router {
         if let Some(c) = charge {
             let bucket_owner = self.routing.bucket_owner(c.bucket);
             if bucket_owner != key_owner {
-                match self.call(bucket_owner, Cmd { charge: Some(c), op: None }).await {
+                match self
+                    .call(
+                        bucket_owner,
+                        Cmd {
+                            charge: Some(c),
+                            op: None,
+                        },
+                    )
+                    .await
+                {
                     Reply::Charged => {}
                     refused => return refused,
                 }
-                return self.call(key_owner, Cmd { charge: None, op: Some(op) }).await;
+                return self
+                    .call(
+                        key_owner,
+                        Cmd {
+                            charge: None,
+                            op: Some(op),
+                        },
+                    )
+                    .await;
             }
         }
-        self.call(key_owner, Cmd { charge, op: Some(op) }).await
+        self.call(
+            key_owner,
+            Cmd {
+                charge,
+                op: Some(op),
+            },
+        )
+        .await
     }
 
     /// Executes `cmd` on core `dest`.
@@ -235,11 +285,23 @@ impl Router {
         }
         Credit { router: self, dest }.await;
         let slot = self.alloc_slot(dest as u32);
-        self.push(dest, Msg::Call { from: self.me as u32, slot, cmd });
+        self.push(
+            dest,
+            Msg::Call {
+                from: self.me as u32,
+                slot,
+                cmd,
+            },
+        );
         let mut s = self.stats.get();
         s.calls_sent += 1;
         self.stats.set(s);
-        SlotFuture { router: self, slot, done: false }.await
+        SlotFuture {
+            router: self,
+            slot,
+            done: false,
+        }
+        .await
     }
 
     fn alloc_slot(&self, dest: u32) -> u32 {
@@ -280,7 +342,9 @@ impl Router {
 
     fn complete(&self, slot: u32, reply: Reply) {
         let mut slots = self.slots.borrow_mut();
-        let Some(state) = slots.get_mut(slot as usize) else { return };
+        let Some(state) = slots.get_mut(slot as usize) else {
+            return;
+        };
         match std::mem::replace(state, Slot::Free) {
             Slot::Waiting { dest, waker } => {
                 *state = Slot::Ready(reply);
@@ -426,7 +490,10 @@ impl Future for SlotFuture<'_> {
                     Some(w) if w.will_wake(cx.waker()) => w,
                     _ => cx.waker().clone(),
                 };
-                slots[i] = Slot::Waiting { dest, waker: Some(waker) };
+                slots[i] = Slot::Waiting {
+                    dest,
+                    waker: Some(waker),
+                };
                 Poll::Pending
             }
             // Free/Abandoned cannot be observed by the live owner of the slot.

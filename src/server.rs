@@ -13,16 +13,16 @@
 use crate::command::Owned;
 use crate::config::{Config, IoDriver};
 use crate::conn::{self, CoreCtx};
-use crate::ratelimit::{Limiter, Periods};
 use crate::lifecycle;
+use crate::ratelimit::{Limiter, Periods};
 use crate::router::{Control, Mesh, Msg, Router, Routing};
-use crate::snapshot;
-use std::future::Future;
 use crate::secret::SecretKey;
 use crate::shard::{KeyBudget, Shard};
+use crate::snapshot;
 use crossbeam_channel::Receiver;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use socket2::{Domain, Protocol, Socket, Type};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::mpsc;
@@ -90,7 +90,8 @@ impl std::error::Error for StartupError {}
 
 fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, StartupError> {
     let err = |e| StartupError::Bind(addr, e);
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.set_reuse_port(true).map_err(err)?;
     if addr.is_ipv6() {
@@ -105,18 +106,25 @@ fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, Startup
 
 /// Binds `n` listeners sharing one port. With port 0 the kernel picks the
 /// port for the first and the others join it.
-pub fn bind_listeners(addr: SocketAddr, n: usize) -> Result<(Vec<std::net::TcpListener>, SocketAddr), StartupError> {
+pub fn bind_listeners(
+    addr: SocketAddr,
+    n: usize,
+) -> Result<(Vec<std::net::TcpListener>, SocketAddr), StartupError> {
     if addr.port() != 0 {
         // A plain bind (no SO_REUSEPORT) fails if anyone listens on the port,
         // including another instance of this server.
         match std::net::TcpListener::bind(addr) {
             Ok(probe) => drop(probe),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(StartupError::PortInUse(addr)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(StartupError::PortInUse(addr))
+            }
             Err(e) => return Err(StartupError::Bind(addr, e)),
         }
     }
     let first = reuseport_listener(addr)?;
-    let actual = first.local_addr().map_err(|e| StartupError::Bind(addr, e))?;
+    let actual = first
+        .local_addr()
+        .map_err(|e| StartupError::Bind(addr, e))?;
     let mut listeners = vec![first];
     for _ in 1..n {
         listeners.push(reuseport_listener(actual)?);
@@ -125,7 +133,9 @@ pub fn bind_listeners(addr: SocketAddr, n: usize) -> Result<(Vec<std::net::TcpLi
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What one core thread needs to start.
@@ -141,10 +151,15 @@ struct CoreStart {
 /// Loads the snapshot (if any) into one `Owned` per core, routing every
 /// entry to its owner for the current core count. Returns the secret key the
 /// snapshot's hashes were made with (or a fresh one).
-fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<(SecretKey, Vec<Owned>), StartupError> {
+fn restore(
+    config: &Config,
+    routing: &Routing,
+    budget: &KeyBudget,
+) -> Result<(SecretKey, Vec<Owned>), StartupError> {
     let n = config.threads;
     // Sized up front: growing a big table stalls the core while it rehashes.
-    let per_core = (config.max_num_kv / n + config.max_num_kv / n / 8 + 1024).min(config.max_num_kv);
+    let per_core =
+        (config.max_num_kv / n + config.max_num_kv / n / 8 + 1024).min(config.max_num_kv);
     let mut owned: Vec<Owned> = (0..n)
         .map(|_| Owned {
             shard: Shard::with_capacity(per_core),
@@ -185,7 +200,10 @@ fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<(Se
         now.saturating_sub(loaded.created_unix_ms) / 1000
     );
     if dropped > 0 {
-        log::warn!("{dropped} keys from the snapshot did not fit in -maxNumKV {} and were dropped", config.max_num_kv);
+        log::warn!(
+            "{dropped} keys from the snapshot did not fit in -maxNumKV {} and were dropped",
+            config.max_num_kv
+        );
     }
     Ok((loaded.secret_key, owned))
 }
@@ -212,13 +230,21 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         config,
     });
     if let Some(addr) = shared.config.metrics_addr {
-        let bound = crate::metrics::start(shared.clone(), addr).map_err(|e| StartupError::Metrics(addr, e))?;
+        let bound = crate::metrics::start(shared.clone(), addr)
+            .map_err(|e| StartupError::Metrics(addr, e))?;
         log::info!("metrics on http://{bound}/metrics");
     }
     let (ready_tx, ready_rx) = mpsc::channel();
     let cores = listeners.into_iter().zip(receivers).zip(owned).enumerate();
     for (id, ((listener, inbox), owned)) in cores {
-        let start = CoreStart { id, shared: shared.clone(), owned, listener, inbox, ready: ready_tx.clone() };
+        let start = CoreStart {
+            id,
+            shared: shared.clone(),
+            owned,
+            listener,
+            inbox,
+            ready: ready_tx.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("core-{id}"))
             .spawn(move || core_thread(start))
@@ -230,7 +256,11 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         match ready_rx.recv() {
             Ok(Ok(driver)) => drivers.push(driver),
             Ok(Err(e)) => return Err(StartupError::Runtime(e)),
-            Err(_) => return Err(StartupError::Runtime("a core thread exited during startup".into())),
+            Err(_) => {
+                return Err(StartupError::Runtime(
+                    "a core thread exited during startup".into(),
+                ))
+            }
         }
     }
     drivers.dedup();
@@ -247,7 +277,10 @@ pub fn run(config: Config) -> Result<(), StartupError> {
 fn core_thread(start: CoreStart) {
     let driver = start.shared.config.io_driver;
     if driver != IoDriver::Epoll {
-        match RuntimeBuilder::<IoUringDriver>::new().enable_timer().build() {
+        match RuntimeBuilder::<IoUringDriver>::new()
+            .enable_timer()
+            .build()
+        {
             Ok(mut rt) => {
                 let _ = start.ready.send(Ok("io_uring"));
                 rt.block_on(core_main(start));
@@ -276,7 +309,14 @@ fn core_thread(start: CoreStart) {
 }
 
 async fn core_main(start: CoreStart) {
-    let CoreStart { id, shared, owned, listener, inbox, .. } = start;
+    let CoreStart {
+        id,
+        shared,
+        owned,
+        listener,
+        inbox,
+        ..
+    } = start;
     let router = Router::new(
         id,
         shared.routing.clone(),

@@ -29,13 +29,18 @@ pub struct KeyBudget {
 
 impl KeyBudget {
     pub fn new(max: usize) -> Self {
-        KeyBudget { live: AtomicUsize::new(0), max }
+        KeyBudget {
+            live: AtomicUsize::new(0),
+            max,
+        }
     }
 
     /// Claims room for one new key, or reports the store full.
     pub fn try_reserve(&self) -> bool {
         self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -68,7 +73,12 @@ pub struct Entry {
 impl Entry {
     pub fn new(data: Box<[u8]>, key_len: u32, expires_ms: u64, secret: Option<SecretHash>) -> Self {
         debug_assert!(key_len as usize <= data.len());
-        Entry { data, key_len, expires_ms, secret: secret.map(Box::new) }
+        Entry {
+            data,
+            key_len,
+            expires_ms,
+            secret: secret.map(Box::new),
+        }
     }
 
     pub fn key(&self) -> &[u8] {
@@ -115,11 +125,23 @@ pub struct Write {
 
 impl Write {
     /// Joins key and value into the one allocation the entry will keep.
-    pub fn new(key: &[u8], value: &[u8], secret: Option<SecretHash>, expires_ms: u64, cond: Condition) -> Self {
+    pub fn new(
+        key: &[u8],
+        value: &[u8],
+        secret: Option<SecretHash>,
+        expires_ms: u64,
+        cond: Condition,
+    ) -> Self {
         let mut data = Vec::with_capacity(key.len() + value.len());
         data.extend_from_slice(key);
         data.extend_from_slice(value);
-        Write { data: data.into_boxed_slice(), key_len: key.len() as u32, secret, expires_ms, cond }
+        Write {
+            data: data.into_boxed_slice(),
+            key_len: key.len() as u32,
+            secret,
+            expires_ms,
+            cond,
+        }
     }
 
     pub fn key(&self) -> &[u8] {
@@ -208,7 +230,9 @@ impl Shard {
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
         let entries = &self.entries;
-        self.table.find(hash, |&i| entries[i as usize].key() == key).map(|&i| i as usize)
+        self.table
+            .find(hash, |&i| entries[i as usize].key() == key)
+            .map(|&i| i as usize)
     }
 
     /// Looks a key up; an expired entry is removed and reported absent.
@@ -221,7 +245,10 @@ impl Shard {
             self.expired_total += 1;
             return None;
         }
-        Some(Found { value: e.value().into(), expires_ms: e.expires_ms })
+        Some(Found {
+            value: e.value().into(),
+            expires_ms: e.expires_ms,
+        })
     }
 
     /// Applies a write with the SPEC's semantics.
@@ -254,14 +281,21 @@ impl Shard {
         let idx = self.entries.len() as u32;
         self.entries.push(entry);
         let (entries, hasher) = (&self.entries, &self.hasher);
-        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
-        WriteOutcome::Stored { created: true, expires_ms }
+        self.table
+            .insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
+        WriteOutcome::Stored {
+            created: true,
+            expires_ms,
+        }
     }
 
     fn update(&mut self, idx: usize, w: Write) -> WriteOutcome {
         let current = &mut self.entries[idx];
         if let Condition::Los = w.cond {
-            return WriteOutcome::Existing { value: current.value().into(), expires_ms: current.expires_ms };
+            return WriteOutcome::Existing {
+                value: current.value().into(),
+                expires_ms: current.expires_ms,
+            };
         }
         let authorized = match (&current.secret, &w.secret) {
             (None, _) => true,
@@ -273,15 +307,26 @@ impl Shard {
         }
         if let Condition::Cas(expected) | Condition::Casoc(expected) = &w.cond {
             if current.value() != &expected[..] {
-                return WriteOutcome::Conflict { value: current.value().into(), expires_ms: current.expires_ms };
+                return WriteOutcome::Conflict {
+                    value: current.value().into(),
+                    expires_ms: current.expires_ms,
+                };
             }
         }
         // A key without a secret is claimed by the first write that brings one;
         // a key with one keeps it (the write proved it knows it).
         let secret = current.secret.take().or(w.secret.map(Box::new));
         self.bytes = self.bytes - current.data.len() + w.data.len();
-        *current = Entry { data: w.data, key_len: w.key_len, expires_ms: w.expires_ms, secret };
-        WriteOutcome::Stored { created: false, expires_ms: w.expires_ms }
+        *current = Entry {
+            data: w.data,
+            key_len: w.key_len,
+            expires_ms: w.expires_ms,
+            secret,
+        };
+        WriteOutcome::Stored {
+            created: false,
+            expires_ms: w.expires_ms,
+        }
     }
 
     /// Removes the entry at `idx` by swapping the last entry into its place.
@@ -292,7 +337,10 @@ impl Shard {
         }
         let last = self.entries.len() - 1;
         if let Some(copy) = &mut self.snapshot {
-            if idx < copy.cursor && last >= copy.cursor && !self.entries[last].is_expired(copy.now_ms) {
+            if idx < copy.cursor
+                && last >= copy.cursor
+                && !self.entries[last].is_expired(copy.now_ms)
+            {
                 copy.out.push(self.entries[last].clone());
             }
         }
@@ -331,16 +379,27 @@ impl Shard {
 
     /// Starts an incremental copy of the live entries (expiry judged at `now_ms`).
     pub fn snapshot_begin(&mut self, now_ms: u64) {
-        self.snapshot = Some(SnapshotCopy { cursor: 0, now_ms, out: Vec::with_capacity(self.entries.len()) });
+        self.snapshot = Some(SnapshotCopy {
+            cursor: 0,
+            now_ms,
+            out: Vec::with_capacity(self.entries.len()),
+        });
     }
 
     /// Copies up to `max` more entries. Returns true when the copy is complete.
     pub fn snapshot_step(&mut self, max: usize) -> bool {
-        let Some(copy) = &mut self.snapshot else { return true };
+        let Some(copy) = &mut self.snapshot else {
+            return true;
+        };
         let end = copy.cursor.saturating_add(max).min(self.entries.len());
         if copy.cursor < end {
             let now = copy.now_ms;
-            copy.out.extend(self.entries[copy.cursor..end].iter().filter(|e| !e.is_expired(now)).cloned());
+            copy.out.extend(
+                self.entries[copy.cursor..end]
+                    .iter()
+                    .filter(|e| !e.is_expired(now))
+                    .cloned(),
+            );
             copy.cursor = end;
         }
         copy.cursor >= self.entries.len()
@@ -367,7 +426,8 @@ impl Shard {
         let idx = self.entries.len() as u32;
         self.entries.push(entry);
         let (entries, hasher) = (&self.entries, &self.hasher);
-        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
+        self.table
+            .insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
         true
     }
 }
@@ -379,7 +439,13 @@ mod tests {
     const T: u64 = 1_000_000;
 
     fn w(key: &str, value: &str, secret: Option<u8>, cond: Condition) -> Write {
-        Write::new(key.as_bytes(), value.as_bytes(), secret.map(|b| [b; 32]), T + 1000, cond)
+        Write::new(
+            key.as_bytes(),
+            value.as_bytes(),
+            secret.map(|b| [b; 32]),
+            T + 1000,
+            cond,
+        )
     }
 
     fn get(s: &mut Shard, key: &str, b: &KeyBudget) -> Option<Vec<u8>> {
@@ -395,7 +461,10 @@ mod tests {
     }
 
     fn stored(created: bool) -> WriteOutcome {
-        WriteOutcome::Stored { created, expires_ms: T + 1000 }
+        WriteOutcome::Stored {
+            created,
+            expires_ms: T + 1000,
+        }
     }
 
     #[test]
@@ -403,8 +472,14 @@ mod tests {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
         assert_eq!(get(&mut s, "a", &b), None);
-        assert_eq!(s.write(w("a", "1", None, Condition::Set), T, &b), stored(true));
-        assert_eq!(s.write(w("a", "22", None, Condition::Set), T, &b), stored(false));
+        assert_eq!(
+            s.write(w("a", "1", None, Condition::Set), T, &b),
+            stored(true)
+        );
+        assert_eq!(
+            s.write(w("a", "22", None, Condition::Set), T, &b),
+            stored(false)
+        );
         assert_eq!(get(&mut s, "a", &b).as_deref(), Some(&b"22"[..]));
         assert_eq!(s.bytes(), 3);
         assert_eq!(b.live(), 1);
@@ -414,10 +489,16 @@ mod tests {
     fn los_creates_once_then_returns_current() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
-        assert_eq!(s.write(w("k", "first", None, Condition::Los), T, &b), stored(true));
+        assert_eq!(
+            s.write(w("k", "first", None, Condition::Los), T, &b),
+            stored(true)
+        );
         assert_eq!(
             s.write(w("k", "second", Some(1), Condition::Los), T, &b),
-            WriteOutcome::Existing { value: (*b"first").into(), expires_ms: T + 1000 }
+            WriteOutcome::Existing {
+                value: (*b"first").into(),
+                expires_ms: T + 1000
+            }
         );
         assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"first"[..]));
     }
@@ -426,11 +507,17 @@ mod tests {
     fn cas_semantics() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
-        assert_eq!(s.write(w("k", "x", None, cas("")), T, &b), WriteOutcome::NotFound);
+        assert_eq!(
+            s.write(w("k", "x", None, cas("")), T, &b),
+            WriteOutcome::NotFound
+        );
         s.write(w("k", "1", None, Condition::Set), T, &b);
         assert_eq!(
             s.write(w("k", "3", None, cas("2")), T, &b),
-            WriteOutcome::Conflict { value: (*b"1").into(), expires_ms: T + 1000 }
+            WriteOutcome::Conflict {
+                value: (*b"1").into(),
+                expires_ms: T + 1000
+            }
         );
         assert_eq!(s.write(w("k", "2", None, cas("1")), T, &b), stored(false));
         assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"2"[..]));
@@ -440,8 +527,14 @@ mod tests {
     fn casoc_creates_or_compares() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
-        assert_eq!(s.write(w("k", "1", None, casoc("anything")), T, &b), stored(true));
-        assert!(matches!(s.write(w("k", "2", None, casoc("0")), T, &b), WriteOutcome::Conflict { .. }));
+        assert_eq!(
+            s.write(w("k", "1", None, casoc("anything")), T, &b),
+            stored(true)
+        );
+        assert!(matches!(
+            s.write(w("k", "2", None, casoc("0")), T, &b),
+            WriteOutcome::Conflict { .. }
+        ));
         assert_eq!(s.write(w("k", "2", None, casoc("1")), T, &b), stored(false));
     }
 
@@ -451,17 +544,41 @@ mod tests {
         let mut s = Shard::with_capacity(4);
         s.write(w("k", "v0", None, Condition::Set), T, &b);
         // Claimed by the first write that brings a secret.
-        assert_eq!(s.write(w("k", "v1", Some(7), Condition::Set), T, &b), stored(false));
-        assert_eq!(s.write(w("k", "v2", None, Condition::Set), T, &b), WriteOutcome::Forbidden);
-        assert_eq!(s.write(w("k", "v2", Some(8), Condition::Set), T, &b), WriteOutcome::Forbidden);
-        assert_eq!(s.write(w("k", "v2", Some(8), cas("v1")), T, &b), WriteOutcome::Forbidden);
-        assert_eq!(s.write(w("k", "v2", None, casoc("v1")), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(
+            s.write(w("k", "v1", Some(7), Condition::Set), T, &b),
+            stored(false)
+        );
+        assert_eq!(
+            s.write(w("k", "v2", None, Condition::Set), T, &b),
+            WriteOutcome::Forbidden
+        );
+        assert_eq!(
+            s.write(w("k", "v2", Some(8), Condition::Set), T, &b),
+            WriteOutcome::Forbidden
+        );
+        assert_eq!(
+            s.write(w("k", "v2", Some(8), cas("v1")), T, &b),
+            WriteOutcome::Forbidden
+        );
+        assert_eq!(
+            s.write(w("k", "v2", None, casoc("v1")), T, &b),
+            WriteOutcome::Forbidden
+        );
         assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"v1"[..]));
         // The owner keeps writing, and the secret stays.
-        assert_eq!(s.write(w("k", "v3", Some(7), cas("v1")), T, &b), stored(false));
-        assert_eq!(s.write(w("k", "v4", None, Condition::Set), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(
+            s.write(w("k", "v3", Some(7), cas("v1")), T, &b),
+            stored(false)
+        );
+        assert_eq!(
+            s.write(w("k", "v4", None, Condition::Set), T, &b),
+            WriteOutcome::Forbidden
+        );
         // los on a present key is a read: no secret needed.
-        assert!(matches!(s.write(w("k", "x", None, Condition::Los), T, &b), WriteOutcome::Existing { .. }));
+        assert!(matches!(
+            s.write(w("k", "x", None, Condition::Los), T, &b),
+            WriteOutcome::Existing { .. }
+        ));
     }
 
     #[test]
@@ -469,8 +586,14 @@ mod tests {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
         s.write(w("k", "v0", None, Condition::Set), T, &b);
-        assert!(matches!(s.write(w("k", "v1", Some(7), cas("zz")), T, &b), WriteOutcome::Conflict { .. }));
-        assert_eq!(s.write(w("k", "v1", None, Condition::Set), T, &b), stored(false));
+        assert!(matches!(
+            s.write(w("k", "v1", Some(7), cas("zz")), T, &b),
+            WriteOutcome::Conflict { .. }
+        ));
+        assert_eq!(
+            s.write(w("k", "v1", None, Condition::Set), T, &b),
+            stored(false)
+        );
     }
 
     #[test]
@@ -485,7 +608,13 @@ mod tests {
         // An expired key's secret no longer protects it.
         s.write(w("k", "v", Some(1), Condition::Set), T, &b);
         let late = Write::new(b"k", b"new", None, T + 5000, Condition::Set);
-        assert_eq!(s.write(late, T + 2000, &b), WriteOutcome::Stored { created: true, expires_ms: T + 5000 });
+        assert_eq!(
+            s.write(late, T + 2000, &b),
+            WriteOutcome::Stored {
+                created: true,
+                expires_ms: T + 5000
+            }
+        );
         assert_eq!(s.expired_total(), 2);
     }
 
@@ -494,12 +623,30 @@ mod tests {
         let b = KeyBudget::new(2);
         let mut s1 = Shard::with_capacity(4);
         let mut s2 = Shard::with_capacity(4);
-        assert_eq!(s1.write(w("a", "1", None, Condition::Set), T, &b), stored(true));
-        assert_eq!(s2.write(w("b", "1", None, Condition::Set), T, &b), stored(true));
-        assert_eq!(s1.write(w("c", "1", None, Condition::Set), T, &b), WriteOutcome::Full);
-        assert_eq!(s2.write(w("d", "1", None, Condition::Los), T, &b), WriteOutcome::Full);
-        assert_eq!(s1.write(w("a", "2", None, Condition::Set), T, &b), stored(false));
-        assert_eq!(s2.write(w("b", "2", None, casoc("1")), T, &b), stored(false));
+        assert_eq!(
+            s1.write(w("a", "1", None, Condition::Set), T, &b),
+            stored(true)
+        );
+        assert_eq!(
+            s2.write(w("b", "1", None, Condition::Set), T, &b),
+            stored(true)
+        );
+        assert_eq!(
+            s1.write(w("c", "1", None, Condition::Set), T, &b),
+            WriteOutcome::Full
+        );
+        assert_eq!(
+            s2.write(w("d", "1", None, Condition::Los), T, &b),
+            WriteOutcome::Full
+        );
+        assert_eq!(
+            s1.write(w("a", "2", None, Condition::Set), T, &b),
+            stored(false)
+        );
+        assert_eq!(
+            s2.write(w("b", "2", None, casoc("1")), T, &b),
+            stored(false)
+        );
     }
 
     #[test]
@@ -535,8 +682,28 @@ mod tests {
         let mut s = Shard::with_capacity(8);
         // Keys "keep{i}" live through the copy; "die{i}" expire during it.
         for i in 0..300 {
-            s.write(Write::new(format!("keep{i}").as_bytes(), b"v", None, T + 10_000, Condition::Set), T, &b);
-            s.write(Write::new(format!("die{i}").as_bytes(), b"v", None, T + 50, Condition::Set), T, &b);
+            s.write(
+                Write::new(
+                    format!("keep{i}").as_bytes(),
+                    b"v",
+                    None,
+                    T + 10_000,
+                    Condition::Set,
+                ),
+                T,
+                &b,
+            );
+            s.write(
+                Write::new(
+                    format!("die{i}").as_bytes(),
+                    b"v",
+                    None,
+                    T + 50,
+                    Condition::Set,
+                ),
+                T,
+                &b,
+            );
         }
         s.snapshot_begin(T);
         let mut steps = 0;
@@ -544,13 +711,27 @@ mod tests {
             steps += 1;
             // Between steps the core serves requests: expire a few, add a few.
             s.sweep(T + 100, 23, &b);
-            s.write(Write::new(format!("new{steps}").as_bytes(), b"v", None, T + 10_000, Condition::Set), T, &b);
+            s.write(
+                Write::new(
+                    format!("new{steps}").as_bytes(),
+                    b"v",
+                    None,
+                    T + 10_000,
+                    Condition::Set,
+                ),
+                T,
+                &b,
+            );
         }
         let copy = s.snapshot_take();
-        let keys: std::collections::HashSet<Vec<u8>> = copy.iter().map(|e| e.key().to_vec()).collect();
+        let keys: std::collections::HashSet<Vec<u8>> =
+            copy.iter().map(|e| e.key().to_vec()).collect();
         assert_eq!(keys.len(), copy.len(), "no entry copied twice");
         for i in 0..300 {
-            assert!(keys.contains(format!("keep{i}").as_bytes()), "keep{i} missing");
+            assert!(
+                keys.contains(format!("keep{i}").as_bytes()),
+                "keep{i} missing"
+            );
         }
         assert!(steps > 5);
         assert!(s.snapshot_step(10), "no copy in progress");

@@ -80,7 +80,9 @@ impl std::fmt::Display for SnapshotError {
             }
             SnapshotError::Checksum => f.write_str("corrupt: payload checksum mismatch"),
             SnapshotError::InvalidArchive(e) => write!(f, "corrupt: invalid archive ({e})"),
-            SnapshotError::BadEntry(i) => write!(f, "corrupt: entry {i} has a key longer than its data"),
+            SnapshotError::BadEntry(i) => {
+                write!(f, "corrupt: entry {i} has a key longer than its data")
+            }
             SnapshotError::Encode(e) => write!(f, "cannot encode snapshot: {e}"),
         }
     }
@@ -103,17 +105,31 @@ pub struct Loaded {
 }
 
 /// Encodes a snapshot file (header + archive) from the cores' entries.
-pub fn encode(secret_key: &SecretKey, shards: Vec<Vec<Entry>>, now_unix_ms: u64) -> Result<Vec<u8>, SnapshotError> {
+pub fn encode(
+    secret_key: &SecretKey,
+    shards: Vec<Vec<Entry>>,
+    now_unix_ms: u64,
+) -> Result<Vec<u8>, SnapshotError> {
     let entries = shards
         .into_iter()
         .flatten()
         .map(|e| {
             let (data, key_len, expires_unix_ms, secret) = e.into_parts();
-            EntryV1 { data: data.into_vec(), key_len, expires_unix_ms, secret_hash: secret.map(|s| *s) }
+            EntryV1 {
+                data: data.into_vec(),
+                key_len,
+                expires_unix_ms,
+                secret_hash: secret.map(|s| *s),
+            }
         })
         .collect();
-    let snap = SnapshotV1 { created_unix_ms: now_unix_ms, secret_key: *secret_key.as_bytes(), entries };
-    let payload = rkyv::to_bytes::<rancor::Error>(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+    let snap = SnapshotV1 {
+        created_unix_ms: now_unix_ms,
+        secret_key: *secret_key.as_bytes(),
+        entries,
+    };
+    let payload =
+        rkyv::to_bytes::<rancor::Error>(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -133,9 +149,13 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
         return Err(SnapshotError::BadMagic);
     }
     if bytes.len() < HEADER_LEN {
-        return Err(SnapshotError::Truncated { declared: 0, actual: 0 });
+        return Err(SnapshotError::Truncated {
+            declared: 0,
+            actual: 0,
+        });
     }
-    let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let u32_at =
+        |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     let version = u32_at(8);
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&bytes[16..24]);
@@ -171,7 +191,12 @@ fn decode_v1(payload: &[u8]) -> Result<Loaded, SnapshotError> {
             return Err(SnapshotError::BadEntry(i));
         }
         let secret = e.secret_hash.as_ref().map(|s| *s);
-        entries.push(Entry::new(e.data.as_slice().into(), key_len, e.expires_unix_ms.to_native(), secret));
+        entries.push(Entry::new(
+            e.data.as_slice().into(),
+            key_len,
+            e.expires_unix_ms.to_native(),
+            secret,
+        ));
     }
     Ok(Loaded {
         secret_key: SecretKey::from_bytes(archived.secret_key),
@@ -191,7 +216,10 @@ pub fn load(path: &Path) -> Result<Option<Loaded>, SnapshotError> {
 }
 
 fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }
@@ -202,7 +230,11 @@ fn temp_path(path: &Path) -> PathBuf {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
@@ -227,7 +259,10 @@ mod tests {
         vec![
             vec![Entry::new((*b"keyvalue").into(), 3, 1_000, Some([9; 32]))],
             vec![],
-            vec![Entry::new((*b"k\x00\xff").into(), 1, 2_000, None), Entry::new((*b"ab").into(), 2, 3_000, None)],
+            vec![
+                Entry::new((*b"k\x00\xff").into(), 1, 2_000, None),
+                Entry::new((*b"ab").into(), 2, 3_000, None),
+            ],
         ]
     }
 
@@ -249,20 +284,38 @@ mod tests {
     fn every_kind_of_damage_is_an_error() {
         let bytes = encode(&SecretKey::from_bytes([5; 32]), sample(), 42).unwrap();
         assert!(matches!(decode(&[]), Err(SnapshotError::Empty)));
-        assert!(matches!(decode(b"PK\x03\x04 a zip file"), Err(SnapshotError::BadMagic)));
-        assert!(matches!(decode(&bytes[..20]), Err(SnapshotError::Truncated { .. })));
-        assert!(matches!(decode(&bytes[..bytes.len() - 1]), Err(SnapshotError::Truncated { .. })));
+        assert!(matches!(
+            decode(b"PK\x03\x04 a zip file"),
+            Err(SnapshotError::BadMagic)
+        ));
+        assert!(matches!(
+            decode(&bytes[..20]),
+            Err(SnapshotError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(SnapshotError::Truncated { .. })
+        ));
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(matches!(decode(&longer), Err(SnapshotError::TrailingBytes { .. })));
+        assert!(matches!(
+            decode(&longer),
+            Err(SnapshotError::TrailingBytes { .. })
+        ));
         let mut v99 = bytes.clone();
         v99[8..12].copy_from_slice(&99u32.to_le_bytes());
-        assert!(matches!(decode(&v99), Err(SnapshotError::UnsupportedVersion(99))));
+        assert!(matches!(
+            decode(&v99),
+            Err(SnapshotError::UnsupportedVersion(99))
+        ));
         // Flip every payload byte in turn: the checksum catches each.
         for i in (HEADER_LEN..bytes.len()).step_by(7) {
             let mut bad = bytes.clone();
             bad[i] ^= 0x40;
-            assert!(matches!(decode(&bad), Err(SnapshotError::Checksum)), "byte {i}");
+            assert!(
+                matches!(decode(&bad), Err(SnapshotError::Checksum)),
+                "byte {i}"
+            );
         }
     }
 
@@ -277,7 +330,10 @@ mod tests {
         }
         let sum = *blake3::hash(&bytes[HEADER_LEN..]).as_bytes();
         bytes[24..56].copy_from_slice(&sum);
-        assert!(matches!(decode(&bytes), Err(SnapshotError::InvalidArchive(_)) | Err(SnapshotError::BadEntry(_))));
+        assert!(matches!(
+            decode(&bytes),
+            Err(SnapshotError::InvalidArchive(_)) | Err(SnapshotError::BadEntry(_))
+        ));
     }
 
     #[test]
@@ -306,8 +362,18 @@ mod tests {
         let key = SecretKey::from_bytes([7; 32]);
         vec![
             Entry::new((*b"golden/plainhello").into(), 12, 4_102_444_800_000, None),
-            Entry::new((*b"golden/ownedmine").into(), 12, 4_102_444_800_000, Some(key.hash(b"golden/owned", b"golden-secret"))),
-            Entry::new((*b"ip/192.0.2.1/svc192.0.2.1:4000").into(), 16, 4_102_444_800_000, None),
+            Entry::new(
+                (*b"golden/ownedmine").into(),
+                12,
+                4_102_444_800_000,
+                Some(key.hash(b"golden/owned", b"golden-secret")),
+            ),
+            Entry::new(
+                (*b"ip/192.0.2.1/svc192.0.2.1:4000").into(),
+                16,
+                4_102_444_800_000,
+                None,
+            ),
             Entry::new((*b"golden/expired-long-ago").into(), 23, 1_000, None),
         ]
     }
@@ -317,7 +383,12 @@ mod tests {
     #[test]
     #[ignore]
     fn write_golden_v1() {
-        let bytes = encode(&SecretKey::from_bytes([7; 32]), vec![golden_entries()], 1_764_000_000_000).unwrap();
+        let bytes = encode(
+            &SecretKey::from_bytes([7; 32]),
+            vec![golden_entries()],
+            1_764_000_000_000,
+        )
+        .unwrap();
         fs::write("tests/golden/snapshot-v1.rkyv", bytes).unwrap();
     }
 }

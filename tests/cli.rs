@@ -10,9 +10,23 @@ fn help_lists_every_flag() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     for flag in [
-        "-maxKeySize", "-maxValueSize", "-maxNumKV", "-expireDuration", "-resetDuration", "-saveDuration",
-        "-maxRequests", "-port", "-l ", "-disableLocalIPWarning", "-threads", "-trustedProxies", "-readTimeout",
-        "-idleTimeout", "-snapshotPath", "-maxTrackedIPs", "-ioDriver",
+        "-maxKeySize",
+        "-maxValueSize",
+        "-maxNumKV",
+        "-expireDuration",
+        "-resetDuration",
+        "-saveDuration",
+        "-maxRequests",
+        "-port",
+        "-l ",
+        "-disableLocalIPWarning",
+        "-threads",
+        "-trustedProxies",
+        "-readTimeout",
+        "-idleTimeout",
+        "-snapshotPath",
+        "-maxTrackedIPs",
+        "-ioDriver",
     ] {
         assert!(text.contains(flag), "{flag} missing:\n{text}");
     }
@@ -38,11 +52,20 @@ fn bad_flags_exit_2_with_a_message() {
 #[test]
 fn go_style_command_lines_start() {
     let s = Server::start(&[
-        "-maxValueSize=50", "--maxKeySize", "20", "-disableLocalIPWaring", "-expireDuration=1h30m", "-saveDuration", "10m",
+        "-maxValueSize=50",
+        "--maxKeySize",
+        "20",
+        "-disableLocalIPWaring",
+        "-expireDuration=1h30m",
+        "-saveDuration",
+        "10m",
     ]);
     assert_eq!(s.post("/set/k", &[b'x'; 50]).status, 200);
     assert_eq!(s.post("/set/k", &[b'x'; 51]).status, 413);
-    assert_eq!(s.post(&format!("/set/{}", "k".repeat(21)), b"v").status, 400);
+    assert_eq!(
+        s.post(&format!("/set/{}", "k".repeat(21)), b"v").status,
+        400
+    );
     let exp = s.post("/set/k", b"v").expires_at();
     assert!(exp <= now_secs() + 5401 && exp >= now_secs() + 5398);
 }
@@ -61,7 +84,10 @@ fn port_in_use_is_a_startup_error() {
     // Also when the other listener uses SO_REUSEPORT on all addresses.
     let blocker = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = blocker.local_addr().unwrap().port().to_string();
-    let out = Command::new(BIN).args(["-port", &port, "-snapshotPath", ""]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["-port", &port, "-snapshotPath", ""])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     // The first server is untouched.
     assert_eq!(s.get("/get/x").status, 404);
@@ -71,7 +97,11 @@ fn port_in_use_is_a_startup_error() {
 fn startup_log_names_the_driver_and_threads() {
     let s = Server::start(&["-threads", "3"]);
     assert!(s.banner.contains("3 threads"), "{}", s.banner);
-    assert!(s.banner.contains("io_uring driver") || s.banner.contains("epoll driver"), "{}", s.banner);
+    assert!(
+        s.banner.contains("io_uring driver") || s.banner.contains("epoll driver"),
+        "{}",
+        s.banner
+    );
     let s = Server::start(&["-threads", "2", "-ioDriver", "epoll"]);
     assert!(s.banner.contains("2 threads, epoll driver"), "{}", s.banner);
     assert_eq!(s.get("/get/x").status, 404);

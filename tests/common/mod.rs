@@ -56,10 +56,18 @@ impl Server {
     }
 
     pub fn start_in(dir: TempDir, args: &[&str]) -> Server {
-        let mut all: Vec<String> = ["-l", "127.0.0.1", "-port", "0", "-maxRequests", "4294967295", "-disableLocalIPWarning"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut all: Vec<String> = [
+            "-l",
+            "127.0.0.1",
+            "-port",
+            "0",
+            "-maxRequests",
+            "4294967295",
+            "-disableLocalIPWarning",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         if !args.iter().any(|a| a.contains("metricsAddr")) {
             all.push("-metricsAddr".into());
             all.push("127.0.0.1:0".into());
@@ -98,7 +106,14 @@ impl Server {
                     }
                     if let Some(rest) = line.split("listening on http://").nth(1) {
                         let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-                        return Server { child: Some(child), addr, dir, banner: line, metrics, log: rx };
+                        return Server {
+                            child: Some(child),
+                            addr,
+                            dir,
+                            banner: line,
+                            metrics,
+                            log: rx,
+                        };
                     }
                 }
                 Err(_) => {
@@ -148,7 +163,10 @@ impl Server {
     pub fn wait_log(&self, needle: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
-            match self.log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self
+                .log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
                 Err(_) => panic!("no log line containing {needle:?} within {limit:?}"),
@@ -168,7 +186,10 @@ impl Server {
     /// Sends a signal and waits for the exit status (with a deadline).
     pub fn signal_and_wait(&mut self, sig: &str) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
         wait_deadline(&mut child, Duration::from_secs(30))
     }
 
@@ -224,7 +245,10 @@ impl Resp {
     }
 
     pub fn expires_at(&self) -> u64 {
-        self.header("X-Expires-At").expect("X-Expires-At").parse().unwrap()
+        self.header("X-Expires-At")
+            .expect("X-Expires-At")
+            .parse()
+            .unwrap()
     }
 }
 
@@ -235,15 +259,34 @@ pub struct Client {
 }
 
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
-        Client { stream, buf: Vec::new() }
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// A client over an already connected stream.
+    pub fn over(stream: TcpStream) -> Client {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub fn send_raw(&mut self, raw: &[u8]) {
@@ -262,8 +305,11 @@ impl Client {
             let mut resp = httparse::Response::new(&mut headers);
             if let Ok(httparse::Status::Complete(n)) = resp.parse(&self.buf) {
                 let status = resp.code.unwrap();
-                let hs: Vec<(String, Vec<u8>)> =
-                    resp.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect();
+                let hs: Vec<(String, Vec<u8>)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), h.value.to_vec()))
+                    .collect();
                 let len: usize = hs
                     .iter()
                     .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
@@ -273,6 +319,19 @@ impl Client {
                     self.buf.drain(..n);
                     continue;
                 }
+                let chunked = hs.iter().any(|(k, v)| {
+                    k.eq_ignore_ascii_case("transfer-encoding")
+                        && v.eq_ignore_ascii_case(b"chunked")
+                });
+                if chunked && !head_only {
+                    self.buf.drain(..n);
+                    let body = self.read_chunked();
+                    return Some(Resp {
+                        status,
+                        headers: hs,
+                        body,
+                    });
+                }
                 let len = if head_only { 0 } else { len };
                 while self.buf.len() < n + len {
                     if !self.fill() {
@@ -281,11 +340,44 @@ impl Client {
                 }
                 let body = self.buf[n..n + len].to_vec();
                 self.buf.drain(..n + len);
-                return Some(Resp { status, headers: hs, body });
+                return Some(Resp {
+                    status,
+                    headers: hs,
+                    body,
+                });
             }
             if !self.fill() {
-                assert!(self.buf.is_empty(), "EOF inside head: {:?}", String::from_utf8_lossy(&self.buf));
+                assert!(
+                    self.buf.is_empty(),
+                    "EOF inside head: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                );
                 return None;
+            }
+        }
+    }
+
+    /// Reads a chunked body (other servers, e.g. Prometheus, send these).
+    fn read_chunked(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                assert!(self.fill(), "EOF in chunk size");
+            };
+            let size_text = String::from_utf8_lossy(&self.buf[..line_end]).to_string();
+            let size =
+                usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+            self.buf.drain(..line_end + 2);
+            while self.buf.len() < size + 2 {
+                assert!(self.fill(), "EOF in chunk");
+            }
+            body.extend_from_slice(&self.buf[..size]);
+            self.buf.drain(..size + 2);
+            if size == 0 {
+                return body;
             }
         }
     }
