@@ -454,8 +454,8 @@ mod tests {
         assert_eq!((a.route, a.cost, a.ip_key), (Route::Set, WRITE_COST, true));
         let Op::Write(w) = a.op else { panic!() };
         assert_eq!(w.key(), b"ip/1.2.3.4/x");
-        assert_eq!(w.expires_ms, 11_000);
-        assert_eq!(w.secret, Some(k.hash(b"ip/1.2.3.4/x", b"pw")));
+        assert_eq!(w.entry.expires_ms, 11_000);
+        assert_eq!(w.entry.secret(), Some(&k.hash(b"ip/1.2.3.4/x", b"pw")));
 
         // Value + secret over the limit.
         let h = head(Method::Post, "/set/k", Some("12345"), None);
@@ -482,7 +482,7 @@ mod tests {
             panic!()
         };
         let Op::Write(w) = a.op else { panic!() };
-        assert_eq!(w.expires_ms, 6);
+        assert_eq!(w.entry.expires_ms, 6);
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! given `now_ms`: no clock, no I/O, no logging.
 
 use crate::secret::{self, SecretHash};
+
+#[cfg(test)]
+const _: () = assert!(std::mem::size_of::<Entry>() == 32);
 use hashbrown::HashTable;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -59,39 +62,68 @@ impl KeyBudget {
     }
 }
 
-/// A stored key-value pair.
+/// Length of a stored owner-secret hash.
+const SECRET_LEN: usize = 32;
+
+/// A stored key-value pair: 32 bytes plus one exact-size allocation holding
+/// `[secret hash (if any)][key][value]`, so an entry costs one heap block
+/// whether or not it has an owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// Key bytes followed by value bytes, one allocation of exact size.
     data: Box<[u8]>,
     key_len: u32,
+    has_secret: bool,
     /// Unix milliseconds after which the entry no longer exists.
     pub expires_ms: u64,
-    pub secret: Option<Box<SecretHash>>,
 }
 
 impl Entry {
-    pub fn new(data: Box<[u8]>, key_len: u32, expires_ms: u64, secret: Option<SecretHash>) -> Self {
-        debug_assert!(key_len as usize <= data.len());
-        Entry {
-            data,
-            key_len,
-            expires_ms,
-            secret: secret.map(Box::new),
+    pub fn new(key: &[u8], value: &[u8], secret: Option<&SecretHash>, expires_ms: u64) -> Self {
+        let secret_len = if secret.is_some() { SECRET_LEN } else { 0 };
+        let mut data = Vec::with_capacity(secret_len + key.len() + value.len());
+        if let Some(s) = secret {
+            data.extend_from_slice(s);
+        }
+        data.extend_from_slice(key);
+        data.extend_from_slice(value);
+        Entry { data: data.into_boxed_slice(), key_len: key.len() as u32, has_secret: secret.is_some(), expires_ms }
+    }
+
+    fn key_start(&self) -> usize {
+        if self.has_secret {
+            SECRET_LEN
+        } else {
+            0
         }
     }
 
     pub fn key(&self) -> &[u8] {
-        &self.data[..self.key_len as usize]
+        let start = self.key_start();
+        &self.data[start..start + self.key_len as usize]
     }
 
     pub fn value(&self) -> &[u8] {
-        &self.data[self.key_len as usize..]
+        &self.data[self.key_start() + self.key_len as usize..]
     }
 
-    /// Takes the entry apart (data, key length, expiry, secret) without copying.
-    pub fn into_parts(self) -> (Box<[u8]>, u32, u64, Option<Box<SecretHash>>) {
-        (self.data, self.key_len, self.expires_ms, self.secret)
+    pub fn secret(&self) -> Option<&SecretHash> {
+        if !self.has_secret {
+            return None;
+        }
+        self.data.get(..SECRET_LEN).and_then(|s| s.try_into().ok())
+    }
+
+    /// Key plus value bytes (what `rendezvous_stored_bytes` counts).
+    pub fn payload_len(&self) -> usize {
+        self.data.len() - self.key_start()
+    }
+
+    /// Takes the entry apart for a snapshot: key and value bytes, key length,
+    /// expiry, secret. Copies nothing unless the entry has a secret.
+    pub fn into_snapshot_parts(self) -> (Vec<u8>, u32, u64, Option<SecretHash>) {
+        let secret = self.secret().copied();
+        let data = if self.has_secret { self.data[SECRET_LEN..].to_vec() } else { self.data.into_vec() };
+        (data, self.key_len, self.expires_ms, secret)
     }
 
     pub fn is_expired(&self, now_ms: u64) -> bool {
@@ -112,40 +144,21 @@ pub enum Condition {
     Casoc(Box<[u8]>),
 }
 
-/// A write, fully decoded (effective key, hashed secret, absolute expiry).
+/// A write, fully decoded (effective key, hashed secret, absolute expiry):
+/// the entry it would store, and its condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
-    /// Key bytes followed by the value bytes.
-    pub data: Box<[u8]>,
-    pub key_len: u32,
-    pub secret: Option<SecretHash>,
-    pub expires_ms: u64,
+    pub entry: Entry,
     pub cond: Condition,
 }
 
 impl Write {
-    /// Joins key and value into the one allocation the entry will keep.
-    pub fn new(
-        key: &[u8],
-        value: &[u8],
-        secret: Option<SecretHash>,
-        expires_ms: u64,
-        cond: Condition,
-    ) -> Self {
-        let mut data = Vec::with_capacity(key.len() + value.len());
-        data.extend_from_slice(key);
-        data.extend_from_slice(value);
-        Write {
-            data: data.into_boxed_slice(),
-            key_len: key.len() as u32,
-            secret,
-            expires_ms,
-            cond,
-        }
+    pub fn new(key: &[u8], value: &[u8], secret: Option<SecretHash>, expires_ms: u64, cond: Condition) -> Self {
+        Write { entry: Entry::new(key, value, secret.as_ref(), expires_ms), cond }
     }
 
     pub fn key(&self) -> &[u8] {
-        &self.data[..self.key_len as usize]
+        self.entry.key()
     }
 }
 
@@ -275,9 +288,9 @@ impl Shard {
         if !budget.try_reserve() {
             return WriteOutcome::Full;
         }
-        let expires_ms = w.expires_ms;
-        let entry = Entry::new(w.data, w.key_len, w.expires_ms, w.secret);
-        self.bytes += entry.data.len();
+        let expires_ms = w.entry.expires_ms;
+        let entry = w.entry;
+        self.bytes += entry.payload_len();
         let idx = self.entries.len() as u32;
         self.entries.push(entry);
         let (entries, hasher) = (&self.entries, &self.hasher);
@@ -297,7 +310,7 @@ impl Shard {
                 expires_ms: current.expires_ms,
             };
         }
-        let authorized = match (&current.secret, &w.secret) {
+        let authorized = match (current.secret(), w.entry.secret()) {
             (None, _) => true,
             (Some(stored), Some(offered)) => secret::matches(stored, offered),
             (Some(_), None) => false,
@@ -314,19 +327,12 @@ impl Shard {
             }
         }
         // A key without a secret is claimed by the first write that brings one;
-        // a key with one keeps it (the write proved it knows it).
-        let secret = current.secret.take().or(w.secret.map(Box::new));
-        self.bytes = self.bytes - current.data.len() + w.data.len();
-        *current = Entry {
-            data: w.data,
-            key_len: w.key_len,
-            expires_ms: w.expires_ms,
-            secret,
-        };
-        WriteOutcome::Stored {
-            created: false,
-            expires_ms: w.expires_ms,
-        }
+        // a key with one keeps it (the write proved it knows it, so it carries
+        // the same hash).
+        let expires_ms = w.entry.expires_ms;
+        self.bytes = self.bytes - current.payload_len() + w.entry.payload_len();
+        *current = w.entry;
+        WriteOutcome::Stored { created: false, expires_ms }
     }
 
     /// Removes the entry at `idx` by swapping the last entry into its place.
@@ -351,7 +357,7 @@ impl Shard {
             }
         }
         let removed = self.entries.swap_remove(idx);
-        self.bytes -= removed.data.len();
+        self.bytes -= removed.payload_len();
         budget.release(1);
     }
 
@@ -415,14 +421,14 @@ impl Shard {
     pub fn restore(&mut self, entry: Entry, budget: &KeyBudget) -> bool {
         let hash = self.hasher.hash_one(entry.key());
         if let Some(idx) = self.find(hash, entry.key()) {
-            self.bytes = self.bytes - self.entries[idx].data.len() + entry.data.len();
+            self.bytes = self.bytes - self.entries[idx].payload_len() + entry.payload_len();
             self.entries[idx] = entry;
             return true;
         }
         if !budget.try_reserve() {
             return false;
         }
-        self.bytes += entry.data.len();
+        self.bytes += entry.payload_len();
         let idx = self.entries.len() as u32;
         self.entries.push(entry);
         let (entries, hasher) = (&self.entries, &self.hasher);
@@ -741,9 +747,9 @@ mod tests {
     fn restore_replaces_and_respects_budget() {
         let b = KeyBudget::new(1);
         let mut s = Shard::with_capacity(2);
-        assert!(s.restore(Entry::new((*b"kv").into(), 1, T + 5, None), &b));
-        assert!(s.restore(Entry::new((*b"kw").into(), 1, T + 5, None), &b));
-        assert!(!s.restore(Entry::new((*b"zv").into(), 1, T + 5, None), &b));
+        assert!(s.restore(Entry::new(b"k", b"v", None, T + 5), &b));
+        assert!(s.restore(Entry::new(b"k", b"w", None, T + 5), &b));
+        assert!(!s.restore(Entry::new(b"z", b"v", None, T + 5), &b));
         assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"w"[..]));
     }
 }

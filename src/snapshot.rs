@@ -114,13 +114,8 @@ pub fn encode(
         .into_iter()
         .flatten()
         .map(|e| {
-            let (data, key_len, expires_unix_ms, secret) = e.into_parts();
-            EntryV1 {
-                data: data.into_vec(),
-                key_len,
-                expires_unix_ms,
-                secret_hash: secret.map(|s| *s),
-            }
+            let (data, key_len, expires_unix_ms, secret_hash) = e.into_snapshot_parts();
+            EntryV1 { data, key_len, expires_unix_ms, secret_hash }
         })
         .collect();
     let snap = SnapshotV1 {
@@ -190,13 +185,8 @@ fn decode_v1(payload: &[u8]) -> Result<Loaded, SnapshotError> {
         if key_len as usize > e.data.len() || key_len == 0 {
             return Err(SnapshotError::BadEntry(i));
         }
-        let secret = e.secret_hash.as_ref().map(|s| *s);
-        entries.push(Entry::new(
-            e.data.as_slice().into(),
-            key_len,
-            e.expires_unix_ms.to_native(),
-            secret,
-        ));
+        let (key, value) = e.data.as_slice().split_at(key_len as usize);
+        entries.push(Entry::new(key, value, e.secret_hash.as_ref(), e.expires_unix_ms.to_native()));
     }
     Ok(Loaded {
         secret_key: SecretKey::from_bytes(archived.secret_key),
@@ -257,12 +247,9 @@ mod tests {
 
     fn sample() -> Vec<Vec<Entry>> {
         vec![
-            vec![Entry::new((*b"keyvalue").into(), 3, 1_000, Some([9; 32]))],
+            vec![Entry::new(b"key", b"value", Some(&[9; 32]), 1_000)],
             vec![],
-            vec![
-                Entry::new((*b"k\x00\xff").into(), 1, 2_000, None),
-                Entry::new((*b"ab").into(), 2, 3_000, None),
-            ],
+            vec![Entry::new(b"k", b"\x00\xff", None, 2_000), Entry::new(b"ab", b"", None, 3_000)],
         ]
     }
 
@@ -360,21 +347,12 @@ mod tests {
 
     fn golden_entries() -> Vec<Entry> {
         let key = SecretKey::from_bytes([7; 32]);
+        let far = 4_102_444_800_000;
         vec![
-            Entry::new((*b"golden/plainhello").into(), 12, 4_102_444_800_000, None),
-            Entry::new(
-                (*b"golden/ownedmine").into(),
-                12,
-                4_102_444_800_000,
-                Some(key.hash(b"golden/owned", b"golden-secret")),
-            ),
-            Entry::new(
-                (*b"ip/192.0.2.1/svc192.0.2.1:4000").into(),
-                16,
-                4_102_444_800_000,
-                None,
-            ),
-            Entry::new((*b"golden/expired-long-ago").into(), 23, 1_000, None),
+            Entry::new(b"golden/plain", b"hello", None, far),
+            Entry::new(b"golden/owned", b"mine", Some(&key.hash(b"golden/owned", b"golden-secret")), far),
+            Entry::new(b"ip/192.0.2.1/svc", b"192.0.2.1:4000", None, far),
+            Entry::new(b"golden/expired-long-ago", b"", None, 1_000),
         ]
     }
 

@@ -1,0 +1,134 @@
+//! Micro-benchmarks of the pure logic on the request path (divan):
+//! `cargo bench --bench micro`.
+
+use divan::{black_box, Bencher};
+use rendezvous::clientip::{self, TrustedProxies, DEFAULT_TRUSTED};
+use rendezvous::http::{self, Body, RequestHead, Response};
+use rendezvous::ratelimit::Limiter;
+use rendezvous::shard::{Condition, KeyBudget, Shard, Write};
+
+fn main() {
+    divan::main();
+}
+
+const NOW: u64 = 1_800_000_000_000;
+const KEYS: usize = 100_000;
+
+fn filled(value_len: usize) -> (Shard, KeyBudget) {
+    let budget = KeyBudget::new(KEYS * 2);
+    let mut shard = Shard::with_capacity(KEYS * 2);
+    let value = vec![b'v'; value_len];
+    for i in 0..KEYS {
+        let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 3_600_000, Condition::Set);
+        shard.write(w, NOW, &budget);
+    }
+    (shard, budget)
+}
+
+#[divan::bench]
+fn shard_get_hit(bencher: Bencher) {
+    let (mut shard, budget) = filled(100);
+    let keys: Vec<Vec<u8>> = (0..1024).map(|i| format!("key-{}", i * 97 % KEYS).into_bytes()).collect();
+    let mut i = 0;
+    bencher.bench_local(|| {
+        i = (i + 1) & 1023;
+        black_box(shard.get(&keys[i], NOW, &budget))
+    });
+}
+
+#[divan::bench]
+fn shard_get_miss(bencher: Bencher) {
+    let (mut shard, budget) = filled(100);
+    bencher.bench_local(|| black_box(shard.get(b"no-such-key", NOW, &budget)));
+}
+
+#[divan::bench(args = [16, 1000])]
+fn shard_set_replace(bencher: Bencher, value_len: usize) {
+    let (mut shard, budget) = filled(value_len);
+    let value = vec![b'x'; value_len];
+    let mut i = 0;
+    bencher.bench_local(|| {
+        i = (i + 1) % KEYS;
+        let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 1000, Condition::Set);
+        black_box(shard.write(w, NOW, &budget))
+    });
+}
+
+#[divan::bench]
+fn shard_cas_conflict(bencher: Bencher) {
+    let (mut shard, budget) = filled(16);
+    bencher.bench_local(|| {
+        let w = Write::new(b"key-7", b"new", None, NOW + 1000, Condition::Cas((*b"not-it").into()));
+        black_box(shard.write(w, NOW, &budget))
+    });
+}
+
+#[divan::bench]
+fn shard_los_existing(bencher: Bencher) {
+    let (mut shard, budget) = filled(100);
+    bencher.bench_local(|| {
+        let w = Write::new(b"key-7", b"new", None, NOW + 1000, Condition::Los);
+        black_box(shard.write(w, NOW, &budget))
+    });
+}
+
+/// One sweep slice (the sweeper's minimum, 1024 entries) over a shard where
+/// nothing has expired: the steady-state cost every 100 ms.
+#[divan::bench]
+fn ttl_sweep_1024_live(bencher: Bencher) {
+    let (mut shard, budget) = filled(100);
+    bencher.bench_local(|| black_box(shard.sweep(NOW, 1024, &budget)));
+}
+
+/// Reclaiming 1024 expired entries.
+#[divan::bench]
+fn ttl_sweep_1024_expired(bencher: Bencher) {
+    bencher
+        .with_inputs(|| {
+            let budget = KeyBudget::new(4096);
+            let mut shard = Shard::with_capacity(2048);
+            for i in 0..1024 {
+                shard.write(Write::new(format!("k{i}").as_bytes(), b"v", None, NOW + 1, Condition::Set), NOW, &budget);
+            }
+            (shard, budget)
+        })
+        .bench_local_values(|(mut shard, budget)| black_box(shard.sweep(NOW + 10, 1024, &budget)));
+}
+
+#[divan::bench]
+fn ratelimit_charge(bencher: Bencher) {
+    let mut limiter = Limiter::new(u32::MAX, 1_000_000);
+    let mut ip = 0u64;
+    bencher.bench_local(|| {
+        ip = (ip + 1) & 0xffff;
+        black_box(limiter.charge(ip, 1, 0))
+    });
+}
+
+#[divan::bench]
+fn xff_walk(bencher: Bencher) {
+    let trusted = TrustedProxies::parse(DEFAULT_TRUSTED).unwrap();
+    let peer = "127.0.0.1".parse().unwrap();
+    let xff = b"6.6.6.6, 203.0.113.9, 10.0.0.7";
+    bencher.bench_local(|| black_box(clientip::client_ip(peer, Some(black_box(xff)), &trusted)));
+}
+
+#[divan::bench]
+fn head_parse(bencher: Bencher) {
+    let raw = b"GET /get/my-mesh/peer-a HTTP/1.1\r\nHost: rendezvous.example\r\nUser-Agent: curl/8.5\r\n\
+                Accept: */*\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n";
+    let mut head = RequestHead::default();
+    bencher.bench_local(|| black_box(http::parse_head(black_box(raw), &mut head)));
+}
+
+#[divan::bench]
+fn response_encode(bencher: Bencher) {
+    let mut r = Response::new(200, Body::Bytes(vec![b'v'; 100].into()));
+    r.expires_at = Some(1_800_000_000);
+    let mut out = Vec::with_capacity(1024);
+    bencher.bench_local(|| {
+        out.clear();
+        http::encode(&mut out, &r, "203.0.113.9", true, false, false);
+        black_box(out.len())
+    });
+}
