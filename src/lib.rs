@@ -27,4 +27,3 @@ pub mod secret;
 pub mod server;
 pub mod shard;
 pub mod snapshot;
-

@@ -86,7 +86,12 @@ impl Entry {
         }
         data.extend_from_slice(key);
         data.extend_from_slice(value);
-        Entry { data: data.into_boxed_slice(), key_len: key.len() as u32, has_secret: secret.is_some(), expires_ms }
+        Entry {
+            data: data.into_boxed_slice(),
+            key_len: key.len() as u32,
+            has_secret: secret.is_some(),
+            expires_ms,
+        }
     }
 
     fn key_start(&self) -> usize {
@@ -122,7 +127,11 @@ impl Entry {
     /// expiry, secret. Copies nothing unless the entry has a secret.
     pub fn into_snapshot_parts(self) -> (Vec<u8>, u32, u64, Option<SecretHash>) {
         let secret = self.secret().copied();
-        let data = if self.has_secret { self.data[SECRET_LEN..].to_vec() } else { self.data.into_vec() };
+        let data = if self.has_secret {
+            self.data[SECRET_LEN..].to_vec()
+        } else {
+            self.data.into_vec()
+        };
         (data, self.key_len, self.expires_ms, secret)
     }
 
@@ -153,8 +162,17 @@ pub struct Write {
 }
 
 impl Write {
-    pub fn new(key: &[u8], value: &[u8], secret: Option<SecretHash>, expires_ms: u64, cond: Condition) -> Self {
-        Write { entry: Entry::new(key, value, secret.as_ref(), expires_ms), cond }
+    pub fn new(
+        key: &[u8],
+        value: &[u8],
+        secret: Option<SecretHash>,
+        expires_ms: u64,
+        cond: Condition,
+    ) -> Self {
+        Write {
+            entry: Entry::new(key, value, secret.as_ref(), expires_ms),
+            cond,
+        }
     }
 
     pub fn key(&self) -> &[u8] {
@@ -332,7 +350,10 @@ impl Shard {
         let expires_ms = w.entry.expires_ms;
         self.bytes = self.bytes - current.payload_len() + w.entry.payload_len();
         *current = w.entry;
-        WriteOutcome::Stored { created: false, expires_ms }
+        WriteOutcome::Stored {
+            created: false,
+            expires_ms,
+        }
     }
 
     /// Removes the entry at `idx` by swapping the last entry into its place.

@@ -115,7 +115,12 @@ pub fn encode(
         .flatten()
         .map(|e| {
             let (data, key_len, expires_unix_ms, secret_hash) = e.into_snapshot_parts();
-            EntryV1 { data, key_len, expires_unix_ms, secret_hash }
+            EntryV1 {
+                data,
+                key_len,
+                expires_unix_ms,
+                secret_hash,
+            }
         })
         .collect();
     let snap = SnapshotV1 {
@@ -186,7 +191,12 @@ fn decode_v1(payload: &[u8]) -> Result<Loaded, SnapshotError> {
             return Err(SnapshotError::BadEntry(i));
         }
         let (key, value) = e.data.as_slice().split_at(key_len as usize);
-        entries.push(Entry::new(key, value, e.secret_hash.as_ref(), e.expires_unix_ms.to_native()));
+        entries.push(Entry::new(
+            key,
+            value,
+            e.secret_hash.as_ref(),
+            e.expires_unix_ms.to_native(),
+        ));
     }
     Ok(Loaded {
         secret_key: SecretKey::from_bytes(archived.secret_key),
@@ -249,7 +259,10 @@ mod tests {
         vec![
             vec![Entry::new(b"key", b"value", Some(&[9; 32]), 1_000)],
             vec![],
-            vec![Entry::new(b"k", b"\x00\xff", None, 2_000), Entry::new(b"ab", b"", None, 3_000)],
+            vec![
+                Entry::new(b"k", b"\x00\xff", None, 2_000),
+                Entry::new(b"ab", b"", None, 3_000),
+            ],
         ]
     }
 
@@ -350,7 +363,12 @@ mod tests {
         let far = 4_102_444_800_000;
         vec![
             Entry::new(b"golden/plain", b"hello", None, far),
-            Entry::new(b"golden/owned", b"mine", Some(&key.hash(b"golden/owned", b"golden-secret")), far),
+            Entry::new(
+                b"golden/owned",
+                b"mine",
+                Some(&key.hash(b"golden/owned", b"golden-secret")),
+                far,
+            ),
             Entry::new(b"ip/192.0.2.1/svc", b"192.0.2.1:4000", None, far),
             Entry::new(b"golden/expired-long-ago", b"", None, 1_000),
         ]

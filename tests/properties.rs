@@ -1,0 +1,315 @@
+//! Property-based tests (proptest) of the pure logic: the HTTP head parser
+//! and chunked decoder, key decoding, the XFF walk, TTL parsing, and the
+//! shard's semantics against a simple reference model.
+
+use proptest::prelude::*;
+use rendezvous::api;
+use rendezvous::clientip::{self, TrustedProxies, DEFAULT_TRUSTED};
+use rendezvous::duration;
+use rendezvous::http::{self, BodyKind, ChunkedDecoder, RequestHead};
+use rendezvous::shard::{Condition, KeyBudget, Shard, Write, WriteOutcome};
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Arbitrary bytes never panic the head parser, and a reported head
+    /// length is within the input.
+    #[test]
+    fn head_parser_total_on_garbage(raw in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let mut head = RequestHead::default();
+        if let Ok(Some(n)) = http::parse_head(&raw, &mut head) {
+            prop_assert!(n <= raw.len());
+        }
+        let _ = http::head_may_be_complete(&raw, raw.len() / 2);
+    }
+
+    /// A well-formed request parses to what was sent, however it is split.
+    #[test]
+    fn head_parser_round_trip(
+        method in prop::sample::select(vec!["GET", "POST", "HEAD"]),
+        path in "/[a-zA-Z0-9%/._~-]{0,60}",
+        secret in proptest::option::of("[!-~]{1,40}"),
+        len in 0u64..5000,
+        split in 0usize..400,
+    ) {
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: h\r\n");
+        if let Some(s) = &secret {
+            raw += &format!("X-Owner-Secret: {s}\r\n");
+        }
+        raw += &format!("Content-Length: {len}\r\n\r\n");
+        let bytes = raw.as_bytes();
+        let mut head = RequestHead::default();
+        let split = split.min(bytes.len() - 1);
+        prop_assert_eq!(http::parse_head(&bytes[..split], &mut head).unwrap(), None);
+        prop_assert_eq!(http::parse_head(bytes, &mut head).unwrap(), Some(bytes.len()));
+        prop_assert_eq!(&head.target[..], path.as_bytes());
+        prop_assert_eq!(head.secret.get(), secret.as_ref().map(|s| s.as_bytes()));
+        prop_assert_eq!(head.body, if len == 0 { BodyKind::None } else { BodyKind::Length(len) });
+    }
+
+    /// Any chunking of a body decodes to the body, fed in any pieces; the
+    /// decoder never holds more than the limit.
+    #[test]
+    fn chunked_round_trip(
+        body in proptest::collection::vec(any::<u8>(), 0..300),
+        sizes in proptest::collection::vec(1usize..50, 1..20),
+        piece in 1usize..40,
+        limit in 0usize..400,
+    ) {
+        let mut enc = Vec::new();
+        let mut rest = &body[..];
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = sizes[i % sizes.len()].min(rest.len());
+            enc.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            enc.extend_from_slice(&rest[..n]);
+            enc.extend_from_slice(b"\r\n");
+            rest = &rest[n..];
+            i += 1;
+        }
+        enc.extend_from_slice(b"0\r\n\r\n");
+        let mut d = ChunkedDecoder::new(limit);
+        let mut out = Vec::new();
+        let mut fed = Vec::new();
+        let mut result = Ok(());
+        for p in enc.chunks(piece) {
+            fed.extend_from_slice(p);
+            match d.decode(&fed, &mut out) {
+                Ok(n) => { fed.drain(..n); }
+                Err(e) => { result = Err(e); break; }
+            }
+            prop_assert!(out.len() <= limit);
+        }
+        if body.len() <= limit {
+            prop_assert!(result.is_ok());
+            prop_assert!(d.is_done());
+            prop_assert_eq!(out, body);
+        } else {
+            prop_assert_eq!(result, Err(rendezvous::error::Error::BodyTooLarge));
+        }
+    }
+
+    /// Arbitrary bytes never panic the chunked decoder or let it overrun.
+    #[test]
+    fn chunked_total_on_garbage(raw in proptest::collection::vec(any::<u8>(), 0..400), limit in 0usize..100) {
+        let mut d = ChunkedDecoder::new(limit);
+        let mut out = Vec::new();
+        if let Ok(n) = d.decode(&raw, &mut out) {
+            prop_assert!(n <= raw.len());
+        }
+        prop_assert!(out.len() <= limit);
+    }
+
+    /// Percent-encoding any bytes and decoding gives them back; arbitrary
+    /// input never panics and an accepted key respects the limit.
+    #[test]
+    fn key_decoding(bytes in proptest::collection::vec(any::<u8>(), 1..80), raw in "[ -~]{0,120}") {
+        let encoded: String = bytes.iter().map(|b| format!("%{b:02x}")).collect();
+        prop_assert_eq!(api::decode_key(encoded.as_bytes(), 100).unwrap(), bytes);
+        if let Ok(k) = api::decode_key(raw.as_bytes(), 50) {
+            prop_assert!(!k.is_empty() && k.len() <= 50);
+        }
+    }
+
+    /// The XFF walk matches a reference: the rightmost untrusted valid entry
+    /// (behind a trusted peer), else the leftmost valid one, else the peer.
+    #[test]
+    fn xff_walk_matches_reference(
+        peer_trusted in any::<bool>(),
+        entries in proptest::collection::vec(
+            prop_oneof![
+                (any::<u8>(), any::<u8>()).prop_map(|(a, b)| format!("10.0.{a}.{b}")),
+                (1u8..224, any::<u8>()).prop_map(|(a, b)| format!("{a}.9.9.{b}")),
+                Just("garbage".to_string()),
+                Just("2001:db8::7".to_string()),
+                Just("".to_string()),
+            ],
+            0..6,
+        ),
+    ) {
+        let trusted = TrustedProxies::parse(DEFAULT_TRUSTED).unwrap();
+        let peer: IpAddr = if peer_trusted { "127.0.0.1".parse().unwrap() } else { "8.8.4.4".parse().unwrap() };
+        let xff = entries.join(", ");
+        let got = clientip::client_ip(peer, Some(xff.as_bytes()), &trusted);
+        let valid: Vec<IpAddr> = entries
+            .iter()
+            .filter_map(|e| e.parse::<IpAddr>().ok())
+            .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
+            .collect();
+        let expected = if !peer_trusted {
+            peer
+        } else if let Some(ip) = valid.iter().rev().find(|ip| !trusted.contains(**ip)) {
+            *ip
+        } else {
+            valid.first().copied().unwrap_or(peer)
+        };
+        prop_assert_eq!(got, expected);
+    }
+
+    /// Go durations built from parts parse to their sum; arbitrary strings
+    /// never panic or hang.
+    #[test]
+    fn ttl_parsing(h in 0u64..100, m in 0u64..100, s in 0u64..100, ms in 0u64..1000, junk in "\\PC{0,40}") {
+        let text = format!("{h}h{m}m{s}s{ms}ms");
+        let expect = ((h * 3600 + m * 60 + s) * 1000 + ms) as i64 * 1_000_000;
+        prop_assert_eq!(duration::parse_nanos(&text), Ok(expect));
+        let _ = duration::parse_nanos(&junk);
+        let _ = api::ttl(Some(format!("ttl={junk}").as_bytes()), std::time::Duration::from_secs(60));
+    }
+}
+
+/// One operation of the shard model test.
+#[derive(Debug, Clone)]
+enum ModelOp {
+    Get(u8),
+    Set(u8, u8, Option<u8>, u64),
+    Los(u8, u8, Option<u8>, u64),
+    Cas(u8, u8, u8, Option<u8>, u64),
+    Casoc(u8, u8, u8, Option<u8>, u64),
+    Advance(u64),
+    Sweep,
+}
+
+fn model_op() -> impl Strategy<Value = ModelOp> {
+    let key = 0u8..4;
+    let val = 0u8..3;
+    let secret = proptest::option::of(0u8..2);
+    let ttl = 1u64..50;
+    prop_oneof![
+        key.clone().prop_map(ModelOp::Get),
+        (key.clone(), val.clone(), secret.clone(), ttl.clone())
+            .prop_map(|(k, v, s, t)| ModelOp::Set(k, v, s, t)),
+        (key.clone(), val.clone(), secret.clone(), ttl.clone())
+            .prop_map(|(k, v, s, t)| ModelOp::Los(k, v, s, t)),
+        (
+            key.clone(),
+            val.clone(),
+            val.clone(),
+            secret.clone(),
+            ttl.clone()
+        )
+            .prop_map(|(k, e, v, s, t)| ModelOp::Cas(k, e, v, s, t)),
+        (key, val.clone(), val, secret, ttl)
+            .prop_map(|(k, e, v, s, t)| ModelOp::Casoc(k, e, v, s, t)),
+        (1u64..30).prop_map(ModelOp::Advance),
+        Just(ModelOp::Sweep),
+    ]
+}
+
+/// The reference: a map of key -> (value, secret, expiry), with the SPEC's
+/// rules written as plainly as possible. Like the server, it holds an
+/// expired key (and counts it against the capacity) until the key is touched
+/// or swept; the server's sweep is just lazier than `sweep_all`.
+#[derive(Default)]
+struct Model {
+    map: HashMap<u8, (u8, Option<u8>, u64)>,
+    max_keys: usize,
+}
+
+impl Model {
+    fn touch(&mut self, k: u8, now: u64) {
+        if self.map.get(&k).is_some_and(|e| e.2 <= now) {
+            self.map.remove(&k);
+        }
+    }
+
+    fn sweep_all(&mut self, now: u64) {
+        self.map.retain(|_, e| e.2 > now);
+    }
+
+    fn write(
+        &mut self,
+        k: u8,
+        v: u8,
+        s: Option<u8>,
+        exp: u64,
+        cond: &str,
+        expected: u8,
+        now: u64,
+    ) -> WriteOutcome {
+        self.touch(k, now);
+        let stored = WriteOutcome::Stored {
+            created: !self.map.contains_key(&k),
+            expires_ms: exp,
+        };
+        match self.map.get(&k).copied() {
+            None => {
+                if cond == "cas" {
+                    return WriteOutcome::NotFound;
+                }
+                if self.map.len() >= self.max_keys {
+                    return WriteOutcome::Full;
+                }
+                self.map.insert(k, (v, s, exp));
+                stored
+            }
+            Some((cur, cur_s, cur_exp)) => {
+                if cond == "los" {
+                    return WriteOutcome::Existing {
+                        value: vec![cur].into(),
+                        expires_ms: cur_exp,
+                    };
+                }
+                if cur_s.is_some() && cur_s != s {
+                    return WriteOutcome::Forbidden;
+                }
+                if (cond == "cas" || cond == "casoc") && cur != expected {
+                    return WriteOutcome::Conflict {
+                        value: vec![cur].into(),
+                        expires_ms: cur_exp,
+                    };
+                }
+                self.map.insert(k, (v, s.or(cur_s), exp));
+                stored
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn shard_matches_reference_model(ops in proptest::collection::vec(model_op(), 1..120), max_keys in 1usize..5) {
+        let budget = KeyBudget::new(max_keys);
+        let mut shard = Shard::with_capacity(4);
+        let mut model = Model { max_keys, ..Default::default() };
+        let secret = |s: Option<u8>| s.map(|b| [b; 32]);
+        let mut now = 1_000u64;
+        for op in ops {
+            match op {
+                ModelOp::Get(k) => {
+                    model.touch(k, now);
+                    let got = shard.get(&[k], now, &budget).map(|f| (f.value.to_vec(), f.expires_ms));
+                    let want = model.map.get(&k).map(|e| (vec![e.0], e.2));
+                    prop_assert_eq!(got, want);
+                }
+                ModelOp::Set(k, v, s, t) | ModelOp::Los(k, v, s, t) => {
+                    let los = matches!(op, ModelOp::Los(..));
+                    let cond = if los { Condition::Los } else { Condition::Set };
+                    let got = shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget);
+                    let want = model.write(k, v, s, now + t, if los { "los" } else { "set" }, 0, now);
+                    prop_assert_eq!(got, want);
+                }
+                ModelOp::Cas(k, e, v, s, t) | ModelOp::Casoc(k, e, v, s, t) => {
+                    let casoc = matches!(op, ModelOp::Casoc(..));
+                    let cond = if casoc { Condition::Casoc(vec![e].into()) } else { Condition::Cas(vec![e].into()) };
+                    let got = shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget);
+                    let want = model.write(k, v, s, now + t, if casoc { "casoc" } else { "cas" }, e, now);
+                    prop_assert_eq!(got, want);
+                }
+                ModelOp::Advance(d) => now += d,
+                ModelOp::Sweep => {
+                    // A budget over the shard size examines every entry.
+                    shard.sweep(now, 64, &budget);
+                    model.sweep_all(now);
+                }
+            }
+            // The key budget counts exactly the entries the shard still holds.
+            prop_assert_eq!(budget.live(), shard.len());
+            prop_assert!(shard.len() <= max_keys);
+        }
+    }
+}
