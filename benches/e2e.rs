@@ -59,7 +59,11 @@ fn start_server(args: &[&str]) -> Proc {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut metrics = None;
     loop {
-        let line = lines.next().expect("server exited").unwrap();
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server exited during startup");
+        };
         if let Some(rest) = line.split("metrics on http://").nth(1) {
             metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
         }
