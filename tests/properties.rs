@@ -198,6 +198,14 @@ fn model_op() -> impl Strategy<Value = ModelOp> {
     ]
 }
 
+#[derive(Clone, Copy)]
+enum ModelCond {
+    Set,
+    Los,
+    Cas(u8),
+    Casoc(u8),
+}
+
 /// The reference: a map of key -> (value, secret, expiry), with the SPEC's
 /// rules written as plainly as possible. Like the server, it holds an
 /// expired key (and counts it against the capacity) until the key is touched
@@ -225,8 +233,7 @@ impl Model {
         v: u8,
         s: Option<u8>,
         exp: u64,
-        cond: &str,
-        expected: u8,
+        cond: ModelCond,
         now: u64,
     ) -> WriteOutcome {
         self.touch(k, now);
@@ -236,7 +243,7 @@ impl Model {
         };
         match self.map.get(&k).copied() {
             None => {
-                if cond == "cas" {
+                if let ModelCond::Cas(_) = cond {
                     return WriteOutcome::NotFound;
                 }
                 if self.map.len() >= self.max_keys {
@@ -246,7 +253,7 @@ impl Model {
                 stored
             }
             Some((cur, cur_s, cur_exp)) => {
-                if cond == "los" {
+                if let ModelCond::Los = cond {
                     return WriteOutcome::Existing {
                         value: vec![cur].into(),
                         expires_ms: cur_exp,
@@ -255,11 +262,13 @@ impl Model {
                 if cur_s.is_some() && cur_s != s {
                     return WriteOutcome::Forbidden;
                 }
-                if (cond == "cas" || cond == "casoc") && cur != expected {
-                    return WriteOutcome::Conflict {
-                        value: vec![cur].into(),
-                        expires_ms: cur_exp,
-                    };
+                if let ModelCond::Cas(expected) | ModelCond::Casoc(expected) = cond {
+                    if cur != expected {
+                        return WriteOutcome::Conflict {
+                            value: vec![cur].into(),
+                            expires_ms: cur_exp,
+                        };
+                    }
                 }
                 self.map.insert(k, (v, s.or(cur_s), exp));
                 stored
@@ -290,14 +299,14 @@ proptest! {
                     let los = matches!(op, ModelOp::Los(..));
                     let cond = if los { Condition::Los } else { Condition::Set };
                     let got = shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget);
-                    let want = model.write(k, v, s, now + t, if los { "los" } else { "set" }, 0, now);
+                    let want = model.write(k, v, s, now + t, if los { ModelCond::Los } else { ModelCond::Set }, now);
                     prop_assert_eq!(got, want);
                 }
                 ModelOp::Cas(k, e, v, s, t) | ModelOp::Casoc(k, e, v, s, t) => {
                     let casoc = matches!(op, ModelOp::Casoc(..));
                     let cond = if casoc { Condition::Casoc(vec![e].into()) } else { Condition::Cas(vec![e].into()) };
                     let got = shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget);
-                    let want = model.write(k, v, s, now + t, if casoc { "casoc" } else { "cas" }, e, now);
+                    let want = model.write(k, v, s, now + t, if casoc { ModelCond::Casoc(e) } else { ModelCond::Cas(e) }, now);
                     prop_assert_eq!(got, want);
                 }
                 ModelOp::Advance(d) => now += d,
