@@ -164,6 +164,20 @@ struct Flags {
         help = "Prometheus /metrics listen address, never the public port (empty: disabled)"
     )]
     metrics_addr: String,
+    #[options(
+        long = "maxConns",
+        default = "10000",
+        meta = "N",
+        help = "open client connections, server-wide; more are closed at once"
+    )]
+    max_conns: usize,
+    #[options(
+        long = "maxConnsPerIP",
+        default = "256",
+        meta = "N",
+        help = "open connections per client IP (IPv6: /64); trusted proxies are exempt"
+    )]
+    max_conns_per_ip: u32,
 }
 
 /// Which monoio driver the cores run.
@@ -196,6 +210,8 @@ pub struct Config {
     pub snapshot_path: Option<PathBuf>,
     pub shutdown_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
+    pub max_conns: usize,
+    pub max_conns_per_ip: u32,
 }
 
 /// What the command line asked for.
@@ -319,6 +335,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
     if flags.max_num_kv == 0 {
         return Err(bad("maxNumKV", "must be at least 1"));
     }
+    if flags.max_conns == 0 {
+        return Err(bad("maxConns", "must be at least 1"));
+    }
+    if flags.max_conns_per_ip == 0 {
+        return Err(bad("maxConnsPerIP", "must be at least 1"));
+    }
     if flags.max_tracked_ips == 0 {
         return Err(bad("maxTrackedIPs", "must be at least 1"));
     }
@@ -379,6 +401,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         snapshot_path,
         shutdown_timeout: flags.shutdown_timeout,
         metrics_addr,
+        max_conns: flags.max_conns,
+        max_conns_per_ip: flags.max_conns_per_ip,
     })))
 }
 
@@ -468,6 +492,10 @@ mod tests {
             "-snapshotPath",
             "-shutdownTimeout",
             "-metricsAddr",
+            "-maxConns",
+            "-maxConnsPerIP",
+            "-maxTrackedIPs",
+            "-ioDriver",
         ] {
             assert!(text.contains(flag), "{flag} missing from help");
         }

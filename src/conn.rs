@@ -135,6 +135,14 @@ impl CoreCtx {
         .await
     }
 
+    /// Counts a connection refused by the connection limits.
+    pub fn refused(&self, why: crate::connlimit::Refusal) {
+        match why {
+            crate::connlimit::Refusal::ServerFull => self.stats().refused_server_full.add(1),
+            crate::connlimit::Refusal::IpFull => self.stats().refused_ip_full.add(1),
+        }
+    }
+
     /// Registers the accept loop to be woken when draining starts.
     pub fn on_drain(&self, waker: &Waker) {
         *self.accept_waker.borrow_mut() = Some(waker.clone());
@@ -183,7 +191,12 @@ struct Conn<'a> {
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(
+    ctx: Rc<CoreCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: crate::connlimit::Permit,
+) {
     let _ = stream.set_nodelay(true);
     let peer = clientip::canonical(peer.ip());
     let mut conn = Conn {

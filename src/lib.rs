@@ -15,6 +15,7 @@ pub mod clientip;
 pub mod command;
 pub mod config;
 pub mod conn;
+pub mod connlimit;
 pub mod docs;
 pub mod duration;
 pub mod error;

@@ -112,6 +112,8 @@ pub struct CoreStats {
     latency: [Histogram; ROUTES.len()],
     pub connections_open: Cell64,
     pub connections_total: Cell64,
+    pub refused_server_full: Cell64,
+    pub refused_ip_full: Cell64,
     pub requests_in_flight: Cell64,
     pub rate_limited: Cell64,
     pub secret_rejections: Cell64,
@@ -208,6 +210,11 @@ fn describe() {
         "rendezvous_connections_total",
         Unit::Count,
         "Client connections accepted.",
+    );
+    c(
+        "rendezvous_connections_refused_total",
+        Unit::Count,
+        "Connections closed at accept by -maxConns (reason=server) or -maxConnsPerIP (reason=ip).",
     );
     g(
         "rendezvous_keys",
@@ -382,6 +389,10 @@ impl Folder {
             .set(sum(|s| s.connections_open.get()) as f64);
         metrics::counter!("rendezvous_connections_total")
             .absolute(sum(|s| s.connections_total.get()));
+        metrics::counter!("rendezvous_connections_refused_total", "reason" => "server")
+            .absolute(sum(|s| s.refused_server_full.get()));
+        metrics::counter!("rendezvous_connections_refused_total", "reason" => "ip")
+            .absolute(sum(|s| s.refused_ip_full.get()));
         metrics::gauge!("rendezvous_keys").set(self.shared.budget.live() as f64);
         metrics::gauge!("rendezvous_keys_max").set(self.shared.budget.max() as f64);
         metrics::gauge!("rendezvous_stored_bytes").set(sum(|s| s.stored_bytes.get()) as f64);

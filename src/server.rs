@@ -54,6 +54,7 @@ pub struct Shared {
     pub snapshot_stats: crate::metrics::SnapshotStats,
     /// Whether requests are measured (`-metricsAddr` set).
     pub metrics_on: bool,
+    pub conn_limits: Arc<crate::connlimit::ConnLimits>,
 }
 
 /// Why the server could not start.
@@ -208,11 +209,26 @@ fn restore(
     Ok((loaded.secret_key, owned))
 }
 
+/// Every connection is a file descriptor: raise the soft limit towards
+/// `-maxConns` (plus room for listeners, snapshots and the metrics thread).
+fn raise_fd_limit(max_conns: usize) {
+    let want = max_conns as u64 + 256;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(got) if got < want => log::warn!(
+            "open-file limit is {got}, below -maxConns {max_conns} + 256: accepts will fail before -maxConns \
+             (raise LimitNOFILE / ulimit -n)"
+        ),
+        Ok(_) => {}
+        Err(e) => log::warn!("cannot read or raise the open-file limit: {e}"),
+    }
+}
+
 /// Starts the server and runs it until shutdown.
 pub fn run(config: Config) -> Result<(), StartupError> {
     let n = config.threads;
     let routing = Routing::new(n);
     let budget = Arc::new(KeyBudget::new(config.max_num_kv));
+    raise_fd_limit(config.max_conns);
     // Load before binding: a bad snapshot must not leave a half-started server.
     let (secret_key, owned) = restore(&config, &routing, &budget)?;
     let (listeners, bound) = bind_listeners(config.listen, n)?;
@@ -227,6 +243,11 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         stats: (0..n).map(|_| Default::default()).collect(),
         snapshot_stats: Default::default(),
         metrics_on: config.metrics_addr.is_some(),
+        conn_limits: crate::connlimit::ConnLimits::new(
+            config.max_conns,
+            config.max_conns_per_ip,
+            config.trusted_proxies.clone(),
+        ),
         config,
     });
     if let Some(addr) = shared.config.metrics_addr {
@@ -377,9 +398,16 @@ async fn accept_loop(id: usize, ctx: &Rc<CoreCtx>, listener: monoio::net::TcpLis
         .await;
         match next {
             None => return,
-            Some(Ok((stream, peer))) => {
-                monoio::spawn(conn::serve(ctx.clone(), stream, peer));
-            }
+            Some(Ok((stream, peer))) => match ctx.shared.conn_limits.admit(peer.ip()) {
+                Ok(permit) => {
+                    monoio::spawn(conn::serve(ctx.clone(), stream, peer, permit));
+                }
+                // Refused before a byte is read: closing is the cheapest answer.
+                Err(refusal) => {
+                    ctx.refused(refusal);
+                    drop(stream);
+                }
+            },
             Some(Err(e)) => {
                 // Typically EMFILE: back off instead of spinning on the error.
                 log::warn!("core {id}: accept failed: {e}");

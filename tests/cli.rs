@@ -25,6 +25,10 @@ fn help_lists_every_flag() {
         "-readTimeout",
         "-idleTimeout",
         "-snapshotPath",
+        "-shutdownTimeout",
+        "-metricsAddr",
+        "-maxConns",
+        "-maxConnsPerIP",
         "-maxTrackedIPs",
         "-ioDriver",
     ] {

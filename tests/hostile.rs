@@ -1,0 +1,416 @@
+//! Hostile input over real sockets. After each attack the server must still
+//! answer a normal request promptly.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// A normal GET on a fresh connection answers within a second.
+fn assert_healthy(s: &Server) {
+    let t = Instant::now();
+    let mut c = s.client();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let r = c.req("GET", "/get/health", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"ok");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "slow answer: {:?}",
+        t.elapsed()
+    );
+}
+
+fn start() -> Server {
+    let s = Server::start(&["-threads", "2", "-readTimeout", "2s"]);
+    assert_eq!(s.post("/set/health", b"ok").status, 200);
+    s
+}
+
+/// Sends raw bytes, then reads whatever comes back until EOF or a timeout.
+fn attack(s: &Server, raw: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = stream.write_all(raw);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+fn status_of(resp: &[u8]) -> u16 {
+    let text = String::from_utf8_lossy(resp);
+    text.strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn random_bytes() {
+    let s = start();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for round in 0..50 {
+        let len = 1 + (round * 97) % 3000;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut with_end = bytes.clone();
+        with_end.extend_from_slice(b"\r\n\r\n");
+        let resp = attack(&s, &with_end);
+        let status = status_of(&resp);
+        assert!(
+            resp.is_empty() || (400..600).contains(&status),
+            "round {round}: {}",
+            String::from_utf8_lossy(&resp)
+        );
+    }
+    assert_healthy(&s);
+}
+
+#[test]
+fn oversized_heads() {
+    let s = start();
+    let big = format!(
+        "GET /get/x HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    assert_eq!(status_of(&attack(&s, big.as_bytes())), 431);
+    let mut many = String::from("GET /get/x HTTP/1.1\r\n");
+    for i in 0..5000 {
+        many += &format!("X-{i}: v\r\n");
+    }
+    many += "\r\n";
+    assert_eq!(status_of(&attack(&s, many.as_bytes())), 431);
+    // A head that never ends.
+    let endless = "GET /get/x HTTP/1.1\r\n".to_string() + &"X-A: b\r\n".repeat(3000);
+    assert_eq!(status_of(&attack(&s, endless.as_bytes())), 431);
+    assert_healthy(&s);
+}
+
+#[test]
+fn malformed_request_lines_and_headers() {
+    let s = start();
+    for raw in [
+        &b"GET /get/x\r\n\r\n"[..],
+        b"GET\r\n\r\n",
+        b"/get/x HTTP/1.1\r\n\r\n",
+        b"GET /get/x HTTP/9.9\r\n\r\n",
+        b"GET /get/x HTTP/1.1\r\nNo colon here\r\n\r\n",
+        b"GET /get/x HTTP/1.1\r\n: empty name\r\n\r\n",
+        b"GET /get/x HTTP/1.1\r\nBad Name: v\r\n\r\n",
+        b"GET /get/\x00\x01 HTTP/1.1\r\n\r\n",
+        b"GET /get/\xff\xfe HTTP/1.1\r\n\r\n",
+        b"GET /get/a b HTTP/1.1\r\n\r\n",
+        b"GET /get/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ] {
+        let resp = attack(&s, raw);
+        let status = status_of(&resp);
+        assert!(
+            (400..500).contains(&status),
+            "{:?} -> {}",
+            String::from_utf8_lossy(raw),
+            String::from_utf8_lossy(&resp)
+        );
+    }
+    assert_healthy(&s);
+}
+
+#[test]
+fn hostile_keys_and_paths() {
+    let s = start();
+    for path in ["/get/%zz", "/get/%", "/get/%4", "/get/%%41", "/get/%u0041"] {
+        assert_eq!(s.get(path).status, 400, "{path}");
+    }
+    // Overlong encodings: 10k escaped bytes.
+    let long = format!("/get/{}", "%41".repeat(2500));
+    assert_eq!(s.get(&long).status, 400);
+    // Encoded NUL, control and non-UTF-8 bytes are just key bytes.
+    assert_eq!(s.post("/set/%00%01%7f%ff", b"bin").status, 200);
+    assert_eq!(s.get("/get/%00%01%7f%ff").body, b"bin");
+    // ".." means nothing: keys are not paths.
+    assert_eq!(s.get("/get/../../etc/passwd").status, 404);
+    assert_eq!(s.post("/set/../x", b"dots").status, 200);
+    assert_eq!(s.get("/get/../x").body, b"dots");
+    assert_eq!(s.get("/get/x").status, 404);
+    assert_eq!(s.get("/../get/x").status, 404);
+    assert_healthy(&s);
+}
+
+#[test]
+fn ambiguous_and_broken_framing() {
+    let s = start();
+    for raw in [
+        &b"POST /set/k HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"[..],
+        b"POST /set/k HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\nabcd",
+        b"POST /set/k HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
+        b"POST /set/k HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\nabc\r\n0\r\n\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffffffff\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY",
+    ] {
+        let resp = attack(&s, raw);
+        let status = status_of(&resp);
+        assert!((400..502).contains(&status), "{:?} -> {}", String::from_utf8_lossy(raw), String::from_utf8_lossy(&resp));
+        assert!(String::from_utf8_lossy(&resp).contains("Connection: close"));
+    }
+    assert_eq!(
+        s.get("/get/k").status,
+        404,
+        "nothing was stored by a broken request"
+    );
+    assert_healthy(&s);
+}
+
+#[test]
+fn a_100_mb_body_is_refused_without_being_read() {
+    let s = start();
+    // Declared: refused from Content-Length, before we send a byte of body.
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(b"POST /set/big HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).unwrap();
+    assert_eq!(status_of(&buf[..n]), 413);
+
+    // Streamed: refused as soon as the running total passes the limit.
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(b"POST /set/big HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let chunk = [b"10000\r\n".as_slice(), &[b'x'; 0x10000], b"\r\n"].concat();
+        let mut sent = 0usize;
+        while sent < 100_000_000 {
+            if writer.write_all(&chunk).is_err() {
+                return sent;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let n = stream.read(&mut buf).unwrap();
+    assert_eq!(status_of(&buf[..n]), 413);
+    drop(stream);
+    let sent = sender.join().unwrap();
+    assert!(sent < 100_000_000, "the server kept reading a 100 MB body");
+    assert_eq!(s.get("/get/big").status, 404);
+    assert_healthy(&s);
+}
+
+#[test]
+fn ttl_garbage() {
+    let s = start();
+    for ttl in [
+        "%00",
+        "99999999999999999999h",
+        "1e9s",
+        "NaN",
+        "inf",
+        "1h-5m",
+        "--1s",
+        "1.5.5s",
+        "%ff%fe",
+        "1\u{b5}s",
+    ] {
+        let enc: String =
+            percent_encoding::utf8_percent_encode(ttl, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
+        assert_eq!(
+            s.post(&format!("/set/k?ttl={enc}"), b"v").status,
+            400,
+            "{ttl}"
+        );
+    }
+    let long = "1".repeat(5000) + "s";
+    assert_eq!(s.post(&format!("/set/k?ttl={long}"), b"v").status, 400);
+    assert_eq!(
+        s.post(
+            &format!("/set/k?ttl={}", "1.".to_string() + &"0".repeat(30) + "s"),
+            b"v"
+        )
+        .status,
+        400
+    );
+    assert_healthy(&s);
+}
+
+#[test]
+fn garbage_and_enormous_forwarded_for() {
+    let s = start();
+    // Control characters make the header itself malformed.
+    let r = attack(
+        &s,
+        b"GET /get/health HTTP/1.1\r\nX-Forwarded-For: \x01\x02\r\n\r\n",
+    );
+    assert_eq!(status_of(&r), 400);
+    let garbage = "%%%, ::::, 999.1.1.1, [::1, ,,,, 1.2.3.4.5, ".to_string() + &"x".repeat(3000);
+    let r = s.req("GET", "/get/health", &[("X-Forwarded-For", &garbage)], b"");
+    assert_eq!(
+        (r.status, r.header("X-Client-Ip").as_deref()),
+        (200, Some("127.0.0.1"))
+    );
+    let many: Vec<String> = (0..600)
+        .map(|i| format!("10.0.{}.{}", i / 250, i % 250))
+        .collect();
+    let r = s.req(
+        "GET",
+        "/get/health",
+        &[("X-Forwarded-For", &(many.join(",") + ",203.0.113.5"))],
+        b"",
+    );
+    assert_eq!(r.header("X-Client-Ip").as_deref(), Some("203.0.113.5"));
+    // Too big for the head: 431, not a crash.
+    let huge = "1.2.3.4,".repeat(2000);
+    let r = attack(
+        &s,
+        format!("GET /get/x HTTP/1.1\r\nX-Forwarded-For: {huge}\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(status_of(&r), 431);
+    assert_healthy(&s);
+}
+
+#[test]
+fn maximum_size_secrets_and_expected_values() {
+    let s = Server::start(&["-maxValueSize", "3000"]);
+    let secret = "s".repeat(2999);
+    assert_eq!(
+        s.req("POST", "/set/k", &[("X-Owner-Secret", &secret)], b"v")
+            .status,
+        200
+    );
+    assert_eq!(
+        s.req("POST", "/set/k", &[("X-Owner-Secret", &secret)], b"vv")
+            .status,
+        400
+    );
+    let wrong = "t".repeat(2999);
+    assert_eq!(
+        s.req("POST", "/set/k", &[("X-Owner-Secret", &wrong)], b"x")
+            .status,
+        403
+    );
+    // Secret and expected value together fill most of the 8 KiB head.
+    let expected = "e".repeat(4500);
+    let r = s.req(
+        "POST",
+        "/cas/k",
+        &[("X-Expected-Value", &expected), ("X-Owner-Secret", &secret)],
+        b"w",
+    );
+    assert_eq!((r.status, r.body.as_slice()), (409, &b"v"[..]));
+    assert_eq!(
+        s.req(
+            "POST",
+            "/cas/absent",
+            &[("X-Expected-Value", &expected)],
+            b"w"
+        )
+        .status,
+        404
+    );
+    s.post("/set/health", b"ok");
+    assert_healthy(&s);
+}
+
+#[test]
+fn a_flood_of_pipelined_requests_on_one_connection() {
+    let s = start();
+    let stream = TcpStream::connect(s.addr).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    const N: usize = 50_000;
+    let sender = std::thread::spawn(move || {
+        let one = build("GET", "/get/health", &[], b"");
+        let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
+        for _ in 0..N / 1000 {
+            writer.write_all(&batch).unwrap();
+        }
+    });
+    let mut c = Client::over(stream);
+    for i in 0..N {
+        let r = c
+            .read_response(false)
+            .unwrap_or_else(|| panic!("connection closed after {i} answers"));
+        assert_eq!(r.status, 200);
+    }
+    sender.join().unwrap();
+    assert_healthy(&s);
+}
+
+#[test]
+fn connection_limits_refuse_cheaply() {
+    // Loopback is a trusted proxy by default (exempt per IP); trust nobody here.
+    let s = Server::start(&[
+        "-maxConnsPerIP",
+        "3",
+        "-maxConns",
+        "5",
+        "-trustedProxies",
+        "",
+        "-threads",
+        "2",
+    ]);
+    let held: Vec<Client> = (0..3).map(|_| s.client()).collect();
+    let mut held: Vec<Client> = held
+        .into_iter()
+        .map(|mut c| {
+            c.req("GET", "/get/x", &[], b"");
+            c
+        })
+        .collect();
+    // The fourth connection from this IP is closed before anything is read.
+    let mut extra = s.client();
+    extra.send_raw(&build("GET", "/get/x", &[], b""));
+    assert!(
+        extra.read_response(false).is_none(),
+        "over -maxConnsPerIP must be closed"
+    );
+    // The held ones still work; closing one frees a slot.
+    assert_eq!(held[0].req("GET", "/get/x", &[], b"").status, 404);
+    held.pop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = s.client();
+        c.send_raw(&build("GET", "/get/x", &[], b""));
+        if c.read_response(false).is_some_and(|r| r.status == 404) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = s
+            .metric("rendezvous_connections_refused_total{reason=\"ip\"}")
+            .unwrap_or(0.0);
+        if m >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "refusals not counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
