@@ -1,0 +1,46 @@
+//! Fuzzes the whole pure request path: head parse -> route and argument
+//! decoding (key, ttl, secret, XFF client IP, ip/ expansion) -> the owning
+//! shard's state machine and rate limiter. Nothing may panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use rendezvous::api::{self, Action, Limits};
+use rendezvous::clientip::{self, TrustedProxies, DEFAULT_TRUSTED};
+use rendezvous::command::{Charge, Cmd, Now, Owned};
+use rendezvous::http::{self, RequestHead};
+use rendezvous::ratelimit::Limiter;
+use rendezvous::secret::SecretKey;
+use rendezvous::shard::{KeyBudget, Shard};
+use std::cell::RefCell;
+use std::time::Duration;
+
+thread_local! {
+    static STATE: RefCell<(Owned, KeyBudget)> = RefCell::new((
+        Owned { shard: Shard::with_capacity(64), limiter: Limiter::new(1000, 64) },
+        KeyBudget::new(64),
+    ));
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut head = RequestHead::default();
+    let Ok(Some(n)) = http::parse_head(data, &mut head) else { return };
+    let body = &data[n..];
+    let trusted = TrustedProxies::parse(DEFAULT_TRUSTED).unwrap();
+    let peer = "127.0.0.1".parse().unwrap();
+    let client = clientip::client_ip(peer, head.forwarded_for.get(), &trusted);
+    let limits = Limits { max_key_size: 100, max_value_size: 1000, max_ttl: Duration::from_secs(7200) };
+    let secrets = SecretKey::from_bytes([1; 32]);
+    let Ok(Action::Store(action)) = api::prepare(&head, body, client, &limits, &secrets, 1_000_000) else { return };
+    STATE.with(|s| {
+        let (owned, budget) = &mut *s.borrow_mut();
+        let cmd = Cmd { charge: Some(Charge { bucket: clientip::bucket_key(client), cost: action.cost }), op: Some(action.op) };
+        let reply = owned.apply(cmd, Now { unix_ms: 1_000_000 + data.len() as u64, epoch: 0 }, budget);
+        let r = api::respond(action.route, action.ip_key, reply, "127.0.0.1", || 1);
+        let mut out = Vec::new();
+        http::encode(&mut out, &r, "127.0.0.1", true, false, false);
+        assert!(out.starts_with(b"HTTP/1.1 "));
+        if owned.shard.len() > 60 {
+            owned.shard.sweep(u64::MAX, 1000, budget);
+        }
+    });
+});
