@@ -1,0 +1,200 @@
+//! The deploy kit, proven with the real software on loopback: the systemd
+//! unit verifies and its command line runs; nginx in front of a real server
+//! keeps the real client address, cannot be spoofed, rate-limits per real
+//! client and reuses upstream connections.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+fn require(tool: &str) {
+    assert!(have(tool), "{tool} is not installed: `bash .ci/run` installs the Debian packages the tests use");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn exec_start() -> Vec<String> {
+    let unit = std::fs::read_to_string(format!("{DEPLOY}/systemd/rendezvous.service")).unwrap();
+    let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart");
+    line.split_whitespace().map(String::from).collect()
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    if !have("systemd-analyze") {
+        eprintln!("systemd-analyze not available here: unit not verified");
+        return;
+    }
+    let dir = TempDir::new();
+    let unit = std::fs::read_to_string(format!("{DEPLOY}/systemd/rendezvous.service"))
+        .unwrap()
+        .replace("/usr/local/bin/rendezvous", BIN);
+    let path = dir.path().join("rendezvous.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{report}");
+    assert!(!report.contains("rendezvous.service:"), "warnings about the unit:\n{report}");
+}
+
+#[test]
+fn systemd_command_line_starts_and_stops_cleanly() {
+    // The unit's own flags, with the port, paths and metrics moved to test values.
+    let dir = TempDir::new();
+    let mut args = exec_start();
+    args.remove(0);
+    for pair in args.chunks_mut(2) {
+        match pair[0].as_str() {
+            "-port" => pair[1] = "0".into(),
+            "-l" => pair[1] = "127.0.0.1".into(),
+            "-snapshotPath" => pair[1] = dir.path().join("store.rkyv").display().to_string(),
+            "-metricsAddr" => pair[1] = "127.0.0.1:0".into(),
+            _ => {}
+        }
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Server::start_in(dir, &refs);
+    assert_eq!(s.post("/set/k", b"v").status, 200);
+    let (dir, status) = s.stop_keep_dir("-TERM");
+    assert!(status.success());
+    assert!(dir.path().join("store.rkyv").exists(), "SIGTERM wrote the final snapshot");
+}
+
+struct Nginx {
+    child: Child,
+    http: u16,
+    https: u16,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_nginx(dir: &Path, upstream: std::net::SocketAddr) -> Nginx {
+    let d = dir.display().to_string();
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-keyout", &format!("{d}/key.pem"), "-out", &format!("{d}/cert.pem")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "openssl could not make a test certificate");
+    let (http, https) = (free_port(), free_port());
+    let site = std::fs::read_to_string(format!("{DEPLOY}/nginx/rendezvous.conf"))
+        .unwrap()
+        .replace("server 127.0.0.1:8080;", &format!("server {upstream};"))
+        .replace("listen 80;", &format!("listen 127.0.0.1:{http};"))
+        .replace("listen 443 ssl;", &format!("listen 127.0.0.1:{https} ssl;"))
+        .replace("/etc/letsencrypt/live/rendezvous.example.org/fullchain.pem", &format!("{d}/cert.pem"))
+        .replace("/etc/letsencrypt/live/rendezvous.example.org/privkey.pem", &format!("{d}/key.pem"))
+        .lines()
+        .filter(|l| !l.contains("[::]"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.join("rendezvous.conf"), site).unwrap();
+    let main = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+         include {d}/rendezvous.conf;\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), main).unwrap();
+    let child = Command::new("nginx")
+        .args(["-c", &format!("{d}/nginx.conf"), "-p", &d])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", https)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start: {}", std::fs::read_to_string(dir.join("error.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Nginx { child, http, https }
+}
+
+/// One request through curl from a given loopback source address.
+fn curl(from: &str, url: &str, extra: &[&str]) -> Resp {
+    let out = Command::new("curl")
+        .args(["-sk", "-i", "--interface", from, "--max-time", "10"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .unwrap();
+    let raw = out.stdout;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().as_bytes().to_vec())).collect();
+    Resp { status, headers, body: raw[split + 4..].to_vec() }
+}
+
+#[test]
+fn nginx_tls_proxy_keeps_the_real_client() {
+    require("nginx");
+    require("openssl");
+    require("curl");
+    let s = Server::start(&["-threads", "2", "-trustedProxies", "127.0.0.1/32", "-maxRequests", "9", "-resetDuration", "1h"]);
+    let dir = TempDir::new();
+    let nginx = start_nginx(dir.path(), s.addr);
+    let https = format!("https://127.0.0.1:{}", nginx.https);
+    let http = format!("http://127.0.0.1:{}", nginx.http);
+
+    // X-Client-Ip and ip/ keys use the address nginx saw.
+    let r = curl("127.0.0.5", &format!("{https}/set/ip/svc"), &["-d", "4000"]);
+    assert_eq!((r.status, r.text().as_str()), (200, "127.0.0.5"));
+    assert_eq!(r.header("X-Client-Ip").as_deref(), Some("127.0.0.5"));
+    let r = curl("127.0.0.6", &format!("{https}/get/ip/127.0.0.5/svc"), &[]);
+    assert_eq!((r.status, r.text().as_str()), (200, "4000"));
+    // Plain HTTP goes through the same proxy.
+    let r = curl("127.0.0.7", &format!("{http}/get/ip/127.0.0.5/svc"), &[]);
+    assert_eq!(r.header("X-Client-Ip").as_deref(), Some("127.0.0.7"));
+
+    // A client-sent X-Forwarded-For cannot spoof it.
+    let r = curl("127.0.0.8", &format!("{https}/set/ip/svc"), &["-d", "x", "-H", "X-Forwarded-For: 20.18.12.10"]);
+    assert_eq!((r.text().as_str(), r.header("X-Client-Ip").as_deref()), ("127.0.0.8", Some("127.0.0.8")));
+    assert_eq!(curl("127.0.0.8", &format!("{https}/get/ip/20.18.12.10/svc"), &[]).status, 404);
+
+    // Rate limits apply per real client (9 tokens: three writes).
+    for _ in 0..3 {
+        assert_eq!(curl("127.0.0.9", &format!("{https}/set/a"), &["-d", "v"]).status, 200);
+    }
+    let r = curl("127.0.0.9", &format!("{https}/get/a"), &[]);
+    assert_eq!(r.status, 429);
+    assert!(r.header("Retry-After").is_some());
+    assert_eq!(curl("127.0.0.10", &format!("{https}/get/a"), &[]).status, 200, "another client is unaffected");
+
+    // nginx reuses its upstream connections: many client requests, few server connections.
+    let before = s.metric("rendezvous_connections_total").unwrap_or(0.0);
+    for i in 0..30 {
+        let from = format!("127.0.1.{}", i + 1);
+        assert_eq!(curl(&from, &format!("{https}/get/a"), &[]).status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = s.metric("rendezvous_connections_total").unwrap_or(0.0);
+    while after == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after = s.metric("rendezvous_connections_total").unwrap_or(0.0);
+    }
+    let total = s.metric("rendezvous_connections_total").unwrap_or(0.0);
+    assert!(total <= 3.0, "nginx opened {total} upstream connections for 37 requests");
+    // The docs page shows the public host nginx was asked for.
+    let r = curl("127.0.0.11", &format!("{https}/"), &["-H", "Host: rendezvous.example.org"]);
+    assert!(r.text().contains("http://rendezvous.example.org/get/"));
+}
