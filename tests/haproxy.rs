@@ -1,0 +1,299 @@
+//! Scale-out through the shipped HAProxy config, with HAProxy (Debian
+//! package) and three real server processes on loopback: routing by
+//! effective key, atomicity through the balancer, ip/ keys, secrets, a node
+//! restart, key distribution, and the global rate limit at the HAProxy tier.
+
+mod common;
+use common::*;
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy/haproxy.cfg");
+
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `tokens`: the per-client budget (the shipped file says 17).
+fn start_haproxy(dir: &std::path::Path, nodes: &[SocketAddr], tokens: u32) -> Haproxy {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Only the listen address, node addresses and (for this machine's
+    // open-file limit) maxconn differ from the shipped file.
+    let mut cfg = std::fs::read_to_string(CONFIG)
+        .unwrap()
+        .replace("bind :80", &format!("bind 127.0.0.1:{port}"))
+        .replace("maxconn 50000", "maxconn 2000")
+        .replace(") gt 17 }", &format!(") gt {tokens} }}"));
+    for (i, node) in nodes.iter().enumerate() {
+        cfg = cfg.replace(&format!("10.0.0.1{}:8080", i + 1), &node.to_string());
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg).unwrap();
+    let child = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "haproxy did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Haproxy { child, addr }
+}
+
+/// A client connection from a chosen loopback source address.
+fn client_from(src: &str, dst: SocketAddr) -> Client {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: SocketAddr = format!("{src}:0").parse().unwrap();
+    socket.bind(&src.into()).unwrap();
+    socket.connect(&dst.into()).unwrap();
+    Client::over(socket.into())
+}
+
+fn start_node(dir: TempDir, port: Option<u16>) -> Server {
+    let port = port.map(|p| p.to_string()).unwrap_or_else(|| "0".into());
+    Server::start_in(
+        dir,
+        &[
+            "-threads",
+            "1",
+            "-trustedProxies",
+            "127.0.0.1/32",
+            "-port",
+            &port,
+        ],
+    )
+}
+
+fn require_haproxy() {
+    let found = Command::new("sh")
+        .args(["-c", "command -v haproxy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "haproxy is not installed: `bash .ci/run` installs the Debian package"
+    );
+}
+
+#[test]
+fn three_nodes_behind_haproxy() {
+    require_haproxy();
+    let mut nodes: Vec<Server> = (0..3).map(|_| start_node(TempDir::new(), None)).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let hdir = TempDir::new();
+    // This test makes hundreds of requests per client: lift the budget.
+    let lb = start_haproxy(hdir.path(), &addrs, 1_000_000);
+    let via = |src: &str| client_from(src, lb.addr);
+
+    // Distribution: keys spread over every node, each key on exactly one.
+    let mut c = via("127.0.0.2");
+    for i in 0..300 {
+        assert_eq!(
+            c.req("POST", &format!("/set/spread{i}"), &[], b"v").status,
+            200
+        );
+        // Read back through the balancer under another spelling of the same key.
+        let r = c.req(
+            "GET",
+            &format!("/get/spread{}", pct(format!("{i}").as_bytes())).replace("spread", "spr%65ad"),
+            &[],
+            b"",
+        );
+        assert_eq!(
+            r.status, 200,
+            "spread{i} not found through its percent-encoded name"
+        );
+    }
+    let mut per_node = vec![0; 3];
+    for i in 0..300 {
+        let owners: Vec<usize> = (0..3)
+            .filter(|&n| nodes[n].get(&format!("/get/spread{i}")).status == 200)
+            .collect();
+        assert_eq!(owners.len(), 1, "spread{i} is on nodes {owners:?}");
+        per_node[owners[0]] += 1;
+    }
+    eprintln!("300 keys over 3 nodes: {per_node:?}");
+    assert!(per_node.iter().all(|&n| n >= 50), "{per_node:?}");
+
+    // los through the balancer: one winner among 16 concurrent peers.
+    let barrier = Arc::new(Barrier::new(16));
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let lb = lb.addr;
+            std::thread::spawn(move || {
+                let mut c = client_from(&format!("127.0.2.{}", i + 1), lb);
+                barrier.wait();
+                c.req("POST", "/los/leader", &[], format!("peer{i}").as_bytes())
+                    .header("X-Created")
+                    .unwrap()
+                    == "true"
+            })
+        })
+        .collect();
+    assert_eq!(
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|&w| w)
+            .count(),
+        1
+    );
+
+    // cas counter through the balancer: exact.
+    assert_eq!(
+        via("127.0.0.3")
+            .req("POST", "/set/counter", &[], b"0")
+            .status,
+        200
+    );
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let lb = lb.addr;
+            std::thread::spawn(move || {
+                let mut c = client_from(&format!("127.0.3.{}", i + 1), lb);
+                for _ in 0..10 {
+                    let mut cur = c.req("GET", "/get/counter", &[], b"").text();
+                    loop {
+                        let next = (cur.parse::<u32>().unwrap() + 1).to_string();
+                        let r = c.req(
+                            "POST",
+                            "/cas/counter",
+                            &[("X-Expected-Value", &cur)],
+                            next.as_bytes(),
+                        );
+                        if r.status == 200 {
+                            break;
+                        }
+                        assert_eq!(r.status, 409);
+                        cur = r.text();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(
+        via("127.0.0.3").req("GET", "/get/counter", &[], b"").text(),
+        "80"
+    );
+
+    // ip/ keys: written as ip/<client>/x, read back under that name.
+    let r = via("127.0.0.5").req("POST", "/set/ip/game", &[], b"4000");
+    assert_eq!((r.status, r.text().as_str()), (200, "127.0.0.5"));
+    assert_eq!(
+        via("127.0.0.6")
+            .req("GET", "/get/ip/127.0.0.5/game", &[], b"")
+            .text(),
+        "4000"
+    );
+    let r = via("127.0.0.6").req(
+        "POST",
+        "/set/ip/game",
+        &[("X-Forwarded-For", "127.0.0.5")],
+        b"spoof",
+    );
+    assert_eq!(
+        r.text(),
+        "127.0.0.6",
+        "a client cannot spoof its address through HAProxy"
+    );
+    assert_eq!(
+        via("127.0.0.6")
+            .req("GET", "/get/ip/127.0.0.5/game", &[], b"")
+            .text(),
+        "4000"
+    );
+
+    // Secrets through the balancer.
+    let mut c = via("127.0.0.7");
+    assert_eq!(
+        c.req("POST", "/set/owned", &[("X-Owner-Secret", "pw")], b"mine")
+            .status,
+        200
+    );
+    assert_eq!(c.req("POST", "/set/owned", &[], b"stolen").status, 403);
+    assert_eq!(
+        c.req("POST", "/set/owned", &[("X-Owner-Secret", "pw")], b"mine2")
+            .status,
+        200
+    );
+
+    // A node restart: its keys come back from its snapshot.
+    let owner = (0..3)
+        .find(|&n| nodes[n].get("/get/owned").status == 200)
+        .unwrap();
+    let port = nodes[owner].addr.port();
+    let (dir, status) = nodes.remove(owner).stop_keep_dir("-TERM");
+    assert!(status.success());
+    nodes.insert(owner, start_node(dir, Some(port)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = via("127.0.0.8").req("GET", "/get/owned", &[], b"");
+        if r.status == 200 && r.body == b"mine2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node's key never came back through HAProxy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        via("127.0.0.8")
+            .req("POST", "/set/owned", &[], b"stolen")
+            .status,
+        403,
+        "secret survived"
+    );
+}
+
+#[test]
+fn haproxy_rate_limits_each_client_globally() {
+    require_haproxy();
+    let nodes: Vec<Server> = (0..3).map(|_| start_node(TempDir::new(), None)).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let hdir = TempDir::new();
+    let lb = start_haproxy(hdir.path(), &addrs, 17);
+    // 17 tokens: 5 writes (15) and 2 reads, on keys spread over all nodes.
+    let mut c = client_from("127.0.4.1", lb.addr);
+    for i in 0..5 {
+        assert_eq!(c.req("POST", &format!("/set/rl{i}"), &[], b"v").status, 200);
+    }
+    // A write (3) no longer fits, and is refused without spending anything.
+    let r = c.req("POST", "/set/rl9", &[], b"v");
+    assert_eq!((r.status, r.header("Retry-After").is_some()), (429, true));
+    assert_eq!(c.req("GET", "/get/rl1", &[], b"").status, 200);
+    assert_eq!(c.req("GET", "/get/rl2", &[], b"").status, 200);
+    assert_eq!(c.req("GET", "/get/rl3", &[], b"").status, 429);
+    // Another client has its own budget; the docs page is free.
+    assert_eq!(
+        client_from("127.0.4.2", lb.addr)
+            .req("GET", "/get/rl1", &[], b"")
+            .status,
+        200
+    );
+    assert_eq!(c.req("GET", "/", &[], b"").status, 200);
+}
