@@ -50,12 +50,7 @@ fn start_server(args: &[&str]) -> Proc {
         all.extend(["-metricsAddr", ""]);
     }
     all.extend_from_slice(args);
-    let mut child = Command::new(BIN)
-        .args(&all)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Command::new(BIN).args(&all).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut metrics = None;
     loop {
@@ -70,11 +65,7 @@ fn start_server(args: &[&str]) -> Proc {
         if let Some(rest) = line.split("listening on http://").nth(1) {
             let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
             std::thread::spawn(move || for _ in lines {});
-            return Proc {
-                child,
-                addr,
-                metrics,
-            };
+            return Proc { child, addr, metrics };
         }
     }
 }
@@ -109,11 +100,7 @@ fn family(pid: u32) -> Vec<u32> {
         };
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
         if let Some(close) = stat.rfind(')') {
-            let ppid: u32 = stat[close + 2..]
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
+            let ppid: u32 = stat[close + 2..].split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
             if ppid == pid {
                 pids.push(p);
             }
@@ -142,13 +129,7 @@ struct Run {
 fn json_field(line: &str, key: &str) -> f64 {
     let pat = format!("\"{key}\":");
     let start = line.find(&pat).map(|i| i + pat.len()).unwrap_or(0);
-    line[start..]
-        .split([',', '}'])
-        .next()
-        .unwrap_or("0")
-        .trim()
-        .parse()
-        .unwrap_or(0.0)
+    line[start..].split([',', '}']).next().unwrap_or("0").trim().parse().unwrap_or(0.0)
 }
 
 fn wrk(name: &str, script: &str, addr: SocketAddr, pids: &[u32], conns: usize, secs: u64) -> Run {
@@ -158,24 +139,14 @@ fn wrk(name: &str, script: &str, addr: SocketAddr, pids: &[u32], conns: usize, s
     std::fs::write(&path, format!("{common}\n{body}")).unwrap();
     let cpu0: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
     let out = Command::new("wrk")
-        .args([
-            "-t1",
-            &format!("-c{conns}"),
-            &format!("-d{secs}s"),
-            "--timeout",
-            "5s",
-            "-s",
-        ])
+        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--timeout", "5s", "-s"])
         .arg(&path)
         .arg(format!("http://{addr}"))
         .output()
         .expect("run wrk");
     let cpu1: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("{\"requests\""))
-        .unwrap_or_else(|| panic!("wrk said: {text}"));
+    let line = text.lines().find(|l| l.starts_with("{\"requests\"")).unwrap_or_else(|| panic!("wrk said: {text}"));
     let requests = json_field(line, "requests") as u64;
     let seconds = json_field(line, "duration_us") / 1e6;
     let run = Run {
@@ -216,9 +187,8 @@ fn fill(addr: SocketAddr, prefix: &str, count: usize, value_len: usize) {
                     let mut batch = Vec::new();
                     let mut n = 0;
                     while n < 256 && i < count {
-                        let head = format!(
-                            "POST /set/{prefix}{i} HTTP/1.1\r\nHost: b\r\nContent-Length: {value_len}\r\n\r\n"
-                        );
+                        let head =
+                            format!("POST /set/{prefix}{i} HTTP/1.1\r\nHost: b\r\nContent-Length: {value_len}\r\n\r\n");
                         batch.extend_from_slice(head.as_bytes());
                         batch.extend_from_slice(&value);
                         n += 1;
@@ -233,7 +203,11 @@ fn fill(addr: SocketAddr, prefix: &str, count: usize, value_len: usize) {
                         carry.extend_from_slice(&buf[..r]);
                         // Each answer is one "HTTP/1.1 " status line; count complete ones.
                         while let Some(p) = carry.windows(9).position(|w| w == b"HTTP/1.1 ") {
-                            assert!(carry[p..].starts_with(b"HTTP/1.1 200"), "fill failed: {}", String::from_utf8_lossy(&carry));
+                            assert!(
+                                carry[p..].starts_with(b"HTTP/1.1 200"),
+                                "fill failed: {}",
+                                String::from_utf8_lossy(&carry)
+                            );
                             seen += 1;
                             carry.drain(..p + 9);
                         }
@@ -249,22 +223,14 @@ fn fill(addr: SocketAddr, prefix: &str, count: usize, value_len: usize) {
 
 fn scrape(addr: SocketAddr, series: &str) -> f64 {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(series))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    text.lines().filter(|l| l.starts_with(series)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 fn start_nginx(dir: &Path, workers: usize) -> Proc {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let conf = format!(
         "worker_processes {workers};\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
          events {{ worker_connections 4096; }}\n\
@@ -288,18 +254,11 @@ fn start_nginx(dir: &Path, workers: usize) -> Proc {
         assert!(Instant::now() < deadline, "nginx did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Proc {
-        child,
-        addr,
-        metrics: None,
-    }
+    Proc { child, addr, metrics: None }
 }
 
 fn require(tool: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success());
+    let ok = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| o.status.success());
     if !matches!(ok, Ok(true)) {
         eprintln!("e2e benchmark needs {tool}: apt-get install -y wrk nginx");
         std::process::exit(1);
@@ -333,31 +292,17 @@ fn memory_run(keys: usize, value_len: usize) -> Memory {
         rss_empty >> 20,
         rss_full >> 20
     );
-    Memory {
-        keys,
-        value_len,
-        rss_empty,
-        rss_full,
-        overhead_per_entry: overhead,
-    }
+    Memory { keys, value_len, rss_empty, rss_full, overhead_per_entry: overhead }
 }
 
 fn main() {
     // `cargo bench` passes --bench; ignore arguments.
     require("wrk");
     require("nginx");
-    let secs: u64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
-    let conns: usize = std::env::var("BENCH_CONNECTIONS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64);
+    let secs: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let conns: usize = std::env::var("BENCH_CONNECTIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
     let quick = std::env::var("BENCH_QUICK").is_ok();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let mut runs: Vec<Run> = Vec::new();
     if std::env::var("BENCH_ONLY").as_deref() == Ok("memory") {
         for (keys, value_len) in [(100_000, 100), (100_000, 1000), (1_000_000, 100)] {
@@ -373,19 +318,10 @@ fn main() {
     std::thread::sleep(Duration::from_millis(200));
     let npids = family(nginx.child.id());
     let mut nginx_runs = Vec::new();
-    for (name, script) in [
-        ("keep-alive", "get_hit"),
-        ("connection-per-request", "conn_close"),
-        ("pipelined x16", "pipeline16"),
-    ] {
-        let mut r = wrk(
-            &format!("nginx {name}"),
-            script,
-            nginx.addr,
-            &npids,
-            conns,
-            secs,
-        );
+    for (name, script) in
+        [("keep-alive", "get_hit"), ("connection-per-request", "conn_close"), ("pipelined x16", "pipeline16")]
+    {
+        let mut r = wrk(&format!("nginx {name}"), script, nginx.addr, &npids, conns, secs);
         r.target = "nginx".into();
         nginx_runs.push(r);
     }
@@ -430,22 +366,8 @@ fn main() {
     drop(s);
 
     // The 429 path: one client far over budget.
-    let s = start_server(&[
-        "-threads",
-        &threads,
-        "-maxRequests",
-        "17",
-        "-resetDuration",
-        "1h",
-    ]);
-    let mut r = wrk(
-        "429 (rate-limited)",
-        "ratelimited",
-        s.addr,
-        &[s.child.id()],
-        conns,
-        secs,
-    );
+    let s = start_server(&["-threads", &threads, "-maxRequests", "17", "-resetDuration", "1h"]);
+    let mut r = wrk("429 (rate-limited)", "ratelimited", s.addr, &[s.child.id()], conns, secs);
     r.target = format!("rendezvous -threads {threads} -maxRequests 17");
     r.nginx_ratio = Some(r.cpu_us_per_req / nginx_ka);
     r.note = "all 429 by design".into();
@@ -460,23 +382,13 @@ fn main() {
         let m = s.metrics.unwrap();
         let sent0 = scrape(m, "rendezvous_cross_core_messages_total");
         let req0 = scrape(m, "rendezvous_core_requests_total");
-        let mut r = wrk(
-            &format!("GET hit, -threads {t}"),
-            "get_hit",
-            s.addr,
-            &[s.child.id()],
-            conns,
-            secs,
-        );
+        let mut r = wrk(&format!("GET hit, -threads {t}"), "get_hit", s.addr, &[s.child.id()], conns, secs);
         std::thread::sleep(Duration::from_millis(1200));
         let sent = scrape(m, "rendezvous_cross_core_messages_total") - sent0;
         let reqs = scrape(m, "rendezvous_core_requests_total") - req0;
         r.target = format!("rendezvous -threads {t}");
         r.nginx_ratio = Some(r.cpu_us_per_req / nginx_ka);
-        r.note = format!(
-            "{:.2} cross-core messages per request",
-            sent / reqs.max(1.0)
-        );
+        r.note = format!("{:.2} cross-core messages per request", sent / reqs.max(1.0));
         scaling.push(r);
     }
 
@@ -484,11 +396,7 @@ fn main() {
     let mut metrics_cost = (Vec::new(), Vec::new());
     for round in 0..4 {
         let on = round % 2 == 1;
-        let args: &[&str] = if on {
-            &["-metricsAddr", "127.0.0.1:0"]
-        } else {
-            &[]
-        };
+        let args: &[&str] = if on { &["-metricsAddr", "127.0.0.1:0"] } else { &[] };
         let s = start_server(args);
         fill(s.addr, "key-", 10_000, 100);
         let label = format!("GET hit, metrics {}", if on { "on" } else { "off" });
@@ -505,27 +413,13 @@ fn main() {
     let sizes: &[(usize, usize)] = if quick {
         &[(100_000, 100), (100_000, 1000)]
     } else {
-        &[
-            (100_000, 100),
-            (100_000, 1000),
-            (1_000_000, 100),
-            (1_000_000, 1000),
-        ]
+        &[(100_000, 100), (100_000, 1000), (1_000_000, 100), (1_000_000, 1000)]
     };
     for &(keys, value_len) in sizes {
         memory.push(memory_run(keys, value_len));
     }
 
-    write_report(
-        &runs,
-        &nginx_runs,
-        &scaling,
-        &metrics_cost,
-        &memory,
-        secs,
-        conns,
-        cores,
-    );
+    write_report(&runs, &nginx_runs, &scaling, &metrics_cost, &memory, secs, conns, cores);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -583,14 +477,10 @@ fn write_report(
     for r in scaling {
         md += &row(r);
     }
-    let mean =
-        |rs: &[Run], f: fn(&Run) -> f64| rs.iter().map(f).sum::<f64>() / rs.len().max(1) as f64;
+    let mean = |rs: &[Run], f: fn(&Run) -> f64| rs.iter().map(f).sum::<f64>() / rs.len().max(1) as f64;
     let (off, on) = metrics_cost;
     if !off.is_empty() && !on.is_empty() {
-        let (cpu_off, cpu_on) = (
-            mean(off, |r| r.cpu_us_per_req),
-            mean(on, |r| r.cpu_us_per_req),
-        );
+        let (cpu_off, cpu_on) = (mean(off, |r| r.cpu_us_per_req), mean(on, |r| r.cpu_us_per_req));
         let (rps_off, rps_on) = (mean(off, |r| r.rps), mean(on, |r| r.rps));
         md += &format!(
             "\nMetrics cost (GET hit, {} alternating runs each): {cpu_on:.2} us/req with metrics vs {cpu_off:.2} without \

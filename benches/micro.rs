@@ -19,13 +19,7 @@ fn filled(value_len: usize) -> (Shard, KeyBudget) {
     let mut shard = Shard::with_capacity(KEYS * 2);
     let value = vec![b'v'; value_len];
     for i in 0..KEYS {
-        let w = Write::new(
-            format!("key-{i}").as_bytes(),
-            &value,
-            None,
-            NOW + 3_600_000,
-            Condition::Set,
-        );
+        let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 3_600_000, Condition::Set);
         shard.write(w, NOW, &budget);
     }
     (shard, budget)
@@ -34,9 +28,7 @@ fn filled(value_len: usize) -> (Shard, KeyBudget) {
 #[divan::bench]
 fn shard_get_hit(bencher: Bencher) {
     let (mut shard, budget) = filled(100);
-    let keys: Vec<Vec<u8>> = (0..1024)
-        .map(|i| format!("key-{}", i * 97 % KEYS).into_bytes())
-        .collect();
+    let keys: Vec<Vec<u8>> = (0..1024).map(|i| format!("key-{}", i * 97 % KEYS).into_bytes()).collect();
     let mut i = 0;
     bencher.bench_local(|| {
         i = (i + 1) & 1023;
@@ -57,13 +49,7 @@ fn shard_set_replace(bencher: Bencher, value_len: usize) {
     let mut i = 0;
     bencher.bench_local(|| {
         i = (i + 1) % KEYS;
-        let w = Write::new(
-            format!("key-{i}").as_bytes(),
-            &value,
-            None,
-            NOW + 1000,
-            Condition::Set,
-        );
+        let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 1000, Condition::Set);
         black_box(shard.write(w, NOW, &budget))
     });
 }
@@ -72,13 +58,7 @@ fn shard_set_replace(bencher: Bencher, value_len: usize) {
 fn shard_cas_conflict(bencher: Bencher) {
     let (mut shard, budget) = filled(16);
     bencher.bench_local(|| {
-        let w = Write::new(
-            b"key-7",
-            b"new",
-            None,
-            NOW + 1000,
-            Condition::Cas((*b"not-it").into()),
-        );
+        let w = Write::new(b"key-7", b"new", None, NOW + 1000, Condition::Cas((*b"not-it").into()));
         black_box(shard.write(w, NOW, &budget))
     });
 }
@@ -108,17 +88,7 @@ fn ttl_sweep_1024_expired(bencher: Bencher) {
             let budget = KeyBudget::new(4096);
             let mut shard = Shard::with_capacity(2048);
             for i in 0..1024 {
-                shard.write(
-                    Write::new(
-                        format!("k{i}").as_bytes(),
-                        b"v",
-                        None,
-                        NOW + 1,
-                        Condition::Set,
-                    ),
-                    NOW,
-                    &budget,
-                );
+                shard.write(Write::new(format!("k{i}").as_bytes(), b"v", None, NOW + 1, Condition::Set), NOW, &budget);
             }
             (shard, budget)
         })
@@ -145,8 +115,7 @@ fn xff_walk(bencher: Bencher) {
 
 #[divan::bench]
 fn head_parse(bencher: Bencher) {
-    let raw =
-        b"GET /get/my-mesh/peer-a HTTP/1.1\r\nHost: rendezvous.example\r\nUser-Agent: curl/8.5\r\n\
+    let raw = b"GET /get/my-mesh/peer-a HTTP/1.1\r\nHost: rendezvous.example\r\nUser-Agent: curl/8.5\r\n\
                 Accept: */*\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n";
     let mut head = RequestHead::default();
     bencher.bench_local(|| black_box(http::parse_head(black_box(raw), &mut head)));

@@ -1,25 +1,25 @@
 //! The Rendezvous API: route a parsed request, decode its arguments (key,
-//! `ttl`, owner secret, expected value, client IP), and turn the owner's
-//! reply into a response.
+//! `ttl`, `wait`, owner secret, expected value, entity tags, client IP), and
+//! turn the owner's reply into a response.
 //!
-//! Everything here is synchronous and pure: `prepare` produces either the
-//! docs page or a store operation with its rate-limit cost, and `respond`
-//! maps a `Reply` to a `Response`. The connection task does the awaiting in
-//! between. Validation errors are decided here, before any token is charged
-//! ("errors before routing cost nothing").
+//! Everything here is synchronous and pure: `prepare` produces the docs page,
+//! a CORS preflight answer, a store operation with its rate-limit cost, or a
+//! blocking read; `respond` maps a `Reply` to a `Response`. The connection
+//! task does the awaiting in between. Validation errors are decided here,
+//! before any token is charged ("errors before routing cost nothing").
 
-use crate::command::{Op, Reply};
+use crate::command::{Op, Reply, WaitFor};
 use crate::error::Error;
-use crate::http::{Body, Method, RequestHead, Response};
+use crate::http::{self, Body, Method, RequestHead, Response};
 use crate::ratelimit::Refused;
 use crate::secret::SecretKey;
-use crate::shard::{Condition, Found, Write, WriteOutcome};
+use crate::shard::{Condition, Found, IfMatch, Write, WriteOutcome};
 use std::net::IpAddr;
 use std::time::Duration;
 
-/// Tokens a read costs.
+/// Tokens a read (blocking or not) costs.
 pub const READ_COST: u32 = 1;
-/// Tokens a write costs.
+/// Tokens a write (delete included) costs.
 pub const WRITE_COST: u32 = 3;
 
 /// The API's routes.
@@ -31,6 +31,7 @@ pub enum Route {
     Los,
     Cas,
     Casoc,
+    Del,
 }
 
 /// The limits the API enforces (from the flags).
@@ -39,23 +40,46 @@ pub struct Limits {
     pub max_key_size: usize,
     pub max_value_size: usize,
     pub max_ttl: Duration,
+    pub max_wait: Duration,
 }
 
 /// A request ready to execute.
 #[derive(Debug)]
 pub enum Action {
     Docs,
+    /// A CORS preflight (`OPTIONS`): answered without charging tokens.
+    Preflight,
     Store(StoreAction),
+    Wait(WaitAction),
 }
 
-/// A store operation and what the response needs to know about it.
+/// A store operation, its rate-limit cost, and what the response needs.
 #[derive(Debug)]
 pub struct StoreAction {
-    pub route: Route,
-    pub cost: u32,
     pub op: Op,
+    pub cost: u32,
+    pub meta: ReplyMeta,
+}
+
+/// What `respond` needs to know about the request.
+#[derive(Debug)]
+pub struct ReplyMeta {
+    pub route: Route,
     /// An `ip/` write: a success answers the client IP instead of `OK`.
     pub ip_key: bool,
+    /// `If-None-Match` on a GET: 304 when the current version is listed
+    /// (`None` inside: `*`, any version).
+    pub if_none_match: Option<Option<Vec<u64>>>,
+}
+
+/// A blocking read (`GET /get/<key>?wait=D`).
+#[derive(Debug)]
+pub struct WaitAction {
+    pub key: Box<[u8]>,
+    pub until: WaitFor,
+    pub timeout: Duration,
+    /// Answer on timeout: 404 (waiting for creation) or 304 (for a change).
+    pub timeout_status: u16,
 }
 
 /// The route a target names, whatever the method (for metrics labels).
@@ -64,18 +88,17 @@ pub fn route_hint(target: &[u8]) -> Option<Route> {
     if path == b"/" {
         return Some(Route::Docs);
     }
-    const PREFIXES: [(&[u8], Route); 5] = [
-        (b"/get/", Route::Get),
-        (b"/set/", Route::Set),
-        (b"/los/", Route::Los),
-        (b"/cas/", Route::Cas),
-        (b"/casoc/", Route::Casoc),
-    ];
-    PREFIXES
-        .iter()
-        .find(|(p, _)| path.starts_with(p))
-        .map(|&(_, r)| r)
+    PREFIXES.iter().find(|(p, _)| path.starts_with(p)).map(|&(_, r)| r)
 }
+
+const PREFIXES: [(&[u8], Route); 6] = [
+    (b"/get/", Route::Get),
+    (b"/set/", Route::Set),
+    (b"/los/", Route::Los),
+    (b"/cas/", Route::Cas),
+    (b"/casoc/", Route::Casoc),
+    (b"/del/", Route::Del),
+];
 
 /// A matched route with its raw (still percent-encoded) key and query.
 pub type Routed<'a> = (Route, &'a [u8], Option<&'a [u8]>);
@@ -88,33 +111,23 @@ pub fn route(method: Method, target: &[u8]) -> Result<Routed<'_>, Error> {
     };
     let read = matches!(method, Method::Get | Method::Head);
     if path == b"/" {
-        return if read {
-            Ok((Route::Docs, b"", query))
-        } else {
-            Err(Error::MethodNotAllowed("GET, HEAD"))
-        };
+        return if read { Ok((Route::Docs, b"", query)) } else { Err(Error::MethodNotAllowed("GET, HEAD, OPTIONS")) };
     }
-    const WRITES: [(&[u8], Route); 4] = [
-        (b"/set/", Route::Set),
-        (b"/los/", Route::Los),
-        (b"/cas/", Route::Cas),
-        (b"/casoc/", Route::Casoc),
-    ];
-    if let Some(key) = path.strip_prefix(b"/get/") {
-        return if read {
-            Ok((Route::Get, key, query))
-        } else {
-            Err(Error::MethodNotAllowed("GET, HEAD"))
+    for (prefix, route) in PREFIXES {
+        let Some(key) = path.strip_prefix(prefix) else { continue };
+        let allowed = match route {
+            Route::Get => read,
+            Route::Del => matches!(method, Method::Post | Method::Delete),
+            _ => method == Method::Post,
         };
-    }
-    for (prefix, route) in WRITES {
-        if let Some(key) = path.strip_prefix(prefix) {
-            return if method == Method::Post {
-                Ok((route, key, query))
-            } else {
-                Err(Error::MethodNotAllowed("POST"))
-            };
+        if allowed {
+            return Ok((route, key, query));
         }
+        return Err(Error::MethodNotAllowed(match route {
+            Route::Get => "GET, HEAD, OPTIONS",
+            Route::Del => "POST, DELETE, OPTIONS",
+            _ => "POST, OPTIONS",
+        }));
     }
     Err(Error::NoSuchRoute)
 }
@@ -133,10 +146,7 @@ pub fn percent_decode(raw: &[u8]) -> Result<Vec<u8>, Error> {
     let mut i = 0;
     while let Some(p) = raw[i..].iter().position(|&b| b == b'%') {
         let at = i + p;
-        match (
-            raw.get(at + 1).copied().and_then(hex),
-            raw.get(at + 2).copied().and_then(hex),
-        ) {
+        match (raw.get(at + 1).copied().and_then(hex), raw.get(at + 2).copied().and_then(hex)) {
             (Some(_), Some(_)) => i = at + 3,
             _ => return Err(Error::BadPercentEncoding),
         }
@@ -162,20 +172,23 @@ pub fn decode_key(raw: &[u8], max_key_size: usize) -> Result<Vec<u8>, Error> {
     Ok(key)
 }
 
+/// A duration query parameter: `None` if absent, else at most `max`;
+/// zero, negative or garbage is an error.
+fn duration_param(query: Option<&[u8]>, name: &[u8], max: Duration) -> Result<Option<Duration>, ()> {
+    let Some(query) = query else { return Ok(None) };
+    let Some(raw) = query.split(|&b| b == b'&').find_map(|p| p.strip_prefix(name)?.strip_prefix(b"=")) else {
+        return Ok(None);
+    };
+    let decoded = percent_decode(raw).map_err(|_| ())?;
+    let text = std::str::from_utf8(&decoded).map_err(|_| ())?;
+    let d = crate::duration::parse_positive(text).map_err(|_| ())?;
+    Ok(Some(d.min(max)))
+}
+
 /// The TTL asked for with `?ttl=`: absent means the maximum, above the
 /// maximum is capped, zero/negative/garbage is a 400.
 pub fn ttl(query: Option<&[u8]>, max: Duration) -> Result<Duration, Error> {
-    let Some(query) = query else { return Ok(max) };
-    let Some(raw) = query
-        .split(|&b| b == b'&')
-        .find_map(|p| p.strip_prefix(b"ttl="))
-    else {
-        return Ok(max);
-    };
-    let decoded = percent_decode(raw).map_err(|_| Error::BadTtl)?;
-    let text = std::str::from_utf8(&decoded).map_err(|_| Error::BadTtl)?;
-    let d = crate::duration::parse_positive(text).map_err(|_| Error::BadTtl)?;
-    Ok(d.min(max))
+    Ok(duration_param(query, b"ttl", max).map_err(|()| Error::BadTtl)?.unwrap_or(max))
 }
 
 /// `ip/<rest>` becomes `ip/<client-ip>/<rest>`; other keys are unchanged.
@@ -201,19 +214,29 @@ pub fn prepare(
     secrets: &SecretKey,
     now_ms: u64,
 ) -> Result<Action, Error> {
+    if head.method == Method::Options {
+        return Ok(Action::Preflight);
+    }
     let (route, raw_key, query) = route(head.method, &head.target)?;
     if route == Route::Docs {
         return Ok(Action::Docs);
     }
     let key = decode_key(raw_key, limits.max_key_size)?;
     if route == Route::Get {
+        let if_none_match = head.if_none_match.get().map(http::parse_etags);
+        let wait = duration_param(query, b"wait", limits.max_wait).map_err(|()| Error::BadWait)?;
+        if let Some(timeout) = wait {
+            let (until, timeout_status) = match (head.expected.get(), if_none_match) {
+                (Some(v), _) => (WaitFor::ValueDiffers(v.into()), 304),
+                (None, Some(Some(tags))) => (WaitFor::VersionDiffers(tags), 304),
+                (None, _) => (WaitFor::Exists, 404),
+            };
+            return Ok(Action::Wait(WaitAction { key: key.into_boxed_slice(), until, timeout, timeout_status }));
+        }
         return Ok(Action::Store(StoreAction {
-            route,
+            op: Op::Get { key: key.into_boxed_slice() },
             cost: READ_COST,
-            op: Op::Get {
-                key: key.into_boxed_slice(),
-            },
-            ip_key: false,
+            meta: ReplyMeta { route, ip_key: false, if_none_match },
         }));
     }
     let ttl = ttl(query, limits.max_ttl)?;
@@ -223,27 +246,27 @@ pub fn prepare(
     if body.len() + secret.map_or(0, <[u8]>::len) > limits.max_value_size {
         return Err(Error::ValueTooLarge);
     }
-    let expected = || {
-        head.expected
-            .get()
-            .map(Into::into)
-            .ok_or(Error::MissingExpectedValue)
-    };
+    let expected = || head.expected.get().map(Into::into).ok_or(Error::MissingExpectedValue);
     let cond = match route {
         Route::Set => Condition::Set,
         Route::Los => Condition::Los,
         Route::Cas => Condition::Cas(expected()?),
         Route::Casoc => Condition::Casoc(expected()?),
+        Route::Del => Condition::Delete,
         Route::Docs | Route::Get => return Err(Error::NoSuchRoute),
     };
+    let value = if route == Route::Del { &[][..] } else { body };
     let (key, ip_key) = expand_ip_key(key, client_ip);
     let secret = secret.map(|s| secrets.hash(&key, s));
-    let write = Write::new(&key, body, secret, now_ms.saturating_add(ttl_ms), cond);
+    let mut write = Write::new(&key, value, secret, now_ms.saturating_add(ttl_ms), cond);
+    write.if_match = head.if_match.get().map(|v| match http::parse_etags(v) {
+        None => IfMatch::Any,
+        Some(tags) => IfMatch::Versions(tags),
+    });
     Ok(Action::Store(StoreAction {
-        route,
-        cost: WRITE_COST,
         op: Op::Write(write),
-        ip_key,
+        cost: WRITE_COST,
+        meta: ReplyMeta { route, ip_key, if_none_match: None },
     }))
 }
 
@@ -251,58 +274,91 @@ fn expires_header(ms: u64) -> Option<u64> {
     Some(ms / 1000)
 }
 
+/// The answer to a CORS preflight.
+pub fn preflight() -> Response {
+    let mut r = Response::new(204, Body::Text(""));
+    r.preflight = true;
+    r
+}
+
 /// Builds the response for an executed store action. `retry_after` is only
 /// called for a rate-limited request; `client_ip` is the detected address.
-pub fn respond(
-    route: Route,
-    ip_key: bool,
-    reply: Reply,
-    client_ip: &str,
-    retry_after: impl FnOnce() -> u64,
-) -> Response {
-    let created_header = matches!(route, Route::Los | Route::Casoc);
+pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: impl FnOnce() -> u64) -> Response {
+    let created_header = matches!(action.route, Route::Los | Route::Casoc);
     match reply {
         Reply::Limited(Refused::Exhausted | Refused::TableFull) => {
             Response::from_error(Error::RateLimited(retry_after()))
         }
-        // A charge-only command never reaches `respond`; treat it as an internal miss.
-        Reply::Charged => Response::from_error(Error::KeyNotFound),
-        Reply::Got(None) => Response::from_error(Error::KeyNotFound),
-        Reply::Got(Some(Found { value, expires_ms })) => {
-            let mut r = Response::new(200, Body::Bytes(value));
-            r.expires_at = expires_header(expires_ms);
-            r
+        // Charge-only and waiter replies never reach `respond`; treat them as a miss.
+        Reply::Charged | Reply::Parked | Reply::Cancelled | Reply::Got(None) => {
+            Response::from_error(Error::KeyNotFound)
+        }
+        Reply::Got(Some(found)) => {
+            let unchanged = match &action.if_none_match {
+                Some(None) => true,
+                Some(Some(tags)) => tags.contains(&found.version),
+                None => false,
+            };
+            if unchanged {
+                let mut r = Response::new(304, Body::Text(""));
+                r.etag = Some(found.version);
+                r.expires_at = expires_header(found.expires_ms);
+                return r;
+            }
+            found_response(found)
         }
         Reply::Wrote(outcome) => match outcome {
-            WriteOutcome::Stored {
-                created,
-                expires_ms,
-            } => {
-                let body = if ip_key {
-                    Body::OwnedText(client_ip.to_owned())
-                } else {
-                    Body::Text("OK")
-                };
+            WriteOutcome::Stored { created, expires_ms, version } => {
+                let body = if action.ip_key { Body::OwnedText(client_ip.to_owned()) } else { Body::Text("OK") };
                 let mut r = Response::new(200, body);
                 r.expires_at = expires_header(expires_ms);
                 r.created = created_header.then_some(created);
+                r.etag = Some(version);
                 r
             }
-            WriteOutcome::Existing { value, expires_ms } => {
+            WriteOutcome::Existing { value, expires_ms, version } => {
                 let mut r = Response::new(200, Body::Bytes(value));
                 r.expires_at = expires_header(expires_ms);
                 r.created = created_header.then_some(false);
+                r.etag = Some(version);
                 r
             }
-            WriteOutcome::Conflict { value, expires_ms } => {
+            WriteOutcome::Conflict { value, expires_ms, version } => {
                 let mut r = Response::new(409, Body::Bytes(value));
                 r.expires_at = expires_header(expires_ms);
+                r.etag = Some(version);
                 r
             }
+            WriteOutcome::Deleted => Response::new(200, Body::Text("OK")),
             WriteOutcome::NotFound => Response::from_error(Error::KeyNotFound),
             WriteOutcome::Forbidden => Response::from_error(Error::WrongSecret),
+            WriteOutcome::PreconditionFailed { version } => {
+                let mut r = Response::from_error(Error::PreconditionFailed);
+                r.etag = version;
+                r
+            }
             WriteOutcome::Full => Response::from_error(Error::StoreFull),
         },
+    }
+}
+
+/// A 200 with a stored value.
+pub fn found_response(found: Found) -> Response {
+    let mut r = Response::new(200, Body::Bytes(found.value));
+    r.expires_at = expires_header(found.expires_ms);
+    r.etag = Some(found.version);
+    r
+}
+
+/// The answer to a blocking read.
+pub fn respond_wait(reply: Option<Reply>, timeout_status: u16, retry_after: impl FnOnce() -> u64) -> Response {
+    match reply {
+        Some(Reply::Got(Some(found))) => found_response(found),
+        Some(Reply::Limited(_)) => Response::from_error(Error::RateLimited(retry_after())),
+        Some(Reply::Got(None)) => Response::from_error(Error::KeyNotFound),
+        // Timed out (or cancelled): nothing changed in time.
+        _ if timeout_status == 304 => Response::new(304, Body::Text("")),
+        _ => Response::from_error(Error::KeyNotFound),
     }
 }
 
@@ -317,24 +373,15 @@ mod tests {
     #[test]
     fn routes_and_methods() {
         assert_eq!(route(Method::Get, b"/").unwrap().0, Route::Docs);
-        assert_eq!(
-            route(Method::Get, b"/get/a/b?x=1").unwrap(),
-            (Route::Get, &b"a/b"[..], Some(&b"x=1"[..]))
-        );
+        assert_eq!(route(Method::Get, b"/get/a/b?x=1").unwrap(), (Route::Get, &b"a/b"[..], Some(&b"x=1"[..])));
         assert_eq!(route(Method::Head, b"/get/a").unwrap().0, Route::Get);
         assert_eq!(route(Method::Post, b"/casoc/k").unwrap().0, Route::Casoc);
-        assert_eq!(
-            route(Method::Post, b"/get/k").unwrap_err(),
-            Error::MethodNotAllowed("GET, HEAD")
-        );
-        assert_eq!(
-            route(Method::Get, b"/set/k").unwrap_err(),
-            Error::MethodNotAllowed("POST")
-        );
-        assert_eq!(
-            route(Method::Get, b"/nope").unwrap_err(),
-            Error::NoSuchRoute
-        );
+        assert_eq!(route(Method::Post, b"/get/k").unwrap_err(), Error::MethodNotAllowed("GET, HEAD, OPTIONS"));
+        assert_eq!(route(Method::Get, b"/set/k").unwrap_err(), Error::MethodNotAllowed("POST, OPTIONS"));
+        assert_eq!(route(Method::Delete, b"/del/k").unwrap().0, Route::Del);
+        assert_eq!(route(Method::Post, b"/del/k").unwrap().0, Route::Del);
+        assert_eq!(route(Method::Get, b"/del/k").unwrap_err(), Error::MethodNotAllowed("POST, DELETE, OPTIONS"));
+        assert_eq!(route(Method::Get, b"/nope").unwrap_err(), Error::NoSuchRoute);
         assert_eq!(route(Method::Get, b"/get").unwrap_err(), Error::NoSuchRoute);
         assert_eq!(route(Method::Get, b"*").unwrap_err(), Error::NoSuchRoute);
         assert_eq!(route_hint(b"/cas/x?ttl=1s"), Some(Route::Cas));
@@ -348,14 +395,8 @@ mod tests {
         assert_eq!(decode_key(b"a/b", 100).unwrap(), b"a/b");
         assert_eq!(decode_key(b"%252F", 100).unwrap(), b"%2F");
         assert_eq!(decode_key(b"%00%ff", 100).unwrap(), b"\x00\xff");
-        assert_eq!(
-            decode_key(b"a%2", 100).unwrap_err(),
-            Error::BadPercentEncoding
-        );
-        assert_eq!(
-            decode_key(b"a%zz", 100).unwrap_err(),
-            Error::BadPercentEncoding
-        );
+        assert_eq!(decode_key(b"a%2", 100).unwrap_err(), Error::BadPercentEncoding);
+        assert_eq!(decode_key(b"a%zz", 100).unwrap_err(), Error::BadPercentEncoding);
         assert_eq!(decode_key(b"", 100).unwrap_err(), Error::EmptyKey);
         assert_eq!(decode_key(b"abcd", 3).unwrap_err(), Error::KeyTooLong);
         assert_eq!(decode_key(b"%41%42%43", 3).unwrap(), b"ABC");
@@ -367,60 +408,24 @@ mod tests {
         assert_eq!(ttl(None, max), Ok(max));
         assert_eq!(ttl(Some(b"other=1"), max), Ok(max));
         assert_eq!(ttl(Some(b"ttl=30s"), max), Ok(Duration::from_secs(30)));
-        assert_eq!(
-            ttl(Some(b"a=b&ttl=1h30m"), max),
-            Ok(Duration::from_secs(5400))
-        );
+        assert_eq!(ttl(Some(b"a=b&ttl=1h30m"), max), Ok(Duration::from_secs(5400)));
         assert_eq!(ttl(Some(b"ttl=1.5h"), max), Ok(Duration::from_secs(5400)));
         assert_eq!(ttl(Some(b"ttl=100h"), max), Ok(max));
-        for bad in [
-            &b"ttl=0"[..],
-            b"ttl=-1s",
-            b"ttl=",
-            b"ttl=abc",
-            b"ttl=5",
-            b"ttl=%zz",
-            b"ttl=%C3%A9s",
-        ] {
-            assert_eq!(
-                ttl(Some(bad), max),
-                Err(Error::BadTtl),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
+        for bad in [&b"ttl=0"[..], b"ttl=-1s", b"ttl=", b"ttl=abc", b"ttl=5", b"ttl=%zz", b"ttl=%C3%A9s"] {
+            assert_eq!(ttl(Some(bad), max), Err(Error::BadTtl), "{}", String::from_utf8_lossy(bad));
         }
     }
 
     #[test]
     fn ip_keys_expand() {
-        assert_eq!(
-            expand_ip_key(b"ip/svc1".to_vec(), ip("20.18.12.10")),
-            (b"ip/20.18.12.10/svc1".to_vec(), true)
-        );
-        assert_eq!(
-            expand_ip_key(b"ip/a/b".to_vec(), ip("2001:db8::1")),
-            (b"ip/2001:db8::1/a/b".to_vec(), true)
-        );
-        assert_eq!(
-            expand_ip_key(b"ipx/a".to_vec(), ip("1.2.3.4")),
-            (b"ipx/a".to_vec(), false)
-        );
-        assert_eq!(
-            expand_ip_key(b"ip".to_vec(), ip("1.2.3.4")),
-            (b"ip".to_vec(), false)
-        );
+        assert_eq!(expand_ip_key(b"ip/svc1".to_vec(), ip("20.18.12.10")), (b"ip/20.18.12.10/svc1".to_vec(), true));
+        assert_eq!(expand_ip_key(b"ip/a/b".to_vec(), ip("2001:db8::1")), (b"ip/2001:db8::1/a/b".to_vec(), true));
+        assert_eq!(expand_ip_key(b"ipx/a".to_vec(), ip("1.2.3.4")), (b"ipx/a".to_vec(), false));
+        assert_eq!(expand_ip_key(b"ip".to_vec(), ip("1.2.3.4")), (b"ip".to_vec(), false));
     }
 
-    fn head(
-        method: Method,
-        target: &str,
-        secret: Option<&str>,
-        expected: Option<&str>,
-    ) -> RequestHead {
-        let mut raw = format!(
-            "{} {target} HTTP/1.1\r\n",
-            if method == Method::Get { "GET" } else { "POST" }
-        );
+    fn head(method: Method, target: &str, secret: Option<&str>, expected: Option<&str>) -> RequestHead {
+        let mut raw = format!("{} {target} HTTP/1.1\r\n", if method == Method::Get { "GET" } else { "POST" });
         if let Some(s) = secret {
             raw += &format!("X-Owner-Secret: {s}\r\n");
         }
@@ -429,9 +434,7 @@ mod tests {
         }
         raw += "\r\n";
         let mut h = RequestHead::default();
-        crate::http::parse_head(raw.as_bytes(), &mut h)
-            .unwrap()
-            .unwrap();
+        crate::http::parse_head(raw.as_bytes(), &mut h).unwrap().unwrap();
         h
     }
 
@@ -440,6 +443,7 @@ mod tests {
             max_key_size: 20,
             max_value_size: 10,
             max_ttl: Duration::from_secs(60),
+            max_wait: Duration::from_secs(30),
         }
     }
 
@@ -448,10 +452,8 @@ mod tests {
         let k = SecretKey::from_bytes([3; 32]);
         let c = ip("1.2.3.4");
         let h = head(Method::Post, "/set/ip/x?ttl=10s", Some("pw"), None);
-        let Ok(Action::Store(a)) = prepare(&h, b"val", c, &limits(), &k, 1000) else {
-            panic!()
-        };
-        assert_eq!((a.route, a.cost, a.ip_key), (Route::Set, WRITE_COST, true));
+        let Ok(Action::Store(a)) = prepare(&h, b"val", c, &limits(), &k, 1000) else { panic!() };
+        assert_eq!((a.meta.route, a.cost, a.meta.ip_key), (Route::Set, WRITE_COST, true));
         let Op::Write(w) = a.op else { panic!() };
         assert_eq!(w.key(), b"ip/1.2.3.4/x");
         assert_eq!(w.entry.expires_ms, 11_000);
@@ -459,28 +461,18 @@ mod tests {
 
         // Value + secret over the limit.
         let h = head(Method::Post, "/set/k", Some("12345"), None);
-        assert_eq!(
-            prepare(&h, b"123456", c, &limits(), &k, 0).unwrap_err(),
-            Error::ValueTooLarge
-        );
+        assert_eq!(prepare(&h, b"123456", c, &limits(), &k, 0).unwrap_err(), Error::ValueTooLarge);
         assert!(prepare(&h, b"12345", c, &limits(), &k, 0).is_ok());
         // cas without the header is a 400, with an empty one it compares with "".
         let h = head(Method::Post, "/cas/k", None, None);
-        assert_eq!(
-            prepare(&h, b"v", c, &limits(), &k, 0).unwrap_err(),
-            Error::MissingExpectedValue
-        );
+        assert_eq!(prepare(&h, b"v", c, &limits(), &k, 0).unwrap_err(), Error::MissingExpectedValue);
         let h = head(Method::Post, "/cas/k", None, Some(""));
-        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 0) else {
-            panic!()
-        };
+        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 0) else { panic!() };
         let Op::Write(w) = a.op else { panic!() };
         assert_eq!(w.cond, Condition::Cas(Box::new([])));
         // Sub-millisecond TTL rounds up.
         let h = head(Method::Post, "/set/k?ttl=10us", None, None);
-        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 5) else {
-            panic!()
-        };
+        let Ok(Action::Store(a)) = prepare(&h, b"v", c, &limits(), &k, 5) else { panic!() };
         let Op::Write(w) = a.op else { panic!() };
         assert_eq!(w.entry.expires_ms, 6);
     }
@@ -489,47 +481,34 @@ mod tests {
     fn reads_cost_one_and_are_not_expanded() {
         let k = SecretKey::from_bytes([3; 32]);
         let h = head(Method::Get, "/get/ip/1.2.3.4/x", None, None);
-        let Ok(Action::Store(a)) = prepare(&h, b"", ip("9.9.9.9"), &limits(), &k, 0) else {
-            panic!()
-        };
+        let Ok(Action::Store(a)) = prepare(&h, b"", ip("9.9.9.9"), &limits(), &k, 0) else { panic!() };
         assert_eq!(a.cost, READ_COST);
         assert_eq!(a.op.key(), b"ip/1.2.3.4/x");
     }
 
     #[test]
     fn responses() {
-        let ok = Reply::Wrote(WriteOutcome::Stored {
-            created: true,
-            expires_ms: 5_999,
-        });
-        let r = respond(Route::Los, false, ok, "1.2.3.4", || 0);
-        assert_eq!(
-            (r.status, r.created, r.expires_at),
-            (200, Some(true), Some(5))
-        );
+        let meta = |route, ip_key| ReplyMeta { route, ip_key, if_none_match: None };
+        let ok = Reply::Wrote(WriteOutcome::Stored { created: true, expires_ms: 5_999, version: 7 });
+        let r = respond(&meta(Route::Los, false), ok, "1.2.3.4", || 0);
+        assert_eq!((r.status, r.created, r.expires_at, r.etag), (200, Some(true), Some(5), Some(7)));
         assert_eq!(r.body, Body::Text("OK"));
-        let ok = Reply::Wrote(WriteOutcome::Stored {
-            created: false,
-            expires_ms: 0,
-        });
-        let r = respond(Route::Set, true, ok, "1.2.3.4", || 0);
-        assert_eq!(
-            (r.body, r.created),
-            (Body::OwnedText("1.2.3.4".into()), None)
-        );
-        let r = respond(
-            Route::Get,
-            false,
-            Reply::Limited(Refused::Exhausted),
-            "x",
-            || 42,
-        );
+        let ok = Reply::Wrote(WriteOutcome::Stored { created: false, expires_ms: 0, version: 8 });
+        let r = respond(&meta(Route::Set, true), ok, "1.2.3.4", || 0);
+        assert_eq!((r.body, r.created), (Body::OwnedText("1.2.3.4".into()), None));
+        let r = respond(&meta(Route::Get, false), Reply::Limited(Refused::Exhausted), "x", || 42);
         assert_eq!((r.status, r.retry_after), (429, Some(42)));
-        let conflict = Reply::Wrote(WriteOutcome::Conflict {
-            value: (*b"cur").into(),
-            expires_ms: 1000,
-        });
-        let r = respond(Route::Cas, false, conflict, "x", || 0);
-        assert_eq!((r.status, r.body), (409, Body::Bytes((*b"cur").into())));
+        let conflict = Reply::Wrote(WriteOutcome::Conflict { value: (*b"cur").into(), expires_ms: 1000, version: 3 });
+        let r = respond(&meta(Route::Cas, false), conflict, "x", || 0);
+        assert_eq!((r.status, r.body, r.etag), (409, Body::Bytes((*b"cur").into()), Some(3)));
+        // If-None-Match on a GET: 304 when the version is listed.
+        let found = || Reply::Got(Some(Found { value: (*b"v").into(), expires_ms: 0, version: 5 }));
+        let cond = |tags: Option<Vec<u64>>| ReplyMeta { route: Route::Get, ip_key: false, if_none_match: Some(tags) };
+        assert_eq!(respond(&cond(Some(vec![5])), found(), "x", || 0).status, 304);
+        assert_eq!(respond(&cond(Some(vec![4])), found(), "x", || 0).status, 200);
+        assert_eq!(respond(&cond(None), found(), "x", || 0).status, 304);
+        let pf = Reply::Wrote(WriteOutcome::PreconditionFailed { version: Some(9) });
+        let r = respond(&meta(Route::Set, false), pf, "x", || 0);
+        assert_eq!((r.status, r.etag), (412, Some(9)));
     }
 }

@@ -16,8 +16,7 @@ pub struct TrustedProxies {
 }
 
 /// Loopback plus the private ranges (RFC 1918 and IPv6 ULA).
-pub const DEFAULT_TRUSTED: &str =
-    "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7";
+pub const DEFAULT_TRUSTED: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7";
 
 impl TrustedProxies {
     /// Parses a comma-separated CIDR list; a bare address means a single host.
@@ -65,10 +64,7 @@ fn parse_entry(raw: &[u8]) -> Option<IpAddr> {
     } else if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
         sa.ip()
     } else {
-        s.strip_prefix('[')?
-            .strip_suffix(']')?
-            .parse::<IpAddr>()
-            .ok()?
+        s.strip_prefix('[')?.strip_suffix(']')?.parse::<IpAddr>().ok()?
     };
     let ip = canonical(ip);
     if ip.is_unspecified() || ip.is_multicast() {
@@ -129,27 +125,17 @@ mod tests {
     #[test]
     fn untrusted_peer_ignores_xff() {
         let t = default_trusted();
-        assert_eq!(
-            client_ip(ip("8.8.8.8"), Some(b"1.2.3.4"), &t),
-            ip("8.8.8.8")
-        );
+        assert_eq!(client_ip(ip("8.8.8.8"), Some(b"1.2.3.4"), &t), ip("8.8.8.8"));
     }
 
     #[test]
     fn walks_from_the_right() {
         let t = default_trusted();
         // Client spoofed 6.6.6.6; nginx appended the real 20.18.12.10.
-        assert_eq!(
-            client_ip(ip("127.0.0.1"), Some(b"6.6.6.6, 20.18.12.10"), &t),
-            ip("20.18.12.10")
-        );
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"6.6.6.6, 20.18.12.10"), &t), ip("20.18.12.10"));
         // A chain of trusted proxies is skipped.
         assert_eq!(
-            client_ip(
-                ip("10.0.0.1"),
-                Some(b"6.6.6.6, 20.18.12.10, 10.0.0.7, 192.168.1.1"),
-                &t
-            ),
+            client_ip(ip("10.0.0.1"), Some(b"6.6.6.6, 20.18.12.10, 10.0.0.7, 192.168.1.1"), &t),
             ip("20.18.12.10")
         );
     }
@@ -157,44 +143,23 @@ mod tests {
     #[test]
     fn skips_garbage_entries() {
         let t = default_trusted();
-        assert_eq!(
-            client_ip(ip("127.0.0.1"), Some(b"1.2.3.4, garbage,,"), &t),
-            ip("1.2.3.4")
-        );
-        assert_eq!(
-            client_ip(ip("127.0.0.1"), Some(b"\xff\xfe"), &t),
-            ip("127.0.0.1")
-        );
-        assert_eq!(
-            client_ip(ip("127.0.0.1"), Some(b"0.0.0.0, 224.0.0.1"), &t),
-            ip("127.0.0.1")
-        );
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"1.2.3.4, garbage,,"), &t), ip("1.2.3.4"));
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"\xff\xfe"), &t), ip("127.0.0.1"));
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"0.0.0.0, 224.0.0.1"), &t), ip("127.0.0.1"));
     }
 
     #[test]
     fn ports_and_brackets() {
         let t = default_trusted();
-        assert_eq!(
-            client_ip(ip("::1"), Some(b"1.2.3.4:5678"), &t),
-            ip("1.2.3.4")
-        );
-        assert_eq!(
-            client_ip(ip("::1"), Some(b"[2001:db8::1]:80"), &t),
-            ip("2001:db8::1")
-        );
-        assert_eq!(
-            client_ip(ip("::1"), Some(b"[2001:db8::1]"), &t),
-            ip("2001:db8::1")
-        );
+        assert_eq!(client_ip(ip("::1"), Some(b"1.2.3.4:5678"), &t), ip("1.2.3.4"));
+        assert_eq!(client_ip(ip("::1"), Some(b"[2001:db8::1]:80"), &t), ip("2001:db8::1"));
+        assert_eq!(client_ip(ip("::1"), Some(b"[2001:db8::1]"), &t), ip("2001:db8::1"));
     }
 
     #[test]
     fn all_trusted_gives_leftmost() {
         let t = default_trusted();
-        assert_eq!(
-            client_ip(ip("127.0.0.1"), Some(b"10.1.1.1, 10.2.2.2"), &t),
-            ip("10.1.1.1")
-        );
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"10.1.1.1, 10.2.2.2"), &t), ip("10.1.1.1"));
     }
 
     #[test]
@@ -215,14 +180,8 @@ mod tests {
     #[test]
     fn buckets_per_v4_and_v6_64() {
         assert_ne!(bucket_key(ip("1.2.3.4")), bucket_key(ip("1.2.3.5")));
-        assert_eq!(
-            bucket_key(ip("2001:db8:1:2::1")),
-            bucket_key(ip("2001:db8:1:2:ffff::9"))
-        );
-        assert_ne!(
-            bucket_key(ip("2001:db8:1:2::1")),
-            bucket_key(ip("2001:db8:1:3::1"))
-        );
+        assert_eq!(bucket_key(ip("2001:db8:1:2::1")), bucket_key(ip("2001:db8:1:2:ffff::9")));
+        assert_ne!(bucket_key(ip("2001:db8:1:2::1")), bucket_key(ip("2001:db8:1:3::1")));
         assert_eq!(bucket_key(ip("::ffff:1.2.3.4")), bucket_key(ip("1.2.3.4")));
     }
 }

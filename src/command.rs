@@ -1,28 +1,76 @@
 //! What travels to a key's owning core, what comes back, and how the owner
-//! applies it to the state only it touches (its shard and its rate-limit
-//! buckets).
+//! applies it to the state only it touches: its shard, its rate-limit
+//! buckets, and the waiters parked on its keys.
 //!
 //! A command may carry a rate-limit charge, a store operation, or both (when
 //! the client's bucket and the key live on the same core the two ride in one
 //! message). The charge is always applied first and a refusal stops the
-//! operation, so a refused request consumes nothing. `apply` is synchronous
-//! and does no I/O: the router calls it inline for local keys and from the
-//! inbox task for remote ones.
+//! operation, so a refused request consumes nothing. A blocking read
+//! (`Op::Wait`) is checked and, if it must wait, registered in one step on
+//! the owning core, so no write can slip between the check and the
+//! registration (no lost wake-up); every write that changes a key wakes all
+//! of that key's satisfied waiters in the same pass. `apply` is synchronous
+//! and does no I/O: it returns the reply and the wake-ups, and the router
+//! delivers them.
 
 use crate::ratelimit::{Limiter, Refused};
 use crate::shard::{Found, KeyBudget, Shard, Write, WriteOutcome};
+use std::collections::HashMap;
+
+/// Where a parked waiter's answer goes: a completion slot on a core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub core: u32,
+    pub slot: u32,
+}
+
+/// What a blocking read waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitFor {
+    /// The key exists.
+    Exists,
+    /// The key's value is not this (`X-Expected-Value`); absent counts as different.
+    ValueDiffers(Box<[u8]>),
+    /// The key's version is none of these (`If-None-Match`); absent counts as different.
+    VersionDiffers(Vec<u64>),
+}
+
+impl WaitFor {
+    fn satisfied(&self, current: Option<&Found>) -> bool {
+        match (self, current) {
+            (WaitFor::Exists, c) => c.is_some(),
+            (WaitFor::ValueDiffers(v), Some(c)) => c.value != *v,
+            (WaitFor::VersionDiffers(vs), Some(c)) => !vs.contains(&c.version),
+            (_, None) => true,
+        }
+    }
+}
 
 /// A store operation on one key.
 #[derive(Debug)]
 pub enum Op {
-    Get { key: Box<[u8]> },
+    Get {
+        key: Box<[u8]>,
+    },
     Write(Write),
+    /// Answer now if `until` holds, else park until a write makes it hold.
+    Wait {
+        key: Box<[u8]>,
+        until: WaitFor,
+        origin: Origin,
+    },
+    /// Drop a parked waiter (its client timed out or left); answers it
+    /// `Cancelled` so its completion slot is freed.
+    CancelWait {
+        key: Box<[u8]>,
+        origin: Origin,
+    },
 }
 
 impl Op {
     pub fn key(&self) -> &[u8] {
         match self {
-            Op::Get { key } => key,
+            Op::Get { key } | Op::Wait { key, .. } | Op::CancelWait { key, .. } => key,
             Op::Write(w) => w.key(),
         }
     }
@@ -51,6 +99,10 @@ pub enum Reply {
     Charged,
     Got(Option<Found>),
     Wrote(WriteOutcome),
+    /// A waiter was registered; its answer comes later, to its origin.
+    Parked,
+    /// A parked waiter was dropped.
+    Cancelled,
 }
 
 /// The clock readings `apply` needs, taken once by the caller.
@@ -62,14 +114,41 @@ pub struct Now {
     pub epoch: u64,
 }
 
+/// Waiters parked on this core's keys.
+#[derive(Default)]
+pub struct Waiters {
+    by_key: HashMap<Box<[u8]>, Vec<(Origin, WaitFor)>>,
+    parked: usize,
+    woken_total: u64,
+}
+
+impl Waiters {
+    pub fn parked(&self) -> usize {
+        self.parked
+    }
+
+    pub fn woken_total(&self) -> u64 {
+        self.woken_total
+    }
+}
+
 /// The state one core owns.
 pub struct Owned {
     pub shard: Shard,
     pub limiter: Limiter,
+    pub waiters: Waiters,
 }
 
+/// Answers for parked waiters produced by an `apply`.
+pub type Wakeups = Vec<(Origin, Reply)>;
+
 impl Owned {
-    pub fn apply(&mut self, cmd: Cmd, now: Now, budget: &KeyBudget) -> Reply {
+    pub fn new(shard: Shard, limiter: Limiter) -> Self {
+        Owned { shard, limiter, waiters: Waiters::default() }
+    }
+
+    /// Applies a command. Answers for waiters it woke are pushed to `wakeups`.
+    pub fn apply(&mut self, cmd: Cmd, now: Now, budget: &KeyBudget, wakeups: &mut Wakeups) -> Reply {
         if let Some(c) = cmd.charge {
             if let Err(refused) = self.limiter.charge(c.bucket, c.cost, now.epoch) {
                 return Reply::Limited(refused);
@@ -78,7 +157,55 @@ impl Owned {
         match cmd.op {
             None => Reply::Charged,
             Some(Op::Get { key }) => Reply::Got(self.shard.get(&key, now.unix_ms, budget)),
-            Some(Op::Write(w)) => Reply::Wrote(self.shard.write(w, now.unix_ms, budget)),
+            Some(Op::Write(w)) => {
+                let key: Option<Box<[u8]>> = self.waiters.by_key.contains_key(w.key()).then(|| w.key().into());
+                let outcome = self.shard.write(w, now.unix_ms, budget);
+                if let (Some(key), true) = (key, outcome.changed()) {
+                    self.wake(&key, now, budget, wakeups);
+                }
+                Reply::Wrote(outcome)
+            }
+            Some(Op::Wait { key, until, origin }) => {
+                let current = self.shard.get(&key, now.unix_ms, budget);
+                if until.satisfied(current.as_ref()) {
+                    return Reply::Got(current);
+                }
+                self.waiters.by_key.entry(key).or_default().push((origin, until));
+                self.waiters.parked += 1;
+                Reply::Parked
+            }
+            Some(Op::CancelWait { key, origin }) => {
+                if let Some(list) = self.waiters.by_key.get_mut(&key) {
+                    if let Some(i) = list.iter().position(|(o, _)| *o == origin) {
+                        list.swap_remove(i);
+                        self.waiters.parked -= 1;
+                        if list.is_empty() {
+                            self.waiters.by_key.remove(&key);
+                        }
+                        wakeups.push((origin, Reply::Cancelled));
+                    }
+                }
+                Reply::Cancelled
+            }
+        }
+    }
+
+    /// Answers every waiter of `key` whose condition now holds.
+    fn wake(&mut self, key: &[u8], now: Now, budget: &KeyBudget, wakeups: &mut Wakeups) {
+        let Some(list) = self.waiters.by_key.remove(key) else { return };
+        let current = self.shard.get(key, now.unix_ms, budget);
+        let mut still = Vec::new();
+        for (origin, until) in list {
+            if until.satisfied(current.as_ref()) {
+                wakeups.push((origin, Reply::Got(current.clone())));
+                self.waiters.parked -= 1;
+                self.waiters.woken_total += 1;
+            } else {
+                still.push((origin, until));
+            }
+        }
+        if !still.is_empty() {
+            self.waiters.by_key.insert(key.into(), still);
         }
     }
 }
@@ -88,68 +215,84 @@ mod tests {
     use super::*;
     use crate::shard::Condition;
 
+    fn owned() -> Owned {
+        Owned::new(Shard::with_capacity(4), Limiter::new(100, 10))
+    }
+
+    const NOW: Now = Now { unix_ms: 1000, epoch: 0 };
+
+    fn set(o: &mut Owned, b: &KeyBudget, v: &[u8], w: &mut Wakeups) -> Reply {
+        let op = Op::Write(Write::new(b"k", v, None, 5000, Condition::Set));
+        o.apply(Cmd { charge: None, op: Some(op) }, NOW, b, w)
+    }
+
+    fn wait(o: &mut Owned, b: &KeyBudget, until: WaitFor, slot: u32) -> Reply {
+        let op = Op::Wait { key: (*b"k").into(), until, origin: Origin { core: 1, slot } };
+        o.apply(Cmd { charge: None, op: Some(op) }, NOW, b, &mut Vec::new())
+    }
+
     #[test]
     fn refused_charge_skips_the_operation() {
         let budget = KeyBudget::new(10);
-        let mut o = Owned {
-            shard: Shard::with_capacity(4),
-            limiter: Limiter::new(3, 10),
-        };
-        let now = Now {
-            unix_ms: 1000,
-            epoch: 0,
-        };
+        let mut o = Owned::new(Shard::with_capacity(4), Limiter::new(3, 10));
+        let mut w = Vec::new();
         let write = |v: &[u8]| Op::Write(Write::new(b"k", v, None, 5000, Condition::Set));
         let charge = Some(Charge { bucket: 1, cost: 3 });
-        let r = o.apply(
-            Cmd {
-                charge,
-                op: Some(write(b"1")),
-            },
-            now,
-            &budget,
-        );
-        assert_eq!(
-            r,
-            Reply::Wrote(WriteOutcome::Stored {
-                created: true,
-                expires_ms: 5000
-            })
-        );
-        let r = o.apply(
-            Cmd {
-                charge,
-                op: Some(write(b"2")),
-            },
-            now,
-            &budget,
-        );
+        let r = o.apply(Cmd { charge, op: Some(write(b"1")) }, NOW, &budget, &mut w);
+        assert!(matches!(r, Reply::Wrote(WriteOutcome::Stored { created: true, expires_ms: 5000, .. })));
+        let r = o.apply(Cmd { charge, op: Some(write(b"2")) }, NOW, &budget, &mut w);
         assert_eq!(r, Reply::Limited(Refused::Exhausted));
-        let r = o.apply(
-            Cmd {
-                charge: None,
-                op: Some(Op::Get {
-                    key: (*b"k").into(),
-                }),
-            },
-            now,
-            &budget,
-        );
-        assert_eq!(
-            r,
-            Reply::Got(Some(Found {
-                value: (*b"1").into(),
-                expires_ms: 5000
-            }))
-        );
-        let r = o.apply(
-            Cmd {
-                charge: Some(Charge { bucket: 2, cost: 1 }),
-                op: None,
-            },
-            now,
-            &budget,
-        );
+        let r = o.apply(Cmd { charge: None, op: Some(Op::Get { key: (*b"k").into() }) }, NOW, &budget, &mut w);
+        assert!(matches!(r, Reply::Got(Some(Found { ref value, .. })) if &value[..] == b"1"));
+        let r = o.apply(Cmd { charge: Some(Charge { bucket: 2, cost: 1 }), op: None }, NOW, &budget, &mut w);
         assert_eq!(r, Reply::Charged);
+    }
+
+    #[test]
+    fn waiters_wake_on_create_and_on_change() {
+        let b = KeyBudget::new(10);
+        let mut o = owned();
+        let mut w = Vec::new();
+        assert_eq!(wait(&mut o, &b, WaitFor::Exists, 1), Reply::Parked);
+        assert_eq!(wait(&mut o, &b, WaitFor::Exists, 2), Reply::Parked);
+        assert_eq!(o.waiters.parked(), 2);
+        // One write wakes every waiter of the key.
+        set(&mut o, &b, b"a", &mut w);
+        let slots: Vec<u32> = w.iter().map(|(o, _)| o.slot).collect();
+        assert_eq!(slots, vec![1, 2]);
+        assert_eq!(o.waiters.parked(), 0);
+        w.clear();
+        // "Until it differs from a": the same value again does not wake it.
+        assert_eq!(wait(&mut o, &b, WaitFor::ValueDiffers((*b"a").into()), 3), Reply::Parked);
+        set(&mut o, &b, b"a", &mut w);
+        assert!(w.is_empty());
+        set(&mut o, &b, b"b", &mut w);
+        assert_eq!(w.len(), 1);
+        assert!(matches!(&w[0], (Origin { slot: 3, .. }, Reply::Got(Some(f))) if &f.value[..] == b"b"));
+        assert_eq!((o.waiters.parked(), o.waiters.woken_total()), (0, 3));
+    }
+
+    #[test]
+    fn satisfied_waits_answer_at_once_and_cancel_frees() {
+        let b = KeyBudget::new(10);
+        let mut o = owned();
+        let mut w = Vec::new();
+        set(&mut o, &b, b"a", &mut w);
+        assert!(matches!(wait(&mut o, &b, WaitFor::Exists, 1), Reply::Got(Some(_))));
+        assert!(matches!(wait(&mut o, &b, WaitFor::ValueDiffers((*b"z").into()), 1), Reply::Got(Some(_))));
+        let version = match wait(&mut o, &b, WaitFor::Exists, 1) {
+            Reply::Got(Some(f)) => f.version,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(wait(&mut o, &b, WaitFor::VersionDiffers(vec![version]), 9), Reply::Parked);
+        let cancel = Op::CancelWait { key: (*b"k").into(), origin: Origin { core: 1, slot: 9 } };
+        o.apply(Cmd { charge: None, op: Some(cancel) }, NOW, &b, &mut w);
+        assert_eq!(w.pop(), Some((Origin { core: 1, slot: 9 }, Reply::Cancelled)));
+        assert_eq!(o.waiters.parked(), 0);
+        // A delete is a change: "differs" waiters see the key gone.
+        assert_eq!(wait(&mut o, &b, WaitFor::ValueDiffers((*b"a").into()), 4), Reply::Parked);
+        let del = Op::Write(Write::new(b"k", b"", None, 0, Condition::Delete));
+        o.apply(Cmd { charge: None, op: Some(del) }, NOW, &b, &mut w);
+        assert_eq!(w.pop(), Some((Origin { core: 1, slot: 4 }, Reply::Got(None))));
     }
 }

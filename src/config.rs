@@ -33,12 +33,7 @@ struct Flags {
         help = "maximum key length (before ip/ expansion)"
     )]
     max_key_size: usize,
-    #[options(
-        long = "maxValueSize",
-        default = "1000",
-        meta = "BYTES",
-        help = "maximum value + owner secret length"
-    )]
+    #[options(long = "maxValueSize", default = "1000", meta = "BYTES", help = "maximum value + owner secret length")]
     max_value_size: usize,
     #[options(
         long = "maxNumKV",
@@ -78,19 +73,9 @@ struct Flags {
         help = "rate-limit tokens per client IP (IPv6: /64) per period; GET costs 1, writes 3"
     )]
     max_requests: u32,
-    #[options(
-        long = "port",
-        default = "80",
-        meta = "PORT",
-        help = "listening port (0: any free port)"
-    )]
+    #[options(long = "port", default = "80", meta = "PORT", help = "listening port (0: any free port)")]
     port: u16,
-    #[options(
-        long = "l",
-        default = "0.0.0.0",
-        meta = "ADDR",
-        help = "listen address (:: for dual stack)"
-    )]
+    #[options(long = "l", default = "0.0.0.0", meta = "ADDR", help = "listen address (:: for dual stack)")]
     listen: String,
     #[options(
         long = "disableLocalIPWarning",
@@ -178,6 +163,28 @@ struct Flags {
         help = "open connections per client IP (IPv6: /64); trusted proxies are exempt"
     )]
     max_conns_per_ip: u32,
+    #[options(
+        long = "maxWait",
+        default = "60s",
+        meta = "DURATION",
+        parse(try_from_str = "parse_duration_flag"),
+        help = "longest blocking read (GET /get/<key>?wait=D)"
+    )]
+    max_wait: Duration,
+    #[options(
+        long = "maxWaiters",
+        default = "10000",
+        meta = "N",
+        help = "blocking reads parked at once, server-wide (over: 503)"
+    )]
+    max_waiters: usize,
+    #[options(
+        long = "maxWaitersPerIP",
+        default = "64",
+        meta = "N",
+        help = "blocking reads parked at once per client IP (over: 429)"
+    )]
+    max_waiters_per_ip: u32,
 }
 
 /// Which monoio driver the cores run.
@@ -212,6 +219,9 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     pub max_conns: usize,
     pub max_conns_per_ip: u32,
+    pub max_wait: Duration,
+    pub max_waiters: usize,
+    pub max_waiters_per_ip: u32,
 }
 
 /// What the command line asked for.
@@ -265,9 +275,9 @@ pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Result<Vec<Str
         if BOOL_FLAGS.contains(&name) {
             let on = match value {
                 None => true,
-                Some(v) => parse_go_bool(v).ok_or_else(|| {
-                    ConfigError(format!("invalid boolean value {v:?} for -{name}"))
-                })?,
+                Some(v) => {
+                    parse_go_bool(v).ok_or_else(|| ConfigError(format!("invalid boolean value {v:?} for -{name}")))?
+                }
             };
             if on {
                 out.push(format!("--{name}"));
@@ -311,8 +321,7 @@ pub fn usage() -> String {
 /// Parses and validates a command line (without the program name).
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigError> {
     let args = normalize_args(args)?;
-    let flags =
-        Flags::parse_args_default(&args).map_err(|e| ConfigError(go_style(&e.to_string())))?;
+    let flags = Flags::parse_args_default(&args).map_err(|e| ConfigError(go_style(&e.to_string())))?;
     if flags.help {
         return Ok(Parsed::Help(usage()));
     }
@@ -321,10 +330,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         return Err(bad("maxKeySize", "must be at least 1"));
     }
     if flags.max_key_size > 4096 {
-        return Err(bad(
-            "maxKeySize",
-            "must be at most 4096 (keys travel in the 8 KiB request head)",
-        ));
+        return Err(bad("maxKeySize", "must be at most 4096 (keys travel in the 8 KiB request head)"));
     }
     if flags.max_value_size == 0 {
         return Err(bad("maxValueSize", "must be at least 1"));
@@ -351,36 +357,24 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         .parse()
         .map_err(|_| bad("l", &format!("{:?} is not an IP address", flags.listen)))?;
     let threads = match flags.threads {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
     };
     if threads > 1024 {
         return Err(bad("threads", "must be at most 1024"));
     }
-    let trusted_proxies =
-        TrustedProxies::parse(&flags.trusted_proxies).map_err(|e| bad("trustedProxies", &e))?;
+    let trusted_proxies = TrustedProxies::parse(&flags.trusted_proxies).map_err(|e| bad("trustedProxies", &e))?;
     let io_driver = match flags.io_driver.as_str() {
         "auto" => IoDriver::Auto,
         "uring" | "io_uring" => IoDriver::Uring,
         "epoll" | "legacy" => IoDriver::Epoll,
-        other => {
-            return Err(bad(
-                "ioDriver",
-                &format!("{other:?} is not one of auto, uring, epoll"),
-            ))
-        }
+        other => return Err(bad("ioDriver", &format!("{other:?} is not one of auto, uring, epoll"))),
     };
     let metrics_addr = match flags.metrics_addr.as_str() {
         "" => None,
-        a => Some(
-            a.parse::<SocketAddr>()
-                .map_err(|_| bad("metricsAddr", &format!("{a:?} is not an ADDR:PORT")))?,
-        ),
+        a => Some(a.parse::<SocketAddr>().map_err(|_| bad("metricsAddr", &format!("{a:?} is not an ADDR:PORT")))?),
     };
-    let snapshot_path =
-        (!flags.snapshot_path.is_empty()).then(|| PathBuf::from(&flags.snapshot_path));
+    let snapshot_path = (!flags.snapshot_path.is_empty()).then(|| PathBuf::from(&flags.snapshot_path));
     debug_assert!(!DEFAULT_TRUSTED.is_empty());
     Ok(Parsed::Run(Box::new(Config {
         max_key_size: flags.max_key_size,
@@ -403,6 +397,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         metrics_addr,
         max_conns: flags.max_conns,
         max_conns_per_ip: flags.max_conns_per_ip,
+        max_wait: flags.max_wait,
+        max_waiters: flags.max_waiters,
+        max_waiters_per_ip: flags.max_waiters_per_ip,
     })))
 }
 
@@ -444,18 +441,9 @@ mod tests {
         assert_eq!(run("-maxValueSize=4096").max_value_size, 4096);
         assert_eq!(run("--maxValueSize 4096").max_value_size, 4096);
         assert_eq!(run("--maxValueSize=4096").max_value_size, 4096);
-        assert_eq!(
-            run("-expireDuration 1h30m").expire_duration,
-            Duration::from_secs(5400)
-        );
-        assert_eq!(
-            run("-l :: -port 8080").listen,
-            "[::]:8080".parse::<SocketAddr>().unwrap()
-        );
-        assert_eq!(
-            run("-l=127.0.0.1").listen.ip(),
-            "127.0.0.1".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(run("-expireDuration 1h30m").expire_duration, Duration::from_secs(5400));
+        assert_eq!(run("-l :: -port 8080").listen, "[::]:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!(run("-l=127.0.0.1").listen.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(run("-maxRequests 4294967295").max_requests, u32::MAX);
     }
 
@@ -471,9 +459,7 @@ mod tests {
 
     #[test]
     fn help_lists_every_flag_go_style() {
-        let Ok(Parsed::Help(text)) = parse(args("-h")) else {
-            panic!()
-        };
+        let Ok(Parsed::Help(text)) = parse(args("-h")) else { panic!() };
         for flag in [
             "-maxKeySize",
             "-maxValueSize",
@@ -519,10 +505,7 @@ mod tests {
             let err = parse(args(cmd)).unwrap_err().0;
             assert!(err.contains(flag), "{cmd}: {err}");
         }
-        assert!(parse(args("-noSuchFlag 1"))
-            .unwrap_err()
-            .0
-            .contains("noSuchFlag"));
+        assert!(parse(args("-noSuchFlag 1")).unwrap_err().0.contains("noSuchFlag"));
         assert!(parse(args("-port")).is_err());
     }
 }

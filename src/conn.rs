@@ -23,6 +23,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -30,9 +31,11 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::command::{Charge, Reply};
+use crate::connlimit::Refusal;
 use crate::metrics::{self, CoreStats};
-use crate::router::Router;
+use crate::router::{Router, WaitFuture};
 use crate::shard::WriteOutcome;
+use monoio::io::{CancelableAsyncReadRent, Canceller};
 
 /// Initial read buffer; grows up to the head limit when a head needs it.
 const READ_BUF: usize = 4096;
@@ -86,6 +89,7 @@ impl CoreCtx {
             max_key_size: cfg.max_key_size,
             max_value_size: cfg.max_value_size,
             max_ttl: cfg.expire_duration,
+            max_wait: cfg.max_wait,
         };
         CoreCtx {
             shared,
@@ -150,11 +154,7 @@ impl CoreCtx {
 
     fn warn_local(&self, peer: IpAddr) {
         let now = Instant::now();
-        if self
-            .last_local_warning
-            .get()
-            .is_some_and(|t| now.duration_since(t) < LOCAL_WARNING_EVERY)
-        {
+        if self.last_local_warning.get().is_some_and(|t| now.duration_since(t) < LOCAL_WARNING_EVERY) {
             return;
         }
         self.last_local_warning.set(Some(now));
@@ -191,12 +191,7 @@ struct Conn<'a> {
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(
-    ctx: Rc<CoreCtx>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    _permit: crate::connlimit::Permit,
-) {
+pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permit: crate::connlimit::Permit) {
     let _ = stream.set_nodelay(true);
     let peer = clientip::canonical(peer.ip());
     let mut conn = Conn {
@@ -227,9 +222,7 @@ pub async fn serve(
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Conn<'_> {
@@ -249,7 +242,9 @@ impl Conn<'_> {
             if let Err(stop) = self.read_body(deadline).await {
                 return stop;
             }
-            self.handle().await;
+            if !self.handle().await {
+                return Stop::Broken;
+            }
             let keep_alive = self.head.keep_alive && !self.ctx.is_draining();
             if self.body.capacity() > BODY_KEEP {
                 self.body = Vec::new();
@@ -303,9 +298,7 @@ impl Conn<'_> {
                 Ok(0) if !had_bytes => return Ok(None),
                 Ok(0) => return Err(Stop::Broken),
                 Ok(_) => {}
-                Err(ReadFail::Timeout) if had_bytes => {
-                    return Err(Stop::Reject(Error::RequestTimeout))
-                }
+                Err(ReadFail::Timeout) if had_bytes => return Err(Stop::Reject(Error::RequestTimeout)),
                 Err(ReadFail::Timeout) => return Err(Stop::Done),
                 Err(ReadFail::Io) => return Err(Stop::Broken),
             }
@@ -345,16 +338,14 @@ impl Conn<'_> {
                 let n = n as usize;
                 self.send_continue().await?;
                 let have = n.min(self.buf.len() - self.start);
-                self.body
-                    .extend_from_slice(&self.buf[self.start..self.start + have]);
+                self.body.extend_from_slice(&self.buf[self.start..self.start + have]);
                 self.start += have;
                 while self.body.len() < n {
                     self.body.reserve_exact(n - self.body.len());
                     let body = std::mem::take(&mut self.body);
                     let len = body.len();
                     let wait = deadline.saturating_duration_since(Instant::now());
-                    let read =
-                        monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..n))).await;
+                    let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..n))).await;
                     let Ok((res, slice)) = read else {
                         return Err(Stop::Reject(Error::RequestTimeout));
                     };
@@ -370,9 +361,7 @@ impl Conn<'_> {
                 self.send_continue().await?;
                 let mut decoder = ChunkedDecoder::new(max);
                 loop {
-                    let used = decoder
-                        .decode(&self.buf[self.start..], &mut self.body)
-                        .map_err(Stop::Reject)?;
+                    let used = decoder.decode(&self.buf[self.start..], &mut self.body).map_err(Stop::Reject)?;
                     self.start += used;
                     if decoder.is_done() {
                         return Ok(());
@@ -405,11 +394,7 @@ impl Conn<'_> {
         if forwarded.is_none() && self.peer.is_loopback() && !cfg.disable_local_ip_warning {
             self.ctx.warn_local(self.peer);
         }
-        self.set_client(clientip::client_ip(
-            self.peer,
-            forwarded,
-            &cfg.trusted_proxies,
-        ));
+        self.set_client(clientip::client_ip(self.peer, forwarded, &cfg.trusted_proxies));
     }
 
     fn set_client(&mut self, client: IpAddr) {
@@ -421,55 +406,37 @@ impl Conn<'_> {
     }
 
     /// Executes the parsed request and appends its response to `out`.
-    async fn handle(&mut self) {
+    /// Executes the parsed request and appends its response to `out`.
+    /// Returns false if the client went away while the request waited.
+    async fn handle(&mut self) -> bool {
         let ctx = self.ctx;
         let shared = &ctx.shared;
         let client = self.client;
-        let client_str = &self.client_text;
         let started = shared.metrics_on.then(Instant::now);
-        let prepared = api::prepare(
-            &self.head,
-            &self.body,
-            client,
-            &ctx.limits,
-            &shared.secret_key,
-            unix_ms(),
-        );
+        let periods = ctx.router.periods();
+        let retry_after = || periods.retry_after_secs(Instant::now());
+        let prepared = api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, unix_ms());
         let (route, conflict, response) = match prepared {
-            Err(e) => (
-                api::route_hint(&self.head.target),
-                false,
-                Response::from_error(e),
-            ),
+            Err(e) => (api::route_hint(&self.head.target), false, Response::from_error(e)),
             Ok(Action::Docs) => {
                 let host = self.head.host.get().unwrap_or_default();
-                let host = if host.is_empty() {
-                    self.ctx.shared.listen_text.as_bytes()
-                } else {
-                    host
-                };
-                let page = Response::new(
-                    200,
-                    http::Body::Html(crate::docs::page(host, &shared.config)),
-                );
+                let host = if host.is_empty() { shared.listen_text.as_bytes() } else { host };
+                let page = Response::new(200, http::Body::Html(crate::docs::page(host, &shared.config)));
                 (Some(api::Route::Docs), false, page)
             }
-            Ok(Action::Store(action)) => {
-                let charge = Some(Charge {
-                    bucket: clientip::bucket_key(client),
-                    cost: action.cost,
-                });
-                let reply = ctx.router.run(charge, action.op).await;
-                let conflict = matches!(
-                    reply,
-                    Reply::Wrote(WriteOutcome::Conflict { .. } | WriteOutcome::Existing { .. })
-                );
-                let periods = ctx.router.periods();
-                let response = api::respond(action.route, action.ip_key, reply, client_str, || {
-                    periods.retry_after_secs(Instant::now())
-                });
-                (Some(action.route), conflict, response)
+            Ok(Action::Preflight) => (api::route_hint(&self.head.target), false, api::preflight()),
+            Ok(Action::Store(api::StoreAction { op, cost, meta })) => {
+                let charge = Some(Charge { bucket: clientip::bucket_key(client), cost });
+                let reply = ctx.router.run(charge, op).await;
+                let conflict =
+                    matches!(reply, Reply::Wrote(WriteOutcome::Conflict { .. } | WriteOutcome::Existing { .. }));
+                let response = api::respond(&meta, reply, &self.client_text, retry_after);
+                (Some(meta.route), conflict, response)
             }
+            Ok(Action::Wait(wait)) => match self.blocking_read(wait).await {
+                Some(response) => (Some(api::Route::Get), false, response),
+                None => return false,
+            },
         };
         if let Some(started) = started {
             let route = metrics::route_index(route);
@@ -481,14 +448,105 @@ impl Conn<'_> {
         }
         let head_only = self.head.method == Method::Head;
         let keep_alive = self.head.keep_alive && !ctx.is_draining();
-        http::encode(
-            &mut self.out,
-            &response,
-            client_str,
-            keep_alive,
-            self.head.http10,
-            head_only,
-        );
+        http::encode(&mut self.out, &response, &self.client_text, keep_alive, self.head.http10, head_only);
+        true
+    }
+
+    /// `GET /get/<key>?wait=D`: park on the key's owner until the condition
+    /// holds or the wait ends, watching the socket meanwhile so a client that
+    /// leaves is noticed at once. `None`: the client went away.
+    async fn blocking_read(&mut self, wait: api::WaitAction) -> Option<Response> {
+        let ctx = self.ctx;
+        let stats = ctx.stats();
+        let _permit = match ctx.shared.waiter_limits.admit(self.client) {
+            Ok(p) => p,
+            Err(Refusal::IpFull) => return Some(Response::from_error(Error::TooManyWaitersFromIp)),
+            Err(Refusal::ServerFull) => return Some(Response::from_error(Error::TooManyWaiters)),
+        };
+        let periods = ctx.router.periods();
+        let retry_after = || periods.retry_after_secs(Instant::now());
+        let charge = Some(Charge { bucket: clientip::bucket_key(self.client), cost: api::READ_COST });
+        let reply = match ctx.router.wait(charge, wait.key, wait.until).await {
+            Err(immediate) => Some(immediate),
+            Ok(parked) => {
+                stats.waits_parked.add(1);
+                match self.watch_while_waiting(parked, wait.timeout).await {
+                    WaitEnd::Answer(reply) => Some(reply),
+                    WaitEnd::TimedOut => {
+                        stats.wait_timeouts.add(1);
+                        None
+                    }
+                    WaitEnd::ClientGone => return None,
+                }
+            }
+        };
+        Some(api::respond_wait(reply, wait.timeout_status, retry_after))
+    }
+
+    /// Awaits a parked read, its deadline, and the socket at once. Bytes the
+    /// client pipelines meanwhile are kept for the next request; EOF drops
+    /// the waiter (its future's drop cancels it on the owner).
+    async fn watch_while_waiting(&mut self, parked: WaitFuture<'_>, timeout: Duration) -> WaitEnd {
+        let deadline = Instant::now() + timeout;
+        let mut parked = std::pin::pin!(parked);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.start > 0 {
+                self.buf.copy_within(self.start.., 0);
+                self.buf.truncate(self.buf.len() - self.start);
+                self.start = 0;
+            }
+            if self.buf.len() >= http::MAX_HEAD {
+                // A full buffer of pipelined requests: nothing more to read.
+                return match monoio::time::timeout(left, parked).await {
+                    Ok(reply) => WaitEnd::Answer(reply),
+                    Err(_) => WaitEnd::TimedOut,
+                };
+            }
+            if self.buf.capacity() - self.buf.len() < READ_BUF / 4 {
+                self.buf.reserve(READ_BUF);
+            }
+            let buf = std::mem::take(&mut self.buf);
+            let (len, cap) = (buf.len(), buf.capacity());
+            let canceller = Canceller::new();
+            let read = self.stream.cancelable_read(buf.slice_mut(len..cap), canceller.handle());
+            let mut read = std::pin::pin!(read);
+            let sleep = monoio::time::sleep(left);
+            let mut sleep = std::pin::pin!(sleep);
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(reply) = parked.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Answer(reply));
+                }
+                if let Poll::Ready(result) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Read(result));
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Deadline);
+                }
+                Poll::Pending
+            })
+            .await;
+            let end = match event {
+                Event::Read((result, slice)) => {
+                    self.buf = slice.into_inner();
+                    match result {
+                        Ok(0) | Err(_) => return WaitEnd::ClientGone,
+                        // Pipelined bytes: keep them and keep waiting.
+                        Ok(_) => continue,
+                    }
+                }
+                Event::Answer(reply) => WaitEnd::Answer(reply),
+                Event::Deadline => WaitEnd::TimedOut,
+            };
+            // Take the read back (with anything it got) before answering.
+            canceller.cancel();
+            let (result, slice) = read.await;
+            self.buf = slice.into_inner();
+            if let Ok(0) = result {
+                return WaitEnd::ClientGone;
+            }
+            return end;
+        }
     }
 
     async fn flush(&mut self) -> Result<(), Stop> {
@@ -497,8 +555,7 @@ impl Conn<'_> {
         }
         let out = std::mem::take(&mut self.out);
         let wait = self.ctx.shared.config.idle_timeout;
-        let Ok((res, mut out)) = monoio::time::timeout(wait, self.stream.write_all(out)).await
-        else {
+        let Ok((res, mut out)) = monoio::time::timeout(wait, self.stream.write_all(out)).await else {
             return Err(Stop::Broken);
         };
         res.map_err(|_| Stop::Broken)?;
@@ -515,14 +572,7 @@ impl Conn<'_> {
     async fn reject(&mut self, e: Error) {
         let response = Response::from_error(e);
         let http10 = self.head.http10;
-        http::encode(
-            &mut self.out,
-            &response,
-            &self.client_text,
-            false,
-            http10,
-            false,
-        );
+        http::encode(&mut self.out, &response, &self.client_text, false, http10, false);
         if self.flush().await.is_err() {
             return;
         }
@@ -538,6 +588,20 @@ impl Conn<'_> {
             }
         }
     }
+}
+
+/// How a parked blocking read ended.
+enum WaitEnd {
+    Answer(Reply),
+    TimedOut,
+    ClientGone,
+}
+
+/// What woke a waiting connection.
+enum Event<R> {
+    Answer(Reply),
+    Read(R),
+    Deadline,
 }
 
 enum ReadFail {

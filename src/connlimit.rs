@@ -63,11 +63,8 @@ impl ConnLimits {
 
     /// Admits a connection from `peer`, or says why not.
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Permit, Refusal> {
-        let admitted = self
-            .total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_total).then_some(n + 1)
-            });
+        let admitted =
+            self.total.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_total).then_some(n + 1));
         if admitted.is_err() {
             return Err(Refusal::ServerFull);
         }
@@ -82,10 +79,7 @@ impl ConnLimits {
             }
             *count += 1;
         }
-        Ok(Permit {
-            limits: self.clone(),
-            bucket,
-        })
+        Ok(Permit { limits: self.clone(), bucket })
     }
 
     pub fn open(&self) -> usize {

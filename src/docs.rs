@@ -87,24 +87,13 @@ mod tests {
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(
-            escape_html("<a href=\"x\">&'"),
-            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
-        );
+        assert_eq!(escape_html("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
     }
 
     #[test]
     fn page_shows_host_and_limits() {
         let crate::config::Parsed::Run(cfg) = crate::config::parse(
-            [
-                "-maxValueSize",
-                "4096",
-                "-maxRequests",
-                "99",
-                "-expireDuration",
-                "30m",
-            ]
-            .map(String::from),
+            ["-maxValueSize", "4096", "-maxRequests", "99", "-expireDuration", "30m"].map(String::from),
         )
         .unwrap() else {
             panic!()

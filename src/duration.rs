@@ -29,9 +29,7 @@ pub enum DurationError {
 impl std::fmt::Display for DurationError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DurationError::Invalid => {
-                f.write_str("not a Go duration (examples: 500ms, 30s, 5m, 1h30m, 1.5h)")
-            }
+            DurationError::Invalid => f.write_str("not a Go duration (examples: 500ms, 30s, 5m, 1h30m, 1.5h)"),
             DurationError::NotPositive => f.write_str("duration must be positive"),
         }
     }
@@ -116,10 +114,7 @@ mod tests {
         assert_eq!(parse_nanos("1µs"), Err(DurationError::Invalid));
         assert_eq!(parse_nanos("1é"), Err(DurationError::Invalid));
         // A 19-digit fraction makes the crate loop forever.
-        assert_eq!(
-            parse_nanos("1.0000000000000000000s"),
-            Err(DurationError::Invalid)
-        );
+        assert_eq!(parse_nanos("1.0000000000000000000s"), Err(DurationError::Invalid));
         assert_eq!(parse_nanos(&"9".repeat(40)), Err(DurationError::Invalid));
         // Overflow is an error, not a wrap.
         assert_eq!(parse_nanos("99999999999h"), Err(DurationError::Invalid));

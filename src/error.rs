@@ -51,6 +51,14 @@ pub enum Error {
     RateLimited(u64),
     /// The server is shutting down and takes no new requests.
     ShuttingDown,
+    /// `?wait=` is not a positive Go duration.
+    BadWait,
+    /// This client has `-maxWaitersPerIP` blocking reads parked.
+    TooManyWaitersFromIp,
+    /// The server has `-maxWaiters` blocking reads parked.
+    TooManyWaiters,
+    /// `If-Match` did not match the key's version.
+    PreconditionFailed,
 }
 
 impl Error {
@@ -65,12 +73,15 @@ impl Error {
             RequestTimeout => 408,
             NoSuchRoute | KeyNotFound => 404,
             MethodNotAllowed(_) => 405,
-            BadPercentEncoding | EmptyKey | KeyTooLong | BadTtl | ValueTooLarge
-            | MissingExpectedValue | DuplicateHeader => 400,
+            BadPercentEncoding | EmptyKey | KeyTooLong | BadTtl | ValueTooLarge | MissingExpectedValue
+            | DuplicateHeader => 400,
             WrongSecret => 403,
             StoreFull => 507,
             RateLimited(_) => 429,
-            ShuttingDown => 503,
+            ShuttingDown | TooManyWaiters => 503,
+            BadWait => 400,
+            TooManyWaitersFromIp => 429,
+            PreconditionFailed => 412,
         }
     }
 
@@ -100,6 +111,10 @@ impl Error {
             StoreFull => "Store full",
             RateLimited(_) => "Too many requests",
             ShuttingDown => "Server shutting down",
+            BadWait => "Invalid wait: use a positive Go duration such as 30s",
+            TooManyWaitersFromIp => "Too many waiting requests from this address",
+            TooManyWaiters => "Too many waiting requests",
+            PreconditionFailed => "Precondition failed",
         }
     }
 }

@@ -90,6 +90,8 @@ pub struct RequestHead {
     pub secret: Field,
     pub expected: Field,
     pub forwarded_for: Field,
+    pub if_match: Field,
+    pub if_none_match: Field,
 }
 
 impl RequestHead {
@@ -104,6 +106,8 @@ impl RequestHead {
         self.secret.clear();
         self.expected.clear();
         self.forwarded_for.clear();
+        self.if_match.clear();
+        self.if_none_match.clear();
     }
 }
 
@@ -117,14 +121,8 @@ pub fn head_may_be_complete(buf: &[u8], scanned: usize) -> bool {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
+    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -157,8 +155,7 @@ pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, E
         Some("OPTIONS") => Method::Options,
         _ => Method::Other,
     };
-    head.target
-        .extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    head.target.extend_from_slice(req.path.unwrap_or("/").as_bytes());
     head.http10 = req.version == Some(0);
     head.keep_alive = !head.http10;
     let mut content_length: Option<u64> = None;
@@ -176,11 +173,7 @@ pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, E
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             has_te = true;
             // Only a lone `chunked` coding is understood.
-            for coding in value
-                .split(|&b| b == b',')
-                .map(trim)
-                .filter(|c| !c.is_empty())
-            {
+            for coding in value.split(|&b| b == b',').map(trim).filter(|c| !c.is_empty()) {
                 if coding.eq_ignore_ascii_case(b"chunked") && !chunked {
                     chunked = true;
                 } else {
@@ -202,13 +195,15 @@ pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, E
                 return Err(Error::ExpectationFailed);
             }
         } else if name.eq_ignore_ascii_case(b"host") {
-            head.host
-                .set_once(trim(value))
-                .map_err(|_| Error::MalformedRequest)?;
+            head.host.set_once(trim(value)).map_err(|_| Error::MalformedRequest)?;
         } else if name.eq_ignore_ascii_case(b"x-owner-secret") {
             head.secret.set_once(value)?;
         } else if name.eq_ignore_ascii_case(b"x-expected-value") {
             head.expected.set_once(value)?;
+        } else if name.eq_ignore_ascii_case(b"if-match") {
+            head.if_match.append_list(value);
+        } else if name.eq_ignore_ascii_case(b"if-none-match") {
+            head.if_none_match.append_list(value);
         } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
             head.forwarded_for.append_list(value);
         }
@@ -247,11 +242,7 @@ const MAX_CHUNK_LINE: usize = 1024;
 
 impl ChunkedDecoder {
     pub fn new(limit: usize) -> Self {
-        ChunkedDecoder {
-            state: ChunkState::Size,
-            limit,
-            trailer_bytes: 0,
-        }
+        ChunkedDecoder { state: ChunkState::Size, limit, trailer_bytes: 0 }
     }
 
     pub fn is_done(&self) -> bool {
@@ -290,11 +281,7 @@ impl ChunkedDecoder {
                     out.extend_from_slice(&rest[..take]);
                     pos += take;
                     let left = left - take as u64;
-                    self.state = if left == 0 {
-                        ChunkState::DataEnd
-                    } else {
-                        ChunkState::Data(left)
-                    };
+                    self.state = if left == 0 { ChunkState::DataEnd } else { ChunkState::Data(left) };
                 }
                 ChunkState::DataEnd => {
                     if rest.starts_with(b"\r\n") {
@@ -371,6 +358,10 @@ pub struct Response {
     pub created: Option<bool>,
     pub retry_after: Option<u64>,
     pub allow: Option<&'static str>,
+    /// The entry's version, sent as `ETag`.
+    pub etag: Option<u64>,
+    /// A CORS preflight answer (adds the `Access-Control-Allow-*` headers).
+    pub preflight: bool,
 }
 
 impl Response {
@@ -382,6 +373,8 @@ impl Response {
             created: None,
             retry_after: None,
             allow: None,
+            etag: None,
+            preflight: false,
         }
     }
 
@@ -400,12 +393,15 @@ fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
         200 => "OK",
+        204 => "No Content",
+        304 => "Not Modified",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         409 => "Conflict",
+        412 => "Precondition Failed",
         413 => "Content Too Large",
         417 => "Expectation Failed",
         429 => "Too Many Requests",
@@ -418,20 +414,56 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+const CORS: &[u8] = b"\r\nAccess-Control-Allow-Origin: *\r\n\
+    Access-Control-Expose-Headers: X-Client-Ip, X-Expires-At, X-Created, ETag, Retry-After";
+const PREFLIGHT: &[u8] = b"\r\nAccess-Control-Allow-Methods: GET, HEAD, POST, DELETE, OPTIONS\r\n\
+    Access-Control-Allow-Headers: X-Owner-Secret, X-Expected-Value, If-Match, If-None-Match, Content-Type\r\n\
+    Access-Control-Max-Age: 86400";
+
+fn write_etag(out: &mut Vec<u8>, v: u64) {
+    let mut hex = [0u8; 16];
+    let mut n = v;
+    let mut i = hex.len();
+    loop {
+        i -= 1;
+        hex[i] = b"0123456789abcdef"[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(b"\r\nETag: \"");
+    out.extend_from_slice(&hex[i..]);
+    out.push(b'"');
+}
+
+/// The entity tags in an `If-Match` / `If-None-Match` value: `None` for `*`,
+/// else the versions of every well-formed `"hex"` or `W/"hex"` tag.
+pub fn parse_etags(value: &[u8]) -> Option<Vec<u64>> {
+    let mut tags = Vec::new();
+    for item in value.split(|&b| b == b',').map(trim) {
+        if item == b"*" {
+            return None;
+        }
+        let item = item.strip_prefix(b"W/").unwrap_or(item);
+        let Some(inner) = item.strip_prefix(b"\"").and_then(|i| i.strip_suffix(b"\"")) else { continue };
+        if inner.is_empty() || inner.len() > 16 {
+            continue;
+        }
+        if let Ok(v) = u64::from_str_radix(std::str::from_utf8(inner).unwrap_or("x"), 16) {
+            tags.push(v);
+        }
+    }
+    Some(tags)
+}
+
 /// The interim answer to `Expect: 100-continue`.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// Appends the encoded response to `out`. `head_only` omits the body (HEAD);
 /// `keep_alive` false adds `Connection: close`; `http10_keep_alive` adds the
 /// `Connection: keep-alive` an HTTP/1.0 client needs to reuse the connection.
-pub fn encode(
-    out: &mut Vec<u8>,
-    r: &Response,
-    client_ip: &str,
-    keep_alive: bool,
-    http10: bool,
-    head_only: bool,
-) {
+pub fn encode(out: &mut Vec<u8>, r: &Response, client_ip: &str, keep_alive: bool, http10: bool, head_only: bool) {
     let mut num = itoa::Buffer::new();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(num.format(r.status).as_bytes());
@@ -449,11 +481,7 @@ pub fn encode(
         out.extend_from_slice(num.format(t).as_bytes());
     }
     if let Some(c) = r.created {
-        out.extend_from_slice(if c {
-            b"\r\nX-Created: true"
-        } else {
-            b"\r\nX-Created: false"
-        });
+        out.extend_from_slice(if c { b"\r\nX-Created: true" } else { b"\r\nX-Created: false" });
     }
     if let Some(s) = r.retry_after {
         out.extend_from_slice(b"\r\nRetry-After: ");
@@ -462,6 +490,14 @@ pub fn encode(
     if let Some(a) = r.allow {
         out.extend_from_slice(b"\r\nAllow: ");
         out.extend_from_slice(a.as_bytes());
+    }
+    if let Some(v) = r.etag {
+        write_etag(out, v);
+    }
+    // Every route may be called from a page on any origin.
+    out.extend_from_slice(CORS);
+    if r.preflight {
+        out.extend_from_slice(PREFLIGHT);
     }
     if !keep_alive {
         out.extend_from_slice(b"\r\nConnection: close");
@@ -499,55 +535,32 @@ mod tests {
     fn partial_and_completion_scan() {
         assert!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
         assert!(!head_may_be_complete(b"GET / HTTP/1.1\r\nHost: x\r\n", 0));
-        assert!(head_may_be_complete(
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-            20
-        ));
+        assert!(head_may_be_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 20));
         assert!(head_may_be_complete(b"GET / HTTP/1.0\n\n", 14));
     }
 
     #[test]
     fn connection_semantics() {
-        let (_, h) = parse(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let (_, h) = parse(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().unwrap();
         assert!(!h.keep_alive);
         let (_, h) = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!h.keep_alive && h.http10);
-        let (_, h) = parse(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let (_, h) = parse(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").unwrap().unwrap();
         assert!(h.keep_alive);
     }
 
     #[test]
     fn body_framing() {
-        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nContent-Length: 5\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nContent-Length: 5\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.body, BodyKind::Length(5));
-        let (_, h) =
-            parse(b"POST /set/k HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n")
-                .unwrap()
-                .unwrap();
+        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.body, BodyKind::Length(5));
-        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let (_, h) = parse(b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.body, BodyKind::Chunked);
         let err = |raw: &[u8]| parse(raw).unwrap_err();
-        assert_eq!(
-            err(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"),
-            Error::BadContentLength
-        );
-        assert_eq!(
-            err(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
-            Error::BadContentLength
-        );
-        assert_eq!(
-            err(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n"),
-            Error::BadContentLength
-        );
+        assert_eq!(err(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"), Error::BadContentLength);
+        assert_eq!(err(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Error::BadContentLength);
+        assert_eq!(err(b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n"), Error::BadContentLength);
         assert_eq!(
             err(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Error::AmbiguousLength
@@ -556,26 +569,14 @@ mod tests {
             err(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
             Error::UnsupportedTransferEncoding
         );
-        assert_eq!(
-            err(b"POST / HTTP/1.1\r\nExpect: magic\r\n\r\n"),
-            Error::ExpectationFailed
-        );
+        assert_eq!(err(b"POST / HTTP/1.1\r\nExpect: magic\r\n\r\n"), Error::ExpectationFailed);
     }
 
     #[test]
     fn malformed_heads() {
-        assert_eq!(
-            parse(b"GET /\r\n\r\n").unwrap_err(),
-            Error::MalformedRequest
-        );
-        assert_eq!(
-            parse(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n").unwrap_err(),
-            Error::MalformedRequest
-        );
-        assert_eq!(
-            parse(b"\x00\x01\x02 garbage\r\n\r\n").unwrap_err(),
-            Error::MalformedRequest
-        );
+        assert_eq!(parse(b"GET /\r\n\r\n").unwrap_err(), Error::MalformedRequest);
+        assert_eq!(parse(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n").unwrap_err(), Error::MalformedRequest);
+        assert_eq!(parse(b"\x00\x01\x02 garbage\r\n\r\n").unwrap_err(), Error::MalformedRequest);
         let mut many = b"GET / HTTP/1.1\r\n".to_vec();
         for i in 0..100 {
             many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
@@ -583,8 +584,7 @@ mod tests {
         many.extend_from_slice(b"\r\n");
         assert_eq!(parse(&many).unwrap_err(), Error::HeadTooLarge);
         assert_eq!(
-            parse(b"POST / HTTP/1.1\r\nX-Expected-Value: a\r\nX-Expected-Value: b\r\n\r\n")
-                .unwrap_err(),
+            parse(b"POST / HTTP/1.1\r\nX-Expected-Value: a\r\nX-Expected-Value: b\r\n\r\n").unwrap_err(),
             Error::DuplicateHeader
         );
     }
@@ -621,32 +621,22 @@ mod tests {
     #[test]
     fn chunked_limits_and_garbage() {
         let mut out = Vec::new();
-        assert_eq!(
-            ChunkedDecoder::new(8).decode(b"9\r\n", &mut out),
-            Err(Error::BodyTooLarge)
-        );
-        assert_eq!(
-            ChunkedDecoder::new(8).decode(b"5\r\nhello\r\n4\r\n", &mut out),
-            Err(Error::BodyTooLarge)
-        );
+        assert_eq!(ChunkedDecoder::new(8).decode(b"9\r\n", &mut out), Err(Error::BodyTooLarge));
+        assert_eq!(ChunkedDecoder::new(8).decode(b"5\r\nhello\r\n4\r\n", &mut out), Err(Error::BodyTooLarge));
         out.clear();
-        assert_eq!(
-            ChunkedDecoder::new(8).decode(b"zz\r\n", &mut out),
-            Err(Error::BadChunk)
-        );
-        assert_eq!(
-            ChunkedDecoder::new(8).decode(b"1\r\nabc", &mut out),
-            Err(Error::BadChunk)
-        );
-        assert_eq!(
-            ChunkedDecoder::new(8).decode(b"ffffffffffffffffffff\r\n", &mut out),
-            Err(Error::BadChunk)
-        );
+        assert_eq!(ChunkedDecoder::new(8).decode(b"zz\r\n", &mut out), Err(Error::BadChunk));
+        assert_eq!(ChunkedDecoder::new(8).decode(b"1\r\nabc", &mut out), Err(Error::BadChunk));
+        assert_eq!(ChunkedDecoder::new(8).decode(b"ffffffffffffffffffff\r\n", &mut out), Err(Error::BadChunk));
         let long_ext = [b"1;".as_slice(), &[b'a'; 2000]].concat();
-        assert_eq!(
-            ChunkedDecoder::new(8).decode(&long_ext, &mut out),
-            Err(Error::BadChunk)
-        );
+        assert_eq!(ChunkedDecoder::new(8).decode(&long_ext, &mut out), Err(Error::BadChunk));
+    }
+
+    #[test]
+    fn etags_parse() {
+        assert_eq!(parse_etags(b"\"1f\""), Some(vec![31]));
+        assert_eq!(parse_etags(b"W/\"a\", \"b\" , junk, \"\", \"zz\""), Some(vec![10, 11]));
+        assert_eq!(parse_etags(b"*"), None);
+        assert_eq!(parse_etags(b"\"11111111111111111\""), Some(vec![]));
     }
 
     #[test]
@@ -655,22 +645,18 @@ mod tests {
         let mut r = Response::new(200, Body::Bytes((*b"val").into()));
         r.expires_at = Some(1700000000);
         r.created = Some(true);
+        r.etag = Some(31);
         encode(&mut out, &r, "1.2.3.4", true, false, false);
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
             s,
             "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 3\r\n\
-             X-Client-Ip: 1.2.3.4\r\nX-Expires-At: 1700000000\r\nX-Created: true\r\n\r\nval"
+             X-Client-Ip: 1.2.3.4\r\nX-Expires-At: 1700000000\r\nX-Created: true\r\nETag: \"1f\"\r\n\
+             Access-Control-Allow-Origin: *\r\n\
+             Access-Control-Expose-Headers: X-Client-Ip, X-Expires-At, X-Created, ETag, Retry-After\r\n\r\nval"
         );
         let mut out = Vec::new();
-        encode(
-            &mut out,
-            &Response::from_error(Error::RateLimited(7)),
-            "::1",
-            false,
-            false,
-            true,
-        );
+        encode(&mut out, &Response::from_error(Error::RateLimited(7)), "::1", false, false, true);
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("HTTP/1.1 429 Too Many Requests\r\n"));
         assert!(s.contains("Retry-After: 7\r\n"));

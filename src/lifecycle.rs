@@ -23,9 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const COLLECT_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs until shutdown, then exits the process.
@@ -81,10 +79,7 @@ fn shutdown(shared: &Shared) -> i32 {
     }
     let deadline = Instant::now() + shared.config.shutdown_timeout + Duration::from_secs(1);
     for _ in 0..n {
-        if rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_err()
-        {
+        if rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
             log::warn!("some requests were still in progress after -shutdownTimeout");
             break;
         }
@@ -114,18 +109,13 @@ fn save(shared: &Shared, path: &Path) -> Result<(), ()> {
         }
     };
     let entries: usize = shards.iter().map(Vec::len).sum();
-    let result = snapshot::encode(&shared.secret_key, shards, unix_ms()).and_then(|bytes| {
-        snapshot::write_atomic(path, &bytes)
-            .map(|()| bytes.len())
-            .map_err(Into::into)
-    });
+    let result = snapshot::encode(&shared.secret_key, shards, unix_ms())
+        .and_then(|bytes| snapshot::write_atomic(path, &bytes).map(|()| bytes.len()).map_err(Into::into));
     match result {
         Ok(size) => {
             stats.saved_total.add(1);
             stats.last_success_unix_ms.set(unix_ms());
-            stats
-                .last_duration_us
-                .set(started.elapsed().as_micros() as u64);
+            stats.last_duration_us.set(started.elapsed().as_micros() as u64);
             stats.last_size_bytes.set(size as u64);
             stats.last_entries.set(entries as u64);
             log::info!(
@@ -154,9 +144,6 @@ fn collect(shared: &Shared) -> Result<Vec<Vec<Entry>>, String> {
     receivers
         .into_iter()
         .enumerate()
-        .map(|(core, rx)| {
-            rx.recv_timeout(COLLECT_TIMEOUT)
-                .map_err(|_| format!("core {core} did not answer"))
-        })
+        .map(|(core, rx)| rx.recv_timeout(COLLECT_TIMEOUT).map_err(|_| format!("core {core} did not answer")))
         .collect()
 }

@@ -26,9 +26,7 @@ fn main() -> ExitCode {
         }
         config::Parsed::Run(c) => *c,
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
     match server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -22,17 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Route labels (index = `route_index`).
-pub const ROUTES: [&str; 7] = ["docs", "get", "set", "los", "cas", "casoc", "other"];
+pub const ROUTES: [&str; 8] = ["docs", "get", "set", "los", "cas", "casoc", "other", "del"];
 pub const ROUTE_OTHER: usize = 6;
 /// Status codes with their own label; anything else is "other".
-const CODES: [u16; 15] = [
-    200, 304, 400, 403, 404, 405, 408, 409, 413, 417, 429, 431, 501, 503, 507,
-];
+const CODES: [u16; 15] = [200, 304, 400, 403, 404, 405, 408, 409, 413, 417, 429, 431, 501, 503, 507];
 /// Latency bucket upper bounds, in seconds.
-pub const BUCKETS: [f64; 14] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0,
-];
+pub const BUCKETS: [f64; 14] =
+    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 const BUCKET_NS: [u64; 14] = [
     50_000,
     100_000,
@@ -59,18 +55,12 @@ impl Cell64 {
     /// Single-writer increment: a plain load and store, no locked instruction.
     #[inline]
     pub fn add(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
 
     #[inline]
     pub fn sub(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_sub(n),
-            Ordering::Relaxed,
-        );
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
     }
 
     #[inline]
@@ -94,10 +84,7 @@ pub struct Histogram {
 impl Histogram {
     #[inline]
     pub fn record_ns(&self, ns: u64) {
-        let i = BUCKET_NS
-            .iter()
-            .position(|&b| ns <= b)
-            .unwrap_or(BUCKET_NS.len());
+        let i = BUCKET_NS.iter().position(|&b| ns <= b).unwrap_or(BUCKET_NS.len());
         self.counts[i].add(1);
         self.sums_ns[i].add(ns);
     }
@@ -127,6 +114,11 @@ pub struct CoreStats {
     pub cross_core_sent: Cell64,
     pub cross_core_batches: Cell64,
     pub cross_core_received: Cell64,
+    // Blocking reads.
+    pub waits_parked: Cell64,
+    pub wait_timeouts: Cell64,
+    pub waiters: Cell64,
+    pub waiter_wakeups: Cell64,
 }
 
 /// The label index of a route (`None`: no route matched).
@@ -139,15 +131,13 @@ pub fn route_index(route: Option<crate::api::Route>) -> usize {
         Some(Route::Los) => 3,
         Some(Route::Cas) => 4,
         Some(Route::Casoc) => 5,
+        Some(Route::Del) => 7,
         None => ROUTE_OTHER,
     }
 }
 
 fn code_index(status: u16) -> usize {
-    CODES
-        .iter()
-        .position(|&c| c == status)
-        .unwrap_or(CODES.len())
+    CODES.iter().position(|&c| c == status).unwrap_or(CODES.len())
 }
 
 impl CoreStats {
@@ -183,156 +173,55 @@ pub struct SnapshotStats {
 }
 
 fn describe() {
-    let c =
-        |name: &'static str, unit: Unit, help: &'static str| describe_counter!(name, unit, help);
+    let c = |name: &'static str, unit: Unit, help: &'static str| describe_counter!(name, unit, help);
     let g = |name: &'static str, unit: Unit, help: &'static str| describe_gauge!(name, unit, help);
-    c(
-        "rendezvous_http_requests_total",
-        Unit::Count,
-        "HTTP requests answered, by route and status code.",
-    );
+    c("rendezvous_http_requests_total", Unit::Count, "HTTP requests answered, by route and status code.");
     describe_histogram!(
         "rendezvous_http_request_duration_seconds",
         Unit::Seconds,
         "Time from a request's parsed head to its encoded response, by route."
     );
-    g(
-        "rendezvous_http_requests_in_flight",
-        Unit::Count,
-        "Requests being processed.",
-    );
-    g(
-        "rendezvous_connections_open",
-        Unit::Count,
-        "Open client connections.",
-    );
-    c(
-        "rendezvous_connections_total",
-        Unit::Count,
-        "Client connections accepted.",
-    );
+    g("rendezvous_http_requests_in_flight", Unit::Count, "Requests being processed.");
+    g("rendezvous_connections_open", Unit::Count, "Open client connections.");
+    c("rendezvous_connections_total", Unit::Count, "Client connections accepted.");
     c(
         "rendezvous_connections_refused_total",
         Unit::Count,
         "Connections closed at accept by -maxConns (reason=server) or -maxConnsPerIP (reason=ip).",
     );
-    g(
-        "rendezvous_keys",
-        Unit::Count,
-        "Keys stored (expired ones count until reclaimed).",
-    );
+    g("rendezvous_keys", Unit::Count, "Keys stored (expired ones count until reclaimed).");
     g("rendezvous_keys_max", Unit::Count, "The -maxNumKV limit.");
-    g(
-        "rendezvous_stored_bytes",
-        Unit::Bytes,
-        "Key and value bytes stored.",
-    );
-    c(
-        "rendezvous_keys_expired_total",
-        Unit::Count,
-        "Keys removed because their TTL ran out.",
-    );
-    c(
-        "rendezvous_store_full_total",
-        Unit::Count,
-        "Writes refused with 507 because -maxNumKV was reached.",
-    );
-    c(
-        "rendezvous_secret_rejections_total",
-        Unit::Count,
-        "Writes refused with 403 (wrong or missing owner secret).",
-    );
-    c(
-        "rendezvous_conflicts_total",
-        Unit::Count,
-        "cas/casoc value mismatches (409) and los on a present key.",
-    );
-    c(
-        "rendezvous_rate_limited_total",
-        Unit::Count,
-        "Requests refused with 429.",
-    );
-    g(
-        "rendezvous_ratelimit_tracked_clients",
-        Unit::Count,
-        "Client buckets tracked this refill period.",
-    );
-    c(
-        "rendezvous_cross_core_messages_total",
-        Unit::Count,
-        "Commands sent to another core, by sending core.",
-    );
+    g("rendezvous_stored_bytes", Unit::Bytes, "Key and value bytes stored.");
+    c("rendezvous_keys_expired_total", Unit::Count, "Keys removed because their TTL ran out.");
+    c("rendezvous_store_full_total", Unit::Count, "Writes refused with 507 because -maxNumKV was reached.");
+    c("rendezvous_secret_rejections_total", Unit::Count, "Writes refused with 403 (wrong or missing owner secret).");
+    c("rendezvous_conflicts_total", Unit::Count, "cas/casoc value mismatches (409) and los on a present key.");
+    c("rendezvous_rate_limited_total", Unit::Count, "Requests refused with 429.");
+    g("rendezvous_ratelimit_tracked_clients", Unit::Count, "Client buckets tracked this refill period.");
+    c("rendezvous_cross_core_messages_total", Unit::Count, "Commands sent to another core, by sending core.");
     c(
         "rendezvous_cross_core_batches_total",
         Unit::Count,
         "Channel sends (batches of commands and replies), by sending core.",
     );
-    c(
-        "rendezvous_core_requests_total",
-        Unit::Count,
-        "Requests answered, by the core that accepted them.",
-    );
-    c(
-        "rendezvous_snapshots_total",
-        Unit::Count,
-        "Snapshots written.",
-    );
-    c(
-        "rendezvous_snapshot_failures_total",
-        Unit::Count,
-        "Snapshots that failed.",
-    );
-    g(
-        "rendezvous_snapshot_last_success_timestamp_seconds",
-        Unit::Seconds,
-        "Unix time of the last snapshot written.",
-    );
-    g(
-        "rendezvous_snapshot_duration_seconds",
-        Unit::Seconds,
-        "Duration of the last snapshot written.",
-    );
-    g(
-        "rendezvous_snapshot_size_bytes",
-        Unit::Bytes,
-        "Size of the last snapshot written.",
-    );
-    g(
-        "rendezvous_snapshot_keys",
-        Unit::Count,
-        "Keys in the last snapshot written.",
-    );
-    g(
-        "rendezvous_snapshot_interval_seconds",
-        Unit::Seconds,
-        "The -saveDuration period (0: snapshots disabled).",
-    );
-    g(
-        "rendezvous_build_info",
-        Unit::Count,
-        "Always 1; labels carry the version.",
-    );
-    g(
-        "rendezvous_threads",
-        Unit::Count,
-        "Worker threads (one shard each).",
-    );
-    c(
-        "process_cpu_seconds_total",
-        Unit::Seconds,
-        "User and system CPU time of the process.",
-    );
-    g(
-        "process_resident_memory_bytes",
-        Unit::Bytes,
-        "Resident memory of the process.",
-    );
+    c("rendezvous_core_requests_total", Unit::Count, "Requests answered, by the core that accepted them.");
+    c("rendezvous_snapshots_total", Unit::Count, "Snapshots written.");
+    c("rendezvous_snapshot_failures_total", Unit::Count, "Snapshots that failed.");
+    g("rendezvous_snapshot_last_success_timestamp_seconds", Unit::Seconds, "Unix time of the last snapshot written.");
+    g("rendezvous_snapshot_duration_seconds", Unit::Seconds, "Duration of the last snapshot written.");
+    g("rendezvous_snapshot_size_bytes", Unit::Bytes, "Size of the last snapshot written.");
+    g("rendezvous_snapshot_keys", Unit::Count, "Keys in the last snapshot written.");
+    g("rendezvous_snapshot_interval_seconds", Unit::Seconds, "The -saveDuration period (0: snapshots disabled).");
+    g("rendezvous_build_info", Unit::Count, "Always 1; labels carry the version.");
+    g("rendezvous_waiters", Unit::Count, "Blocking reads parked on a key.");
+    c("rendezvous_waits_total", Unit::Count, "Blocking reads that had to park.");
+    c("rendezvous_wait_wakeups_total", Unit::Count, "Parked blocking reads answered by a write.");
+    c("rendezvous_wait_timeouts_total", Unit::Count, "Parked blocking reads that ran out of time.");
+    g("rendezvous_threads", Unit::Count, "Worker threads (one shard each).");
+    c("process_cpu_seconds_total", Unit::Seconds, "User and system CPU time of the process.");
+    g("process_resident_memory_bytes", Unit::Bytes, "Resident memory of the process.");
     g("process_open_fds", Unit::Count, "Open file descriptors.");
-    g(
-        "process_start_time_seconds",
-        Unit::Seconds,
-        "Unix time the process started.",
-    );
+    g("process_start_time_seconds", Unit::Seconds, "Unix time the process started.");
 }
 
 /// Folds per-core stats into the recorder; remembers what it already folded
@@ -348,24 +237,17 @@ impl Folder {
     fn fold(&mut self) {
         let stats = &self.shared.stats;
         for (r, route) in ROUTES.iter().enumerate() {
-            for (ci, code) in CODES
-                .iter()
-                .map(u16::to_string)
-                .chain(["other".to_string()])
-                .enumerate()
-            {
+            for (ci, code) in CODES.iter().map(u16::to_string).chain(["other".to_string()]).enumerate() {
                 let total: u64 = stats.iter().map(|s| s.requests[r][ci].get()).sum();
                 if total > 0 {
                     metrics::counter!("rendezvous_http_requests_total", "route" => *route, "code" => code)
                         .absolute(total);
                 }
             }
-            let hist =
-                metrics::histogram!("rendezvous_http_request_duration_seconds", "route" => *route);
+            let hist = metrics::histogram!("rendezvous_http_request_duration_seconds", "route" => *route);
             for (core, s) in stats.iter().enumerate() {
                 for b in 0..15 {
-                    let (count, sum) =
-                        (s.latency[r].counts[b].get(), s.latency[r].sums_ns[b].get());
+                    let (count, sum) = (s.latency[r].counts[b].get(), s.latency[r].sums_ns[b].get());
                     let new = count.wrapping_sub(self.folded_counts[core][r][b]);
                     let new_sum = sum.wrapping_sub(self.folded_sums[core][r][b]);
                     if new > 0 {
@@ -378,17 +260,13 @@ impl Folder {
             }
             let conflicts: u64 = stats.iter().map(|s| s.conflicts[r].get()).sum();
             if conflicts > 0 {
-                metrics::counter!("rendezvous_conflicts_total", "route" => *route)
-                    .absolute(conflicts);
+                metrics::counter!("rendezvous_conflicts_total", "route" => *route).absolute(conflicts);
             }
         }
         let sum = |f: fn(&CoreStats) -> u64| stats.iter().map(f).sum::<u64>();
-        metrics::gauge!("rendezvous_http_requests_in_flight")
-            .set(sum(|s| s.requests_in_flight.get()) as f64);
-        metrics::gauge!("rendezvous_connections_open")
-            .set(sum(|s| s.connections_open.get()) as f64);
-        metrics::counter!("rendezvous_connections_total")
-            .absolute(sum(|s| s.connections_total.get()));
+        metrics::gauge!("rendezvous_http_requests_in_flight").set(sum(|s| s.requests_in_flight.get()) as f64);
+        metrics::gauge!("rendezvous_connections_open").set(sum(|s| s.connections_open.get()) as f64);
+        metrics::counter!("rendezvous_connections_total").absolute(sum(|s| s.connections_total.get()));
         metrics::counter!("rendezvous_connections_refused_total", "reason" => "server")
             .absolute(sum(|s| s.refused_server_full.get()));
         metrics::counter!("rendezvous_connections_refused_total", "reason" => "ip")
@@ -398,11 +276,9 @@ impl Folder {
         metrics::gauge!("rendezvous_stored_bytes").set(sum(|s| s.stored_bytes.get()) as f64);
         metrics::counter!("rendezvous_keys_expired_total").absolute(sum(|s| s.expired.get()));
         metrics::counter!("rendezvous_store_full_total").absolute(sum(|s| s.store_full.get()));
-        metrics::counter!("rendezvous_secret_rejections_total")
-            .absolute(sum(|s| s.secret_rejections.get()));
+        metrics::counter!("rendezvous_secret_rejections_total").absolute(sum(|s| s.secret_rejections.get()));
         metrics::counter!("rendezvous_rate_limited_total").absolute(sum(|s| s.rate_limited.get()));
-        metrics::gauge!("rendezvous_ratelimit_tracked_clients")
-            .set(sum(|s| s.tracked_clients.get()) as f64);
+        metrics::gauge!("rendezvous_ratelimit_tracked_clients").set(sum(|s| s.tracked_clients.get()) as f64);
         for (core, s) in stats.iter().enumerate() {
             let core = core.to_string();
             metrics::counter!("rendezvous_cross_core_messages_total", "core" => core.clone())
@@ -412,16 +288,18 @@ impl Folder {
             let handled: u64 = s.requests.iter().flatten().map(Cell64::get).sum();
             metrics::counter!("rendezvous_core_requests_total", "core" => core).absolute(handled);
         }
+        metrics::gauge!("rendezvous_waiters").set(sum(|s| s.waiters.get()) as f64);
+        metrics::counter!("rendezvous_waits_total").absolute(sum(|s| s.waits_parked.get()));
+        metrics::counter!("rendezvous_wait_wakeups_total").absolute(sum(|s| s.waiter_wakeups.get()));
+        metrics::counter!("rendezvous_wait_timeouts_total").absolute(sum(|s| s.wait_timeouts.get()));
         let snap = &self.shared.snapshot_stats;
         metrics::counter!("rendezvous_snapshots_total").absolute(snap.saved_total.get());
         metrics::counter!("rendezvous_snapshot_failures_total").absolute(snap.failures_total.get());
         if snap.saved_total.get() > 0 {
             metrics::gauge!("rendezvous_snapshot_last_success_timestamp_seconds")
                 .set(snap.last_success_unix_ms.get() as f64 / 1000.0);
-            metrics::gauge!("rendezvous_snapshot_duration_seconds")
-                .set(snap.last_duration_us.get() as f64 / 1e6);
-            metrics::gauge!("rendezvous_snapshot_size_bytes")
-                .set(snap.last_size_bytes.get() as f64);
+            metrics::gauge!("rendezvous_snapshot_duration_seconds").set(snap.last_duration_us.get() as f64 / 1e6);
+            metrics::gauge!("rendezvous_snapshot_size_bytes").set(snap.last_size_bytes.get() as f64);
             metrics::gauge!("rendezvous_snapshot_keys").set(snap.last_entries.get() as f64);
         }
         let interval = match self.shared.config.snapshot_path {
@@ -459,14 +337,8 @@ fn read_process() -> Option<ProcessStats> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
-    let open_fds = std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count() as u64)
-        .unwrap_or(0);
-    Some(ProcessStats {
-        cpu_ticks: utime + stime,
-        rss_bytes: rss_kb * 1024,
-        open_fds,
-    })
+    let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
+    Some(ProcessStats { cpu_ticks: utime + stime, rss_bytes: rss_kb * 1024, open_fds })
 }
 
 /// Binds the admin listener (so a bad address fails startup) and starts the
@@ -475,28 +347,21 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<SocketAdd
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("rendezvous_http_request_duration_seconds".into()),
-            &BUCKETS,
-        )
+        .set_buckets_for_metric(Matcher::Full("rendezvous_http_request_duration_seconds".into()), &BUCKETS)
         .map_err(|e| std::io::Error::other(e.to_string()))?
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| std::io::Error::other(e.to_string()))?;
     describe();
     let n = shared.stats.len();
-    let start_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let start_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let folder = Folder {
         shared,
         folded_counts: vec![[[0; 15]; ROUTES.len()]; n],
         folded_sums: vec![[[0; 15]; ROUTES.len()]; n],
         start_unix,
     };
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || serve(listener, folder, handle))?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || serve(listener, folder, handle))?;
     Ok(bound)
 }
 
@@ -516,9 +381,7 @@ fn serve(listener: TcpListener, mut folder: Folder, handle: PrometheusHandle) {
                 last_fold = Instant::now();
                 let _ = answer(stream, &handle);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
@@ -530,38 +393,31 @@ fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<(
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
-    let path =
-        loop {
-            let n = stream.read(&mut buf[len..])?;
-            if n == 0 {
-                return Ok(());
+    let path = loop {
+        let n = stream.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => break req.path.unwrap_or("").to_string(),
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            _ => {
+                return stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             }
-            len += n;
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf[..len]) {
-                Ok(httparse::Status::Complete(_)) => break req.path.unwrap_or("").to_string(),
-                Ok(httparse::Status::Partial) if len < buf.len() => continue,
-                _ => return stream.write_all(
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                ),
-            }
-        };
-    let (status, ctype, body) = if path == "/metrics" || path.starts_with("/metrics?") {
-        (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            handle.render(),
-        )
-    } else {
-        (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "Not found: try /metrics\n".to_string(),
-        )
+        }
     };
-    let head =
-        format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let (status, ctype, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", handle.render())
+    } else {
+        ("404 Not Found", "text/plain; charset=utf-8", "Not found: try /metrics\n".to_string())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     stream.write_all(head.as_bytes())?;
     stream.write_all(body.as_bytes())
 }

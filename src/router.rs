@@ -19,7 +19,7 @@
 //! ahead of others): it registers its waker, drains, and returns Pending.
 //! This module must never hold a `RefCell` borrow across an `.await`.
 
-use crate::command::{Charge, Cmd, Now, Op, Owned, Reply};
+use crate::command::{Charge, Cmd, Now, Op, Origin, Owned, Reply, WaitFor};
 use crate::ratelimit::Periods;
 use crate::shard::KeyBudget;
 use atomic_waker::AtomicWaker;
@@ -50,6 +50,10 @@ pub enum Msg {
         slot: u32,
         reply: Reply,
     },
+    /// A command whose reply nobody awaits (cancelling a waiter).
+    Notify {
+        cmd: Cmd,
+    },
     /// From the lifecycle thread (snapshots, shutdown).
     Control(Control),
 }
@@ -74,10 +78,7 @@ pub struct Routing {
 
 impl Routing {
     pub fn new(cores: usize) -> Self {
-        Routing {
-            hasher: RandomState::new(),
-            cores: cores.max(1),
-        }
+        Routing { hasher: RandomState::new(), cores: cores.max(1) }
     }
 
     fn spread(&self, h: u64) -> usize {
@@ -115,13 +116,7 @@ impl Mesh {
         let (inboxes, receivers) = (0..cores)
             .map(|_| {
                 let (tx, rx) = crossbeam_channel::unbounded();
-                (
-                    Inbox {
-                        tx,
-                        waker: AtomicWaker::new(),
-                    },
-                    rx,
-                )
+                (Inbox { tx, waker: AtomicWaker::new() }, rx)
             })
             .unzip();
         (Arc::new(Mesh { inboxes }), receivers)
@@ -135,16 +130,18 @@ impl Mesh {
     }
 }
 
+/// A completion slot. `credit` names the destination whose in-flight budget
+/// the call holds (waits hold none: they may park for a long time).
 enum Slot {
     Free,
     Waiting {
-        dest: u32,
+        credit: Option<u32>,
         waker: Option<Waker>,
     },
     Ready(Reply),
     /// The caller went away; the reply will be dropped on arrival.
     Abandoned {
-        dest: u32,
+        credit: Option<u32>,
     },
 }
 
@@ -223,18 +220,24 @@ impl Router {
     }
 
     fn now(&self) -> Now {
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Now {
-            unix_ms,
-            epoch: self.periods.epoch(Instant::now()),
-        }
+        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Now { unix_ms, epoch: self.periods.epoch(Instant::now()) }
     }
 
+    /// Applies a command to this core's state and delivers the answers of
+    /// any waiters it woke (locally, or to their cores).
     fn apply_local(&self, cmd: Cmd) -> Reply {
         let now = self.now();
-        self.owned.borrow_mut().apply(cmd, now, &self.budget)
+        let mut wakeups = Vec::new();
+        let reply = self.owned.borrow_mut().apply(cmd, now, &self.budget, &mut wakeups);
+        for (origin, answer) in wakeups {
+            if origin.core as usize == self.me {
+                self.complete(origin.slot, answer);
+            } else {
+                self.push(origin.core as usize, Msg::Done { slot: origin.slot, reply: answer });
+            }
+        }
+        reply
     }
 
     /// Charges the client (if `charge`) and applies `op` on the owning cores,
@@ -244,38 +247,50 @@ impl Router {
         if let Some(c) = charge {
             let bucket_owner = self.routing.bucket_owner(c.bucket);
             if bucket_owner != key_owner {
-                match self
-                    .call(
-                        bucket_owner,
-                        Cmd {
-                            charge: Some(c),
-                            op: None,
-                        },
-                    )
-                    .await
-                {
+                match self.call(bucket_owner, Cmd { charge: Some(c), op: None }).await {
                     Reply::Charged => {}
                     refused => return refused,
                 }
-                return self
-                    .call(
-                        key_owner,
-                        Cmd {
-                            charge: None,
-                            op: Some(op),
-                        },
-                    )
-                    .await;
+                return self.call(key_owner, Cmd { charge: None, op: Some(op) }).await;
             }
         }
-        self.call(
-            key_owner,
-            Cmd {
-                charge,
-                op: Some(op),
-            },
-        )
-        .await
+        self.call(key_owner, Cmd { charge, op: Some(op) }).await
+    }
+
+    /// Starts a blocking read: charges the client, then either answers at
+    /// once (`Err(reply)`) or returns a future for the answer a write will
+    /// bring. Dropping that future cancels the waiter on its owner.
+    pub async fn wait(
+        self: &Rc<Self>,
+        charge: Option<Charge>,
+        key: Box<[u8]>,
+        until: WaitFor,
+    ) -> Result<WaitFuture<'_>, Reply> {
+        let owner = self.routing.owner(&key);
+        let mut charge = charge;
+        if let Some(c) = charge {
+            let bucket_owner = self.routing.bucket_owner(c.bucket);
+            if bucket_owner != owner {
+                match self.call(bucket_owner, Cmd { charge: Some(c), op: None }).await {
+                    Reply::Charged => charge = None,
+                    refused => return Err(refused),
+                }
+            }
+        }
+        let slot = self.alloc_slot(None);
+        let origin = Origin { core: self.me as u32, slot };
+        let cmd = Cmd { charge, op: Some(Op::Wait { key: key.clone(), until, origin }) };
+        if owner == self.me {
+            let reply = self.apply_local(cmd);
+            if reply != Reply::Parked {
+                let mut slots = self.slots.borrow_mut();
+                self.release_slot(&mut slots, slot);
+                return Err(reply);
+            }
+        } else {
+            self.push(owner, Msg::Call { from: self.me as u32, slot, cmd });
+        }
+        Ok(WaitFuture { inner: SlotFuture { router: self, slot, done: false }, key: Some(key), owner })
     }
 
     /// Executes `cmd` on core `dest`.
@@ -284,29 +299,17 @@ impl Router {
             return self.apply_local(cmd);
         }
         Credit { router: self, dest }.await;
-        let slot = self.alloc_slot(dest as u32);
-        self.push(
-            dest,
-            Msg::Call {
-                from: self.me as u32,
-                slot,
-                cmd,
-            },
-        );
+        let slot = self.alloc_slot(Some(dest as u32));
+        self.push(dest, Msg::Call { from: self.me as u32, slot, cmd });
         let mut s = self.stats.get();
         s.calls_sent += 1;
         self.stats.set(s);
-        SlotFuture {
-            router: self,
-            slot,
-            done: false,
-        }
-        .await
+        SlotFuture { router: self, slot, done: false }.await
     }
 
-    fn alloc_slot(&self, dest: u32) -> u32 {
+    fn alloc_slot(&self, credit: Option<u32>) -> u32 {
         let mut slots = self.slots.borrow_mut();
-        let state = Slot::Waiting { dest, waker: None };
+        let state = Slot::Waiting { credit, waker: None };
         match self.free_slots.borrow_mut().pop() {
             Some(i) => {
                 slots[i as usize] = state;
@@ -346,18 +349,22 @@ impl Router {
             return;
         };
         match std::mem::replace(state, Slot::Free) {
-            Slot::Waiting { dest, waker } => {
+            Slot::Waiting { credit, waker } => {
                 *state = Slot::Ready(reply);
                 drop(slots);
-                self.return_credit(dest);
+                if let Some(dest) = credit {
+                    self.return_credit(dest);
+                }
                 if let Some(w) = waker {
                     w.wake();
                 }
             }
-            Slot::Abandoned { dest } => {
+            Slot::Abandoned { credit } => {
                 self.release_slot(&mut slots, slot);
                 drop(slots);
-                self.return_credit(dest);
+                if let Some(dest) = credit {
+                    self.return_credit(dest);
+                }
             }
             other => *state = other,
         }
@@ -372,7 +379,13 @@ impl Router {
                     Msg::Call { from, slot, cmd } => {
                         received += 1;
                         let reply = self.apply_local(cmd);
-                        self.push(from as usize, Msg::Done { slot, reply });
+                        // A parked waiter is answered later, when a write wakes it.
+                        if reply != Reply::Parked {
+                            self.push(from as usize, Msg::Done { slot, reply });
+                        }
+                    }
+                    Msg::Notify { cmd } => {
+                        self.apply_local(cmd);
                     }
                     Msg::Done { slot, reply } => self.complete(slot, reply),
                     Msg::Control(c) => {
@@ -465,6 +478,43 @@ impl Future for Credit<'_> {
     }
 }
 
+/// The answer to a parked blocking read. Dropped before it resolves (timeout,
+/// client gone), it tells the owner to drop the waiter.
+pub struct WaitFuture<'a> {
+    inner: SlotFuture<'a>,
+    key: Option<Box<[u8]>>,
+    owner: usize,
+}
+
+impl Future for WaitFuture<'_> {
+    type Output = Reply;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
+        let r = Pin::new(&mut self.inner).poll(cx);
+        if r.is_ready() {
+            self.key = None;
+        }
+        r
+    }
+}
+
+impl Drop for WaitFuture<'_> {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let router = self.inner.router;
+        let origin = Origin { core: router.me as u32, slot: self.inner.slot };
+        let cmd = Cmd { charge: None, op: Some(Op::CancelWait { key, origin }) };
+        // Abandon the slot first: the owner answers Cancelled (or the wake-up
+        // already in flight arrives), and that answer frees it.
+        self.inner.abandon();
+        if self.owner == router.me {
+            router.apply_local(cmd);
+        } else {
+            router.push(self.owner, Msg::Notify { cmd });
+        }
+    }
+}
+
 /// Waits for the reply in a completion slot.
 struct SlotFuture<'a> {
     router: &'a Router,
@@ -485,15 +535,12 @@ impl Future for SlotFuture<'_> {
                 self.done = true;
                 Poll::Ready(reply)
             }
-            Slot::Waiting { dest, waker } => {
+            Slot::Waiting { credit, waker } => {
                 let waker = match waker {
                     Some(w) if w.will_wake(cx.waker()) => w,
                     _ => cx.waker().clone(),
                 };
-                slots[i] = Slot::Waiting {
-                    dest,
-                    waker: Some(waker),
-                };
+                slots[i] = Slot::Waiting { credit, waker: Some(waker) };
                 Poll::Pending
             }
             // Free/Abandoned cannot be observed by the live owner of the slot.
@@ -501,6 +548,23 @@ impl Future for SlotFuture<'_> {
                 slots[i] = other;
                 Poll::Pending
             }
+        }
+    }
+}
+
+impl SlotFuture<'_> {
+    /// Marks the slot abandoned (its reply, when it comes, frees it).
+    fn abandon(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let mut slots = self.router.slots.borrow_mut();
+        let i = self.slot as usize;
+        match std::mem::replace(&mut slots[i], Slot::Free) {
+            Slot::Waiting { credit, .. } => slots[i] = Slot::Abandoned { credit },
+            Slot::Ready(_) => self.router.release_slot(&mut slots, self.slot),
+            other => slots[i] = other,
         }
     }
 }
@@ -513,7 +577,7 @@ impl Drop for SlotFuture<'_> {
         let mut slots = self.router.slots.borrow_mut();
         let i = self.slot as usize;
         match std::mem::replace(&mut slots[i], Slot::Free) {
-            Slot::Waiting { dest, .. } => slots[i] = Slot::Abandoned { dest },
+            Slot::Waiting { credit, .. } => slots[i] = Slot::Abandoned { credit },
             Slot::Ready(_) => self.router.release_slot(&mut slots, self.slot),
             other => slots[i] = other,
         }

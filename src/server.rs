@@ -55,6 +55,8 @@ pub struct Shared {
     /// Whether requests are measured (`-metricsAddr` set).
     pub metrics_on: bool,
     pub conn_limits: Arc<crate::connlimit::ConnLimits>,
+    /// Parked blocking reads, server-wide and per client IP.
+    pub waiter_limits: Arc<crate::connlimit::ConnLimits>,
 }
 
 /// Why the server could not start.
@@ -91,8 +93,7 @@ impl std::error::Error for StartupError {}
 
 fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, StartupError> {
     let err = |e| StartupError::Bind(addr, e);
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.set_reuse_port(true).map_err(err)?;
     if addr.is_ipv6() {
@@ -107,25 +108,18 @@ fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, Startup
 
 /// Binds `n` listeners sharing one port. With port 0 the kernel picks the
 /// port for the first and the others join it.
-pub fn bind_listeners(
-    addr: SocketAddr,
-    n: usize,
-) -> Result<(Vec<std::net::TcpListener>, SocketAddr), StartupError> {
+pub fn bind_listeners(addr: SocketAddr, n: usize) -> Result<(Vec<std::net::TcpListener>, SocketAddr), StartupError> {
     if addr.port() != 0 {
         // A plain bind (no SO_REUSEPORT) fails if anyone listens on the port,
         // including another instance of this server.
         match std::net::TcpListener::bind(addr) {
             Ok(probe) => drop(probe),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                return Err(StartupError::PortInUse(addr))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(StartupError::PortInUse(addr)),
             Err(e) => return Err(StartupError::Bind(addr, e)),
         }
     }
     let first = reuseport_listener(addr)?;
-    let actual = first
-        .local_addr()
-        .map_err(|e| StartupError::Bind(addr, e))?;
+    let actual = first.local_addr().map_err(|e| StartupError::Bind(addr, e))?;
     let mut listeners = vec![first];
     for _ in 1..n {
         listeners.push(reuseport_listener(actual)?);
@@ -134,9 +128,7 @@ pub fn bind_listeners(
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What one core thread needs to start.
@@ -152,19 +144,17 @@ struct CoreStart {
 /// Loads the snapshot (if any) into one `Owned` per core, routing every
 /// entry to its owner for the current core count. Returns the secret key the
 /// snapshot's hashes were made with (or a fresh one).
-fn restore(
-    config: &Config,
-    routing: &Routing,
-    budget: &KeyBudget,
-) -> Result<(SecretKey, Vec<Owned>), StartupError> {
+fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<(SecretKey, Vec<Owned>), StartupError> {
     let n = config.threads;
     // Sized up front: growing a big table stalls the core while it rehashes.
-    let per_core =
-        (config.max_num_kv / n + config.max_num_kv / n / 8 + 1024).min(config.max_num_kv);
+    let per_core = (config.max_num_kv / n + config.max_num_kv / n / 8 + 1024).min(config.max_num_kv);
     let mut owned: Vec<Owned> = (0..n)
-        .map(|_| Owned {
-            shard: Shard::with_capacity(per_core),
-            limiter: Limiter::new(config.max_requests, config.max_tracked_ips.div_ceil(n)),
+        .map(|_| {
+            let mut shard = Shard::with_capacity(per_core);
+            // Versions (ETags) keep growing across restarts: start above the
+            // clock (8 per ms leaves room for bursts within one ms).
+            shard.set_version_base(unix_ms() << 3);
+            Owned::new(shard, Limiter::new(config.max_requests, config.max_tracked_ips.div_ceil(n)))
         })
         .collect();
     let Some(path) = &config.snapshot_path else {
@@ -201,10 +191,7 @@ fn restore(
         now.saturating_sub(loaded.created_unix_ms) / 1000
     );
     if dropped > 0 {
-        log::warn!(
-            "{dropped} keys from the snapshot did not fit in -maxNumKV {} and were dropped",
-            config.max_num_kv
-        );
+        log::warn!("{dropped} keys from the snapshot did not fit in -maxNumKV {} and were dropped", config.max_num_kv);
     }
     Ok((loaded.secret_key, owned))
 }
@@ -248,24 +235,21 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             config.max_conns_per_ip,
             config.trusted_proxies.clone(),
         ),
+        waiter_limits: crate::connlimit::ConnLimits::new(
+            config.max_waiters,
+            config.max_waiters_per_ip,
+            crate::clientip::TrustedProxies::parse("").unwrap_or_else(|_| config.trusted_proxies.clone()),
+        ),
         config,
     });
     if let Some(addr) = shared.config.metrics_addr {
-        let bound = crate::metrics::start(shared.clone(), addr)
-            .map_err(|e| StartupError::Metrics(addr, e))?;
+        let bound = crate::metrics::start(shared.clone(), addr).map_err(|e| StartupError::Metrics(addr, e))?;
         log::info!("metrics on http://{bound}/metrics");
     }
     let (ready_tx, ready_rx) = mpsc::channel();
     let cores = listeners.into_iter().zip(receivers).zip(owned).enumerate();
     for (id, ((listener, inbox), owned)) in cores {
-        let start = CoreStart {
-            id,
-            shared: shared.clone(),
-            owned,
-            listener,
-            inbox,
-            ready: ready_tx.clone(),
-        };
+        let start = CoreStart { id, shared: shared.clone(), owned, listener, inbox, ready: ready_tx.clone() };
         std::thread::Builder::new()
             .name(format!("core-{id}"))
             .spawn(move || core_thread(start))
@@ -277,11 +261,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         match ready_rx.recv() {
             Ok(Ok(driver)) => drivers.push(driver),
             Ok(Err(e)) => return Err(StartupError::Runtime(e)),
-            Err(_) => {
-                return Err(StartupError::Runtime(
-                    "a core thread exited during startup".into(),
-                ))
-            }
+            Err(_) => return Err(StartupError::Runtime("a core thread exited during startup".into())),
         }
     }
     drivers.dedup();
@@ -304,17 +284,11 @@ fn build_uring() -> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<IoU
     if std::env::var_os("RENDEZVOUS_PLAIN_URING").is_none() {
         let mut tuned = io_uring::IoUring::builder();
         tuned.setup_coop_taskrun().setup_single_issuer();
-        if let Ok(rt) = RuntimeBuilder::<IoUringDriver>::new()
-            .uring_builder(tuned)
-            .enable_timer()
-            .build()
-        {
+        if let Ok(rt) = RuntimeBuilder::<IoUringDriver>::new().uring_builder(tuned).enable_timer().build() {
             return Ok(rt);
         }
     }
-    RuntimeBuilder::<IoUringDriver>::new()
-        .enable_timer()
-        .build()
+    RuntimeBuilder::<IoUringDriver>::new().enable_timer().build()
 }
 
 fn core_thread(start: CoreStart) {
@@ -349,14 +323,7 @@ fn core_thread(start: CoreStart) {
 }
 
 async fn core_main(start: CoreStart) {
-    let CoreStart {
-        id,
-        shared,
-        owned,
-        listener,
-        inbox,
-        ..
-    } = start;
+    let CoreStart { id, shared, owned, listener, inbox, .. } = start;
     let router = Router::new(
         id,
         shared.routing.clone(),
@@ -461,6 +428,8 @@ async fn sweeper(shared: Arc<Shared>, id: usize, router: Rc<Router>) {
             stats.stored_bytes.set(owned.shard.bytes() as u64);
             stats.expired.set(owned.shard.expired_total());
             stats.tracked_clients.set(owned.limiter.tracked() as u64);
+            stats.waiters.set(owned.waiters.parked() as u64);
+            stats.waiter_wakeups.set(owned.waiters.woken_total());
         });
         let traffic = router.stats();
         stats.cross_core_sent.set(traffic.calls_sent);

@@ -32,19 +32,12 @@ pub struct KeyBudget {
 
 impl KeyBudget {
     pub fn new(max: usize) -> Self {
-        KeyBudget {
-            live: AtomicUsize::new(0),
-            max,
-        }
+        KeyBudget { live: AtomicUsize::new(0), max }
     }
 
     /// Claims room for one new key, or reports the store full.
     pub fn try_reserve(&self) -> bool {
-        self.live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .is_ok()
+        self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).is_ok()
     }
 
     pub fn release(&self, n: usize) {
@@ -65,20 +58,32 @@ impl KeyBudget {
 /// Length of a stored owner-secret hash.
 const SECRET_LEN: usize = 32;
 
+/// Largest key an entry can hold (the key length is packed in 16 bits; the
+/// API allows at most 4096 bytes plus an `ip/` prefix).
+pub const MAX_KEY_LEN: usize = u16::MAX as usize;
+const SECRET_FLAG: u64 = 1 << 16;
+const VERSION_SHIFT: u32 = 17;
+/// Versions use the 47 bits above the key length and secret flag.
+pub const MAX_VERSION: u64 = (1 << (64 - VERSION_SHIFT)) - 1;
+
 /// A stored key-value pair: 32 bytes plus one exact-size allocation holding
 /// `[secret hash (if any)][key][value]`, so an entry costs one heap block
-/// whether or not it has an owner.
+/// whether or not it has an owner. Key length, secret flag and version are
+/// packed into one word.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     data: Box<[u8]>,
-    key_len: u32,
-    has_secret: bool,
+    /// bits 0..16 key length, bit 16 has-secret, bits 17.. version.
+    meta: u64,
     /// Unix milliseconds after which the entry no longer exists.
     pub expires_ms: u64,
 }
 
 impl Entry {
+    /// A new entry (version 0 until a shard stores it). `key` must be at most
+    /// `MAX_KEY_LEN` bytes; longer keys are truncated by the caller's checks.
     pub fn new(key: &[u8], value: &[u8], secret: Option<&SecretHash>, expires_ms: u64) -> Self {
+        debug_assert!(key.len() <= MAX_KEY_LEN);
         let secret_len = if secret.is_some() { SECRET_LEN } else { 0 };
         let mut data = Vec::with_capacity(secret_len + key.len() + value.len());
         if let Some(s) = secret {
@@ -86,16 +91,29 @@ impl Entry {
         }
         data.extend_from_slice(key);
         data.extend_from_slice(value);
-        Entry {
-            data: data.into_boxed_slice(),
-            key_len: key.len() as u32,
-            has_secret: secret.is_some(),
-            expires_ms,
-        }
+        let flag = if secret.is_some() { SECRET_FLAG } else { 0 };
+        Entry { data: data.into_boxed_slice(), meta: (key.len() as u64 & 0xffff) | flag, expires_ms }
+    }
+
+    fn key_len(&self) -> usize {
+        (self.meta & 0xffff) as usize
+    }
+
+    fn has_secret(&self) -> bool {
+        self.meta & SECRET_FLAG != 0
+    }
+
+    /// Changes on every write of the key (the ETag).
+    pub fn version(&self) -> u64 {
+        self.meta >> VERSION_SHIFT
+    }
+
+    pub fn set_version(&mut self, version: u64) {
+        self.meta = (self.meta & (SECRET_FLAG | 0xffff)) | ((version & MAX_VERSION) << VERSION_SHIFT);
     }
 
     fn key_start(&self) -> usize {
-        if self.has_secret {
+        if self.has_secret() {
             SECRET_LEN
         } else {
             0
@@ -104,15 +122,15 @@ impl Entry {
 
     pub fn key(&self) -> &[u8] {
         let start = self.key_start();
-        &self.data[start..start + self.key_len as usize]
+        &self.data[start..start + self.key_len()]
     }
 
     pub fn value(&self) -> &[u8] {
-        &self.data[self.key_start() + self.key_len as usize..]
+        &self.data[self.key_start() + self.key_len()..]
     }
 
     pub fn secret(&self) -> Option<&SecretHash> {
-        if !self.has_secret {
+        if !self.has_secret() {
             return None;
         }
         self.data.get(..SECRET_LEN).and_then(|s| s.try_into().ok())
@@ -124,15 +142,12 @@ impl Entry {
     }
 
     /// Takes the entry apart for a snapshot: key and value bytes, key length,
-    /// expiry, secret. Copies nothing unless the entry has a secret.
-    pub fn into_snapshot_parts(self) -> (Vec<u8>, u32, u64, Option<SecretHash>) {
+    /// expiry, secret, version. Copies nothing unless the entry has a secret.
+    pub fn into_snapshot_parts(self) -> (Vec<u8>, u32, u64, Option<SecretHash>, u64) {
         let secret = self.secret().copied();
-        let data = if self.has_secret {
-            self.data[SECRET_LEN..].to_vec()
-        } else {
-            self.data.into_vec()
-        };
-        (data, self.key_len, self.expires_ms, secret)
+        let (key_len, version) = (self.key_len() as u32, self.version());
+        let data = if self.has_secret() { self.data[SECRET_LEN..].to_vec() } else { self.data.into_vec() };
+        (data, key_len, self.expires_ms, secret, version)
     }
 
     pub fn is_expired(&self, now_ms: u64) -> bool {
@@ -151,28 +166,31 @@ pub enum Condition {
     Cas(Box<[u8]>),
     /// `casoc`: like `cas`, but an absent key is created.
     Casoc(Box<[u8]>),
+    /// `del`: remove the key.
+    Delete,
+}
+
+/// `If-Match` on a write: a compare-and-swap by version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMatch {
+    /// `*`: the key must exist.
+    Any,
+    /// The key's current version must be one of these.
+    Versions(Vec<u64>),
 }
 
 /// A write, fully decoded (effective key, hashed secret, absolute expiry):
-/// the entry it would store, and its condition.
+/// the entry it would store, and its conditions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
     pub entry: Entry,
     pub cond: Condition,
+    pub if_match: Option<IfMatch>,
 }
 
 impl Write {
-    pub fn new(
-        key: &[u8],
-        value: &[u8],
-        secret: Option<SecretHash>,
-        expires_ms: u64,
-        cond: Condition,
-    ) -> Self {
-        Write {
-            entry: Entry::new(key, value, secret.as_ref(), expires_ms),
-            cond,
-        }
+    pub fn new(key: &[u8], value: &[u8], secret: Option<SecretHash>, expires_ms: u64, cond: Condition) -> Self {
+        Write { entry: Entry::new(key, value, secret.as_ref(), expires_ms), cond, if_match: None }
     }
 
     pub fn key(&self) -> &[u8] {
@@ -180,21 +198,33 @@ impl Write {
     }
 }
 
-/// The result of a write.
+/// The result of a write. Versions are the key's after the write (or its
+/// current one when nothing changed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
     /// The value was stored; `created` tells a new key from a replacement.
-    Stored { created: bool, expires_ms: u64 },
+    Stored { created: bool, expires_ms: u64, version: u64 },
     /// `los` on a present key: the current value, nothing changed.
-    Existing { value: Box<[u8]>, expires_ms: u64 },
+    Existing { value: Box<[u8]>, expires_ms: u64, version: u64 },
     /// cas/casoc mismatch: the current value, nothing changed.
-    Conflict { value: Box<[u8]>, expires_ms: u64 },
-    /// cas on an absent key.
+    Conflict { value: Box<[u8]>, expires_ms: u64, version: u64 },
+    /// The key was removed.
+    Deleted,
+    /// cas or del on an absent key.
     NotFound,
     /// The key has an owner secret and the write did not carry it.
     Forbidden,
+    /// `If-Match` did not match; the current version, if the key exists.
+    PreconditionFailed { version: Option<u64> },
     /// Creating the key would exceed `-maxNumKV`.
     Full,
+}
+
+impl WriteOutcome {
+    /// Whether the write changed the key (so its waiters must be looked at).
+    pub fn changed(&self) -> bool {
+        matches!(self, WriteOutcome::Stored { .. } | WriteOutcome::Deleted)
+    }
 }
 
 /// A read hit.
@@ -202,6 +232,7 @@ pub enum WriteOutcome {
 pub struct Found {
     pub value: Box<[u8]>,
     pub expires_ms: u64,
+    pub version: u64,
 }
 
 /// One core's entries.
@@ -216,6 +247,8 @@ pub struct Shard {
     expired_total: u64,
     /// A snapshot copy in progress, taken a slice at a time.
     snapshot: Option<SnapshotCopy>,
+    /// The last version issued.
+    last_version: u64,
 }
 
 /// Progress of an incremental snapshot copy. Entries at and after `cursor`
@@ -240,6 +273,7 @@ impl Shard {
             bytes: 0,
             expired_total: 0,
             snapshot: None,
+            last_version: 0,
         }
     }
 
@@ -261,9 +295,19 @@ impl Shard {
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
         let entries = &self.entries;
-        self.table
-            .find(hash, |&i| entries[i as usize].key() == key)
-            .map(|&i| i as usize)
+        self.table.find(hash, |&i| entries[i as usize].key() == key).map(|&i| i as usize)
+    }
+
+    /// The next write version: above every version this shard has issued or
+    /// restored, and above `set_version_base` (so versions grow across restarts).
+    fn next_version(&mut self) -> u64 {
+        self.last_version = (self.last_version + 1).min(MAX_VERSION);
+        self.last_version
+    }
+
+    /// Starts versions above `base` (the server uses the start time).
+    pub fn set_version_base(&mut self, base: u64) {
+        self.last_version = self.last_version.max(base.min(MAX_VERSION / 2));
     }
 
     /// Looks a key up; an expired entry is removed and reported absent.
@@ -276,10 +320,7 @@ impl Shard {
             self.expired_total += 1;
             return None;
         }
-        Some(Found {
-            value: e.value().into(),
-            expires_ms: e.expires_ms,
-        })
+        Some(Found { value: e.value().into(), expires_ms: e.expires_ms, version: e.version() })
     }
 
     /// Applies a write with the SPEC's semantics.
@@ -295,38 +336,37 @@ impl Shard {
         }
         match found {
             None => self.create(hash, w, budget),
-            Some(idx) => self.update(idx, w),
+            Some(idx) => self.update(idx, w, budget),
         }
     }
 
     fn create(&mut self, hash: u64, w: Write, budget: &KeyBudget) -> WriteOutcome {
-        if let Condition::Cas(_) = w.cond {
+        if w.if_match.is_some() {
+            return WriteOutcome::PreconditionFailed { version: None };
+        }
+        if let Condition::Cas(_) | Condition::Delete = w.cond {
             return WriteOutcome::NotFound;
         }
         if !budget.try_reserve() {
             return WriteOutcome::Full;
         }
-        let expires_ms = w.entry.expires_ms;
-        let entry = w.entry;
+        let mut entry = w.entry;
+        let version = self.next_version();
+        entry.set_version(version);
+        let expires_ms = entry.expires_ms;
         self.bytes += entry.payload_len();
         let idx = self.entries.len() as u32;
         self.entries.push(entry);
         let (entries, hasher) = (&self.entries, &self.hasher);
-        self.table
-            .insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
-        WriteOutcome::Stored {
-            created: true,
-            expires_ms,
-        }
+        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
+        WriteOutcome::Stored { created: true, expires_ms, version }
     }
 
-    fn update(&mut self, idx: usize, w: Write) -> WriteOutcome {
-        let current = &mut self.entries[idx];
+    fn update(&mut self, idx: usize, w: Write, budget: &KeyBudget) -> WriteOutcome {
+        let current = &self.entries[idx];
+        let version = current.version();
         if let Condition::Los = w.cond {
-            return WriteOutcome::Existing {
-                value: current.value().into(),
-                expires_ms: current.expires_ms,
-            };
+            return WriteOutcome::Existing { value: current.value().into(), expires_ms: current.expires_ms, version };
         }
         let authorized = match (current.secret(), w.entry.secret()) {
             (None, _) => true,
@@ -336,24 +376,35 @@ impl Shard {
         if !authorized {
             return WriteOutcome::Forbidden;
         }
+        if let Some(IfMatch::Versions(vs)) = &w.if_match {
+            if !vs.contains(&version) {
+                return WriteOutcome::PreconditionFailed { version: Some(version) };
+            }
+        }
         if let Condition::Cas(expected) | Condition::Casoc(expected) = &w.cond {
             if current.value() != &expected[..] {
                 return WriteOutcome::Conflict {
                     value: current.value().into(),
                     expires_ms: current.expires_ms,
+                    version,
                 };
             }
+        }
+        if let Condition::Delete = w.cond {
+            self.remove_at(idx, budget);
+            return WriteOutcome::Deleted;
         }
         // A key without a secret is claimed by the first write that brings one;
         // a key with one keeps it (the write proved it knows it, so it carries
         // the same hash).
-        let expires_ms = w.entry.expires_ms;
-        self.bytes = self.bytes - current.payload_len() + w.entry.payload_len();
-        *current = w.entry;
-        WriteOutcome::Stored {
-            created: false,
-            expires_ms,
-        }
+        let mut entry = w.entry;
+        let version = self.next_version();
+        entry.set_version(version);
+        let expires_ms = entry.expires_ms;
+        let current = &mut self.entries[idx];
+        self.bytes = self.bytes - current.payload_len() + entry.payload_len();
+        *current = entry;
+        WriteOutcome::Stored { created: false, expires_ms, version }
     }
 
     /// Removes the entry at `idx` by swapping the last entry into its place.
@@ -364,10 +415,7 @@ impl Shard {
         }
         let last = self.entries.len() - 1;
         if let Some(copy) = &mut self.snapshot {
-            if idx < copy.cursor
-                && last >= copy.cursor
-                && !self.entries[last].is_expired(copy.now_ms)
-            {
+            if idx < copy.cursor && last >= copy.cursor && !self.entries[last].is_expired(copy.now_ms) {
                 copy.out.push(self.entries[last].clone());
             }
         }
@@ -406,11 +454,7 @@ impl Shard {
 
     /// Starts an incremental copy of the live entries (expiry judged at `now_ms`).
     pub fn snapshot_begin(&mut self, now_ms: u64) {
-        self.snapshot = Some(SnapshotCopy {
-            cursor: 0,
-            now_ms,
-            out: Vec::with_capacity(self.entries.len()),
-        });
+        self.snapshot = Some(SnapshotCopy { cursor: 0, now_ms, out: Vec::with_capacity(self.entries.len()) });
     }
 
     /// Copies up to `max` more entries. Returns true when the copy is complete.
@@ -421,12 +465,7 @@ impl Shard {
         let end = copy.cursor.saturating_add(max).min(self.entries.len());
         if copy.cursor < end {
             let now = copy.now_ms;
-            copy.out.extend(
-                self.entries[copy.cursor..end]
-                    .iter()
-                    .filter(|e| !e.is_expired(now))
-                    .cloned(),
-            );
+            copy.out.extend(self.entries[copy.cursor..end].iter().filter(|e| !e.is_expired(now)).cloned());
             copy.cursor = end;
         }
         copy.cursor >= self.entries.len()
@@ -439,7 +478,11 @@ impl Shard {
 
     /// Inserts an entry loaded from a snapshot (no conditions, no secret
     /// check). Returns false if the key budget is exhausted.
-    pub fn restore(&mut self, entry: Entry, budget: &KeyBudget) -> bool {
+    pub fn restore(&mut self, mut entry: Entry, budget: &KeyBudget) -> bool {
+        if entry.version() == 0 {
+            entry.set_version(self.next_version());
+        }
+        self.last_version = self.last_version.max(entry.version());
         let hash = self.hasher.hash_one(entry.key());
         if let Some(idx) = self.find(hash, entry.key()) {
             self.bytes = self.bytes - self.entries[idx].payload_len() + entry.payload_len();
@@ -453,8 +496,7 @@ impl Shard {
         let idx = self.entries.len() as u32;
         self.entries.push(entry);
         let (entries, hasher) = (&self.entries, &self.hasher);
-        self.table
-            .insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
+        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
         true
     }
 }
@@ -465,14 +507,76 @@ mod tests {
 
     const T: u64 = 1_000_000;
 
+    /// Writes and forgets the version (tested on its own below).
+    trait NoVersion {
+        fn write_nv(&mut self, w: Write, now: u64, b: &KeyBudget) -> WriteOutcome;
+    }
+
+    impl NoVersion for Shard {
+        fn write_nv(&mut self, w: Write, now: u64, b: &KeyBudget) -> WriteOutcome {
+            match self.write(w, now, b) {
+                WriteOutcome::Stored { created, expires_ms, .. } => {
+                    WriteOutcome::Stored { created, expires_ms, version: 0 }
+                }
+                WriteOutcome::Existing { value, expires_ms, .. } => {
+                    WriteOutcome::Existing { value, expires_ms, version: 0 }
+                }
+                WriteOutcome::Conflict { value, expires_ms, .. } => {
+                    WriteOutcome::Conflict { value, expires_ms, version: 0 }
+                }
+                other => other,
+            }
+        }
+    }
+
+    #[test]
+    fn versions_change_on_every_write_and_guard_if_match() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        s.set_version_base(100);
+        let version = |o: WriteOutcome| match o {
+            WriteOutcome::Stored { version, .. } => version,
+            other => panic!("{other:?}"),
+        };
+        let v1 = version(s.write(w("k", "a", None, Condition::Set), T, &b));
+        let v2 = version(s.write(w("k", "a", None, Condition::Set), T, &b));
+        assert!(v1 > 100 && v2 > v1, "same value, new version");
+        assert_eq!(s.get(b"k", T, &b).unwrap().version, v2);
+        let existing = s.write(w("k", "x", None, Condition::Los), T, &b);
+        assert!(matches!(existing, WriteOutcome::Existing { version, .. } if version == v2));
+        // If-Match: a compare-and-swap by version.
+        let mut stale = w("k", "b", None, Condition::Set);
+        stale.if_match = Some(IfMatch::Versions(vec![v1]));
+        assert_eq!(s.write(stale, T, &b), WriteOutcome::PreconditionFailed { version: Some(v2) });
+        let mut fresh = w("k", "b", None, Condition::Set);
+        fresh.if_match = Some(IfMatch::Versions(vec![v1, v2]));
+        assert!(matches!(s.write(fresh, T, &b), WriteOutcome::Stored { .. }));
+        let mut absent = w("nope", "b", None, Condition::Set);
+        absent.if_match = Some(IfMatch::Any);
+        assert_eq!(s.write(absent, T, &b), WriteOutcome::PreconditionFailed { version: None });
+        // Restored entries keep their version and later ones go above it.
+        let mut e = Entry::new(b"r", b"v", None, T + 10);
+        e.set_version(MAX_VERSION - 5);
+        s.restore(e, &b);
+        assert_eq!(s.get(b"r", T, &b).unwrap().version, MAX_VERSION - 5);
+        assert!(version(s.write(w("k", "c", None, Condition::Set), T, &b)) > MAX_VERSION - 5);
+    }
+
+    #[test]
+    fn delete_obeys_secrets() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        assert_eq!(s.write(w("k", "", None, Condition::Delete), T, &b), WriteOutcome::NotFound);
+        s.write(w("k", "v", Some(1), Condition::Set), T, &b);
+        assert_eq!(s.write(w("k", "", None, Condition::Delete), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(s.write(w("k", "", Some(2), Condition::Delete), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(s.write(w("k", "", Some(1), Condition::Delete), T, &b), WriteOutcome::Deleted);
+        assert_eq!((s.len(), b.live(), s.bytes()), (0, 0, 0));
+        assert!(s.get(b"k", T, &b).is_none());
+    }
+
     fn w(key: &str, value: &str, secret: Option<u8>, cond: Condition) -> Write {
-        Write::new(
-            key.as_bytes(),
-            value.as_bytes(),
-            secret.map(|b| [b; 32]),
-            T + 1000,
-            cond,
-        )
+        Write::new(key.as_bytes(), value.as_bytes(), secret.map(|b| [b; 32]), T + 1000, cond)
     }
 
     fn get(s: &mut Shard, key: &str, b: &KeyBudget) -> Option<Vec<u8>> {
@@ -488,10 +592,7 @@ mod tests {
     }
 
     fn stored(created: bool) -> WriteOutcome {
-        WriteOutcome::Stored {
-            created,
-            expires_ms: T + 1000,
-        }
+        WriteOutcome::Stored { created, expires_ms: T + 1000, version: 0 }
     }
 
     #[test]
@@ -499,14 +600,8 @@ mod tests {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
         assert_eq!(get(&mut s, "a", &b), None);
-        assert_eq!(
-            s.write(w("a", "1", None, Condition::Set), T, &b),
-            stored(true)
-        );
-        assert_eq!(
-            s.write(w("a", "22", None, Condition::Set), T, &b),
-            stored(false)
-        );
+        assert_eq!(s.write_nv(w("a", "1", None, Condition::Set), T, &b), stored(true));
+        assert_eq!(s.write_nv(w("a", "22", None, Condition::Set), T, &b), stored(false));
         assert_eq!(get(&mut s, "a", &b).as_deref(), Some(&b"22"[..]));
         assert_eq!(s.bytes(), 3);
         assert_eq!(b.live(), 1);
@@ -516,16 +611,10 @@ mod tests {
     fn los_creates_once_then_returns_current() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
+        assert_eq!(s.write_nv(w("k", "first", None, Condition::Los), T, &b), stored(true));
         assert_eq!(
-            s.write(w("k", "first", None, Condition::Los), T, &b),
-            stored(true)
-        );
-        assert_eq!(
-            s.write(w("k", "second", Some(1), Condition::Los), T, &b),
-            WriteOutcome::Existing {
-                value: (*b"first").into(),
-                expires_ms: T + 1000
-            }
+            s.write_nv(w("k", "second", Some(1), Condition::Los), T, &b),
+            WriteOutcome::Existing { value: (*b"first").into(), expires_ms: T + 1000, version: 0 }
         );
         assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"first"[..]));
     }
@@ -534,19 +623,13 @@ mod tests {
     fn cas_semantics() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
+        assert_eq!(s.write_nv(w("k", "x", None, cas("")), T, &b), WriteOutcome::NotFound);
+        s.write_nv(w("k", "1", None, Condition::Set), T, &b);
         assert_eq!(
-            s.write(w("k", "x", None, cas("")), T, &b),
-            WriteOutcome::NotFound
+            s.write_nv(w("k", "3", None, cas("2")), T, &b),
+            WriteOutcome::Conflict { value: (*b"1").into(), expires_ms: T + 1000, version: 0 }
         );
-        s.write(w("k", "1", None, Condition::Set), T, &b);
-        assert_eq!(
-            s.write(w("k", "3", None, cas("2")), T, &b),
-            WriteOutcome::Conflict {
-                value: (*b"1").into(),
-                expires_ms: T + 1000
-            }
-        );
-        assert_eq!(s.write(w("k", "2", None, cas("1")), T, &b), stored(false));
+        assert_eq!(s.write_nv(w("k", "2", None, cas("1")), T, &b), stored(false));
         assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"2"[..]));
     }
 
@@ -554,93 +637,54 @@ mod tests {
     fn casoc_creates_or_compares() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
-        assert_eq!(
-            s.write(w("k", "1", None, casoc("anything")), T, &b),
-            stored(true)
-        );
-        assert!(matches!(
-            s.write(w("k", "2", None, casoc("0")), T, &b),
-            WriteOutcome::Conflict { .. }
-        ));
-        assert_eq!(s.write(w("k", "2", None, casoc("1")), T, &b), stored(false));
+        assert_eq!(s.write_nv(w("k", "1", None, casoc("anything")), T, &b), stored(true));
+        assert!(matches!(s.write_nv(w("k", "2", None, casoc("0")), T, &b), WriteOutcome::Conflict { .. }));
+        assert_eq!(s.write_nv(w("k", "2", None, casoc("1")), T, &b), stored(false));
     }
 
     #[test]
     fn secrets_claim_and_protect() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
-        s.write(w("k", "v0", None, Condition::Set), T, &b);
+        s.write_nv(w("k", "v0", None, Condition::Set), T, &b);
         // Claimed by the first write that brings a secret.
-        assert_eq!(
-            s.write(w("k", "v1", Some(7), Condition::Set), T, &b),
-            stored(false)
-        );
-        assert_eq!(
-            s.write(w("k", "v2", None, Condition::Set), T, &b),
-            WriteOutcome::Forbidden
-        );
-        assert_eq!(
-            s.write(w("k", "v2", Some(8), Condition::Set), T, &b),
-            WriteOutcome::Forbidden
-        );
-        assert_eq!(
-            s.write(w("k", "v2", Some(8), cas("v1")), T, &b),
-            WriteOutcome::Forbidden
-        );
-        assert_eq!(
-            s.write(w("k", "v2", None, casoc("v1")), T, &b),
-            WriteOutcome::Forbidden
-        );
+        assert_eq!(s.write_nv(w("k", "v1", Some(7), Condition::Set), T, &b), stored(false));
+        assert_eq!(s.write_nv(w("k", "v2", None, Condition::Set), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(s.write_nv(w("k", "v2", Some(8), Condition::Set), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(s.write_nv(w("k", "v2", Some(8), cas("v1")), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(s.write_nv(w("k", "v2", None, casoc("v1")), T, &b), WriteOutcome::Forbidden);
         assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"v1"[..]));
         // The owner keeps writing, and the secret stays.
-        assert_eq!(
-            s.write(w("k", "v3", Some(7), cas("v1")), T, &b),
-            stored(false)
-        );
-        assert_eq!(
-            s.write(w("k", "v4", None, Condition::Set), T, &b),
-            WriteOutcome::Forbidden
-        );
+        assert_eq!(s.write_nv(w("k", "v3", Some(7), cas("v1")), T, &b), stored(false));
+        assert_eq!(s.write_nv(w("k", "v4", None, Condition::Set), T, &b), WriteOutcome::Forbidden);
         // los on a present key is a read: no secret needed.
-        assert!(matches!(
-            s.write(w("k", "x", None, Condition::Los), T, &b),
-            WriteOutcome::Existing { .. }
-        ));
+        assert!(matches!(s.write_nv(w("k", "x", None, Condition::Los), T, &b), WriteOutcome::Existing { .. }));
     }
 
     #[test]
     fn failed_cas_does_not_claim() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
-        s.write(w("k", "v0", None, Condition::Set), T, &b);
-        assert!(matches!(
-            s.write(w("k", "v1", Some(7), cas("zz")), T, &b),
-            WriteOutcome::Conflict { .. }
-        ));
-        assert_eq!(
-            s.write(w("k", "v1", None, Condition::Set), T, &b),
-            stored(false)
-        );
+        s.write_nv(w("k", "v0", None, Condition::Set), T, &b);
+        assert!(matches!(s.write_nv(w("k", "v1", Some(7), cas("zz")), T, &b), WriteOutcome::Conflict { .. }));
+        assert_eq!(s.write_nv(w("k", "v1", None, Condition::Set), T, &b), stored(false));
     }
 
     #[test]
     fn expiry_on_read_and_write() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
-        s.write(w("k", "v", Some(1), Condition::Set), T, &b);
+        s.write_nv(w("k", "v", Some(1), Condition::Set), T, &b);
         assert!(s.get(b"k", T + 999, &b).is_some());
         assert!(s.get(b"k", T + 1000, &b).is_none());
         assert_eq!(s.len(), 0);
         assert_eq!(b.live(), 0);
         // An expired key's secret no longer protects it.
-        s.write(w("k", "v", Some(1), Condition::Set), T, &b);
+        s.write_nv(w("k", "v", Some(1), Condition::Set), T, &b);
         let late = Write::new(b"k", b"new", None, T + 5000, Condition::Set);
         assert_eq!(
-            s.write(late, T + 2000, &b),
-            WriteOutcome::Stored {
-                created: true,
-                expires_ms: T + 5000
-            }
+            s.write_nv(late, T + 2000, &b),
+            WriteOutcome::Stored { created: true, expires_ms: T + 5000, version: 0 }
         );
         assert_eq!(s.expired_total(), 2);
     }
@@ -650,30 +694,12 @@ mod tests {
         let b = KeyBudget::new(2);
         let mut s1 = Shard::with_capacity(4);
         let mut s2 = Shard::with_capacity(4);
-        assert_eq!(
-            s1.write(w("a", "1", None, Condition::Set), T, &b),
-            stored(true)
-        );
-        assert_eq!(
-            s2.write(w("b", "1", None, Condition::Set), T, &b),
-            stored(true)
-        );
-        assert_eq!(
-            s1.write(w("c", "1", None, Condition::Set), T, &b),
-            WriteOutcome::Full
-        );
-        assert_eq!(
-            s2.write(w("d", "1", None, Condition::Los), T, &b),
-            WriteOutcome::Full
-        );
-        assert_eq!(
-            s1.write(w("a", "2", None, Condition::Set), T, &b),
-            stored(false)
-        );
-        assert_eq!(
-            s2.write(w("b", "2", None, casoc("1")), T, &b),
-            stored(false)
-        );
+        assert_eq!(s1.write_nv(w("a", "1", None, Condition::Set), T, &b), stored(true));
+        assert_eq!(s2.write_nv(w("b", "1", None, Condition::Set), T, &b), stored(true));
+        assert_eq!(s1.write_nv(w("c", "1", None, Condition::Set), T, &b), WriteOutcome::Full);
+        assert_eq!(s2.write_nv(w("d", "1", None, Condition::Los), T, &b), WriteOutcome::Full);
+        assert_eq!(s1.write_nv(w("a", "2", None, Condition::Set), T, &b), stored(false));
+        assert_eq!(s2.write_nv(w("b", "2", None, casoc("1")), T, &b), stored(false));
     }
 
     #[test]
@@ -683,7 +709,7 @@ mod tests {
         for i in 0..100 {
             let exp = if i % 3 == 0 { T + 10 } else { T + 10_000 };
             let wr = Write::new(format!("k{i}").as_bytes(), b"v", None, exp, Condition::Set);
-            s.write(wr, T, &b);
+            s.write_nv(wr, T, &b);
         }
         let now = T + 20;
         let mut removed = 0;
@@ -709,28 +735,8 @@ mod tests {
         let mut s = Shard::with_capacity(8);
         // Keys "keep{i}" live through the copy; "die{i}" expire during it.
         for i in 0..300 {
-            s.write(
-                Write::new(
-                    format!("keep{i}").as_bytes(),
-                    b"v",
-                    None,
-                    T + 10_000,
-                    Condition::Set,
-                ),
-                T,
-                &b,
-            );
-            s.write(
-                Write::new(
-                    format!("die{i}").as_bytes(),
-                    b"v",
-                    None,
-                    T + 50,
-                    Condition::Set,
-                ),
-                T,
-                &b,
-            );
+            s.write_nv(Write::new(format!("keep{i}").as_bytes(), b"v", None, T + 10_000, Condition::Set), T, &b);
+            s.write_nv(Write::new(format!("die{i}").as_bytes(), b"v", None, T + 50, Condition::Set), T, &b);
         }
         s.snapshot_begin(T);
         let mut steps = 0;
@@ -738,27 +744,13 @@ mod tests {
             steps += 1;
             // Between steps the core serves requests: expire a few, add a few.
             s.sweep(T + 100, 23, &b);
-            s.write(
-                Write::new(
-                    format!("new{steps}").as_bytes(),
-                    b"v",
-                    None,
-                    T + 10_000,
-                    Condition::Set,
-                ),
-                T,
-                &b,
-            );
+            s.write_nv(Write::new(format!("new{steps}").as_bytes(), b"v", None, T + 10_000, Condition::Set), T, &b);
         }
         let copy = s.snapshot_take();
-        let keys: std::collections::HashSet<Vec<u8>> =
-            copy.iter().map(|e| e.key().to_vec()).collect();
+        let keys: std::collections::HashSet<Vec<u8>> = copy.iter().map(|e| e.key().to_vec()).collect();
         assert_eq!(keys.len(), copy.len(), "no entry copied twice");
         for i in 0..300 {
-            assert!(
-                keys.contains(format!("keep{i}").as_bytes()),
-                "keep{i} missing"
-            );
+            assert!(keys.contains(format!("keep{i}").as_bytes()), "keep{i} missing");
         }
         assert!(steps > 5);
         assert!(s.snapshot_step(10), "no copy in progress");

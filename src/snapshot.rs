@@ -105,31 +105,17 @@ pub struct Loaded {
 }
 
 /// Encodes a snapshot file (header + archive) from the cores' entries.
-pub fn encode(
-    secret_key: &SecretKey,
-    shards: Vec<Vec<Entry>>,
-    now_unix_ms: u64,
-) -> Result<Vec<u8>, SnapshotError> {
+pub fn encode(secret_key: &SecretKey, shards: Vec<Vec<Entry>>, now_unix_ms: u64) -> Result<Vec<u8>, SnapshotError> {
     let entries = shards
         .into_iter()
         .flatten()
         .map(|e| {
-            let (data, key_len, expires_unix_ms, secret_hash) = e.into_snapshot_parts();
-            EntryV1 {
-                data,
-                key_len,
-                expires_unix_ms,
-                secret_hash,
-            }
+            let (data, key_len, expires_unix_ms, secret_hash, _version) = e.into_snapshot_parts();
+            EntryV1 { data, key_len, expires_unix_ms, secret_hash }
         })
         .collect();
-    let snap = SnapshotV1 {
-        created_unix_ms: now_unix_ms,
-        secret_key: *secret_key.as_bytes(),
-        entries,
-    };
-    let payload =
-        rkyv::to_bytes::<rancor::Error>(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+    let snap = SnapshotV1 { created_unix_ms: now_unix_ms, secret_key: *secret_key.as_bytes(), entries };
+    let payload = rkyv::to_bytes::<rancor::Error>(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -149,13 +135,9 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
         return Err(SnapshotError::BadMagic);
     }
     if bytes.len() < HEADER_LEN {
-        return Err(SnapshotError::Truncated {
-            declared: 0,
-            actual: 0,
-        });
+        return Err(SnapshotError::Truncated { declared: 0, actual: 0 });
     }
-    let u32_at =
-        |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     let version = u32_at(8);
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&bytes[16..24]);
@@ -191,12 +173,7 @@ fn decode_v1(payload: &[u8]) -> Result<Loaded, SnapshotError> {
             return Err(SnapshotError::BadEntry(i));
         }
         let (key, value) = e.data.as_slice().split_at(key_len as usize);
-        entries.push(Entry::new(
-            key,
-            value,
-            e.secret_hash.as_ref(),
-            e.expires_unix_ms.to_native(),
-        ));
+        entries.push(Entry::new(key, value, e.secret_hash.as_ref(), e.expires_unix_ms.to_native()));
     }
     Ok(Loaded {
         secret_key: SecretKey::from_bytes(archived.secret_key),
@@ -216,10 +193,7 @@ pub fn load(path: &Path) -> Result<Option<Loaded>, SnapshotError> {
 }
 
 fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }
@@ -230,11 +204,7 @@ fn temp_path(path: &Path) -> PathBuf {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
@@ -259,10 +229,7 @@ mod tests {
         vec![
             vec![Entry::new(b"key", b"value", Some(&[9; 32]), 1_000)],
             vec![],
-            vec![
-                Entry::new(b"k", b"\x00\xff", None, 2_000),
-                Entry::new(b"ab", b"", None, 3_000),
-            ],
+            vec![Entry::new(b"k", b"\x00\xff", None, 2_000), Entry::new(b"ab", b"", None, 3_000)],
         ]
     }
 
@@ -284,38 +251,20 @@ mod tests {
     fn every_kind_of_damage_is_an_error() {
         let bytes = encode(&SecretKey::from_bytes([5; 32]), sample(), 42).unwrap();
         assert!(matches!(decode(&[]), Err(SnapshotError::Empty)));
-        assert!(matches!(
-            decode(b"PK\x03\x04 a zip file"),
-            Err(SnapshotError::BadMagic)
-        ));
-        assert!(matches!(
-            decode(&bytes[..20]),
-            Err(SnapshotError::Truncated { .. })
-        ));
-        assert!(matches!(
-            decode(&bytes[..bytes.len() - 1]),
-            Err(SnapshotError::Truncated { .. })
-        ));
+        assert!(matches!(decode(b"PK\x03\x04 a zip file"), Err(SnapshotError::BadMagic)));
+        assert!(matches!(decode(&bytes[..20]), Err(SnapshotError::Truncated { .. })));
+        assert!(matches!(decode(&bytes[..bytes.len() - 1]), Err(SnapshotError::Truncated { .. })));
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(matches!(
-            decode(&longer),
-            Err(SnapshotError::TrailingBytes { .. })
-        ));
+        assert!(matches!(decode(&longer), Err(SnapshotError::TrailingBytes { .. })));
         let mut v99 = bytes.clone();
         v99[8..12].copy_from_slice(&99u32.to_le_bytes());
-        assert!(matches!(
-            decode(&v99),
-            Err(SnapshotError::UnsupportedVersion(99))
-        ));
+        assert!(matches!(decode(&v99), Err(SnapshotError::UnsupportedVersion(99))));
         // Flip every payload byte in turn: the checksum catches each.
         for i in (HEADER_LEN..bytes.len()).step_by(7) {
             let mut bad = bytes.clone();
             bad[i] ^= 0x40;
-            assert!(
-                matches!(decode(&bad), Err(SnapshotError::Checksum)),
-                "byte {i}"
-            );
+            assert!(matches!(decode(&bad), Err(SnapshotError::Checksum)), "byte {i}");
         }
     }
 
@@ -330,10 +279,7 @@ mod tests {
         }
         let sum = *blake3::hash(&bytes[HEADER_LEN..]).as_bytes();
         bytes[24..56].copy_from_slice(&sum);
-        assert!(matches!(
-            decode(&bytes),
-            Err(SnapshotError::InvalidArchive(_)) | Err(SnapshotError::BadEntry(_))
-        ));
+        assert!(matches!(decode(&bytes), Err(SnapshotError::InvalidArchive(_)) | Err(SnapshotError::BadEntry(_))));
     }
 
     #[test]
@@ -363,12 +309,7 @@ mod tests {
         let far = 4_102_444_800_000;
         vec![
             Entry::new(b"golden/plain", b"hello", None, far),
-            Entry::new(
-                b"golden/owned",
-                b"mine",
-                Some(&key.hash(b"golden/owned", b"golden-secret")),
-                far,
-            ),
+            Entry::new(b"golden/owned", b"mine", Some(&key.hash(b"golden/owned", b"golden-secret")), far),
             Entry::new(b"ip/192.0.2.1/svc", b"192.0.2.1:4000", None, far),
             Entry::new(b"golden/expired-long-ago", b"", None, 1_000),
         ]
@@ -379,12 +320,7 @@ mod tests {
     #[test]
     #[ignore]
     fn write_golden_v1() {
-        let bytes = encode(
-            &SecretKey::from_bytes([7; 32]),
-            vec![golden_entries()],
-            1_764_000_000_000,
-        )
-        .unwrap();
+        let bytes = encode(&SecretKey::from_bytes([7; 32]), vec![golden_entries()], 1_764_000_000_000).unwrap();
         fs::write("tests/golden/snapshot-v1.rkyv", bytes).unwrap();
     }
 }

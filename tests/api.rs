@@ -15,10 +15,7 @@ fn set_then_get_with_headers() {
 
     let g = s.get("/get/greeting");
     assert_eq!((g.status, g.body.as_slice()), (200, &b"hello"[..]));
-    assert_eq!(
-        g.header("Content-Type").as_deref(),
-        Some("application/octet-stream")
-    );
+    assert_eq!(g.header("Content-Type").as_deref(), Some("application/octet-stream"));
     assert_eq!(g.expires_at(), exp);
 
     let miss = s.get("/get/nope");
@@ -47,11 +44,7 @@ fn percent_decoding_happens_once() {
     assert_eq!(s.get("/get/x/y").status, 404);
     for bad in ["/get/a%zz", "/get/a%2", "/get/%"] {
         let r = s.get(bad);
-        assert_eq!(
-            (r.status, r.text().as_str()),
-            (400, "Invalid percent-encoding"),
-            "{bad}"
-        );
+        assert_eq!((r.status, r.text().as_str()), (400, "Invalid percent-encoding"), "{bad}");
     }
 }
 
@@ -60,15 +53,9 @@ fn ttl_default_cap_and_errors() {
     let s = Server::start(&["-expireDuration", "1h"]);
     let now = now_secs();
     let r = s.post("/set/k", b"v");
-    assert!(
-        (now + 3598..=now + 3601).contains(&r.expires_at()),
-        "default is the maximum"
-    );
+    assert!((now + 3598..=now + 3601).contains(&r.expires_at()), "default is the maximum");
     let r = s.post("/set/k?ttl=100h", b"v");
-    assert!(
-        (now + 3598..=now + 3601).contains(&r.expires_at()),
-        "capped to the maximum"
-    );
+    assert!((now + 3598..=now + 3601).contains(&r.expires_at()), "capped to the maximum");
     let r = s.post("/set/k?ttl=1h30m", b"v");
     assert!(r.expires_at() <= now + 3601);
     let r = s.post("/set/k?ttl=1.5m", b"v");
@@ -99,10 +86,7 @@ fn expiry_is_checked_on_read_and_reads_do_not_extend() {
     assert_eq!(r.status, 200);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let l = s.post("/los/short2", b"new");
-    assert_eq!(
-        (l.status, l.header("X-Created").as_deref()),
-        (200, Some("true"))
-    );
+    assert_eq!((l.status, l.header("X-Created").as_deref()), (200, Some("true")));
 }
 
 #[test]
@@ -121,10 +105,7 @@ fn expired_keys_are_reclaimed_in_the_background() {
             break;
         }
         assert_eq!(r.status, 507);
-        assert!(
-            std::time::Instant::now() < deadline,
-            "expired keys were never reclaimed"
-        );
+        assert!(std::time::Instant::now() < deadline, "expired keys were never reclaimed");
     }
     // All 50 slots come back once every short-lived key has expired.
     for i in 0..49 {
@@ -133,10 +114,7 @@ fn expired_keys_are_reclaimed_in_the_background() {
             if r.status == 200 {
                 break;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "n{i}: slot never reclaimed"
-            );
+            assert!(std::time::Instant::now() < deadline, "n{i}: slot never reclaimed");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
@@ -147,31 +125,14 @@ fn expired_keys_are_reclaimed_in_the_background() {
 fn los_semantics() {
     let s = Server::start(&[]);
     let a = s.post("/los/leader", b"alice");
-    assert_eq!(
-        (
-            a.status,
-            a.text().as_str(),
-            a.header("X-Created").as_deref()
-        ),
-        (200, "OK", Some("true"))
-    );
+    assert_eq!((a.status, a.text().as_str(), a.header("X-Created").as_deref()), (200, "OK", Some("true")));
     let b = s.post("/los/leader", b"bob");
-    assert_eq!(
-        (
-            b.status,
-            b.text().as_str(),
-            b.header("X-Created").as_deref()
-        ),
-        (200, "alice", Some("false"))
-    );
+    assert_eq!((b.status, b.text().as_str(), b.header("X-Created").as_deref()), (200, "alice", Some("false")));
     assert_eq!(b.expires_at(), a.expires_at());
     // The stored value happens to be "OK": X-Created tells the difference.
     s.post("/los/ok", b"OK");
     let c = s.post("/los/ok", b"x");
-    assert_eq!(
-        (c.text().as_str(), c.header("X-Created").as_deref()),
-        ("OK", Some("false"))
-    );
+    assert_eq!((c.text().as_str(), c.header("X-Created").as_deref()), ("OK", Some("false")));
     assert_eq!(s.get("/get/leader").body, b"alice");
 }
 
@@ -188,10 +149,7 @@ fn cas_semantics() {
     assert!(r.header("X-Expires-At").is_some());
     assert_eq!(s.get("/get/c").body, b"2");
     let r = s.post("/cas/c", b"3");
-    assert_eq!(
-        (r.status, r.text().as_str()),
-        (400, "Missing X-Expected-Value header")
-    );
+    assert_eq!((r.status, r.text().as_str()), (400, "Missing X-Expected-Value header"));
     // An empty expected value is a real comparison with "".
     let r = s.req("POST", "/cas/c", &[("X-Expected-Value", "")], b"3");
     assert_eq!(r.status, 409);
@@ -200,27 +158,12 @@ fn cas_semantics() {
 #[test]
 fn casoc_semantics() {
     let s = Server::start(&[]);
-    let r = s.req(
-        "POST",
-        "/casoc/x",
-        &[("X-Expected-Value", "whatever")],
-        b"1",
-    );
-    assert_eq!(
-        (
-            r.status,
-            r.text().as_str(),
-            r.header("X-Created").as_deref()
-        ),
-        (200, "OK", Some("true"))
-    );
+    let r = s.req("POST", "/casoc/x", &[("X-Expected-Value", "whatever")], b"1");
+    assert_eq!((r.status, r.text().as_str(), r.header("X-Created").as_deref()), (200, "OK", Some("true")));
     let r = s.req("POST", "/casoc/x", &[("X-Expected-Value", "0")], b"2");
     assert_eq!((r.status, r.text().as_str()), (409, "1"));
     let r = s.req("POST", "/casoc/x", &[("X-Expected-Value", "1")], b"2");
-    assert_eq!(
-        (r.status, r.header("X-Created").as_deref()),
-        (200, Some("false"))
-    );
+    assert_eq!((r.status, r.header("X-Created").as_deref()), (200, Some("false")));
     assert_eq!(s.post("/casoc/x", b"3").status, 400);
     assert_eq!(s.get("/get/x").body, b"2");
 }
@@ -236,28 +179,14 @@ fn owner_secrets() {
     assert_eq!(s.req("POST", "/set/owned", &wrong, b"evil").status, 403);
     let r = s.req("POST", "/cas/owned", &[("X-Expected-Value", "v1")], b"evil");
     assert_eq!(r.status, 403);
-    let r = s.req(
-        "POST",
-        "/casoc/owned",
-        &[("X-Expected-Value", "v1"), wrong[0]],
-        b"evil",
-    );
+    let r = s.req("POST", "/casoc/owned", &[("X-Expected-Value", "v1"), wrong[0]], b"evil");
     assert_eq!(r.status, 403);
     // Reads stay public, and los on a present key is a read.
     assert_eq!(s.get("/get/owned").body, b"v1");
     assert_eq!(s.post("/los/owned", b"x").body, b"v1");
     // The owner can write.
     assert_eq!(s.req("POST", "/set/owned", &sec, b"v2").status, 200);
-    assert_eq!(
-        s.req(
-            "POST",
-            "/cas/owned",
-            &[("X-Expected-Value", "v2"), sec[0]],
-            b"v3"
-        )
-        .status,
-        200
-    );
+    assert_eq!(s.req("POST", "/cas/owned", &[("X-Expected-Value", "v2"), sec[0]], b"v3").status, 200);
     assert_eq!(s.get("/get/owned").body, b"v3");
 
     // A key without a secret is claimed by the first write that brings one.
@@ -270,34 +199,15 @@ fn owner_secrets() {
 fn value_plus_secret_limit() {
     let s = Server::start(&["-maxValueSize", "20"]);
     assert_eq!(s.post("/set/k", &[b'x'; 20]).status, 200);
-    let r = s.req(
-        "POST",
-        "/set/k",
-        &[("X-Owner-Secret", "12345")],
-        &[b'x'; 16],
-    );
+    let r = s.req("POST", "/set/k", &[("X-Owner-Secret", "12345")], &[b'x'; 16]);
     assert_eq!((r.status, r.text().as_str()), (400, "Value too large"));
-    assert_eq!(
-        s.req(
-            "POST",
-            "/set/k",
-            &[("X-Owner-Secret", "12345")],
-            &[b'x'; 15]
-        )
-        .status,
-        200
-    );
+    assert_eq!(s.req("POST", "/set/k", &[("X-Owner-Secret", "12345")], &[b'x'; 15]).status, 200);
 }
 
 #[test]
 fn ip_keys_use_the_client_address() {
     let s = Server::start(&[]);
-    let r = s.req(
-        "POST",
-        "/set/ip/svc1",
-        &[("X-Forwarded-For", "20.18.12.10")],
-        b"4000",
-    );
+    let r = s.req("POST", "/set/ip/svc1", &[("X-Forwarded-For", "20.18.12.10")], b"4000");
     assert_eq!((r.status, r.text().as_str()), (200, "20.18.12.10"));
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("20.18.12.10"));
     assert_eq!(s.get("/get/ip/20.18.12.10/svc1").body, b"4000");
@@ -307,24 +217,11 @@ fn ip_keys_use_the_client_address() {
     assert_eq!(r.text(), "127.0.0.1");
     assert_eq!(s.get("/get/ip/127.0.0.1/svc2").body, b"x");
     // IPv6 clients get the canonical text.
-    let r = s.req(
-        "POST",
-        "/los/ip/a/b",
-        &[("X-Forwarded-For", "2001:0db8:0000::0001")],
-        b"v6",
-    );
-    assert_eq!(
-        (r.text().as_str(), r.header("X-Created").as_deref()),
-        ("2001:db8::1", Some("true"))
-    );
+    let r = s.req("POST", "/los/ip/a/b", &[("X-Forwarded-For", "2001:0db8:0000::0001")], b"v6");
+    assert_eq!((r.text().as_str(), r.header("X-Created").as_deref()), ("2001:db8::1", Some("true")));
     assert_eq!(s.get("/get/ip/2001:db8::1/a/b").body, b"v6");
     // Another client cannot write under someone else's prefix.
-    s.req(
-        "POST",
-        "/set/ip/20.18.12.10/svc1",
-        &[("X-Forwarded-For", "6.6.6.6")],
-        b"evil",
-    );
+    s.req("POST", "/set/ip/20.18.12.10/svc1", &[("X-Forwarded-For", "6.6.6.6")], b"evil");
     assert_eq!(s.get("/get/ip/20.18.12.10/svc1").body, b"4000");
     assert_eq!(s.get("/get/ip/6.6.6.6/20.18.12.10/svc1").body, b"evil");
 }
@@ -347,26 +244,11 @@ fn ipv6_listener_and_peer() {
 fn forwarded_for_is_walked_from_the_right() {
     let s = Server::start(&[]);
     // The client sent a spoofed entry; the proxy appended the real address.
-    let r = s.req(
-        "GET",
-        "/get/x",
-        &[("X-Forwarded-For", "6.6.6.6, 20.18.12.10")],
-        b"",
-    );
+    let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "6.6.6.6, 20.18.12.10")], b"");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("20.18.12.10"));
-    let r = s.req(
-        "GET",
-        "/get/x",
-        &[("X-Forwarded-For", "6.6.6.6, 20.18.12.10, 10.0.0.2")],
-        b"",
-    );
+    let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "6.6.6.6, 20.18.12.10, 10.0.0.2")], b"");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("20.18.12.10"));
-    let r = s.req(
-        "GET",
-        "/get/x",
-        &[("X-Forwarded-For", "20.18.12.10, garbage")],
-        b"",
-    );
+    let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "20.18.12.10, garbage")], b"");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("20.18.12.10"));
     let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "not-an-ip")], b"");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("127.0.0.1"));
@@ -375,12 +257,7 @@ fn forwarded_for_is_walked_from_the_right() {
     let s = Server::start(&["-trustedProxies", ""]);
     let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "20.18.12.10")], b"");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("127.0.0.1"));
-    let r = s.req(
-        "POST",
-        "/set/ip/k",
-        &[("X-Forwarded-For", "20.18.12.10")],
-        b"v",
-    );
+    let r = s.req("POST", "/set/ip/k", &[("X-Forwarded-For", "20.18.12.10")], b"v");
     assert_eq!(r.text(), "127.0.0.1");
 }
 
@@ -395,16 +272,7 @@ fn key_limits() {
     assert_eq!((r.status, r.text().as_str()), (400, "Empty key"));
     assert_eq!(s.get("/get/").status, 400);
     // The limit applies before ip/ expansion.
-    assert_eq!(
-        s.req(
-            "POST",
-            "/set/ip/abcdefg",
-            &[("X-Forwarded-For", "200.200.200.200")],
-            b"v"
-        )
-        .status,
-        200
-    );
+    assert_eq!(s.req("POST", "/set/ip/abcdefg", &[("X-Forwarded-For", "200.200.200.200")], b"v").status, 200);
 }
 
 #[test]
@@ -427,11 +295,7 @@ fn store_capacity_is_exact_across_cores() {
     }
     for route in ["set", "los"] {
         let r = s.post(&format!("/{route}/new"), b"v");
-        assert_eq!(
-            (r.status, r.text().as_str()),
-            (507, "Store full"),
-            "{route}"
-        );
+        assert_eq!((r.status, r.text().as_str()), (507, "Store full"), "{route}");
     }
     let r = s.req("POST", "/casoc/new", &[("X-Expected-Value", "")], b"v");
     assert_eq!(r.status, 507);
@@ -439,31 +303,17 @@ fn store_capacity_is_exact_across_cores() {
     for i in 0..25 {
         assert_eq!(s.post(&format!("/set/k{i}"), b"w").status, 200);
     }
-    assert_eq!(
-        s.req("POST", "/cas/k3", &[("X-Expected-Value", "w")], b"x")
-            .status,
-        200
-    );
+    assert_eq!(s.req("POST", "/cas/k3", &[("X-Expected-Value", "w")], b"x").status, 200);
 }
 
 #[test]
 fn docs_page_uses_host_and_real_limits() {
-    let s = Server::start(&[
-        "-maxValueSize",
-        "4096",
-        "-maxRequests",
-        "99",
-        "-expireDuration",
-        "45m",
-    ]);
+    let s = Server::start(&["-maxValueSize", "4096", "-maxRequests", "99", "-expireDuration", "45m"]);
     let r = s.req("GET", "/", &[], b"");
     assert_eq!(r.status, 200);
     assert!(r.header("Content-Type").unwrap().starts_with("text/html"));
     let page = r.text();
-    assert!(
-        page.contains("http://test.local/get/"),
-        "request host in examples"
-    );
+    assert!(page.contains("http://test.local/get/"), "request host in examples");
     assert!(page.contains("4096 bytes"));
     assert!(page.contains("99 tokens"));
     assert!(page.contains("45m"));
@@ -473,11 +323,7 @@ fn docs_page_uses_host_and_real_limits() {
     assert_eq!(h.status, 200);
     assert!(h.body.is_empty());
     assert_eq!(h.header("Content-Length"), r.header("Content-Length"));
-    assert_eq!(
-        c.req("GET", "/get/x", &[], b"").status,
-        404,
-        "connection still in sync after HEAD"
-    );
+    assert_eq!(c.req("GET", "/get/x", &[], b"").status, 404, "connection still in sync after HEAD");
 }
 
 #[test]
@@ -489,17 +335,10 @@ fn unknown_routes_and_wrong_methods() {
         assert!(r.header("X-Client-Ip").is_some());
     }
     let r = s.post("/get/x", b"");
-    assert_eq!(
-        (r.status, r.header("Allow").as_deref()),
-        (405, Some("GET, HEAD"))
-    );
+    assert_eq!((r.status, r.header("Allow").as_deref()), (405, Some("GET, HEAD, OPTIONS")));
     for route in ["set", "los", "cas", "casoc"] {
         let r = s.get(&format!("/{route}/x"));
-        assert_eq!(
-            (r.status, r.header("Allow").as_deref()),
-            (405, Some("POST")),
-            "{route}"
-        );
+        assert_eq!((r.status, r.header("Allow").as_deref()), (405, Some("POST, OPTIONS")), "{route}");
     }
     assert_eq!(s.req("DELETE", "/set/x", &[], b"").status, 405);
     assert_eq!(s.req("POST", "/", &[], b"").status, 405);

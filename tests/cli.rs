@@ -66,10 +66,7 @@ fn go_style_command_lines_start() {
     ]);
     assert_eq!(s.post("/set/k", &[b'x'; 50]).status, 200);
     assert_eq!(s.post("/set/k", &[b'x'; 51]).status, 413);
-    assert_eq!(
-        s.post(&format!("/set/{}", "k".repeat(21)), b"v").status,
-        400
-    );
+    assert_eq!(s.post(&format!("/set/{}", "k".repeat(21)), b"v").status, 400);
     let exp = s.post("/set/k", b"v").expires_at();
     assert!(exp <= now_secs() + 5401 && exp >= now_secs() + 5398);
 }
@@ -78,20 +75,14 @@ fn go_style_command_lines_start() {
 fn port_in_use_is_a_startup_error() {
     let s = Server::start(&[]);
     let port = s.addr.port().to_string();
-    let out = Command::new(BIN)
-        .args(["-l", "127.0.0.1", "-port", &port, "-snapshotPath", ""])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["-l", "127.0.0.1", "-port", &port, "-snapshotPath", ""]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already listening"), "{err}");
     // Also when the other listener uses SO_REUSEPORT on all addresses.
     let blocker = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = blocker.local_addr().unwrap().port().to_string();
-    let out = Command::new(BIN)
-        .args(["-port", &port, "-snapshotPath", ""])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["-port", &port, "-snapshotPath", ""]).output().unwrap();
     assert!(!out.status.success());
     // The first server is untouched.
     assert_eq!(s.get("/get/x").status, 404);
@@ -101,11 +92,7 @@ fn port_in_use_is_a_startup_error() {
 fn startup_log_names_the_driver_and_threads() {
     let s = Server::start(&["-threads", "3"]);
     assert!(s.banner.contains("3 threads"), "{}", s.banner);
-    assert!(
-        s.banner.contains("io_uring driver") || s.banner.contains("epoll driver"),
-        "{}",
-        s.banner
-    );
+    assert!(s.banner.contains("io_uring driver") || s.banner.contains("epoll driver"), "{}", s.banner);
     let s = Server::start(&["-threads", "2", "-ioDriver", "epoll"]);
     assert!(s.banner.contains("2 threads, epoll driver"), "{}", s.banner);
     assert_eq!(s.get("/get/x").status, 404);

@@ -25,12 +25,7 @@ fn cas_counter_is_exact() {
                         let mut current = c.req("GET", "/get/counter", &[], b"").text();
                         loop {
                             let next = (current.parse::<u64>().unwrap() + 1).to_string();
-                            let r = c.req(
-                                "POST",
-                                "/cas/counter",
-                                &[("X-Expected-Value", &current)],
-                                next.as_bytes(),
-                            );
+                            let r = c.req("POST", "/cas/counter", &[("X-Expected-Value", &current)], next.as_bytes());
                             match r.status {
                                 200 => break,
                                 409 => {
@@ -47,11 +42,7 @@ fn cas_counter_is_exact() {
             .collect();
         let conflicts: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
         let total = s.get("/get/counter").text();
-        assert_eq!(
-            total,
-            (CLIENTS * INCREMENTS).to_string(),
-            "threads={threads}, conflicts={conflicts}"
-        );
+        assert_eq!(total, (CLIENTS * INCREMENTS).to_string(), "threads={threads}, conflicts={conflicts}");
     }
 }
 
@@ -81,14 +72,10 @@ fn los_has_exactly_one_winner() {
                     })
                 })
                 .collect();
-            let results: Vec<(bool, String)> =
-                handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let results: Vec<(bool, String)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
             let winners: Vec<&String> = results.iter().filter(|r| r.0).map(|r| &r.1).collect();
             assert_eq!(winners.len(), 1, "threads={threads}: {results:?}");
-            assert!(
-                results.iter().all(|r| &r.1 == winners[0]),
-                "everyone sees the winner"
-            );
+            assert!(results.iter().all(|r| &r.1 == winners[0]), "everyone sees the winner");
             assert_eq!(&s.get(&format!("/get/race{round}")).text(), winners[0]);
         }
     }
@@ -106,22 +93,13 @@ fn casoc_creation_race() {
             std::thread::spawn(move || {
                 let mut c = Client::connect(addr);
                 barrier.wait();
-                let r = c.req(
-                    "POST",
-                    "/casoc/lock",
-                    &[("X-Expected-Value", "free")],
-                    format!("{i}").as_bytes(),
-                );
+                let r = c.req("POST", "/casoc/lock", &[("X-Expected-Value", "free")], format!("{i}").as_bytes());
                 (r.status, r.header("X-Created"))
             })
         })
         .collect();
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    assert_eq!(
-        results.iter().filter(|r| r.0 == 200).count(),
-        1,
-        "{results:?}"
-    );
+    assert_eq!(results.iter().filter(|r| r.0 == 200).count(), 1, "{results:?}");
     assert_eq!(results.iter().filter(|r| r.0 == 409).count(), 15);
 }
 
@@ -136,12 +114,7 @@ fn keys_spread_over_all_cores() {
             std::thread::spawn(move || {
                 let mut c = Client::connect(addr);
                 for i in 0..250 {
-                    let r = c.req(
-                        "POST",
-                        &format!("/set/spread-{t}-{i}"),
-                        &[],
-                        format!("{t}:{i}").as_bytes(),
-                    );
+                    let r = c.req("POST", &format!("/set/spread-{t}-{i}"), &[], format!("{t}:{i}").as_bytes());
                     assert_eq!(r.status, 200);
                 }
             })

@@ -12,33 +12,20 @@ use std::time::{Duration, Instant};
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
 
 fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
 }
 
 fn require(tool: &str) {
-    assert!(
-        have(tool),
-        "{tool} is not installed: `bash .ci/run` installs the Debian packages the tests use"
-    );
+    assert!(have(tool), "{tool} is not installed: `bash .ci/run` installs the Debian packages the tests use");
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn exec_start() -> Vec<String> {
     let unit = std::fs::read_to_string(format!("{DEPLOY}/systemd/rendezvous.service")).unwrap();
-    let line = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("ExecStart="))
-        .expect("ExecStart");
+    let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart");
     line.split_whitespace().map(String::from).collect()
 }
 
@@ -54,21 +41,10 @@ fn systemd_unit_verifies() {
         .replace("/usr/local/bin/rendezvous", BIN);
     let path = dir.path().join("rendezvous.service");
     std::fs::write(&path, unit).unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{report}");
-    assert!(
-        !report.contains("rendezvous.service:"),
-        "warnings about the unit:\n{report}"
-    );
+    assert!(!report.contains("rendezvous.service:"), "warnings about the unit:\n{report}");
 }
 
 #[test]
@@ -91,10 +67,7 @@ fn systemd_command_line_starts_and_stops_cleanly() {
     assert_eq!(s.post("/set/k", b"v").status, 200);
     let (dir, status) = s.stop_keep_dir("-TERM");
     assert!(status.success());
-    assert!(
-        dir.path().join("store.rkyv").exists(),
-        "SIGTERM wrote the final snapshot"
-    );
+    assert!(dir.path().join("store.rkyv").exists(), "SIGTERM wrote the final snapshot");
 }
 
 struct Nginx {
@@ -113,23 +86,8 @@ impl Drop for Nginx {
 fn start_nginx(dir: &Path, upstream: std::net::SocketAddr) -> Nginx {
     let d = dir.display().to_string();
     let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-keyout",
-            &format!("{d}/key.pem"),
-            "-out",
-            &format!("{d}/cert.pem"),
-        ])
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-keyout", &format!("{d}/key.pem"), "-out", &format!("{d}/cert.pem")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -141,14 +99,8 @@ fn start_nginx(dir: &Path, upstream: std::net::SocketAddr) -> Nginx {
         .replace("server 127.0.0.1:8080;", &format!("server {upstream};"))
         .replace("listen 80;", &format!("listen 127.0.0.1:{http};"))
         .replace("listen 443 ssl;", &format!("listen 127.0.0.1:{https} ssl;"))
-        .replace(
-            "/etc/letsencrypt/live/rendezvous.example.org/fullchain.pem",
-            &format!("{d}/cert.pem"),
-        )
-        .replace(
-            "/etc/letsencrypt/live/rendezvous.example.org/privkey.pem",
-            &format!("{d}/key.pem"),
-        )
+        .replace("/etc/letsencrypt/live/rendezvous.example.org/fullchain.pem", &format!("{d}/cert.pem"))
+        .replace("/etc/letsencrypt/live/rendezvous.example.org/privkey.pem", &format!("{d}/key.pem"))
         .lines()
         .filter(|l| !l.contains("[::]"))
         .collect::<Vec<_>>()
@@ -188,29 +140,15 @@ fn curl(from: &str, url: &str, extra: &[&str]) -> Resp {
         .output()
         .unwrap();
     let raw = out.stdout;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a response");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response");
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().as_bytes().to_vec()))
         .collect();
-    Resp {
-        status,
-        headers,
-        body: raw[split + 4..].to_vec(),
-    }
+    Resp { status, headers, body: raw[split + 4..].to_vec() }
 }
 
 #[test]
@@ -244,35 +182,18 @@ fn nginx_tls_proxy_keeps_the_real_client() {
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("127.0.0.7"));
 
     // A client-sent X-Forwarded-For cannot spoof it.
-    let r = curl(
-        "127.0.0.8",
-        &format!("{https}/set/ip/svc"),
-        &["-d", "x", "-H", "X-Forwarded-For: 20.18.12.10"],
-    );
-    assert_eq!(
-        (r.text().as_str(), r.header("X-Client-Ip").as_deref()),
-        ("127.0.0.8", Some("127.0.0.8"))
-    );
-    assert_eq!(
-        curl("127.0.0.8", &format!("{https}/get/ip/20.18.12.10/svc"), &[]).status,
-        404
-    );
+    let r = curl("127.0.0.8", &format!("{https}/set/ip/svc"), &["-d", "x", "-H", "X-Forwarded-For: 20.18.12.10"]);
+    assert_eq!((r.text().as_str(), r.header("X-Client-Ip").as_deref()), ("127.0.0.8", Some("127.0.0.8")));
+    assert_eq!(curl("127.0.0.8", &format!("{https}/get/ip/20.18.12.10/svc"), &[]).status, 404);
 
     // Rate limits apply per real client (9 tokens: three writes).
     for _ in 0..3 {
-        assert_eq!(
-            curl("127.0.0.9", &format!("{https}/set/a"), &["-d", "v"]).status,
-            200
-        );
+        assert_eq!(curl("127.0.0.9", &format!("{https}/set/a"), &["-d", "v"]).status, 200);
     }
     let r = curl("127.0.0.9", &format!("{https}/get/a"), &[]);
     assert_eq!(r.status, 429);
     assert!(r.header("Retry-After").is_some());
-    assert_eq!(
-        curl("127.0.0.10", &format!("{https}/get/a"), &[]).status,
-        200,
-        "another client is unaffected"
-    );
+    assert_eq!(curl("127.0.0.10", &format!("{https}/get/a"), &[]).status, 200, "another client is unaffected");
 
     // nginx reuses its upstream connections: many client requests, few server connections.
     let before = s.metric("rendezvous_connections_total").unwrap_or(0.0);
@@ -287,15 +208,8 @@ fn nginx_tls_proxy_keeps_the_real_client() {
         after = s.metric("rendezvous_connections_total").unwrap_or(0.0);
     }
     let total = s.metric("rendezvous_connections_total").unwrap_or(0.0);
-    assert!(
-        total <= 3.0,
-        "nginx opened {total} upstream connections for 37 requests"
-    );
+    assert!(total <= 3.0, "nginx opened {total} upstream connections for 37 requests");
     // The docs page shows the public host nginx was asked for.
-    let r = curl(
-        "127.0.0.11",
-        &format!("{https}/"),
-        &["-H", "Host: rendezvous.example.org"],
-    );
+    let r = curl("127.0.0.11", &format!("{https}/"), &["-H", "Host: rendezvous.example.org"]);
     assert!(r.text().contains("http://rendezvous.example.org/get/"));
 }

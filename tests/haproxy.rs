@@ -26,11 +26,7 @@ impl Drop for Haproxy {
 
 /// `tokens`: the per-client budget (the shipped file says 17).
 fn start_haproxy(dir: &std::path::Path, nodes: &[SocketAddr], tokens: u32) -> Haproxy {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // Only the listen address, node addresses and (for this machine's
     // open-file limit) maxconn differ from the shipped file.
     let mut cfg = std::fs::read_to_string(CONFIG)
@@ -71,28 +67,12 @@ fn client_from(src: &str, dst: SocketAddr) -> Client {
 
 fn start_node(dir: TempDir, port: Option<u16>) -> Server {
     let port = port.map(|p| p.to_string()).unwrap_or_else(|| "0".into());
-    Server::start_in(
-        dir,
-        &[
-            "-threads",
-            "1",
-            "-trustedProxies",
-            "127.0.0.1/32",
-            "-port",
-            &port,
-        ],
-    )
+    Server::start_in(dir, &["-threads", "1", "-trustedProxies", "127.0.0.1/32", "-port", &port])
 }
 
 fn require_haproxy() {
-    let found = Command::new("sh")
-        .args(["-c", "command -v haproxy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "haproxy is not installed: `bash .ci/run` installs the Debian package"
-    );
+    let found = Command::new("sh").args(["-c", "command -v haproxy"]).output().is_ok_and(|o| o.status.success());
+    assert!(found, "haproxy is not installed: `bash .ci/run` installs the Debian package");
 }
 
 #[test]
@@ -108,10 +88,7 @@ fn three_nodes_behind_haproxy() {
     // Distribution: keys spread over every node, each key on exactly one.
     let mut c = via("127.0.0.2");
     for i in 0..300 {
-        assert_eq!(
-            c.req("POST", &format!("/set/spread{i}"), &[], b"v").status,
-            200
-        );
+        assert_eq!(c.req("POST", &format!("/set/spread{i}"), &[], b"v").status, 200);
         // Read back through the balancer under another spelling of the same key.
         let r = c.req(
             "GET",
@@ -119,16 +96,11 @@ fn three_nodes_behind_haproxy() {
             &[],
             b"",
         );
-        assert_eq!(
-            r.status, 200,
-            "spread{i} not found through its percent-encoded name"
-        );
+        assert_eq!(r.status, 200, "spread{i} not found through its percent-encoded name");
     }
     let mut per_node = vec![0; 3];
     for i in 0..300 {
-        let owners: Vec<usize> = (0..3)
-            .filter(|&n| nodes[n].get(&format!("/get/spread{i}")).status == 200)
-            .collect();
+        let owners: Vec<usize> = (0..3).filter(|&n| nodes[n].get(&format!("/get/spread{i}")).status == 200).collect();
         assert_eq!(owners.len(), 1, "spread{i} is on nodes {owners:?}");
         per_node[owners[0]] += 1;
     }
@@ -144,29 +116,14 @@ fn three_nodes_behind_haproxy() {
             std::thread::spawn(move || {
                 let mut c = client_from(&format!("127.0.2.{}", i + 1), lb);
                 barrier.wait();
-                c.req("POST", "/los/leader", &[], format!("peer{i}").as_bytes())
-                    .header("X-Created")
-                    .unwrap()
-                    == "true"
+                c.req("POST", "/los/leader", &[], format!("peer{i}").as_bytes()).header("X-Created").unwrap() == "true"
             })
         })
         .collect();
-    assert_eq!(
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .filter(|&w| w)
-            .count(),
-        1
-    );
+    assert_eq!(handles.into_iter().map(|h| h.join().unwrap()).filter(|&w| w).count(), 1);
 
     // cas counter through the balancer: exact.
-    assert_eq!(
-        via("127.0.0.3")
-            .req("POST", "/set/counter", &[], b"0")
-            .status,
-        200
-    );
+    assert_eq!(via("127.0.0.3").req("POST", "/set/counter", &[], b"0").status, 200);
     let handles: Vec<_> = (0..8)
         .map(|i| {
             let lb = lb.addr;
@@ -176,12 +133,7 @@ fn three_nodes_behind_haproxy() {
                     let mut cur = c.req("GET", "/get/counter", &[], b"").text();
                     loop {
                         let next = (cur.parse::<u32>().unwrap() + 1).to_string();
-                        let r = c.req(
-                            "POST",
-                            "/cas/counter",
-                            &[("X-Expected-Value", &cur)],
-                            next.as_bytes(),
-                        );
+                        let r = c.req("POST", "/cas/counter", &[("X-Expected-Value", &cur)], next.as_bytes());
                         if r.status == 200 {
                             break;
                         }
@@ -195,56 +147,24 @@ fn three_nodes_behind_haproxy() {
     for h in handles {
         h.join().unwrap();
     }
-    assert_eq!(
-        via("127.0.0.3").req("GET", "/get/counter", &[], b"").text(),
-        "80"
-    );
+    assert_eq!(via("127.0.0.3").req("GET", "/get/counter", &[], b"").text(), "80");
 
     // ip/ keys: written as ip/<client>/x, read back under that name.
     let r = via("127.0.0.5").req("POST", "/set/ip/game", &[], b"4000");
     assert_eq!((r.status, r.text().as_str()), (200, "127.0.0.5"));
-    assert_eq!(
-        via("127.0.0.6")
-            .req("GET", "/get/ip/127.0.0.5/game", &[], b"")
-            .text(),
-        "4000"
-    );
-    let r = via("127.0.0.6").req(
-        "POST",
-        "/set/ip/game",
-        &[("X-Forwarded-For", "127.0.0.5")],
-        b"spoof",
-    );
-    assert_eq!(
-        r.text(),
-        "127.0.0.6",
-        "a client cannot spoof its address through HAProxy"
-    );
-    assert_eq!(
-        via("127.0.0.6")
-            .req("GET", "/get/ip/127.0.0.5/game", &[], b"")
-            .text(),
-        "4000"
-    );
+    assert_eq!(via("127.0.0.6").req("GET", "/get/ip/127.0.0.5/game", &[], b"").text(), "4000");
+    let r = via("127.0.0.6").req("POST", "/set/ip/game", &[("X-Forwarded-For", "127.0.0.5")], b"spoof");
+    assert_eq!(r.text(), "127.0.0.6", "a client cannot spoof its address through HAProxy");
+    assert_eq!(via("127.0.0.6").req("GET", "/get/ip/127.0.0.5/game", &[], b"").text(), "4000");
 
     // Secrets through the balancer.
     let mut c = via("127.0.0.7");
-    assert_eq!(
-        c.req("POST", "/set/owned", &[("X-Owner-Secret", "pw")], b"mine")
-            .status,
-        200
-    );
+    assert_eq!(c.req("POST", "/set/owned", &[("X-Owner-Secret", "pw")], b"mine").status, 200);
     assert_eq!(c.req("POST", "/set/owned", &[], b"stolen").status, 403);
-    assert_eq!(
-        c.req("POST", "/set/owned", &[("X-Owner-Secret", "pw")], b"mine2")
-            .status,
-        200
-    );
+    assert_eq!(c.req("POST", "/set/owned", &[("X-Owner-Secret", "pw")], b"mine2").status, 200);
 
     // A node restart: its keys come back from its snapshot.
-    let owner = (0..3)
-        .find(|&n| nodes[n].get("/get/owned").status == 200)
-        .unwrap();
+    let owner = (0..3).find(|&n| nodes[n].get("/get/owned").status == 200).unwrap();
     let port = nodes[owner].addr.port();
     let (dir, status) = nodes.remove(owner).stop_keep_dir("-TERM");
     assert!(status.success());
@@ -255,19 +175,10 @@ fn three_nodes_behind_haproxy() {
         if r.status == 200 && r.body == b"mine2" {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the restarted node's key never came back through HAProxy"
-        );
+        assert!(Instant::now() < deadline, "the restarted node's key never came back through HAProxy");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(
-        via("127.0.0.8")
-            .req("POST", "/set/owned", &[], b"stolen")
-            .status,
-        403,
-        "secret survived"
-    );
+    assert_eq!(via("127.0.0.8").req("POST", "/set/owned", &[], b"stolen").status, 403, "secret survived");
 }
 
 #[test]
@@ -289,11 +200,6 @@ fn haproxy_rate_limits_each_client_globally() {
     assert_eq!(c.req("GET", "/get/rl2", &[], b"").status, 200);
     assert_eq!(c.req("GET", "/get/rl3", &[], b"").status, 429);
     // Another client has its own budget; the docs page is free.
-    assert_eq!(
-        client_from("127.0.4.2", lb.addr)
-            .req("GET", "/get/rl1", &[], b"")
-            .status,
-        200
-    );
+    assert_eq!(client_from("127.0.4.2", lb.addr).req("GET", "/get/rl1", &[], b"").status, 200);
     assert_eq!(c.req("GET", "/", &[], b"").status, 200);
 }

@@ -11,17 +11,11 @@ use std::time::{Duration, Instant};
 fn assert_healthy(s: &Server) {
     let t = Instant::now();
     let mut c = s.client();
-    c.stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
+    c.stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let r = c.req("GET", "/get/health", &[], b"");
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"ok");
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "slow answer: {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(1), "slow answer: {:?}", t.elapsed());
 }
 
 fn start() -> Server {
@@ -33,9 +27,7 @@ fn start() -> Server {
 /// Sends raw bytes, then reads whatever comes back until EOF or a timeout.
 fn attack(s: &Server, raw: &[u8]) -> Vec<u8> {
     let mut stream = TcpStream::connect(s.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = stream.write_all(raw);
     let mut out = Vec::new();
     let mut buf = [0u8; 65536];
@@ -50,10 +42,7 @@ fn attack(s: &Server, raw: &[u8]) -> Vec<u8> {
 
 fn status_of(resp: &[u8]) -> u16 {
     let text = String::from_utf8_lossy(resp);
-    text.strip_prefix("HTTP/1.1 ")
-        .and_then(|r| r.get(..3))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    text.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 #[test]
@@ -74,11 +63,7 @@ fn random_bytes() {
         with_end.extend_from_slice(b"\r\n\r\n");
         let resp = attack(&s, &with_end);
         let status = status_of(&resp);
-        assert!(
-            resp.is_empty() || (400..600).contains(&status),
-            "round {round}: {}",
-            String::from_utf8_lossy(&resp)
-        );
+        assert!(resp.is_empty() || (400..600).contains(&status), "round {round}: {}", String::from_utf8_lossy(&resp));
     }
     assert_healthy(&s);
 }
@@ -86,10 +71,7 @@ fn random_bytes() {
 #[test]
 fn oversized_heads() {
     let s = start();
-    let big = format!(
-        "GET /get/x HTTP/1.1\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(20_000)
-    );
+    let big = format!("GET /get/x HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
     assert_eq!(status_of(&attack(&s, big.as_bytes())), 431);
     let mut many = String::from("GET /get/x HTTP/1.1\r\n");
     for i in 0..5000 {
@@ -169,14 +151,15 @@ fn ambiguous_and_broken_framing() {
     ] {
         let resp = attack(&s, raw);
         let status = status_of(&resp);
-        assert!((400..502).contains(&status), "{:?} -> {}", String::from_utf8_lossy(raw), String::from_utf8_lossy(&resp));
+        assert!(
+            (400..502).contains(&status),
+            "{:?} -> {}",
+            String::from_utf8_lossy(raw),
+            String::from_utf8_lossy(&resp)
+        );
         assert!(String::from_utf8_lossy(&resp).contains("Connection: close"));
     }
-    assert_eq!(
-        s.get("/get/k").status,
-        404,
-        "nothing was stored by a broken request"
-    );
+    assert_eq!(s.get("/get/k").status, 404, "nothing was stored by a broken request");
     assert_healthy(&s);
 }
 
@@ -185,21 +168,15 @@ fn a_100_mb_body_is_refused_without_being_read() {
     let s = start();
     // Declared: refused from Content-Length, before we send a byte of body.
     let mut stream = TcpStream::connect(s.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(b"POST /set/big HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n")
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(b"POST /set/big HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n").unwrap();
     let mut buf = [0u8; 1024];
     let n = stream.read(&mut buf).unwrap();
     assert_eq!(status_of(&buf[..n]), 413);
 
     // Streamed: refused as soon as the running total passes the limit.
     let mut stream = TcpStream::connect(s.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut writer = stream.try_clone().unwrap();
     let sender = std::thread::spawn(move || {
         let _ = writer.write_all(b"POST /set/big HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
@@ -225,37 +202,13 @@ fn a_100_mb_body_is_refused_without_being_read() {
 #[test]
 fn ttl_garbage() {
     let s = start();
-    for ttl in [
-        "%00",
-        "99999999999999999999h",
-        "1e9s",
-        "NaN",
-        "inf",
-        "1h-5m",
-        "--1s",
-        "1.5.5s",
-        "%ff%fe",
-        "1\u{b5}s",
-    ] {
-        let enc: String =
-            percent_encoding::utf8_percent_encode(ttl, percent_encoding::NON_ALPHANUMERIC)
-                .to_string();
-        assert_eq!(
-            s.post(&format!("/set/k?ttl={enc}"), b"v").status,
-            400,
-            "{ttl}"
-        );
+    for ttl in ["%00", "99999999999999999999h", "1e9s", "NaN", "inf", "1h-5m", "--1s", "1.5.5s", "%ff%fe", "1\u{b5}s"] {
+        let enc: String = percent_encoding::utf8_percent_encode(ttl, percent_encoding::NON_ALPHANUMERIC).to_string();
+        assert_eq!(s.post(&format!("/set/k?ttl={enc}"), b"v").status, 400, "{ttl}");
     }
     let long = "1".repeat(5000) + "s";
     assert_eq!(s.post(&format!("/set/k?ttl={long}"), b"v").status, 400);
-    assert_eq!(
-        s.post(
-            &format!("/set/k?ttl={}", "1.".to_string() + &"0".repeat(30) + "s"),
-            b"v"
-        )
-        .status,
-        400
-    );
+    assert_eq!(s.post(&format!("/set/k?ttl={}", "1.".to_string() + &"0".repeat(30) + "s"), b"v").status, 400);
     assert_healthy(&s);
 }
 
@@ -263,33 +216,17 @@ fn ttl_garbage() {
 fn garbage_and_enormous_forwarded_for() {
     let s = start();
     // Control characters make the header itself malformed.
-    let r = attack(
-        &s,
-        b"GET /get/health HTTP/1.1\r\nX-Forwarded-For: \x01\x02\r\n\r\n",
-    );
+    let r = attack(&s, b"GET /get/health HTTP/1.1\r\nX-Forwarded-For: \x01\x02\r\n\r\n");
     assert_eq!(status_of(&r), 400);
     let garbage = "%%%, ::::, 999.1.1.1, [::1, ,,,, 1.2.3.4.5, ".to_string() + &"x".repeat(3000);
     let r = s.req("GET", "/get/health", &[("X-Forwarded-For", &garbage)], b"");
-    assert_eq!(
-        (r.status, r.header("X-Client-Ip").as_deref()),
-        (200, Some("127.0.0.1"))
-    );
-    let many: Vec<String> = (0..600)
-        .map(|i| format!("10.0.{}.{}", i / 250, i % 250))
-        .collect();
-    let r = s.req(
-        "GET",
-        "/get/health",
-        &[("X-Forwarded-For", &(many.join(",") + ",203.0.113.5"))],
-        b"",
-    );
+    assert_eq!((r.status, r.header("X-Client-Ip").as_deref()), (200, Some("127.0.0.1")));
+    let many: Vec<String> = (0..600).map(|i| format!("10.0.{}.{}", i / 250, i % 250)).collect();
+    let r = s.req("GET", "/get/health", &[("X-Forwarded-For", &(many.join(",") + ",203.0.113.5"))], b"");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("203.0.113.5"));
     // Too big for the head: 431, not a crash.
     let huge = "1.2.3.4,".repeat(2000);
-    let r = attack(
-        &s,
-        format!("GET /get/x HTTP/1.1\r\nX-Forwarded-For: {huge}\r\n\r\n").as_bytes(),
-    );
+    let r = attack(&s, format!("GET /get/x HTTP/1.1\r\nX-Forwarded-For: {huge}\r\n\r\n").as_bytes());
     assert_eq!(status_of(&r), 431);
     assert_healthy(&s);
 }
@@ -298,41 +235,15 @@ fn garbage_and_enormous_forwarded_for() {
 fn maximum_size_secrets_and_expected_values() {
     let s = Server::start(&["-maxValueSize", "3000"]);
     let secret = "s".repeat(2999);
-    assert_eq!(
-        s.req("POST", "/set/k", &[("X-Owner-Secret", &secret)], b"v")
-            .status,
-        200
-    );
-    assert_eq!(
-        s.req("POST", "/set/k", &[("X-Owner-Secret", &secret)], b"vv")
-            .status,
-        400
-    );
+    assert_eq!(s.req("POST", "/set/k", &[("X-Owner-Secret", &secret)], b"v").status, 200);
+    assert_eq!(s.req("POST", "/set/k", &[("X-Owner-Secret", &secret)], b"vv").status, 400);
     let wrong = "t".repeat(2999);
-    assert_eq!(
-        s.req("POST", "/set/k", &[("X-Owner-Secret", &wrong)], b"x")
-            .status,
-        403
-    );
+    assert_eq!(s.req("POST", "/set/k", &[("X-Owner-Secret", &wrong)], b"x").status, 403);
     // Secret and expected value together fill most of the 8 KiB head.
     let expected = "e".repeat(4500);
-    let r = s.req(
-        "POST",
-        "/cas/k",
-        &[("X-Expected-Value", &expected), ("X-Owner-Secret", &secret)],
-        b"w",
-    );
+    let r = s.req("POST", "/cas/k", &[("X-Expected-Value", &expected), ("X-Owner-Secret", &secret)], b"w");
     assert_eq!((r.status, r.body.as_slice()), (409, &b"v"[..]));
-    assert_eq!(
-        s.req(
-            "POST",
-            "/cas/absent",
-            &[("X-Expected-Value", &expected)],
-            b"w"
-        )
-        .status,
-        404
-    );
+    assert_eq!(s.req("POST", "/cas/absent", &[("X-Expected-Value", &expected)], b"w").status, 404);
     s.post("/set/health", b"ok");
     assert_healthy(&s);
 }
@@ -352,9 +263,7 @@ fn a_flood_of_pipelined_requests_on_one_connection() {
     });
     let mut c = Client::over(stream);
     for i in 0..N {
-        let r = c
-            .read_response(false)
-            .unwrap_or_else(|| panic!("connection closed after {i} answers"));
+        let r = c.read_response(false).unwrap_or_else(|| panic!("connection closed after {i} answers"));
         assert_eq!(r.status, 200);
     }
     sender.join().unwrap();
@@ -364,16 +273,7 @@ fn a_flood_of_pipelined_requests_on_one_connection() {
 #[test]
 fn connection_limits_refuse_cheaply() {
     // Loopback is a trusted proxy by default (exempt per IP); trust nobody here.
-    let s = Server::start(&[
-        "-maxConnsPerIP",
-        "3",
-        "-maxConns",
-        "5",
-        "-trustedProxies",
-        "",
-        "-threads",
-        "2",
-    ]);
+    let s = Server::start(&["-maxConnsPerIP", "3", "-maxConns", "5", "-trustedProxies", "", "-threads", "2"]);
     let held: Vec<Client> = (0..3).map(|_| s.client()).collect();
     let mut held: Vec<Client> = held
         .into_iter()
@@ -385,10 +285,7 @@ fn connection_limits_refuse_cheaply() {
     // The fourth connection from this IP is closed before anything is read.
     let mut extra = s.client();
     extra.send_raw(&build("GET", "/get/x", &[], b""));
-    assert!(
-        extra.read_response(false).is_none(),
-        "over -maxConnsPerIP must be closed"
-    );
+    assert!(extra.read_response(false).is_none(), "over -maxConnsPerIP must be closed");
     // The held ones still work; closing one frees a slot.
     assert_eq!(held[0].req("GET", "/get/x", &[], b"").status, 404);
     held.pop();
@@ -404,9 +301,7 @@ fn connection_limits_refuse_cheaply() {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let m = s
-            .metric("rendezvous_connections_refused_total{reason=\"ip\"}")
-            .unwrap_or(0.0);
+        let m = s.metric("rendezvous_connections_refused_total{reason=\"ip\"}").unwrap_or(0.0);
         if m >= 1.0 {
             break;
         }

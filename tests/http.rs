@@ -22,12 +22,7 @@ fn pipelined_requests_are_answered_in_order() {
     let mut c = s.client();
     let mut raw = Vec::new();
     for i in 0..200 {
-        raw.extend(build(
-            "POST",
-            &format!("/set/p{i}"),
-            &[],
-            format!("value-{i}").as_bytes(),
-        ));
+        raw.extend(build("POST", &format!("/set/p{i}"), &[], format!("value-{i}").as_bytes()));
         raw.extend(build("GET", &format!("/get/p{i}"), &[], b""));
     }
     raw.extend(build("GET", "/nope", &[], b""));
@@ -36,11 +31,7 @@ fn pipelined_requests_are_answered_in_order() {
         let set = c.read_response(false).unwrap();
         assert_eq!(set.status, 200);
         let get = c.read_response(false).unwrap();
-        assert_eq!(
-            get.body,
-            format!("value-{i}").as_bytes(),
-            "response {i} out of order"
-        );
+        assert_eq!(get.body, format!("value-{i}").as_bytes(), "response {i} out of order");
     }
     assert_eq!(c.read_response(false).unwrap().status, 404);
 }
@@ -50,10 +41,7 @@ fn connection_close_and_http10() {
     let s = Server::start(&[]);
     let mut c = s.client();
     let r = c.req("GET", "/get/x", &[("Connection", "close")], b"");
-    assert_eq!(
-        (r.status, r.header("Connection").as_deref()),
-        (404, Some("close"))
-    );
+    assert_eq!((r.status, r.header("Connection").as_deref()), (404, Some("close")));
     assert!(c.is_closed());
 
     let mut c = s.client();
@@ -65,10 +53,7 @@ fn connection_close_and_http10() {
     let mut c = s.client();
     c.send_raw(b"POST /set/h10 HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi");
     let r = c.read_response(false).unwrap();
-    assert_eq!(
-        (r.status, r.header("Connection").as_deref()),
-        (200, Some("keep-alive"))
-    );
+    assert_eq!((r.status, r.header("Connection").as_deref()), (200, Some("keep-alive")));
     c.send_raw(b"GET /get/h10 HTTP/1.0\r\n\r\n");
     assert_eq!(c.read_response(false).unwrap().body, b"hi");
     assert!(c.is_closed());
@@ -78,7 +63,9 @@ fn connection_close_and_http10() {
 fn chunked_bodies() {
     let s = Server::start(&["-maxValueSize", "10"]);
     let mut c = s.client();
-    c.send_raw(b"POST /set/ch HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nT: 1\r\n\r\n");
+    c.send_raw(
+        b"POST /set/ch HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nT: 1\r\n\r\n",
+    );
     assert_eq!(c.read_response(false).unwrap().status, 200);
     assert_eq!(c.req("GET", "/get/ch", &[], b"").body, b"abcdefg");
     // Sent in small pieces.
@@ -94,10 +81,7 @@ fn chunked_bodies() {
     let mut c = s.client();
     c.send_raw(b"POST /set/big HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n123456\r\n6\r\n123456\r\n");
     let r = c.read_response(false).unwrap();
-    assert_eq!(
-        (r.status, r.header("Connection").as_deref()),
-        (413, Some("close"))
-    );
+    assert_eq!((r.status, r.header("Connection").as_deref()), (413, Some("close")));
     assert!(c.is_closed());
 
     let mut c = s.client();
@@ -137,12 +121,7 @@ fn framing_errors_close_the_connection() {
         let mut c = s.client();
         c.send_raw(raw);
         let r = c.read_response(false).unwrap();
-        assert!(
-            r.status >= 400,
-            "{:?} -> {}",
-            String::from_utf8_lossy(raw),
-            r.status
-        );
+        assert!(r.status >= 400, "{:?} -> {}", String::from_utf8_lossy(raw), r.status);
         assert_eq!(r.header("Connection").as_deref(), Some("close"));
         assert!(r.header("X-Client-Ip").is_some());
         assert!(c.is_closed());
@@ -180,10 +159,7 @@ fn slow_request_hits_the_read_deadline() {
     let took = t.elapsed();
     assert_eq!(r.status, 408);
     assert!(c.is_closed());
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(10), "{took:?}");
 
     // A slow body too.
     let mut c = s.client();
@@ -199,10 +175,7 @@ fn idle_connections_are_closed() {
     let t = Instant::now();
     assert!(c.is_closed());
     let took = t.elapsed();
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(10), "{took:?}");
 }
 
 #[test]

@@ -87,12 +87,7 @@ fn linearizable(events: &[Event]) -> bool {
         if !seen.insert((bits, state.clone())) {
             return false;
         }
-        let horizon = events
-            .iter()
-            .zip(done.iter())
-            .filter(|(_, d)| !**d)
-            .map(|(e, _)| e.done)
-            .min();
+        let horizon = events.iter().zip(done.iter()).filter(|(_, d)| !**d).map(|(e, _)| e.done).min();
         let Some(horizon) = horizon else { return true };
         for i in 0..events.len() {
             if done[i] {
@@ -136,12 +131,7 @@ fn run_call(c: &mut Client, key: usize, call: &Call) -> Ret {
             }
         }
         Call::Cas(e, v) => {
-            let r = c.req(
-                "POST",
-                &path("cas"),
-                &[("X-Expected-Value", e)],
-                v.as_bytes(),
-            );
+            let r = c.req("POST", &path("cas"), &[("X-Expected-Value", e)], v.as_bytes());
             match r.status {
                 200 => Ret::Ok,
                 404 => Ret::NotFound,
@@ -150,12 +140,7 @@ fn run_call(c: &mut Client, key: usize, call: &Call) -> Ret {
             }
         }
         Call::Casoc(e, v) => {
-            let r = c.req(
-                "POST",
-                &path("casoc"),
-                &[("X-Expected-Value", e)],
-                v.as_bytes(),
-            );
+            let r = c.req("POST", &path("casoc"), &[("X-Expected-Value", e)], v.as_bytes());
             match (r.status, r.header("X-Created").as_deref()) {
                 (200, Some("true")) => Ret::Created,
                 (200, _) => Ret::Replaced,
@@ -179,8 +164,7 @@ fn concurrent_histories_are_linearizable() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 let mut c = Client::connect(addr);
-                let mut seed = 0x9e37_79b9_7f4a_7c15u64
-                    ^ (client as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (client as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
                 let mut rand = move |n: u64| {
                     seed ^= seed << 13;
                     seed ^= seed >> 7;
@@ -214,46 +198,21 @@ fn concurrent_histories_are_linearizable() {
                     {
                         last_seen[key] = x.clone();
                     }
-                    events.push(Event {
-                        key,
-                        call,
-                        ret,
-                        invoke,
-                        done,
-                    });
+                    events.push(Event { key, call, ret, invoke, done });
                 }
                 events
             })
         })
         .collect();
-    let events: Vec<Event> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
+    let events: Vec<Event> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
     assert_eq!(events.len(), CLIENTS * OPS);
-    let successes = events
-        .iter()
-        .filter(|e| matches!(e.ret, Ret::Ok | Ret::Replaced | Ret::Created))
-        .count();
-    let conflicts = events
-        .iter()
-        .filter(|e| matches!(e.ret, Ret::Conflict(_)))
-        .count();
-    eprintln!(
-        "{} operations: {successes} successful writes, {conflicts} conflicts",
-        events.len()
-    );
-    assert!(
-        successes > 100 && conflicts > 10,
-        "the history should mix outcomes"
-    );
+    let successes = events.iter().filter(|e| matches!(e.ret, Ret::Ok | Ret::Replaced | Ret::Created)).count();
+    let conflicts = events.iter().filter(|e| matches!(e.ret, Ret::Conflict(_))).count();
+    eprintln!("{} operations: {successes} successful writes, {conflicts} conflicts", events.len());
+    assert!(successes > 100 && conflicts > 10, "the history should mix outcomes");
     for key in 0..KEYS {
         let history: Vec<Event> = events.iter().filter(|e| e.key == key).cloned().collect();
-        assert!(
-            linearizable(&history),
-            "history of hot{key} ({} ops) is not linearizable",
-            history.len()
-        );
+        assert!(linearizable(&history), "history of hot{key} ({} ops) is not linearizable", history.len());
     }
 }
 
@@ -263,13 +222,7 @@ fn the_checker_rejects_a_non_linearizable_history() {
     // after a completed write: both must be caught.
     let t = Instant::now();
     let at = |ms: u64| t + std::time::Duration::from_millis(ms);
-    let ev = |call: Call, ret: Ret, a: u64, b: u64| Event {
-        key: 0,
-        call,
-        ret,
-        invoke: at(a),
-        done: at(b),
-    };
+    let ev = |call: Call, ret: Ret, a: u64, b: u64| Event { key: 0, call, ret, invoke: at(a), done: at(b) };
     let stale = vec![
         ev(Call::Set("1".into()), Ret::Ok, 0, 1),
         ev(Call::Set("2".into()), Ret::Ok, 2, 3),

@@ -12,13 +12,11 @@ use std::time::{Duration, Instant};
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
 
 fn require(tool: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .unwrap()
-        .status
-        .success();
-    assert!(found, "{tool} is not installed: run `bash .ci/run` (it installs the Debian package) or apt-get install prometheus");
+    let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success();
+    assert!(
+        found,
+        "{tool} is not installed: run `bash .ci/run` (it installs the Debian package) or apt-get install prometheus"
+    );
 }
 
 struct Prometheus {
@@ -34,11 +32,7 @@ impl Drop for Prometheus {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Prometheus {
@@ -52,10 +46,7 @@ impl Prometheus {
         let addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
             .arg(format!("--web.listen-address={addr}"))
             .arg("--log.level=warn")
             .stdout(Stdio::null())
@@ -74,8 +65,7 @@ impl Prometheus {
     /// Runs an instant query; returns (status, result array), or `None` if
     /// Prometheus does not answer (yet).
     fn try_query(&self, expr: &str) -> Option<(String, Vec<serde_json::Value>)> {
-        let enc = percent_encoding::utf8_percent_encode(expr, percent_encoding::NON_ALPHANUMERIC)
-            .to_string();
+        let enc = percent_encoding::utf8_percent_encode(expr, percent_encoding::NON_ALPHANUMERIC).to_string();
         let v = self.get(&format!("/api/v1/query?query={enc}"))?;
         let status = v["status"].as_str().unwrap_or("").to_string();
         let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
@@ -115,9 +105,8 @@ fn metric_names(expr: &str) -> Vec<String> {
         let mut rest = expr;
         while let Some(i) = rest.find(prefix) {
             let tail = &rest[i..];
-            let end = tail
-                .find(|c: char| !(c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()))
-                .unwrap_or(tail.len());
+            let end =
+                tail.find(|c: char| !(c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())).unwrap_or(tail.len());
             names.push(tail[..end].to_string());
             rest = &tail[end..];
         }
@@ -126,17 +115,12 @@ fn metric_names(expr: &str) -> Vec<String> {
 }
 
 fn dashboard_exprs() -> Vec<(String, String)> {
-    let text =
-        std::fs::read_to_string(format!("{DEPLOY}/grafana/rendezvous-dashboard.json")).unwrap();
+    let text = std::fs::read_to_string(format!("{DEPLOY}/grafana/rendezvous-dashboard.json")).unwrap();
     let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut out = Vec::new();
     for panel in dash["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {
-            let expr = t["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$__rate_interval", "1m")
-                .replace("$instance", ".*");
+            let expr = t["expr"].as_str().unwrap().replace("$__rate_interval", "1m").replace("$instance", ".*");
             out.push((panel["title"].as_str().unwrap().to_string(), expr));
         }
     }
@@ -160,8 +144,7 @@ fn real_prometheus_scrapes_and_every_panel_and_rule_works() {
     let prom = Prometheus::start(prom_dir.path(), s.metrics.unwrap());
 
     prom.wait_until("the target to be up", Duration::from_secs(60), |p| {
-        p.try_query("up{job=\"rendezvous\"} == 1")
-            .is_some_and(|(_, r)| !r.is_empty())
+        p.try_query("up{job=\"rendezvous\"} == 1").is_some_and(|(_, r)| !r.is_empty())
     });
     // Rates need two scrapes that saw traffic.
     prom.wait_until("request rates", Duration::from_secs(60), |p| {
@@ -178,17 +161,11 @@ fn real_prometheus_scrapes_and_every_panel_and_rule_works() {
         let (status, result) = prom.query(expr);
         assert_eq!(status, "success", "panel {title:?}: {expr}");
         for name in metric_names(expr) {
-            assert!(
-                exposition.contains(&format!("\n{name}")),
-                "panel {title:?} uses {name}, which we do not export"
-            );
+            assert!(exposition.contains(&format!("\n{name}")), "panel {title:?} uses {name}, which we do not export");
         }
         let must_have_data = title.starts_with("Requests per second") || title.contains("atency");
         if must_have_data {
-            assert!(
-                !result.is_empty(),
-                "panel {title:?} returned no data: {expr}"
-            );
+            assert!(!result.is_empty(), "panel {title:?} returned no data: {expr}");
         }
     }
     let rules = rule_exprs();
@@ -197,10 +174,7 @@ fn real_prometheus_scrapes_and_every_panel_and_rule_works() {
         let (status, _) = prom.query(expr);
         assert_eq!(status, "success", "rule: {expr}");
         for name in metric_names(expr) {
-            assert!(
-                exposition.contains(&format!("\n{name}")),
-                "rule uses {name}, which we do not export"
-            );
+            assert!(exposition.contains(&format!("\n{name}")), "rule uses {name}, which we do not export");
         }
     }
     // Prometheus loaded the rule file and evaluates every rule without error.
@@ -238,15 +212,8 @@ fn promtool_finds_nothing_to_lint_in_our_exposition() {
         .unwrap();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics:\n{report}"
-    );
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
 }
 
 #[test]
@@ -257,12 +224,7 @@ fn alert_rules_pass_their_unit_tests() {
         .current_dir(format!("{DEPLOY}/prometheus"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -286,10 +248,7 @@ fn metrics_count_requests_and_are_not_on_the_public_port() {
         if ok {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never showed the requests:\n{text}"
-        );
+        assert!(Instant::now() < deadline, "metrics never showed the requests:\n{text}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -179,20 +179,11 @@ fn model_op() -> impl Strategy<Value = ModelOp> {
     let ttl = 1u64..50;
     prop_oneof![
         key.clone().prop_map(ModelOp::Get),
-        (key.clone(), val.clone(), secret.clone(), ttl.clone())
-            .prop_map(|(k, v, s, t)| ModelOp::Set(k, v, s, t)),
-        (key.clone(), val.clone(), secret.clone(), ttl.clone())
-            .prop_map(|(k, v, s, t)| ModelOp::Los(k, v, s, t)),
-        (
-            key.clone(),
-            val.clone(),
-            val.clone(),
-            secret.clone(),
-            ttl.clone()
-        )
+        (key.clone(), val.clone(), secret.clone(), ttl.clone()).prop_map(|(k, v, s, t)| ModelOp::Set(k, v, s, t)),
+        (key.clone(), val.clone(), secret.clone(), ttl.clone()).prop_map(|(k, v, s, t)| ModelOp::Los(k, v, s, t)),
+        (key.clone(), val.clone(), val.clone(), secret.clone(), ttl.clone())
             .prop_map(|(k, e, v, s, t)| ModelOp::Cas(k, e, v, s, t)),
-        (key, val.clone(), val, secret, ttl)
-            .prop_map(|(k, e, v, s, t)| ModelOp::Casoc(k, e, v, s, t)),
+        (key, val.clone(), val, secret, ttl).prop_map(|(k, e, v, s, t)| ModelOp::Casoc(k, e, v, s, t)),
         (1u64..30).prop_map(ModelOp::Advance),
         Just(ModelOp::Sweep),
     ]
@@ -204,6 +195,16 @@ enum ModelCond {
     Los,
     Cas(u8),
     Casoc(u8),
+}
+
+/// The model does not track versions: compare outcomes without them.
+fn unversioned(o: WriteOutcome) -> WriteOutcome {
+    match o {
+        WriteOutcome::Stored { created, expires_ms, .. } => WriteOutcome::Stored { created, expires_ms, version: 0 },
+        WriteOutcome::Existing { value, expires_ms, .. } => WriteOutcome::Existing { value, expires_ms, version: 0 },
+        WriteOutcome::Conflict { value, expires_ms, .. } => WriteOutcome::Conflict { value, expires_ms, version: 0 },
+        other => other,
+    }
 }
 
 /// The reference: a map of key -> (value, secret, expiry), with the SPEC's
@@ -227,20 +228,9 @@ impl Model {
         self.map.retain(|_, e| e.2 > now);
     }
 
-    fn write(
-        &mut self,
-        k: u8,
-        v: u8,
-        s: Option<u8>,
-        exp: u64,
-        cond: ModelCond,
-        now: u64,
-    ) -> WriteOutcome {
+    fn write(&mut self, k: u8, v: u8, s: Option<u8>, exp: u64, cond: ModelCond, now: u64) -> WriteOutcome {
         self.touch(k, now);
-        let stored = WriteOutcome::Stored {
-            created: !self.map.contains_key(&k),
-            expires_ms: exp,
-        };
+        let stored = WriteOutcome::Stored { created: !self.map.contains_key(&k), expires_ms: exp, version: 0 };
         match self.map.get(&k).copied() {
             None => {
                 if let ModelCond::Cas(_) = cond {
@@ -254,20 +244,14 @@ impl Model {
             }
             Some((cur, cur_s, cur_exp)) => {
                 if let ModelCond::Los = cond {
-                    return WriteOutcome::Existing {
-                        value: vec![cur].into(),
-                        expires_ms: cur_exp,
-                    };
+                    return WriteOutcome::Existing { value: vec![cur].into(), expires_ms: cur_exp, version: 0 };
                 }
                 if cur_s.is_some() && cur_s != s {
                     return WriteOutcome::Forbidden;
                 }
                 if let ModelCond::Cas(expected) | ModelCond::Casoc(expected) = cond {
                     if cur != expected {
-                        return WriteOutcome::Conflict {
-                            value: vec![cur].into(),
-                            expires_ms: cur_exp,
-                        };
+                        return WriteOutcome::Conflict { value: vec![cur].into(), expires_ms: cur_exp, version: 0 };
                     }
                 }
                 self.map.insert(k, (v, s.or(cur_s), exp));
@@ -298,14 +282,14 @@ proptest! {
                 ModelOp::Set(k, v, s, t) | ModelOp::Los(k, v, s, t) => {
                     let los = matches!(op, ModelOp::Los(..));
                     let cond = if los { Condition::Los } else { Condition::Set };
-                    let got = shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget);
+                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget));
                     let want = model.write(k, v, s, now + t, if los { ModelCond::Los } else { ModelCond::Set }, now);
                     prop_assert_eq!(got, want);
                 }
                 ModelOp::Cas(k, e, v, s, t) | ModelOp::Casoc(k, e, v, s, t) => {
                     let casoc = matches!(op, ModelOp::Casoc(..));
                     let cond = if casoc { Condition::Casoc(vec![e].into()) } else { Condition::Cas(vec![e].into()) };
-                    let got = shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget);
+                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget));
                     let want = model.write(k, v, s, now + t, if casoc { ModelCond::Casoc(e) } else { ModelCond::Cas(e) }, now);
                     prop_assert_eq!(got, want);
                 }

@@ -11,14 +11,7 @@ fn from(ip: &str) -> [(&str, &str); 1] {
 
 #[test]
 fn reads_cost_one_and_refusal_has_retry_after() {
-    let s = Server::start(&[
-        "-maxRequests",
-        "17",
-        "-resetDuration",
-        "1h",
-        "-threads",
-        "2",
-    ]);
+    let s = Server::start(&["-maxRequests", "17", "-resetDuration", "1h", "-threads", "2"]);
     let mut c = s.client();
     for i in 0..17 {
         let r = c.req("GET", "/get/x", &from("1.1.1.1"), b"");
@@ -38,30 +31,15 @@ fn reads_cost_one_and_refusal_has_retry_after() {
 
 #[test]
 fn writes_cost_three_and_refused_requests_consume_nothing() {
-    let s = Server::start(&[
-        "-maxRequests",
-        "17",
-        "-resetDuration",
-        "1h",
-        "-threads",
-        "2",
-    ]);
+    let s = Server::start(&["-maxRequests", "17", "-resetDuration", "1h", "-threads", "2"]);
     let mut c = s.client();
     for i in 0..5 {
-        assert_eq!(
-            c.req("POST", &format!("/set/w{i}"), &from("3.3.3.3"), b"v")
-                .status,
-            200
-        );
+        assert_eq!(c.req("POST", &format!("/set/w{i}"), &from("3.3.3.3"), b"v").status, 200);
     }
     // 15 spent, 2 left: a write (3) is refused and takes nothing ...
     assert_eq!(c.req("POST", "/set/w9", &from("3.3.3.3"), b"v").status, 429);
     assert_eq!(c.req("POST", "/los/w9", &from("3.3.3.3"), b"v").status, 429);
-    assert_eq!(
-        s.get("/get/w9").status,
-        404,
-        "a refused write changes nothing"
-    );
+    assert_eq!(s.get("/get/w9").status, 404, "a refused write changes nothing");
     // ... so both remaining tokens still buy two reads.
     assert_eq!(c.req("GET", "/get/w0", &from("3.3.3.3"), b"").status, 200);
     assert_eq!(c.req("GET", "/get/w0", &from("3.3.3.3"), b"").status, 200);
@@ -90,33 +68,12 @@ fn buckets_refill_after_the_reset_duration() {
 fn ipv6_clients_share_a_bucket_per_64() {
     let s = Server::start(&["-maxRequests", "4", "-resetDuration", "1h", "-threads", "2"]);
     let mut c = s.client();
-    assert_eq!(
-        c.req("GET", "/get/x", &from("2001:db8:1:2::1"), b"").status,
-        404
-    );
-    assert_eq!(
-        c.req("GET", "/get/x", &from("2001:db8:1:2::2"), b"").status,
-        404
-    );
-    assert_eq!(
-        c.req("GET", "/get/x", &from("2001:db8:1:2:ffff::9"), b"")
-            .status,
-        404
-    );
-    assert_eq!(
-        c.req("GET", "/get/x", &from("2001:db8:1:2::77"), b"")
-            .status,
-        404
-    );
-    assert_eq!(
-        c.req("GET", "/get/x", &from("2001:db8:1:2::5"), b"").status,
-        429
-    );
-    assert_eq!(
-        c.req("GET", "/get/x", &from("2001:db8:1:3::1"), b"").status,
-        404,
-        "another /64"
-    );
+    assert_eq!(c.req("GET", "/get/x", &from("2001:db8:1:2::1"), b"").status, 404);
+    assert_eq!(c.req("GET", "/get/x", &from("2001:db8:1:2::2"), b"").status, 404);
+    assert_eq!(c.req("GET", "/get/x", &from("2001:db8:1:2:ffff::9"), b"").status, 404);
+    assert_eq!(c.req("GET", "/get/x", &from("2001:db8:1:2::77"), b"").status, 404);
+    assert_eq!(c.req("GET", "/get/x", &from("2001:db8:1:2::5"), b"").status, 429);
+    assert_eq!(c.req("GET", "/get/x", &from("2001:db8:1:3::1"), b"").status, 404, "another /64");
 }
 
 /// 40 simultaneous GETs from a fresh IP with 17 tokens: exactly 17 succeed,
@@ -124,14 +81,7 @@ fn ipv6_clients_share_a_bucket_per_64() {
 #[test]
 fn counting_is_exact_under_concurrency() {
     for threads in ["1", "2", "4"] {
-        let s = Server::start(&[
-            "-maxRequests",
-            "17",
-            "-resetDuration",
-            "1h",
-            "-threads",
-            threads,
-        ]);
+        let s = Server::start(&["-maxRequests", "17", "-resetDuration", "1h", "-threads", threads]);
         let addr = s.addr;
         for round in 0..3 {
             let ip = format!("9.9.{threads}.{round}");
@@ -143,8 +93,7 @@ fn counting_is_exact_under_concurrency() {
                     std::thread::spawn(move || {
                         let mut c = Client::connect(addr);
                         barrier.wait();
-                        c.req("GET", "/get/anything", &[("X-Forwarded-For", &ip)], b"")
-                            .status
+                        c.req("GET", "/get/anything", &[("X-Forwarded-For", &ip)], b"").status
                     })
                 })
                 .collect();
@@ -167,23 +116,10 @@ fn max_u32_requests_is_accepted() {
 
 #[test]
 fn tracked_client_table_is_bounded() {
-    let s = Server::start(&[
-        "-maxRequests",
-        "100",
-        "-resetDuration",
-        "1h",
-        "-maxTrackedIPs",
-        "20",
-        "-threads",
-        "1",
-    ]);
+    let s = Server::start(&["-maxRequests", "100", "-resetDuration", "1h", "-maxTrackedIPs", "20", "-threads", "1"]);
     let mut c = s.client();
     for i in 0..20 {
-        assert_eq!(
-            c.req("GET", "/get/x", &from(&format!("7.7.7.{i}")), b"")
-                .status,
-            404
-        );
+        assert_eq!(c.req("GET", "/get/x", &from(&format!("7.7.7.{i}")), b"").status, 404);
     }
     // A new identity beyond the table is refused until the next refill ...
     assert_eq!(c.req("GET", "/get/x", &from("7.7.8.1"), b"").status, 429);

@@ -15,16 +15,13 @@ const SLOW: usize = 2000;
 fn slowloris_is_cut_off_and_normal_clients_stay_fast() {
     let s = Server::start(&["-threads", "2", "-readTimeout", "4s"]);
     assert_eq!(s.post("/set/k", b"v").status, 200);
-    let slow: Vec<TcpStream> = (0..SLOW)
-        .map(|_| TcpStream::connect(s.addr).unwrap())
-        .collect();
+    let slow: Vec<TcpStream> = (0..SLOW).map(|_| TcpStream::connect(s.addr).unwrap()).collect();
     let writers: Vec<TcpStream> = slow.iter().map(|c| c.try_clone().unwrap()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let dribble = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let request =
-                b"GET /get/k HTTP/1.1\r\nHost: slow\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n";
+            let request = b"GET /get/k HTTP/1.1\r\nHost: slow\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n";
             let mut writers = writers;
             for byte in request.iter().cycle() {
                 if stop.load(Ordering::Relaxed) {
@@ -51,10 +48,7 @@ fn slowloris_is_cut_off_and_normal_clients_stay_fast() {
     latencies.sort();
     let p99 = latencies[latencies.len() * 99 / 100];
     let p50 = latencies[latencies.len() / 2];
-    eprintln!(
-        "normal client during {SLOW} slow connections: {} requests, p50 {p50:?}, p99 {p99:?}",
-        latencies.len()
-    );
+    eprintln!("normal client during {SLOW} slow connections: {} requests, p50 {p50:?}, p99 {p99:?}", latencies.len());
     // A generous bound (the machine runs the attacker too); the figure is reported.
     assert!(p99 < Duration::from_millis(250), "p99 {p99:?}");
 
@@ -62,12 +56,8 @@ fn slowloris_is_cut_off_and_normal_clients_stay_fast() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut timed_out = 0;
     for mut conn in slow {
-        conn.set_read_timeout(Some(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(10)),
-        ))
-        .unwrap();
+        conn.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))))
+            .unwrap();
         let mut buf = [0u8; 512];
         let mut got = Vec::new();
         loop {

@@ -8,26 +8,10 @@ use std::time::Duration;
 const SECRET: (&str, &str) = ("X-Owner-Secret", "s3cret");
 
 fn fill_sample(s: &Server) {
-    assert_eq!(
-        s.req("POST", "/set/plain?ttl=1h", &[], b"value-1").status,
-        200
-    );
+    assert_eq!(s.req("POST", "/set/plain?ttl=1h", &[], b"value-1").status, 200);
     assert_eq!(s.req("POST", "/set/owned", &[SECRET], b"mine").status, 200);
-    assert_eq!(
-        s.req(
-            "POST",
-            "/set/ip/svc",
-            &[("X-Forwarded-For", "198.51.100.7")],
-            b"4000"
-        )
-        .status,
-        200
-    );
-    assert_eq!(
-        s.post(&format!("/set/{}", pct(b"bin\x00\xff")), b"\x00\x01\x02")
-            .status,
-        200
-    );
+    assert_eq!(s.req("POST", "/set/ip/svc", &[("X-Forwarded-For", "198.51.100.7")], b"4000").status, 200);
+    assert_eq!(s.post(&format!("/set/{}", pct(b"bin\x00\xff")), b"\x00\x01\x02").status, 200);
 }
 
 #[test]
@@ -42,32 +26,14 @@ fn sigterm_saves_and_restart_restores_everything() {
 
     let s = Server::start_in(dir, &["-threads", "2"]);
     let g = s.get("/get/plain");
-    assert_eq!(
-        (g.body.as_slice(), g.expires_at()),
-        (&b"value-1"[..], before)
-    );
+    assert_eq!((g.body.as_slice(), g.expires_at()), (&b"value-1"[..], before));
     assert_eq!(s.get("/get/owned").expires_at(), owned_exp);
     assert_eq!(s.get("/get/ip/198.51.100.7/svc").body, b"4000");
-    assert_eq!(
-        s.get(&format!("/get/{}", pct(b"bin\x00\xff"))).body,
-        b"\x00\x01\x02"
-    );
+    assert_eq!(s.get(&format!("/get/{}", pct(b"bin\x00\xff"))).body, b"\x00\x01\x02");
     // The secret still protects the key, and still opens it.
     assert_eq!(s.post("/set/owned", b"stolen").status, 403);
-    assert_eq!(
-        s.req(
-            "POST",
-            "/set/owned",
-            &[("X-Owner-Secret", "wrong")],
-            b"stolen"
-        )
-        .status,
-        403
-    );
-    assert_eq!(
-        s.req("POST", "/set/owned", &[SECRET], b"mine-2").status,
-        200
-    );
+    assert_eq!(s.req("POST", "/set/owned", &[("X-Owner-Secret", "wrong")], b"stolen").status, 403);
+    assert_eq!(s.req("POST", "/set/owned", &[SECRET], b"mine-2").status, 200);
     // SIGINT works the same way.
     let (dir, status) = s.stop_keep_dir("-INT");
     assert!(status.success());
@@ -79,32 +45,16 @@ fn sigterm_saves_and_restart_restores_everything() {
 fn snapshot_file_holds_no_plain_secret() {
     let s = Server::start(&[]);
     let secret = "a-very-recognisable-secret-0123456789";
-    assert_eq!(
-        s.req("POST", "/set/k", &[("X-Owner-Secret", secret)], b"v")
-            .status,
-        200
-    );
+    assert_eq!(s.req("POST", "/set/k", &[("X-Owner-Secret", secret)], b"v").status, 200);
     // A wrong secret is refused without the server logging either one.
-    assert_eq!(
-        s.req(
-            "POST",
-            "/set/k",
-            &[("X-Owner-Secret", "another-recognisable-guess")],
-            b"x"
-        )
-        .status,
-        403
-    );
+    assert_eq!(s.req("POST", "/set/k", &[("X-Owner-Secret", "another-recognisable-guess")], b"x").status, 403);
     let pid = s.pid();
     let mem_hint = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     assert!(!mem_hint.contains(secret));
     let log = s.log_lines().join("\n");
     let (dir, status) = s.stop_keep_dir("-TERM");
     assert!(status.success());
-    assert!(
-        !log.contains(secret) && !log.contains("another-recognisable-guess"),
-        "{log}"
-    );
+    assert!(!log.contains(secret) && !log.contains("another-recognisable-guess"), "{log}");
     let bytes = std::fs::read(dir.path().join("store.rkyv")).unwrap();
     assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
     assert!(bytes.windows(1).any(|w| w == b"v"));
@@ -129,10 +79,7 @@ fn periodic_snapshots_capture_updates_and_survive_kill_9() {
     assert_eq!(s.post("/set/k", b"v1").status, 200);
     s.wait_log("snapshot saved", Duration::from_secs(10));
     // Update an existing key, claim a secret, change the TTL.
-    assert_eq!(
-        s.req("POST", "/set/k?ttl=30m", &[SECRET], b"v2").status,
-        200
-    );
+    assert_eq!(s.req("POST", "/set/k?ttl=30m", &[SECRET], b"v2").status, 200);
     let exp = s.get("/get/k").expires_at();
     s.log_lines();
     s.wait_log("snapshot saved", Duration::from_secs(10));
@@ -141,40 +88,24 @@ fn periodic_snapshots_capture_updates_and_survive_kill_9() {
     let s = Server::start_in(dir, &[]);
     let g = s.get("/get/k");
     assert_eq!((g.body.as_slice(), g.expires_at()), (&b"v2"[..], exp));
-    assert_eq!(
-        s.post("/set/k", b"v3").status,
-        403,
-        "the claimed secret survived"
-    );
+    assert_eq!(s.post("/set/k", b"v3").status, 403, "the claimed secret survived");
 }
 
 #[test]
 fn snapshots_load_on_a_different_core_count() {
     let s = Server::start(&["-threads", "4"]);
     for i in 0..300 {
-        assert_eq!(
-            s.post(&format!("/set/k{i}"), format!("{i}").as_bytes())
-                .status,
-            200
-        );
+        assert_eq!(s.post(&format!("/set/k{i}"), format!("{i}").as_bytes()).status, 200);
     }
     let (mut dir, _) = s.stop_keep_dir("-TERM");
     for threads in ["1", "2", "3"] {
         let s = Server::start_in(dir, &["-threads", threads]);
         let mut c = s.client();
         for i in 0..300 {
-            assert_eq!(
-                c.req("GET", &format!("/get/k{i}"), &[], b"").body,
-                format!("{i}").as_bytes()
-            );
+            assert_eq!(c.req("GET", &format!("/get/k{i}"), &[], b"").body, format!("{i}").as_bytes());
         }
         // Keys are owned correctly after re-routing: updates and los work.
-        assert_eq!(
-            c.req("POST", "/los/k7", &[], b"x")
-                .header("X-Created")
-                .as_deref(),
-            Some("false")
-        );
+        assert_eq!(c.req("POST", "/los/k7", &[], b"x").header("X-Created").as_deref(), Some("false"));
         dir = s.stop_keep_dir("-TERM").0;
     }
 }
@@ -182,25 +113,11 @@ fn snapshots_load_on_a_different_core_count() {
 fn expect_startup_failure(dir: &TempDir, needle: &str) {
     let path = dir.path().join("store.rkyv");
     let before = std::fs::read(&path).unwrap();
-    let out = Command::new(BIN)
-        .args(["-l", "127.0.0.1", "-port", "0", "-snapshotPath"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "started with a bad snapshot ({needle})"
-    );
+    let out = Command::new(BIN).args(["-l", "127.0.0.1", "-port", "0", "-snapshotPath"]).arg(&path).output().unwrap();
+    assert!(!out.status.success(), "started with a bad snapshot ({needle})");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("store.rkyv") && err.contains(needle),
-        "{needle}: {err}"
-    );
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        before,
-        "file must be left untouched"
-    );
+    assert!(err.contains("store.rkyv") && err.contains(needle), "{needle}: {err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "file must be left untouched");
 }
 
 #[test]
@@ -250,16 +167,7 @@ fn golden_v1_snapshot_still_loads() {
     assert_eq!(s.get("/get/ip/192.0.2.1/svc").body, b"192.0.2.1:4000");
     assert_eq!(s.get("/get/golden/expired-long-ago").status, 404);
     assert_eq!(s.post("/set/golden/owned", b"x").status, 403);
-    assert_eq!(
-        s.req(
-            "POST",
-            "/set/golden/owned",
-            &[("X-Owner-Secret", "golden-secret")],
-            b"x"
-        )
-        .status,
-        200
-    );
+    assert_eq!(s.req("POST", "/set/golden/owned", &[("X-Owner-Secret", "golden-secret")], b"x").status, 200);
 }
 
 /// kill -9 at random moments while a large store is snapshotted every 50 ms:
@@ -272,10 +180,7 @@ fn kill_9_during_snapshot_writes_never_breaks_startup() {
     let s = Server::start(&args);
     let mut c = s.client();
     for i in 0..KEYS {
-        assert_eq!(
-            c.req("POST", &format!("/set/big{i}"), &[], &value).status,
-            200
-        );
+        assert_eq!(c.req("POST", &format!("/set/big{i}"), &[], &value).status, 200);
     }
     // A snapshot that started after the last write: skip those logged so
     // far, and the one that may be in progress.
@@ -293,22 +198,14 @@ fn kill_9_during_snapshot_writes_never_breaks_startup() {
         // from some earlier round (or none).
         for i in (0..KEYS).step_by(97) {
             let r = c.req("GET", &format!("/get/big{i}"), &[], b"");
-            assert!(
-                r.status == 200 && r.body == value,
-                "round {round} key {i}: {}",
-                r.status
-            );
+            assert!(r.status == 200 && r.body == value, "round {round} key {i}: {}", r.status);
         }
         let marker = c.req("GET", "/get/marker", &[], b"");
         if marker.status == 200 {
             let m: usize = marker.text().parse().unwrap();
             assert!(m < round, "marker {m} in round {round}");
         }
-        assert_eq!(
-            c.req("POST", "/set/marker", &[], round.to_string().as_bytes())
-                .status,
-            200
-        );
+        assert_eq!(c.req("POST", "/set/marker", &[], round.to_string().as_bytes()).status, 200);
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;

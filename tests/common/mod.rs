@@ -56,18 +56,11 @@ impl Server {
     }
 
     pub fn start_in(dir: TempDir, args: &[&str]) -> Server {
-        let mut all: Vec<String> = [
-            "-l",
-            "127.0.0.1",
-            "-port",
-            "0",
-            "-maxRequests",
-            "4294967295",
-            "-disableLocalIPWarning",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut all: Vec<String> =
+            ["-l", "127.0.0.1", "-port", "0", "-maxRequests", "4294967295", "-disableLocalIPWarning"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         if !args.iter().any(|a| a.contains("metricsAddr")) {
             all.push("-metricsAddr".into());
             all.push("127.0.0.1:0".into());
@@ -106,14 +99,7 @@ impl Server {
                     }
                     if let Some(rest) = line.split("listening on http://").nth(1) {
                         let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-                        return Server {
-                            child: Some(child),
-                            addr,
-                            dir,
-                            banner: line,
-                            metrics,
-                            log: rx,
-                        };
+                        return Server { child: Some(child), addr, dir, banner: line, metrics, log: rx };
                     }
                 }
                 Err(_) => {
@@ -163,10 +149,7 @@ impl Server {
     pub fn wait_log(&self, needle: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
-            match self
-                .log
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
+            match self.log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
                 Err(_) => panic!("no log line containing {needle:?} within {limit:?}"),
@@ -186,10 +169,7 @@ impl Server {
     /// Sends a signal and waits for the exit status (with a deadline).
     pub fn signal_and_wait(&mut self, sig: &str) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        Command::new("kill")
-            .args([sig, &child.id().to_string()])
-            .status()
-            .unwrap();
+        Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
         wait_deadline(&mut child, Duration::from_secs(30))
     }
 
@@ -245,10 +225,7 @@ impl Resp {
     }
 
     pub fn expires_at(&self) -> u64 {
-        self.header("X-Expires-At")
-            .expect("X-Expires-At")
-            .parse()
-            .unwrap()
+        self.header("X-Expires-At").expect("X-Expires-At").parse().unwrap()
     }
 }
 
@@ -259,34 +236,21 @@ pub struct Client {
 }
 
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         stream.set_nodelay(true).unwrap();
-        Client {
-            stream,
-            buf: Vec::new(),
-        }
+        Client { stream, buf: Vec::new() }
     }
 
     /// A client over an already connected stream.
     pub fn over(stream: TcpStream) -> Client {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        Client {
-            stream,
-            buf: Vec::new(),
-        }
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Client { stream, buf: Vec::new() }
     }
 
     pub fn send_raw(&mut self, raw: &[u8]) {
@@ -305,11 +269,8 @@ impl Client {
             let mut resp = httparse::Response::new(&mut headers);
             if let Ok(httparse::Status::Complete(n)) = resp.parse(&self.buf) {
                 let status = resp.code.unwrap();
-                let hs: Vec<(String, Vec<u8>)> = resp
-                    .headers
-                    .iter()
-                    .map(|h| (h.name.to_string(), h.value.to_vec()))
-                    .collect();
+                let hs: Vec<(String, Vec<u8>)> =
+                    resp.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect();
                 let len: usize = hs
                     .iter()
                     .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
@@ -319,18 +280,13 @@ impl Client {
                     self.buf.drain(..n);
                     continue;
                 }
-                let chunked = hs.iter().any(|(k, v)| {
-                    k.eq_ignore_ascii_case("transfer-encoding")
-                        && v.eq_ignore_ascii_case(b"chunked")
-                });
+                let chunked = hs
+                    .iter()
+                    .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case(b"chunked"));
                 if chunked && !head_only {
                     self.buf.drain(..n);
                     let body = self.read_chunked();
-                    return Some(Resp {
-                        status,
-                        headers: hs,
-                        body,
-                    });
+                    return Some(Resp { status, headers: hs, body });
                 }
                 let len = if head_only { 0 } else { len };
                 while self.buf.len() < n + len {
@@ -340,18 +296,10 @@ impl Client {
                 }
                 let body = self.buf[n..n + len].to_vec();
                 self.buf.drain(..n + len);
-                return Some(Resp {
-                    status,
-                    headers: hs,
-                    body,
-                });
+                return Some(Resp { status, headers: hs, body });
             }
             if !self.fill() {
-                assert!(
-                    self.buf.is_empty(),
-                    "EOF inside head: {:?}",
-                    String::from_utf8_lossy(&self.buf)
-                );
+                assert!(self.buf.is_empty(), "EOF inside head: {:?}", String::from_utf8_lossy(&self.buf));
                 return None;
             }
         }
@@ -368,8 +316,7 @@ impl Client {
                 assert!(self.fill(), "EOF in chunk size");
             };
             let size_text = String::from_utf8_lossy(&self.buf[..line_end]).to_string();
-            let size =
-                usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
             self.buf.drain(..line_end + 2);
             while self.buf.len() < size + 2 {
                 assert!(self.fill(), "EOF in chunk");
