@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"RDVZSNAP";
 /// The format this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 32;
 
 /// Format version 1 (archived with rkyv).
@@ -46,6 +46,25 @@ pub struct EntryV1 {
     pub key_len: u32,
     pub expires_unix_ms: u64,
     pub secret_hash: Option<[u8; 32]>,
+}
+
+/// Format version 2: version 1 plus each entry's version (its ETag).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub struct SnapshotV2 {
+    pub created_unix_ms: u64,
+    pub secret_key: [u8; 32],
+    pub entries: Vec<EntryV2>,
+}
+
+/// One entry of format version 2.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub struct EntryV2 {
+    /// Key bytes followed by value bytes.
+    pub data: Vec<u8>,
+    pub key_len: u32,
+    pub expires_unix_ms: u64,
+    pub secret_hash: Option<[u8; 32]>,
+    pub version: u64,
 }
 
 /// Why a snapshot file cannot be used.
@@ -110,11 +129,11 @@ pub fn encode(secret_key: &SecretKey, shards: Vec<Vec<Entry>>, now_unix_ms: u64)
         .into_iter()
         .flatten()
         .map(|e| {
-            let (data, key_len, expires_unix_ms, secret_hash, _version) = e.into_snapshot_parts();
-            EntryV1 { data, key_len, expires_unix_ms, secret_hash }
+                        let (data, key_len, expires_unix_ms, secret_hash, version) = e.into_snapshot_parts();
+            EntryV2 { data, key_len, expires_unix_ms, secret_hash, version }
         })
         .collect();
-    let snap = SnapshotV1 { created_unix_ms: now_unix_ms, secret_key: *secret_key.as_bytes(), entries };
+        let snap = SnapshotV2 { created_unix_ms: now_unix_ms, secret_key: *secret_key.as_bytes(), entries };
     let payload = rkyv::to_bytes::<rancor::Error>(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
@@ -159,22 +178,54 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
     }
     // rkyv needs the archive aligned; a Vec<u8> from the file is not.
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
-    aligned.extend_from_slice(payload);
-    decode_v1(&aligned)
+        aligned.extend_from_slice(payload);
+    match version {
+        1 => decode_v1(&aligned),
+        _ => decode_v2(&aligned),
+    }
+}
+
+/// Builds an entry from archived fields, checking what the archive cannot.
+fn entry(i: usize, data: &[u8], key_len: u32, expires: u64, secret: Option<&[u8; 32]>, version: u64) -> Result<Entry, SnapshotError> {
+    let key_len = key_len as usize;
+    if key_len == 0 || key_len > data.len() || key_len > crate::shard::MAX_KEY_LEN {
+        return Err(SnapshotError::BadEntry(i));
+    }
+    let (key, value) = data.split_at(key_len);
+    let mut e = Entry::new(key, value, secret, expires);
+    e.set_version(version);
+    Ok(e)
+}
+
+fn decode_v2(payload: &[u8]) -> Result<Loaded, SnapshotError> {
+    let archived = rkyv::access::<ArchivedSnapshotV2, rancor::Error>(payload)
+        .map_err(|e| SnapshotError::InvalidArchive(e.to_string()))?;
+    let entries = archived
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let (exp, ver) = (e.expires_unix_ms.to_native(), e.version.to_native());
+            entry(i, &e.data, e.key_len.to_native(), exp, e.secret_hash.as_ref(), ver)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Loaded {
+        secret_key: SecretKey::from_bytes(archived.secret_key),
+        created_unix_ms: archived.created_unix_ms.to_native(),
+        entries,
+    })
 }
 
 fn decode_v1(payload: &[u8]) -> Result<Loaded, SnapshotError> {
     let archived = rkyv::access::<ArchivedSnapshotV1, rancor::Error>(payload)
         .map_err(|e| SnapshotError::InvalidArchive(e.to_string()))?;
-    let mut entries = Vec::with_capacity(archived.entries.len());
-    for (i, e) in archived.entries.iter().enumerate() {
-        let key_len = e.key_len.to_native();
-        if key_len as usize > e.data.len() || key_len == 0 {
-            return Err(SnapshotError::BadEntry(i));
-        }
-        let (key, value) = e.data.as_slice().split_at(key_len as usize);
-        entries.push(Entry::new(key, value, e.secret_hash.as_ref(), e.expires_unix_ms.to_native()));
-    }
+        // Version 1 kept no entry versions: the shard assigns fresh ones (0 = none).
+    let entries = archived
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| entry(i, &e.data, e.key_len.to_native(), e.expires_unix_ms.to_native(), e.secret_hash.as_ref(), 0))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Loaded {
         secret_key: SecretKey::from_bytes(archived.secret_key),
         created_unix_ms: archived.created_unix_ms.to_native(),
@@ -315,12 +366,34 @@ mod tests {
         ]
     }
 
-    /// Regenerates the golden file (run by hand when adding a format version:
-    /// `cargo test write_golden -- --ignored`). Never overwrite an old one.
+    /// The committed golden file of format version 2 must load forever.
+    #[test]
+    fn golden_v2_loads() {
+        let bytes = include_bytes!("../tests/golden/snapshot-v2.rkyv");
+        let loaded = decode(bytes).unwrap();
+        assert_eq!(loaded.secret_key.as_bytes(), &[7u8; 32]);
+        assert_eq!(loaded.entries, golden_entries_v2());
+    }
+
+    fn golden_entries_v2() -> Vec<Entry> {
+        golden_entries()
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut e)| {
+                e.set_version(1_000 + i as u64);
+                e
+            })
+            .collect()
+    }
+
+    /// Writes the golden file of the current format version (run by hand when
+    /// adding a format version: `cargo test write_golden -- --ignored`, after
+    /// renaming this test and the file). Never overwrite an older one.
     #[test]
     #[ignore]
-    fn write_golden_v1() {
-        let bytes = encode(&SecretKey::from_bytes([7; 32]), vec![golden_entries()], 1_764_000_000_000).unwrap();
-        fs::write("tests/golden/snapshot-v1.rkyv", bytes).unwrap();
+    fn write_golden_v2() {
+        assert_eq!(FORMAT_VERSION, 2, "add a new golden file for a new version");
+        let bytes = encode(&SecretKey::from_bytes([7; 32]), vec![golden_entries_v2()], 1_764_000_000_000).unwrap();
+        fs::write("tests/golden/snapshot-v2.rkyv", bytes).unwrap();
     }
 }
