@@ -7,6 +7,62 @@
 use crate::config::Config;
 use crate::duration;
 
+/// The in-browser demo: two tabs exchange a message with `los` and blocking
+/// reads. Static (no request data), so it is not formatted or escaped. The
+/// query string can drive it (`?room=R&role=send&msg=M`, `?room=R&role=recv`),
+/// which is how `tests/browser.rs` runs it in headless Chromium.
+const DEMO: &str = r#"<h2>Try it: two tabs meet through this server</h2>
+<p>Open this page in two tabs with the same room. In one, click <b>Wait for a message</b>
+(a blocking read: <code>GET /get/demo/&lt;room&gt;/offer?wait=30s</code>). In the other, type a message and
+click <b>Send</b> (<code>POST /los/demo/&lt;room&gt;/offer</code>). The first tab receives it at once and
+answers <code>ack:&lt;message&gt;</code> the same way, which the sender is waiting for.</p>
+<p><label>Room <input id="room" size="12"></label>
+<label>Message <input id="msg" size="24" value="hello"></label>
+<button id="send">Send</button> <button id="recv">Wait for a message</button></p>
+<p>Status: <span id="status">idle</span></p>
+<p>Received: <b id="received"></b></p>
+<script>
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const params = new URLSearchParams(location.search);
+  $("room").value = params.get("room") || Math.random().toString(36).slice(2, 8);
+  if (params.get("msg")) $("msg").value = params.get("msg");
+  const key = (name) => "/demo/" + encodeURIComponent($("room").value) + "/" + name;
+  const status = (text) => { $("status").textContent = text; };
+  // Blocking read: park on the server until the key exists (or 30 s pass).
+  async function waitFor(name) {
+    for (;;) {
+      const r = await fetch("/get" + key(name) + "?wait=30s", { cache: "no-store" });
+      if (r.status === 200) return await r.text();
+      if (r.status !== 404) throw new Error("server answered " + r.status);
+    }
+  }
+  async function send() {
+    status("sending");
+    const r = await fetch("/los" + key("offer") + "?ttl=10m", { method: "POST", body: $("msg").value });
+    if (r.headers.get("X-Created") !== "true") {
+      status("someone was first: " + (await r.text()));
+      return;
+    }
+    status("sent; waiting for the answer");
+    $("received").textContent = await waitFor("answer");
+    status("done");
+  }
+  async function receive() {
+    status("waiting");
+    const offer = await waitFor("offer");
+    $("received").textContent = offer;
+    await fetch("/los" + key("answer") + "?ttl=10m", { method: "POST", body: "ack:" + offer });
+    status("done");
+  }
+  const run = (f) => () => f().catch((e) => status("error: " + e.message));
+  $("send").onclick = run(send);
+  $("recv").onclick = run(receive);
+  if (params.get("role") === "send") run(send)();
+  if (params.get("role") === "recv") run(receive)();
+})();
+</script>"#;
+
 /// Escapes text for HTML element and attribute content.
 pub fn escape_html(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -64,6 +120,7 @@ curl -H 'X-Expected-Value: 1' -d 2 {base}/cas/my-mesh/counter
 curl -H 'X-Owner-Secret: s3cret' -d 'mine' {base}/set/my-mesh/owned
 curl -d '4000' {base}/set/ip/game     # then: curl {base}/get/ip/&lt;your IP&gt;/game</pre>
 
+{demo}
 <h2>Limits of this instance</h2>
 <table>
 <tr><td>key size</td><td>{max_key} bytes</td></tr>
@@ -78,6 +135,7 @@ curl -d '4000' {base}/set/ip/game     # then: curl {base}/get/ip/&lt;your IP&gt;
         max_value = cfg.max_value_size,
         max_kv = cfg.max_num_kv,
         max_req = cfg.max_requests,
+        demo = DEMO,
     )
 }
 

@@ -129,11 +129,11 @@ pub fn encode(secret_key: &SecretKey, shards: Vec<Vec<Entry>>, now_unix_ms: u64)
         .into_iter()
         .flatten()
         .map(|e| {
-                        let (data, key_len, expires_unix_ms, secret_hash, version) = e.into_snapshot_parts();
+            let (data, key_len, expires_unix_ms, secret_hash, version) = e.into_snapshot_parts();
             EntryV2 { data, key_len, expires_unix_ms, secret_hash, version }
         })
         .collect();
-        let snap = SnapshotV2 { created_unix_ms: now_unix_ms, secret_key: *secret_key.as_bytes(), entries };
+    let snap = SnapshotV2 { created_unix_ms: now_unix_ms, secret_key: *secret_key.as_bytes(), entries };
     let payload = rkyv::to_bytes::<rancor::Error>(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
@@ -178,7 +178,7 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
     }
     // rkyv needs the archive aligned; a Vec<u8> from the file is not.
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
-        aligned.extend_from_slice(payload);
+    aligned.extend_from_slice(payload);
     match version {
         1 => decode_v1(&aligned),
         _ => decode_v2(&aligned),
@@ -186,7 +186,14 @@ pub fn decode(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
 }
 
 /// Builds an entry from archived fields, checking what the archive cannot.
-fn entry(i: usize, data: &[u8], key_len: u32, expires: u64, secret: Option<&[u8; 32]>, version: u64) -> Result<Entry, SnapshotError> {
+fn entry(
+    i: usize,
+    data: &[u8],
+    key_len: u32,
+    expires: u64,
+    secret: Option<&[u8; 32]>,
+    version: u64,
+) -> Result<Entry, SnapshotError> {
     let key_len = key_len as usize;
     if key_len == 0 || key_len > data.len() || key_len > crate::shard::MAX_KEY_LEN {
         return Err(SnapshotError::BadEntry(i));
@@ -219,12 +226,14 @@ fn decode_v2(payload: &[u8]) -> Result<Loaded, SnapshotError> {
 fn decode_v1(payload: &[u8]) -> Result<Loaded, SnapshotError> {
     let archived = rkyv::access::<ArchivedSnapshotV1, rancor::Error>(payload)
         .map_err(|e| SnapshotError::InvalidArchive(e.to_string()))?;
-        // Version 1 kept no entry versions: the shard assigns fresh ones (0 = none).
+    // Version 1 kept no entry versions: the shard assigns fresh ones (0 = none).
     let entries = archived
         .entries
         .iter()
         .enumerate()
-        .map(|(i, e)| entry(i, &e.data, e.key_len.to_native(), e.expires_unix_ms.to_native(), e.secret_hash.as_ref(), 0))
+        .map(|(i, e)| {
+            entry(i, &e.data, e.key_len.to_native(), e.expires_unix_ms.to_native(), e.secret_hash.as_ref(), 0)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Loaded {
         secret_key: SecretKey::from_bytes(archived.secret_key),

@@ -83,7 +83,8 @@ fn one_write_wakes_many_waiters_across_cores() {
     let keys = ["a", "b", "c", "d", "e", "f", "g", "h"];
     let mut waiters = Vec::new();
     for i in 0..64 {
-        waiters.push((keys[i % keys.len()], waiter(&s, &format!("/get/room/{}?wait=20s", keys[i % keys.len()]), vec![])));
+        waiters
+            .push((keys[i % keys.len()], waiter(&s, &format!("/get/room/{}?wait=20s", keys[i % keys.len()]), vec![])));
     }
     wait_parked(&s, 64.0);
     for k in keys {
