@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use rendezvous::api::{self, Action, Limits};
 use rendezvous::clientip::{self, TrustedProxies, DEFAULT_TRUSTED};
-use rendezvous::command::{Charge, Cmd, Now, Owned};
+use rendezvous::command::{Charge, Cmd, Now, Op, Origin, Owned};
 use rendezvous::http::{self, RequestHead};
 use rendezvous::ratelimit::Limiter;
 use rendezvous::secret::SecretKey;
@@ -15,10 +15,8 @@ use std::cell::RefCell;
 use std::time::Duration;
 
 thread_local! {
-    static STATE: RefCell<(Owned, KeyBudget)> = RefCell::new((
-        Owned { shard: Shard::with_capacity(64), limiter: Limiter::new(1000, 64) },
-        KeyBudget::new(64),
-    ));
+    static STATE: RefCell<(Owned, KeyBudget)> =
+        RefCell::new((Owned::new(Shard::with_capacity(64), Limiter::new(1000, 64)), KeyBudget::new(64)));
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -28,14 +26,35 @@ fuzz_target!(|data: &[u8]| {
     let trusted = TrustedProxies::parse(DEFAULT_TRUSTED).unwrap();
     let peer = "127.0.0.1".parse().unwrap();
     let client = clientip::client_ip(peer, head.forwarded_for.get(), &trusted);
-    let limits = Limits { max_key_size: 100, max_value_size: 1000, max_ttl: Duration::from_secs(7200) };
+    let limits = Limits {
+        max_key_size: 100,
+        max_value_size: 1000,
+        max_ttl: Duration::from_secs(7200),
+        max_wait: Duration::from_secs(60),
+    };
     let secrets = SecretKey::from_bytes([1; 32]);
-    let Ok(Action::Store(action)) = api::prepare(&head, body, client, &limits, &secrets, 1_000_000) else { return };
+    let action = match api::prepare(&head, body, client, &limits, &secrets, 1_000_000) {
+        Ok(Action::Store(action)) => action,
+        // Blocking reads park on the shard like the server does, then a write may wake them.
+        Ok(Action::Wait(w)) => {
+            STATE.with(|s| {
+                let (owned, budget) = &mut *s.borrow_mut();
+                let origin = Origin { core: 0, slot: data.len() as u32 };
+                let op = Op::Wait { key: w.key, until: w.until, origin };
+                let reply = owned.apply(Cmd { charge: None, op: Some(op) }, Now { unix_ms: 1_000_000, epoch: 0 }, budget, &mut Vec::new());
+                let _ = api::respond_wait(Some(reply), w.timeout_status, || 1);
+            });
+            return;
+        }
+        _ => return,
+    };
     STATE.with(|s| {
         let (owned, budget) = &mut *s.borrow_mut();
-        let cmd = Cmd { charge: Some(Charge { bucket: clientip::bucket_key(client), cost: action.cost }), op: Some(action.op) };
-        let reply = owned.apply(cmd, Now { unix_ms: 1_000_000 + data.len() as u64, epoch: 0 }, budget);
-        let r = api::respond(action.route, action.ip_key, reply, "127.0.0.1", || 1);
+        let api::StoreAction { op, cost, meta } = action;
+        let cmd = Cmd { charge: Some(Charge { bucket: clientip::bucket_key(client), cost }), op: Some(op) };
+        let mut wakeups = Vec::new();
+        let reply = owned.apply(cmd, Now { unix_ms: 1_000_000 + data.len() as u64, epoch: 0 }, budget, &mut wakeups);
+        let r = api::respond(&meta, reply, "127.0.0.1", || 1);
         let mut out = Vec::new();
         http::encode(&mut out, &r, "127.0.0.1", true, false, false);
         assert!(out.starts_with(b"HTTP/1.1 "));
