@@ -26,8 +26,27 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Makes the calling thread yield the CPU to the data cores: snapshot
+/// encoding and writing run here, and on a small machine they would
+/// otherwise preempt request handling (a benchmark saw GET p99 go from
+/// under 1 ms to 25 ms during continuous snapshots of 1M keys).
+pub fn lower_thread_priority() -> std::io::Result<()> {
+    // SAFETY: gettid and setpriority take and return plain integers and
+    // touch no memory of ours. On Linux, PRIO_PROCESS with a thread id sets
+    // that thread's nice value only.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Runs until shutdown, then exits the process.
 pub fn run(shared: Arc<Shared>) -> ! {
+    if let Err(e) = lower_thread_priority() {
+        log::warn!("cannot lower the snapshot thread's priority: {e}");
+    }
     let (sig_tx, sig_rx) = crossbeam_channel::bounded::<i32>(4);
     match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
         Ok(mut signals) => {
@@ -146,4 +165,24 @@ fn collect(shared: &Shared) -> Result<Vec<Vec<Entry>>, String> {
         .enumerate()
         .map(|(core, rx)| rx.recv_timeout(COLLECT_TIMEOUT).map_err(|_| format!("core {core} did not answer")))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lowering_priority_sets_this_threads_nice_value() {
+        std::thread::spawn(|| {
+            super::lower_thread_priority().unwrap();
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+            // Field 19 of stat (index 16 after the command name) is the nice value.
+            assert_eq!(fields[16], "10");
+        })
+        .join()
+        .unwrap();
+        // Other threads keep theirs.
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+        assert_ne!(fields[16], "10");
+    }
 }

@@ -37,7 +37,7 @@ const SWEEP_MIN: usize = 1024;
 const SWEEP_MAX: usize = 65_536;
 const LISTEN_BACKLOG: i32 = 4096;
 /// Entries a core copies per slice of a snapshot before letting requests run.
-const SNAPSHOT_SLICE: usize = 16_384;
+const SNAPSHOT_SLICE: usize = 4096;
 
 /// Read-only state every core shares.
 pub struct Shared {
