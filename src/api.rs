@@ -176,9 +176,13 @@ pub fn decode_key(raw: &[u8], max_key_size: usize) -> Result<Vec<u8>, Error> {
 /// zero, negative or garbage is an error.
 fn duration_param(query: Option<&[u8]>, name: &[u8], max: Duration) -> Result<Option<Duration>, ()> {
     let Some(query) = query else { return Ok(None) };
-    let Some(raw) = query.split(|&b| b == b'&').find_map(|p| p.strip_prefix(name)?.strip_prefix(b"=")) else {
+    let Some(param) =
+        query.split(|&b| b == b'&').find(|p| p.strip_prefix(name).is_some_and(|r| r.is_empty() || r[0] == b'='))
+    else {
         return Ok(None);
     };
+    // `?ttl` with no value is unparsable, not absent.
+    let raw = param.get(name.len() + 1..).ok_or(())?;
     let decoded = percent_decode(raw).map_err(|_| ())?;
     let text = std::str::from_utf8(&decoded).map_err(|_| ())?;
     let d = crate::duration::parse_positive(text).map_err(|_| ())?;
@@ -215,7 +219,7 @@ pub fn prepare(
     now_ms: u64,
 ) -> Result<Action, Error> {
     if head.method == Method::Options {
-        return Ok(Action::Preflight);
+        return route_hint(&head.target).map(|_| Action::Preflight).ok_or(Error::NoSuchRoute);
     }
     let (route, raw_key, query) = route(head.method, &head.target)?;
     if route == Route::Docs {
@@ -326,6 +330,7 @@ pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: i
             WriteOutcome::Conflict { value, expires_ms, version } => {
                 let mut r = Response::new(409, Body::Bytes(value));
                 r.expires_at = expires_header(expires_ms);
+                r.created = created_header.then_some(false);
                 r.etag = Some(version);
                 r
             }
@@ -411,7 +416,9 @@ mod tests {
         assert_eq!(ttl(Some(b"a=b&ttl=1h30m"), max), Ok(Duration::from_secs(5400)));
         assert_eq!(ttl(Some(b"ttl=1.5h"), max), Ok(Duration::from_secs(5400)));
         assert_eq!(ttl(Some(b"ttl=100h"), max), Ok(max));
-        for bad in [&b"ttl=0"[..], b"ttl=-1s", b"ttl=", b"ttl=abc", b"ttl=5", b"ttl=%zz", b"ttl=%C3%A9s"] {
+        for bad in
+            [&b"ttl=0"[..], b"ttl=-1s", b"ttl=", b"ttl", b"x=1&ttl&y", b"ttl=abc", b"ttl=5", b"ttl=%zz", b"ttl=%C3%A9s"]
+        {
             assert_eq!(ttl(Some(bad), max), Err(Error::BadTtl), "{}", String::from_utf8_lossy(bad));
         }
     }

@@ -200,6 +200,8 @@ pub enum IoDriver {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub max_key_size: usize,
+    /// Accepted but questionable values, logged at startup.
+    pub warnings: Vec<String>,
     pub max_value_size: usize,
     pub max_num_kv: usize,
     pub expire_duration: Duration,
@@ -244,6 +246,8 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 const BOOL_FLAGS: &[&str] = &["help", "disableLocalIPWarning"];
+/// Largest key accepted: keys travel in the 8 KiB request head.
+pub const MAX_KEY_SIZE: usize = 4096;
 
 /// Rewrites Go-style flags into gumdrop's `--name[=value]` form.
 pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Result<Vec<String>, ConfigError> {
@@ -329,14 +333,19 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
     if flags.max_key_size == 0 {
         return Err(bad("maxKeySize", "must be at least 1"));
     }
-    if flags.max_key_size > 4096 {
-        return Err(bad("maxKeySize", "must be at most 4096 (keys travel in the 8 KiB request head)"));
+    let mut warnings = Vec::new();
+    let mut max_key_size = flags.max_key_size;
+    if max_key_size > MAX_KEY_SIZE {
+        // The Go server took any value; keep such command lines working.
+        warnings
+            .push(format!("-maxKeySize {max_key_size} is more than a request head can carry; using {MAX_KEY_SIZE}"));
+        max_key_size = MAX_KEY_SIZE;
     }
     if flags.max_value_size == 0 {
         return Err(bad("maxValueSize", "must be at least 1"));
     }
     if flags.max_value_size > 64 << 20 {
-        return Err(bad("maxValueSize", "must be at most 64 MiB"));
+        warnings.push(format!("-maxValueSize {} lets one request buffer that much memory", flags.max_value_size));
     }
     if flags.max_num_kv == 0 {
         return Err(bad("maxNumKV", "must be at least 1"));
@@ -377,7 +386,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
     let snapshot_path = (!flags.snapshot_path.is_empty()).then(|| PathBuf::from(&flags.snapshot_path));
     debug_assert!(!DEFAULT_TRUSTED.is_empty());
     Ok(Parsed::Run(Box::new(Config {
-        max_key_size: flags.max_key_size,
+        max_key_size,
+        warnings,
         max_value_size: flags.max_value_size,
         max_num_kv: flags.max_num_kv,
         expire_duration: flags.expire_duration,

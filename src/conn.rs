@@ -41,6 +41,9 @@ use monoio::io::{CancelableAsyncReadRent, Canceller};
 const READ_BUF: usize = 4096;
 /// Buffered responses are written once they reach this size, even mid-pipeline.
 const OUT_HIGH_WATER: usize = 64 * 1024;
+/// A declared body at most this far over the limit is read and dropped
+/// (answer 400, connection kept); further over is refused unread (413, close).
+const DISCARD_LIMIT: u64 = 64 * 1024;
 /// Largest scratch body kept between requests.
 const BODY_KEEP: usize = 64 * 1024;
 /// After a framing error, how much unread input is drained before closing, so
@@ -188,6 +191,8 @@ struct Conn<'a> {
     out: Vec<u8>,
     head: RequestHead,
     body: Vec<u8>,
+    /// The body was a little over the limit and was read into nothing.
+    discarded: bool,
 }
 
 /// Serves one accepted connection until it closes.
@@ -205,6 +210,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         out: Vec::new(),
         head: RequestHead::default(),
         body: Vec::new(),
+        discarded: false,
     };
     let stats = ctx.stats();
     stats.connections_open.add(1);
@@ -328,12 +334,21 @@ impl Conn<'_> {
     /// Reads the body the head announced into `self.body`, within the cap.
     async fn read_body(&mut self, deadline: Instant) -> Result<(), Stop> {
         self.body.clear();
+        self.discarded = false;
         let max = self.ctx.limits.max_value_size;
         match self.head.body {
             BodyKind::None => Ok(()),
             BodyKind::Length(n) => {
                 if n > max as u64 {
-                    return Err(Stop::Reject(Error::BodyTooLarge));
+                    // A little over: read it into nothing and answer 400 on a
+                    // live connection. Far over (or a client waiting for
+                    // 100-continue): refuse before reading, and close.
+                    if n - max as u64 > DISCARD_LIMIT || self.head.expect_continue {
+                        return Err(Stop::Reject(Error::BodyTooLarge));
+                    }
+                    self.discard(n as usize, deadline).await?;
+                    self.discarded = true;
+                    return Ok(());
                 }
                 let n = n as usize;
                 self.send_continue().await?;
@@ -377,6 +392,24 @@ impl Conn<'_> {
         }
     }
 
+    /// Consumes `n` body bytes without keeping them.
+    async fn discard(&mut self, mut n: usize, deadline: Instant) -> Result<(), Stop> {
+        loop {
+            let take = n.min(self.buf.len() - self.start);
+            self.start += take;
+            n -= take;
+            if n == 0 {
+                return Ok(());
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match self.read_more(wait).await {
+                Ok(0) | Err(ReadFail::Io) => return Err(Stop::Broken),
+                Ok(_) => {}
+                Err(ReadFail::Timeout) => return Err(Stop::Reject(Error::RequestTimeout)),
+            }
+        }
+    }
+
     /// Answers `Expect: 100-continue` once the body is known to be acceptable.
     async fn send_continue(&mut self) -> Result<(), Stop> {
         if self.head.expect_continue && !self.head.http10 {
@@ -415,7 +448,11 @@ impl Conn<'_> {
         let started = shared.metrics_on.then(Instant::now);
         let periods = ctx.router.periods();
         let retry_after = || periods.retry_after_secs(Instant::now());
-        let prepared = api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, unix_ms());
+        let prepared = if self.discarded {
+            Err(Error::ValueTooLarge)
+        } else {
+            api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, unix_ms())
+        };
         let (route, conflict, response) = match prepared {
             Err(e) => (api::route_hint(&self.head.target), false, Response::from_error(e)),
             Ok(Action::Docs) => {

@@ -162,6 +162,7 @@ mod tests {
         assert!(p.contains("99 tokens"));
         assert!(p.contains("30m"));
         let evil = page(b"<script>alert(1)</script>", &cfg);
-        assert!(!evil.contains("<script>"));
+        assert!(!evil.contains("<script>alert(1)"));
+        assert!(evil.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     }
 }

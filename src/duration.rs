@@ -53,7 +53,48 @@ pub fn parse_nanos(s: &str) -> Result<i64, DurationError> {
             run = 0;
         }
     }
+    if may_overflow(s) {
+        return Err(DurationError::Invalid);
+    }
     go_parse_duration::parse_duration(s).map_err(|_| DurationError::Invalid)
+}
+
+/// Whether the crate's unchecked running sum could overflow i64
+/// nanoseconds (`1281023h1281023h1281023h` does): an upper bound from each
+/// component's integer part and unit. Malformed input returns false and is
+/// left to the crate to reject.
+fn may_overflow(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    let mut total: u128 = 0;
+    while i < b.len() {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let int: u128 = s[start..i].parse().unwrap_or(0);
+        if i < b.len() && b[i] == b'.' {
+            i += 1;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+        }
+        let unit_start = i;
+        while i < b.len() && !(b[i].is_ascii_digit() || b[i] == b'.') {
+            i += 1;
+        }
+        let unit: u128 = match &s[unit_start..i] {
+            "ns" => 1,
+            "us" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            _ => return false,
+        };
+        total = total.saturating_add((int + 1).saturating_mul(unit));
+    }
+    total > (i64::MAX / 2) as u128
 }
 
 /// Parses a strictly positive Go duration.
@@ -116,8 +157,11 @@ mod tests {
         // A 19-digit fraction makes the crate loop forever.
         assert_eq!(parse_nanos("1.0000000000000000000s"), Err(DurationError::Invalid));
         assert_eq!(parse_nanos(&"9".repeat(40)), Err(DurationError::Invalid));
-        // Overflow is an error, not a wrap.
+        // Overflow is an error, not a wrap (nor, in debug builds, a panic in the crate's sum).
         assert_eq!(parse_nanos("99999999999h"), Err(DurationError::Invalid));
+        assert_eq!(parse_nanos("1281023h1281023h1281023h"), Err(DurationError::Invalid));
+        assert_eq!(parse_nanos("2562047h"), Err(DurationError::Invalid));
+        assert_eq!(parse_nanos("100000h"), Ok(100_000 * 3_600_000_000_000));
     }
 
     #[test]

@@ -264,7 +264,7 @@ impl ChunkedDecoder {
                         self.state = ChunkState::Trailer;
                     }
                     Ok(httparse::Status::Complete((n, size))) => {
-                        if out.len() as u64 + size > self.limit as u64 {
+                        if size > (self.limit - out.len().min(self.limit)) as u64 {
                             return Err(Error::BodyTooLarge);
                         }
                         pos += n;
@@ -627,6 +627,12 @@ mod tests {
         assert_eq!(ChunkedDecoder::new(8).decode(b"zz\r\n", &mut out), Err(Error::BadChunk));
         assert_eq!(ChunkedDecoder::new(8).decode(b"1\r\nabc", &mut out), Err(Error::BadChunk));
         assert_eq!(ChunkedDecoder::new(8).decode(b"ffffffffffffffffffff\r\n", &mut out), Err(Error::BadChunk));
+        // A size near u64::MAX after some data must not wrap the limit check.
+        out.clear();
+        assert_eq!(
+            ChunkedDecoder::new(8).decode(b"1\r\na\r\nffffffffffffffff\r\n", &mut out),
+            Err(Error::BodyTooLarge)
+        );
         let long_ext = [b"1;".as_slice(), &[b'a'; 2000]].concat();
         assert_eq!(ChunkedDecoder::new(8).decode(&long_ext, &mut out), Err(Error::BadChunk));
     }

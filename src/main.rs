@@ -27,6 +27,9 @@ fn main() -> ExitCode {
         config::Parsed::Run(c) => *c,
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
     match server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

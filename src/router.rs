@@ -571,15 +571,6 @@ impl SlotFuture<'_> {
 
 impl Drop for SlotFuture<'_> {
     fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut slots = self.router.slots.borrow_mut();
-        let i = self.slot as usize;
-        match std::mem::replace(&mut slots[i], Slot::Free) {
-            Slot::Waiting { credit, .. } => slots[i] = Slot::Abandoned { credit },
-            Slot::Ready(_) => self.router.release_slot(&mut slots, self.slot),
-            other => slots[i] = other,
-        }
+        self.abandon();
     }
 }

@@ -55,6 +55,9 @@ impl KeyBudget {
     }
 }
 
+/// Entries a create that finds the store full examines for expired ones.
+const FULL_SWEEP: usize = 4096;
+
 /// Length of a stored owner-secret hash.
 const SECRET_LEN: usize = 32;
 
@@ -335,19 +338,21 @@ impl Shard {
             }
         }
         match found {
-            None => self.create(hash, w, budget),
+            None => self.create(hash, w, now_ms, budget),
             Some(idx) => self.update(idx, w, budget),
         }
     }
 
-    fn create(&mut self, hash: u64, w: Write, budget: &KeyBudget) -> WriteOutcome {
+    fn create(&mut self, hash: u64, w: Write, now_ms: u64, budget: &KeyBudget) -> WriteOutcome {
         if w.if_match.is_some() {
             return WriteOutcome::PreconditionFailed { version: None };
         }
         if let Condition::Cas(_) | Condition::Delete = w.cond {
             return WriteOutcome::NotFound;
         }
-        if !budget.try_reserve() {
+        // Full: expired keys not yet swept still hold their slots, so reclaim
+        // a slice of this shard's before refusing.
+        if !budget.try_reserve() && (self.sweep(now_ms, FULL_SWEEP, budget) == 0 || !budget.try_reserve()) {
             return WriteOutcome::Full;
         }
         let mut entry = w.entry;

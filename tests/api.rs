@@ -60,6 +60,7 @@ fn ttl_default_cap_and_errors() {
     assert!(r.expires_at() <= now + 3601);
     let r = s.post("/set/k?ttl=1.5m", b"v");
     assert!((now + 88..=now + 91).contains(&r.expires_at()));
+    assert_eq!(s.post("/set/k?ttl", b"v").status, 400, "a ttl without a value");
     for bad in ["0", "0s", "-5s", "abc", "5", "", "1x"] {
         let r = s.post(&format!("/set/k?ttl={bad}"), b"v");
         assert_eq!(r.status, 400, "ttl={bad}");
@@ -161,7 +162,7 @@ fn casoc_semantics() {
     let r = s.req("POST", "/casoc/x", &[("X-Expected-Value", "whatever")], b"1");
     assert_eq!((r.status, r.text().as_str(), r.header("X-Created").as_deref()), (200, "OK", Some("true")));
     let r = s.req("POST", "/casoc/x", &[("X-Expected-Value", "0")], b"2");
-    assert_eq!((r.status, r.text().as_str()), (409, "1"));
+    assert_eq!((r.status, r.text().as_str(), r.header("X-Created").as_deref()), (409, "1", Some("false")));
     let r = s.req("POST", "/casoc/x", &[("X-Expected-Value", "1")], b"2");
     assert_eq!((r.status, r.header("X-Created").as_deref()), (200, Some("false")));
     assert_eq!(s.post("/casoc/x", b"3").status, 400);
@@ -279,8 +280,15 @@ fn key_limits() {
 fn value_limit_statuses() {
     let s = Server::start(&["-maxValueSize", "1000"]);
     assert_eq!(s.post("/set/k", &[b'v'; 1000]).status, 200);
+    // A little over: 400, and the connection stays usable.
     let mut c = s.client();
     let r = c.req("POST", "/set/k", &[], &[b'v'; 1001]);
+    assert_eq!((r.status, r.text().as_str()), (400, "Value too large"));
+    assert_eq!(c.req("GET", "/get/k", &[], b"").body.len(), 1000);
+    // Far over: 413 before the body is read, and the connection closes.
+    let mut c = s.client();
+    c.send_raw(b"POST /set/k HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n");
+    let r = c.read_response(false).unwrap();
     assert_eq!(r.status, 413);
     assert_eq!(r.header("Connection").as_deref(), Some("close"));
     assert!(c.is_closed());
@@ -341,5 +349,8 @@ fn unknown_routes_and_wrong_methods() {
         assert_eq!((r.status, r.header("Allow").as_deref()), (405, Some("POST, OPTIONS")), "{route}");
     }
     assert_eq!(s.req("DELETE", "/set/x", &[], b"").status, 405);
+    // CORS preflights are for API routes only.
+    assert_eq!(s.req("OPTIONS", "/nope", &[], b"").status, 404);
+    assert_eq!(s.req("OPTIONS", "/get/x", &[], b"").status, 204);
     assert_eq!(s.req("POST", "/", &[], b"").status, 405);
 }

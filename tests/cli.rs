@@ -65,10 +65,17 @@ fn go_style_command_lines_start() {
         "10m",
     ]);
     assert_eq!(s.post("/set/k", &[b'x'; 50]).status, 200);
-    assert_eq!(s.post("/set/k", &[b'x'; 51]).status, 413);
+    assert_eq!(s.post("/set/k", &[b'x'; 51]).status, 400);
     assert_eq!(s.post(&format!("/set/{}", "k".repeat(21)), b"v").status, 400);
     let exp = s.post("/set/k", b"v").expires_at();
     assert!(exp <= now_secs() + 5401 && exp >= now_secs() + 5398);
+}
+
+#[test]
+fn large_go_limits_still_start() {
+    // The Go server took any -maxKeySize / -maxValueSize; such lines keep working.
+    let s = Server::start(&["-maxKeySize", "100000", "-maxValueSize", "100000000"]);
+    assert_eq!(s.post(&format!("/set/{}", "k".repeat(4000)), b"v").status, 200);
 }
 
 #[test]

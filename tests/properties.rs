@@ -236,6 +236,11 @@ impl Model {
                 if let ModelCond::Cas(_) = cond {
                     return WriteOutcome::NotFound;
                 }
+                // Full: the server first reclaims expired keys (a bounded
+                // slice of its shard; in these small models, all of them).
+                if self.map.len() >= self.max_keys {
+                    self.sweep_all(now);
+                }
                 if self.map.len() >= self.max_keys {
                     return WriteOutcome::Full;
                 }
