@@ -468,34 +468,10 @@ mod tests {
     }
 
     #[test]
-    fn help_lists_every_flag_go_style() {
+    fn help_is_go_style() {
+        // Every flag's presence is checked against the binary in tests/cli.rs.
         let Ok(Parsed::Help(text)) = parse(args("-h")) else { panic!() };
-        for flag in [
-            "-maxKeySize",
-            "-maxValueSize",
-            "-maxNumKV",
-            "-expireDuration",
-            "-resetDuration",
-            "-saveDuration",
-            "-maxRequests",
-            "-port",
-            "-l ",
-            "-disableLocalIPWarning",
-            "-threads",
-            "-trustedProxies",
-            "-readTimeout",
-            "-idleTimeout",
-            "-snapshotPath",
-            "-shutdownTimeout",
-            "-metricsAddr",
-            "-maxConns",
-            "-maxConnsPerIP",
-            "-maxTrackedIPs",
-            "-ioDriver",
-        ] {
-            assert!(text.contains(flag), "{flag} missing from help");
-        }
-        assert!(!text.contains("--"));
+        assert!(text.contains("-maxValueSize") && !text.contains("--"));
         assert!(matches!(parse(args("--help")), Ok(Parsed::Help(_))));
     }
 

@@ -313,14 +313,7 @@ impl Conn<'_> {
 
     /// Reads into the spare capacity of `buf` (compacting it first).
     async fn read_more(&mut self, wait: Duration) -> Result<usize, ReadFail> {
-        if self.start > 0 {
-            self.buf.copy_within(self.start.., 0);
-            self.buf.truncate(self.buf.len() - self.start);
-            self.start = 0;
-        }
-        if self.buf.capacity() - self.buf.len() < READ_BUF / 4 {
-            self.buf.reserve(READ_BUF);
-        }
+        self.make_room();
         let buf = std::mem::take(&mut self.buf);
         let (len, cap) = (buf.len(), buf.capacity());
         let read = monoio::time::timeout(wait, self.stream.read(buf.slice_mut(len..cap))).await;
@@ -381,12 +374,7 @@ impl Conn<'_> {
                     if decoder.is_done() {
                         return Ok(());
                     }
-                    let wait = deadline.saturating_duration_since(Instant::now());
-                    match self.read_more(wait).await {
-                        Ok(0) | Err(ReadFail::Io) => return Err(Stop::Broken),
-                        Ok(_) => {}
-                        Err(ReadFail::Timeout) => return Err(Stop::Reject(Error::RequestTimeout)),
-                    }
+                    self.read_more_body(deadline).await?;
                 }
             }
         }
@@ -401,12 +389,30 @@ impl Conn<'_> {
             if n == 0 {
                 return Ok(());
             }
-            let wait = deadline.saturating_duration_since(Instant::now());
-            match self.read_more(wait).await {
-                Ok(0) | Err(ReadFail::Io) => return Err(Stop::Broken),
-                Ok(_) => {}
-                Err(ReadFail::Timeout) => return Err(Stop::Reject(Error::RequestTimeout)),
-            }
+            self.read_more_body(deadline).await?;
+        }
+    }
+
+    /// Reads more of a request body before `deadline`; EOF breaks the
+    /// connection, the deadline answers 408.
+    async fn read_more_body(&mut self, deadline: Instant) -> Result<(), Stop> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.read_more(wait).await {
+            Ok(0) | Err(ReadFail::Io) => Err(Stop::Broken),
+            Ok(_) => Ok(()),
+            Err(ReadFail::Timeout) => Err(Stop::Reject(Error::RequestTimeout)),
+        }
+    }
+
+    /// Moves unconsumed bytes to the front of `buf` and keeps some room to read into.
+    fn make_room(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start.., 0);
+            self.buf.truncate(self.buf.len() - self.start);
+            self.start = 0;
+        }
+        if self.buf.capacity() - self.buf.len() < READ_BUF / 4 {
+            self.buf.reserve(READ_BUF);
         }
     }
 
@@ -528,20 +534,13 @@ impl Conn<'_> {
         let mut parked = std::pin::pin!(parked);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if self.start > 0 {
-                self.buf.copy_within(self.start.., 0);
-                self.buf.truncate(self.buf.len() - self.start);
-                self.start = 0;
-            }
+            self.make_room();
             if self.buf.len() >= http::MAX_HEAD {
                 // A full buffer of pipelined requests: nothing more to read.
                 return match monoio::time::timeout(left, parked).await {
                     Ok(reply) => WaitEnd::Answer(reply),
                     Err(_) => WaitEnd::TimedOut,
                 };
-            }
-            if self.buf.capacity() - self.buf.len() < READ_BUF / 4 {
-                self.buf.reserve(READ_BUF);
             }
             let buf = std::mem::take(&mut self.buf);
             let (len, cap) = (buf.len(), buf.capacity());

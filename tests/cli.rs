@@ -29,6 +29,9 @@ fn help_lists_every_flag() {
         "-metricsAddr",
         "-maxConns",
         "-maxConnsPerIP",
+        "-maxWait",
+        "-maxWaiters",
+        "-maxWaitersPerIP",
         "-maxTrackedIPs",
         "-ioDriver",
     ] {
