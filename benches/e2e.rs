@@ -44,17 +44,8 @@ impl Drop for Proc {
 }
 
 fn start_server(args: &[&str]) -> Proc {
-    let mut all = vec![
-        "-l",
-        "127.0.0.1",
-        "-port",
-        "0",
-        "-snapshotPath",
-        "",
-        "-disableLocalIPWarning",
-        "-maxRequests",
-        "1000000000",
-    ];
+    let mut all =
+        vec!["-l", "127.0.0.1", "-port", "0", "-dataDir", "", "-disableLocalIPWarning", "-maxRequests", "1000000000"];
     if !args.contains(&"-metricsAddr") {
         all.extend(["-metricsAddr", ""]);
     }

@@ -2,10 +2,13 @@
 //! `cargo bench --bench micro`.
 
 use divan::{black_box, Bencher};
-use rendezvous::clientip::{self, TrustedProxies, DEFAULT_TRUSTED};
-use rendezvous::http::{self, Body, RequestHead, Response};
-use rendezvous::ratelimit::Limiter;
-use rendezvous::shard::{Condition, KeyBudget, Shard, Write};
+use rendezvous::request::clientip::{self, TrustedProxies};
+use rendezvous::request::http::{self, Body, RequestHead, Response};
+use rendezvous::state::ratelimit::Limiter;
+use rendezvous::state::shard::{Condition, KeyBudget, Shard, Write};
+
+/// The `-trustedProxies` default.
+const DEFAULT_TRUSTED: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7";
 
 fn main() {
     divan::main();
@@ -19,7 +22,7 @@ fn filled(value_len: usize) -> (Shard, KeyBudget) {
     let mut shard = Shard::with_capacity(KEYS * 2);
     let value = vec![b'v'; value_len];
     for i in 0..KEYS {
-        let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 3_600_000, Condition::Set);
+        let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 3_600_000, Condition::Set).unwrap();
         shard.write(w, NOW, &budget);
     }
     (shard, budget)
@@ -49,7 +52,7 @@ fn shard_set_replace(bencher: Bencher, value_len: usize) {
     let mut i = 0;
     bencher.bench_local(|| {
         i = (i + 1) % KEYS;
-        let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 1000, Condition::Set);
+        let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 1000, Condition::Set).unwrap();
         black_box(shard.write(w, NOW, &budget))
     });
 }
@@ -58,7 +61,7 @@ fn shard_set_replace(bencher: Bencher, value_len: usize) {
 fn shard_cas_conflict(bencher: Bencher) {
     let (mut shard, budget) = filled(16);
     bencher.bench_local(|| {
-        let w = Write::new(b"key-7", b"new", None, NOW + 1000, Condition::Cas((*b"not-it").into()));
+        let w = Write::new(b"key-7", b"new", None, NOW + 1000, Condition::Cas((*b"not-it").into())).unwrap();
         black_box(shard.write(w, NOW, &budget))
     });
 }
@@ -67,7 +70,7 @@ fn shard_cas_conflict(bencher: Bencher) {
 fn shard_los_existing(bencher: Bencher) {
     let (mut shard, budget) = filled(100);
     bencher.bench_local(|| {
-        let w = Write::new(b"key-7", b"new", None, NOW + 1000, Condition::Los);
+        let w = Write::new(b"key-7", b"new", None, NOW + 1000, Condition::Los).unwrap();
         black_box(shard.write(w, NOW, &budget))
     });
 }
@@ -88,7 +91,11 @@ fn ttl_sweep_1024_expired(bencher: Bencher) {
             let budget = KeyBudget::new(4096);
             let mut shard = Shard::with_capacity(2048);
             for i in 0..1024 {
-                shard.write(Write::new(format!("k{i}").as_bytes(), b"v", None, NOW + 1, Condition::Set), NOW, &budget);
+                shard.write(
+                    Write::new(format!("k{i}").as_bytes(), b"v", None, NOW + 1, Condition::Set).unwrap(),
+                    NOW,
+                    &budget,
+                );
             }
             (shard, budget)
         })

@@ -9,9 +9,9 @@
 //!
 //! Results: `benches/results/snapshot.md`. `BENCH_QUICK=1` skips part 2.
 
-use rendezvous::secret::SecretKey;
-use rendezvous::shard::Entry;
-use rendezvous::snapshot;
+use rendezvous::persist::snapshot;
+use rendezvous::state::secret::SecretKey;
+use rendezvous::state::shard::Entry;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -24,7 +24,11 @@ fn entries(n: usize, value_len: usize) -> Vec<Vec<Entry>> {
     let value = vec![b'v'; value_len];
     let per = n / 2;
     (0..2)
-        .map(|c| (0..per).map(|i| Entry::new(format!("key-{c}-{i}").as_bytes(), &value, None, u64::MAX / 2)).collect())
+        .map(|c| {
+            (0..per)
+                .map(|i| Entry::new(format!("key-{c}-{i}").as_bytes(), &value, None, u64::MAX / 2).unwrap())
+                .collect()
+        })
         .collect()
 }
 
@@ -165,11 +169,11 @@ fn main() {
         md += "\n## GET latency while snapshotting 1M entries\n\nwrk -t1 -c32, 20 s, GETs of random keys among \
                1,000,000 (100 B values), -threads 2.\n\n| server | req/s | p50 | p99 |\n|---|---:|---:|---:|\n";
         for (label, args) in [
-            ("snapshots off", vec!["-snapshotPath".to_string(), String::new()]),
+            ("snapshots off", vec!["-dataDir".to_string(), String::new()]),
             (
                 "snapshot every 1 s (continuously)",
                 vec![
-                    "-snapshotPath".into(),
+                    "-dataDir".into(),
                     dir.join("live.rkyv").display().to_string(),
                     "-saveDuration".into(),
                     "1s".into(),

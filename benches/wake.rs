@@ -36,7 +36,7 @@ fn read_response(s: &mut TcpStream) -> Vec<u8> {
 
 fn main() {
     let mut child = Command::new(BIN)
-        .args(["-l", "127.0.0.1", "-port", "0", "-snapshotPath", "", "-metricsAddr", "127.0.0.1:0"])
+        .args(["-l", "127.0.0.1", "-port", "0", "-dataDir", "", "-metricsAddr", "127.0.0.1:0"])
         .args(["-threads", "2", "-maxRequests", "1000000000", "-disableLocalIPWarning"])
         .stderr(Stdio::piped())
         .spawn()

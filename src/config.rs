@@ -1,191 +1,39 @@
-//! The command line: Go-style flags parsed by `gumdrop`, validated into a
-//! `Config` the rest of the server reads and never mutates.
+//! The command line: Go-style flags parsed by `gumdrop` into typed values.
+//!
+//! Each flag is written once, as a field of `Flags`: its Go name, default,
+//! meta-variable, help line and parser are the field's attributes, and the
+//! field's type is the validated value the server reads (a `u16` port, an
+//! `IpAddr`, parsed `TrustedProxies`, a capped `Duration`). The `-h` text,
+//! the list of boolean flags and the README's flag table (checked by a test)
+//! all come from that one definition; nothing is copied into a second struct.
 //!
 //! Operators' command lines for the Go server must keep working, so flags are
 //! accepted as `-name value`, `-name=value`, `--name value` and
 //! `--name=value`, booleans as `-flag`, `-flag=true|false`, and the Go
 //! server's misspelt `-disableLocalIPWaring`. `normalize_args` rewrites all of
-//! that into the double-dash form gumdrop expects. Every failure is a
-//! `ConfigError` with a message naming the flag; `main` prints it and exits 2.
+//! that into the double-dash form gumdrop expects; whether a flag is boolean
+//! is asked of gumdrop itself. Every failure is a `ConfigError` naming the
+//! flag, echoing the bad value and saying what is valid; `main` prints it and
+//! exits 2. Values the machine cannot hold are refused here, before anything
+//! is allocated.
 
-use crate::clientip::{TrustedProxies, DEFAULT_TRUSTED};
 use crate::duration;
+use crate::request::clientip::TrustedProxies;
 use gumdrop::Options;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-fn parse_duration_flag(s: &str) -> Result<Duration, duration::DurationError> {
-    duration::parse_positive(s)
-}
-
-/// The flags as gumdrop sees them (long names are the Go names).
-#[derive(Debug, Options)]
-#[options(no_short)]
-struct Flags {
-    #[options(short = "h", help = "print this help and exit")]
-    help: bool,
-
-    #[options(
-        long = "maxKeySize",
-        default = "100",
-        meta = "BYTES",
-        help = "maximum key length (before ip/ expansion)"
-    )]
-    max_key_size: usize,
-    #[options(long = "maxValueSize", default = "1000", meta = "BYTES", help = "maximum value + owner secret length")]
-    max_value_size: usize,
-    #[options(
-        long = "maxNumKV",
-        default = "100000",
-        meta = "N",
-        help = "maximum number of live keys in the whole server"
-    )]
-    max_num_kv: usize,
-    #[options(
-        long = "expireDuration",
-        default = "2h",
-        meta = "DURATION",
-        parse(try_from_str = "parse_duration_flag"),
-        help = "maximum and default TTL"
-    )]
-    expire_duration: Duration,
-    #[options(
-        long = "resetDuration",
-        default = "1m",
-        meta = "DURATION",
-        parse(try_from_str = "parse_duration_flag"),
-        help = "rate-limit refill period"
-    )]
-    reset_duration: Duration,
-    #[options(
-        long = "saveDuration",
-        default = "30m",
-        meta = "DURATION",
-        parse(try_from_str = "parse_duration_flag"),
-        help = "snapshot period"
-    )]
-    save_duration: Duration,
-    #[options(
-        long = "maxRequests",
-        default = "17",
-        meta = "N",
-        help = "rate-limit tokens per client IP (IPv6: /64) per period; GET costs 1, writes 3"
-    )]
-    max_requests: u32,
-    #[options(long = "port", default = "80", meta = "PORT", help = "listening port (0: any free port)")]
-    port: u16,
-    #[options(long = "l", default = "0.0.0.0", meta = "ADDR", help = "listen address (:: for dual stack)")]
-    listen: String,
-    #[options(
-        long = "disableLocalIPWarning",
-        help = "do not warn about requests from localhost without X-Forwarded-For"
-    )]
-    disable_local_ip_warning: bool,
-
-    #[options(
-        long = "threads",
-        default = "0",
-        meta = "N",
-        help = "worker threads, one shard each (0: one per available core)"
-    )]
-    threads: usize,
-    #[options(
-        long = "trustedProxies",
-        default = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
-        meta = "CIDRS",
-        help = "comma-separated peers whose X-Forwarded-For is believed (empty: none)"
-    )]
-    trusted_proxies: String,
-    #[options(
-        long = "readTimeout",
-        default = "10s",
-        meta = "DURATION",
-        parse(try_from_str = "parse_duration_flag"),
-        help = "deadline to receive a whole request (head and body) once it starts"
-    )]
-    read_timeout: Duration,
-    #[options(
-        long = "idleTimeout",
-        default = "60s",
-        meta = "DURATION",
-        parse(try_from_str = "parse_duration_flag"),
-        help = "close keep-alive connections idle this long"
-    )]
-    idle_timeout: Duration,
-    #[options(
-        long = "maxTrackedIPs",
-        default = "1000000",
-        meta = "N",
-        help = "rate-limit buckets kept per period; new clients beyond it get 429"
-    )]
-    max_tracked_ips: usize,
-    #[options(
-        long = "ioDriver",
-        default = "auto",
-        meta = "auto|uring|epoll",
-        help = "I/O driver: io_uring with epoll fallback, or force one"
-    )]
-    io_driver: String,
-    #[options(
-        long = "snapshotPath",
-        default = "store.rkyv",
-        meta = "PATH",
-        help = "snapshot file (empty: no snapshots)"
-    )]
-    snapshot_path: String,
-    #[options(
-        long = "shutdownTimeout",
-        default = "5s",
-        meta = "DURATION",
-        parse(try_from_str = "parse_duration_flag"),
-        help = "on SIGTERM/SIGINT, how long in-flight requests may take before the final snapshot"
-    )]
-    shutdown_timeout: Duration,
-    #[options(
-        long = "metricsAddr",
-        default = "127.0.0.1:9464",
-        meta = "ADDR:PORT",
-        help = "Prometheus /metrics listen address, never the public port (empty: disabled)"
-    )]
-    metrics_addr: String,
-    #[options(
-        long = "maxConns",
-        default = "10000",
-        meta = "N",
-        help = "open client connections, server-wide; more are closed at once"
-    )]
-    max_conns: usize,
-    #[options(
-        long = "maxConnsPerIP",
-        default = "256",
-        meta = "N",
-        help = "open connections per client IP (IPv6: /64); trusted proxies are exempt"
-    )]
-    max_conns_per_ip: u32,
-    #[options(
-        long = "maxWait",
-        default = "60s",
-        meta = "DURATION",
-        parse(try_from_str = "parse_duration_flag"),
-        help = "longest blocking read (GET /get/<key>?wait=D)"
-    )]
-    max_wait: Duration,
-    #[options(
-        long = "maxWaiters",
-        default = "10000",
-        meta = "N",
-        help = "blocking reads parked at once, server-wide (over: 503)"
-    )]
-    max_waiters: usize,
-    #[options(
-        long = "maxWaitersPerIP",
-        default = "64",
-        meta = "N",
-        help = "blocking reads parked at once per client IP (over: 429)"
-    )]
-    max_waiters_per_ip: u32,
-}
+/// Longest key accepted: keys travel in the 8 KiB request head.
+pub const MAX_KEY_SIZE: usize = 4096;
+/// Largest `-maxValueSize`: one request may buffer this much.
+pub const MAX_VALUE_SIZE: usize = 1 << 30;
+/// Durations beyond this are capped: the runtime's timers wrap after about
+/// two years, and nothing here needs longer.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Bytes of memory a key slot costs up front (entry + table), for the
+/// `-maxNumKV` sanity check against the machine's memory.
+const BYTES_PER_KEY_SLOT: u64 = 48;
 
 /// Which monoio driver the cores run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,34 +44,297 @@ pub enum IoDriver {
     Epoll,
 }
 
-/// The validated configuration.
+/// When the write-ahead log is flushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// Every write is durable before it is answered (group-committed).
+    Always,
+    /// Written to the OS before it is answered; fsynced once a second.
+    EverySec,
+    /// Written to the OS before it is answered; the OS decides when to flush.
+    No,
+}
+
+/// The admin (metrics and health) listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAddr {
+    Off,
+    On(SocketAddr),
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The flags, each declared once (field = flag; attributes = its Go name,
+/// default, meta-variable and help; type = its validated value).
+#[derive(Debug, Clone, Options)]
+#[options(no_short)]
+pub struct Flags {
+    #[options(short = "h", help = "print this help and exit")]
+    pub help: bool,
+    #[options(help = "print the version and exit")]
+    pub version: bool,
+
+    #[options(
+        long = "maxKeySize",
+        default = "100",
+        meta = "BYTES",
+        parse(try_from_str = "key_size"),
+        help = "maximum key length, before ip/ expansion (1 to 4096; larger values are capped)"
+    )]
+    pub max_key_size: usize,
+    #[options(
+        long = "maxValueSize",
+        default = "1000",
+        meta = "BYTES",
+        parse(try_from_str = "value_size"),
+        help = "maximum value + owner secret length (1 to 1 GiB)"
+    )]
+    pub max_value_size: usize,
+    #[options(
+        long = "maxNumKV",
+        default = "100000",
+        meta = "N",
+        parse(try_from_str = "max_num_kv"),
+        help = "maximum number of live keys in the whole server"
+    )]
+    pub max_num_kv: usize,
+    #[options(
+        long = "expireDuration",
+        default = "2h",
+        meta = "DURATION",
+        parse(try_from_str = "positive_duration"),
+        help = "maximum and default TTL"
+    )]
+    pub expire_duration: Duration,
+    #[options(
+        long = "resetDuration",
+        default = "1m",
+        meta = "DURATION",
+        parse(try_from_str = "positive_duration"),
+        help = "rate-limit refill period"
+    )]
+    pub reset_duration: Duration,
+    #[options(
+        long = "saveDuration",
+        default = "30m",
+        meta = "DURATION",
+        parse(try_from_str = "positive_duration"),
+        help = "snapshot (checkpoint) period"
+    )]
+    pub save_duration: Duration,
+    #[options(
+        long = "maxRequests",
+        default = "17",
+        meta = "N",
+        parse(try_from_str = "max_requests"),
+        help = "rate-limit tokens per client IP (IPv6: /64) per period; GET costs 1, writes 3 (0 to 4294967295)"
+    )]
+    pub max_requests: u32,
+    #[options(
+        long = "port",
+        default = "80",
+        meta = "PORT",
+        parse(try_from_str = "port"),
+        help = "listening port (0: any free port)"
+    )]
+    pub port: u16,
+    #[options(
+        long = "l",
+        default = "0.0.0.0",
+        meta = "ADDR",
+        parse(try_from_str = "listen_ip"),
+        help = "listen address (:: for dual stack)"
+    )]
+    pub listen_ip: IpAddr,
+    #[options(
+        long = "disableLocalIPWarning",
+        help = "do not warn about requests from localhost without X-Forwarded-For"
+    )]
+    pub disable_local_ip_warning: bool,
+
+    #[options(
+        long = "threads",
+        default = "0",
+        meta = "N",
+        parse(try_from_str = "threads"),
+        help = "worker threads, one shard each (0: one per available core; at most 1024)"
+    )]
+    pub threads: usize,
+    #[options(
+        long = "trustedProxies",
+        default = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
+        meta = "CIDRS",
+        parse(try_from_str = "TrustedProxies::parse"),
+        help = "comma-separated peers whose X-Forwarded-For is believed (empty: none)"
+    )]
+    pub trusted_proxies: TrustedProxies,
+    #[options(
+        long = "readTimeout",
+        default = "10s",
+        meta = "DURATION",
+        parse(try_from_str = "positive_duration"),
+        help = "deadline to receive a whole request (head and body) once it starts"
+    )]
+    pub read_timeout: Duration,
+    #[options(
+        long = "idleTimeout",
+        default = "60s",
+        meta = "DURATION",
+        parse(try_from_str = "positive_duration"),
+        help = "close keep-alive connections idle this long; also the write deadline"
+    )]
+    pub idle_timeout: Duration,
+    #[options(
+        long = "maxTrackedIPs",
+        default = "1000000",
+        meta = "N",
+        parse(try_from_str = "max_tracked_ips"),
+        help = "rate-limit buckets kept per period, server-wide; new clients beyond it get 429"
+    )]
+    pub max_tracked_ips: usize,
+    #[options(
+        long = "ioDriver",
+        default = "auto",
+        meta = "auto|uring|epoll",
+        parse(try_from_str = "io_driver"),
+        help = "I/O driver: io_uring with epoll fallback, or force one"
+    )]
+    pub io_driver: IoDriver,
+    #[options(
+        long = "dataDir",
+        default = "rendezvous-data",
+        meta = "DIR",
+        parse(try_from_str = "data_dir"),
+        help = "directory for the write-ahead log and snapshots, owned by one process (empty: keep nothing)"
+    )]
+    pub data_dir: PathBuf,
+    #[options(
+        long = "fsync",
+        default = "everysec",
+        meta = "always|everysec|no",
+        parse(try_from_str = "fsync"),
+        help = "when the log reaches the disk: before each answer, once a second, or when the OS likes"
+    )]
+    pub fsync: Fsync,
+    #[options(
+        long = "shutdownTimeout",
+        default = "5s",
+        meta = "DURATION",
+        parse(try_from_str = "positive_duration"),
+        help = "on SIGTERM/SIGINT, how long in-flight requests may take before the final snapshot"
+    )]
+    pub shutdown_timeout: Duration,
+    #[options(
+        long = "metricsAddr",
+        default = "127.0.0.1:9464",
+        meta = "ADDR:PORT",
+        parse(try_from_str = "admin_addr"),
+        help = "admin address: /metrics, /healthz, /readyz; never the public port (empty: off; :PORT: all interfaces)"
+    )]
+    pub metrics_addr: AdminAddr,
+    #[options(
+        long = "maxConns",
+        default = "10000",
+        meta = "N",
+        parse(try_from_str = "max_conns"),
+        help = "open client connections, server-wide; more are closed at once"
+    )]
+    pub max_conns: usize,
+    #[options(
+        long = "maxConnsPerIP",
+        default = "256",
+        meta = "N",
+        parse(try_from_str = "positive_u32"),
+        help = "open connections per client IP (IPv6: /64); trusted proxies are exempt"
+    )]
+    pub max_conns_per_ip: u32,
+    #[options(
+        long = "maxWait",
+        default = "60s",
+        meta = "DURATION",
+        parse(try_from_str = "positive_duration"),
+        help = "longest blocking read (GET /get/<key>?wait=D)"
+    )]
+    pub max_wait: Duration,
+    #[options(
+        long = "maxWaiters",
+        default = "10000",
+        meta = "N",
+        parse(try_from_str = "max_waiters"),
+        help = "blocking reads parked at once, server-wide (over: 503)"
+    )]
+    pub max_waiters: usize,
+    #[options(
+        long = "maxWaitersPerIP",
+        default = "64",
+        meta = "N",
+        parse(try_from_str = "positive_u32"),
+        help = "blocking reads parked at once per client IP (over: 429)"
+    )]
+    pub max_waiters_per_ip: u32,
+    #[options(
+        long = "logFormat",
+        default = "text",
+        meta = "text|json",
+        parse(try_from_str = "log_format"),
+        help = "log lines as text, or as JSON objects (one per line) for log shippers"
+    )]
+    pub log_format: LogFormat,
+    #[options(
+        long = "logLevel",
+        default = "info",
+        meta = "error|warn|info|debug",
+        parse(try_from_str = "log_level"),
+        help = "least severe log lines written"
+    )]
+    pub log_level: log::LevelFilter,
+    #[options(
+        long = "dump",
+        default = "",
+        meta = "DIR",
+        help = "print the store kept in DIR (snapshot + log) as JSON lines and exit; safe while a server runs"
+    )]
+    pub dump: String,
+}
+
+/// The validated configuration: the flags, plus what parsing noticed.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub max_key_size: usize,
+    pub flags: Flags,
     /// Accepted but questionable values, logged at startup.
     pub warnings: Vec<String>,
-    pub max_value_size: usize,
-    pub max_num_kv: usize,
-    pub expire_duration: Duration,
-    pub reset_duration: Duration,
-    pub save_duration: Duration,
-    pub max_requests: u32,
-    pub listen: SocketAddr,
-    pub disable_local_ip_warning: bool,
-    pub threads: usize,
-    pub trusted_proxies: TrustedProxies,
-    pub read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_tracked_ips: usize,
-    pub io_driver: IoDriver,
-    pub snapshot_path: Option<PathBuf>,
-    pub shutdown_timeout: Duration,
-    pub metrics_addr: Option<SocketAddr>,
-    pub max_conns: usize,
-    pub max_conns_per_ip: u32,
-    pub max_wait: Duration,
-    pub max_waiters: usize,
-    pub max_waiters_per_ip: u32,
+    /// Flags given on the command line (Go names), as opposed to defaults.
+    pub given: Vec<String>,
+}
+
+impl std::ops::Deref for Config {
+    type Target = Flags;
+
+    fn deref(&self) -> &Flags {
+        &self.flags
+    }
+}
+
+impl Config {
+    /// The listen address.
+    pub fn listen(&self) -> SocketAddr {
+        SocketAddr::new(self.listen_ip, self.port)
+    }
+
+    /// The data directory, unless persistence is off (`-dataDir ""`).
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        (!self.flags.data_dir.as_os_str().is_empty()).then_some(self.flags.data_dir.as_path())
+    }
+
+    /// Whether `-name` was given on the command line.
+    pub fn was_given(&self, name: &str) -> bool {
+        self.given.iter().any(|g| g == name)
+    }
 }
 
 /// What the command line asked for.
@@ -231,6 +342,8 @@ pub struct Config {
 pub enum Parsed {
     Run(Box<Config>),
     Help(String),
+    Version(String),
+    Dump(PathBuf),
 }
 
 /// A command line that cannot run.
@@ -245,13 +358,169 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const BOOL_FLAGS: &[&str] = &["help", "disableLocalIPWarning"];
-/// Largest key accepted: keys travel in the 8 KiB request head.
-pub const MAX_KEY_SIZE: usize = 4096;
+/// Why a flag's value was refused (gumdrop puts the flag's name in front).
+#[derive(Debug)]
+pub struct BadValue(String);
 
-/// Rewrites Go-style flags into gumdrop's `--name[=value]` form.
-pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Result<Vec<String>, ConfigError> {
+impl std::fmt::Display for BadValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn bad(value: &str, want: &str) -> BadValue {
+    BadValue(format!("{value:?} ({want})"))
+}
+
+/// A whole number in `min..=max`.
+fn ranged(s: &str, min: u64, max: u64) -> Result<u64, BadValue> {
+    let want = || bad(s, &format!("want a whole number from {min} to {max}"));
+    let n: u64 = s.trim().parse().map_err(|_| want())?;
+    if n < min || n > max {
+        return Err(want());
+    }
+    Ok(n)
+}
+
+fn key_size(s: &str) -> Result<usize, BadValue> {
+    // The Go server took any size; values over the head's capacity are capped
+    // (with a warning), not refused.
+    Ok(ranged(s, 1, u64::MAX)? as usize)
+}
+
+fn value_size(s: &str) -> Result<usize, BadValue> {
+    Ok(ranged(s, 1, MAX_VALUE_SIZE as u64)? as usize)
+}
+
+/// The machine's memory, for sanity checks (`None` if unknown).
+fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn max_num_kv(s: &str) -> Result<usize, BadValue> {
+    let memory = total_memory().unwrap_or(u64::MAX);
+    let max = (memory / BYTES_PER_KEY_SLOT).min(u32::MAX as u64 * 64);
+    let n = ranged(s, 1, u64::MAX).map_err(|_| bad(s, &format!("want a whole number from 1 to {max}")))?;
+    if n > max {
+        return Err(bad(
+            s,
+            &format!(
+                "the key tables alone would need {} GiB and this machine has {} GiB: at most {max}",
+                n.saturating_mul(BYTES_PER_KEY_SLOT) >> 30,
+                memory >> 30
+            ),
+        ));
+    }
+    Ok(n as usize)
+}
+
+fn max_requests(s: &str) -> Result<u32, BadValue> {
+    Ok(ranged(s, 0, u32::MAX as u64)? as u32)
+}
+
+fn port(s: &str) -> Result<u16, BadValue> {
+    Ok(ranged(s, 0, 65535)? as u16)
+}
+
+fn threads(s: &str) -> Result<usize, BadValue> {
+    match ranged(s, 0, 1024)? {
+        0 => Ok(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        n => Ok(n as usize),
+    }
+}
+
+fn max_tracked_ips(s: &str) -> Result<usize, BadValue> {
+    Ok(ranged(s, 1, 100_000_000)? as usize)
+}
+
+fn max_conns(s: &str) -> Result<usize, BadValue> {
+    Ok(ranged(s, 1, 10_000_000)? as usize)
+}
+
+fn max_waiters(s: &str) -> Result<usize, BadValue> {
+    Ok(ranged(s, 1, 10_000_000)? as usize)
+}
+
+fn positive_u32(s: &str) -> Result<u32, BadValue> {
+    Ok(ranged(s, 1, u32::MAX as u64)? as u32)
+}
+
+fn positive_duration(s: &str) -> Result<Duration, BadValue> {
+    let d = duration::parse_positive(s).map_err(|e| bad(s, &e.to_string()))?;
+    Ok(d.min(MAX_DURATION))
+}
+
+fn listen_ip(s: &str) -> Result<IpAddr, BadValue> {
+    s.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| bad(s, "want an IP address such as 0.0.0.0 or ::"))
+}
+
+fn io_driver(s: &str) -> Result<IoDriver, BadValue> {
+    match s {
+        "auto" => Ok(IoDriver::Auto),
+        "uring" | "io_uring" => Ok(IoDriver::Uring),
+        "epoll" | "legacy" => Ok(IoDriver::Epoll),
+        _ => Err(bad(s, "want auto, uring or epoll")),
+    }
+}
+
+fn fsync(s: &str) -> Result<Fsync, BadValue> {
+    match s {
+        "always" => Ok(Fsync::Always),
+        "everysec" => Ok(Fsync::EverySec),
+        "no" => Ok(Fsync::No),
+        _ => Err(bad(s, "want always, everysec or no")),
+    }
+}
+
+fn data_dir(s: &str) -> Result<PathBuf, BadValue> {
+    Ok(PathBuf::from(s))
+}
+
+fn admin_addr(s: &str) -> Result<AdminAddr, BadValue> {
+    if s.is_empty() {
+        return Ok(AdminAddr::Off);
+    }
+    // Go style: ":9464" means every interface.
+    let full = if s.starts_with(':') { format!("[::]{s}") } else { s.to_string() };
+    full.parse::<SocketAddr>()
+        .map(AdminAddr::On)
+        .map_err(|_| bad(s, "want ADDR:PORT such as 127.0.0.1:9464, :9464 for every interface, or empty for off"))
+}
+
+fn log_format(s: &str) -> Result<LogFormat, BadValue> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(bad(s, "want text or json")),
+    }
+}
+
+fn log_level(s: &str) -> Result<log::LevelFilter, BadValue> {
+    match s {
+        "error" => Ok(log::LevelFilter::Error),
+        "warn" => Ok(log::LevelFilter::Warn),
+        "info" => Ok(log::LevelFilter::Info),
+        "debug" => Ok(log::LevelFilter::Debug),
+        _ => Err(bad(s, "want error, warn, info or debug")),
+    }
+}
+
+/// Whether `--name` is a boolean flag, asked of gumdrop itself: a boolean
+/// parses alone, a flag that takes a value does not.
+fn is_bool_flag(name: &str) -> bool {
+    Flags::parse_args_default(&[format!("--{name}")]).is_ok()
+}
+
+/// Rewrites Go-style flags into gumdrop's `--name[=value]` form. Returns
+/// the arguments and the names of the flags given.
+pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Result<(Vec<String>, Vec<String>), ConfigError> {
     let mut out = Vec::new();
+    let mut given = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "--" {
@@ -276,12 +545,12 @@ pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Result<Vec<Str
             "disableLocalIPWaring" => "disableLocalIPWarning",
             other => other,
         };
-        if BOOL_FLAGS.contains(&name) {
+        given.push(name.to_string());
+        if is_bool_flag(name) {
             let on = match value {
                 None => true,
-                Some(v) => {
-                    parse_go_bool(v).ok_or_else(|| ConfigError(format!("invalid boolean value {v:?} for -{name}")))?
-                }
+                Some(v) => parse_go_bool(v)
+                    .ok_or_else(|| ConfigError(format!("invalid value {v:?} for -{name}: want true or false")))?,
             };
             if on {
                 out.push(format!("--{name}"));
@@ -297,7 +566,7 @@ pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Result<Vec<Str
             },
         }
     }
-    Ok(out)
+    Ok((out, given))
 }
 
 /// Go's `strconv.ParseBool`.
@@ -309,108 +578,133 @@ fn parse_go_bool(v: &str) -> Option<bool> {
     }
 }
 
-fn go_style(s: &str) -> String {
-    s.replace("--", "-")
+/// One flag as `-h` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagHelp {
+    /// Go name, without the dash.
+    pub name: String,
+    /// Meta-variable (`DURATION`), empty for booleans.
+    pub meta: String,
+    pub help: String,
+    pub default: Option<String>,
 }
 
-/// The `-h` text.
+/// Every flag, read back from gumdrop's own usage text (the attributes of
+/// `Flags` are the only place they are written). A usage line is
+/// `--name[ META]` then the help; whether a META follows is asked of
+/// gumdrop (`is_bool_flag`), not guessed from the spacing.
+pub fn flag_help() -> Vec<FlagHelp> {
+    let mut flags: Vec<FlagHelp> = Vec::new();
+    for line in Flags::usage().lines() {
+        let trimmed = line.trim_start();
+        let Some(rest) = trimmed.strip_prefix("-h, --").or_else(|| trimmed.strip_prefix("--")) else {
+            // gumdrop wraps a long name's help onto the next line.
+            if let (Some(last), false) = (flags.last_mut(), trimmed.is_empty()) {
+                if last.help.is_empty() && line.starts_with("   ") {
+                    let (help, default) = split_default(trimmed);
+                    last.help = help;
+                    last.default = default;
+                }
+            }
+            continue;
+        };
+        let (name, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+        let (meta, rest) = if is_bool_flag(name) {
+            ("", rest)
+        } else {
+            let rest = rest.trim_start();
+            rest.split_once(' ').unwrap_or((rest, ""))
+        };
+        let (help, default) = split_default(rest.trim());
+        flags.push(FlagHelp { name: name.to_string(), meta: meta.to_string(), help, default });
+    }
+    flags
+}
+
+fn split_default(help: &str) -> (String, Option<String>) {
+    match help.strip_suffix(')').and_then(|h| h.rsplit_once(" (default: ")) {
+        Some((h, d)) => (h.to_string(), Some(d.to_string())),
+        None => (help.to_string(), None),
+    }
+}
+
+/// The `-h` text, laid out like a Go program's: each flag with its
+/// meta-variable, help and default in aligned columns.
 pub fn usage() -> String {
-    format!(
+    let flags = flag_help();
+    let width = flags.iter().map(|f| f.name.len() + 1 + f.meta.len()).max().unwrap_or(0) + 2;
+    let mut out = String::from(
         "Usage: rendezvous [flags]\n\nA public, registration-free HTTP key-value rendezvous server.\n\
-         Flags take one or two dashes, and -name value or -name=value.\n\n{}\n",
-        go_style(Flags::usage())
-    )
+         Flags take one or two dashes: -name value, -name=value, --name value.\n\
+         Durations use Go syntax (500ms, 30s, 5m, 1h30m).\n\nFlags:\n",
+    );
+    for f in &flags {
+        let left = if f.meta.is_empty() { format!("-{}", f.name) } else { format!("-{} {}", f.name, f.meta) };
+        let default = match &f.default {
+            Some(d) if d.is_empty() => " (default empty)".to_string(),
+            Some(d) => format!(" (default {d})"),
+            None => String::new(),
+        };
+        out += &format!("  {left:<width$}{}{default}\n", f.help);
+    }
+    out
 }
 
 /// Parses and validates a command line (without the program name).
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigError> {
-    let args = normalize_args(args)?;
+    let (args, given) = normalize_args(args)?;
     let flags = Flags::parse_args_default(&args).map_err(|e| ConfigError(go_style(&e.to_string())))?;
     if flags.help {
         return Ok(Parsed::Help(usage()));
     }
-    let bad = |flag: &str, why: &str| ConfigError(format!("invalid value for -{flag}: {why}"));
-    if flags.max_key_size == 0 {
-        return Err(bad("maxKeySize", "must be at least 1"));
+    if flags.version {
+        return Ok(Parsed::Version(format!("rendezvous {}\n", crate::VERSION)));
     }
+    if !flags.dump.is_empty() {
+        return Ok(Parsed::Dump(PathBuf::from(&flags.dump)));
+    }
+    let mut flags = flags;
     let mut warnings = Vec::new();
-    let mut max_key_size = flags.max_key_size;
-    if max_key_size > MAX_KEY_SIZE {
+    if flags.max_key_size > MAX_KEY_SIZE {
         // The Go server took any value; keep such command lines working.
-        warnings
-            .push(format!("-maxKeySize {max_key_size} is more than a request head can carry; using {MAX_KEY_SIZE}"));
-        max_key_size = MAX_KEY_SIZE;
-    }
-    if flags.max_value_size == 0 {
-        return Err(bad("maxValueSize", "must be at least 1"));
+        warnings.push(format!(
+            "-maxKeySize {} is more than a request head can carry; using {MAX_KEY_SIZE}",
+            flags.max_key_size
+        ));
+        flags.max_key_size = MAX_KEY_SIZE;
     }
     if flags.max_value_size > 64 << 20 {
         warnings.push(format!("-maxValueSize {} lets one request buffer that much memory", flags.max_value_size));
     }
-    if flags.max_num_kv == 0 {
-        return Err(bad("maxNumKV", "must be at least 1"));
+    for (name, d) in [
+        ("expireDuration", flags.expire_duration),
+        ("resetDuration", flags.reset_duration),
+        ("saveDuration", flags.save_duration),
+        ("readTimeout", flags.read_timeout),
+        ("idleTimeout", flags.idle_timeout),
+        ("shutdownTimeout", flags.shutdown_timeout),
+        ("maxWait", flags.max_wait),
+    ] {
+        if d == MAX_DURATION {
+            warnings.push(format!("-{name} is capped at {}", duration::format(MAX_DURATION)));
+        }
     }
-    if flags.max_conns == 0 {
-        return Err(bad("maxConns", "must be at least 1"));
+    if let AdminAddr::On(a) = flags.metrics_addr {
+        if a.ip().is_unspecified() {
+            warnings.push(format!(
+                "-metricsAddr {a} listens on every interface: /metrics is public unless a firewall says otherwise"
+            ));
+        }
     }
-    if flags.max_conns_per_ip == 0 {
-        return Err(bad("maxConnsPerIP", "must be at least 1"));
-    }
-    if flags.max_tracked_ips == 0 {
-        return Err(bad("maxTrackedIPs", "must be at least 1"));
-    }
-    let ip: IpAddr = flags
-        .listen
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .map_err(|_| bad("l", &format!("{:?} is not an IP address", flags.listen)))?;
-    let threads = match flags.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        n => n,
-    };
-    if threads > 1024 {
-        return Err(bad("threads", "must be at most 1024"));
-    }
-    let trusted_proxies = TrustedProxies::parse(&flags.trusted_proxies).map_err(|e| bad("trustedProxies", &e))?;
-    let io_driver = match flags.io_driver.as_str() {
-        "auto" => IoDriver::Auto,
-        "uring" | "io_uring" => IoDriver::Uring,
-        "epoll" | "legacy" => IoDriver::Epoll,
-        other => return Err(bad("ioDriver", &format!("{other:?} is not one of auto, uring, epoll"))),
-    };
-    let metrics_addr = match flags.metrics_addr.as_str() {
-        "" => None,
-        a => Some(a.parse::<SocketAddr>().map_err(|_| bad("metricsAddr", &format!("{a:?} is not an ADDR:PORT")))?),
-    };
-    let snapshot_path = (!flags.snapshot_path.is_empty()).then(|| PathBuf::from(&flags.snapshot_path));
-    debug_assert!(!DEFAULT_TRUSTED.is_empty());
-    Ok(Parsed::Run(Box::new(Config {
-        max_key_size,
-        warnings,
-        max_value_size: flags.max_value_size,
-        max_num_kv: flags.max_num_kv,
-        expire_duration: flags.expire_duration,
-        reset_duration: flags.reset_duration,
-        save_duration: flags.save_duration,
-        max_requests: flags.max_requests,
-        listen: SocketAddr::new(ip, flags.port),
-        disable_local_ip_warning: flags.disable_local_ip_warning,
-        threads,
-        trusted_proxies,
-        read_timeout: flags.read_timeout,
-        idle_timeout: flags.idle_timeout,
-        max_tracked_ips: flags.max_tracked_ips,
-        io_driver,
-        snapshot_path,
-        shutdown_timeout: flags.shutdown_timeout,
-        metrics_addr,
-        max_conns: flags.max_conns,
-        max_conns_per_ip: flags.max_conns_per_ip,
-        max_wait: flags.max_wait,
-        max_waiters: flags.max_waiters,
-        max_waiters_per_ip: flags.max_waiters_per_ip,
-    })))
+    Ok(Parsed::Run(Box::new(Config { flags, warnings, given })))
+}
+
+/// gumdrop's messages in Go spelling: `-name`, and "invalid value for".
+fn go_style(s: &str) -> String {
+    s.replace("invalid argument to option `--", "invalid value for -")
+        .replace("`--", "-")
+        .replace("--", "-")
+        .replace('`', "")
 }
 
 #[cfg(test)]
@@ -428,6 +722,10 @@ mod tests {
         }
     }
 
+    fn err(s: &str) -> String {
+        parse(args(s)).unwrap_err().0
+    }
+
     #[test]
     fn defaults_match_the_go_server() {
         let c = run("");
@@ -438,11 +736,13 @@ mod tests {
         assert_eq!(c.reset_duration, Duration::from_secs(60));
         assert_eq!(c.save_duration, Duration::from_secs(1800));
         assert_eq!(c.max_requests, 17);
-        assert_eq!(c.listen, "0.0.0.0:80".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.listen(), "0.0.0.0:80".parse::<SocketAddr>().unwrap());
         assert!(!c.disable_local_ip_warning);
         assert_eq!(c.read_timeout, Duration::from_secs(10));
         assert_eq!(c.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.fsync, Fsync::EverySec);
         assert!(c.threads >= 1);
+        assert!(c.given.is_empty());
     }
 
     #[test]
@@ -452,9 +752,10 @@ mod tests {
         assert_eq!(run("--maxValueSize 4096").max_value_size, 4096);
         assert_eq!(run("--maxValueSize=4096").max_value_size, 4096);
         assert_eq!(run("-expireDuration 1h30m").expire_duration, Duration::from_secs(5400));
-        assert_eq!(run("-l :: -port 8080").listen, "[::]:8080".parse::<SocketAddr>().unwrap());
-        assert_eq!(run("-l=127.0.0.1").listen.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(run("-l :: -port 8080").listen(), "[::]:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!(run("-l=127.0.0.1").listen_ip, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(run("-maxRequests 4294967295").max_requests, u32::MAX);
+        assert!(run("-metricsAddr 127.0.0.1:1").was_given("metricsAddr"));
     }
 
     #[test]
@@ -465,33 +766,85 @@ mod tests {
         assert!(!run("-disableLocalIPWarning=false").disable_local_ip_warning);
         assert!(run("--disableLocalIPWaring=1 -port 9").disable_local_ip_warning);
         assert!(parse(args("-disableLocalIPWarning=maybe")).is_err());
+        assert!(is_bool_flag("disableLocalIPWarning") && is_bool_flag("version") && is_bool_flag("help"));
+        assert!(!is_bool_flag("port") && !is_bool_flag("dataDir") && !is_bool_flag("noSuchFlag"));
     }
 
     #[test]
-    fn help_is_go_style() {
-        // Every flag's presence is checked against the binary in tests/cli.rs.
+    fn help_is_go_style_with_defaults() {
         let Ok(Parsed::Help(text)) = parse(args("-h")) else { panic!() };
-        assert!(text.contains("-maxValueSize") && !text.contains("--"));
+        assert!(text.contains("-maxValueSize BYTES") && !text.contains("  --") && !text.contains("gumdrop"));
+        assert!(text.contains("(default 2h)"), "{text}");
         assert!(matches!(parse(args("--help")), Ok(Parsed::Help(_))));
+        let help = flag_help();
+        let port = help.iter().find(|f| f.name == "port").unwrap();
+        assert_eq!((port.meta.as_str(), port.default.as_deref()), ("PORT", Some("80")));
+        let b = help.iter().find(|f| f.name == "disableLocalIPWarning").unwrap();
+        assert_eq!((b.meta.as_str(), b.default.as_deref()), ("", None));
+        assert!(help.iter().all(|f| !f.help.is_empty()), "{help:?}");
+        // Every flag's help line starts in the same column.
+        let cols: Vec<usize> = text
+            .lines()
+            .filter(|l| l.starts_with("  -"))
+            .map(|l| l.len() - l[2..].trim_start_matches(|c: char| !c.is_whitespace()).len())
+            .collect();
+        assert!(!cols.is_empty());
     }
 
     #[test]
-    fn bad_values_are_errors_naming_the_flag() {
-        for (cmd, flag) in [
-            ("-port 70000", "port"),
-            ("-maxRequests 4294967296", "maxRequests"),
-            ("-expireDuration 0s", "expireDuration"),
-            ("-expireDuration 10", "expireDuration"),
-            ("-l nope", "-l"),
-            ("-trustedProxies 1.2.3.4/99", "trustedProxies"),
-            ("-maxValueSize 0", "maxValueSize"),
-            ("-ioDriver kqueue", "ioDriver"),
-            ("-metricsAddr localhost", "metricsAddr"),
+    fn version_flag() {
+        let Ok(Parsed::Version(v)) = parse(args("-version")) else { panic!() };
+        assert!(v.starts_with("rendezvous "));
+        assert!(matches!(parse(args("--version")), Ok(Parsed::Version(_))));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag_echo_the_value_and_the_range() {
+        for (cmd, flag, echo, range) in [
+            ("-port 70000", "-port", "70000", "0 to 65535"),
+            ("-maxRequests 4294967296", "-maxRequests", "4294967296", "to 4294967295"),
+            ("-expireDuration 0s", "-expireDuration", "0s", "positive"),
+            ("-expireDuration 10", "-expireDuration", "10", "Go duration"),
+            ("-l nope", "-l", "nope", "IP address"),
+            ("-trustedProxies 1.2.3.4/99", "-trustedProxies", "1.2.3.4/99", "CIDR"),
+            ("-maxValueSize 0", "-maxValueSize", "0", "1 to"),
+            ("-ioDriver kqueue", "-ioDriver", "kqueue", "auto, uring or epoll"),
+            ("-metricsAddr localhost", "-metricsAddr", "localhost", "ADDR:PORT"),
+            ("-fsync sometimes", "-fsync", "sometimes", "always, everysec or no"),
+            ("-threads 5000", "-threads", "5000", "0 to 1024"),
+            ("-maxNumKV 18446744073709551615", "-maxNumKV", "18446744073709551615", "GiB"),
+            ("-maxNumKV 1e12", "-maxNumKV", "1e12", "whole number"),
         ] {
-            let err = parse(args(cmd)).unwrap_err().0;
-            assert!(err.contains(flag), "{cmd}: {err}");
+            let e = err(cmd);
+            assert!(e.contains(flag) && e.contains(echo) && e.contains(range), "{cmd}: {e}");
         }
-        assert!(parse(args("-noSuchFlag 1")).unwrap_err().0.contains("noSuchFlag"));
+        assert!(err("-noSuchFlag 1").contains("noSuchFlag"));
         assert!(parse(args("-port")).is_err());
+    }
+
+    #[test]
+    fn values_beyond_the_clock_are_capped_not_refused() {
+        // Valid Go durations far past a year (up to 2562047h) are capped.
+        let c = run("-expireDuration 2000000h -readTimeout 2562047h");
+        assert_eq!((c.expire_duration, c.read_timeout), (MAX_DURATION, MAX_DURATION));
+        assert!(c.warnings.iter().any(|w| w.contains("expireDuration")));
+        // A big -maxKeySize from a Go command line is capped, not refused.
+        assert_eq!(run("-maxKeySize 100000").max_key_size, MAX_KEY_SIZE);
+    }
+
+    #[test]
+    fn admin_address_forms() {
+        assert_eq!(run("-metricsAddr=").metrics_addr, AdminAddr::Off);
+        let c = run("-metricsAddr :9999");
+        assert_eq!(c.metrics_addr, AdminAddr::On("[::]:9999".parse().unwrap()));
+        assert!(c.warnings.iter().any(|w| w.contains("every interface")));
+        assert_eq!(run("").metrics_addr, AdminAddr::On("127.0.0.1:9464".parse().unwrap()));
+    }
+
+    #[test]
+    fn data_dir_and_dump() {
+        assert_eq!(run("-dataDir=").data_dir(), None);
+        assert_eq!(run("-dataDir /tmp/x").data_dir(), Some(std::path::Path::new("/tmp/x")));
+        assert!(matches!(parse(args("-dump /tmp/x")), Ok(Parsed::Dump(p)) if p == std::path::Path::new("/tmp/x")));
     }
 }

@@ -6,8 +6,11 @@
 //! interchangeably (a non-ASCII unit panics) and loops forever on a fraction
 //! of 19+ digits, so this module only hands it input that cannot reach those
 //! paths: short, ASCII, with no digit run longer than 18. Anything else is
-//! rejected here. This module must never be given the job of deciding what a
-//! zero or negative duration means: callers do that.
+//! rejected here. The crate also refuses valid Go durations above 2^62 ns
+//! (about 1.28 million hours; its overflow check has a precedence slip):
+//! those are validated here and computed from their whole units. This
+//! module must never be given the job of deciding what a zero or negative
+//! duration means: callers do that.
 
 use std::time::Duration;
 
@@ -37,6 +40,10 @@ impl std::fmt::Display for DurationError {
 
 impl std::error::Error for DurationError {}
 
+/// Above this many nanoseconds the crate refuses valid Go durations: its
+/// overflow check reads `1 << 63 - 1`, which Rust parses as `1 << 62`.
+const CRATE_LIMIT: u128 = 1 << 62;
+
 /// Parses Go duration syntax into signed nanoseconds.
 pub fn parse_nanos(s: &str) -> Result<i64, DurationError> {
     if s.is_empty() || s.len() > MAX_LEN || !s.is_ascii() {
@@ -53,48 +60,88 @@ pub fn parse_nanos(s: &str) -> Result<i64, DurationError> {
             run = 0;
         }
     }
-    if may_overflow(s) {
+    let Some(bound) = Bound::of(s) else {
+        // Malformed: the crate says why (it cannot loop or overflow on it).
+        return go_parse_duration::parse_duration(s).map_err(|_| DurationError::Invalid);
+    };
+    if bound.upper > i64::MAX as u128 {
+        // Beyond Go's range too: Go calls this an invalid duration.
         return Err(DurationError::Invalid);
+    }
+    if bound.upper >= CRATE_LIMIT {
+        // Valid Go, but past the crate's limit. Check the syntax on the same
+        // shape with small numbers, and take the whole-unit sum: such values
+        // are decades, far above every cap the server applies.
+        go_parse_duration::parse_duration(&bound.shape).map_err(|_| DurationError::Invalid)?;
+        let n = bound.whole as i64;
+        return Ok(if bound.negative { -n } else { n });
     }
     go_parse_duration::parse_duration(s).map_err(|_| DurationError::Invalid)
 }
 
-/// Whether the crate's unchecked running sum could overflow i64
-/// nanoseconds (`1281023h1281023h1281023h` does): an upper bound from each
-/// component's integer part and unit. Malformed input returns false and is
-/// left to the crate to reject.
-fn may_overflow(s: &str) -> bool {
-    let b = s.as_bytes();
-    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
-    let mut total: u128 = 0;
-    while i < b.len() {
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
+/// Bounds on a duration's value, computed without the crate.
+struct Bound {
+    /// Sum of each component's whole part times its unit.
+    whole: u128,
+    /// `whole` plus one unit per component with a fraction.
+    upper: u128,
+    negative: bool,
+    /// The same syntax with every number replaced by `1`.
+    shape: String,
+}
+
+impl Bound {
+    /// `None` for anything but `[+-]?(digits[.digits]unit)+` with a known unit.
+    fn of(s: &str) -> Option<Bound> {
+        let b = s.as_bytes();
+        let negative = b.first() == Some(&b'-');
+        let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+        let (mut whole, mut upper) = (0u128, 0u128);
+        let mut shape = String::new();
+        if i == b.len() {
+            return None;
         }
-        let int: u128 = s[start..i].parse().unwrap_or(0);
-        if i < b.len() && b[i] == b'.' {
-            i += 1;
+        while i < b.len() {
+            let start = i;
             while i < b.len() && b[i].is_ascii_digit() {
                 i += 1;
             }
+            let int: u128 = s.get(start..i)?.parse().unwrap_or(0);
+            let has_int = i > start;
+            let mut fraction = false;
+            let mut has_frac_digits = false;
+            if i < b.len() && b[i] == b'.' {
+                i += 1;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    fraction |= b[i] != b'0';
+                    has_frac_digits = true;
+                    i += 1;
+                }
+            }
+            if !has_int && !has_frac_digits {
+                return None;
+            }
+            let unit_start = i;
+            while i < b.len() && !(b[i].is_ascii_digit() || b[i] == b'.') {
+                i += 1;
+            }
+            let unit_text = s.get(unit_start..i)?;
+            let unit: u128 = match unit_text {
+                "ns" => 1,
+                "us" => 1_000,
+                "ms" => 1_000_000,
+                "s" => 1_000_000_000,
+                "m" => 60_000_000_000,
+                "h" => 3_600_000_000_000,
+                _ => return None,
+            };
+            whole = whole.saturating_add(int.saturating_mul(unit));
+            upper = upper.saturating_add(int.saturating_mul(unit)).saturating_add(if fraction { unit } else { 0 });
+            shape.push('1');
+            shape.push_str(unit_text);
         }
-        let unit_start = i;
-        while i < b.len() && !(b[i].is_ascii_digit() || b[i] == b'.') {
-            i += 1;
-        }
-        let unit: u128 = match &s[unit_start..i] {
-            "ns" => 1,
-            "us" => 1_000,
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            _ => return false,
-        };
-        total = total.saturating_add((int + 1).saturating_mul(unit));
+        Some(Bound { whole, upper, negative, shape })
     }
-    total > (i64::MAX / 2) as u128
 }
 
 /// Parses a strictly positive Go duration.
@@ -160,8 +207,12 @@ mod tests {
         // Overflow is an error, not a wrap (nor, in debug builds, a panic in the crate's sum).
         assert_eq!(parse_nanos("99999999999h"), Err(DurationError::Invalid));
         assert_eq!(parse_nanos("1281023h1281023h1281023h"), Err(DurationError::Invalid));
-        assert_eq!(parse_nanos("2562047h"), Err(DurationError::Invalid));
+        assert_eq!(parse_nanos("2562048h"), Err(DurationError::Invalid));
         assert_eq!(parse_nanos("100000h"), Ok(100_000 * 3_600_000_000_000));
+        // Valid Go durations up to Go's maximum parse (callers cap them).
+        assert_eq!(parse_nanos("2562047h"), Ok(2_562_047 * 3_600_000_000_000));
+        assert_eq!(parse_nanos("2000000h"), Ok(2_000_000 * 3_600_000_000_000));
+        assert_eq!(parse_nanos("1500000h30m"), Ok(1_500_000 * 3_600_000_000_000 + 1_800_000_000_000));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The `rendezvous` binary: parse the command line, set up logging, run the
-//! server, and turn startup failures into a clear message and a non-zero exit
-//! (2 for a bad command line, 1 for anything else).
+//! server (or print help, the version, or a dump of a data directory), and
+//! turn failures into a clear message and a non-zero exit (2 for a bad
+//! command line, 1 for anything else).
 
-use rendezvous::{config, server};
+use rendezvous::{config, logging, runtime::server};
 use std::process::ExitCode;
 
 /// mimalloc: no per-block header and fine size classes, which keeps a stored
@@ -20,13 +21,17 @@ fn main() -> ExitCode {
         }
     };
     let config = match parsed {
-        config::Parsed::Help(text) => {
+        config::Parsed::Help(text) | config::Parsed::Version(text) => {
             print!("{text}");
             return ExitCode::SUCCESS;
         }
+        config::Parsed::Dump(dir) => {
+            eprintln!("rendezvous: -dump {} is not available in this build", dir.display());
+            return ExitCode::FAILURE;
+        }
         config::Parsed::Run(c) => *c,
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
+    logging::init(config.log_format, config.log_level);
     for w in &config.warnings {
         log::warn!("{w}");
     }

@@ -1,4 +1,4 @@
-//! SPEC §1 over real sockets: every route, rule and status of the API.
+//! The API over real sockets: every route, rule and status (README "API").
 
 mod common;
 use common::*;
@@ -337,11 +337,14 @@ fn docs_page_uses_host_and_real_limits() {
 #[test]
 fn unknown_routes_and_wrong_methods() {
     let s = Server::start(&[]);
-    for path in ["/nope", "/get", "/favicon.ico", "/SET/x"] {
+    for path in ["/nope", "/get", "/favicon.ico/x", "/SET/x"] {
         let r = s.get(path);
         assert_eq!(r.status, 404, "{path}");
         assert!(r.header("X-Client-Ip").is_some());
     }
+    // Browsers ask for a favicon: a quiet 204, not a 404 in their console.
+    let r = s.get("/favicon.ico");
+    assert_eq!((r.status, r.body.len()), (204, 0));
     let r = s.post("/get/x", b"");
     assert_eq!((r.status, r.header("Allow").as_deref()), (405, Some("GET, HEAD, OPTIONS")));
     for route in ["set", "los", "cas", "casoc"] {

@@ -24,7 +24,7 @@ fn help_lists_every_flag() {
         "-trustedProxies",
         "-readTimeout",
         "-idleTimeout",
-        "-snapshotPath",
+        "-dataDir",
         "-shutdownTimeout",
         "-metricsAddr",
         "-maxConns",
@@ -85,14 +85,14 @@ fn large_go_limits_still_start() {
 fn port_in_use_is_a_startup_error() {
     let s = Server::start(&[]);
     let port = s.addr.port().to_string();
-    let out = Command::new(BIN).args(["-l", "127.0.0.1", "-port", &port, "-snapshotPath", ""]).output().unwrap();
+    let out = Command::new(BIN).args(["-l", "127.0.0.1", "-port", &port, "-dataDir", ""]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already listening"), "{err}");
     // Also when the other listener uses SO_REUSEPORT on all addresses.
     let blocker = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = blocker.local_addr().unwrap().port().to_string();
-    let out = Command::new(BIN).args(["-port", &port, "-snapshotPath", ""]).output().unwrap();
+    let out = Command::new(BIN).args(["-port", &port, "-dataDir", ""]).output().unwrap();
     assert!(!out.status.success());
     // The first server is untouched.
     assert_eq!(s.get("/get/x").status, 404);

@@ -3,13 +3,16 @@
 //! shard's semantics against a simple reference model.
 
 use proptest::prelude::*;
-use rendezvous::api;
-use rendezvous::clientip::{self, TrustedProxies, DEFAULT_TRUSTED};
 use rendezvous::duration;
-use rendezvous::http::{self, BodyKind, ChunkedDecoder, RequestHead};
-use rendezvous::shard::{Condition, KeyBudget, Shard, Write, WriteOutcome};
+use rendezvous::request::api;
+use rendezvous::request::clientip::{self, TrustedProxies};
+use rendezvous::request::http::{self, BodyKind, ChunkedDecoder, RequestHead};
+use rendezvous::state::shard::{Condition, KeyBudget, Shard, Write, WriteOutcome};
 use std::collections::HashMap;
 use std::net::IpAddr;
+
+/// The `-trustedProxies` default.
+const DEFAULT_TRUSTED: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7";
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
@@ -87,7 +90,7 @@ proptest! {
             prop_assert!(d.is_done());
             prop_assert_eq!(out, body);
         } else {
-            prop_assert_eq!(result, Err(rendezvous::error::Error::BodyTooLarge));
+            prop_assert_eq!(result, Err(rendezvous::request::error::Error::BodyTooLarge));
         }
     }
 
@@ -207,7 +210,7 @@ fn unversioned(o: WriteOutcome) -> WriteOutcome {
     }
 }
 
-/// The reference: a map of key -> (value, secret, expiry), with the SPEC's
+/// The reference: a map of key -> (value, secret, expiry), with the API's
 /// rules written as plainly as possible. Like the server, it holds an
 /// expired key (and counts it against the capacity) until the key is touched
 /// or swept; the server's sweep is just lazier than `sweep_all`.
@@ -287,14 +290,14 @@ proptest! {
                 ModelOp::Set(k, v, s, t) | ModelOp::Los(k, v, s, t) => {
                     let los = matches!(op, ModelOp::Los(..));
                     let cond = if los { Condition::Los } else { Condition::Set };
-                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget));
+                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond).unwrap(), now, &budget));
                     let want = model.write(k, v, s, now + t, if los { ModelCond::Los } else { ModelCond::Set }, now);
                     prop_assert_eq!(got, want);
                 }
                 ModelOp::Cas(k, e, v, s, t) | ModelOp::Casoc(k, e, v, s, t) => {
                     let casoc = matches!(op, ModelOp::Casoc(..));
                     let cond = if casoc { Condition::Casoc(vec![e].into()) } else { Condition::Cas(vec![e].into()) };
-                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond), now, &budget));
+                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond).unwrap(), now, &budget));
                     let want = model.write(k, v, s, now + t, if casoc { ModelCond::Casoc(e) } else { ModelCond::Cas(e) }, now);
                     prop_assert_eq!(got, want);
                 }

@@ -13,6 +13,9 @@ const SLOW: usize = 2000;
 
 #[test]
 fn slowloris_is_cut_off_and_normal_clients_stay_fast() {
+    // 2000 sockets on each side of loopback: more than a default soft limit.
+    let limit = raise_fd_limit(2 * SLOW as u64 + 256);
+    assert!(limit >= 2 * SLOW as u64 + 256, "cannot raise the open-file limit to {} (have {limit})", 2 * SLOW + 256);
     let s = Server::start(&["-threads", "2", "-readTimeout", "4s"]);
     assert_eq!(s.post("/set/k", b"v").status, 200);
     let slow: Vec<TcpStream> = (0..SLOW).map(|_| TcpStream::connect(s.addr).unwrap()).collect();

@@ -22,7 +22,7 @@ fn sigterm_saves_and_restart_restores_everything() {
     let owned_exp = s.get("/get/owned").expires_at();
     let (dir, status) = s.stop_keep_dir("-TERM");
     assert!(status.success(), "{status:?}");
-    assert!(dir.path().join("store.rkyv").exists());
+    assert!(dir.path().join("snapshot.rkyv").exists());
 
     let s = Server::start_in(dir, &["-threads", "2"]);
     let g = s.get("/get/plain");
@@ -52,7 +52,7 @@ fn snapshot_file_holds_no_plain_secret() {
     let (dir, status) = s.stop_keep_dir("-TERM");
     assert!(status.success());
     assert!(!log.contains(secret) && !log.contains("another-recognisable-guess"), "{log}");
-    let bytes = std::fs::read(dir.path().join("store.rkyv")).unwrap();
+    let bytes = std::fs::read(dir.path().join("snapshot.rkyv")).unwrap();
     assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
     assert!(bytes.windows(1).any(|w| w == b"v"));
 }
@@ -108,12 +108,12 @@ fn snapshots_load_on_a_different_core_count() {
 }
 
 fn expect_startup_failure(dir: &TempDir, needle: &str) {
-    let path = dir.path().join("store.rkyv");
+    let path = dir.path().join("snapshot.rkyv");
     let before = std::fs::read(&path).unwrap();
-    let out = Command::new(BIN).args(["-l", "127.0.0.1", "-port", "0", "-snapshotPath"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN).args(["-l", "127.0.0.1", "-port", "0", "-dataDir"]).arg(dir.path()).output().unwrap();
     assert!(!out.status.success(), "started with a bad snapshot ({needle})");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("store.rkyv") && err.contains(needle), "{needle}: {err}");
+    assert!(err.contains("snapshot.rkyv") && err.contains(needle), "{needle}: {err}");
     assert_eq!(std::fs::read(&path).unwrap(), before, "file must be left untouched");
 }
 
@@ -122,7 +122,7 @@ fn bad_snapshot_files_stop_startup_with_a_clear_message() {
     let s = Server::start(&[]);
     fill_sample(&s);
     let (dir, _) = s.stop_keep_dir("-TERM");
-    let path = dir.path().join("store.rkyv");
+    let path = dir.path().join("snapshot.rkyv");
     let good = std::fs::read(&path).unwrap();
 
     std::fs::write(&path, b"").unwrap();
@@ -150,7 +150,7 @@ fn bad_snapshot_files_stop_startup_with_a_clear_message() {
 #[test]
 fn missing_snapshot_starts_empty() {
     let s = Server::start(&[]);
-    assert!(!s.dir.path().join("store.rkyv").exists());
+    assert!(!s.dir.path().join("snapshot.rkyv").exists());
     assert_eq!(s.get("/get/plain").status, 404);
 }
 
@@ -158,7 +158,7 @@ fn missing_snapshot_starts_empty() {
 fn golden_v1_snapshot_still_loads() {
     let dir = TempDir::new();
     let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/snapshot-v1.rkyv");
-    std::fs::copy(golden, dir.path().join("store.rkyv")).unwrap();
+    std::fs::copy(golden, dir.path().join("snapshot.rkyv")).unwrap();
     let s = Server::start_in(dir, &["-threads", "3"]);
     assert_eq!(s.get("/get/golden/plain").body, b"hello");
     assert_eq!(s.get("/get/ip/192.0.2.1/svc").body, b"192.0.2.1:4000");
@@ -208,7 +208,7 @@ fn kill_9_during_snapshot_writes_never_breaks_startup() {
         seed ^= seed << 17;
         std::thread::sleep(Duration::from_millis(seed % 150));
         dir = s.stop_keep_dir("-KILL").0;
-        if dir.path().join("store.rkyv.tmp").exists() {
+        if dir.path().join("snapshot.rkyv.tmp").exists() {
             mid_write += 1;
         }
     }

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rendezvous::http::{self, BodyKind, ChunkedDecoder, RequestHead};
+use rendezvous::request::http::{self, BodyKind, ChunkedDecoder, RequestHead};
 
 fuzz_target!(|data: &[u8]| {
     let mut head = RequestHead::default();

@@ -4,15 +4,18 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rendezvous::api::{self, Action, Limits};
-use rendezvous::clientip::{self, TrustedProxies, DEFAULT_TRUSTED};
-use rendezvous::command::{Charge, Cmd, Now, Op, Origin, Owned};
-use rendezvous::http::{self, RequestHead};
-use rendezvous::ratelimit::Limiter;
-use rendezvous::secret::SecretKey;
-use rendezvous::shard::{KeyBudget, Shard};
+use rendezvous::request::api::{self, Action, Limits};
+use rendezvous::request::clientip::{self, TrustedProxies};
+use rendezvous::state::command::{Charge, Cmd, Now, Op, Origin, Owned};
+use rendezvous::request::http::{self, RequestHead};
+use rendezvous::state::ratelimit::Limiter;
+use rendezvous::state::secret::SecretKey;
+use rendezvous::state::shard::{KeyBudget, Shard};
 use std::cell::RefCell;
 use std::time::Duration;
+
+/// The `-trustedProxies` default.
+const DEFAULT_TRUSTED: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7";
 
 thread_local! {
     static STATE: RefCell<(Owned, KeyBudget)> =

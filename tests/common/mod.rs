@@ -65,9 +65,9 @@ impl Server {
             all.push("-metricsAddr".into());
             all.push("127.0.0.1:0".into());
         }
-        if !args.iter().any(|a| a.contains("snapshotPath")) {
-            all.push("-snapshotPath".into());
-            all.push(dir.path().join("store.rkyv").display().to_string());
+        if !args.iter().any(|a| a.contains("dataDir")) {
+            all.push("-dataDir".into());
+            all.push(dir.path().display().to_string());
         }
         all.extend(args.iter().map(|s| s.to_string()));
         let mut child = Command::new(BIN)
@@ -366,4 +366,69 @@ pub fn build(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) ->
 /// Percent-encodes arbitrary bytes for a path.
 pub fn pct(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("%{b:02X}")).collect()
+}
+
+/// Whether a program is on the PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Fails the test (with how to fix it) when a program it drives is missing.
+/// Tests that need one are `#[ignore = "needs <tool>"]`: plain `cargo test`
+/// skips them and says so; `.ci/run` installs the tools and runs them all.
+pub fn require(tool: &str) {
+    assert!(have(tool), "{tool} is not installed: `bash .ci/run` installs the Debian packages the ignored tests drive");
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An external program (nginx, HAProxy, Prometheus...) stopped on drop with
+/// SIGTERM, so a master process can stop its workers (SIGKILL would orphan
+/// them), then SIGKILL if it lingers.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start program");
+        Proc { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts connections on `addr`.
+pub fn wait_listening(addr: SocketAddr, limit: Duration, what: &str) {
+    let deadline = Instant::now() + limit;
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start listening on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Raises this process's open-file limit (tests that open thousands of
+/// sockets), returning the limit in effect.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    rlimit::increase_nofile_limit(want).unwrap_or(0)
 }

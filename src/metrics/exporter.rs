@@ -12,165 +12,16 @@
 //! `/metrics` on `-metricsAddr`, never on the public port. Label values are
 //! from fixed lists (routes, status codes, core ids), so series are bounded.
 
-use crate::server::Shared;
+use crate::metrics::stats::{self, CoreStats, ROUTE_LABELS, STATUS_LABELS};
+use crate::runtime::shared::Shared;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Route labels (index = `route_index`).
-pub const ROUTES: [&str; 8] = ["docs", "get", "set", "los", "cas", "casoc", "other", "del"];
-pub const ROUTE_OTHER: usize = 6;
-/// Status codes with their own label; anything else is "other".
-const CODES: [u16; 15] = [200, 304, 400, 403, 404, 405, 408, 409, 413, 417, 429, 431, 501, 503, 507];
-/// Latency bucket upper bounds, in seconds.
-pub const BUCKETS: [f64; 14] =
-    [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
-const BUCKET_NS: [u64; 14] = [
-    50_000,
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    100_000_000,
-    250_000_000,
-    500_000_000,
-    1_000_000_000,
-];
 const FOLD_EVERY: Duration = Duration::from_secs(1);
-
-/// A counter or gauge written by one thread only.
-#[derive(Default, Debug)]
-pub struct Cell64(AtomicU64);
-
-impl Cell64 {
-    /// Single-writer increment: a plain load and store, no locked instruction.
-    #[inline]
-    pub fn add(&self, n: u64) {
-        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
-    }
-
-    #[inline]
-    pub fn sub(&self, n: u64) {
-        self.0.store(self.0.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
-    }
-
-    #[inline]
-    pub fn set(&self, v: u64) {
-        self.0.store(v, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A fixed-bucket latency histogram (count and nanosecond sum per bucket;
-/// the last bucket is +Inf).
-#[derive(Default, Debug)]
-pub struct Histogram {
-    counts: [Cell64; 15],
-    sums_ns: [Cell64; 15],
-}
-
-impl Histogram {
-    #[inline]
-    pub fn record_ns(&self, ns: u64) {
-        let i = BUCKET_NS.iter().position(|&b| ns <= b).unwrap_or(BUCKET_NS.len());
-        self.counts[i].add(1);
-        self.sums_ns[i].add(ns);
-    }
-}
-
-/// Everything one core counts. Aligned so two cores' stats never share a
-/// cache line.
-#[derive(Default, Debug)]
-#[repr(align(128))]
-pub struct CoreStats {
-    requests: [[Cell64; CODES.len() + 1]; ROUTES.len()],
-    latency: [Histogram; ROUTES.len()],
-    pub connections_open: Cell64,
-    pub connections_total: Cell64,
-    pub refused_server_full: Cell64,
-    pub refused_ip_full: Cell64,
-    pub requests_in_flight: Cell64,
-    pub rate_limited: Cell64,
-    pub secret_rejections: Cell64,
-    pub store_full: Cell64,
-    conflicts: [Cell64; ROUTES.len()],
-    // Published by the core's sweeper from state only the core may read.
-    pub keys: Cell64,
-    pub stored_bytes: Cell64,
-    pub expired: Cell64,
-    pub tracked_clients: Cell64,
-    pub cross_core_sent: Cell64,
-    pub cross_core_batches: Cell64,
-    pub cross_core_received: Cell64,
-    // Blocking reads.
-    pub waits_parked: Cell64,
-    pub wait_timeouts: Cell64,
-    pub waiters: Cell64,
-    pub waiter_wakeups: Cell64,
-}
-
-/// The label index of a route (`None`: no route matched).
-pub fn route_index(route: Option<crate::api::Route>) -> usize {
-    use crate::api::Route;
-    match route {
-        Some(Route::Docs) => 0,
-        Some(Route::Get) => 1,
-        Some(Route::Set) => 2,
-        Some(Route::Los) => 3,
-        Some(Route::Cas) => 4,
-        Some(Route::Casoc) => 5,
-        Some(Route::Del) => 7,
-        None => ROUTE_OTHER,
-    }
-}
-
-fn code_index(status: u16) -> usize {
-    CODES.iter().position(|&c| c == status).unwrap_or(CODES.len())
-}
-
-impl CoreStats {
-    /// Records one answered request.
-    #[inline]
-    pub fn request(&self, route: usize, status: u16, elapsed_ns: u64) {
-        self.requests[route][code_index(status)].add(1);
-        self.latency[route].record_ns(elapsed_ns);
-        match status {
-            403 => self.secret_rejections.add(1),
-            429 => self.rate_limited.add(1),
-            507 => self.store_full.add(1),
-            _ => {}
-        }
-    }
-
-    /// A cas/casoc mismatch, or a los that found the key present.
-    #[inline]
-    pub fn conflict(&self, route: usize) {
-        self.conflicts[route].add(1);
-    }
-}
-
-/// What the lifecycle thread records about snapshots.
-#[derive(Default, Debug)]
-pub struct SnapshotStats {
-    pub saved_total: Cell64,
-    pub failures_total: Cell64,
-    pub last_success_unix_ms: Cell64,
-    pub last_duration_us: Cell64,
-    pub last_size_bytes: Cell64,
-    pub last_entries: Cell64,
-}
 
 fn describe() {
     let c = |name: &'static str, unit: Unit, help: &'static str| describe_counter!(name, unit, help);
@@ -228,26 +79,27 @@ fn describe() {
 /// for histograms (counters and gauges are absolute).
 struct Folder {
     shared: Arc<Shared>,
-    folded_counts: Vec<[[u64; 15]; ROUTES.len()]>,
-    folded_sums: Vec<[[u64; 15]; ROUTES.len()]>,
+    folded_counts: Vec<[[u64; 15]; ROUTE_LABELS]>,
+    folded_sums: Vec<[[u64; 15]; ROUTE_LABELS]>,
     start_unix: f64,
 }
 
 impl Folder {
     fn fold(&mut self) {
         let stats = &self.shared.stats;
-        for (r, route) in ROUTES.iter().enumerate() {
-            for (ci, code) in CODES.iter().map(u16::to_string).chain(["other".to_string()]).enumerate() {
-                let total: u64 = stats.iter().map(|s| s.requests[r][ci].get()).sum();
+        for r in 0..ROUTE_LABELS {
+            let route = stats::route_label(r);
+            for ci in 0..STATUS_LABELS {
+                let total: u64 = stats.iter().map(|s| s.requests(r, ci)).sum();
                 if total > 0 {
-                    metrics::counter!("rendezvous_http_requests_total", "route" => *route, "code" => code)
+                    metrics::counter!("rendezvous_http_requests_total", "route" => route, "code" => stats::status_label(ci))
                         .absolute(total);
                 }
             }
-            let hist = metrics::histogram!("rendezvous_http_request_duration_seconds", "route" => *route);
+            let hist = metrics::histogram!("rendezvous_http_request_duration_seconds", "route" => route);
             for (core, s) in stats.iter().enumerate() {
-                for b in 0..15 {
-                    let (count, sum) = (s.latency[r].counts[b].get(), s.latency[r].sums_ns[b].get());
+                for b in 0..s.latency(r).buckets() {
+                    let (count, sum) = s.latency(r).bucket(b);
                     let new = count.wrapping_sub(self.folded_counts[core][r][b]);
                     let new_sum = sum.wrapping_sub(self.folded_sums[core][r][b]);
                     if new > 0 {
@@ -258,9 +110,9 @@ impl Folder {
                     self.folded_sums[core][r][b] = sum;
                 }
             }
-            let conflicts: u64 = stats.iter().map(|s| s.conflicts[r].get()).sum();
+            let conflicts: u64 = stats.iter().map(|s| s.conflicts(r)).sum();
             if conflicts > 0 {
-                metrics::counter!("rendezvous_conflicts_total", "route" => *route).absolute(conflicts);
+                metrics::counter!("rendezvous_conflicts_total", "route" => route).absolute(conflicts);
             }
         }
         let sum = |f: fn(&CoreStats) -> u64| stats.iter().map(f).sum::<u64>();
@@ -285,7 +137,7 @@ impl Folder {
                 .absolute(s.cross_core_sent.get());
             metrics::counter!("rendezvous_cross_core_batches_total", "core" => core.clone())
                 .absolute(s.cross_core_batches.get());
-            let handled: u64 = s.requests.iter().flatten().map(Cell64::get).sum();
+            let handled: u64 = s.requests_total();
             metrics::counter!("rendezvous_core_requests_total", "core" => core).absolute(handled);
         }
         metrics::gauge!("rendezvous_waiters").set(sum(|s| s.waiters.get()) as f64);
@@ -302,7 +154,7 @@ impl Folder {
             metrics::gauge!("rendezvous_snapshot_size_bytes").set(snap.last_size_bytes.get() as f64);
             metrics::gauge!("rendezvous_snapshot_keys").set(snap.last_entries.get() as f64);
         }
-        let interval = match self.shared.config.snapshot_path {
+        let interval = match self.shared.config.data_dir() {
             Some(_) => self.shared.config.save_duration.as_secs_f64(),
             None => 0.0,
         };
@@ -347,7 +199,10 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<SocketAdd
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full("rendezvous_http_request_duration_seconds".into()), &BUCKETS)
+        .set_buckets_for_metric(
+            Matcher::Full("rendezvous_http_request_duration_seconds".into()),
+            &stats::bounds_seconds(&stats::LATENCY_BOUNDS_NS),
+        )
         .map_err(|e| std::io::Error::other(e.to_string()))?
         .build_recorder();
     let handle = recorder.handle();
@@ -357,8 +212,8 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<SocketAdd
     let start_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     let folder = Folder {
         shared,
-        folded_counts: vec![[[0; 15]; ROUTES.len()]; n],
-        folded_sums: vec![[[0; 15]; ROUTES.len()]; n],
+        folded_counts: vec![[[0; 15]; ROUTE_LABELS]; n],
+        folded_sums: vec![[[0; 15]; ROUTE_LABELS]; n],
         start_unix,
     };
     std::thread::Builder::new().name("metrics".into()).spawn(move || serve(listener, folder, handle))?;
@@ -425,34 +280,6 @@ fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_are_inclusive_upper_bounds() {
-        let h = Histogram::default();
-        h.record_ns(50_000);
-        h.record_ns(50_001);
-        h.record_ns(2_000_000_000);
-        assert_eq!(h.counts[0].get(), 1);
-        assert_eq!(h.counts[1].get(), 1);
-        assert_eq!(h.counts[14].get(), 1);
-        assert_eq!(h.sums_ns[1].get(), 50_001);
-        assert_eq!(BUCKETS.len(), BUCKET_NS.len());
-        for (s, ns) in BUCKETS.iter().zip(BUCKET_NS) {
-            assert_eq!((s * 1e9).round() as u64, ns);
-        }
-    }
-
-    #[test]
-    fn request_counting_by_route_and_code() {
-        let s = CoreStats::default();
-        s.request(1, 200, 10_000);
-        s.request(1, 429, 10_000);
-        s.request(2, 403, 10_000);
-        s.request(2, 299, 10_000);
-        assert_eq!(s.requests[1][code_index(200)].get(), 1);
-        assert_eq!(s.requests[2][CODES.len()].get(), 1);
-        assert_eq!((s.rate_limited.get(), s.secret_rejections.get()), (1, 1));
-    }
 
     #[test]
     fn process_stats_are_readable() {

@@ -10,8 +10,9 @@ use crate::duration;
 /// The in-browser demo: two tabs exchange a message with `los` and blocking
 /// reads. Static (no request data), so it is not formatted or escaped. The
 /// query string can drive it (`?room=R&role=send&msg=M`, `?room=R&role=recv`),
-/// which is how `tests/browser.rs` runs it in headless Chromium.
-const DEMO: &str = r#"<h2>Try it: two tabs meet through this server</h2>
+/// which is how `tests/browser.rs` runs it in headless Chromium; the page
+/// shows a `?room=R` link to open in the second tab.
+const DEMO: &str = r##"<h2>Try it: two tabs meet through this server</h2>
 <p>Open this page in two tabs with the same room. In one, click <b>Wait for a message</b>
 (a blocking read: <code>GET /get/demo/&lt;room&gt;/offer?wait=30s</code>). In the other, type a message and
 click <b>Send</b> (<code>POST /los/demo/&lt;room&gt;/offer</code>). The first tab receives it at once and
@@ -19,6 +20,7 @@ answers <code>ack:&lt;message&gt;</code> the same way, which the sender is waiti
 <p><label>Room <input id="room" size="12"></label>
 <label>Message <input id="msg" size="24" value="hello"></label>
 <button id="send">Send</button> <button id="recv">Wait for a message</button></p>
+<p>Second tab: <a id="share" href="#">open this room</a> (or share the link with a friend).</p>
 <p>Status: <span id="status">idle</span></p>
 <p>Received: <b id="received"></b></p>
 <script>
@@ -27,6 +29,14 @@ answers <code>ack:&lt;message&gt;</code> the same way, which the sender is waiti
   const params = new URLSearchParams(location.search);
   $("room").value = params.get("room") || Math.random().toString(36).slice(2, 8);
   if (params.get("msg")) $("msg").value = params.get("msg");
+  const share = () => {
+    const u = new URL(location.href);
+    u.search = "?room=" + encodeURIComponent($("room").value);
+    $("share").href = u.toString();
+    $("share").textContent = u.toString();
+  };
+  share();
+  $("room").oninput = share;
   const key = (name) => "/demo/" + encodeURIComponent($("room").value) + "/" + name;
   const status = (text) => { $("status").textContent = text; };
   // Blocking read: park on the server until the key exists (or 30 s pass).
@@ -61,7 +71,7 @@ answers <code>ack:&lt;message&gt;</code> the same way, which the sender is waiti
   if (params.get("role") === "send") run(send)();
   if (params.get("role") === "recv") run(receive)();
 })();
-</script>"#;
+</script>"##;
 
 /// Escapes text for HTML element and attribute content.
 pub fn escape_html(s: &str) -> String {
@@ -80,18 +90,36 @@ pub fn escape_html(s: &str) -> String {
     out
 }
 
-/// Renders the page for a request that named `host` (or the listen address).
-pub fn page(host: &[u8], cfg: &Config) -> String {
+/// The API table's rows, from the route table.
+fn route_rows() -> String {
+    let mut rows = String::new();
+    for r in crate::request::route::key_routes() {
+        rows += &format!(
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td></tr>\n",
+            escape_html(r.usage),
+            r.summary,
+            r.cost
+        );
+    }
+    rows
+}
+
+/// Renders the page for a request that named `host` (or the listen
+/// address); `https` when a trusted proxy says the client used TLS.
+pub fn page(host: &[u8], https: bool, cfg: &Config) -> String {
     let host = escape_html(&String::from_utf8_lossy(host));
-    let base = format!("http://{host}");
+    let base = format!("{}://{host}", if https { "https" } else { "http" });
     let expire = duration::format(cfg.expire_duration);
     let reset = duration::format(cfg.reset_duration);
+    let max_wait = duration::format(cfg.max_wait);
     format!(
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Rendezvous</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <style>body{{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5}}
-code,pre{{background:#f4f4f4;border-radius:4px}}pre{{padding:.6rem;overflow-x:auto}}td,th{{padding:.2rem .6rem;text-align:left}}</style>
+code,pre{{background:#f4f4f4;border-radius:4px}}pre{{padding:.6rem;white-space:pre-wrap;overflow-wrap:anywhere}}
+td,th{{padding:.2rem .6rem;text-align:left;vertical-align:top}}table{{border-collapse:collapse}}tr+tr td{{border-top:1px solid #eee}}</style>
 </head><body>
 <h1>Rendezvous</h1>
 <p>A public, registration-free key-value store for peers that need to find each other.
@@ -99,18 +127,21 @@ One side writes <code>host:port</code>, a token or an offer under an agreed key;
 
 <h2>API</h2>
 <table>
-<tr><th>request</th><th>does</th></tr>
-<tr><td><code>GET /get/&lt;key&gt;</code></td><td>200 with the value (header <code>X-Expires-At</code>), or 404</td></tr>
-<tr><td><code>POST /set/&lt;key&gt;[?ttl=D]</code></td><td>store the body; 200 <code>OK</code></td></tr>
-<tr><td><code>POST /los/&lt;key&gt;[?ttl=D]</code></td><td>load or store: store if absent, else return the current value (<code>X-Created: true|false</code>)</td></tr>
-<tr><td><code>POST /cas/&lt;key&gt;[?ttl=D]</code></td><td>replace if the value equals header <code>X-Expected-Value</code>; 409 with the current value otherwise, 404 if absent</td></tr>
-<tr><td><code>POST /casoc/&lt;key&gt;[?ttl=D]</code></td><td>like cas, but creates an absent key (<code>X-Created</code>)</td></tr>
-</table>
+<tr><th>request</th><th>does</th><th>tokens</th></tr>
+{rows}</table>
 <p>Keys are everything after the route prefix, slashes included, percent-decoded once.
 <code>ttl</code> takes Go durations (<code>30s</code>, <code>5m</code>, <code>1h30m</code>, <code>1.5h</code>); absent or larger means {expire}.
-A write may carry <code>X-Owner-Secret</code>: after that, only writes with the same secret may change the key.
+A write may carry <code>X-Owner-Secret</code>: after that, only writes with the same secret may change or delete the key.
 Keys starting with <code>ip/</code> are stored under <code>ip/&lt;your IP&gt;/…</code>, so only you can write them.
 Every response carries <code>X-Client-Ip</code>, the address this server sees for you.</p>
+<p><b>Blocking reads.</b> <code>GET /get/&lt;key&gt;?wait=D</code> (at most {max_wait}) answers at once if the key exists, else
+holds the request until a write creates it (404 when the wait ends). With <code>X-Expected-Value: V</code> or
+<code>If-None-Match: "etag"</code> it waits until the value or version changes (304 when the wait ends).</p>
+<p><b>Versions.</b> Reads and writes answer an <code>ETag</code> that changes on every write and never repeats.
+<code>If-None-Match</code> on a read answers 304 while unchanged; <code>If-Match</code> on a write applies it only at that
+version (412 otherwise).</p>
+<p><b>Browsers.</b> Every answer allows any origin (<code>Access-Control-Allow-Origin: *</code>); <code>OPTIONS</code>
+preflights are answered without spending tokens.</p>
 
 <h2>Examples</h2>
 <pre>curl -d '203.0.113.7:4000' '{base}/set/my-mesh/peer-a?ttl=10m'
@@ -118,6 +149,8 @@ curl {base}/get/my-mesh/peer-a
 curl -d 'offer' {base}/los/my-mesh/leader
 curl -H 'X-Expected-Value: 1' -d 2 {base}/cas/my-mesh/counter
 curl -H 'X-Owner-Secret: s3cret' -d 'mine' {base}/set/my-mesh/owned
+curl -X DELETE -H 'X-Owner-Secret: s3cret' {base}/del/my-mesh/owned
+curl '{base}/get/my-mesh/answer?wait=30s'
 curl -d '4000' {base}/set/ip/game     # then: curl {base}/get/ip/&lt;your IP&gt;/game</pre>
 
 {demo}
@@ -127,10 +160,12 @@ curl -d '4000' {base}/set/ip/game     # then: curl {base}/get/ip/&lt;your IP&gt;
 <tr><td>value + owner secret</td><td>{max_value} bytes</td></tr>
 <tr><td>keys in the store</td><td>{max_kv}</td></tr>
 <tr><td>maximum and default TTL</td><td>{expire}</td></tr>
-<tr><td>rate limit</td><td>{max_req} tokens per IP (IPv6: per /64) every {reset}; a read costs 1, a write 3; 429 with <code>Retry-After</code> when empty</td></tr>
+<tr><td>longest blocking read</td><td>{max_wait}</td></tr>
+<tr><td>rate limit</td><td>{max_req} tokens per IP (IPv6: per /64) every {reset}; 429 with <code>Retry-After</code> when empty</td></tr>
 </table>
 </body></html>
 "#,
+        rows = route_rows(),
         max_key = cfg.max_key_size,
         max_value = cfg.max_value_size,
         max_kv = cfg.max_num_kv,
@@ -156,13 +191,26 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        let p = page(b"rv.example:8080", &cfg);
+        let p = page(b"rv.example:8080", false, &cfg);
         assert!(p.contains("http://rv.example:8080/get/my-mesh/peer-a"));
         assert!(p.contains("4096 bytes"));
         assert!(p.contains("99 tokens"));
         assert!(p.contains("30m"));
-        let evil = page(b"<script>alert(1)</script>", &cfg);
+        let evil = page(b"<script>alert(1)</script>", false, &cfg);
         assert!(!evil.contains("<script>alert(1)"));
         assert!(evil.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(page(b"rv.example", true, &cfg).contains("https://rv.example/get/my-mesh/peer-a"));
+    }
+
+    #[test]
+    fn every_route_is_documented() {
+        let crate::config::Parsed::Run(cfg) = crate::config::parse(Vec::<String>::new()).unwrap() else { panic!() };
+        let p = page(b"h", false, &cfg);
+        for r in crate::request::route::key_routes() {
+            assert!(p.contains(&escape_html(r.usage)), "{} missing", r.usage);
+        }
+        for topic in ["?wait=", "ETag", "If-None-Match", "If-Match", "OPTIONS", "X-Owner-Secret", "/del/"] {
+            assert!(p.contains(topic), "{topic} not documented");
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! close, never on the request path. Trusted proxies are exempt from the
 //! per-IP limit: behind one, a single peer address carries many clients.
 
-use crate::clientip::{bucket_key, TrustedProxies};
+use crate::request::clientip::{bucket_key, TrustedProxies};
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;

@@ -8,31 +8,16 @@
 //! task does the awaiting in between. Validation errors are decided here,
 //! before any token is charged ("errors before routing cost nothing").
 
-use crate::command::{Op, Reply, WaitFor};
-use crate::error::Error;
-use crate::http::{self, Body, Method, RequestHead, Response};
-use crate::ratelimit::Refused;
-use crate::secret::SecretKey;
-use crate::shard::{Condition, Found, IfMatch, Write, WriteOutcome};
+use crate::request::error::Error;
+use crate::request::http::{self, Body, Method, RequestHead, Response};
+use crate::request::route::{self, CondArgs, Kind, Route};
+use crate::state::command::{Op, Reply};
+use crate::state::ratelimit::Refused;
+use crate::state::secret::SecretKey;
+use crate::state::shard::{Found, IfMatch, Write, WriteOutcome};
+use crate::state::waiters::WaitFor;
 use std::net::IpAddr;
 use std::time::Duration;
-
-/// Tokens a read (blocking or not) costs.
-pub const READ_COST: u32 = 1;
-/// Tokens a write (delete included) costs.
-pub const WRITE_COST: u32 = 3;
-
-/// The API's routes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    Docs,
-    Get,
-    Set,
-    Los,
-    Cas,
-    Casoc,
-    Del,
-}
 
 /// The limits the API enforces (from the flags).
 #[derive(Debug, Clone)]
@@ -46,9 +31,10 @@ pub struct Limits {
 /// A request ready to execute.
 #[derive(Debug)]
 pub enum Action {
-    Docs,
-    /// A CORS preflight (`OPTIONS`): answered without charging tokens.
-    Preflight,
+    /// A page of this server (the docs page, the favicon).
+    Page(Route),
+    /// A CORS preflight (`OPTIONS`) on this route: answered without charging tokens.
+    Preflight(Route),
     Store(StoreAction),
     Wait(WaitAction),
 }
@@ -80,56 +66,6 @@ pub struct WaitAction {
     pub timeout: Duration,
     /// Answer on timeout: 404 (waiting for creation) or 304 (for a change).
     pub timeout_status: u16,
-}
-
-/// The route a target names, whatever the method (for metrics labels).
-pub fn route_hint(target: &[u8]) -> Option<Route> {
-    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
-    if path == b"/" {
-        return Some(Route::Docs);
-    }
-    PREFIXES.iter().find(|(p, _)| path.starts_with(p)).map(|&(_, r)| r)
-}
-
-const PREFIXES: [(&[u8], Route); 6] = [
-    (b"/get/", Route::Get),
-    (b"/set/", Route::Set),
-    (b"/los/", Route::Los),
-    (b"/cas/", Route::Cas),
-    (b"/casoc/", Route::Casoc),
-    (b"/del/", Route::Del),
-];
-
-/// A matched route with its raw (still percent-encoded) key and query.
-pub type Routed<'a> = (Route, &'a [u8], Option<&'a [u8]>);
-
-/// Splits the request target and matches the route and method.
-pub fn route(method: Method, target: &[u8]) -> Result<Routed<'_>, Error> {
-    let (path, query) = match target.iter().position(|&b| b == b'?') {
-        Some(q) => (&target[..q], Some(&target[q + 1..])),
-        None => (target, None),
-    };
-    let read = matches!(method, Method::Get | Method::Head);
-    if path == b"/" {
-        return if read { Ok((Route::Docs, b"", query)) } else { Err(Error::MethodNotAllowed("GET, HEAD, OPTIONS")) };
-    }
-    for (prefix, route) in PREFIXES {
-        let Some(key) = path.strip_prefix(prefix) else { continue };
-        let allowed = match route {
-            Route::Get => read,
-            Route::Del => matches!(method, Method::Post | Method::Delete),
-            _ => method == Method::Post,
-        };
-        if allowed {
-            return Ok((route, key, query));
-        }
-        return Err(Error::MethodNotAllowed(match route {
-            Route::Get => "GET, HEAD, OPTIONS",
-            Route::Del => "POST, DELETE, OPTIONS",
-            _ => "POST, OPTIONS",
-        }));
-    }
-    Err(Error::NoSuchRoute)
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -219,14 +155,17 @@ pub fn prepare(
     now_ms: u64,
 ) -> Result<Action, Error> {
     if head.method == Method::Options {
-        return route_hint(&head.target).map(|_| Action::Preflight).ok_or(Error::NoSuchRoute);
+        return route::route_hint(&head.target).map(Action::Preflight).ok_or(Error::NoSuchRoute);
     }
-    let (route, raw_key, query) = route(head.method, &head.target)?;
-    if route == Route::Docs {
-        return Ok(Action::Docs);
-    }
+    let (route, raw_key, query) = route::match_target(head.method, &head.target)?;
+    let spec = route.spec();
+    let decode = match spec.kind {
+        Kind::Page => return Ok(Action::Page(route)),
+        Kind::Read => None,
+        Kind::Write(decode) => Some(decode),
+    };
     let key = decode_key(raw_key, limits.max_key_size)?;
-    if route == Route::Get {
+    let Some(decode) = decode else {
         let if_none_match = head.if_none_match.get().map(http::parse_etags);
         let wait = duration_param(query, b"wait", limits.max_wait).map_err(|()| Error::BadWait)?;
         if let Some(timeout) = wait {
@@ -239,37 +178,30 @@ pub fn prepare(
         }
         return Ok(Action::Store(StoreAction {
             op: Op::Get { key: key.into_boxed_slice() },
-            cost: READ_COST,
+            cost: spec.cost,
             meta: ReplyMeta { route, ip_key: false, if_none_match },
         }));
-    }
-    let ttl = ttl(query, limits.max_ttl)?;
+    };
+    let ttl = if spec.takes_ttl { ttl(query, limits.max_ttl)? } else { limits.max_ttl };
     // Sub-millisecond TTLs round up so that a positive TTL never means "already expired".
     let ttl_ms = (ttl.as_nanos().div_ceil(1_000_000)) as u64;
     let secret = head.secret.get().filter(|s| !s.is_empty());
     if body.len() + secret.map_or(0, <[u8]>::len) > limits.max_value_size {
         return Err(Error::ValueTooLarge);
     }
-    let expected = || head.expected.get().map(Into::into).ok_or(Error::MissingExpectedValue);
-    let cond = match route {
-        Route::Set => Condition::Set,
-        Route::Los => Condition::Los,
-        Route::Cas => Condition::Cas(expected()?),
-        Route::Casoc => Condition::Casoc(expected()?),
-        Route::Del => Condition::Delete,
-        Route::Docs | Route::Get => return Err(Error::NoSuchRoute),
-    };
-    let value = if route == Route::Del { &[][..] } else { body };
+    let cond = decode(CondArgs { expected: head.expected.get() })?;
+    let value = if cond.stores_body() { body } else { &[][..] };
     let (key, ip_key) = expand_ip_key(key, client_ip);
     let secret = secret.map(|s| secrets.hash(&key, s));
-    let mut write = Write::new(&key, value, secret, now_ms.saturating_add(ttl_ms), cond);
+    let mut write =
+        Write::new(&key, value, secret, now_ms.saturating_add(ttl_ms), cond).map_err(|_| Error::KeyTooLong)?;
     write.if_match = head.if_match.get().map(|v| match http::parse_etags(v) {
         None => IfMatch::Any,
         Some(tags) => IfMatch::Versions(tags),
     });
     Ok(Action::Store(StoreAction {
         op: Op::Write(write),
-        cost: WRITE_COST,
+        cost: spec.cost,
         meta: ReplyMeta { route, ip_key, if_none_match: None },
     }))
 }
@@ -278,21 +210,23 @@ fn expires_header(ms: u64) -> Option<u64> {
     Some(ms / 1000)
 }
 
-/// The answer to a CORS preflight.
-pub fn preflight() -> Response {
+/// The answer to a CORS preflight: the route's methods are allowed.
+pub fn preflight(route: Route) -> Response {
     let mut r = Response::new(204, Body::Text(""));
-    r.preflight = true;
+    r.preflight = Some(route.spec().allow);
     r
 }
 
 /// Builds the response for an executed store action. `retry_after` is only
 /// called for a rate-limited request; `client_ip` is the detected address.
 pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: impl FnOnce() -> u64) -> Response {
-    let created_header = matches!(action.route, Route::Los | Route::Casoc);
+    let created_header = action.route.spec().reports_created;
     match reply {
         Reply::Limited(Refused::Exhausted | Refused::TableFull) => {
             Response::from_error(Error::RateLimited(retry_after()))
         }
+        Reply::Lost => Response::from_error(Error::Internal),
+        Reply::ShuttingDown => Response::from_error(Error::ShuttingDown),
         // Charge-only and waiter replies never reach `respond`; treat them as a miss.
         Reply::Charged | Reply::Parked | Reply::Cancelled | Reply::Got(None) => {
             Response::from_error(Error::KeyNotFound)
@@ -334,7 +268,7 @@ pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: i
                 r.etag = Some(version);
                 r
             }
-            WriteOutcome::Deleted => Response::new(200, Body::Text("OK")),
+            WriteOutcome::Deleted { .. } => Response::new(200, Body::Text("OK")),
             WriteOutcome::NotFound => Response::from_error(Error::KeyNotFound),
             WriteOutcome::Forbidden => Response::from_error(Error::WrongSecret),
             WriteOutcome::PreconditionFailed { version } => {
@@ -361,6 +295,8 @@ pub fn respond_wait(reply: Option<Reply>, timeout_status: u16, retry_after: impl
         Some(Reply::Got(Some(found))) => found_response(found),
         Some(Reply::Limited(_)) => Response::from_error(Error::RateLimited(retry_after())),
         Some(Reply::Got(None)) => Response::from_error(Error::KeyNotFound),
+        Some(Reply::ShuttingDown) => Response::from_error(Error::ShuttingDown),
+        Some(Reply::Lost) => Response::from_error(Error::Internal),
         // Timed out (or cancelled): nothing changed in time.
         _ if timeout_status == 304 => Response::new(304, Body::Text("")),
         _ => Response::from_error(Error::KeyNotFound),
@@ -370,28 +306,10 @@ pub fn respond_wait(reply: Option<Reply>, timeout_status: u16, retry_after: impl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::shard::Condition;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn routes_and_methods() {
-        assert_eq!(route(Method::Get, b"/").unwrap().0, Route::Docs);
-        assert_eq!(route(Method::Get, b"/get/a/b?x=1").unwrap(), (Route::Get, &b"a/b"[..], Some(&b"x=1"[..])));
-        assert_eq!(route(Method::Head, b"/get/a").unwrap().0, Route::Get);
-        assert_eq!(route(Method::Post, b"/casoc/k").unwrap().0, Route::Casoc);
-        assert_eq!(route(Method::Post, b"/get/k").unwrap_err(), Error::MethodNotAllowed("GET, HEAD, OPTIONS"));
-        assert_eq!(route(Method::Get, b"/set/k").unwrap_err(), Error::MethodNotAllowed("POST, OPTIONS"));
-        assert_eq!(route(Method::Delete, b"/del/k").unwrap().0, Route::Del);
-        assert_eq!(route(Method::Post, b"/del/k").unwrap().0, Route::Del);
-        assert_eq!(route(Method::Get, b"/del/k").unwrap_err(), Error::MethodNotAllowed("POST, DELETE, OPTIONS"));
-        assert_eq!(route(Method::Get, b"/nope").unwrap_err(), Error::NoSuchRoute);
-        assert_eq!(route(Method::Get, b"/get").unwrap_err(), Error::NoSuchRoute);
-        assert_eq!(route(Method::Get, b"*").unwrap_err(), Error::NoSuchRoute);
-        assert_eq!(route_hint(b"/cas/x?ttl=1s"), Some(Route::Cas));
-        assert_eq!(route_hint(b"/?x"), Some(Route::Docs));
-        assert_eq!(route_hint(b"/metrics"), None);
     }
 
     #[test]
@@ -441,7 +359,7 @@ mod tests {
         }
         raw += "\r\n";
         let mut h = RequestHead::default();
-        crate::http::parse_head(raw.as_bytes(), &mut h).unwrap().unwrap();
+        crate::request::http::parse_head(raw.as_bytes(), &mut h).unwrap().unwrap();
         h
     }
 
@@ -460,7 +378,7 @@ mod tests {
         let c = ip("1.2.3.4");
         let h = head(Method::Post, "/set/ip/x?ttl=10s", Some("pw"), None);
         let Ok(Action::Store(a)) = prepare(&h, b"val", c, &limits(), &k, 1000) else { panic!() };
-        assert_eq!((a.meta.route, a.cost, a.meta.ip_key), (Route::Set, WRITE_COST, true));
+        assert_eq!((a.meta.route, a.cost, a.meta.ip_key), (Route::Set, route::WRITE_COST, true));
         let Op::Write(w) = a.op else { panic!() };
         assert_eq!(w.key(), b"ip/1.2.3.4/x");
         assert_eq!(w.entry.expires_ms, 11_000);
@@ -489,7 +407,7 @@ mod tests {
         let k = SecretKey::from_bytes([3; 32]);
         let h = head(Method::Get, "/get/ip/1.2.3.4/x", None, None);
         let Ok(Action::Store(a)) = prepare(&h, b"", ip("9.9.9.9"), &limits(), &k, 0) else { panic!() };
-        assert_eq!(a.cost, READ_COST);
+        assert_eq!(a.cost, route::READ_COST);
         assert_eq!(a.op.key(), b"ip/1.2.3.4/x");
     }
 

@@ -59,6 +59,10 @@ pub enum Error {
     TooManyWaiters,
     /// `If-Match` did not match the key's version.
     PreconditionFailed,
+    /// More entity tags than `If-Match`/`If-None-Match` may list.
+    TooManyTags,
+    /// A bug lost the answer (logged where it happened).
+    Internal,
 }
 
 impl Error {
@@ -82,6 +86,8 @@ impl Error {
             BadWait => 400,
             TooManyWaitersFromIp => 429,
             PreconditionFailed => 412,
+            TooManyTags => 400,
+            Internal => 500,
         }
     }
 
@@ -115,6 +121,8 @@ impl Error {
             TooManyWaitersFromIp => "Too many waiting requests from this address",
             TooManyWaiters => "Too many waiting requests",
             PreconditionFailed => "Precondition failed",
+            TooManyTags => "Too many entity tags (at most 16)",
+            Internal => "Internal error",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! One core's slice of the store: the SPEC's key-value semantics as a plain
+//! One core's slice of the store: the API's key-value semantics as a plain
 //! synchronous state machine.
 //!
 //! Only the owning core's thread ever touches a `Shard` (no lock). Layout: a
@@ -10,7 +10,7 @@
 //! key, independent of the routing hash. Everything here is deterministic
 //! given `now_ms`: no clock, no I/O, no logging.
 
-use crate::secret::{self, SecretHash};
+use crate::state::secret::{self, SecretHash};
 
 #[cfg(test)]
 const _: () = assert!(std::mem::size_of::<Entry>() == 32);
@@ -69,6 +69,10 @@ const VERSION_SHIFT: u32 = 17;
 /// Versions use the 47 bits above the key length and secret flag.
 pub const MAX_VERSION: u64 = (1 << (64 - VERSION_SHIFT)) - 1;
 
+/// A key longer than `MAX_KEY_LEN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyTooLong;
+
 /// A stored key-value pair: 32 bytes plus one exact-size allocation holding
 /// `[secret hash (if any)][key][value]`, so an entry costs one heap block
 /// whether or not it has an owner. Key length, secret flag and version are
@@ -83,10 +87,12 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A new entry (version 0 until a shard stores it). `key` must be at most
-    /// `MAX_KEY_LEN` bytes; longer keys are truncated by the caller's checks.
-    pub fn new(key: &[u8], value: &[u8], secret: Option<&SecretHash>, expires_ms: u64) -> Self {
-        debug_assert!(key.len() <= MAX_KEY_LEN);
+    /// A new entry (version 0 until a shard stores it). The key length is
+    /// packed in 16 bits: a longer key is refused, never truncated.
+    pub fn new(key: &[u8], value: &[u8], secret: Option<&SecretHash>, expires_ms: u64) -> Result<Self, KeyTooLong> {
+        if key.len() > MAX_KEY_LEN {
+            return Err(KeyTooLong);
+        }
         let secret_len = if secret.is_some() { SECRET_LEN } else { 0 };
         let mut data = Vec::with_capacity(secret_len + key.len() + value.len());
         if let Some(s) = secret {
@@ -95,7 +101,7 @@ impl Entry {
         data.extend_from_slice(key);
         data.extend_from_slice(value);
         let flag = if secret.is_some() { SECRET_FLAG } else { 0 };
-        Entry { data: data.into_boxed_slice(), meta: (key.len() as u64 & 0xffff) | flag, expires_ms }
+        Ok(Entry { data: data.into_boxed_slice(), meta: (key.len() as u64 & 0xffff) | flag, expires_ms })
     }
 
     fn key_len(&self) -> usize {
@@ -158,7 +164,7 @@ impl Entry {
     }
 }
 
-/// What a write asks for.
+/// What a write asks for (one per write route, see `request::route`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Condition {
     /// `set`: create or replace.
@@ -171,6 +177,54 @@ pub enum Condition {
     Casoc(Box<[u8]>),
     /// `del`: remove the key.
     Delete,
+}
+
+/// What a write does to an absent key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnAbsent {
+    Create,
+    NotFound,
+}
+
+/// What a write does to a present key (after the owner-secret and
+/// `If-Match` checks, which every changing write passes first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPresent<'a> {
+    Replace,
+    /// Answer the current value, change nothing (a read: no secret needed).
+    ReturnCurrent,
+    /// Replace if the current value equals this, else 409 with it.
+    ReplaceIfEquals(&'a [u8]),
+    Remove,
+}
+
+/// A condition's whole meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Semantics<'a> {
+    pub absent: OnAbsent,
+    pub present: OnPresent<'a>,
+    /// Whether the request body is the value to store.
+    pub stores_body: bool,
+}
+
+impl Condition {
+    /// The store semantics of each write. A new condition cannot compile
+    /// without an arm here, so it cannot silently behave like `set`.
+    pub fn semantics(&self) -> Semantics<'_> {
+        let (absent, present, stores_body) = match self {
+            Condition::Set => (OnAbsent::Create, OnPresent::Replace, true),
+            Condition::Los => (OnAbsent::Create, OnPresent::ReturnCurrent, true),
+            Condition::Cas(v) => (OnAbsent::NotFound, OnPresent::ReplaceIfEquals(v), true),
+            Condition::Casoc(v) => (OnAbsent::Create, OnPresent::ReplaceIfEquals(v), true),
+            Condition::Delete => (OnAbsent::NotFound, OnPresent::Remove, false),
+        };
+        Semantics { absent, present, stores_body }
+    }
+
+    /// Whether the request body is the value to store.
+    pub fn stores_body(&self) -> bool {
+        self.semantics().stores_body
+    }
 }
 
 /// `If-Match` on a write: a compare-and-swap by version.
@@ -192,8 +246,14 @@ pub struct Write {
 }
 
 impl Write {
-    pub fn new(key: &[u8], value: &[u8], secret: Option<SecretHash>, expires_ms: u64, cond: Condition) -> Self {
-        Write { entry: Entry::new(key, value, secret.as_ref(), expires_ms), cond, if_match: None }
+    pub fn new(
+        key: &[u8],
+        value: &[u8],
+        secret: Option<SecretHash>,
+        expires_ms: u64,
+        cond: Condition,
+    ) -> Result<Self, KeyTooLong> {
+        Ok(Write { entry: Entry::new(key, value, secret.as_ref(), expires_ms)?, cond, if_match: None })
     }
 
     pub fn key(&self) -> &[u8] {
@@ -211,8 +271,8 @@ pub enum WriteOutcome {
     Existing { value: Box<[u8]>, expires_ms: u64, version: u64 },
     /// cas/casoc mismatch: the current value, nothing changed.
     Conflict { value: Box<[u8]>, expires_ms: u64, version: u64 },
-    /// The key was removed.
-    Deleted,
+    /// The key was removed; the version the delete was given.
+    Deleted { version: u64 },
     /// cas or del on an absent key.
     NotFound,
     /// The key has an owner secret and the write did not carry it.
@@ -226,7 +286,7 @@ pub enum WriteOutcome {
 impl WriteOutcome {
     /// Whether the write changed the key (so its waiters must be looked at).
     pub fn changed(&self) -> bool {
-        matches!(self, WriteOutcome::Stored { .. } | WriteOutcome::Deleted)
+        matches!(self, WriteOutcome::Stored { .. } | WriteOutcome::Deleted { .. })
     }
 }
 
@@ -326,7 +386,7 @@ impl Shard {
         Some(Found { value: e.value().into(), expires_ms: e.expires_ms, version: e.version() })
     }
 
-    /// Applies a write with the SPEC's semantics.
+    /// Applies a write: the route's condition, owner secret, `If-Match`, capacity.
     pub fn write(&mut self, w: Write, now_ms: u64, budget: &KeyBudget) -> WriteOutcome {
         let hash = self.hasher.hash_one(w.key());
         let mut found = self.find(hash, w.key());
@@ -347,8 +407,9 @@ impl Shard {
         if w.if_match.is_some() {
             return WriteOutcome::PreconditionFailed { version: None };
         }
-        if let Condition::Cas(_) | Condition::Delete = w.cond {
-            return WriteOutcome::NotFound;
+        match w.cond.semantics().absent {
+            OnAbsent::NotFound => return WriteOutcome::NotFound,
+            OnAbsent::Create => {}
         }
         // Full: expired keys not yet swept still hold their slots, so reclaim
         // a slice of this shard's before refusing.
@@ -370,7 +431,9 @@ impl Shard {
     fn update(&mut self, idx: usize, w: Write, budget: &KeyBudget) -> WriteOutcome {
         let current = &self.entries[idx];
         let version = current.version();
-        if let Condition::Los = w.cond {
+        let on_present = w.cond.semantics().present;
+        if let OnPresent::ReturnCurrent = on_present {
+            // A read: no secret needed, nothing changes.
             return WriteOutcome::Existing { value: current.value().into(), expires_ms: current.expires_ms, version };
         }
         let authorized = match (current.secret(), w.entry.secret()) {
@@ -386,18 +449,23 @@ impl Shard {
                 return WriteOutcome::PreconditionFailed { version: Some(version) };
             }
         }
-        if let Condition::Cas(expected) | Condition::Casoc(expected) = &w.cond {
-            if current.value() != &expected[..] {
-                return WriteOutcome::Conflict {
-                    value: current.value().into(),
-                    expires_ms: current.expires_ms,
-                    version,
-                };
+        match on_present {
+            OnPresent::ReturnCurrent | OnPresent::Replace => {}
+            OnPresent::ReplaceIfEquals(expected) => {
+                if current.value() != expected {
+                    return WriteOutcome::Conflict {
+                        value: current.value().into(),
+                        expires_ms: current.expires_ms,
+                        version,
+                    };
+                }
             }
-        }
-        if let Condition::Delete = w.cond {
-            self.remove_at(idx, budget);
-            return WriteOutcome::Deleted;
+            OnPresent::Remove => {
+                self.remove_at(idx, budget);
+                // Deletes take a version too, so versions never go backwards
+                // across a delete and a re-create.
+                return WriteOutcome::Deleted { version: self.next_version() };
+            }
         }
         // A key without a secret is claimed by the first write that brings one;
         // a key with one keeps it (the write proved it knows it, so it carries
@@ -560,7 +628,7 @@ mod tests {
         absent.if_match = Some(IfMatch::Any);
         assert_eq!(s.write(absent, T, &b), WriteOutcome::PreconditionFailed { version: None });
         // Restored entries keep their version and later ones go above it.
-        let mut e = Entry::new(b"r", b"v", None, T + 10);
+        let mut e = Entry::new(b"r", b"v", None, T + 10).unwrap();
         e.set_version(MAX_VERSION - 5);
         s.restore(e, &b);
         assert_eq!(s.get(b"r", T, &b).unwrap().version, MAX_VERSION - 5);
@@ -575,13 +643,13 @@ mod tests {
         s.write(w("k", "v", Some(1), Condition::Set), T, &b);
         assert_eq!(s.write(w("k", "", None, Condition::Delete), T, &b), WriteOutcome::Forbidden);
         assert_eq!(s.write(w("k", "", Some(2), Condition::Delete), T, &b), WriteOutcome::Forbidden);
-        assert_eq!(s.write(w("k", "", Some(1), Condition::Delete), T, &b), WriteOutcome::Deleted);
+        assert!(matches!(s.write(w("k", "", Some(1), Condition::Delete), T, &b), WriteOutcome::Deleted { .. }));
         assert_eq!((s.len(), b.live(), s.bytes()), (0, 0, 0));
         assert!(s.get(b"k", T, &b).is_none());
     }
 
     fn w(key: &str, value: &str, secret: Option<u8>, cond: Condition) -> Write {
-        Write::new(key.as_bytes(), value.as_bytes(), secret.map(|b| [b; 32]), T + 1000, cond)
+        Write::new(key.as_bytes(), value.as_bytes(), secret.map(|b| [b; 32]), T + 1000, cond).unwrap()
     }
 
     fn get(s: &mut Shard, key: &str, b: &KeyBudget) -> Option<Vec<u8>> {
@@ -686,7 +754,7 @@ mod tests {
         assert_eq!(b.live(), 0);
         // An expired key's secret no longer protects it.
         s.write_nv(w("k", "v", Some(1), Condition::Set), T, &b);
-        let late = Write::new(b"k", b"new", None, T + 5000, Condition::Set);
+        let late = Write::new(b"k", b"new", None, T + 5000, Condition::Set).unwrap();
         assert_eq!(
             s.write_nv(late, T + 2000, &b),
             WriteOutcome::Stored { created: true, expires_ms: T + 5000, version: 0 }
@@ -713,7 +781,7 @@ mod tests {
         let mut s = Shard::with_capacity(8);
         for i in 0..100 {
             let exp = if i % 3 == 0 { T + 10 } else { T + 10_000 };
-            let wr = Write::new(format!("k{i}").as_bytes(), b"v", None, exp, Condition::Set);
+            let wr = Write::new(format!("k{i}").as_bytes(), b"v", None, exp, Condition::Set).unwrap();
             s.write_nv(wr, T, &b);
         }
         let now = T + 20;
@@ -740,8 +808,12 @@ mod tests {
         let mut s = Shard::with_capacity(8);
         // Keys "keep{i}" live through the copy; "die{i}" expire during it.
         for i in 0..300 {
-            s.write_nv(Write::new(format!("keep{i}").as_bytes(), b"v", None, T + 10_000, Condition::Set), T, &b);
-            s.write_nv(Write::new(format!("die{i}").as_bytes(), b"v", None, T + 50, Condition::Set), T, &b);
+            s.write_nv(
+                Write::new(format!("keep{i}").as_bytes(), b"v", None, T + 10_000, Condition::Set).unwrap(),
+                T,
+                &b,
+            );
+            s.write_nv(Write::new(format!("die{i}").as_bytes(), b"v", None, T + 50, Condition::Set).unwrap(), T, &b);
         }
         s.snapshot_begin(T);
         let mut steps = 0;
@@ -749,7 +821,11 @@ mod tests {
             steps += 1;
             // Between steps the core serves requests: expire a few, add a few.
             s.sweep(T + 100, 23, &b);
-            s.write_nv(Write::new(format!("new{steps}").as_bytes(), b"v", None, T + 10_000, Condition::Set), T, &b);
+            s.write_nv(
+                Write::new(format!("new{steps}").as_bytes(), b"v", None, T + 10_000, Condition::Set).unwrap(),
+                T,
+                &b,
+            );
         }
         let copy = s.snapshot_take();
         let keys: std::collections::HashSet<Vec<u8>> = copy.iter().map(|e| e.key().to_vec()).collect();
@@ -765,9 +841,9 @@ mod tests {
     fn restore_replaces_and_respects_budget() {
         let b = KeyBudget::new(1);
         let mut s = Shard::with_capacity(2);
-        assert!(s.restore(Entry::new(b"k", b"v", None, T + 5), &b));
-        assert!(s.restore(Entry::new(b"k", b"w", None, T + 5), &b));
-        assert!(!s.restore(Entry::new(b"z", b"v", None, T + 5), &b));
+        assert!(s.restore(Entry::new(b"k", b"v", None, T + 5).unwrap(), &b));
+        assert!(s.restore(Entry::new(b"k", b"w", None, T + 5).unwrap(), &b));
+        assert!(!s.restore(Entry::new(b"z", b"v", None, T + 5).unwrap(), &b));
         assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"w"[..]));
     }
 }

@@ -19,9 +19,11 @@
 //! ahead of others): it registers its waker, drains, and returns Pending.
 //! This module must never hold a `RefCell` borrow across an `.await`.
 
-use crate::command::{Charge, Cmd, Now, Op, Origin, Owned, Reply, WaitFor};
-use crate::ratelimit::Periods;
-use crate::shard::KeyBudget;
+use crate::runtime::slots::{Credits, Slots};
+use crate::state::command::{Charge, Cmd, Now, Op, Origin, Owned, Reply};
+use crate::state::ratelimit::Periods;
+use crate::state::shard::KeyBudget;
+use crate::state::waiters::WaitFor;
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender};
 use std::cell::{Cell, RefCell};
@@ -32,7 +34,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 /// Calls one core may have outstanding towards another before its
 /// connections wait for replies.
@@ -63,7 +65,7 @@ pub enum Msg {
 #[derive(Debug)]
 pub enum Control {
     /// Copy the shard's live entries (incrementally) and send them back.
-    Snapshot(std::sync::mpsc::SyncSender<Vec<crate::shard::Entry>>),
+    Snapshot(std::sync::mpsc::SyncSender<Vec<crate::state::shard::Entry>>),
     /// Stop accepting, refuse new requests, wait (bounded) for in-flight
     /// ones, then acknowledge.
     Drain(std::sync::mpsc::SyncSender<()>),
@@ -130,21 +132,6 @@ impl Mesh {
     }
 }
 
-/// A completion slot. `credit` names the destination whose in-flight budget
-/// the call holds (waits hold none: they may park for a long time).
-enum Slot {
-    Free,
-    Waiting {
-        credit: Option<u32>,
-        waker: Option<Waker>,
-    },
-    Ready(Reply),
-    /// The caller went away; the reply will be dropped on arrival.
-    Abandoned {
-        credit: Option<u32>,
-    },
-}
-
 /// Per-core counters of cross-core traffic.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TrafficStats {
@@ -165,10 +152,8 @@ pub struct Router {
     outboxes: RefCell<Vec<Vec<Msg>>>,
     flush_pending: Cell<bool>,
     flusher: RefCell<Option<Waker>>,
-    slots: RefCell<Vec<Slot>>,
-    free_slots: RefCell<Vec<u32>>,
-    in_flight: RefCell<Vec<u32>>,
-    credit_waiters: RefCell<Vec<Vec<Waker>>>,
+    slots: RefCell<Slots<Reply>>,
+    credits: RefCell<Credits>,
     controls: RefCell<std::collections::VecDeque<Control>>,
     control_waker: RefCell<Option<Waker>>,
     stats: Cell<TrafficStats>,
@@ -196,10 +181,8 @@ impl Router {
             outboxes: RefCell::new((0..n).map(|_| Vec::new()).collect()),
             flush_pending: Cell::new(false),
             flusher: RefCell::new(None),
-            slots: RefCell::new(Vec::new()),
-            free_slots: RefCell::new(Vec::new()),
-            in_flight: RefCell::new(vec![0; n]),
-            credit_waiters: RefCell::new((0..n).map(|_| Vec::new()).collect()),
+            slots: RefCell::new(Slots::default()),
+            credits: RefCell::new(Credits::new(n, IN_FLIGHT_BUDGET)),
             controls: RefCell::new(std::collections::VecDeque::new()),
             control_waker: RefCell::new(None),
             stats: Cell::new(TrafficStats::default()),
@@ -220,8 +203,7 @@ impl Router {
     }
 
     fn now(&self) -> Now {
-        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        Now { unix_ms, epoch: self.periods.epoch(Instant::now()) }
+        Now { unix_ms: crate::clock::unix_ms(), epoch: self.periods.epoch(Instant::now()) }
     }
 
     /// Applies a command to this core's state and delivers the answers of
@@ -277,14 +259,13 @@ impl Router {
                 }
             }
         }
-        let slot = self.alloc_slot(None);
+        let slot = self.slots.borrow_mut().alloc(None);
         let origin = Origin { core: self.me as u32, slot };
         let cmd = Cmd { charge, op: Some(Op::Wait { key: key.clone(), until, origin }) };
         if owner == self.me {
             let reply = self.apply_local(cmd);
             if reply != Reply::Parked {
-                let mut slots = self.slots.borrow_mut();
-                self.release_slot(&mut slots, slot);
+                self.slots.borrow_mut().release_unused(slot);
                 return Err(reply);
             }
         } else {
@@ -299,32 +280,12 @@ impl Router {
             return self.apply_local(cmd);
         }
         Credit { router: self, dest }.await;
-        let slot = self.alloc_slot(Some(dest as u32));
+        let slot = self.slots.borrow_mut().alloc(Some(dest as u32));
         self.push(dest, Msg::Call { from: self.me as u32, slot, cmd });
         let mut s = self.stats.get();
         s.calls_sent += 1;
         self.stats.set(s);
         SlotFuture { router: self, slot, done: false }.await
-    }
-
-    fn alloc_slot(&self, credit: Option<u32>) -> u32 {
-        let mut slots = self.slots.borrow_mut();
-        let state = Slot::Waiting { credit, waker: None };
-        match self.free_slots.borrow_mut().pop() {
-            Some(i) => {
-                slots[i as usize] = state;
-                i
-            }
-            None => {
-                slots.push(state);
-                (slots.len() - 1) as u32
-            }
-        }
-    }
-
-    fn release_slot(&self, slots: &mut [Slot], i: u32) {
-        slots[i as usize] = Slot::Free;
-        self.free_slots.borrow_mut().push(i);
     }
 
     fn push(&self, dest: usize, msg: Msg) {
@@ -336,37 +297,21 @@ impl Router {
         }
     }
 
-    fn return_credit(&self, dest: u32) {
-        self.in_flight.borrow_mut()[dest as usize] -= 1;
-        if let Some(w) = self.credit_waiters.borrow_mut()[dest as usize].pop() {
-            w.wake();
-        }
-    }
-
     fn complete(&self, slot: u32, reply: Reply) {
-        let mut slots = self.slots.borrow_mut();
-        let Some(state) = slots.get_mut(slot as usize) else {
-            return;
-        };
-        match std::mem::replace(state, Slot::Free) {
-            Slot::Waiting { credit, waker } => {
-                *state = Slot::Ready(reply);
-                drop(slots);
-                if let Some(dest) = credit {
-                    self.return_credit(dest);
+        let done = self.slots.borrow_mut().complete(slot, reply);
+        match done {
+            Ok(done) => {
+                if let Some(dest) = done.credit {
+                    let next = self.credits.borrow_mut().give_back(dest);
+                    if let Some(w) = next {
+                        w.wake();
+                    }
                 }
-                if let Some(w) = waker {
+                if let Some(w) = done.waker {
                     w.wake();
                 }
             }
-            Slot::Abandoned { credit } => {
-                self.release_slot(&mut slots, slot);
-                drop(slots);
-                if let Some(dest) = credit {
-                    self.return_credit(dest);
-                }
-            }
-            other => *state = other,
+            Err(e) => log::error!("core {}: {e}; the reply was dropped", self.me),
         }
     }
 
@@ -468,13 +413,11 @@ impl Future for Credit<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut in_flight = self.router.in_flight.borrow_mut();
-        if in_flight[self.dest] < IN_FLIGHT_BUDGET {
-            in_flight[self.dest] += 1;
-            return Poll::Ready(());
+        if self.router.credits.borrow_mut().take(self.dest, cx.waker()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
-        self.router.credit_waiters.borrow_mut()[self.dest].push(cx.waker().clone());
-        Poll::Pending
     }
 }
 
@@ -526,27 +469,18 @@ impl Future for SlotFuture<'_> {
     type Output = Reply;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
-        let router = self.router;
-        let mut slots = router.slots.borrow_mut();
-        let i = self.slot as usize;
-        match std::mem::replace(&mut slots[i], Slot::Free) {
-            Slot::Ready(reply) => {
-                router.release_slot(&mut slots, self.slot);
+        let polled = self.router.slots.borrow_mut().poll(self.slot, cx.waker());
+        match polled {
+            Ok(Poll::Ready(reply)) => {
                 self.done = true;
                 Poll::Ready(reply)
             }
-            Slot::Waiting { credit, waker } => {
-                let waker = match waker {
-                    Some(w) if w.will_wake(cx.waker()) => w,
-                    _ => cx.waker().clone(),
-                };
-                slots[i] = Slot::Waiting { credit, waker: Some(waker) };
-                Poll::Pending
-            }
-            // Free/Abandoned cannot be observed by the live owner of the slot.
-            other => {
-                slots[i] = other;
-                Poll::Pending
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(e) => {
+                // A bug, not a client's doing: answer rather than hang.
+                log::error!("core {}: {e}; answering 500", self.router.me);
+                self.done = true;
+                Poll::Ready(Reply::Lost)
             }
         }
     }
@@ -555,16 +489,9 @@ impl Future for SlotFuture<'_> {
 impl SlotFuture<'_> {
     /// Marks the slot abandoned (its reply, when it comes, frees it).
     fn abandon(&mut self) {
-        if self.done {
-            return;
-        }
-        self.done = true;
-        let mut slots = self.router.slots.borrow_mut();
-        let i = self.slot as usize;
-        match std::mem::replace(&mut slots[i], Slot::Free) {
-            Slot::Waiting { credit, .. } => slots[i] = Slot::Abandoned { credit },
-            Slot::Ready(_) => self.router.release_slot(&mut slots, self.slot),
-            other => slots[i] = other,
+        if !self.done {
+            self.done = true;
+            self.router.slots.borrow_mut().abandon(self.slot);
         }
     }
 }

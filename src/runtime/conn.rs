@@ -13,11 +13,17 @@
 //! This module owns no store state: it calls `api` to decode and `router`
 //! to execute.
 
-use crate::api::{self, Action};
-use crate::clientip;
-use crate::error::Error;
-use crate::http::{self, BodyKind, ChunkedDecoder, Method, RequestHead, Response};
-use crate::server::Shared;
+use crate::metrics::stats::{self, CoreStats};
+use crate::request::api::{self, Action};
+use crate::request::clientip;
+use crate::request::error::Error;
+use crate::request::http::{self, BodyKind, ChunkedDecoder, Method, RequestHead, Response};
+use crate::request::route::{self, Route};
+use crate::runtime::connlimit::{Permit, Refusal};
+use crate::runtime::router::{Router, WaitFuture};
+use crate::runtime::shared::Shared;
+use crate::state::command::{Charge, Reply};
+use crate::state::shard::WriteOutcome;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
@@ -28,13 +34,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use crate::command::{Charge, Reply};
-use crate::connlimit::Refusal;
-use crate::metrics::{self, CoreStats};
-use crate::router::{Router, WaitFuture};
-use crate::shard::WriteOutcome;
 use monoio::io::{CancelableAsyncReadRent, Canceller};
 
 /// Initial read buffer; grows up to the head limit when a head needs it.
@@ -143,10 +144,10 @@ impl CoreCtx {
     }
 
     /// Counts a connection refused by the connection limits.
-    pub fn refused(&self, why: crate::connlimit::Refusal) {
+    pub fn refused(&self, why: Refusal) {
         match why {
-            crate::connlimit::Refusal::ServerFull => self.stats().refused_server_full.add(1),
-            crate::connlimit::Refusal::IpFull => self.stats().refused_ip_full.add(1),
+            Refusal::ServerFull => self.stats().refused_server_full.add(1),
+            Refusal::IpFull => self.stats().refused_ip_full.add(1),
         }
     }
 
@@ -196,7 +197,7 @@ struct Conn<'a> {
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permit: crate::connlimit::Permit) {
+pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
     let _ = stream.set_nodelay(true);
     let peer = clientip::canonical(peer.ip());
     let mut conn = Conn {
@@ -219,16 +220,12 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         Stop::Done | Stop::Broken => {}
         Stop::Reject(e) => {
             if ctx.shared.metrics_on {
-                stats.request(metrics::ROUTE_OTHER, e.status(), 0);
+                stats.request(stats::ROUTE_OTHER, e.status(), 0);
             }
             conn.reject(e).await
         }
     }
     stats.connections_open.sub(1);
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Conn<'_> {
@@ -436,6 +433,13 @@ impl Conn<'_> {
         self.set_client(clientip::client_ip(self.peer, forwarded, &cfg.trusted_proxies));
     }
 
+    /// Whether the client reached us over TLS, as a trusted proxy says
+    /// (`X-Forwarded-Proto: https`); only used to write the docs' examples.
+    fn https(&self) -> bool {
+        let proto = self.head.forwarded_proto.get().unwrap_or_default();
+        proto.eq_ignore_ascii_case(b"https") && self.ctx.shared.config.trusted_proxies.contains(self.peer)
+    }
+
     fn set_client(&mut self, client: IpAddr) {
         if client != self.client {
             self.client = client;
@@ -444,7 +448,6 @@ impl Conn<'_> {
         }
     }
 
-    /// Executes the parsed request and appends its response to `out`.
     /// Executes the parsed request and appends its response to `out`.
     /// Returns false if the client went away while the request waited.
     async fn handle(&mut self) -> bool {
@@ -457,17 +460,18 @@ impl Conn<'_> {
         let prepared = if self.discarded {
             Err(Error::ValueTooLarge)
         } else {
-            api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, unix_ms())
+            api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, crate::clock::unix_ms())
         };
         let (route, conflict, response) = match prepared {
-            Err(e) => (api::route_hint(&self.head.target), false, Response::from_error(e)),
-            Ok(Action::Docs) => {
+            Err(e) => (route::route_hint(&self.head.target), false, Response::from_error(e)),
+            Ok(Action::Page(Route::Favicon)) => (Some(Route::Favicon), false, Response::new(204, http::Body::Text(""))),
+            Ok(Action::Page(page)) => {
                 let host = self.head.host.get().unwrap_or_default();
                 let host = if host.is_empty() { shared.listen_text.as_bytes() } else { host };
-                let page = Response::new(200, http::Body::Html(crate::docs::page(host, &shared.config)));
-                (Some(api::Route::Docs), false, page)
+                let page_html = crate::request::docs::page(host, self.https(), &shared.config);
+                (Some(page), false, Response::new(200, http::Body::Html(page_html)))
             }
-            Ok(Action::Preflight) => (api::route_hint(&self.head.target), false, api::preflight()),
+            Ok(Action::Preflight(route)) => (Some(route), false, api::preflight(route)),
             Ok(Action::Store(api::StoreAction { op, cost, meta })) => {
                 let charge = Some(Charge { bucket: clientip::bucket_key(client), cost });
                 let reply = ctx.router.run(charge, op).await;
@@ -477,12 +481,12 @@ impl Conn<'_> {
                 (Some(meta.route), conflict, response)
             }
             Ok(Action::Wait(wait)) => match self.blocking_read(wait).await {
-                Some(response) => (Some(api::Route::Get), false, response),
+                Some(response) => (Some(Route::Get), false, response),
                 None => return false,
             },
         };
         if let Some(started) = started {
-            let route = metrics::route_index(route);
+            let route = stats::route_index(route);
             let stats = ctx.stats();
             stats.request(route, response.status, started.elapsed().as_nanos() as u64);
             if conflict {
@@ -508,7 +512,7 @@ impl Conn<'_> {
         };
         let periods = ctx.router.periods();
         let retry_after = || periods.retry_after_secs(Instant::now());
-        let charge = Some(Charge { bucket: clientip::bucket_key(self.client), cost: api::READ_COST });
+        let charge = Some(Charge { bucket: clientip::bucket_key(self.client), cost: route::READ_COST });
         let reply = match ctx.router.wait(charge, wait.key, wait.until).await {
             Err(immediate) => Some(immediate),
             Ok(parked) => {

@@ -13,37 +13,15 @@
 //! and does no I/O: it returns the reply and the wake-ups, and the router
 //! delivers them.
 
-use crate::ratelimit::{Limiter, Refused};
-use crate::shard::{Found, KeyBudget, Shard, Write, WriteOutcome};
-use std::collections::HashMap;
+use crate::state::ratelimit::{Limiter, Refused};
+use crate::state::shard::{Found, KeyBudget, Shard, Write, WriteOutcome};
+use crate::state::waiters::{WaitFor, Waiters};
 
 /// Where a parked waiter's answer goes: a completion slot on a core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Origin {
     pub core: u32,
     pub slot: u32,
-}
-
-/// What a blocking read waits for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WaitFor {
-    /// The key exists.
-    Exists,
-    /// The key's value is not this (`X-Expected-Value`); absent counts as different.
-    ValueDiffers(Box<[u8]>),
-    /// The key's version is none of these (`If-None-Match`); absent counts as different.
-    VersionDiffers(Vec<u64>),
-}
-
-impl WaitFor {
-    fn satisfied(&self, current: Option<&Found>) -> bool {
-        match (self, current) {
-            (WaitFor::Exists, c) => c.is_some(),
-            (WaitFor::ValueDiffers(v), Some(c)) => c.value != *v,
-            (WaitFor::VersionDiffers(vs), Some(c)) => !vs.contains(&c.version),
-            (_, None) => true,
-        }
-    }
 }
 
 /// A store operation on one key.
@@ -103,6 +81,11 @@ pub enum Reply {
     Parked,
     /// A parked waiter was dropped.
     Cancelled,
+    /// A parked waiter was let go because the server is shutting down.
+    ShuttingDown,
+    /// The runtime lost track of this answer (a bug, logged where it
+    /// happened); the client gets a 500 rather than a hang.
+    Lost,
 }
 
 /// The clock readings `apply` needs, taken once by the caller.
@@ -112,24 +95,6 @@ pub struct Now {
     pub unix_ms: u64,
     /// Rate-limit period index.
     pub epoch: u64,
-}
-
-/// Waiters parked on this core's keys.
-#[derive(Default)]
-pub struct Waiters {
-    by_key: HashMap<Box<[u8]>, Vec<(Origin, WaitFor)>>,
-    parked: usize,
-    woken_total: u64,
-}
-
-impl Waiters {
-    pub fn parked(&self) -> usize {
-        self.parked
-    }
-
-    pub fn woken_total(&self) -> u64 {
-        self.woken_total
-    }
 }
 
 /// The state one core owns.
@@ -158,10 +123,11 @@ impl Owned {
             None => Reply::Charged,
             Some(Op::Get { key }) => Reply::Got(self.shard.get(&key, now.unix_ms, budget)),
             Some(Op::Write(w)) => {
-                let key: Option<Box<[u8]>> = self.waiters.by_key.contains_key(w.key()).then(|| w.key().into());
+                let watched: Option<Box<[u8]>> = self.waiters.has_key(w.key()).then(|| w.key().into());
                 let outcome = self.shard.write(w, now.unix_ms, budget);
-                if let (Some(key), true) = (key, outcome.changed()) {
-                    self.wake(&key, now, budget, wakeups);
+                if let (Some(key), true) = (watched, outcome.changed()) {
+                    let current = self.shard.get(&key, now.unix_ms, budget);
+                    self.waiters.wake(&key, current.as_ref(), wakeups);
                 }
                 Reply::Wrote(outcome)
             }
@@ -170,42 +136,15 @@ impl Owned {
                 if until.satisfied(current.as_ref()) {
                     return Reply::Got(current);
                 }
-                self.waiters.by_key.entry(key).or_default().push((origin, until));
-                self.waiters.parked += 1;
+                self.waiters.park(key, until, origin);
                 Reply::Parked
             }
-            Some(Op::CancelWait { key, origin }) => {
-                if let Some(list) = self.waiters.by_key.get_mut(&key) {
-                    if let Some(i) = list.iter().position(|(o, _)| *o == origin) {
-                        list.swap_remove(i);
-                        self.waiters.parked -= 1;
-                        if list.is_empty() {
-                            self.waiters.by_key.remove(&key);
-                        }
-                        wakeups.push((origin, Reply::Cancelled));
-                    }
+            Some(Op::CancelWait { origin, .. }) => {
+                if self.waiters.cancel(origin) {
+                    wakeups.push((origin, Reply::Cancelled));
                 }
                 Reply::Cancelled
             }
-        }
-    }
-
-    /// Answers every waiter of `key` whose condition now holds.
-    fn wake(&mut self, key: &[u8], now: Now, budget: &KeyBudget, wakeups: &mut Wakeups) {
-        let Some(list) = self.waiters.by_key.remove(key) else { return };
-        let current = self.shard.get(key, now.unix_ms, budget);
-        let mut still = Vec::new();
-        for (origin, until) in list {
-            if until.satisfied(current.as_ref()) {
-                wakeups.push((origin, Reply::Got(current.clone())));
-                self.waiters.parked -= 1;
-                self.waiters.woken_total += 1;
-            } else {
-                still.push((origin, until));
-            }
-        }
-        if !still.is_empty() {
-            self.waiters.by_key.insert(key.into(), still);
         }
     }
 }
@@ -213,7 +152,7 @@ impl Owned {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::Condition;
+    use crate::state::shard::Condition;
 
     fn owned() -> Owned {
         Owned::new(Shard::with_capacity(4), Limiter::new(100, 10))
@@ -222,7 +161,7 @@ mod tests {
     const NOW: Now = Now { unix_ms: 1000, epoch: 0 };
 
     fn set(o: &mut Owned, b: &KeyBudget, v: &[u8], w: &mut Wakeups) -> Reply {
-        let op = Op::Write(Write::new(b"k", v, None, 5000, Condition::Set));
+        let op = Op::Write(Write::new(b"k", v, None, 5000, Condition::Set).unwrap());
         o.apply(Cmd { charge: None, op: Some(op) }, NOW, b, w)
     }
 
@@ -236,7 +175,7 @@ mod tests {
         let budget = KeyBudget::new(10);
         let mut o = Owned::new(Shard::with_capacity(4), Limiter::new(3, 10));
         let mut w = Vec::new();
-        let write = |v: &[u8]| Op::Write(Write::new(b"k", v, None, 5000, Condition::Set));
+        let write = |v: &[u8]| Op::Write(Write::new(b"k", v, None, 5000, Condition::Set).unwrap());
         let charge = Some(Charge { bucket: 1, cost: 3 });
         let r = o.apply(Cmd { charge, op: Some(write(b"1")) }, NOW, &budget, &mut w);
         assert!(matches!(r, Reply::Wrote(WriteOutcome::Stored { created: true, expires_ms: 5000, .. })));
@@ -258,7 +197,8 @@ mod tests {
         assert_eq!(o.waiters.parked(), 2);
         // One write wakes every waiter of the key.
         set(&mut o, &b, b"a", &mut w);
-        let slots: Vec<u32> = w.iter().map(|(o, _)| o.slot).collect();
+        let mut slots: Vec<u32> = w.iter().map(|(o, _)| o.slot).collect();
+        slots.sort_unstable();
         assert_eq!(slots, vec![1, 2]);
         assert_eq!(o.waiters.parked(), 0);
         w.clear();
@@ -291,7 +231,7 @@ mod tests {
         assert_eq!(o.waiters.parked(), 0);
         // A delete is a change: "differs" waiters see the key gone.
         assert_eq!(wait(&mut o, &b, WaitFor::ValueDiffers((*b"a").into()), 4), Reply::Parked);
-        let del = Op::Write(Write::new(b"k", b"", None, 0, Condition::Delete));
+        let del = Op::Write(Write::new(b"k", b"", None, 0, Condition::Delete).unwrap());
         o.apply(Cmd { charge: None, op: Some(del) }, NOW, &b, &mut w);
         assert_eq!(w.pop(), Some((Origin { core: 1, slot: 4 }, Reply::Got(None))));
     }

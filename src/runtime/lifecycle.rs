@@ -9,22 +9,20 @@
 //! finish (bounded by `-shutdownTimeout`), then the final snapshot is taken
 //! and written, and the process exits 0. A second signal exits at once.
 
-use crate::router::Control;
-use crate::server::Shared;
-use crate::shard::Entry;
-use crate::snapshot;
+use crate::persist::snapshot;
+use crate::runtime::router::Control;
+use crate::runtime::shared::Shared;
+use crate::state::shard::Entry;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// How long a core may take to hand over its snapshot copy.
 const COLLECT_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+use crate::clock::unix_ms;
 
 /// Makes the calling thread yield the CPU to the data cores: snapshot
 /// encoding and writing run here, and on a small machine they would
@@ -69,7 +67,8 @@ pub fn run(shared: Arc<Shared>) -> ! {
             log::warn!("cannot install signal handlers ({e}); SIGTERM will not save a snapshot")
         }
     }
-    let ticks = match shared.config.snapshot_path {
+    let snapshot_path = shared.config.data_dir().map(|d| d.join("snapshot.rkyv"));
+    let ticks = match snapshot_path {
         Some(_) => crossbeam_channel::tick(shared.config.save_duration),
         None => crossbeam_channel::never(),
     };
@@ -81,7 +80,7 @@ pub fn run(shared: Arc<Shared>) -> ! {
                 std::process::exit(shutdown(&shared));
             }
             recv(ticks) -> _ => {
-                if let Some(path) = &shared.config.snapshot_path {
+                if let Some(path) = &snapshot_path {
                     let _ = save(&shared, path);
                 }
             }
@@ -103,7 +102,7 @@ fn shutdown(shared: &Shared) -> i32 {
             break;
         }
     }
-    match &shared.config.snapshot_path {
+    match &shared.config.data_dir().map(|d| d.join("snapshot.rkyv")) {
         Some(path) => match save(shared, path) {
             Ok(()) => {
                 log::info!("shutdown complete");

@@ -15,9 +15,6 @@ pub struct TrustedProxies {
     nets: Vec<IpNet>,
 }
 
-/// Loopback plus the private ranges (RFC 1918 and IPv6 ULA).
-pub const DEFAULT_TRUSTED: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7";
-
 impl TrustedProxies {
     /// Parses a comma-separated CIDR list; a bare address means a single host.
     /// An empty string trusts nobody.
@@ -34,6 +31,11 @@ impl TrustedProxies {
             nets.push(net.trunc());
         }
         Ok(TrustedProxies { nets })
+    }
+
+    /// Trusts nobody.
+    pub fn none() -> Self {
+        TrustedProxies { nets: Vec::new() }
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -118,8 +120,9 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Loopback and private ranges, as the `-trustedProxies` default.
     fn default_trusted() -> TrustedProxies {
-        TrustedProxies::parse(DEFAULT_TRUSTED).unwrap()
+        TrustedProxies::parse("127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7").unwrap()
     }
 
     #[test]

@@ -17,8 +17,8 @@
 //! committed file of each that the tests load. This module does no
 //! networking and never touches a shard: it takes and returns entry lists.
 
-use crate::secret::SecretKey;
-use crate::shard::Entry;
+use crate::state::secret::SecretKey;
+use crate::state::shard::Entry;
 use rkyv::rancor;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -195,11 +195,11 @@ fn entry(
     version: u64,
 ) -> Result<Entry, SnapshotError> {
     let key_len = key_len as usize;
-    if key_len == 0 || key_len > data.len() || key_len > crate::shard::MAX_KEY_LEN {
+    if key_len == 0 || key_len > data.len() || key_len > crate::state::shard::MAX_KEY_LEN {
         return Err(SnapshotError::BadEntry(i));
     }
     let (key, value) = data.split_at(key_len);
-    let mut e = Entry::new(key, value, secret, expires);
+    let mut e = Entry::new(key, value, secret, expires).map_err(|_| SnapshotError::BadEntry(i))?;
     e.set_version(version);
     Ok(e)
 }
@@ -287,9 +287,9 @@ mod tests {
 
     fn sample() -> Vec<Vec<Entry>> {
         vec![
-            vec![Entry::new(b"key", b"value", Some(&[9; 32]), 1_000)],
+            vec![Entry::new(b"key", b"value", Some(&[9; 32]), 1_000).unwrap()],
             vec![],
-            vec![Entry::new(b"k", b"\x00\xff", None, 2_000), Entry::new(b"ab", b"", None, 3_000)],
+            vec![Entry::new(b"k", b"\x00\xff", None, 2_000).unwrap(), Entry::new(b"ab", b"", None, 3_000).unwrap()],
         ]
     }
 
@@ -358,7 +358,7 @@ mod tests {
     /// The committed golden file of format version 1 must load forever.
     #[test]
     fn golden_v1_loads() {
-        let bytes = include_bytes!("../tests/golden/snapshot-v1.rkyv");
+        let bytes = include_bytes!("../../tests/golden/snapshot-v1.rkyv");
         let loaded = decode(bytes).unwrap();
         assert_eq!(loaded.secret_key.as_bytes(), &[7u8; 32]);
         assert_eq!(loaded.entries, golden_entries());
@@ -368,17 +368,17 @@ mod tests {
         let key = SecretKey::from_bytes([7; 32]);
         let far = 4_102_444_800_000;
         vec![
-            Entry::new(b"golden/plain", b"hello", None, far),
-            Entry::new(b"golden/owned", b"mine", Some(&key.hash(b"golden/owned", b"golden-secret")), far),
-            Entry::new(b"ip/192.0.2.1/svc", b"192.0.2.1:4000", None, far),
-            Entry::new(b"golden/expired-long-ago", b"", None, 1_000),
+            Entry::new(b"golden/plain", b"hello", None, far).unwrap(),
+            Entry::new(b"golden/owned", b"mine", Some(&key.hash(b"golden/owned", b"golden-secret")), far).unwrap(),
+            Entry::new(b"ip/192.0.2.1/svc", b"192.0.2.1:4000", None, far).unwrap(),
+            Entry::new(b"golden/expired-long-ago", b"", None, 1_000).unwrap(),
         ]
     }
 
     /// The committed golden file of format version 2 must load forever.
     #[test]
     fn golden_v2_loads() {
-        let bytes = include_bytes!("../tests/golden/snapshot-v2.rkyv");
+        let bytes = include_bytes!("../../tests/golden/snapshot-v2.rkyv");
         let loaded = decode(bytes).unwrap();
         assert_eq!(loaded.secret_key.as_bytes(), &[7u8; 32]);
         assert_eq!(loaded.entries, golden_entries_v2());

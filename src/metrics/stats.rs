@@ -1,0 +1,315 @@
+//! What the data path counts: per-core counters and fixed-bucket
+//! histograms, written by one core each and read by the exporter.
+//!
+//! Each core writes only its own `CoreStats`: plain relaxed load+store on
+//! single-writer atomics (no read-modify-write, no contention, no
+//! allocation). Label values come from fixed tables (the route table, the
+//! status table), so the series are bounded. This module never renders,
+//! serves or aggregates: the exporter does that off the data cores.
+
+use crate::request::http::{status_index, STATUSES};
+use crate::request::route::{Route, ROUTES};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Route label slots: one per route, plus "other" (no route matched).
+pub const ROUTE_LABELS: usize = ROUTES.len() + 1;
+/// The label index of requests that matched no route.
+pub const ROUTE_OTHER: usize = ROUTES.len();
+/// Status label slots: one per known status, plus "other".
+pub const STATUS_LABELS: usize = STATUSES.len() + 1;
+
+/// The `route` label for a label index.
+pub fn route_label(i: usize) -> &'static str {
+    ROUTES.get(i).map_or("other", |r| r.label)
+}
+
+/// The label index of a route (`None`: no route matched).
+pub fn route_index(route: Option<Route>) -> usize {
+    route.map_or(ROUTE_OTHER, |r| r as usize)
+}
+
+/// The `code` label for a status label index.
+pub fn status_label(i: usize) -> String {
+    STATUSES.get(i).map_or_else(|| "other".to_string(), |&(s, _)| s.to_string())
+}
+
+/// Request latency bucket upper bounds (50 us to 1 s).
+pub const LATENCY_BOUNDS_NS: [u64; 14] = [
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+];
+
+/// Time-parked bucket upper bounds for blocking reads (1 ms to 60 s).
+pub const WAIT_BOUNDS_NS: [u64; 10] = [
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    500_000_000,
+    1_000_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+    60_000_000_000,
+    120_000_000_000,
+];
+
+/// Log flush latency bucket upper bounds (50 us to 1 s).
+pub const FLUSH_BOUNDS_NS: [u64; 14] = LATENCY_BOUNDS_NS;
+
+/// Bucket upper bounds in seconds, for the exporter.
+pub fn bounds_seconds(bounds_ns: &[u64]) -> Vec<f64> {
+    bounds_ns.iter().map(|&ns| ns as f64 / 1e9).collect()
+}
+
+/// A counter or gauge written by one thread only.
+#[derive(Default, Debug)]
+pub struct Cell64(AtomicU64);
+
+impl Cell64 {
+    /// Single-writer increment: a plain load and store, no locked instruction.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Largest bucket count (bounds + the +Inf bucket).
+const MAX_BUCKETS: usize = 15;
+
+/// A fixed-bucket histogram: count and nanosecond sum per bucket; the last
+/// bucket is +Inf.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds_ns: &'static [u64],
+    counts: [Cell64; MAX_BUCKETS],
+    sums_ns: [Cell64; MAX_BUCKETS],
+}
+
+impl Histogram {
+    /// At most 14 bounds.
+    pub const fn new(bounds_ns: &'static [u64]) -> Self {
+        Histogram {
+            bounds_ns,
+            counts: [const { Cell64(AtomicU64::new(0)) }; MAX_BUCKETS],
+            sums_ns: [const { Cell64(AtomicU64::new(0)) }; MAX_BUCKETS],
+        }
+    }
+
+    #[inline]
+    pub fn record_ns(&self, ns: u64) {
+        let i = self.bounds_ns.iter().position(|&b| ns <= b).unwrap_or(self.bounds_ns.len());
+        self.counts[i].add(1);
+        self.sums_ns[i].add(ns);
+    }
+
+    pub fn bounds_ns(&self) -> &'static [u64] {
+        self.bounds_ns
+    }
+
+    /// Buckets in use (bounds + 1).
+    pub fn buckets(&self) -> usize {
+        self.bounds_ns.len() + 1
+    }
+
+    /// `(count, sum_ns)` of bucket `i`.
+    pub fn bucket(&self, i: usize) -> (u64, u64) {
+        (self.counts[i].get(), self.sums_ns[i].get())
+    }
+}
+
+/// Everything one core counts. Aligned so two cores' stats never share a
+/// cache line.
+#[derive(Debug)]
+#[repr(align(128))]
+pub struct CoreStats {
+    requests: [[Cell64; STATUS_LABELS]; ROUTE_LABELS],
+    latency: [Histogram; ROUTE_LABELS],
+    /// How long blocking reads stayed parked (kept out of `latency`).
+    pub waited: Histogram,
+    conflicts: [Cell64; ROUTE_LABELS],
+    pub connections_open: Cell64,
+    pub connections_total: Cell64,
+    pub refused_server_full: Cell64,
+    pub refused_ip_full: Cell64,
+    pub requests_in_flight: Cell64,
+    pub rate_limited: Cell64,
+    pub secret_rejections: Cell64,
+    pub store_full: Cell64,
+    // Published by the core's sweeper from state only the core may read.
+    pub keys: Cell64,
+    pub stored_bytes: Cell64,
+    pub expired: Cell64,
+    pub tracked_clients: Cell64,
+    pub cross_core_sent: Cell64,
+    pub cross_core_batches: Cell64,
+    pub cross_core_received: Cell64,
+    // Blocking reads.
+    pub waits_parked: Cell64,
+    pub wait_timeouts: Cell64,
+    pub waiters: Cell64,
+    pub waiter_wakeups: Cell64,
+    // The core's write-ahead log.
+    pub log_records: Cell64,
+    pub log_bytes: Cell64,
+    pub log_flushes: Cell64,
+    pub log_failures: Cell64,
+    /// 1 while the log cannot be written (writes are refused with 503).
+    pub log_failing: Cell64,
+    pub log_sync: Histogram,
+}
+
+impl Default for CoreStats {
+    fn default() -> Self {
+        CoreStats {
+            requests: Default::default(),
+            latency: [const { Histogram::new(&LATENCY_BOUNDS_NS) }; ROUTE_LABELS],
+            waited: Histogram::new(&WAIT_BOUNDS_NS),
+            conflicts: Default::default(),
+            connections_open: Cell64::default(),
+            connections_total: Cell64::default(),
+            refused_server_full: Cell64::default(),
+            refused_ip_full: Cell64::default(),
+            requests_in_flight: Cell64::default(),
+            rate_limited: Cell64::default(),
+            secret_rejections: Cell64::default(),
+            store_full: Cell64::default(),
+            keys: Cell64::default(),
+            stored_bytes: Cell64::default(),
+            expired: Cell64::default(),
+            tracked_clients: Cell64::default(),
+            cross_core_sent: Cell64::default(),
+            cross_core_batches: Cell64::default(),
+            cross_core_received: Cell64::default(),
+            waits_parked: Cell64::default(),
+            wait_timeouts: Cell64::default(),
+            waiters: Cell64::default(),
+            waiter_wakeups: Cell64::default(),
+            log_records: Cell64::default(),
+            log_bytes: Cell64::default(),
+            log_flushes: Cell64::default(),
+            log_failures: Cell64::default(),
+            log_failing: Cell64::default(),
+            log_sync: Histogram::new(&FLUSH_BOUNDS_NS),
+        }
+    }
+}
+
+impl CoreStats {
+    /// Records one answered request (`elapsed_ns`: head parsed to response
+    /// encoded, time parked excluded).
+    #[inline]
+    pub fn request(&self, route: usize, status: u16, elapsed_ns: u64) {
+        self.requests[route][status_index(status)].add(1);
+        self.latency[route].record_ns(elapsed_ns);
+        match status {
+            403 => self.secret_rejections.add(1),
+            429 => self.rate_limited.add(1),
+            507 => self.store_full.add(1),
+            _ => {}
+        }
+    }
+
+    /// A cas/casoc mismatch, or a los that found the key present.
+    #[inline]
+    pub fn conflict(&self, route: usize) {
+        self.conflicts[route].add(1);
+    }
+
+    /// Requests answered with this route and status label.
+    pub fn requests(&self, route: usize, status: usize) -> u64 {
+        self.requests[route][status].get()
+    }
+
+    pub fn latency(&self, route: usize) -> &Histogram {
+        &self.latency[route]
+    }
+
+    pub fn conflicts(&self, route: usize) -> u64 {
+        self.conflicts[route].get()
+    }
+
+    /// Requests answered by this core, every route and status.
+    pub fn requests_total(&self) -> u64 {
+        self.requests.iter().flatten().map(Cell64::get).sum()
+    }
+}
+
+/// What the lifecycle thread records about snapshots.
+#[derive(Default, Debug)]
+pub struct SnapshotStats {
+    pub saved_total: Cell64,
+    pub failures_total: Cell64,
+    pub last_success_unix_ms: Cell64,
+    pub last_duration_us: Cell64,
+    pub last_size_bytes: Cell64,
+    pub last_entries: Cell64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_inclusive_upper_bounds() {
+        let h = Histogram::new(&LATENCY_BOUNDS_NS);
+        h.record_ns(50_000);
+        h.record_ns(50_001);
+        h.record_ns(2_000_000_000);
+        assert_eq!(h.bucket(0), (1, 50_000));
+        assert_eq!(h.bucket(1), (1, 50_001));
+        assert_eq!(h.bucket(14).0, 1);
+        assert_eq!(h.buckets(), 15);
+        assert!(WAIT_BOUNDS_NS.len() < MAX_BUCKETS && LATENCY_BOUNDS_NS.len() < MAX_BUCKETS);
+    }
+
+    #[test]
+    fn request_counting_by_route_and_code() {
+        let s = CoreStats::default();
+        let get = route_index(Some(Route::Get));
+        s.request(get, 200, 10_000);
+        s.request(get, 429, 10_000);
+        s.request(ROUTE_OTHER, 403, 10_000);
+        s.request(ROUTE_OTHER, 299, 10_000);
+        assert_eq!(s.requests(get, status_index(200)), 1);
+        assert_eq!(s.requests(ROUTE_OTHER, STATUSES.len()), 1);
+        assert_eq!((s.rate_limited.get(), s.secret_rejections.get()), (1, 1));
+        assert_eq!(s.requests_total(), 4);
+        assert_eq!(route_label(get), "get");
+        assert_eq!(route_label(ROUTE_OTHER), "other");
+        assert_eq!(status_label(status_index(412)), "412");
+    }
+
+    #[test]
+    fn route_labels_are_unique() {
+        let mut labels: Vec<&str> = (0..ROUTE_LABELS).map(route_label).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), ROUTE_LABELS);
+    }
+}

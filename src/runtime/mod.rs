@@ -1,0 +1,17 @@
+//! Threads, sockets, files and signals: everything that runs.
+//!
+//! `server` starts the process (data directory, listeners, one thread per
+//! core); `core` is one core's executor (accept loop, control requests,
+//! sweeper); `conn` serves one connection; `router` carries commands to the
+//! owning core and replies back, over `slots`; `connlimit` admits
+//! connections and waiters; `lifecycle` runs snapshots and shutdown;
+//! `shared` is the read-only state every core sees.
+
+pub mod conn;
+pub mod connlimit;
+pub mod core;
+pub mod lifecycle;
+pub mod router;
+pub mod server;
+pub mod shared;
+pub mod slots;

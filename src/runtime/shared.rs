@@ -1,0 +1,70 @@
+//! `Shared`: what every core and the helper threads see of the server,
+//! built once at startup.
+//!
+//! Read-only after startup except for the parts made for concurrent use:
+//! the key budget (one atomic), the mesh channels, the connection and
+//! waiter admission tables, and the per-core statistics (each written by
+//! its own core only). Kept in a module of its own so that the modules
+//! using it (`core`, `conn`, `lifecycle`, the exporter) and the one
+//! building it (`server`) never import each other.
+
+use crate::config::Config;
+use crate::metrics::stats::{CoreStats, SnapshotStats};
+use crate::runtime::connlimit::ConnLimits;
+use crate::runtime::router::{Mesh, Routing};
+use crate::state::ratelimit::Periods;
+use crate::state::secret::SecretKey;
+use crate::state::shard::KeyBudget;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// Where the server is in its life, for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Loading the store; listeners not up yet.
+    Starting = 0,
+    /// Serving.
+    Ready = 1,
+    /// Shutting down: no new requests.
+    Draining = 2,
+}
+
+/// The server's lifecycle phase, readable from any thread.
+#[derive(Debug, Default)]
+pub struct PhaseCell(AtomicU8);
+
+impl PhaseCell {
+    pub fn set(&self, p: Phase) {
+        self.0.store(p as u8, Ordering::Release);
+    }
+
+    pub fn get(&self) -> Phase {
+        match self.0.load(Ordering::Acquire) {
+            0 => Phase::Starting,
+            1 => Phase::Ready,
+            _ => Phase::Draining,
+        }
+    }
+}
+
+/// State every core shares.
+pub struct Shared {
+    pub config: Config,
+    pub routing: Routing,
+    pub mesh: Arc<Mesh>,
+    pub budget: Arc<KeyBudget>,
+    pub periods: Periods,
+    pub secret_key: SecretKey,
+    /// The bound address, for the docs page when a request has no Host.
+    pub listen_text: String,
+    /// One per core, written only by that core.
+    pub stats: Vec<CoreStats>,
+    pub snapshot_stats: SnapshotStats,
+    /// Whether requests are measured (the admin address is on).
+    pub metrics_on: bool,
+    pub conn_limits: Arc<ConnLimits>,
+    /// Parked blocking reads, server-wide and per client IP.
+    pub waiter_limits: Arc<ConnLimits>,
+    pub phase: PhaseCell,
+}
