@@ -3,7 +3,7 @@
 //! turn failures into a clear message and a non-zero exit (2 for a bad
 //! command line, 1 for anything else).
 
-use rendezvous::{config, logging, runtime::server};
+use rendezvous::{config, logging, persist, runtime::server};
 use std::process::ExitCode;
 
 /// mimalloc: no per-block header and fine size classes, which keeps a stored
@@ -13,6 +13,7 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    ignore_file_size_signal();
     let parsed = match config::parse(std::env::args().skip(1)) {
         Ok(p) => p,
         Err(e) => {
@@ -26,8 +27,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         config::Parsed::Dump(dir) => {
-            eprintln!("rendezvous: -dump {} is not available in this build", dir.display());
-            return ExitCode::FAILURE;
+            return match persist::dump::run(&dir, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("rendezvous: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         config::Parsed::Run(c) => *c,
     };
@@ -41,5 +47,17 @@ fn main() -> ExitCode {
             log::error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A file-size limit (RLIMIT_FSIZE, systemd's `LimitFSIZE=`) must not kill
+/// the process at the next log append: with SIGXFSZ ignored the write fails
+/// with EFBIG, and the log moves to a new segment.
+fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN touches no memory of
+    // ours and is done before any thread starts; `tests/persistence.rs`
+    // runs the server under a small RLIMIT_FSIZE and checks it survives.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }

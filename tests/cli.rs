@@ -88,7 +88,10 @@ fn port_in_use_is_a_startup_error() {
     let out = Command::new(BIN).args(["-l", "127.0.0.1", "-port", &port, "-dataDir", ""]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already listening"), "{err}");
+    assert!(
+        err.contains("-port") && (err.contains("already listening") || err.contains("Rendezvous process")),
+        "{err}"
+    );
     // Also when the other listener uses SO_REUSEPORT on all addresses.
     let blocker = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = blocker.local_addr().unwrap().port().to_string();

@@ -184,7 +184,10 @@ fn nginx_tls_proxy_keeps_the_real_client() {
     }
     let total = s.metric("rendezvous_connections_total").unwrap_or(0.0);
     assert!(total <= 3.0, "nginx opened {total} upstream connections for 37 requests");
-    // The docs page shows the public host nginx was asked for.
+    // The docs page shows the public host nginx was asked for, with the
+    // scheme the client used (nginx's X-Forwarded-Proto).
     let r = curl("127.0.0.11", &format!("{https}/"), &["-H", "Host: rendezvous.example.org"]);
+    assert!(r.text().contains("https://rendezvous.example.org/get/"), "{}", r.text());
+    let r = curl("127.0.0.11", &format!("{http}/"), &["-H", "Host: rendezvous.example.org"]);
     assert!(r.text().contains("http://rendezvous.example.org/get/"));
 }

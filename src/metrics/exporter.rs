@@ -69,6 +69,9 @@ fn describe() {
     c("rendezvous_wait_wakeups_total", Unit::Count, "Parked blocking reads answered by a write.");
     c("rendezvous_wait_timeouts_total", Unit::Count, "Parked blocking reads that ran out of time.");
     g("rendezvous_threads", Unit::Count, "Worker threads (one shard each).");
+    g("rendezvous_log_failing", Unit::Count, "Cores whose write-ahead log cannot be written now (writes get 503).");
+    c("rendezvous_log_failures_total", Unit::Count, "Failed write-ahead log writes or syncs.");
+    c("rendezvous_log_bytes_total", Unit::Bytes, "Bytes written to the write-ahead log.");
     c("process_cpu_seconds_total", Unit::Seconds, "User and system CPU time of the process.");
     g("process_resident_memory_bytes", Unit::Bytes, "Resident memory of the process.");
     g("process_open_fds", Unit::Count, "Open file descriptors.");
@@ -144,6 +147,9 @@ impl Folder {
         metrics::counter!("rendezvous_waits_total").absolute(sum(|s| s.waits_parked.get()));
         metrics::counter!("rendezvous_wait_wakeups_total").absolute(sum(|s| s.waiter_wakeups.get()));
         metrics::counter!("rendezvous_wait_timeouts_total").absolute(sum(|s| s.wait_timeouts.get()));
+        metrics::gauge!("rendezvous_log_failing").set(sum(|s| s.log_failing.get()) as f64);
+        metrics::counter!("rendezvous_log_failures_total").absolute(sum(|s| s.log_failures.get()));
+        metrics::counter!("rendezvous_log_bytes_total").absolute(sum(|s| s.log_bytes.get()));
         let snap = &self.shared.snapshot_stats;
         metrics::counter!("rendezvous_snapshots_total").absolute(snap.saved_total.get());
         metrics::counter!("rendezvous_snapshot_failures_total").absolute(snap.failures_total.get());
@@ -195,8 +201,7 @@ fn read_process() -> Option<ProcessStats> {
 
 /// Binds the admin listener (so a bad address fails startup) and starts the
 /// metrics thread. Returns the bound address.
-pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+pub fn start(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<SocketAddr> {
     let bound = listener.local_addr()?;
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(

@@ -1,34 +1,55 @@
-//! The snapshot file: format, validation, and crash-safe writing.
+//! The snapshot file: a checkpoint of the store, written and read as a
+//! stream so that neither costs a second copy of the store in memory.
 //!
-//! Layout: a 56-byte header (magic `RDVZSNAP`, format version, flags,
-//! payload length, BLAKE3 of the payload) followed by an rkyv archive of a
-//! flat entry list (key and value bytes, owner-secret hash, expiry in Unix
-//! ms) plus the instance's secret-hashing key. The list is independent of the
-//! core count: loading re-routes every entry for the current `-threads`.
+//! Format 3 (written now): a 16-byte header (magic `RDVZSNAP`, format
+//! version, flags), then frames. Each frame is `u32 kind`, `u32 reserved`,
+//! `u64 length`, the BLAKE3 hash of the payload, and the payload: an rkyv
+//! archive. Entry frames hold up to a few thousand entries (key and value
+//! bytes, owner-secret hash, expiry, version, creating network); the last
+//! frame is the trailer: the instance's secret-hashing key, the log
+//! position recovery replays from (the first log segment that is not
+//! covered), the highest version issued when the copy ended, the entry
+//! count. A file without its trailer is incomplete and refused. The list is
+//! independent of the core count: loading re-routes every entry.
 //!
-//! The file is untrusted input. It is read into an aligned buffer (no mmap:
-//! a file truncated under a mapping kills the process with SIGBUS), the
-//! header and checksum are verified, then the archive is validated with
-//! bytecheck before a single field is read. Writing goes to a temporary file
-//! in the same directory, which is fsynced, renamed over the old snapshot, and
-//! the directory fsynced: a crash at any moment leaves either the old or the
-//! new snapshot, never a mix. rkyv has no schema evolution, so every format
-//! version ever written stays readable here, and `tests/golden/` holds a
-//! committed file of each that the tests load. This module does no
-//! networking and never touches a shard: it takes and returns entry lists.
+//! Formats 1 and 2 (one header and one archive) are still read, and
+//! `tests/golden/` holds a committed file of every format that the tests
+//! load: rkyv has no schema evolution, so an old file must keep working.
+//!
+//! The file is untrusted input: each frame's length is checked against the
+//! file before anything is allocated, its hash verified, and its archive
+//! validated with bytecheck before a field is read. It is read with plain
+//! reads into an aligned buffer (no mmap: a file truncated under a mapping
+//! kills the process with SIGBUS). Writing goes to a fresh temp file in the
+//! same directory (created exclusively, mode 0600: it holds secret hashes),
+//! which is fsynced, renamed over the old snapshot, and the directory
+//! fsynced: a crash at any moment leaves the old or the new file, never a
+//! mix. This module never touches a shard or a socket.
 
 use crate::state::secret::SecretKey;
-use crate::state::shard::Entry;
+use crate::state::shard::{Entry, MAX_KEY_LEN};
 use rkyv::rancor;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"RDVZSNAP";
 /// The format this build writes.
-pub const FORMAT_VERSION: u32 = 2;
-const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 32;
+pub const FORMAT_VERSION: u32 = 3;
+/// The snapshot's name inside the data directory.
+pub const FILE_NAME: &str = "snapshot.rkyv";
+/// Prefix of temp files (a crash can leave one; startup removes them).
+pub const TEMP_PREFIX: &str = "snapshot.rkyv.tmp.";
+const V12_HEADER_LEN: usize = 8 + 4 + 4 + 8 + 32;
+const V3_HEADER_LEN: usize = 16;
+const FRAME_HEADER_LEN: usize = 4 + 4 + 8 + 32;
+const FRAME_ENTRIES: u32 = 1;
+const FRAME_TRAILER: u32 = 2;
+/// Largest frame payload accepted (a frame holds at most a few thousand
+/// entries of at most 1 GiB each; this bounds the reader's one buffer).
+const MAX_FRAME: u64 = 2 << 30;
 
 /// Format version 1 (archived with rkyv).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
@@ -67,6 +88,37 @@ pub struct EntryV2 {
     pub version: u64,
 }
 
+/// One frame of entries in format version 3.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub struct ChunkV3 {
+    pub entries: Vec<EntryV3>,
+}
+
+/// One entry of format version 3: version 2 plus its creating network.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug)]
+pub struct EntryV3 {
+    /// Key bytes followed by value bytes.
+    pub data: Vec<u8>,
+    pub key_len: u32,
+    pub expires_unix_ms: u64,
+    pub secret_hash: Option<[u8; 32]>,
+    pub version: u64,
+    pub creator: u64,
+}
+
+/// The last frame of format version 3.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TrailerV3 {
+    pub created_unix_ms: u64,
+    pub secret_key: [u8; 32],
+    /// Log segments with this sequence number or higher are replayed on top.
+    pub replay_from: u64,
+    /// The highest version issued when the copy ended (deletes included).
+    pub max_version: u64,
+    pub entries: u64,
+    pub frames: u64,
+}
+
 /// Why a snapshot file cannot be used.
 #[derive(Debug)]
 pub enum SnapshotError {
@@ -74,12 +126,25 @@ pub enum SnapshotError {
     Empty,
     BadMagic,
     UnsupportedVersion(u32),
-    Truncated { declared: u64, actual: u64 },
-    TrailingBytes { declared: u64, actual: u64 },
+    Truncated {
+        declared: u64,
+        actual: u64,
+    },
+    TrailingBytes {
+        declared: u64,
+        actual: u64,
+    },
     Checksum,
     InvalidArchive(String),
     BadEntry(usize),
     Encode(String),
+    /// Format 3: a frame at this offset is damaged.
+    BadFrame {
+        offset: u64,
+        why: String,
+    },
+    /// Format 3: the file ends without its trailer.
+    NoTrailer,
 }
 
 impl std::fmt::Display for SnapshotError {
@@ -99,10 +164,10 @@ impl std::fmt::Display for SnapshotError {
             }
             SnapshotError::Checksum => f.write_str("corrupt: payload checksum mismatch"),
             SnapshotError::InvalidArchive(e) => write!(f, "corrupt: invalid archive ({e})"),
-            SnapshotError::BadEntry(i) => {
-                write!(f, "corrupt: entry {i} has a key longer than its data")
-            }
+            SnapshotError::BadEntry(i) => write!(f, "corrupt: entry {i} has a key longer than its data"),
             SnapshotError::Encode(e) => write!(f, "cannot encode snapshot: {e}"),
+            SnapshotError::BadFrame { offset, why } => write!(f, "corrupt at byte {offset}: {why}"),
+            SnapshotError::NoTrailer => f.write_str("truncated: the file ends before its trailer"),
         }
     }
 }
@@ -115,74 +180,16 @@ impl From<io::Error> for SnapshotError {
     }
 }
 
-/// A decoded snapshot.
-pub struct Loaded {
+/// What a snapshot says about itself (entries go to the loader's callback).
+#[derive(Debug, Clone)]
+pub struct Meta {
     pub secret_key: SecretKey,
     pub created_unix_ms: u64,
-    /// Every entry in the file, expired ones included (the caller decides).
-    pub entries: Vec<Entry>,
-}
-
-/// Encodes a snapshot file (header + archive) from the cores' entries.
-pub fn encode(secret_key: &SecretKey, shards: Vec<Vec<Entry>>, now_unix_ms: u64) -> Result<Vec<u8>, SnapshotError> {
-    let entries = shards
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            let (data, key_len, expires_unix_ms, secret_hash, version) = e.into_snapshot_parts();
-            EntryV2 { data, key_len, expires_unix_ms, secret_hash, version }
-        })
-        .collect();
-    let snap = SnapshotV2 { created_unix_ms: now_unix_ms, secret_key: *secret_key.as_bytes(), entries };
-    let payload = rkyv::to_bytes::<rancor::Error>(&snap).map_err(|e| SnapshotError::Encode(e.to_string()))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(blake3::hash(&payload).as_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
-}
-
-/// Verifies and decodes a snapshot file's bytes.
-pub fn decode(bytes: &[u8]) -> Result<Loaded, SnapshotError> {
-    if bytes.is_empty() {
-        return Err(SnapshotError::Empty);
-    }
-    if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
-        return Err(SnapshotError::BadMagic);
-    }
-    if bytes.len() < HEADER_LEN {
-        return Err(SnapshotError::Truncated { declared: 0, actual: 0 });
-    }
-    let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-    let version = u32_at(8);
-    let mut len_bytes = [0u8; 8];
-    len_bytes.copy_from_slice(&bytes[16..24]);
-    let declared = u64::from_le_bytes(len_bytes);
-    let checksum = &bytes[24..56];
-    let payload = &bytes[HEADER_LEN..];
-    let actual = payload.len() as u64;
-    if version == 0 || version > FORMAT_VERSION {
-        return Err(SnapshotError::UnsupportedVersion(version));
-    }
-    if actual < declared {
-        return Err(SnapshotError::Truncated { declared, actual });
-    }
-    if actual > declared {
-        return Err(SnapshotError::TrailingBytes { declared, actual });
-    }
-    if blake3::hash(payload).as_bytes() != checksum {
-        return Err(SnapshotError::Checksum);
-    }
-    // rkyv needs the archive aligned; a Vec<u8> from the file is not.
-    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
-    aligned.extend_from_slice(payload);
-    match version {
-        1 => decode_v1(&aligned),
-        _ => decode_v2(&aligned),
-    }
+    /// First log segment to replay (0 for formats 1 and 2, which predate the log).
+    pub replay_from: u64,
+    pub max_version: u64,
+    pub entries: u64,
+    pub format: u32,
 }
 
 /// Builds an entry from archived fields, checking what the archive cannot.
@@ -195,7 +202,7 @@ fn entry(
     version: u64,
 ) -> Result<Entry, SnapshotError> {
     let key_len = key_len as usize;
-    if key_len == 0 || key_len > data.len() || key_len > crate::state::shard::MAX_KEY_LEN {
+    if key_len == 0 || key_len > data.len() || key_len > MAX_KEY_LEN {
         return Err(SnapshotError::BadEntry(i));
     }
     let (key, value) = data.split_at(key_len);
@@ -204,164 +211,436 @@ fn entry(
     Ok(e)
 }
 
-fn decode_v2(payload: &[u8]) -> Result<Loaded, SnapshotError> {
-    let archived = rkyv::access::<ArchivedSnapshotV2, rancor::Error>(payload)
-        .map_err(|e| SnapshotError::InvalidArchive(e.to_string()))?;
-    let entries = archived
-        .entries
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let (exp, ver) = (e.expires_unix_ms.to_native(), e.version.to_native());
-            entry(i, &e.data, e.key_len.to_native(), exp, e.secret_hash.as_ref(), ver)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Loaded {
-        secret_key: SecretKey::from_bytes(archived.secret_key),
-        created_unix_ms: archived.created_unix_ms.to_native(),
-        entries,
-    })
-}
-
-fn decode_v1(payload: &[u8]) -> Result<Loaded, SnapshotError> {
-    let archived = rkyv::access::<ArchivedSnapshotV1, rancor::Error>(payload)
-        .map_err(|e| SnapshotError::InvalidArchive(e.to_string()))?;
-    // Version 1 kept no entry versions: the shard assigns fresh ones (0 = none).
-    let entries = archived
-        .entries
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            entry(i, &e.data, e.key_len.to_native(), e.expires_unix_ms.to_native(), e.secret_hash.as_ref(), 0)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Loaded {
-        secret_key: SecretKey::from_bytes(archived.secret_key),
-        created_unix_ms: archived.created_unix_ms.to_native(),
-        entries,
-    })
-}
-
-/// Loads the snapshot at `path`; `Ok(None)` if there is no file.
-pub fn load(path: &Path) -> Result<Option<Loaded>, SnapshotError> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
+/// Streams a snapshot file: every entry goes to `each`, in file order
+/// (expired ones included; the caller decides). `Ok(None)` if there is no
+/// file. Memory: one frame at a time.
+pub fn load(path: &Path, mut each: impl FnMut(Entry)) -> Result<Option<Meta>, SnapshotError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    decode(&bytes).map(Some)
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-/// Replaces the file at `path` with `bytes` so that a crash at any point
-/// leaves either the old or the new content: temp file in the same
-/// directory, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    let size = file.metadata()?.len();
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut head = [0u8; V3_HEADER_LEN];
+    let got = read_up_to(&mut r, &mut head)?;
+    if got == 0 {
+        return Err(SnapshotError::Empty);
     }
-    result
+    if got < MAGIC.len() || head[..8] != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    if got < V3_HEADER_LEN {
+        return Err(SnapshotError::Truncated { declared: 0, actual: 0 });
+    }
+    let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    match version {
+        1 | 2 => {
+            // Old formats: one archive; read it whole.
+            let mut bytes = head.to_vec();
+            r.read_to_end(&mut bytes)?;
+            let (meta, entries) = decode_v12(&bytes)?;
+            entries.into_iter().for_each(each);
+            Ok(Some(meta))
+        }
+        3 => load_v3(&mut r, size, &mut each).map(Some),
+        v => Err(SnapshotError::UnsupportedVersion(v)),
+    }
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn load_v3(r: &mut impl Read, size: u64, each: &mut impl FnMut(Entry)) -> Result<Meta, SnapshotError> {
+    let mut offset = V3_HEADER_LEN as u64;
+    let mut count = 0u64;
+    let mut frames = 0u64;
+    let mut payload = rkyv::util::AlignedVec::<16>::new();
+    loop {
+        let bad = |why: String| SnapshotError::BadFrame { offset, why };
+        let mut fh = [0u8; FRAME_HEADER_LEN];
+        let got = read_up_to(r, &mut fh)?;
+        if got == 0 {
+            return Err(SnapshotError::NoTrailer);
+        }
+        if got < FRAME_HEADER_LEN {
+            return Err(bad("the file ends inside a frame header".into()));
+        }
+        let kind = u32::from_le_bytes([fh[0], fh[1], fh[2], fh[3]]);
+        if fh[4..8] != [0; 4] {
+            return Err(bad("reserved frame bytes are not zero".into()));
+        }
+        let mut len_bytes = [0u8; 8];
+        len_bytes.copy_from_slice(&fh[8..16]);
+        let len = u64::from_le_bytes(len_bytes);
+        let left = size.saturating_sub(offset + FRAME_HEADER_LEN as u64);
+        if len > MAX_FRAME || len > left {
+            return Err(bad(format!("a frame of {len} bytes where {left} remain")));
+        }
+        payload.clear();
+        payload.reserve(len as usize);
+        payload.resize(len as usize, 0);
+        if read_up_to(r, &mut payload)? < len as usize {
+            return Err(bad("the file ends inside a frame".into()));
+        }
+        if blake3::hash(&payload).as_bytes()[..] != fh[16..48] {
+            return Err(bad("checksum mismatch".into()));
+        }
+        match kind {
+            FRAME_ENTRIES => {
+                let chunk = rkyv::access::<ArchivedChunkV3, rancor::Error>(&payload)
+                    .map_err(|e| bad(format!("invalid archive ({e})")))?;
+                for e in chunk.entries.iter() {
+                    let (exp, ver) = (e.expires_unix_ms.to_native(), e.version.to_native());
+                    let mut entry =
+                        entry(count as usize, &e.data, e.key_len.to_native(), exp, e.secret_hash.as_ref(), ver)?;
+                    entry.set_creator(e.creator.to_native());
+                    each(entry);
+                    count += 1;
+                }
+                frames += 1;
+            }
+            FRAME_TRAILER => {
+                let t = rkyv::access::<ArchivedTrailerV3, rancor::Error>(&payload)
+                    .map_err(|e| bad(format!("invalid trailer ({e})")))?;
+                if t.entries.to_native() != count || t.frames.to_native() != frames {
+                    return Err(bad(format!(
+                        "the trailer counts {} entries in {} frames, the file holds {count} in {frames}",
+                        t.entries.to_native(),
+                        t.frames.to_native()
+                    )));
+                }
+                let end = offset + FRAME_HEADER_LEN as u64 + len;
+                if end != size {
+                    return Err(SnapshotError::TrailingBytes { declared: end, actual: size });
+                }
+                return Ok(Meta {
+                    secret_key: SecretKey::from_bytes(t.secret_key),
+                    created_unix_ms: t.created_unix_ms.to_native(),
+                    replay_from: t.replay_from.to_native(),
+                    max_version: t.max_version.to_native(),
+                    entries: count,
+                    format: 3,
+                });
+            }
+            other => return Err(bad(format!("unknown frame kind {other}"))),
+        }
+        offset += FRAME_HEADER_LEN as u64 + len;
+    }
+}
+
+/// Verifies and decodes a whole format 1 or 2 file.
+fn decode_v12(bytes: &[u8]) -> Result<(Meta, Vec<Entry>), SnapshotError> {
+    if bytes.len() < V12_HEADER_LEN {
+        return Err(SnapshotError::Truncated { declared: 0, actual: 0 });
+    }
+    let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&bytes[16..24]);
+    let declared = u64::from_le_bytes(len_bytes);
+    let checksum = &bytes[24..56];
+    let payload = &bytes[V12_HEADER_LEN..];
+    let actual = payload.len() as u64;
+    if actual < declared {
+        return Err(SnapshotError::Truncated { declared, actual });
+    }
+    if actual > declared {
+        return Err(SnapshotError::TrailingBytes { declared, actual });
+    }
+    if blake3::hash(payload).as_bytes() != checksum {
+        return Err(SnapshotError::Checksum);
+    }
+    // rkyv needs the archive aligned; a Vec<u8> from the file is not.
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
+    aligned.extend_from_slice(payload);
+    let invalid = |e: rancor::Error| SnapshotError::InvalidArchive(e.to_string());
+    let (secret_key, created, entries) = if version == 1 {
+        let a = rkyv::access::<ArchivedSnapshotV1, rancor::Error>(&aligned).map_err(invalid)?;
+        // Version 1 kept no entry versions: the shard assigns fresh ones (0 = none).
+        let entries = a
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                entry(i, &e.data, e.key_len.to_native(), e.expires_unix_ms.to_native(), e.secret_hash.as_ref(), 0)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        (a.secret_key, a.created_unix_ms.to_native(), entries)
+    } else {
+        let a = rkyv::access::<ArchivedSnapshotV2, rancor::Error>(&aligned).map_err(invalid)?;
+        let entries = a
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let (exp, ver) = (e.expires_unix_ms.to_native(), e.version.to_native());
+                entry(i, &e.data, e.key_len.to_native(), exp, e.secret_hash.as_ref(), ver)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        (a.secret_key, a.created_unix_ms.to_native(), entries)
+    };
+    let max_version = entries.iter().map(Entry::version).max().unwrap_or(0);
+    let meta = Meta {
+        secret_key: SecretKey::from_bytes(secret_key),
+        created_unix_ms: created,
+        replay_from: 0,
+        max_version,
+        entries: entries.len() as u64,
+        format: version,
+    };
+    Ok((meta, entries))
+}
+
+/// Creates a file exclusively with mode 0600 (it may hold secret hashes).
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+}
+
+/// Fsyncs a directory, so a rename or a new file in it survives a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes a format-3 snapshot frame by frame, then publishes it atomically.
+pub struct Writer {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    dir: PathBuf,
+    entries: u64,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Writer {
+    /// Starts a snapshot in `dir` (under a temp name nobody else uses).
+    pub fn create(dir: &Path) -> io::Result<Writer> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let tmp = dir.join(format!("{TEMP_PREFIX}{}.{nanos}", std::process::id()));
+        let mut out = BufWriter::with_capacity(1 << 20, create_private(&tmp)?);
+        let mut head = [0u8; V3_HEADER_LEN];
+        head[..8].copy_from_slice(&MAGIC);
+        head[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let written = out.write_all(&head);
+        let w = Writer { out, tmp, dir: dir.to_path_buf(), entries: 0, frames: 0, bytes: V3_HEADER_LEN as u64 };
+        match written {
+            Ok(()) => Ok(w),
+            Err(e) => {
+                w.abort();
+                Err(e)
+            }
+        }
+    }
+
+    fn frame(&mut self, kind: u32, payload: &[u8]) -> io::Result<()> {
+        let mut fh = [0u8; FRAME_HEADER_LEN];
+        fh[..4].copy_from_slice(&kind.to_le_bytes());
+        fh[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        fh[16..48].copy_from_slice(blake3::hash(payload).as_bytes());
+        self.out.write_all(&fh)?;
+        self.out.write_all(payload)?;
+        self.bytes += (FRAME_HEADER_LEN + payload.len()) as u64;
+        Ok(())
+    }
+
+    /// Appends a frame of entries.
+    pub fn write_entries(&mut self, entries: &[Entry]) -> Result<(), SnapshotError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let chunk = ChunkV3 {
+            entries: entries
+                .iter()
+                .map(|e| EntryV3 {
+                    data: e.key_and_value().to_vec(),
+                    key_len: e.key().len() as u32,
+                    expires_unix_ms: e.expires_ms,
+                    secret_hash: e.secret().copied(),
+                    version: e.version(),
+                    creator: e.creator(),
+                })
+                .collect(),
+        };
+        let payload = rkyv::to_bytes::<rancor::Error>(&chunk).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+        drop(chunk);
+        self.frame(FRAME_ENTRIES, &payload)?;
+        self.entries += entries.len() as u64;
+        self.frames += 1;
+        Ok(())
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// Writes the trailer, syncs, and renames the file into place as
+    /// `dir/FILE_NAME`. Returns the file's size.
+    pub fn publish(
+        mut self,
+        secret_key: &SecretKey,
+        created_unix_ms: u64,
+        replay_from: u64,
+        max_version: u64,
+    ) -> Result<u64, SnapshotError> {
+        let trailer = TrailerV3 {
+            created_unix_ms,
+            secret_key: *secret_key.as_bytes(),
+            replay_from,
+            max_version,
+            entries: self.entries,
+            frames: self.frames,
+        };
+        let result = (|| {
+            let payload =
+                rkyv::to_bytes::<rancor::Error>(&trailer).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+            self.frame(FRAME_TRAILER, &payload)?;
+            self.out.flush()?;
+            self.out.get_ref().sync_all()?;
+            fs::rename(&self.tmp, self.dir.join(FILE_NAME))?;
+            sync_dir(&self.dir)?;
+            Ok(self.bytes)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+        result
+    }
+
+    /// Gives up: the temp file is removed, the old snapshot stays.
+    pub fn abort(self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sample() -> Vec<Vec<Entry>> {
-        vec![
-            vec![Entry::new(b"key", b"value", Some(&[9; 32]), 1_000).unwrap()],
-            vec![],
-            vec![Entry::new(b"k", b"\x00\xff", None, 2_000).unwrap(), Entry::new(b"ab", b"", None, 3_000).unwrap()],
-        ]
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rdvz-snap-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn sample() -> Vec<Entry> {
+        let mut a = Entry::new(b"key", b"value", Some(&[9; 32]), 1_000).unwrap();
+        a.set_version(5);
+        a.set_creator(0xffff_ffff_0102_0304);
+        vec![a, Entry::new(b"k", b"\x00\xff", None, 2_000).unwrap(), Entry::new(b"ab", b"", None, 3_000).unwrap()]
+    }
+
+    fn write(d: &Path, frames: &[&[Entry]]) -> u64 {
+        let mut w = Writer::create(d).unwrap();
+        for f in frames {
+            w.write_entries(f).unwrap();
+        }
+        w.publish(&SecretKey::from_bytes([5; 32]), 42, 17, 99).unwrap()
+    }
+
+    fn read(path: &Path) -> Result<(Meta, Vec<Entry>), SnapshotError> {
+        let mut got = Vec::new();
+        let meta = load(path, |e| got.push(e))?.expect("file exists");
+        Ok((meta, got))
     }
 
     #[test]
-    fn round_trip() {
-        let key = SecretKey::from_bytes([5; 32]);
-        let bytes = encode(&key, sample(), 42).unwrap();
-        let loaded = decode(&bytes).unwrap();
-        assert_eq!(loaded.secret_key.as_bytes(), key.as_bytes());
-        assert_eq!(loaded.created_unix_ms, 42);
-        let all: Vec<Entry> = sample().into_iter().flatten().collect();
-        assert_eq!(loaded.entries, all);
-        assert_eq!(loaded.entries[0].key(), b"key");
-        assert_eq!(loaded.entries[0].value(), b"value");
-        assert_eq!(loaded.entries[2].value(), b"");
+    fn round_trip_in_frames() {
+        let d = dir("round");
+        let all = sample();
+        let size = write(&d, &[&all[..1], &[], &all[1..]]);
+        let path = d.join(FILE_NAME);
+        assert_eq!(fs::metadata(&path).unwrap().len(), size);
+        let (meta, got) = read(&path).unwrap();
+        assert_eq!(got, all);
+        assert_eq!(got[0].creator(), 0xffff_ffff_0102_0304);
+        assert_eq!((meta.created_unix_ms, meta.replay_from, meta.max_version, meta.entries), (42, 17, 99, 3));
+        assert_eq!(meta.secret_key.as_bytes(), &[5; 32]);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let leftovers = fs::read_dir(&d).unwrap().filter(|e| e.as_ref().unwrap().file_name() != FILE_NAME).count();
+        assert_eq!(leftovers, 0, "no temp file left");
+        assert!(load(&d.join("missing"), |_| {}).unwrap().is_none());
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn every_kind_of_damage_is_an_error() {
-        let bytes = encode(&SecretKey::from_bytes([5; 32]), sample(), 42).unwrap();
-        assert!(matches!(decode(&[]), Err(SnapshotError::Empty)));
-        assert!(matches!(decode(b"PK\x03\x04 a zip file"), Err(SnapshotError::BadMagic)));
-        assert!(matches!(decode(&bytes[..20]), Err(SnapshotError::Truncated { .. })));
-        assert!(matches!(decode(&bytes[..bytes.len() - 1]), Err(SnapshotError::Truncated { .. })));
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(matches!(decode(&longer), Err(SnapshotError::TrailingBytes { .. })));
-        let mut v99 = bytes.clone();
-        v99[8..12].copy_from_slice(&99u32.to_le_bytes());
-        assert!(matches!(decode(&v99), Err(SnapshotError::UnsupportedVersion(99))));
-        // Flip every payload byte in turn: the checksum catches each.
-        for i in (HEADER_LEN..bytes.len()).step_by(7) {
-            let mut bad = bytes.clone();
-            bad[i] ^= 0x40;
-            assert!(matches!(decode(&bad), Err(SnapshotError::Checksum)), "byte {i}");
+        let d = dir("damage");
+        write(&d, &[&sample()]);
+        let path = d.join(FILE_NAME);
+        let good = fs::read(&path).unwrap();
+        let check = |bytes: &[u8]| {
+            fs::write(&path, bytes).unwrap();
+            read(&path).map(|_| ())
+        };
+        assert!(matches!(check(&[]), Err(SnapshotError::Empty)));
+        assert!(matches!(check(b"PK\x03\x04 a zip file"), Err(SnapshotError::BadMagic)));
+        assert!(matches!(check(&good[..12]), Err(SnapshotError::Truncated { .. })));
+        for cut in [V3_HEADER_LEN, V3_HEADER_LEN + 10, good.len() / 2, good.len() - 1] {
+            assert!(check(&good[..cut]).is_err(), "cut at {cut}");
         }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(check(&longer).is_err());
+        let mut v99 = good.clone();
+        v99[8..12].copy_from_slice(&99u32.to_le_bytes());
+        assert!(matches!(check(&v99), Err(SnapshotError::UnsupportedVersion(99))));
+        // Flip payload bytes in turn: every one is caught.
+        for i in (V3_HEADER_LEN..good.len()).step_by(5) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x40;
+            assert!(check(&bad).is_err(), "byte {i}");
+        }
+        // A frame claiming more bytes than the file has allocates nothing.
+        let mut huge = good.clone();
+        huge[V3_HEADER_LEN + 8..V3_HEADER_LEN + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(check(&huge), Err(SnapshotError::BadFrame { offset: 16, .. })));
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
-    fn a_valid_checksum_over_a_bad_archive_is_still_rejected() {
-        // An attacker (or a bug) that recomputes the checksum cannot get an
-        // unvalidated archive past bytecheck.
-        let mut bytes = encode(&SecretKey::from_bytes([5; 32]), sample(), 42).unwrap();
-        let n = bytes.len();
-        for b in &mut bytes[n - 16..] {
+    fn a_valid_hash_over_a_bad_archive_is_still_rejected() {
+        // Someone who recomputes the hash cannot get an unvalidated archive
+        // past bytecheck.
+        let d = dir("forged");
+        write(&d, &[&sample()]);
+        let path = d.join(FILE_NAME);
+        let mut bytes = fs::read(&path).unwrap();
+        let len = {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[V3_HEADER_LEN + 8..V3_HEADER_LEN + 16]);
+            u64::from_le_bytes(b) as usize
+        };
+        let start = V3_HEADER_LEN + FRAME_HEADER_LEN;
+        for b in &mut bytes[start + len - 16..start + len] {
             *b = 0xff;
         }
-        let sum = *blake3::hash(&bytes[HEADER_LEN..]).as_bytes();
-        bytes[24..56].copy_from_slice(&sum);
-        assert!(matches!(decode(&bytes), Err(SnapshotError::InvalidArchive(_)) | Err(SnapshotError::BadEntry(_))));
+        let sum = *blake3::hash(&bytes[start..start + len]).as_bytes();
+        bytes[V3_HEADER_LEN + 16..V3_HEADER_LEN + 48].copy_from_slice(&sum);
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(read(&path), Err(SnapshotError::BadFrame { .. }) | Err(SnapshotError::BadEntry(_))));
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
-    fn write_atomic_replaces_and_leaves_no_temp() {
-        let dir = std::env::temp_dir().join(format!("rdvz-snap-unit-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s.rkyv");
-        write_atomic(&path, b"one").unwrap();
-        write_atomic(&path, b"two").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"two");
-        assert!(!temp_path(&path).exists());
-        assert!(load(&dir.join("missing.rkyv")).unwrap().is_none());
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    /// The committed golden file of format version 1 must load forever.
-    #[test]
-    fn golden_v1_loads() {
-        let bytes = include_bytes!("../../tests/golden/snapshot-v1.rkyv");
-        let loaded = decode(bytes).unwrap();
-        assert_eq!(loaded.secret_key.as_bytes(), &[7u8; 32]);
-        assert_eq!(loaded.entries, golden_entries());
+    fn an_aborted_writer_leaves_the_old_file() {
+        let d = dir("abort");
+        write(&d, &[&sample()]);
+        let before = fs::read(d.join(FILE_NAME)).unwrap();
+        let mut w = Writer::create(&d).unwrap();
+        w.write_entries(&sample()).unwrap();
+        w.abort();
+        assert_eq!(fs::read(d.join(FILE_NAME)).unwrap(), before);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
+        fs::remove_dir_all(&d).unwrap();
     }
 
     fn golden_entries() -> Vec<Entry> {
@@ -375,17 +654,8 @@ mod tests {
         ]
     }
 
-    /// The committed golden file of format version 2 must load forever.
-    #[test]
-    fn golden_v2_loads() {
-        let bytes = include_bytes!("../../tests/golden/snapshot-v2.rkyv");
-        let loaded = decode(bytes).unwrap();
-        assert_eq!(loaded.secret_key.as_bytes(), &[7u8; 32]);
-        assert_eq!(loaded.entries, golden_entries_v2());
-    }
-
-    fn golden_entries_v2() -> Vec<Entry> {
-        golden_entries()
+    fn versioned(entries: Vec<Entry>) -> Vec<Entry> {
+        entries
             .into_iter()
             .enumerate()
             .map(|(i, mut e)| {
@@ -395,14 +665,53 @@ mod tests {
             .collect()
     }
 
+    fn golden(name: &str) -> (Meta, Vec<Entry>) {
+        read(Path::new(&format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR")))).unwrap()
+    }
+
+    /// The committed golden file of every format must load forever.
+    #[test]
+    fn golden_v1_loads() {
+        let (meta, entries) = golden("snapshot-v1.rkyv");
+        assert_eq!((meta.secret_key.as_bytes(), meta.format), (&[7u8; 32], 1));
+        assert_eq!(entries, golden_entries());
+    }
+
+    #[test]
+    fn golden_v2_loads() {
+        let (meta, entries) = golden("snapshot-v2.rkyv");
+        assert_eq!((meta.secret_key.as_bytes(), meta.format, meta.max_version), (&[7u8; 32], 2, 1_003));
+        assert_eq!(entries, versioned(golden_entries()));
+    }
+
+    fn golden_v3_entries() -> Vec<Entry> {
+        let mut entries = versioned(golden_entries());
+        entries[0].set_creator(0xffff_ffff_c000_0201);
+        entries
+    }
+
+    #[test]
+    fn golden_v3_loads() {
+        let (meta, entries) = golden("snapshot-v3.rkyv");
+        assert_eq!((meta.secret_key.as_bytes(), meta.format), (&[7u8; 32], 3));
+        assert_eq!((meta.created_unix_ms, meta.replay_from, meta.max_version), (1_764_000_000_000, 4, 2_000));
+        assert_eq!(entries, golden_v3_entries());
+    }
+
     /// Writes the golden file of the current format version (run by hand when
     /// adding a format version: `cargo test write_golden -- --ignored`, after
     /// renaming this test and the file). Never overwrite an older one.
     #[test]
-    #[ignore]
-    fn write_golden_v2() {
-        assert_eq!(FORMAT_VERSION, 2, "add a new golden file for a new version");
-        let bytes = encode(&SecretKey::from_bytes([7; 32]), vec![golden_entries_v2()], 1_764_000_000_000).unwrap();
-        fs::write("tests/golden/snapshot-v2.rkyv", bytes).unwrap();
+    #[ignore = "writes tests/golden; run by hand for a new format"]
+    fn write_golden_v3() {
+        assert_eq!(FORMAT_VERSION, 3, "add a new golden file for a new version");
+        let d = dir("golden");
+        let mut w = Writer::create(&d).unwrap();
+        let entries = golden_v3_entries();
+        w.write_entries(&entries[..2]).unwrap();
+        w.write_entries(&entries[2..]).unwrap();
+        w.publish(&SecretKey::from_bytes([7; 32]), 1_764_000_000_000, 4, 2_000).unwrap();
+        fs::copy(d.join(FILE_NAME), concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/snapshot-v3.rkyv")).unwrap();
+        fs::remove_dir_all(&d).unwrap();
     }
 }

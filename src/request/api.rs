@@ -227,6 +227,7 @@ pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: i
         }
         Reply::Lost => Response::from_error(Error::Internal),
         Reply::ShuttingDown => Response::from_error(Error::ShuttingDown),
+        Reply::Unavailable => Response::from_error(Error::LogUnavailable),
         // Charge-only and waiter replies never reach `respond`; treat them as a miss.
         Reply::Charged | Reply::Parked | Reply::Cancelled | Reply::Got(None) => {
             Response::from_error(Error::KeyNotFound)
@@ -296,6 +297,7 @@ pub fn respond_wait(reply: Option<Reply>, timeout_status: u16, retry_after: impl
         Some(Reply::Limited(_)) => Response::from_error(Error::RateLimited(retry_after())),
         Some(Reply::Got(None)) => Response::from_error(Error::KeyNotFound),
         Some(Reply::ShuttingDown) => Response::from_error(Error::ShuttingDown),
+        Some(Reply::Unavailable) => Response::from_error(Error::LogUnavailable),
         Some(Reply::Lost) => Response::from_error(Error::Internal),
         // Timed out (or cancelled): nothing changed in time.
         _ if timeout_status == 304 => Response::new(304, Body::Text("")),

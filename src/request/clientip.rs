@@ -15,6 +15,21 @@ pub struct TrustedProxies {
     nets: Vec<IpNet>,
 }
 
+impl std::fmt::Display for TrustedProxies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.nets.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{n}")?;
+        }
+        Ok(())
+    }
+}
+
 impl TrustedProxies {
     /// Parses a comma-separated CIDR list; a bare address means a single host.
     /// An empty string trusts nobody.

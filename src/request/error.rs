@@ -63,6 +63,9 @@ pub enum Error {
     TooManyTags,
     /// A bug lost the answer (logged where it happened).
     Internal,
+    /// The write-ahead log cannot be written (disk full, I/O error): writes
+    /// are refused until it can; reads go on.
+    LogUnavailable,
 }
 
 impl Error {
@@ -88,6 +91,7 @@ impl Error {
             PreconditionFailed => 412,
             TooManyTags => 400,
             Internal => 500,
+            LogUnavailable => 503,
         }
     }
 
@@ -123,6 +127,7 @@ impl Error {
             PreconditionFailed => "Precondition failed",
             TooManyTags => "Too many entity tags (at most 16)",
             Internal => "Internal error",
+            LogUnavailable => "Writes are refused: the log cannot be written (disk trouble); reads still work",
         }
     }
 }

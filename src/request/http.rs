@@ -405,6 +405,7 @@ impl Response {
         let mut r = Response::new(e.status(), Body::Text(e.message()));
         match e {
             Error::RateLimited(secs) => r.retry_after = Some(secs),
+            Error::LogUnavailable | Error::ShuttingDown | Error::TooManyWaiters => r.retry_after = Some(1),
             Error::MethodNotAllowed(allow) => r.allow = Some(allow),
             _ => {}
         }

@@ -66,6 +66,8 @@ pub struct CoreCtx {
     draining: Cell<bool>,
     /// Requests between "head parsed" and "response handed to the socket".
     in_progress: Cell<usize>,
+    /// Shutdown stops waiting for requests in progress (a second signal).
+    cut: Cell<bool>,
     idle_waker: RefCell<Option<Waker>>,
     accept_waker: RefCell<Option<Waker>>,
 }
@@ -103,6 +105,7 @@ impl CoreCtx {
             last_local_warning: Cell::new(None),
             draining: Cell::new(false),
             in_progress: Cell::new(0),
+            cut: Cell::new(false),
             idle_waker: RefCell::new(None),
             accept_waker: RefCell::new(None),
         }
@@ -131,10 +134,29 @@ impl CoreCtx {
         }
     }
 
-    /// Resolves once no request is in progress on this core.
+    /// Stops waiting for requests in progress.
+    pub fn cut_short(&self) {
+        self.cut.set(true);
+        if let Some(w) = self.idle_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Requests in progress on this core.
+    pub fn in_progress(&self) -> usize {
+        self.in_progress.get()
+    }
+
+    /// Open client connections on this core.
+    pub fn connections(&self) -> usize {
+        self.stats().connections_open.get() as usize
+    }
+
+    /// Resolves once no request is in progress on this core (or shutdown
+    /// was cut short).
     pub async fn requests_finished(&self) {
         std::future::poll_fn(|cx| {
-            if self.in_progress.get() == 0 {
+            if self.in_progress.get() == 0 || self.cut.get() {
                 return Poll::Ready(());
             }
             *self.idle_waker.borrow_mut() = Some(cx.waker().clone());

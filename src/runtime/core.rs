@@ -7,9 +7,10 @@
 
 use crate::config::IoDriver;
 use crate::runtime::conn::{self, CoreCtx};
-use crate::runtime::router::{Control, Msg, Router};
+use crate::runtime::router::{CheckpointMsg, Control, DrainReport, Msg, Router, Wiring};
 use crate::runtime::shared::Shared;
-use crate::state::command::Owned;
+use crate::runtime::wal::Wal;
+use crate::state::command::{Owned, Reply};
 use crossbeam_channel::Receiver;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use std::future::Future;
@@ -35,6 +36,8 @@ pub struct CoreStart {
     pub listener: std::net::TcpListener,
     pub inbox: Receiver<Vec<Msg>>,
     pub ready: mpsc::Sender<Result<&'static str, String>>,
+    /// This core's first log segment number (`None` without persistence).
+    pub first_segment: Option<u64>,
 }
 
 /// An io_uring runtime with cooperative task running: completions are
@@ -86,18 +89,29 @@ pub fn core_thread(start: CoreStart) {
 }
 
 async fn core_main(start: CoreStart) {
-    let CoreStart { id, shared, owned, listener, inbox, .. } = start;
-    let router = Router::new(
-        id,
-        shared.routing.clone(),
-        shared.mesh.clone(),
-        inbox,
-        owned,
-        shared.budget.clone(),
-        shared.periods,
-    );
+    let CoreStart { id, shared, owned, listener, inbox, first_segment, .. } = start;
+    let wal = match (shared.config.data_dir(), first_segment) {
+        (Some(dir), Some(seq)) => match Wal::open(shared.clone(), id, dir.to_path_buf(), seq) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::error!("core {id}: cannot create a log segment in {}: {e}", dir.display());
+                std::process::exit(1);
+            }
+        },
+        _ => None,
+    };
+    let wiring = Wiring {
+        routing: shared.routing.clone(),
+        mesh: shared.mesh.clone(),
+        budget: shared.budget.clone(),
+        periods: shared.periods,
+    };
+    let router = Router::new(id, wiring, inbox, owned, wal.clone());
     monoio::spawn(router.clone().inbox_task());
     monoio::spawn(router.clone().flusher_task());
+    if let Some(wal) = &wal {
+        wal.spawn(&router);
+    }
     monoio::spawn(sweeper(shared.clone(), id, router.clone()));
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -151,24 +165,82 @@ async fn accept_loop(id: usize, ctx: &Rc<CoreCtx>, listener: monoio::net::TcpLis
 async fn control_task(ctx: Rc<CoreCtx>) {
     loop {
         match ctx.router.next_control().await {
-            Control::Snapshot(reply) => {
-                let router = ctx.router.clone();
-                monoio::spawn(async move {
-                    router.with_owned(|o, _| o.shard.snapshot_begin(crate::clock::unix_ms()));
-                    while !router.with_owned(|o, _| o.shard.snapshot_step(SNAPSHOT_SLICE)) {
-                        // Let this core's connections run between slices.
-                        monoio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    let _ = reply.send(router.with_owned(|o, _| o.shard.snapshot_take()));
-                });
+            Control::Checkpoint(out) => {
+                monoio::spawn(checkpoint(ctx.router.clone(), out));
             }
             Control::Drain(ack) => {
-                ctx.start_draining();
-                let timeout = ctx.shared.config.shutdown_timeout;
-                let _ = monoio::time::timeout(timeout, ctx.requests_finished()).await;
-                let _ = ack.send(());
+                let ctx = ctx.clone();
+                monoio::spawn(async move {
+                    let report = drain(&ctx).await;
+                    let _ = ack.send(report);
+                });
+            }
+            Control::CutShort => ctx.cut_short(),
+            Control::Flush(ack) => {
+                let result = match ctx.router.wal() {
+                    Some(wal) => wal.flush(&ctx.router).await.map_err(|e| e.to_string()),
+                    None => Ok(()),
+                };
+                let _ = ack.send(result);
             }
         }
+    }
+}
+
+/// Shutdown on this core: stop accepting, answer parked reads 503 at once,
+/// then wait for requests in progress (at most `-shutdownTimeout`, or until
+/// a second signal cuts it short).
+async fn drain(ctx: &CoreCtx) -> DrainReport {
+    ctx.start_draining();
+    let connections = ctx.connections();
+    let waiters = ctx.router.release_waiters(|| Reply::ShuttingDown);
+    let timeout = ctx.shared.config.shutdown_timeout;
+    let _ = monoio::time::timeout(timeout, ctx.requests_finished()).await;
+    DrainReport { connections, waiters, unfinished: ctx.in_progress() }
+}
+
+/// This core's part of a checkpoint: move the log to a new segment, start
+/// the copy at once (no await in between, so every change from here on is
+/// in the new segment), then send the copy a slice at a time, letting
+/// requests run between slices. The channel is bounded: when the writer
+/// lags, the core waits (without blocking) instead of buffering the store.
+async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<CheckpointMsg>) {
+    let id = router.me();
+    let seq = match router.wal() {
+        Some(wal) => match wal.rotate_for_checkpoint().await {
+            Ok(seq) => seq,
+            Err(e) => {
+                let _ = out.send(CheckpointMsg::Failed { core: id, why: format!("cannot start a log segment: {e}") });
+                return;
+            }
+        },
+        None => 0,
+    };
+    router.with_owned(|o, _| o.shard.snapshot_begin(crate::clock::unix_ms()));
+    let mut msg = CheckpointMsg::Begun { core: id, seq };
+    loop {
+        let last = matches!(msg, CheckpointMsg::Ended { .. });
+        match out.try_send(msg) {
+            Ok(()) if last => return,
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(m)) => {
+                msg = m;
+                monoio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                // The writer gave up (disk trouble): stop copying.
+                router.with_owned(|o, _| o.shard.snapshot_abort());
+                return;
+            }
+        }
+        let next = router.with_owned(|o, _| o.shard.snapshot_next(SNAPSHOT_SLICE));
+        msg = match next {
+            Some(slice) => CheckpointMsg::Entries(slice),
+            None => CheckpointMsg::Ended { core: id, max_version: router.with_owned(|o, _| o.shard.last_version()) },
+        };
+        // Let this core's connections run between slices.
+        monoio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

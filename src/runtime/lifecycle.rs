@@ -1,28 +1,37 @@
-//! What the main thread does once the cores run: periodic snapshots, and a
-//! graceful shutdown on SIGTERM/SIGINT.
+//! What the main thread does once the cores run: checkpoints (periodic, and
+//! on SIGHUP or SIGUSR1) and the shutdown on SIGTERM or SIGINT.
 //!
-//! This thread is the only one that blocks, and it never touches a shard: it
-//! asks each core for a copy of its entries over the mesh (`Control`), and
-//! the cores copy incrementally between requests. Encoding, writing and
-//! fsyncing the file happen here, off the data cores. Shutdown order: every
-//! core stops accepting and refuses new requests (503), in-flight requests
-//! finish (bounded by `-shutdownTimeout`), then the final snapshot is taken
-//! and written, and the process exits 0. A second signal exits at once.
+//! This thread is the only one that blocks, and it never touches a shard:
+//! it asks each core over the mesh (`Control`) and the cores answer between
+//! requests. A checkpoint streams: every core moves its log to a new
+//! segment, then sends its shard a slice at a time through a bounded
+//! channel, and this thread encodes and writes each slice as a frame of the
+//! snapshot file as it arrives, so memory holds a few slices, never a copy
+//! of the store. Once the file is durable, log segments older than the
+//! first new one are deleted: disk use stays bounded by one snapshot plus
+//! the log since it.
+//!
+//! Shutdown: the cores stop accepting, answer parked blocking reads 503 at
+//! once, refuse new requests, and finish those in progress (at most
+//! `-shutdownTimeout`; a second signal stops that wait). Then every core's
+//! log is written and synced, a final checkpoint is taken, and the process
+//! exits 0 (1 if what it holds could not be saved). Only SIGKILL skips the
+//! flush and the checkpoint.
 
-use crate::persist::snapshot;
-use crate::runtime::router::Control;
-use crate::runtime::shared::Shared;
-use crate::state::shard::Entry;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use crate::clock::unix_ms;
+use crate::persist::{datadir, snapshot};
+use crate::runtime::router::{CheckpointMsg, Control, DrainReport};
+use crate::runtime::shared::{Phase, Shared};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long a core may take to hand over its snapshot copy.
+/// How long a core may go without sending the next slice of a checkpoint.
 const COLLECT_TIMEOUT: Duration = Duration::from_secs(120);
-
-use crate::clock::unix_ms;
+/// How long the final log flush may take.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Makes the calling thread yield the CPU to the data cores: snapshot
 /// encoding and writing run here, and on a small machine they would
@@ -40,130 +49,246 @@ pub fn lower_thread_priority() -> std::io::Result<()> {
     }
 }
 
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        SIGHUP => "SIGHUP",
+        SIGUSR1 => "SIGUSR1",
+        _ => "signal",
+    }
+}
+
 /// Runs until shutdown, then exits the process.
 pub fn run(shared: Arc<Shared>) -> ! {
     if let Err(e) = lower_thread_priority() {
         log::warn!("cannot lower the snapshot thread's priority: {e}");
     }
-    let (sig_tx, sig_rx) = crossbeam_channel::bounded::<i32>(4);
-    match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+    let (sig_tx, sig_rx) = crossbeam_channel::unbounded::<i32>();
+    match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1]) {
         Ok(mut signals) => {
-            std::thread::Builder::new()
-                .name("signals".into())
-                .spawn(move || {
-                    let mut seen = 0;
-                    for sig in signals.forever() {
-                        seen += 1;
-                        if seen > 1 {
-                            log::warn!("second signal: exiting without a final snapshot");
-                            std::process::exit(1);
-                        }
-                        let _ = sig_tx.send(sig);
+            let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+                for sig in signals.forever() {
+                    if sig_tx.send(sig).is_err() {
+                        break;
                     }
-                })
-                .ok();
+                }
+            });
+            if let Err(e) = spawned {
+                log::warn!("cannot start the signal thread ({e}); SIGTERM will not save a snapshot");
+            }
         }
-        Err(e) => {
-            log::warn!("cannot install signal handlers ({e}); SIGTERM will not save a snapshot")
-        }
+        Err(e) => log::warn!("cannot install signal handlers ({e}); SIGTERM will not save a snapshot"),
     }
-    let snapshot_path = shared.config.data_dir().map(|d| d.join("snapshot.rkyv"));
-    let ticks = match snapshot_path {
+    let ticks = match shared.config.data_dir() {
         Some(_) => crossbeam_channel::tick(shared.config.save_duration),
         None => crossbeam_channel::never(),
     };
     loop {
         crossbeam_channel::select! {
-            recv(sig_rx) -> sig => {
-                let name = if sig == Ok(SIGINT) { "SIGINT" } else { "SIGTERM" };
-                log::info!("{name}: shutting down");
-                std::process::exit(shutdown(&shared));
-            }
-            recv(ticks) -> _ => {
-                if let Some(path) = &snapshot_path {
-                    let _ = save(&shared, path);
+            recv(sig_rx) -> sig => match sig {
+                Ok(sig @ (SIGTERM | SIGINT)) => {
+                    log::info!("{}: shutting down", signal_name(sig));
+                    std::process::exit(shutdown(&shared, &sig_rx));
                 }
+                Ok(sig) => {
+                    if shared.config.data_dir().is_some() {
+                        log::info!("{}: writing a snapshot now", signal_name(sig));
+                        checkpoint(&shared);
+                    } else {
+                        log::info!("{}: nothing to save (-dataDir is empty)", signal_name(sig));
+                    }
+                }
+                Err(_) => std::thread::park(),
+            },
+            recv(ticks) -> _ => {
+                checkpoint(&shared);
             }
         }
     }
 }
 
-/// Stops every core, waits for in-flight requests, saves. Returns the exit code.
-fn shutdown(shared: &Shared) -> i32 {
+/// Drains every core, flushes the logs, takes the final checkpoint.
+/// Returns the exit code.
+fn shutdown(shared: &Shared, signals: &crossbeam_channel::Receiver<i32>) -> i32 {
+    shared.phase.set(Phase::Draining);
     let n = shared.config.threads;
     let (tx, rx) = mpsc::sync_channel(n);
     for core in 0..n {
         shared.mesh.send_control(core, Control::Drain(tx.clone()));
     }
+    drop(tx);
+    let mut total = DrainReport::default();
+    let mut reports = 0;
+    let mut cut = false;
     let deadline = Instant::now() + shared.config.shutdown_timeout + Duration::from_secs(1);
-    for _ in 0..n {
-        if rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
-            log::warn!("some requests were still in progress after -shutdownTimeout");
+    while reports < n {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => {
+                total.connections += r.connections;
+                total.waiters += r.waiters;
+                total.unfinished += r.unfinished;
+                reports += 1;
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Ok(sig) = signals.try_recv() {
+            if !cut && matches!(sig, SIGTERM | SIGINT) {
+                log::warn!(
+                    "second {}: no longer waiting for requests in progress (the log and snapshot are still saved)",
+                    signal_name(sig)
+                );
+                cut = true;
+                for core in 0..n {
+                    shared.mesh.send_control(core, Control::CutShort);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            log::warn!("some cores did not finish draining within -shutdownTimeout");
             break;
         }
     }
-    match &shared.config.data_dir().map(|d| d.join("snapshot.rkyv")) {
-        Some(path) => match save(shared, path) {
-            Ok(()) => {
-                log::info!("shutdown complete");
-                0
+    log::info!(
+        "drained {} connections; {} parked blocking reads answered 503; {} requests unfinished",
+        total.connections,
+        total.waiters,
+        total.unfinished
+    );
+    if shared.config.data_dir().is_none() {
+        return 0;
+    }
+    let mut code = 0;
+    let (tx, rx) = mpsc::sync_channel(n);
+    for core in 0..n {
+        shared.mesh.send_control(core, Control::Flush(tx.clone()));
+    }
+    drop(tx);
+    for _ in 0..n {
+        match rx.recv_timeout(FLUSH_TIMEOUT) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                log::error!("final log flush failed: {e}");
+                code = 1;
             }
-            Err(()) => 1,
-        },
-        None => 0,
+            Err(_) => {
+                log::error!("a core did not flush its log in time");
+                code = 1;
+            }
+        }
+    }
+    match checkpoint(shared) {
+        true if code == 0 => {
+            log::info!("shutdown complete");
+            0
+        }
+        true => {
+            // The snapshot holds everything in memory: what the log could not
+            // take is saved after all.
+            log::info!("shutdown complete (the final snapshot holds what the log could not write)");
+            0
+        }
+        false => {
+            log::error!("shutdown could not save the store: see the errors above; the log holds what it could");
+            1
+        }
     }
 }
 
-/// Collects every core's entries and writes the snapshot file.
-fn save(shared: &Shared, path: &Path) -> Result<(), ()> {
+/// Takes a checkpoint; failures are logged and counted. Returns whether
+/// the snapshot was saved.
+pub fn checkpoint(shared: &Shared) -> bool {
+    let Some(dir) = shared.config.data_dir() else { return true };
     let started = Instant::now();
     let stats = &shared.snapshot_stats;
-    let shards = match collect(shared) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("snapshot failed: {e}");
-            stats.failures_total.add(1);
-            return Err(());
-        }
-    };
-    let entries: usize = shards.iter().map(Vec::len).sum();
-    let result = snapshot::encode(&shared.secret_key, shards, unix_ms())
-        .and_then(|bytes| snapshot::write_atomic(path, &bytes).map(|()| bytes.len()).map_err(Into::into));
-    match result {
-        Ok(size) => {
+    match write_checkpoint(shared, dir, started) {
+        Ok((entries, size, replay_from)) => {
             stats.saved_total.add(1);
             stats.last_success_unix_ms.set(unix_ms());
             stats.last_duration_us.set(started.elapsed().as_micros() as u64);
-            stats.last_size_bytes.set(size as u64);
-            stats.last_entries.set(entries as u64);
+            stats.last_size_bytes.set(size);
+            stats.last_entries.set(entries);
+            let deleted = delete_covered_segments(dir, replay_from);
             log::info!(
-                "snapshot saved: {entries} keys, {size} bytes, {} ms, {}",
+                "snapshot saved: {entries} keys, {size} bytes, {} ms, {}; {deleted} log segments it covers deleted",
                 started.elapsed().as_millis(),
-                path.display()
+                dir.join(snapshot::FILE_NAME).display()
             );
-            Ok(())
+            true
         }
         Err(e) => {
             stats.failures_total.add(1);
-            log::error!("snapshot to {} failed: {e}", path.display());
-            Err(())
+            log::error!("snapshot in {} failed: {e}; the log keeps everything since the last one", dir.display());
+            false
         }
     }
 }
 
-fn collect(shared: &Shared) -> Result<Vec<Vec<Entry>>, String> {
+/// Streams every core's copy into a new snapshot file and publishes it.
+/// Returns (entries, bytes, first segment not covered).
+fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u64, u64, u64), String> {
     let n = shared.config.threads;
-    let mut receivers = Vec::with_capacity(n);
+    let created = unix_ms();
+    let mut writer = snapshot::Writer::create(dir).map_err(|e| format!("cannot create a temp file: {e}"))?;
+    // A few slices per core in flight at most: memory stays bounded.
+    let (tx, rx) = mpsc::sync_channel(2 * n);
     for core in 0..n {
-        let (tx, rx) = mpsc::sync_channel(1);
-        shared.mesh.send_control(core, Control::Snapshot(tx));
-        receivers.push(rx);
+        shared.mesh.send_control(core, Control::Checkpoint(tx.clone()));
     }
-    receivers
-        .into_iter()
-        .enumerate()
-        .map(|(core, rx)| rx.recv_timeout(COLLECT_TIMEOUT).map_err(|_| format!("core {core} did not answer")))
-        .collect()
+    drop(tx);
+    let mut seqs: Vec<Option<u64>> = vec![None; n];
+    let (mut ended, mut max_version) = (0, 0u64);
+    let failure = loop {
+        match rx.recv_timeout(COLLECT_TIMEOUT) {
+            Ok(CheckpointMsg::Begun { core, seq }) => {
+                if let Some(s) = seqs.get_mut(core) {
+                    *s = Some(seq);
+                }
+            }
+            Ok(CheckpointMsg::Entries(entries)) => {
+                if let Err(e) = writer.write_entries(&entries) {
+                    break Some(format!("cannot write: {e}"));
+                }
+            }
+            Ok(CheckpointMsg::Ended { max_version: v, .. }) => {
+                max_version = max_version.max(v);
+                ended += 1;
+                if ended == n {
+                    break None;
+                }
+            }
+            Ok(CheckpointMsg::Failed { core, why }) => break Some(format!("core {core}: {why}")),
+            Err(_) => break Some(format!("a core sent nothing for {} s", started.elapsed().as_secs())),
+        }
+    };
+    // Dropping the receiver tells cores still copying to stop.
+    drop(rx);
+    if let Some(why) = failure {
+        writer.abort();
+        return Err(why);
+    }
+    let entries = writer.entries();
+    let replay_from = seqs.iter().flatten().copied().min().unwrap_or(0);
+    let size = writer.publish(&shared.secret_key, created, replay_from, max_version).map_err(|e| e.to_string())?;
+    Ok((entries, size, replay_from))
+}
+
+/// Deletes log segments the published snapshot covers. Returns how many.
+fn delete_covered_segments(dir: &Path, replay_from: u64) -> usize {
+    let Ok(segments) = datadir::segments(dir) else { return 0 };
+    let mut deleted = 0;
+    for s in segments.iter().filter(|s| s.seq < replay_from) {
+        match std::fs::remove_file(&s.path) {
+            Ok(()) => deleted += 1,
+            Err(e) => log::warn!("cannot delete covered log segment {}: {e}", s.path.display()),
+        }
+    }
+    if deleted > 0 {
+        let _ = snapshot::sync_dir(dir);
+    }
+    deleted
 }
 
 #[cfg(test)]

@@ -15,3 +15,4 @@ pub mod router;
 pub mod server;
 pub mod shared;
 pub mod slots;
+pub mod wal;

@@ -20,6 +20,7 @@
 //! This module must never hold a `RefCell` borrow across an `.await`.
 
 use crate::runtime::slots::{Credits, Slots};
+use crate::runtime::wal::Wal;
 use crate::state::command::{Charge, Cmd, Now, Op, Origin, Owned, Reply};
 use crate::state::ratelimit::Periods;
 use crate::state::shard::KeyBudget;
@@ -61,14 +62,49 @@ pub enum Msg {
 }
 
 /// Requests from the lifecycle thread to a core, answered on the enclosed
-/// channel (the lifecycle thread may block; cores never do).
+/// channel (the lifecycle thread may block; cores never do: they only
+/// `try_send`).
 #[derive(Debug)]
 pub enum Control {
-    /// Copy the shard's live entries (incrementally) and send them back.
-    Snapshot(std::sync::mpsc::SyncSender<Vec<crate::state::shard::Entry>>),
-    /// Stop accepting, refuse new requests, wait (bounded) for in-flight
-    /// ones, then acknowledge.
-    Drain(std::sync::mpsc::SyncSender<()>),
+    /// Start a checkpoint: move the log to a new segment, then copy the
+    /// shard slice by slice into the channel.
+    Checkpoint(std::sync::mpsc::SyncSender<CheckpointMsg>),
+    /// Stop accepting, answer parked reads 503, refuse new requests, wait
+    /// (bounded, or until `CutShort`) for in-flight ones, then report.
+    Drain(std::sync::mpsc::SyncSender<DrainReport>),
+    /// Stop waiting for in-flight requests (a second signal).
+    CutShort,
+    /// Write and sync everything the log holds (shutdown).
+    Flush(std::sync::mpsc::SyncSender<Result<(), String>>),
+}
+
+/// What a core sends the lifecycle thread during a checkpoint.
+#[derive(Debug)]
+pub enum CheckpointMsg {
+    /// The core's log moved to segment `seq`; its copy starts now.
+    Begun {
+        core: usize,
+        seq: u64,
+    },
+    Entries(Vec<crate::state::shard::Entry>),
+    /// The copy is complete; versions issued so far are at most `max_version`.
+    Ended {
+        core: usize,
+        max_version: u64,
+    },
+    Failed {
+        core: usize,
+        why: String,
+    },
+}
+
+/// What a core drained at shutdown.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DrainReport {
+    pub connections: usize,
+    pub waiters: usize,
+    /// Requests still in progress when the wait ended.
+    pub unfinished: usize,
 }
 
 /// The key -> core mapping, identical on every core.
@@ -140,6 +176,14 @@ pub struct TrafficStats {
     pub calls_received: u64,
 }
 
+/// What every core's router shares with the others.
+pub struct Wiring {
+    pub routing: Routing,
+    pub mesh: Arc<Mesh>,
+    pub budget: Arc<KeyBudget>,
+    pub periods: Periods,
+}
+
 /// One core's end of the mesh, plus the state that core owns.
 pub struct Router {
     me: usize,
@@ -157,18 +201,13 @@ pub struct Router {
     controls: RefCell<std::collections::VecDeque<Control>>,
     control_waker: RefCell<Option<Waker>>,
     stats: Cell<TrafficStats>,
+    /// This core's log (`None` without persistence).
+    wal: Option<Rc<Wal>>,
 }
 
 impl Router {
-    pub fn new(
-        me: usize,
-        routing: Routing,
-        mesh: Arc<Mesh>,
-        rx: Receiver<Vec<Msg>>,
-        owned: Owned,
-        budget: Arc<KeyBudget>,
-        periods: Periods,
-    ) -> Rc<Self> {
+    pub fn new(me: usize, wiring: Wiring, rx: Receiver<Vec<Msg>>, owned: Owned, wal: Option<Rc<Wal>>) -> Rc<Self> {
+        let Wiring { routing, mesh, budget, periods } = wiring;
         let n = routing.cores();
         Rc::new(Router {
             me,
@@ -186,7 +225,16 @@ impl Router {
             controls: RefCell::new(std::collections::VecDeque::new()),
             control_waker: RefCell::new(None),
             stats: Cell::new(TrafficStats::default()),
+            wal,
         })
+    }
+
+    pub fn me(&self) -> usize {
+        self.me
+    }
+
+    pub fn wal(&self) -> Option<&Rc<Wal>> {
+        self.wal.as_ref()
     }
 
     pub fn periods(&self) -> &Periods {
@@ -207,19 +255,69 @@ impl Router {
     }
 
     /// Applies a command to this core's state and delivers the answers of
-    /// any waiters it woke (locally, or to their cores).
-    fn apply_local(&self, cmd: Cmd) -> Reply {
+    /// any waiters it woke (locally, or to their cores) once the log has
+    /// them. Returns the reply and the log position it must wait for.
+    fn apply_local(&self, cmd: Cmd) -> (Reply, u64) {
         let now = self.now();
         let mut wakeups = Vec::new();
-        let reply = self.owned.borrow_mut().apply(cmd, now, &self.budget, &mut wakeups);
-        for (origin, answer) in wakeups {
-            if origin.core as usize == self.me {
-                self.complete(origin.slot, answer);
-            } else {
-                self.push(origin.core as usize, Msg::Done { slot: origin.slot, reply: answer });
+        let (reply, lsn, pending) = {
+            let mut owned = self.owned.borrow_mut();
+            let reply = owned.apply(cmd, now, &self.budget, &mut wakeups);
+            let j = owned.shard.journal();
+            (reply, j.lsn(), j.pending())
+        };
+        if pending > 0 {
+            if let Some(wal) = &self.wal {
+                wal.kick();
             }
         }
-        reply
+        for (origin, answer) in wakeups {
+            self.deliver_after(lsn, origin, answer);
+        }
+        (reply, lsn)
+    }
+
+    /// Delivers an answer to its slot, here or on another core.
+    pub fn deliver(&self, origin: Origin, reply: Reply) {
+        if origin.core as usize == self.me {
+            self.complete(origin.slot, reply);
+        } else {
+            self.push(origin.core as usize, Msg::Done { slot: origin.slot, reply });
+        }
+    }
+
+    /// Delivers an answer once log position `lsn` is acknowledged.
+    fn deliver_after(&self, lsn: u64, origin: Origin, reply: Reply) {
+        match &self.wal {
+            Some(wal) if !wal.acked(lsn) => {
+                wal.defer(lsn, origin, reply);
+                wal.kick();
+            }
+            _ => self.deliver(origin, reply),
+        }
+    }
+
+    /// The reply, once log position `lsn` is acknowledged.
+    async fn after_log(self: &Rc<Self>, lsn: u64, reply: Reply) -> Reply {
+        match &self.wal {
+            Some(wal) if !wal.acked(lsn) => {
+                let slot = self.slots.borrow_mut().alloc(None);
+                wal.defer(lsn, Origin { core: self.me as u32, slot }, reply);
+                wal.kick();
+                SlotFuture { router: self, slot, done: false }.await
+            }
+            _ => reply,
+        }
+    }
+
+    /// Answers every parked waiter at once (shutdown). Returns how many.
+    pub fn release_waiters(&self, reply: impl Fn() -> Reply) -> usize {
+        let mut out = Vec::new();
+        let n = self.owned.borrow_mut().waiters.drain_all(reply, &mut out);
+        for (origin, answer) in out {
+            self.deliver(origin, answer);
+        }
+        n
     }
 
     /// Charges the client (if `charge`) and applies `op` on the owning cores,
@@ -263,10 +361,10 @@ impl Router {
         let origin = Origin { core: self.me as u32, slot };
         let cmd = Cmd { charge, op: Some(Op::Wait { key: key.clone(), until, origin }) };
         if owner == self.me {
-            let reply = self.apply_local(cmd);
+            let (reply, lsn) = self.apply_local(cmd);
             if reply != Reply::Parked {
                 self.slots.borrow_mut().release_unused(slot);
-                return Err(reply);
+                return Err(self.after_log(lsn, reply).await);
             }
         } else {
             self.push(owner, Msg::Call { from: self.me as u32, slot, cmd });
@@ -277,7 +375,8 @@ impl Router {
     /// Executes `cmd` on core `dest`.
     pub async fn call(self: &Rc<Self>, dest: usize, cmd: Cmd) -> Reply {
         if dest == self.me {
-            return self.apply_local(cmd);
+            let (reply, lsn) = self.apply_local(cmd);
+            return self.after_log(lsn, reply).await;
         }
         Credit { router: self, dest }.await;
         let slot = self.slots.borrow_mut().alloc(Some(dest as u32));
@@ -323,10 +422,10 @@ impl Router {
                 match msg {
                     Msg::Call { from, slot, cmd } => {
                         received += 1;
-                        let reply = self.apply_local(cmd);
+                        let (reply, lsn) = self.apply_local(cmd);
                         // A parked waiter is answered later, when a write wakes it.
                         if reply != Reply::Parked {
-                            self.push(from as usize, Msg::Done { slot, reply });
+                            self.deliver_after(lsn, Origin { core: from, slot }, reply);
                         }
                     }
                     Msg::Notify { cmd } => {

@@ -1,17 +1,29 @@
-//! Startup and the per-core runtime: bind one `SO_REUSEPORT` listener per
-//! core, start one OS thread per core running its own monoio executor
-//! (io_uring, or epoll where io_uring cannot be set up), and accept
-//! connections on each.
+//! Startup: everything that must hold before the first request is
+//! answered, in order, each failure a clear message and a non-zero exit.
 //!
-//! Everything shared between cores is built here once and is read-only
-//! afterwards (`Shared`), except the key budget counter and the mesh
-//! channels, which are designed for cross-thread use. Because `SO_REUSEPORT`
-//! would let a second instance silently join the port and split traffic, the
-//! port is first probed with a plain bind: if anything already listens there,
-//! startup fails with a clear message.
+//! 1. The listen port is locked for this process (an abstract Unix socket
+//!    named after the port, held for the process's life), then probed with
+//!    a plain bind: `SO_REUSEPORT`, which every core's listener needs,
+//!    would otherwise let a second instance join the port and split the
+//!    traffic, and a probe alone is a race between two instances started
+//!    together. One Rendezvous instance per port per host.
+//! 2. The data directory is locked, checked (a file can be written and
+//!    fsynced there) and recovered: snapshot plus log, into one shard per
+//!    core, before any listener exists.
+//! 3. The admin address is bound (busy: an error if `-metricsAddr` was
+//!    given, a warning and no admin server if it was the default, so two
+//!    instances started with the Go server's command line run side by side).
+//! 4. The listeners are bound, one per core, and the cores start; the
+//!    process is ready once every core runs.
+//!
+//! The per-core runtime is `core`; what happens after startup, `lifecycle`.
 
 use crate::config::{AdminAddr, Config};
-use crate::persist::snapshot;
+use crate::persist::datadir::{DataDir, DataDirError};
+use crate::persist::record::Journal;
+use crate::persist::recovery::{self, RecoveryError};
+use crate::request::clientip::TrustedProxies;
+use crate::runtime::connlimit::ConnLimits;
 use crate::runtime::core::{core_thread, CoreStart};
 use crate::runtime::lifecycle;
 use crate::runtime::router::{Mesh, Routing};
@@ -22,6 +34,7 @@ use crate::state::secret::SecretKey;
 use crate::state::shard::{KeyBudget, Shard};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,10 +45,14 @@ const LISTEN_BACKLOG: i32 = 4096;
 #[derive(Debug)]
 pub enum StartupError {
     PortInUse(SocketAddr),
+    /// Another Rendezvous process holds the port's lock.
+    PortLocked(u16),
     Bind(SocketAddr, std::io::Error),
     Runtime(String),
     Random(std::io::Error),
-    Snapshot(std::path::PathBuf, crate::persist::snapshot::SnapshotError),
+    DataDir(DataDirError),
+    Recovery(RecoveryError),
+    SecretKey(std::path::PathBuf, std::io::Error),
     Metrics(SocketAddr, std::io::Error),
 }
 
@@ -43,22 +60,40 @@ impl std::fmt::Display for StartupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StartupError::PortInUse(a) => {
-                write!(f, "cannot listen on {a}: another process is already listening on that port")
+                write!(f, "cannot listen on {a}: another process is already listening on that port (-port)")
+            }
+            StartupError::PortLocked(p) => {
+                write!(f, "cannot listen on port {p}: another Rendezvous process on this host is using it (-port)")
             }
             StartupError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
             StartupError::Runtime(e) => write!(f, "cannot start the I/O runtime: {e}"),
             StartupError::Random(e) => write!(f, "cannot read the system's random source: {e}"),
-            StartupError::Metrics(a, e) => write!(f, "cannot serve metrics on {a} (-metricsAddr): {e}"),
-            StartupError::Snapshot(p, e) => write!(
-                f,
-                "cannot load snapshot {}: {e}. The file was left untouched; move it away to start empty.",
-                p.display()
-            ),
+            StartupError::DataDir(e) => write!(f, "{e}"),
+            StartupError::Recovery(e) => write!(f, "{e}"),
+            StartupError::SecretKey(p, e) => {
+                write!(f, "cannot read or write the secret-hashing key {}: {e}", p.display())
+            }
+            StartupError::Metrics(a, e) => write!(f, "cannot serve the admin address {a} (-metricsAddr): {e}"),
         }
     }
 }
 
 impl std::error::Error for StartupError {}
+
+/// Holds `port` exclusively among Rendezvous processes in this network
+/// namespace: an abstract Unix socket is bound for as long as the process
+/// lives and vanishes with it (even after SIGKILL), so no stale lock is left.
+pub fn lock_port(port: u16) -> Result<std::os::unix::net::UnixListener, StartupError> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("rendezvous/port/{port}");
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| StartupError::Runtime(e.to_string()))?;
+    match std::os::unix::net::UnixListener::bind_addr(&addr) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(StartupError::PortLocked(port)),
+        Err(e) => Err(StartupError::Runtime(format!("cannot take the port lock: {e}"))),
+    }
+}
 
 fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, StartupError> {
     let err = |e| StartupError::Bind(addr, e);
@@ -75,81 +110,121 @@ fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, Startup
     Ok(socket.into())
 }
 
-/// Binds `n` listeners sharing one port. With port 0 the kernel picks the
-/// port for the first and the others join it.
-pub fn bind_listeners(addr: SocketAddr, n: usize) -> Result<(Vec<std::net::TcpListener>, SocketAddr), StartupError> {
-    if addr.port() != 0 {
-        // A plain bind (no SO_REUSEPORT) fails if anyone listens on the port,
-        // including another instance of this server.
+/// Binds `n` listeners sharing one port, holding the port's lock. With
+/// port 0 the kernel picks the port for the first and the others join it.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    n: usize,
+    lock: Option<std::os::unix::net::UnixListener>,
+) -> Result<(Vec<std::net::TcpListener>, SocketAddr, std::os::unix::net::UnixListener), StartupError> {
+    let lock = if addr.port() != 0 {
+        let lock = match lock {
+            Some(l) => l,
+            None => lock_port(addr.port())?,
+        };
+        // A plain bind (no SO_REUSEPORT) fails if any other program
+        // listens on the port.
         match std::net::TcpListener::bind(addr) {
             Ok(probe) => drop(probe),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(StartupError::PortInUse(addr)),
             Err(e) => return Err(StartupError::Bind(addr, e)),
         }
-    }
+        Some(lock)
+    } else {
+        None
+    };
     let first = reuseport_listener(addr)?;
     let actual = first.local_addr().map_err(|e| StartupError::Bind(addr, e))?;
+    let lock = match lock {
+        Some(l) => l,
+        None => lock_port(actual.port())?,
+    };
     let mut listeners = vec![first];
     for _ in 1..n {
         listeners.push(reuseport_listener(actual)?);
     }
-    Ok((listeners, actual))
+    Ok((listeners, actual, lock))
 }
 
-/// Loads the snapshot (if any) into one `Owned` per core, routing every
-/// entry to its owner for the current core count. Returns the secret key the
-/// snapshot's hashes were made with (or a fresh one).
-fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<(SecretKey, Vec<Owned>), StartupError> {
+/// The shards, recovered from the data directory (if any), and what the
+/// cores need to continue the log.
+struct Restored {
+    shards: Vec<Shard>,
+    secret_key: SecretKey,
+    /// The first log segment number this process may use.
+    next_segment: u64,
+    data_dir: Option<DataDir>,
+}
+
+/// Opens and recovers the data directory into one shard per core.
+fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Restored, StartupError> {
     let n = config.threads;
     // Sized up front: growing a big table stalls the core while it rehashes.
     let per_core = (config.max_num_kv / n + config.max_num_kv / n / 8 + 1024).min(config.max_num_kv);
-    let mut owned: Vec<Owned> = (0..n)
-        .map(|_| {
-            let mut shard = Shard::with_capacity(per_core);
-            // Versions (ETags) keep growing across restarts: start above the
-            // clock (8 per ms leaves room for bursts within one ms).
-            shard.set_version_base(crate::clock::unix_ms() << 3);
-            Owned::new(shard, Limiter::new(config.max_requests, config.max_tracked_ips.div_ceil(n)))
-        })
-        .collect();
-    let Some(dir) = config.data_dir() else {
-        log::info!("persistence disabled (-dataDir is empty)");
-        return Ok((SecretKey::random().map_err(StartupError::Random)?, owned));
+    let mut shards: Vec<Shard> = (0..n).map(|_| Shard::with_capacity(per_core)).collect();
+    // Versions (ETags) never go backwards: above the clock (8 per ms leaves
+    // room for bursts), and above every version the directory ever issued.
+    let clock_floor = crate::clock::unix_ms() << 3;
+    let Some(path) = config.data_dir() else {
+        log::warn!("persistence is off (-dataDir is empty): a restart loses every key");
+        shards.iter_mut().for_each(|s| s.raise_version_floor(clock_floor));
+        let secret_key = SecretKey::random().map_err(StartupError::Random)?;
+        return Ok(Restored { shards, secret_key, next_segment: 0, data_dir: None });
     };
-    let path = &dir.join("snapshot.rkyv");
-    let loaded = match snapshot::load(path) {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            log::info!("no snapshot at {}: starting empty", path.display());
-            return Ok((SecretKey::random().map_err(StartupError::Random)?, owned));
-        }
-        Err(e) => return Err(StartupError::Snapshot(path.clone(), e)),
-    };
+    let dir = DataDir::open(path, !config.was_given("dataDir")).map_err(StartupError::DataDir)?;
+    let started = Instant::now();
     let now = crate::clock::unix_ms();
     let max_expiry = now.saturating_add(config.expire_duration.as_millis() as u64);
-    let (total, mut expired, mut dropped) = (loaded.entries.len(), 0, 0);
-    for mut entry in loaded.entries {
-        if entry.is_expired(now) {
-            expired += 1;
-            continue;
-        }
-        // A lowered -expireDuration applies to restored keys too.
-        entry.expires_ms = entry.expires_ms.min(max_expiry);
-        let core = routing.owner(entry.key());
-        if !owned[core].shard.restore(entry, budget) {
-            dropped += 1;
-        }
+    let report =
+        recovery::recover(path, &mut shards, |k| routing.owner(k), budget, now, max_expiry, recovery::Mode::Repair)
+            .map_err(StartupError::Recovery)?;
+    let secret_key = dir
+        .secret_key(report.secret_key.clone())
+        .map_err(|e| StartupError::SecretKey(path.join(crate::persist::datadir::SECRET_FILE), e))?;
+    for s in &mut shards {
+        s.raise_version_floor(clock_floor);
+        *s.journal_mut() = Journal::enabled();
     }
+    let snap = match report.snapshot_created_ms {
+        Some(t) => {
+            format!("snapshot of {} keys written {}s ago", report.snapshot_entries, now.saturating_sub(t) / 1000)
+        }
+        None => "no snapshot".to_string(),
+    };
     log::info!(
-        "loaded {} keys from {} (written {}s ago; {expired} expired since)",
-        total - expired - dropped,
+        "recovered {} keys from {} in {} ms: {snap}, {} log records in {} segments replayed, {} expired since, {} torn tails cut",
+        report.live,
         path.display(),
-        now.saturating_sub(loaded.created_unix_ms) / 1000
+        started.elapsed().as_millis(),
+        report.records,
+        report.segments,
+        report.expired,
+        report.torn.len()
     );
-    if dropped > 0 {
-        log::warn!("{dropped} keys from the snapshot did not fit in -maxNumKV {} and were dropped", config.max_num_kv);
+    if report.live > config.max_num_kv {
+        log::warn!(
+            "{} keys are stored, more than -maxNumKV {}: all are kept; creates are refused until the store is below the limit",
+            report.live,
+            config.max_num_kv
+        );
     }
-    Ok((loaded.secret_key, owned))
+    Ok(Restored { shards, secret_key, next_segment: report.next_seq, data_dir: Some(dir) })
+}
+
+/// Binds the admin address. Busy and given explicitly: an error. Busy by
+/// default: a warning, and no admin server for this instance.
+fn bind_admin(config: &Config) -> Result<Option<std::net::TcpListener>, StartupError> {
+    let AdminAddr::On(addr) = config.metrics_addr else { return Ok(None) };
+    match std::net::TcpListener::bind(addr) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !config.was_given("metricsAddr") => {
+            log::warn!(
+                "the default admin address {addr} is taken (another instance?): metrics, /healthz and /readyz are                  off for this instance; give it its own with -metricsAddr"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(StartupError::Metrics(addr, e)),
+    }
 }
 
 /// Every connection is a file descriptor: raise the soft limit towards
@@ -172,10 +247,15 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let routing = Routing::new(n);
     let budget = Arc::new(KeyBudget::new(config.max_num_kv));
     raise_fd_limit(config.max_conns);
-    // Load before binding: a bad snapshot must not leave a half-started server.
-    let (secret_key, owned) = restore(&config, &routing, &budget)?;
-    let (listeners, bound) = bind_listeners(config.listen(), n)?;
+    // The port first: a second instance must fail before it touches the
+    // data directory or spends time loading.
+    let port_lock = if config.port != 0 { Some(lock_port(config.port)?) } else { None };
+    let restored = restore(&config, &routing, &budget)?;
+    let admin = bind_admin(&config)?;
+    let (listeners, bound, port_lock) = bind_listeners(config.listen(), n, port_lock)?;
     let (mesh, receivers) = Mesh::new(n);
+    let Restored { shards, secret_key, next_segment, data_dir } = restored;
+    let persist = data_dir.is_some();
     let shared = Arc::new(Shared {
         routing,
         mesh,
@@ -185,29 +265,33 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         listen_text: bound.to_string(),
         stats: (0..n).map(|_| Default::default()).collect(),
         snapshot_stats: Default::default(),
-        metrics_on: config.metrics_addr != AdminAddr::Off,
-        conn_limits: crate::runtime::connlimit::ConnLimits::new(
-            config.max_conns,
-            config.max_conns_per_ip,
-            config.trusted_proxies.clone(),
-        ),
-        waiter_limits: crate::runtime::connlimit::ConnLimits::new(
-            config.max_waiters,
-            config.max_waiters_per_ip,
-            crate::request::clientip::TrustedProxies::none(),
-        ),
+        metrics_on: admin.is_some(),
+        conn_limits: ConnLimits::new(config.max_conns, config.max_conns_per_ip, config.trusted_proxies.clone()),
+        waiter_limits: ConnLimits::new(config.max_waiters, config.max_waiters_per_ip, TrustedProxies::none()),
         phase: PhaseCell::default(),
+        next_segment: AtomicU64::new(next_segment + n as u64),
+        data_dir,
+        port_lock,
         config,
     });
-    if let AdminAddr::On(addr) = shared.config.metrics_addr {
-        let bound =
-            crate::metrics::exporter::start(shared.clone(), addr).map_err(|e| StartupError::Metrics(addr, e))?;
+    if let Some(listener) = admin {
+        let bound = crate::metrics::exporter::start(shared.clone(), listener)
+            .map_err(|e| StartupError::Runtime(format!("cannot start the admin server: {e}")))?;
         log::info!("metrics on http://{bound}/metrics");
     }
     let (ready_tx, ready_rx) = mpsc::channel();
-    let cores = listeners.into_iter().zip(receivers).zip(owned).enumerate();
-    for (id, ((listener, inbox), owned)) in cores {
-        let start = CoreStart { id, shared: shared.clone(), owned, listener, inbox, ready: ready_tx.clone() };
+    let cores = listeners.into_iter().zip(receivers).zip(shards).enumerate();
+    for (id, ((listener, inbox), shard)) in cores {
+        let limiter = Limiter::new(shared.config.max_requests, shared.config.max_tracked_ips.div_ceil(n));
+        let start = CoreStart {
+            id,
+            shared: shared.clone(),
+            owned: Owned::new(shard, limiter),
+            listener,
+            inbox,
+            ready: ready_tx.clone(),
+            first_segment: persist.then_some(next_segment + id as u64),
+        };
         std::thread::Builder::new()
             .name(format!("core-{id}"))
             .spawn(move || core_thread(start))
@@ -224,12 +308,37 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     }
     drivers.dedup();
     shared.phase.set(Phase::Ready);
-    log::info!(
-        "rendezvous listening on http://{bound} ({n} threads, {} driver, maxNumKV {}, maxRequests {} per {})",
-        drivers.join("+"),
-        shared.config.max_num_kv,
-        shared.config.max_requests,
-        crate::duration::format(shared.config.reset_duration),
-    );
+    log::info!("{}", banner(&shared, bound, &drivers.join("+")));
     lifecycle::run(shared)
+}
+
+/// The startup line: version, effective configuration, driver.
+fn banner(shared: &Shared, bound: SocketAddr, driver: &str) -> String {
+    let c = &shared.config;
+    let persistence = match c.data_dir() {
+        Some(d) => format!(
+            "data {} (fsync {}, snapshot every {})",
+            d.display(),
+            match c.fsync {
+                crate::config::Fsync::Always => "always",
+                crate::config::Fsync::EverySec => "everysec",
+                crate::config::Fsync::No => "no",
+            },
+            crate::duration::format(c.save_duration)
+        ),
+        None => "no persistence".to_string(),
+    };
+    format!(
+        "rendezvous {} ({}) listening on http://{bound} ({} {}, {driver} driver, {persistence}, maxNumKV {}, \
+         TTL up to {}, maxRequests {} per {}, trusted proxies {})",
+        crate::VERSION,
+        crate::GIT_REVISION,
+        c.threads,
+        if c.threads == 1 { "thread" } else { "threads" },
+        c.max_num_kv,
+        crate::duration::format(c.expire_duration),
+        c.max_requests,
+        crate::duration::format(c.reset_duration),
+        c.trusted_proxies,
+    )
 }

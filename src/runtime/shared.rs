@@ -10,12 +10,13 @@
 
 use crate::config::Config;
 use crate::metrics::stats::{CoreStats, SnapshotStats};
+use crate::persist::datadir::DataDir;
 use crate::runtime::connlimit::ConnLimits;
 use crate::runtime::router::{Mesh, Routing};
 use crate::state::ratelimit::Periods;
 use crate::state::secret::SecretKey;
 use crate::state::shard::KeyBudget;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Where the server is in its life, for `/readyz`.
@@ -67,4 +68,10 @@ pub struct Shared {
     /// Parked blocking reads, server-wide and per client IP.
     pub waiter_limits: Arc<ConnLimits>,
     pub phase: PhaseCell,
+    /// The next log segment number (segments are numbered across cores).
+    pub next_segment: AtomicU64,
+    /// The data directory, locked for the process's life (`None`: no persistence).
+    pub data_dir: Option<DataDir>,
+    /// The listen port's lock, held for the process's life.
+    pub port_lock: std::os::unix::net::UnixListener,
 }

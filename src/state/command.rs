@@ -86,6 +86,10 @@ pub enum Reply {
     /// The runtime lost track of this answer (a bug, logged where it
     /// happened); the client gets a 500 rather than a hang.
     Lost,
+    /// The write-ahead log cannot be written: the write was refused before
+    /// it changed anything (or, if it was applied just before the log
+    /// failed, it is not acknowledged and is retried into the log).
+    Unavailable,
 }
 
 /// The clock readings `apply` needs, taken once by the caller.
@@ -122,6 +126,7 @@ impl Owned {
         match cmd.op {
             None => Reply::Charged,
             Some(Op::Get { key }) => Reply::Got(self.shard.get(&key, now.unix_ms, budget)),
+            Some(Op::Write(_)) if self.shard.journal().refusing() => Reply::Unavailable,
             Some(Op::Write(w)) => {
                 let watched: Option<Box<[u8]>> = self.waiters.has_key(w.key()).then(|| w.key().into());
                 let outcome = self.shard.write(w, now.unix_ms, budget);
@@ -135,6 +140,9 @@ impl Owned {
                 let current = self.shard.get(&key, now.unix_ms, budget);
                 if until.satisfied(current.as_ref()) {
                     return Reply::Got(current);
+                }
+                if self.waiters.is_closed() {
+                    return Reply::ShuttingDown;
                 }
                 self.waiters.park(key, until, origin);
                 Reply::Parked

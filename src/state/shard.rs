@@ -10,6 +10,7 @@
 //! key, independent of the routing hash. Everything here is deterministic
 //! given `now_ms`: no clock, no I/O, no logging.
 
+use crate::persist::record::Journal;
 use crate::state::secret::{self, SecretHash};
 
 #[cfg(test)]
@@ -38,6 +39,13 @@ impl KeyBudget {
     /// Claims room for one new key, or reports the store full.
     pub fn try_reserve(&self) -> bool {
         self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).is_ok()
+    }
+
+    /// Counts a key that must be kept whatever the limit (restored from
+    /// disk after a restart with a lower `-maxNumKV`): creates are refused
+    /// until the store is back under the limit.
+    pub fn force_reserve(&self) {
+        self.live.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn release(&self, n: usize) {
@@ -74,9 +82,10 @@ pub const MAX_VERSION: u64 = (1 << (64 - VERSION_SHIFT)) - 1;
 pub struct KeyTooLong;
 
 /// A stored key-value pair: 32 bytes plus one exact-size allocation holding
-/// `[secret hash (if any)][key][value]`, so an entry costs one heap block
-/// whether or not it has an owner. Key length, secret flag and version are
-/// packed into one word.
+/// `[creator][secret hash (if any)][key][value]`, so an entry costs one heap
+/// block whether or not it has an owner. Key length, secret flag and version
+/// are packed into one word. The creator is the network that created the
+/// key (`clientip::bucket_key` of its client, 0 if unknown), kept for quotas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     data: Box<[u8]>,
@@ -86,15 +95,19 @@ pub struct Entry {
     pub expires_ms: u64,
 }
 
+/// Bytes of the creator field at the start of an entry's block.
+const CREATOR_LEN: usize = 8;
+
 impl Entry {
-    /// A new entry (version 0 until a shard stores it). The key length is
-    /// packed in 16 bits: a longer key is refused, never truncated.
+    /// A new entry (version 0 until a shard stores it, creator 0). The key
+    /// length is packed in 16 bits: a longer key is refused, never truncated.
     pub fn new(key: &[u8], value: &[u8], secret: Option<&SecretHash>, expires_ms: u64) -> Result<Self, KeyTooLong> {
         if key.len() > MAX_KEY_LEN {
             return Err(KeyTooLong);
         }
         let secret_len = if secret.is_some() { SECRET_LEN } else { 0 };
-        let mut data = Vec::with_capacity(secret_len + key.len() + value.len());
+        let mut data = Vec::with_capacity(CREATOR_LEN + secret_len + key.len() + value.len());
+        data.extend_from_slice(&[0; CREATOR_LEN]);
         if let Some(s) = secret {
             data.extend_from_slice(s);
         }
@@ -121,11 +134,26 @@ impl Entry {
         self.meta = (self.meta & (SECRET_FLAG | 0xffff)) | ((version & MAX_VERSION) << VERSION_SHIFT);
     }
 
+    /// The network that created the key (0: unknown).
+    pub fn creator(&self) -> u64 {
+        let mut b = [0u8; CREATOR_LEN];
+        if let Some(c) = self.data.get(..CREATOR_LEN) {
+            b.copy_from_slice(c);
+        }
+        u64::from_le_bytes(b)
+    }
+
+    pub fn set_creator(&mut self, creator: u64) {
+        if let Some(c) = self.data.get_mut(..CREATOR_LEN) {
+            c.copy_from_slice(&creator.to_le_bytes());
+        }
+    }
+
     fn key_start(&self) -> usize {
         if self.has_secret() {
-            SECRET_LEN
+            CREATOR_LEN + SECRET_LEN
         } else {
-            0
+            CREATOR_LEN
         }
     }
 
@@ -142,7 +170,7 @@ impl Entry {
         if !self.has_secret() {
             return None;
         }
-        self.data.get(..SECRET_LEN).and_then(|s| s.try_into().ok())
+        self.data.get(CREATOR_LEN..CREATOR_LEN + SECRET_LEN).and_then(|s| s.try_into().ok())
     }
 
     /// Key plus value bytes (what `rendezvous_stored_bytes` counts).
@@ -150,13 +178,9 @@ impl Entry {
         self.data.len() - self.key_start()
     }
 
-    /// Takes the entry apart for a snapshot: key and value bytes, key length,
-    /// expiry, secret, version. Copies nothing unless the entry has a secret.
-    pub fn into_snapshot_parts(self) -> (Vec<u8>, u32, u64, Option<SecretHash>, u64) {
-        let secret = self.secret().copied();
-        let (key_len, version) = (self.key_len() as u32, self.version());
-        let data = if self.has_secret() { self.data[SECRET_LEN..].to_vec() } else { self.data.into_vec() };
-        (data, key_len, self.expires_ms, secret, version)
+    /// Key bytes followed by value bytes (the snapshot's `data` field).
+    pub fn key_and_value(&self) -> &[u8] {
+        &self.data[self.key_start()..]
     }
 
     pub fn is_expired(&self, now_ms: u64) -> bool {
@@ -310,18 +334,23 @@ pub struct Shard {
     expired_total: u64,
     /// A snapshot copy in progress, taken a slice at a time.
     snapshot: Option<SnapshotCopy>,
+    /// Log records of every change applied (empty and off without persistence).
+    journal: Journal,
     /// The last version issued.
     last_version: u64,
 }
 
 /// Progress of an incremental snapshot copy. Entries at and after `cursor`
 /// are still to be copied; a removal that moves an uncopied entry in front
-/// of the cursor copies it on the spot, so every entry that lives through
-/// the whole copy is captured exactly once.
+/// of the cursor copies it on the spot (into `moved`), so every entry that
+/// lives through the whole copy is captured exactly once. Entries changed
+/// after the copy began may be captured before or after the change: the log
+/// records every change after the copy began, and replaying it repairs the
+/// copy (a fuzzy checkpoint).
 struct SnapshotCopy {
     cursor: usize,
     now_ms: u64,
-    out: Vec<Entry>,
+    moved: Vec<Entry>,
 }
 
 impl Shard {
@@ -336,6 +365,7 @@ impl Shard {
             bytes: 0,
             expired_total: 0,
             snapshot: None,
+            journal: Journal::default(),
             last_version: 0,
         }
     }
@@ -354,6 +384,19 @@ impl Shard {
 
     pub fn expired_total(&self) -> u64 {
         self.expired_total
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    pub fn journal_mut(&mut self) -> &mut Journal {
+        &mut self.journal
+    }
+
+    /// The highest version issued or restored.
+    pub fn last_version(&self) -> u64 {
+        self.last_version
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
@@ -420,11 +463,8 @@ impl Shard {
         let version = self.next_version();
         entry.set_version(version);
         let expires_ms = entry.expires_ms;
-        self.bytes += entry.payload_len();
-        let idx = self.entries.len() as u32;
-        self.entries.push(entry);
-        let (entries, hasher) = (&self.entries, &self.hasher);
-        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
+        self.journal.put(&entry, entry.creator());
+        self.insert_new(hash, entry);
         WriteOutcome::Stored { created: true, expires_ms, version }
     }
 
@@ -461,10 +501,12 @@ impl Shard {
                 }
             }
             OnPresent::Remove => {
-                self.remove_at(idx, budget);
                 // Deletes take a version too, so versions never go backwards
                 // across a delete and a re-create.
-                return WriteOutcome::Deleted { version: self.next_version() };
+                let version = self.next_version();
+                self.journal.delete(self.entries[idx].key(), version);
+                self.remove_at(idx, budget);
+                return WriteOutcome::Deleted { version };
             }
         }
         // A key without a secret is claimed by the first write that brings one;
@@ -473,7 +515,10 @@ impl Shard {
         let mut entry = w.entry;
         let version = self.next_version();
         entry.set_version(version);
+        // The key still counts against the network that created it.
+        entry.set_creator(self.entries[idx].creator());
         let expires_ms = entry.expires_ms;
+        self.journal.put(&entry, entry.creator());
         let current = &mut self.entries[idx];
         self.bytes = self.bytes - current.payload_len() + entry.payload_len();
         *current = entry;
@@ -489,7 +534,7 @@ impl Shard {
         let last = self.entries.len() - 1;
         if let Some(copy) = &mut self.snapshot {
             if idx < copy.cursor && last >= copy.cursor && !self.entries[last].is_expired(copy.now_ms) {
-                copy.out.push(self.entries[last].clone());
+                copy.moved.push(self.entries[last].clone());
             }
         }
         if idx != last {
@@ -525,33 +570,48 @@ impl Shard {
         removed
     }
 
-    /// Starts an incremental copy of the live entries (expiry judged at `now_ms`).
+    /// Starts an incremental copy of the live entries (expiry judged at
+    /// `now_ms`), replacing any copy in progress.
     pub fn snapshot_begin(&mut self, now_ms: u64) {
-        self.snapshot = Some(SnapshotCopy { cursor: 0, now_ms, out: Vec::with_capacity(self.entries.len()) });
+        self.snapshot = Some(SnapshotCopy { cursor: 0, now_ms, moved: Vec::new() });
     }
 
-    /// Copies up to `max` more entries. Returns true when the copy is complete.
-    pub fn snapshot_step(&mut self, max: usize) -> bool {
-        let Some(copy) = &mut self.snapshot else {
-            return true;
-        };
+    /// The next slice of the copy: up to `max` live entries (cloned), or
+    /// `None` once the copy is complete (which ends it).
+    pub fn snapshot_next(&mut self, max: usize) -> Option<Vec<Entry>> {
+        let copy = self.snapshot.as_mut()?;
         let end = copy.cursor.saturating_add(max).min(self.entries.len());
+        let now = copy.now_ms;
+        let mut out: Vec<Entry> = std::mem::take(&mut copy.moved);
         if copy.cursor < end {
-            let now = copy.now_ms;
-            copy.out.extend(self.entries[copy.cursor..end].iter().filter(|e| !e.is_expired(now)).cloned());
+            out.extend(self.entries[copy.cursor..end].iter().filter(|e| !e.is_expired(now)).cloned());
             copy.cursor = end;
         }
-        copy.cursor >= self.entries.len()
+        if out.is_empty() && copy.cursor >= self.entries.len() {
+            self.snapshot = None;
+            return None;
+        }
+        Some(out)
     }
 
-    /// Ends the copy and hands over what it collected.
-    pub fn snapshot_take(&mut self) -> Vec<Entry> {
-        self.snapshot.take().map(|c| c.out).unwrap_or_default()
+    /// Abandons a copy in progress.
+    pub fn snapshot_abort(&mut self) {
+        self.snapshot = None;
     }
 
-    /// Inserts an entry loaded from a snapshot (no conditions, no secret
-    /// check). Returns false if the key budget is exhausted.
-    pub fn restore(&mut self, mut entry: Entry, budget: &KeyBudget) -> bool {
+    fn insert_new(&mut self, hash: u64, entry: Entry) {
+        self.bytes += entry.payload_len();
+        let idx = self.entries.len() as u32;
+        self.entries.push(entry);
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
+    }
+
+    /// Inserts or replaces an entry loaded from disk (no conditions, no
+    /// secret check). The budget is forced: a restart with a lower
+    /// `-maxNumKV` keeps every stored key and refuses creates until the
+    /// store is back under the limit.
+    pub fn restore(&mut self, mut entry: Entry, budget: &KeyBudget) {
         if entry.version() == 0 {
             entry.set_version(self.next_version());
         }
@@ -560,17 +620,62 @@ impl Shard {
         if let Some(idx) = self.find(hash, entry.key()) {
             self.bytes = self.bytes - self.entries[idx].payload_len() + entry.payload_len();
             self.entries[idx] = entry;
-            return true;
+            return;
         }
-        if !budget.try_reserve() {
-            return false;
+        budget.force_reserve();
+        self.insert_new(hash, entry);
+    }
+
+    /// Every entry held (expired ones included until reclaimed).
+    pub fn entries(&self) -> std::slice::Iter<'_, Entry> {
+        self.entries.iter()
+    }
+
+    /// The version of `key`'s entry, if present (recovery compares it).
+    pub fn version_of(&self, key: &[u8]) -> Option<u64> {
+        let hash = self.hasher.hash_one(key);
+        self.find(hash, key).map(|i| self.entries[i].version())
+    }
+
+    /// Removes `key` (a replayed delete). Returns whether it was present.
+    pub fn remove_key(&mut self, key: &[u8], budget: &KeyBudget) -> bool {
+        let hash = self.hasher.hash_one(key);
+        match self.find(hash, key) {
+            Some(idx) => {
+                self.remove_at(idx, budget);
+                true
+            }
+            None => false,
         }
-        self.bytes += entry.payload_len();
-        let idx = self.entries.len() as u32;
-        self.entries.push(entry);
-        let (entries, hasher) = (&self.entries, &self.hasher);
-        self.table.insert_unique(hash, idx, |&i| hasher.hash_one(entries[i as usize].key()));
-        true
+    }
+
+    /// Raises the version high-water mark (versions issued before a restart,
+    /// deletes included, are never issued again).
+    pub fn raise_version_floor(&mut self, v: u64) {
+        self.last_version = self.last_version.max(v.min(MAX_VERSION));
+    }
+
+    /// Removes every entry expired at `now_ms` (recovery, before serving).
+    pub fn drop_expired(&mut self, now_ms: u64, budget: &KeyBudget) -> usize {
+        let mut removed = 0;
+        let mut i = 0;
+        while i < self.entries.len() {
+            if self.entries[i].is_expired(now_ms) {
+                self.remove_at(i, budget);
+                removed += 1;
+            } else {
+                i += 1;
+            }
+        }
+        removed
+    }
+
+    /// Lowers every expiry to at most `max_ms` (a smaller `-expireDuration`
+    /// applies to restored keys too).
+    pub fn cap_expiry(&mut self, max_ms: u64) {
+        for e in &mut self.entries {
+            e.expires_ms = e.expires_ms.min(max_ms);
+        }
     }
 }
 
@@ -817,7 +922,10 @@ mod tests {
         }
         s.snapshot_begin(T);
         let mut steps = 0;
-        while !s.snapshot_step(37) {
+        let mut copy = Vec::new();
+        while let Some(slice) = s.snapshot_next(37) {
+            assert!(slice.len() <= 37 + 23, "a slice is bounded");
+            copy.extend(slice);
             steps += 1;
             // Between steps the core serves requests: expire a few, add a few.
             s.sweep(T + 100, 23, &b);
@@ -827,23 +935,76 @@ mod tests {
                 &b,
             );
         }
-        let copy = s.snapshot_take();
         let keys: std::collections::HashSet<Vec<u8>> = copy.iter().map(|e| e.key().to_vec()).collect();
         assert_eq!(keys.len(), copy.len(), "no entry copied twice");
         for i in 0..300 {
             assert!(keys.contains(format!("keep{i}").as_bytes()), "keep{i} missing");
         }
         assert!(steps > 5);
-        assert!(s.snapshot_step(10), "no copy in progress");
+        assert!(s.snapshot_next(10).is_none(), "no copy in progress");
     }
 
     #[test]
-    fn restore_replaces_and_respects_budget() {
+    fn restore_keeps_every_key_even_over_the_limit() {
         let b = KeyBudget::new(1);
         let mut s = Shard::with_capacity(2);
-        assert!(s.restore(Entry::new(b"k", b"v", None, T + 5).unwrap(), &b));
-        assert!(s.restore(Entry::new(b"k", b"w", None, T + 5).unwrap(), &b));
-        assert!(!s.restore(Entry::new(b"z", b"v", None, T + 5).unwrap(), &b));
+        s.restore(Entry::new(b"k", b"v", None, T + 5).unwrap(), &b);
+        s.restore(Entry::new(b"k", b"w", None, T + 5).unwrap(), &b);
+        s.restore(Entry::new(b"z", b"v", None, T + 5).unwrap(), &b);
         assert_eq!(get(&mut s, "k", &b).as_deref(), Some(&b"w"[..]));
+        assert_eq!(get(&mut s, "z", &b).as_deref(), Some(&b"v"[..]));
+        assert_eq!(b.live(), 2, "over -maxNumKV after a restart with a lower limit");
+        // Creates are refused until the store is back under the limit; updates work.
+        assert_eq!(s.write_nv(w("new", "1", None, Condition::Set), T, &b), WriteOutcome::Full);
+        assert_eq!(s.write_nv(w("k", "x", None, Condition::Set), T, &b), stored(false));
+        assert!(s.remove_key(b"z", &b) && s.remove_key(b"k", &b) && !s.remove_key(b"k", &b));
+        assert_eq!(s.write_nv(w("new", "1", None, Condition::Set), T, &b), stored(true));
+    }
+
+    #[test]
+    fn every_change_is_journaled_with_its_version_and_creator() {
+        use crate::persist::record::{read_all, Record};
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        *s.journal_mut() = Journal::enabled();
+        let mut first = w("k", "1", None, Condition::Set);
+        first.entry.set_creator(42);
+        s.write(first, T, &b);
+        s.write(w("k", "2", Some(1), Condition::Set), T, &b);
+        // Nothing changes: nothing is logged.
+        s.write(w("k", "x", None, Condition::Los), T, &b);
+        s.write(w("k", "x", None, cas("nope")), T, &b);
+        s.write(w("k", "x", None, Condition::Set), T, &b);
+        s.get(b"k", T, &b);
+        s.write(w("k", "", Some(1), Condition::Delete), T, &b);
+        let bytes = s.journal_mut().take(Vec::new());
+        let mut recs = Vec::new();
+        read_all(&bytes, |r| recs.push(r)).unwrap();
+        assert_eq!(recs.len(), 3);
+        let versions: Vec<u64> = recs.iter().map(Record::version).collect();
+        assert!(versions.windows(2).all(|v| v[0] < v[1]), "{versions:?}");
+        assert!(
+            matches!(&recs[1], Record::Put { entry, creator: 42 } if entry.value() == b"2" && entry.secret().is_some())
+        );
+        assert!(matches!(&recs[2], Record::Delete { key, .. } if &key[..] == b"k"));
+        assert_eq!(s.last_version(), versions[2]);
+    }
+
+    #[test]
+    fn recovery_helpers() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        s.write_nv(w("a", "1", None, Condition::Set), T, &b);
+        s.write_nv(Write::new(b"old", b"1", None, T - 1, Condition::Set).unwrap(), T - 10, &b);
+        assert!(s.version_of(b"a").is_some() && s.version_of(b"zz").is_none());
+        assert_eq!(s.drop_expired(T, &b), 1);
+        s.cap_expiry(T + 5);
+        assert_eq!(s.get(b"a", T, &b).unwrap().expires_ms, T + 5);
+        s.raise_version_floor(1 << 40);
+        let v = match s.write(w("a", "2", None, Condition::Set), T, &b) {
+            WriteOutcome::Stored { version, .. } => version,
+            other => panic!("{other:?}"),
+        };
+        assert!(v > 1 << 40);
     }
 }

@@ -78,6 +78,8 @@ pub struct Waiters {
     by_origin: HashMap<Origin, Id>,
     next_id: Id,
     woken_total: u64,
+    /// Shutting down: no new waiter may park.
+    closed: bool,
 }
 
 impl Waiters {
@@ -214,8 +216,15 @@ impl Waiters {
         }
     }
 
-    /// Answers every parked waiter at once with `reply()` (shutdown).
+    /// Whether waiters may still park (not after `drain_all`).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Answers every parked waiter at once with `reply()`, and refuses new
+    /// ones from now on (shutdown).
     pub fn drain_all(&mut self, reply: impl Fn() -> Reply, out: &mut Vec<(Origin, Reply)>) -> usize {
+        self.closed = true;
         let n = self.waiters.len();
         for (_, w) in self.waiters.drain() {
             out.push((w.origin, reply()));
@@ -344,5 +353,6 @@ mod tests {
         assert_eq!(w.drain_all(|| Reply::Cancelled, &mut out), 2);
         assert_eq!(slots(&out), vec![1, 2]);
         assert_eq!(w.parked(), 0);
+        assert!(w.is_closed());
     }
 }

@@ -19,6 +19,8 @@ pub struct Server {
     pub dir: TempDir,
     /// The startup line ("listening on ...").
     pub banner: String,
+    /// Every log line up to and including the banner.
+    pub startup: Vec<String>,
     /// Where `/metrics` is served, if enabled.
     pub metrics: Option<SocketAddr>,
     log: mpsc::Receiver<String>,
@@ -44,6 +46,10 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // RENDEZVOUS_KEEP_TEST_DIRS=1 keeps them for a post-mortem.
+        if std::env::var_os("RENDEZVOUS_KEEP_TEST_DIRS").is_some() {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -56,6 +62,11 @@ impl Server {
     }
 
     pub fn start_in(dir: TempDir, args: &[&str]) -> Server {
+        Self::start_wrapped(dir, &[], args)
+    }
+
+    /// The test-friendly command line for `args` in `dir`.
+    pub fn command_line(dir: &TempDir, args: &[&str]) -> Vec<String> {
         let mut all: Vec<String> =
             ["-l", "127.0.0.1", "-port", "0", "-maxRequests", "4294967295", "-disableLocalIPWarning"]
                 .iter()
@@ -70,7 +81,22 @@ impl Server {
             all.push(dir.path().display().to_string());
         }
         all.extend(args.iter().map(|s| s.to_string()));
-        let mut child = Command::new(BIN)
+        all
+    }
+
+    /// Starts the server under a wrapper command (`prlimit ... --`), or
+    /// directly when `wrapper` is empty.
+    pub fn start_wrapped(dir: TempDir, wrapper: &[&str], args: &[&str]) -> Server {
+        let all = Self::command_line(&dir, args);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .args(&all)
             .current_dir(dir.path())
             .stdin(Stdio::null())
@@ -90,22 +116,24 @@ impl Server {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut metrics = None;
+        let mut startup = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    startup.push(line.clone());
                     if let Some(rest) = line.split("metrics on http://").nth(1) {
                         metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
                     }
                     if let Some(rest) = line.split("listening on http://").nth(1) {
                         let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-                        return Server { child: Some(child), addr, dir, banner: line, metrics, log: rx };
+                        return Server { child: Some(child), addr, dir, banner: line, startup, metrics, log: rx };
                     }
                 }
                 Err(_) => {
                     let _ = child.kill();
                     let status = child.wait();
-                    panic!("server did not start: {status:?}");
+                    panic!("server did not start: {status:?}\n{}", startup.join("\n"));
                 }
             }
         }
@@ -164,6 +192,17 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a signal without waiting.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        Command::new("kill").args([sig, &pid]).status().unwrap();
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// Sends a signal and waits for the exit status (with a deadline).
@@ -431,4 +470,24 @@ pub fn wait_listening(addr: SocketAddr, limit: Duration, what: &str) {
 /// sockets), returning the limit in effect.
 pub fn raise_fd_limit(want: u64) -> u64 {
     rlimit::increase_nofile_limit(want).unwrap_or(0)
+}
+
+/// Runs the binary with `args` to its exit (at most 30 s): its status and
+/// everything it printed on stderr.
+pub fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start binary");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let status = wait_deadline(&mut child, Duration::from_secs(30));
+    (status, reader.join().unwrap())
 }

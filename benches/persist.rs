@@ -1,0 +1,2 @@
+//! Persistence benchmarks (placeholder while the harness is written).
+fn main() {}

@@ -1,0 +1,305 @@
+//! The data directory: one owner, checked before anything is acknowledged.
+//!
+//! Layout: `LOCK` (held with an exclusive `flock` for the process's life,
+//! and holding its PID for the message a second instance prints),
+//! `snapshot.rkyv` (the latest checkpoint), and the log segments
+//! `<seq>-<stream>.wal`: `seq` a 16-hex-digit number that only grows across
+//! the directory's life (so names sort in creation order), `stream` the core
+//! that wrote it. Every file is created exclusively with mode 0600: they hold
+//! owner-secret hashes and the key that made them.
+//!
+//! At startup the directory must exist (the default one is created),
+//! accept a new file, and fsync it: otherwise the server stops with a
+//! message naming the directory, instead of acknowledging writes it could
+//! never keep. Temp files a crash left behind are removed (nobody else can
+//! be writing them: we hold the lock).
+
+use crate::persist::snapshot::{self, create_private, sync_dir};
+use crate::state::secret::SecretKey;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const LOCK_FILE: &str = "LOCK";
+/// The instance's secret-hashing key (owner secrets are stored hashed with
+/// it, in the log and the snapshot, so it must outlive every restart).
+pub const SECRET_FILE: &str = "SECRET";
+const SEGMENT_SUFFIX: &str = ".wal";
+
+/// Why the data directory cannot be used.
+#[derive(Debug)]
+pub enum DataDirError {
+    Missing(PathBuf),
+    NotADirectory(PathBuf),
+    Create(PathBuf, io::Error),
+    /// Another process holds the lock.
+    Locked {
+        path: PathBuf,
+        pid: Option<u32>,
+    },
+    Lock(PathBuf, io::Error),
+    /// A file cannot be created, written or fsynced there.
+    NotWritable(PathBuf, io::Error),
+    List(PathBuf, io::Error),
+}
+
+impl std::fmt::Display for DataDirError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DataDirError::Missing(p) => {
+                write!(f, "data directory {} does not exist (-dataDir); create it, or fix the path", p.display())
+            }
+            DataDirError::NotADirectory(p) => write!(f, "-dataDir {} is not a directory", p.display()),
+            DataDirError::Create(p, e) => write!(f, "cannot create data directory {}: {e}", p.display()),
+            DataDirError::Locked { path, pid: Some(pid) } => write!(
+                f,
+                "data directory {} is in use by another Rendezvous process (PID {pid}); one process owns a data directory",
+                path.display()
+            ),
+            DataDirError::Locked { path, pid: None } => write!(
+                f,
+                "data directory {} is in use by another Rendezvous process; one process owns a data directory",
+                path.display()
+            ),
+            DataDirError::Lock(p, e) => write!(f, "cannot lock data directory {}: {e}", p.display()),
+            DataDirError::NotWritable(p, e) => write!(
+                f,
+                "data directory {} cannot take a write and an fsync ({e}); writes would be acknowledged and lost",
+                p.display()
+            ),
+            DataDirError::List(p, e) => write!(f, "cannot list data directory {}: {e}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for DataDirError {}
+
+/// One log segment file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Segment {
+    pub seq: u64,
+    pub stream: u32,
+    pub path: PathBuf,
+}
+
+/// The name of segment `seq` of `stream`.
+pub fn segment_name(seq: u64, stream: u32) -> String {
+    format!("{seq:016x}-{stream:04}{SEGMENT_SUFFIX}")
+}
+
+fn parse_segment(name: &str) -> Option<(u64, u32)> {
+    let stem = name.strip_suffix(SEGMENT_SUFFIX)?;
+    let (seq, stream) = stem.split_once('-')?;
+    if seq.len() != 16 || stream.is_empty() {
+        return None;
+    }
+    Some((u64::from_str_radix(seq, 16).ok()?, stream.parse().ok()?))
+}
+
+/// Every log segment in `dir`, in sequence order.
+pub fn segments(dir: &Path) -> Result<Vec<Segment>, DataDirError> {
+    let list = |e| DataDirError::List(dir.to_path_buf(), e);
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(list)? {
+        let entry = entry.map_err(list)?;
+        let name = entry.file_name();
+        if let Some((seq, stream)) = name.to_str().and_then(parse_segment) {
+            out.push(Segment { seq, stream, path: entry.path() });
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Creates a new, empty segment file (exclusively, 0600) and makes its
+/// name durable.
+pub fn create_segment(dir: &Path, seq: u64, stream: u32) -> io::Result<File> {
+    let f = create_private(&dir.join(segment_name(seq, stream)))?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+/// An owned, checked data directory. Dropping it releases the lock.
+#[derive(Debug)]
+pub struct DataDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl DataDir {
+    /// Takes ownership of `path`: creates it if `create` (the default
+    /// directory) and it is missing, locks it, checks that a file can be
+    /// written and fsynced there, and removes stale temp files.
+    pub fn open(path: &Path, create: bool) -> Result<DataDir, DataDirError> {
+        let owned = path.to_path_buf();
+        match fs::metadata(path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(DataDirError::NotADirectory(owned)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                fs::DirBuilder::new().mode(0o700).create(path).map_err(|e| DataDirError::Create(owned.clone(), e))?;
+                log::info!("created data directory {}", path.display());
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(DataDirError::Missing(owned)),
+            Err(e) => return Err(DataDirError::NotWritable(owned, e)),
+        }
+        let lock = lock(path)?;
+        probe(path).map_err(|e| DataDirError::NotWritable(owned.clone(), e))?;
+        for entry in fs::read_dir(path).map_err(|e| DataDirError::List(owned.clone(), e))?.flatten() {
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|n| n.starts_with(snapshot::TEMP_PREFIX)) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(DataDir { path: owned, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The instance's secret-hashing key: the one kept in the directory,
+    /// else the snapshot's (older directories), else a new random one; kept
+    /// in `SECRET` (0600) from then on.
+    pub fn secret_key(&self, from_snapshot: Option<SecretKey>) -> io::Result<SecretKey> {
+        let path = self.path.join(SECRET_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let key: [u8; 32] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not a 32-byte key"))?;
+                return Ok(SecretKey::from_bytes(key));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let key = match from_snapshot {
+            Some(k) => k,
+            None => SecretKey::random()?,
+        };
+        let tmp = self.path.join(format!("{SECRET_FILE}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        let mut f = create_private(&tmp)?;
+        f.write_all(key.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        sync_dir(&self.path)?;
+        Ok(key)
+    }
+}
+
+fn lock(dir: &Path) -> Result<File, DataDirError> {
+    let path = dir.join(LOCK_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| DataDirError::Lock(dir.to_path_buf(), e))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = f.read_to_string(&mut text);
+            return Err(DataDirError::Locked { path: dir.to_path_buf(), pid: text.trim().parse().ok() });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(DataDirError::Lock(dir.to_path_buf(), e)),
+    }
+    // Ours now: record who holds it, for the next one's message.
+    let write_pid = (|| {
+        f.set_len(0)?;
+        f.rewind()?;
+        writeln!(f, "{}", std::process::id())
+    })();
+    write_pid.map_err(|e| DataDirError::Lock(dir.to_path_buf(), e))?;
+    Ok(f)
+}
+
+/// Creates, writes, fsyncs and removes a file, and fsyncs the directory.
+fn probe(dir: &Path) -> io::Result<()> {
+    let path = dir.join(format!(".probe-{}", std::process::id()));
+    let _ = fs::remove_file(&path);
+    let result = (|| -> io::Result<()> {
+        let mut f = create_private(&path)?;
+        f.write_all(&[0u8; 4096])?;
+        f.sync_all()?;
+        Ok(())
+    })();
+    let _ = fs::remove_file(&path);
+    result?;
+    sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rdvz-dd-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn segment_names_sort_by_sequence() {
+        assert_eq!(segment_name(10, 2), "000000000000000a-0002.wal");
+        assert_eq!(parse_segment("000000000000000a-0002.wal"), Some((10, 2)));
+        assert_eq!(parse_segment("snapshot.rkyv"), None);
+        assert_eq!(parse_segment("0a-0002.wal"), None);
+        let d = tmp("segs");
+        fs::create_dir_all(&d).unwrap();
+        for (seq, stream) in [(300, 0), (2, 1), (17, 0)] {
+            create_segment(&d, seq, stream).unwrap();
+        }
+        let seqs: Vec<u64> = segments(&d).unwrap().iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, vec![2, 17, 300]);
+        assert!(create_segment(&d, 2, 1).is_err(), "never reopened or overwritten");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn one_owner_and_a_clear_refusal() {
+        let d = tmp("lock");
+        assert!(matches!(DataDir::open(&d, false), Err(DataDirError::Missing(_))));
+        let first = DataDir::open(&d, true).unwrap();
+        match DataDir::open(&d, false) {
+            Err(DataDirError::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("{other:?}"),
+        }
+        drop(first);
+        let again = DataDir::open(&d, false).unwrap();
+        // A stale temp snapshot is swept; other files stay.
+        fs::write(d.join(format!("{}123.456", snapshot::TEMP_PREFIX)), b"x").unwrap();
+        drop(again);
+        let _third = DataDir::open(&d, false).unwrap();
+        let names: Vec<String> =
+            fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert_eq!(names, vec!["LOCK".to_string()]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_secret_key_outlives_restarts() {
+        let d = tmp("secret");
+        let dir = DataDir::open(&d, true).unwrap();
+        let from_snapshot = SecretKey::from_bytes([3; 32]);
+        let k1 = dir.secret_key(Some(from_snapshot)).unwrap();
+        assert_eq!(k1.as_bytes(), &[3; 32], "an older directory's snapshot key is adopted");
+        let k2 = dir.secret_key(None).unwrap();
+        assert_eq!(k2.as_bytes(), &[3; 32], "and kept");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(d.join(SECRET_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_is_not_a_directory() {
+        let d = tmp("file");
+        fs::write(&d, b"x").unwrap();
+        assert!(matches!(DataDir::open(&d, true), Err(DataDirError::NotADirectory(_))));
+        fs::remove_file(&d).unwrap();
+    }
+}

@@ -1,0 +1,521 @@
+//! Write-ahead log records: the bytes a core appends for every change it
+//! applies, and the reader that checks them on recovery.
+//!
+//! Records are full states, not diffs: a `Put` carries the whole entry (key,
+//! value, owner-secret hash, expiry, version, creating network), a `Delete`
+//! the key and the version the delete was given. Replaying one twice, or
+//! replaying an older one after a newer one, cannot change the outcome: the
+//! higher version wins. That is what lets a fuzzy snapshot plus the log
+//! after its start rebuild exactly the acknowledged state.
+//!
+//! Layout (little endian): `u32 body length`, `u32 CRC-32 of the body`,
+//! then the body: `u8 kind`, `u64 version`, `u16 key length`, and for a put
+//! `u64 expiry (Unix ms)`, `u64 creator`, `u8 flags` (bit 0: has secret),
+//! the 32-byte secret hash if any, the key, the value; for a delete, the key.
+//!
+//! `Journal` is the append side, owned by a shard (pure: bytes in memory;
+//! the runtime writes them out). `Reader` walks a segment's bytes and tells
+//! a torn tail (a crash mid-append: cut it) from damage (stop and say where).
+
+use crate::state::secret::SecretHash;
+use crate::state::shard::{Entry, MAX_KEY_LEN};
+
+const KIND_PUT: u8 = 1;
+const KIND_DELETE: u8 = 2;
+const FLAG_SECRET: u8 = 1;
+/// Length prefix + checksum.
+pub const FRAME: usize = 8;
+/// Largest body a valid record can have (a 1 GiB value, a long key, headers).
+pub const MAX_BODY: usize = (1 << 30) + MAX_KEY_LEN + 128;
+
+/// One decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Put { entry: Entry, creator: u64 },
+    Delete { key: Box<[u8]>, version: u64 },
+}
+
+impl Record {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Record::Put { entry, .. } => entry.key(),
+            Record::Delete { key, .. } => key,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        match self {
+            Record::Put { entry, .. } => entry.version(),
+            Record::Delete { version, .. } => *version,
+        }
+    }
+}
+
+/// Appends the record of a stored entry to `out`.
+pub fn encode_put(out: &mut Vec<u8>, entry: &Entry, creator: u64) {
+    let (key, value, secret) = (entry.key(), entry.value(), entry.secret());
+    let body_len = 1 + 8 + 2 + 8 + 8 + 1 + secret.map_or(0, |_| 32) + key.len() + value.len();
+    let start = begin(out, body_len);
+    out.push(KIND_PUT);
+    out.extend_from_slice(&entry.version().to_le_bytes());
+    out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    out.extend_from_slice(&entry.expires_ms.to_le_bytes());
+    out.extend_from_slice(&creator.to_le_bytes());
+    match secret {
+        Some(s) => {
+            out.push(FLAG_SECRET);
+            out.extend_from_slice(s);
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    finish(out, start);
+}
+
+/// Appends the record of a deleted key to `out`.
+pub fn encode_delete(out: &mut Vec<u8>, key: &[u8], version: u64) {
+    let start = begin(out, 1 + 8 + 2 + key.len());
+    out.push(KIND_DELETE);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    out.extend_from_slice(key);
+    finish(out, start);
+}
+
+fn begin(out: &mut Vec<u8>, body_len: usize) -> usize {
+    out.reserve(FRAME + body_len);
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    start
+}
+
+fn finish(out: &mut [u8], start: usize) {
+    let crc = crc32fast::hash(&out[start + FRAME..]);
+    out[start + 4..start + FRAME].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Why a record could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordError {
+    /// The bytes end inside a record (or inside its length prefix).
+    Incomplete,
+    /// The checksum does not match.
+    Checksum,
+    /// The checksum matches but the body makes no sense.
+    Malformed(&'static str),
+    /// The length prefix is larger than any record can be.
+    TooLong(u64),
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::Incomplete => f.write_str("the record is cut short"),
+            RecordError::Checksum => f.write_str("checksum mismatch"),
+            RecordError::Malformed(why) => write!(f, "malformed record ({why})"),
+            RecordError::TooLong(n) => write!(f, "record length {n} is impossible"),
+        }
+    }
+}
+
+/// Decodes the record at the start of `bytes`; returns it and its length.
+pub fn decode(bytes: &[u8]) -> Result<(Record, usize), RecordError> {
+    let Some(head) = bytes.get(..FRAME) else { return Err(RecordError::Incomplete) };
+    let body_len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if body_len > MAX_BODY {
+        return Err(RecordError::TooLong(body_len as u64));
+    }
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let Some(body) = bytes.get(FRAME..FRAME + body_len) else { return Err(RecordError::Incomplete) };
+    if crc32fast::hash(body) != crc {
+        return Err(RecordError::Checksum);
+    }
+    Ok((decode_body(body)?, FRAME + body_len))
+}
+
+/// A cursor over the body's fields.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        if self.0.len() < n {
+            return Err(RecordError::Malformed("fields run past the end"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, RecordError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+}
+
+fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
+    let mut f = Fields(body);
+    let kind = f.u8()?;
+    let version = f.u64()?;
+    let key_len = f.u16()? as usize;
+    if key_len == 0 {
+        return Err(RecordError::Malformed("empty key"));
+    }
+    match kind {
+        KIND_PUT => {
+            let expires_ms = f.u64()?;
+            let creator = f.u64()?;
+            let flags = f.u8()?;
+            let secret: Option<SecretHash> = if flags & FLAG_SECRET != 0 {
+                let mut s = [0u8; 32];
+                s.copy_from_slice(f.take(32)?);
+                Some(s)
+            } else {
+                None
+            };
+            let key = f.take(key_len)?;
+            let value = f.0;
+            let mut entry = Entry::new(key, value, secret.as_ref(), expires_ms)
+                .map_err(|_| RecordError::Malformed("key too long"))?;
+            entry.set_version(version);
+            Ok(Record::Put { entry, creator })
+        }
+        KIND_DELETE => {
+            let key = f.take(key_len)?;
+            if !f.0.is_empty() {
+                return Err(RecordError::Malformed("bytes after a delete"));
+            }
+            Ok(Record::Delete { key: key.into(), version })
+        }
+        _ => Err(RecordError::Malformed("unknown kind")),
+    }
+}
+
+/// What reading a whole segment found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tail {
+    /// Every byte belongs to a valid record.
+    Clean,
+    /// The segment ends in a torn record at this offset (a crash mid-append):
+    /// everything from there on is to be cut.
+    Torn { at: u64, why: RecordError },
+}
+
+/// Damage: a bad record followed by more data, at this byte offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub offset: u64,
+    pub why: RecordError,
+}
+
+/// Walks the records of a segment's bytes, calling `f` for each valid one,
+/// and classifies how the bytes end (see `read_stream`).
+pub fn read_all(bytes: &[u8], f: impl FnMut(Record)) -> Result<Tail, Damage> {
+    // Reading from memory cannot fail.
+    read_stream(bytes, bytes.len() as u64, f)
+        .unwrap_or(Err(Damage { offset: 0, why: RecordError::Malformed("unreadable") }))
+}
+
+/// How much is read at a time (a record longer than this grows the buffer
+/// to its own size, at most `MAX_BODY`).
+const READ_BLOCK: usize = 8 << 20;
+
+/// Walks the records of a segment of `size` bytes read from `r`, calling
+/// `f` for each valid one, holding at most one record plus a block in
+/// memory, and classifies how the segment ends.
+///
+/// A record that is cut short, or whose checksum fails while it ends
+/// exactly at the end of the file, is a torn tail (the length reached the
+/// disk, the body did not); so is a tail of zeroes (a filesystem that grew
+/// the file before the data landed). Anything else that fails is damage.
+pub fn read_stream(
+    mut r: impl std::io::Read,
+    size: u64,
+    mut f: impl FnMut(Record),
+) -> std::io::Result<Result<Tail, Damage>> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut start = 0usize;
+    let mut offset = 0u64;
+    let mut eof = false;
+    loop {
+        loop {
+            let rest = &buf[start..];
+            if rest.is_empty() && eof {
+                return Ok(Ok(Tail::Clean));
+            }
+            match decode(rest) {
+                Ok((rec, n)) => {
+                    f(rec);
+                    start += n;
+                    offset += n as u64;
+                }
+                Err(RecordError::Incomplete) if !eof => break,
+                Err(why) => {
+                    let declared = rest.get(..4).map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64);
+                    let ends_at_eof = declared.map(|n| offset + FRAME as u64 + n) == Some(size);
+                    let torn = match why {
+                        RecordError::Incomplete => true,
+                        RecordError::Checksum | RecordError::Malformed(_) => ends_at_eof,
+                        RecordError::TooLong(_) => false,
+                    };
+                    if torn || (rest.iter().all(|&b| b == 0) && rest_is_zero(&mut r)?) {
+                        return Ok(Ok(Tail::Torn { at: offset, why }));
+                    }
+                    return Ok(Err(Damage { offset, why }));
+                }
+            }
+        }
+        buf.drain(..start);
+        start = 0;
+        let want = match buf.get(..4) {
+            Some(h) => (FRAME + u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize).saturating_sub(buf.len()),
+            None => 0,
+        }
+        .clamp(READ_BLOCK / 8, READ_BLOCK);
+        let have = buf.len();
+        buf.resize(have + want, 0);
+        let n = read_up_to(&mut r, &mut buf[have..])?;
+        buf.truncate(have + n);
+        if n == 0 {
+            eof = true;
+        }
+    }
+}
+
+fn read_up_to(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Whether everything left in `r` is zero bytes.
+fn rest_is_zero(r: &mut impl std::io::Read) -> std::io::Result<bool> {
+    let mut block = vec![0u8; 64 << 10];
+    loop {
+        let n = read_up_to(r, &mut block)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if block[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
+}
+
+/// The append side of one core's log: records as bytes, and how many bytes
+/// have been appended since start (the log sequence number the runtime
+/// waits on before answering).
+#[derive(Debug, Default)]
+pub struct Journal {
+    enabled: bool,
+    /// Writes are refused (the log cannot be written right now).
+    refusing: bool,
+    buf: Vec<u8>,
+    lsn: u64,
+}
+
+impl Journal {
+    /// A journal that records (persistence on).
+    pub fn enabled() -> Self {
+        Journal { enabled: true, ..Default::default() }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn put(&mut self, entry: &Entry, creator: u64) {
+        if self.enabled {
+            let before = self.buf.len();
+            encode_put(&mut self.buf, entry, creator);
+            self.lsn += (self.buf.len() - before) as u64;
+        }
+    }
+
+    pub fn delete(&mut self, key: &[u8], version: u64) {
+        if self.enabled {
+            let before = self.buf.len();
+            encode_delete(&mut self.buf, key, version);
+            self.lsn += (self.buf.len() - before) as u64;
+        }
+    }
+
+    /// Bytes appended since start.
+    pub fn lsn(&self) -> u64 {
+        self.lsn
+    }
+
+    /// Bytes appended and not yet taken.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Takes the pending bytes, leaving `spare` (an emptied buffer from an
+    /// earlier take) to append into, so steady state allocates nothing.
+    pub fn take(&mut self, spare: Vec<u8>) -> Vec<u8> {
+        let mut spare = spare;
+        spare.clear();
+        std::mem::replace(&mut self.buf, spare)
+    }
+
+    pub fn refusing(&self) -> bool {
+        self.refusing
+    }
+
+    /// Set while the log cannot be written: writes are refused before they
+    /// change anything.
+    pub fn set_refusing(&mut self, on: bool) {
+        self.refusing = on;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &[u8], value: &[u8], secret: Option<SecretHash>, version: u64) -> Entry {
+        let mut e = Entry::new(key, value, secret.as_ref(), 1_700_000_000_000).unwrap();
+        e.set_version(version);
+        e
+    }
+
+    fn sample() -> (Vec<u8>, Vec<Record>) {
+        let recs = vec![
+            Record::Put { entry: entry(b"k1", b"v1", None, 10), creator: 7 },
+            Record::Put { entry: entry(b"k2", &[0, 255, 10], Some([9; 32]), 11), creator: 0 },
+            Record::Delete { key: (*b"k1").into(), version: 12 },
+            Record::Put { entry: entry(b"k3", b"", None, 13), creator: u64::MAX },
+        ];
+        let mut bytes = Vec::new();
+        for r in &recs {
+            match r {
+                Record::Put { entry, creator } => encode_put(&mut bytes, entry, *creator),
+                Record::Delete { key, version } => encode_delete(&mut bytes, key, *version),
+            }
+        }
+        (bytes, recs)
+    }
+
+    #[test]
+    fn round_trip() {
+        let (bytes, recs) = sample();
+        let mut got = Vec::new();
+        assert_eq!(read_all(&bytes, |r| got.push(r)), Ok(Tail::Clean));
+        assert_eq!(got, recs);
+        assert_eq!(got[1].key(), b"k2");
+        assert_eq!(got[2].version(), 12);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_the_last_good_record() {
+        let (bytes, recs) = sample();
+        // Cut anywhere inside the last record: the first three survive.
+        let last_start = {
+            let mut pos = 0;
+            for _ in 0..3 {
+                pos += decode(&bytes[pos..]).unwrap().1;
+            }
+            pos
+        };
+        for cut in last_start + 1..bytes.len() {
+            let mut got = Vec::new();
+            let tail = read_all(&bytes[..cut], |r| got.push(r)).unwrap();
+            assert!(matches!(tail, Tail::Torn { at, .. } if at == last_start as u64), "cut {cut}");
+            assert_eq!(got, recs[..3]);
+        }
+        // The last record's body scrambled (its length made it to disk, its
+        // bytes did not): torn, not damage.
+        let mut scrambled = bytes.clone();
+        let n = scrambled.len();
+        scrambled[n - 1] ^= 0xff;
+        assert!(matches!(read_all(&scrambled, |_| {}), Ok(Tail::Torn { .. })));
+        // Zeroes after the last record (a filesystem that extended the file).
+        let mut zeroed = bytes.clone();
+        zeroed.extend_from_slice(&[0; 100]);
+        let mut got = Vec::new();
+        assert!(matches!(read_all(&zeroed, |r| got.push(r)), Ok(Tail::Torn { .. })));
+        assert_eq!(got, recs);
+    }
+
+    #[test]
+    fn damage_before_the_tail_says_where() {
+        let (bytes, _) = sample();
+        let first_len = decode(&bytes).unwrap().1;
+        let mut bad = bytes.clone();
+        bad[first_len + FRAME + 3] ^= 0x01;
+        assert_eq!(read_all(&bad, |_| {}), Err(Damage { offset: first_len as u64, why: RecordError::Checksum }));
+        let mut huge = bytes.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(read_all(&huge, |_| {}), Err(Damage { offset: 0, why: RecordError::TooLong(_) })));
+    }
+
+    #[test]
+    fn streaming_reads_records_across_block_boundaries() {
+        // Many records, some larger than a read block's eighth, read through
+        // a reader that hands out a few bytes at a time.
+        struct Dribble<'a>(&'a [u8]);
+        impl std::io::Read for Dribble<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = buf.len().min(self.0.len()).min(7777);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut bytes = Vec::new();
+        let big = vec![7u8; 3 << 20];
+        for i in 0..50u64 {
+            let value: &[u8] = if i % 10 == 9 { &big } else { b"small" };
+            encode_put(&mut bytes, &entry(format!("k{i}").as_bytes(), value, None, i), 0);
+        }
+        let mut n = 0;
+        let tail = read_stream(Dribble(&bytes), bytes.len() as u64, |r| {
+            assert_eq!(r.version(), n);
+            n += 1;
+        })
+        .unwrap();
+        assert_eq!((tail, n), (Ok(Tail::Clean), 50));
+        // Cut inside a big record: torn at its start.
+        let cut = bytes.len() - 100;
+        let mut n = 0;
+        let tail = read_stream(Dribble(&bytes[..cut]), cut as u64, |_| n += 1).unwrap();
+        assert!(matches!(tail, Ok(Tail::Torn { .. })) && n == 49);
+    }
+
+    #[test]
+    fn journal_counts_bytes_and_recycles_buffers() {
+        let mut off = Journal::default();
+        off.put(&entry(b"k", b"v", None, 1), 0);
+        assert_eq!((off.lsn(), off.pending()), (0, 0), "disabled: records nothing");
+        let mut j = Journal::enabled();
+        j.put(&entry(b"k", b"v", None, 1), 0);
+        j.delete(b"k", 2);
+        let lsn = j.lsn();
+        assert_eq!(lsn as usize, j.pending());
+        let taken = j.take(Vec::with_capacity(64));
+        assert_eq!((taken.len() as u64, j.pending(), j.lsn()), (lsn, 0, lsn));
+        let mut got = Vec::new();
+        read_all(&taken, |r| got.push(r)).unwrap();
+        assert_eq!(got.len(), 2);
+        j.set_refusing(true);
+        assert!(j.refusing());
+    }
+}

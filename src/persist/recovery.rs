@@ -1,0 +1,345 @@
+//! Recovery: the latest snapshot plus a replay of the log after it, into
+//! one shard per core of the current process (any core count).
+//!
+//! The snapshot says which log segments it does not cover (`replay_from`);
+//! every segment from there on is replayed in sequence order, whichever
+//! core (stream) wrote it. Records are full states with versions, and a key
+//! takes a record only if its version is higher than what the key has (a
+//! delete leaves a tombstone for the rest of the replay), so the order of
+//! streams, a fuzzy snapshot, or a record replayed twice cannot matter: each
+//! key ends at its highest-versioned record, which is its latest.
+//!
+//! A torn record at the end of a stream's last segment (a crash mid-append)
+//! is cut off, with a log line. A bad record anywhere else is damage:
+//! recovery stops with the file and byte offset, and touches no file.
+//! Expired entries are dropped before serving; the highest version seen
+//! (snapshot trailer, entries, deletes) becomes every shard's floor, so an
+//! ETag is never issued twice.
+
+use crate::persist::datadir::{self, DataDirError, Segment};
+use crate::persist::record::{read_stream, Damage, Record, Tail};
+use crate::persist::snapshot::{self, SnapshotError};
+use crate::state::secret::SecretKey;
+use crate::state::shard::{KeyBudget, Shard};
+use hashbrown::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Why the store cannot be recovered. Files are left as they are.
+#[derive(Debug)]
+pub enum RecoveryError {
+    DataDir(DataDirError),
+    Snapshot(PathBuf, SnapshotError),
+    Damage { path: PathBuf, offset: u64, why: String },
+    Io(PathBuf, io::Error),
+}
+
+impl std::fmt::Display for RecoveryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecoveryError::DataDir(e) => write!(f, "{e}"),
+            RecoveryError::Snapshot(p, e) => write!(
+                f,
+                "cannot load snapshot {}: {e}. Files were left untouched; move the data directory away to start empty.",
+                p.display()
+            ),
+            RecoveryError::Damage { path, offset, why } => write!(
+                f,
+                "log segment {} is damaged at byte {offset} ({why}), before its end: recovery stopped and \
+                 left every file untouched. Keep a copy, then move the file away to start without what it holds.",
+                path.display()
+            ),
+            RecoveryError::Io(p, e) => write!(f, "cannot read {}: {e}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for RecoveryError {}
+
+/// Whether recovery may repair what a crash leaves (cut torn tails).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The owner at startup: torn tails are truncated away.
+    Repair,
+    /// A reader (`-dump`) beside a running server: nothing is written, and a
+    /// segment's unfinished tail is simply not read.
+    ReadOnly,
+}
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The snapshot's secret-hashing key (`None`: no snapshot).
+    pub secret_key: Option<SecretKey>,
+    pub snapshot_entries: u64,
+    pub snapshot_created_ms: Option<u64>,
+    pub segments: usize,
+    pub records: u64,
+    /// Torn tails cut (or, read-only, skipped): file and offset.
+    pub torn: Vec<(PathBuf, u64)>,
+    pub expired: usize,
+    pub live: usize,
+    /// The highest version ever issued.
+    pub max_version: u64,
+    /// The first segment number this process may create.
+    pub next_seq: u64,
+}
+
+/// Loads `dir` into `shards` (one per core; `owner` maps a key to its core).
+pub fn recover(
+    dir: &Path,
+    shards: &mut [Shard],
+    owner: impl Fn(&[u8]) -> usize,
+    budget: &KeyBudget,
+    now_ms: u64,
+    max_expiry_ms: u64,
+    mode: Mode,
+) -> Result<Report, RecoveryError> {
+    let mut report = Report::default();
+    let snap_path = dir.join(snapshot::FILE_NAME);
+    let meta = snapshot::load(&snap_path, |entry| {
+        if !entry.is_expired(now_ms) {
+            let core = owner(entry.key());
+            shards[core].restore(entry, budget);
+        }
+    })
+    .map_err(|e| RecoveryError::Snapshot(snap_path.clone(), e))?;
+    let replay_from = meta.as_ref().map_or(0, |m| m.replay_from);
+    if let Some(m) = &meta {
+        report.secret_key = Some(m.secret_key.clone());
+        report.snapshot_entries = m.entries;
+        report.snapshot_created_ms = Some(m.created_unix_ms);
+        report.max_version = m.max_version;
+    }
+    let all = datadir::segments(dir).map_err(RecoveryError::DataDir)?;
+    report.next_seq = all.iter().map(|s| s.seq + 1).max().unwrap_or(0).max(replay_from);
+    let to_replay: Vec<&Segment> = all.iter().filter(|s| s.seq >= replay_from).collect();
+    // A stream's last segment may end torn; the others must be whole.
+    let mut last_of_stream: HashMap<u32, u64> = HashMap::new();
+    for s in &to_replay {
+        let e = last_of_stream.entry(s.stream).or_insert(s.seq);
+        *e = (*e).max(s.seq);
+    }
+    let mut tombstones: HashMap<Box<[u8]>, u64> = HashMap::new();
+    for seg in to_replay {
+        let file = File::open(&seg.path).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
+        let size = file.metadata().map_err(|e| RecoveryError::Io(seg.path.clone(), e))?.len();
+        let reader = io::BufReader::with_capacity(1 << 20, file);
+        let mut apply = |rec: Record| {
+            report.records += 1;
+            report.max_version = report.max_version.max(rec.version());
+            apply_record(rec, shards, &owner, budget, &mut tombstones);
+        };
+        let tail = read_stream(reader, size, &mut apply).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
+        report.segments += 1;
+        match tail {
+            Ok(Tail::Clean) => {}
+            Ok(Tail::Torn { at, why }) => {
+                let is_last = last_of_stream.get(&seg.stream) == Some(&seg.seq);
+                if !is_last && mode == Mode::Repair {
+                    return Err(RecoveryError::Damage { path: seg.path.clone(), offset: at, why: why.to_string() });
+                }
+                if mode == Mode::Repair {
+                    cut(&seg.path, at).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
+                    log::warn!(
+                        "cut a torn record at the end of {} (byte {at}, {why}): a crash interrupted its write, \
+                         so it was never acknowledged",
+                        seg.path.display()
+                    );
+                }
+                report.torn.push((seg.path.clone(), at));
+            }
+            Err(Damage { offset, why }) => {
+                return Err(RecoveryError::Damage { path: seg.path.clone(), offset, why: why.to_string() });
+            }
+        }
+    }
+    drop(tombstones);
+    for shard in shards.iter_mut() {
+        report.expired += shard.drop_expired(now_ms, budget);
+        shard.cap_expiry(max_expiry_ms);
+        report.max_version = report.max_version.max(shard.last_version());
+    }
+    for shard in shards.iter_mut() {
+        shard.raise_version_floor(report.max_version);
+        report.live += shard.len();
+    }
+    Ok(report)
+}
+
+/// Applies one replayed record: it wins only over older versions.
+fn apply_record(
+    rec: Record,
+    shards: &mut [Shard],
+    owner: &impl Fn(&[u8]) -> usize,
+    budget: &KeyBudget,
+    tombstones: &mut HashMap<Box<[u8]>, u64>,
+) {
+    let core = owner(rec.key());
+    let Some(shard) = shards.get_mut(core) else { return };
+    match rec {
+        Record::Put { mut entry, creator } => {
+            let v = entry.version();
+            let newer_than_entry = shard.version_of(entry.key()).is_none_or(|cur| v > cur);
+            let newer_than_delete = tombstones.get(entry.key()).is_none_or(|&t| v > t);
+            if newer_than_entry && newer_than_delete {
+                entry.set_creator(creator);
+                shard.restore(entry, budget);
+            }
+        }
+        Record::Delete { key, version } => {
+            if shard.version_of(&key).is_some_and(|cur| cur < version) {
+                shard.remove_key(&key, budget);
+            }
+            shard.raise_version_floor(version);
+            let t = tombstones.entry(key).or_insert(version);
+            *t = (*t).max(version);
+        }
+    }
+}
+
+/// Truncates a segment at `at` (dropping a torn tail) and syncs it.
+fn cut(path: &Path, at: u64) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.set_len(at)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::persist::record::{encode_delete, encode_put};
+    use crate::state::shard::Entry;
+    use std::io::Write;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rdvz-rec-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn entry(key: &str, value: &str, version: u64) -> Entry {
+        let mut e = Entry::new(key.as_bytes(), value.as_bytes(), None, NOW + 60_000).unwrap();
+        e.set_version(version);
+        e
+    }
+
+    fn segment(dir: &Path, seq: u64, stream: u32, build: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+        let mut bytes = Vec::new();
+        build(&mut bytes);
+        let path = dir.join(datadir::segment_name(seq, stream));
+        std::fs::File::create(&path).unwrap().write_all(&bytes).unwrap();
+        path
+    }
+
+    fn run(dir: &Path, cores: usize, mode: Mode) -> Result<(Vec<Shard>, Report, KeyBudget), RecoveryError> {
+        let budget = KeyBudget::new(1000);
+        let mut shards: Vec<Shard> = (0..cores).map(|_| Shard::with_capacity(16)).collect();
+        let owner = |k: &[u8]| k.iter().map(|&b| b as usize).sum::<usize>() % cores;
+        let report = recover(dir, &mut shards, owner, &budget, NOW, u64::MAX, mode)?;
+        Ok((shards, report, budget))
+    }
+
+    fn value(shards: &mut [Shard], cores: usize, key: &str, b: &KeyBudget) -> Option<String> {
+        let core = key.bytes().map(|b| b as usize).sum::<usize>() % cores;
+        shards[core].get(key.as_bytes(), NOW, b).map(|f| String::from_utf8(f.value.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn highest_version_wins_whatever_the_stream_order() {
+        let d = tmp("order");
+        // A key moved between streams (a restart with another core count):
+        // stream 1's older record comes after stream 0's newer one.
+        segment(&d, 3, 1, |b| {
+            encode_put(b, &entry("a", "old", 10), 0);
+            encode_put(b, &entry("gone", "x", 11), 0);
+        });
+        segment(&d, 2, 0, |b| {
+            encode_put(b, &entry("a", "new", 20), 0);
+            encode_delete(b, b"gone", 30);
+            encode_put(b, &entry("gone", "stale", 25), 0);
+        });
+        for cores in [1, 2, 3] {
+            let (mut shards, report, budget) = run(&d, cores, Mode::Repair).unwrap();
+            assert_eq!(value(&mut shards, cores, "a", &budget).as_deref(), Some("new"));
+            assert_eq!(value(&mut shards, cores, "gone", &budget), None, "the delete's tombstone holds");
+            assert_eq!((report.records, report.max_version, report.next_seq, report.live), (5, 30, 4, 1));
+            // Versions continue above the delete's.
+            assert!(shards.iter().all(|s| s.last_version() >= 30));
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn snapshot_then_log_replays_only_what_it_does_not_cover() {
+        let d = tmp("snap");
+        segment(&d, 1, 0, |b| encode_put(b, &entry("covered", "by-log-1", 1), 0));
+        let mut w = snapshot::Writer::create(&d).unwrap();
+        w.write_entries(&[entry("s", "snap", 5), entry("covered", "snap", 6)]).unwrap();
+        w.publish(&SecretKey::from_bytes([1; 32]), NOW, 2, 6).unwrap();
+        segment(&d, 2, 0, |b| encode_put(b, &entry("s", "after", 7), 0));
+        let (mut shards, report, budget) = run(&d, 2, Mode::Repair).unwrap();
+        assert_eq!(value(&mut shards, 2, "covered", &budget).as_deref(), Some("snap"), "segment 1 is not replayed");
+        assert_eq!(value(&mut shards, 2, "s", &budget).as_deref(), Some("after"));
+        assert_eq!((report.segments, report.snapshot_entries), (1, 2));
+        assert_eq!(report.secret_key.unwrap().as_bytes(), &[1; 32]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_damage_stops() {
+        let d = tmp("torn");
+        let path = segment(&d, 5, 0, |b| {
+            encode_put(b, &entry("a", "1", 1), 0);
+            encode_put(b, &entry("b", "2", 2), 0);
+        });
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() - 3]).unwrap();
+        let (mut shards, report, budget) = run(&d, 1, Mode::ReadOnly).unwrap();
+        assert_eq!(report.torn.len(), 1);
+        assert_eq!(std::fs::read(&path).unwrap().len(), full.len() - 3, "read-only touches nothing");
+        assert_eq!(value(&mut shards, 1, "b", &budget), None);
+        let (_, report, _) = run(&d, 1, Mode::Repair).unwrap();
+        let at = report.torn[0].1;
+        assert_eq!(std::fs::read(&path).unwrap().len() as u64, at, "cut at the last good record");
+        let (_, report, _) = run(&d, 1, Mode::Repair).unwrap();
+        assert!(report.torn.is_empty());
+
+        // Damage in the middle: stop, name the file and offset, touch nothing.
+        let mut bad = full.clone();
+        bad[12] ^= 0xff;
+        std::fs::write(&path, &bad).unwrap();
+        match run(&d, 1, Mode::Repair) {
+            Err(RecoveryError::Damage { path: p, offset: 0, .. }) => assert_eq!(p, path),
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), bad);
+        // A torn tail in a segment that is not its stream's last is damage.
+        std::fs::write(&path, &full[..full.len() - 3]).unwrap();
+        segment(&d, 9, 0, |b| encode_put(b, &entry("c", "3", 3), 0));
+        assert!(matches!(run(&d, 1, Mode::Repair), Err(RecoveryError::Damage { .. })));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn expired_entries_are_dropped_and_the_budget_forced() {
+        let d = tmp("exp");
+        segment(&d, 0, 0, |b| {
+            let mut old = Entry::new(b"old", b"x", None, NOW - 1).unwrap();
+            old.set_version(1);
+            encode_put(b, &old, 0);
+            for i in 0..5 {
+                encode_put(b, &entry(&format!("k{i}"), "v", 2 + i), 0);
+            }
+        });
+        let budget = KeyBudget::new(2);
+        let mut shards = vec![Shard::with_capacity(4)];
+        let report = recover(&d, &mut shards, |_| 0, &budget, NOW, u64::MAX, Mode::Repair).unwrap();
+        assert_eq!((report.expired, report.live, budget.live()), (1, 5, 5), "no key dropped for -maxNumKV");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

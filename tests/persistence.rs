@@ -1,0 +1,651 @@
+//! Persistence over real restarts: the write-ahead log and checkpoints keep
+//! every acknowledged write through kill -9 (ledger of acknowledged writes,
+//! many rounds, both fsync modes), recovered states existed (A before B),
+//! torn tails are cut, damage stops startup, disk trouble refuses writes and
+//! recovers, one process per data directory, signals, versions that never
+//! go backwards, core-count changes, a lower -maxNumKV, -dump, golden files.
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SECRET: (&str, &str) = ("X-Owner-Secret", "s3cret");
+
+fn fill_sample(s: &Server) {
+    assert_eq!(s.req("POST", "/set/plain?ttl=1h", &[], b"value-1").status, 200);
+    assert_eq!(s.req("POST", "/set/owned", &[SECRET], b"mine").status, 200);
+    assert_eq!(s.req("POST", "/set/ip/svc", &[("X-Forwarded-For", "198.51.100.7")], b"4000").status, 200);
+    assert_eq!(s.post(&format!("/set/{}", pct(b"bin\x00\xff")), b"\x00\x01\x02").status, 200);
+}
+
+fn check_sample(s: &Server) {
+    assert_eq!(s.get("/get/plain").body, b"value-1");
+    assert_eq!(s.get("/get/ip/198.51.100.7/svc").body, b"4000");
+    assert_eq!(s.get(&format!("/get/{}", pct(b"bin\x00\xff"))).body, b"\x00\x01\x02");
+    assert_eq!(s.post("/set/owned", b"stolen").status, 403, "the owner secret survived");
+    assert_eq!(s.get("/get/owned").body, b"mine");
+}
+
+fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn sigterm_saves_and_restart_restores_everything() {
+    let s = Server::start(&["-threads", "2"]);
+    fill_sample(&s);
+    let before = s.get("/get/plain").expires_at();
+    let (dir, status) = s.stop_keep_dir("-TERM");
+    assert!(status.success(), "{status:?}");
+    assert!(dir.path().join("snapshot.rkyv").exists());
+    let s = Server::start_in(dir, &["-threads", "2"]);
+    check_sample(&s);
+    assert_eq!(s.get("/get/plain").expires_at(), before);
+    assert_eq!(s.req("POST", "/set/owned", &[SECRET], b"mine-2").status, 200);
+    let (dir, status) = s.stop_keep_dir("-INT");
+    assert!(status.success());
+    let s = Server::start_in(dir, &[]);
+    assert_eq!(s.get("/get/owned").body, b"mine-2");
+}
+
+#[test]
+fn kill_9_right_after_an_answer_loses_nothing() {
+    // No snapshot was ever taken: everything comes back from the log,
+    // owner secrets included (the hashing key is kept in the directory).
+    let s = Server::start(&["-threads", "2"]);
+    fill_sample(&s);
+    assert_eq!(s.req("DELETE", "/del/plain", &[], b"").status, 200);
+    assert_eq!(s.post("/set/plain?ttl=1h", b"value-1").status, 200);
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    assert!(!dir.path().join("snapshot.rkyv").exists());
+    let s = Server::start_in(dir, &["-threads", "3"]);
+    check_sample(&s);
+    assert!(s.banner.contains("fsync everysec"), "{}", s.banner);
+}
+
+/// What one writer knows: the last acknowledged state of each of its keys
+/// (`None`: deleted), and the one operation it had in flight when the
+/// server died (its outcome is unknown).
+#[derive(Default)]
+struct Ledger {
+    acked: HashMap<String, Option<u64>>,
+    in_flight: Option<(String, Option<u64>)>,
+}
+
+/// Writers hammer the server with sets and deletes over many keys (spread
+/// over both cores) while it is killed at a random moment; then every
+/// acknowledged write must be there: the last acknowledged state, or the
+/// one in flight.
+fn ledger_rounds(fsync: &str, rounds: usize) {
+    let args = ["-threads", "2", "-fsync", fsync, "-saveDuration", "150ms"];
+    let mut dir = TempDir::new();
+    let counter = Arc::new(AtomicU64::new(1));
+    let ledgers: Vec<Arc<Mutex<Ledger>>> = (0..4).map(|_| Arc::new(Mutex::new(Ledger::default()))).collect();
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d ^ fsync.len() as u64;
+    let mut checked = 0;
+    for round in 0..rounds {
+        let s = Server::start_in(dir, &args);
+        // Check the previous round's ledger against what came back.
+        let mut c = s.client();
+        for ledger in &ledgers {
+            let mut l = ledger.lock().unwrap();
+            for (key, want) in &l.acked {
+                let r = c.req("GET", &format!("/get/{key}"), &[], b"");
+                let got = (r.status == 200).then(|| r.text().parse::<u64>().unwrap());
+                let in_flight = l.in_flight.as_ref().filter(|(k, _)| k == key).map(|(_, v)| *v);
+                assert!(
+                    got == *want || Some(got) == in_flight,
+                    "{fsync} round {round}: {key} is {got:?}; acknowledged {want:?}, in flight {in_flight:?}"
+                );
+                checked += 1;
+            }
+            // What is there now is the truth from here on.
+            let keys: Vec<String> = l.acked.keys().cloned().collect();
+            for key in keys {
+                let r = c.req("GET", &format!("/get/{key}"), &[], b"");
+                l.acked.insert(key, (r.status == 200).then(|| r.text().parse::<u64>().unwrap()));
+            }
+            l.in_flight = None;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = ledgers
+            .iter()
+            .enumerate()
+            .map(|(w, ledger)| {
+                let (ledger, counter, stop, addr) = (ledger.clone(), counter.clone(), stop.clone(), s.addr);
+                std::thread::spawn(move || {
+                    let Ok(stream) = std::net::TcpStream::connect(addr) else { return };
+                    let mut c = Client::over(stream);
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let key = format!("w{w}-k{}", i % 40);
+                        let v = counter.fetch_add(1, Ordering::SeqCst);
+                        let op = if i % 7 == 0 { None } else { Some(v) };
+                        ledger.lock().unwrap().in_flight = Some((key.clone(), op));
+                        let raw = match op {
+                            Some(v) => build("POST", &format!("/set/{key}"), &[], v.to_string().as_bytes()),
+                            None => build("DELETE", &format!("/del/{key}"), &[], b""),
+                        };
+                        if std::io::Write::write_all(&mut c.stream, &raw).is_err() {
+                            return;
+                        }
+                        let Some(r) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.read_response(false)))
+                            .ok()
+                            .flatten()
+                        else {
+                            return;
+                        };
+                        let mut l = ledger.lock().unwrap();
+                        match (op, r.status) {
+                            (Some(v), 200) => {
+                                l.acked.insert(key, Some(v));
+                            }
+                            (None, 200 | 404) => {
+                                l.acked.insert(key, None);
+                            }
+                            (_, status) => panic!("unexpected {status}"),
+                        }
+                        l.in_flight = None;
+                    }
+                })
+            })
+            .collect();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(20 + seed % 200));
+        dir = s.stop_keep_dir("-KILL").0;
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join().unwrap();
+        }
+    }
+    eprintln!("{fsync}: {rounds} kill -9 rounds, {checked} acknowledged states checked");
+    assert!(checked > rounds * 40, "the writers barely wrote ({checked})");
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_everysec() {
+    ledger_rounds("everysec", 30);
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_always() {
+    ledger_rounds("always", 30);
+}
+
+/// A client writes A=i, then B=i, each after the other's answer. After a
+/// kill -9 the recovered store never has B ahead of A: it is a state that
+/// existed (the old snapshot-only build showed B > A every time).
+#[test]
+fn recovered_states_existed_a_before_b() {
+    let args = ["-threads", "2", "-saveDuration", "100ms"];
+    let mut dir = TempDir::new();
+    let mut i = 0u64;
+    for round in 0..8 {
+        let s = Server::start_in(dir, &args);
+        let mut c = s.client();
+        for p in 0..8 {
+            let a = c.req("GET", &format!("/get/a{p}"), &[], b"");
+            let b = c.req("GET", &format!("/get/b{p}"), &[], b"");
+            let num = |r: &Resp| if r.status == 200 { r.text().parse::<u64>().unwrap() } else { 0 };
+            assert!(num(&b) <= num(&a), "round {round} pair {p}: B={} ahead of A={}", num(&b), num(&a));
+        }
+        let until = Instant::now() + Duration::from_millis(60 + 37 * round as u64);
+        while Instant::now() < until {
+            i += 1;
+            for p in 0..8 {
+                assert_eq!(c.req("POST", &format!("/set/a{p}"), &[], i.to_string().as_bytes()).status, 200);
+                assert_eq!(c.req("POST", &format!("/set/b{p}"), &[], i.to_string().as_bytes()).status, 200);
+            }
+        }
+        dir = s.stop_keep_dir("-KILL").0;
+    }
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_startup_goes_on() {
+    let s = Server::start(&["-threads", "1"]);
+    for i in 0..20 {
+        assert_eq!(s.post(&format!("/set/k{i}"), b"v").status, 200);
+    }
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let seg = segments(dir.path()).pop().unwrap();
+    // Half a record: a length prefix promising more than follows.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let good = bytes.len();
+    bytes.extend_from_slice(&[64, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9]);
+    std::fs::write(&seg, &bytes).unwrap();
+    let s = Server::start_in(dir, &["-threads", "2"]);
+    let log = s.startup.join("\n");
+    assert!(log.contains("cut a torn record") && log.contains(&format!("byte {good}")), "{log}");
+    for i in 0..20 {
+        assert_eq!(s.get(&format!("/get/k{i}")).status, 200);
+    }
+    assert_eq!(std::fs::read(&seg).unwrap().len(), good, "the torn bytes were cut");
+}
+
+#[test]
+fn damage_before_the_tail_stops_startup_and_touches_nothing() {
+    let s = Server::start(&["-threads", "1"]);
+    for i in 0..20 {
+        assert_eq!(s.post(&format!("/set/k{i}"), b"value").status, 200);
+    }
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let seg = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[20] ^= 0x55;
+    std::fs::write(&seg, &bytes).unwrap();
+    let before: Vec<(std::path::PathBuf, Vec<u8>)> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.ends_with("LOCK"))
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    let data = dir.path().display().to_string();
+    let (status, err) = run_to_exit(&["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &data]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(&seg.display().to_string()) && err.contains("byte 0"), "{err}");
+    for (p, b) in before {
+        assert_eq!(std::fs::read(&p).unwrap(), b, "{} was changed", p.display());
+    }
+}
+
+#[test]
+fn two_instances_on_one_data_directory() {
+    let s = Server::start(&[]);
+    let data = s.dir.path().display().to_string();
+    let (status, err) = run_to_exit(&["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &data]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains(&data) && err.contains(&format!("PID {}", s.pid())), "{err}");
+    assert_eq!(s.post("/set/k", b"v").status, 200, "the owner is untouched");
+}
+
+#[test]
+fn missing_explicit_directory_is_a_startup_error_and_the_default_is_created() {
+    let t = TempDir::new();
+    let missing = t.path().join("not-there").display().to_string();
+    let (status, err) = run_to_exit(&["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &missing]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains(&missing) && err.contains("does not exist"), "{err}");
+    // The default directory (relative to the working directory) is created.
+    let mut child = Command::new(BIN)
+        .args(["-l", "127.0.0.1", "-port", "0", "-metricsAddr", ""])
+        .current_dir(t.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !t.path().join("rendezvous-data/LOCK").exists() {
+        assert!(Instant::now() < deadline, "default data directory not created");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn every_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Server::start(&[]);
+    fill_sample(&s);
+    let (dir, _) = s.stop_keep_dir("-TERM");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let p = e.unwrap().path();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", p.display());
+        n += 1;
+    }
+    assert!(n >= 4, "LOCK, SECRET, snapshot and a segment");
+}
+
+#[test]
+fn snapshot_and_log_hold_no_plain_secret() {
+    let s = Server::start(&[]);
+    let secret = "a-very-recognisable-secret-0123456789";
+    assert_eq!(s.req("POST", "/set/k", &[("X-Owner-Secret", secret)], b"v").status, 200);
+    assert_eq!(s.req("POST", "/set/k", &[("X-Owner-Secret", "another-recognisable-guess")], b"x").status, 403);
+    let log = s.log_lines().join("\n");
+    let (dir, status) = s.stop_keep_dir("-TERM");
+    assert!(status.success());
+    assert!(!log.contains(secret) && !log.contains("another-recognisable-guess"), "{log}");
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    }
+}
+
+#[test]
+fn expired_keys_are_not_resurrected() {
+    let s = Server::start(&[]);
+    assert_eq!(s.post("/set/brief?ttl=1s", b"v").status, 200);
+    assert_eq!(s.post("/set/lasting", b"v").status, 200);
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    std::thread::sleep(Duration::from_millis(1200));
+    let s = Server::start_in(dir, &[]);
+    assert_eq!(s.get("/get/brief").status, 404);
+    assert_eq!(s.get("/get/lasting").status, 200);
+}
+
+#[test]
+fn checkpoints_bound_the_log_and_any_core_count_recovers() {
+    let s = Server::start(&["-threads", "4", "-saveDuration", "100ms"]);
+    for i in 0..300 {
+        assert_eq!(s.post(&format!("/set/k{i}"), format!("{i}").as_bytes()).status, 200);
+    }
+    s.log_lines();
+    s.wait_log("snapshot saved", Duration::from_secs(10));
+    s.wait_log("snapshot saved", Duration::from_secs(10));
+    // Old segments are deleted once a snapshot covers them: about one per core remains.
+    let segs = segments(s.dir.path()).len();
+    assert!(segs <= 8, "{segs} segments after checkpoints");
+    for i in 0..300 {
+        assert_eq!(s.post(&format!("/set/k{i}"), format!("{i}-b").as_bytes()).status, 200);
+    }
+    let (mut dir, _) = s.stop_keep_dir("-KILL");
+    for threads in ["1", "2", "3"] {
+        let s = Server::start_in(dir, &["-threads", threads]);
+        let mut c = s.client();
+        for i in 0..300 {
+            assert_eq!(c.req("GET", &format!("/get/k{i}"), &[], b"").body, format!("{i}-b").as_bytes());
+        }
+        assert_eq!(c.req("POST", "/los/k7", &[], b"x").header("X-Created").as_deref(), Some("false"));
+        assert_eq!(c.req("POST", &format!("/set/t{threads}"), &[], b"x").status, 200);
+        dir = s.stop_keep_dir("-KILL").0;
+    }
+    let s = Server::start_in(dir, &[]);
+    for t in ["1", "2", "3"] {
+        assert_eq!(s.get(&format!("/get/t{t}")).status, 200, "written with -threads {t}");
+    }
+}
+
+#[test]
+fn versions_never_go_backwards_across_restarts_and_deletes() {
+    let etag = |r: &Resp| u64::from_str_radix(r.header("ETag").unwrap().trim_matches('"'), 16).unwrap();
+    let s = Server::start(&[]);
+    let mut last = 0;
+    for _ in 0..50 {
+        let v = etag(&s.post("/set/k", b"x"));
+        assert!(v > last);
+        last = v;
+    }
+    let cached = s.get("/get/k");
+    assert_eq!(s.req("DELETE", "/del/k", &[], b"").status, 200);
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(dir, &[]);
+    let recreated = s.post("/set/k", b"x");
+    assert!(etag(&recreated) > last, "{} <= {last}", etag(&recreated));
+    // A tag cached before the restart never matches the new value.
+    let tag = cached.header("ETag").unwrap();
+    assert_eq!(s.req("GET", "/get/k", &[("If-None-Match", &tag)], b"").status, 200);
+    let (dir, _) = s.stop_keep_dir("-TERM");
+    let s = Server::start_in(dir, &[]);
+    assert!(etag(&s.post("/set/k", b"y")) > etag(&recreated));
+}
+
+#[test]
+fn a_lower_max_num_kv_keeps_every_stored_key() {
+    let s = Server::start(&[]);
+    for i in 0..100 {
+        assert_eq!(s.post(&format!("/set/k{i}"), b"v").status, 200);
+    }
+    let (dir, _) = s.stop_keep_dir("-TERM");
+    let s = Server::start_in(dir, &["-maxNumKV", "50"]);
+    assert!(s.startup.join("\n").contains("more than -maxNumKV 50"), "{:?}", s.startup);
+    for i in 0..100 {
+        assert_eq!(s.get(&format!("/get/k{i}")).status, 200, "k{i} dropped");
+    }
+    assert_eq!(s.post("/set/new", b"v").status, 507);
+    assert_eq!(s.post("/set/k1", b"updated").status, 200, "updates still work");
+    for i in 0..51 {
+        assert_eq!(s.req("DELETE", &format!("/del/k{i}"), &[], b"").status, 200);
+    }
+    assert_eq!(s.post("/set/new", b"v").status, 200, "room again below the limit");
+    let (dir, _) = s.stop_keep_dir("-TERM");
+    let s = Server::start_in(dir, &["-maxNumKV", "50"]);
+    assert_eq!(s.get("/get/k99").status, 200);
+}
+
+#[test]
+fn signals_snapshot_drain_and_cut_short() {
+    let mut s = Server::start(&["-shutdownTimeout", "30s", "-threads", "2"]);
+    assert_eq!(s.post("/set/k", b"v").status, 200);
+    // SIGHUP and SIGUSR1: a snapshot now, and the server keeps running.
+    for sig in ["-HUP", "-USR1"] {
+        s.log_lines();
+        s.signal(sig);
+        s.wait_log("writing a snapshot now", Duration::from_secs(10));
+        s.wait_log("snapshot saved", Duration::from_secs(10));
+        assert!(s.alive(), "{sig} killed the server");
+        assert_eq!(s.get("/get/k").status, 200);
+    }
+    // A parked blocking read is answered 503 the moment the drain starts,
+    // though -shutdownTimeout is 30 s.
+    let waiter = {
+        let addr = s.addr;
+        std::thread::spawn(move || {
+            let mut c = Client::connect(addr);
+            let started = Instant::now();
+            let r = c.req("GET", "/get/absent?wait=60s", &[], b"");
+            (r.status, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // A request that will not finish by itself: half a body.
+    let mut slow = s.client();
+    slow.send_raw(b"POST /set/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-some");
+    std::thread::sleep(Duration::from_millis(200));
+    s.signal("-TERM");
+    let (status, waited) = waiter.join().unwrap();
+    assert_eq!(status, 503);
+    assert!(waited < Duration::from_secs(10), "the parked read waited {waited:?}");
+    s.wait_log("shutting down", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(s.alive(), "the drain waits for the request in progress");
+    // A second signal stops the wait; the final snapshot is still written.
+    let started = Instant::now();
+    s.signal("-INT");
+    let line = s.wait_log("drained", Duration::from_secs(10));
+    assert!(line.contains("1 parked blocking reads answered 503"), "{line}");
+    s.wait_log("shutdown complete", Duration::from_secs(10));
+    let (dir, status) = s.stop_keep_dir("-0");
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let s = Server::start_in(dir, &[]);
+    assert_eq!(s.get("/get/k").body, b"v");
+    drop(slow);
+}
+
+#[test]
+fn dump_prints_the_store_beside_a_running_server() {
+    let s = Server::start(&["-threads", "2"]);
+    fill_sample(&s);
+    let data = s.dir.path().display().to_string();
+    let out = Command::new(BIN).args(["-dump", &data]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    let owned = lines.iter().find(|l| l["key"] == "owned").unwrap();
+    assert_eq!((owned["value"].as_str(), owned["owned"].as_bool()), (Some("mine"), Some(true)));
+    assert!(owned["version"].as_u64().unwrap() > 0 && owned["expires_ms"].as_u64().unwrap() > 0);
+    assert!(lines.iter().any(|l| l["key_hex"] == "62696e00ff" && l["value"] == "\u{0}\u{1}\u{2}"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+    // The server was not disturbed.
+    assert_eq!(s.post("/set/after-dump", b"v").status, 200);
+    let (status, err) = run_to_exit(&["-dump", "/nonexistent-rendezvous-dir"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("/nonexistent-rendezvous-dir"), "{err}");
+}
+
+#[test]
+fn golden_snapshots_of_every_format_still_load() {
+    for format in ["v1", "v2", "v3"] {
+        let dir = TempDir::new();
+        let golden = format!("{}/tests/golden/snapshot-{format}.rkyv", env!("CARGO_MANIFEST_DIR"));
+        std::fs::copy(golden, dir.path().join("snapshot.rkyv")).unwrap();
+        let s = Server::start_in(dir, &["-threads", "3"]);
+        assert_eq!(s.get("/get/golden/plain").body, b"hello", "{format}");
+        assert_eq!(s.get("/get/ip/192.0.2.1/svc").body, b"192.0.2.1:4000");
+        assert_eq!(s.get("/get/golden/expired-long-ago").status, 404);
+        assert_eq!(s.post("/set/golden/owned", b"x").status, 403);
+        assert_eq!(s.req("POST", "/set/golden/owned", &[("X-Owner-Secret", "golden-secret")], b"x").status, 200);
+    }
+}
+
+/// kill -9 at random moments while a large store is checkpointed every few
+/// ms: every restart succeeds with every key.
+#[test]
+fn kill_9_during_checkpoints_never_breaks_startup() {
+    const KEYS: usize = 20_000;
+    let value = vec![b'x'; 900];
+    let args = ["-saveDuration", "10ms", "-threads", "2"];
+    let s = Server::start(&args);
+    let mut c = s.client();
+    for i in 0..KEYS {
+        assert_eq!(c.req("POST", &format!("/set/big{i}"), &[], &value).status, 200);
+    }
+    let (mut dir, _) = s.stop_keep_dir("-KILL");
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut mid_write = 0;
+    for round in 0..20 {
+        let s = Server::start_in(dir, &args);
+        let mut c = s.client();
+        for i in (0..KEYS).step_by(97) {
+            let r = c.req("GET", &format!("/get/big{i}"), &[], b"");
+            assert!(r.status == 200 && r.body == value, "round {round} key {i}: {}", r.status);
+        }
+        let marker = c.req("GET", "/get/marker", &[], b"");
+        if round > 0 {
+            assert_eq!(marker.text(), (round - 1).to_string(), "round {round}: the last acknowledged marker");
+        }
+        assert_eq!(c.req("POST", "/set/marker", &[], round.to_string().as_bytes()).status, 200);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(seed % 150));
+        dir = s.stop_keep_dir("-KILL").0;
+        let temp = std::fs::read_dir(dir.path())
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("snapshot.rkyv.tmp"));
+        if temp {
+            mid_write += 1;
+        }
+    }
+    eprintln!("{mid_write} of 20 kills landed while a snapshot file was being written");
+    assert!(mid_write > 0, "no kill landed during a snapshot write");
+    let s = Server::start_in(dir, &args);
+    let mut c = s.client();
+    let found = (0..KEYS).filter(|i| c.req("GET", &format!("/get/big{i}"), &[], b"").status == 200).count();
+    assert_eq!(found, KEYS);
+}
+
+/// A file-size limit (systemd's LimitFSIZE=) moves the log to new segments
+/// instead of killing the process (SIGXFSZ is ignored); a snapshot too big
+/// for the limit fails and is counted, and the server runs on.
+#[test]
+fn a_file_size_limit_does_not_kill_the_server() {
+    let dir = TempDir::new();
+    let mut s = Server::start_wrapped(dir, &["prlimit", "--fsize=65536", "--"], &["-threads", "1"]);
+    let value = vec![b'v'; 900];
+    for i in 0..300 {
+        assert_eq!(s.post(&format!("/set/k{i}"), &value).status, 200, "k{i}");
+    }
+    assert!(segments(s.dir.path()).len() >= 4, "the log moved on to new segments");
+    s.log_lines();
+    s.signal("-HUP");
+    s.wait_log("snapshot in", Duration::from_secs(10));
+    assert!(s.alive());
+    assert_eq!(s.metric("rendezvous_snapshot_failures_total"), Some(1.0));
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(dir, &[]);
+    for i in (0..300).step_by(7) {
+        assert_eq!(s.get(&format!("/get/k{i}")).body, value);
+    }
+}
+
+fn mount_tmpfs(dir: &std::path::Path, opts: &str) -> bool {
+    Command::new("mount").args(["-t", "tmpfs", "-o", opts, "tmpfs"]).arg(dir).status().is_ok_and(|s| s.success())
+}
+
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full disk: writes get 503 with Retry-After, nothing refused is lost or
+/// half-applied, reads go on, a metric says why, and writes resume by
+/// themselves once there is room. A read-only directory is refused at
+/// startup.
+#[test]
+#[ignore = "needs root (mounts a tmpfs)"]
+fn a_full_disk_refuses_writes_and_recovers() {
+    let t = TempDir::new();
+    let data = t.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    assert!(mount_tmpfs(&data, "size=1m,mode=0700"), "mount needs root: run as root (CI does)");
+    let _mounted = Mounted(data.clone());
+    // Leave about 200 KB free.
+    let filler = data.join("filler");
+    std::fs::write(&filler, vec![0u8; 800 * 1024]).unwrap();
+    let s = Server::start_in(TempDir::new(), &["-threads", "1", "-dataDir", data.to_str().unwrap()]);
+    let value = vec![b'v'; 1000];
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for i in 0..600 {
+        let r = s.post(&format!("/set/k{i}"), &value);
+        match r.status {
+            200 => acked.push(i),
+            503 => {
+                assert_eq!(r.header("Retry-After").as_deref(), Some("1"));
+                refused += 1;
+            }
+            other => panic!("k{i}: {other}"),
+        }
+    }
+    assert!(refused > 0 && !acked.is_empty(), "acked {} refused {refused}", acked.len());
+    assert_eq!(s.metric("rendezvous_log_failing"), Some(1.0));
+    assert!(s.metric("rendezvous_log_failures_total").unwrap() >= 1.0);
+    // Reads go on.
+    assert_eq!(s.get(&format!("/get/k{}", acked[0])).status, 200);
+    // Room again: writes resume within a retry period or two.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.post("/set/after", b"v").status != 200 {
+        assert!(Instant::now() < deadline, "writes never resumed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(s.metric("rendezvous_log_failing"), Some(0.0));
+    let (_, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(TempDir::new(), &["-threads", "1", "-dataDir", data.to_str().unwrap()]);
+    for i in &acked {
+        assert_eq!(s.get(&format!("/get/k{i}")).status, 200, "acknowledged k{i} lost");
+    }
+    assert_eq!(s.get("/get/after").status, 200);
+    drop(s);
+
+    // Read-only: refused at startup, naming the directory.
+    let ro = t.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    assert!(mount_tmpfs(&ro, "size=1m,ro"));
+    let _ro = Mounted(ro.clone());
+    let (status, err) =
+        run_to_exit(&["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", ro.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains(ro.to_str().unwrap()), "{err}");
+}
