@@ -131,7 +131,7 @@ fn ledger_rounds(fsync: &str, rounds: usize) {
                         i += 1;
                         let key = format!("w{w}-k{}", i % 40);
                         let v = counter.fetch_add(1, Ordering::SeqCst);
-                        let op = if i % 7 == 0 { None } else { Some(v) };
+                        let op = if i.is_multiple_of(7) { None } else { Some(v) };
                         ledger.lock().unwrap().in_flight = Some((key.clone(), op));
                         let raw = match op {
                             Some(v) => build("POST", &format!("/set/{key}"), &[], v.to_string().as_bytes()),
