@@ -5,12 +5,13 @@
 //! loopback sockets, with keys spread over both cores (so most wake-ups
 //! cross cores). Results: `benches/results/wake.md`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_rendezvous");
 const ROUNDS: usize = 2000;
 
 fn read_response(s: &mut TcpStream) -> Vec<u8> {
@@ -35,25 +36,8 @@ fn read_response(s: &mut TcpStream) -> Vec<u8> {
 }
 
 fn main() {
-    let mut child = Command::new(BIN)
-        .args(["-l", "127.0.0.1", "-port", "0", "-dataDir", "", "-metricsAddr", "127.0.0.1:0"])
-        .args(["-threads", "2", "-maxRequests", "1000000000", "-disableLocalIPWarning"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut addr, mut metrics): (Option<SocketAddr>, Option<SocketAddr>) = (None, None);
-    while addr.is_none() {
-        let Some(Ok(line)) = lines.next() else { panic!("server did not start") };
-        if let Some(rest) = line.split("metrics on http://").nth(1) {
-            metrics = rest.trim_end_matches("/metrics").parse().ok();
-        }
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let (addr, metrics) = (addr.unwrap(), metrics.unwrap());
+    let server = common::Server::start(&["-dataDir", "", "-threads", "2"]);
+    let (addr, metrics) = (server.addr, server.metrics.unwrap());
     let parked = |n: usize| {
         let mut m = TcpStream::connect(metrics).unwrap();
         m.write_all(b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
@@ -83,8 +67,7 @@ fn main() {
         assert!(resp.starts_with(b"HTTP/1.1 200"));
         read_response(&mut writer);
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     let md = format!(

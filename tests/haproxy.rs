@@ -51,7 +51,7 @@ fn client_from(src: &str, dst: SocketAddr) -> Client {
 }
 
 /// How the failover test stops a node.
-const NODE_STOP: &str = "-TERM";
+const NODE_STOP: &str = "-KILL";
 
 fn start_node(dir: TempDir, port: Option<u16>) -> Server {
     let port = port.map(|p| p.to_string()).unwrap_or_else(|| "0".into());

@@ -25,8 +25,10 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// the shard, so the whole shard is visited about once a second.
 const SWEEP_MIN: usize = 1024;
 const SWEEP_MAX: usize = 65_536;
-/// Entries a core copies per slice of a snapshot before letting requests run.
+/// Entries, and key and value bytes, a core copies per slice of a snapshot
+/// before letting requests run (and the most one slice holds in memory).
 const SNAPSHOT_SLICE: usize = 4096;
+const SNAPSHOT_SLICE_BYTES: usize = 1 << 20;
 
 /// What one core thread needs to start.
 pub struct CoreStart {
@@ -207,7 +209,7 @@ async fn drain(ctx: &CoreCtx) -> DrainReport {
 async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<CheckpointMsg>) {
     let id = router.me();
     let seq = match router.wal() {
-        Some(wal) => match wal.rotate_for_checkpoint().await {
+        Some(wal) => match wal.rotate_for_checkpoint(&router) {
             Ok(seq) => seq,
             Err(e) => {
                 let _ = out.send(CheckpointMsg::Failed { core: id, why: format!("cannot start a log segment: {e}") });
@@ -234,7 +236,7 @@ async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<Checkpo
                 return;
             }
         }
-        let next = router.with_owned(|o, _| o.shard.snapshot_next(SNAPSHOT_SLICE));
+        let next = router.with_owned(|o, _| o.shard.snapshot_next(SNAPSHOT_SLICE, SNAPSHOT_SLICE_BYTES));
         msg = match next {
             Some(slice) => CheckpointMsg::Entries(slice),
             None => CheckpointMsg::Ended { core: id, max_version: router.with_owned(|o, _| o.shard.last_version()) },

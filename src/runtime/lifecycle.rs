@@ -59,11 +59,11 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// Runs until shutdown, then exits the process.
-pub fn run(shared: Arc<Shared>) -> ! {
-    if let Err(e) = lower_thread_priority() {
-        log::warn!("cannot lower the snapshot thread's priority: {e}");
-    }
+/// Starts listening for SIGTERM, SIGINT, SIGHUP and SIGUSR1 (replacing
+/// their default actions, which would kill the process). Called first thing
+/// at startup, so a signal during a long recovery is acted on once the
+/// server runs instead of killing it half-started.
+pub fn install_signals() -> crossbeam_channel::Receiver<i32> {
     let (sig_tx, sig_rx) = crossbeam_channel::unbounded::<i32>();
     match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1]) {
         Ok(mut signals) => {
@@ -79,6 +79,14 @@ pub fn run(shared: Arc<Shared>) -> ! {
             }
         }
         Err(e) => log::warn!("cannot install signal handlers ({e}); SIGTERM will not save a snapshot"),
+    }
+    sig_rx
+}
+
+/// Runs until shutdown, then exits the process.
+pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
+    if let Err(e) = lower_thread_priority() {
+        log::warn!("cannot lower the snapshot thread's priority: {e}");
     }
     let ticks = match shared.config.data_dir() {
         Some(_) => crossbeam_channel::tick(shared.config.save_duration),
@@ -232,8 +240,8 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
     let n = shared.config.threads;
     let created = unix_ms();
     let mut writer = snapshot::Writer::create(dir).map_err(|e| format!("cannot create a temp file: {e}"))?;
-    // A few slices per core in flight at most: memory stays bounded.
-    let (tx, rx) = mpsc::sync_channel(2 * n);
+    // One slice per core in flight at most: memory stays bounded.
+    let (tx, rx) = mpsc::sync_channel(n);
     for core in 0..n {
         shared.mesh.send_control(core, Control::Checkpoint(tx.clone()));
     }

@@ -20,7 +20,7 @@
 //! This module must never hold a `RefCell` borrow across an `.await`.
 
 use crate::runtime::slots::{Credits, Slots};
-use crate::runtime::wal::Wal;
+use crate::runtime::wal::{Settled, Wal};
 use crate::state::command::{Charge, Cmd, Now, Op, Origin, Owned, Reply};
 use crate::state::ratelimit::Periods;
 use crate::state::shard::KeyBudget;
@@ -256,25 +256,32 @@ impl Router {
 
     /// Applies a command to this core's state and delivers the answers of
     /// any waiters it woke (locally, or to their cores) once the log has
-    /// them. Returns the reply and the log position it must wait for.
-    fn apply_local(&self, cmd: Cmd) -> (Reply, u64) {
+    /// them. With `append`, what the command journaled is written to the log
+    /// at once (else the caller appends once for a whole batch). Returns the
+    /// reply and the log position it must wait for.
+    fn apply_local(&self, cmd: Cmd, append: bool) -> (Reply, u64) {
         let now = self.now();
         let mut wakeups = Vec::new();
-        let (reply, lsn, pending) = {
+        let (reply, lsn) = {
             let mut owned = self.owned.borrow_mut();
             let reply = owned.apply(cmd, now, &self.budget, &mut wakeups);
-            let j = owned.shard.journal();
-            (reply, j.lsn(), j.pending())
+            (reply, owned.shard.journal().lsn())
         };
-        if pending > 0 {
-            if let Some(wal) = &self.wal {
-                wal.kick();
-            }
-        }
         for (origin, answer) in wakeups {
             self.deliver_after(lsn, origin, answer);
         }
+        if append {
+            self.append_log();
+        }
         (reply, lsn)
+    }
+
+    /// Writes what this core journaled to its log (and releases the answers
+    /// that waited for it).
+    fn append_log(&self) {
+        if let Some(wal) = &self.wal {
+            wal.append(self);
+        }
     }
 
     /// Delivers an answer to its slot, here or on another core.
@@ -288,25 +295,23 @@ impl Router {
 
     /// Delivers an answer once log position `lsn` is acknowledged.
     fn deliver_after(&self, lsn: u64, origin: Origin, reply: Reply) {
-        match &self.wal {
-            Some(wal) if !wal.acked(lsn) => {
-                wal.defer(lsn, origin, reply);
-                wal.kick();
-            }
-            _ => self.deliver(origin, reply),
+        let Some(wal) = &self.wal else { return self.deliver(origin, reply) };
+        match wal.settle(lsn, reply) {
+            Settled::Now(reply) => self.deliver(origin, reply),
+            Settled::Wait(reply) => wal.defer(lsn, origin, reply),
         }
     }
 
     /// The reply, once log position `lsn` is acknowledged.
     async fn after_log(self: &Rc<Self>, lsn: u64, reply: Reply) -> Reply {
-        match &self.wal {
-            Some(wal) if !wal.acked(lsn) => {
+        let Some(wal) = &self.wal else { return reply };
+        match wal.settle(lsn, reply) {
+            Settled::Now(reply) => reply,
+            Settled::Wait(reply) => {
                 let slot = self.slots.borrow_mut().alloc(None);
                 wal.defer(lsn, Origin { core: self.me as u32, slot }, reply);
-                wal.kick();
                 SlotFuture { router: self, slot, done: false }.await
             }
-            _ => reply,
         }
     }
 
@@ -361,7 +366,7 @@ impl Router {
         let origin = Origin { core: self.me as u32, slot };
         let cmd = Cmd { charge, op: Some(Op::Wait { key: key.clone(), until, origin }) };
         if owner == self.me {
-            let (reply, lsn) = self.apply_local(cmd);
+            let (reply, lsn) = self.apply_local(cmd, true);
             if reply != Reply::Parked {
                 self.slots.borrow_mut().release_unused(slot);
                 return Err(self.after_log(lsn, reply).await);
@@ -375,7 +380,7 @@ impl Router {
     /// Executes `cmd` on core `dest`.
     pub async fn call(self: &Rc<Self>, dest: usize, cmd: Cmd) -> Reply {
         if dest == self.me {
-            let (reply, lsn) = self.apply_local(cmd);
+            let (reply, lsn) = self.apply_local(cmd, true);
             return self.after_log(lsn, reply).await;
         }
         Credit { router: self, dest }.await;
@@ -422,14 +427,14 @@ impl Router {
                 match msg {
                     Msg::Call { from, slot, cmd } => {
                         received += 1;
-                        let (reply, lsn) = self.apply_local(cmd);
+                        let (reply, lsn) = self.apply_local(cmd, false);
                         // A parked waiter is answered later, when a write wakes it.
                         if reply != Reply::Parked {
                             self.deliver_after(lsn, Origin { core: from, slot }, reply);
                         }
                     }
                     Msg::Notify { cmd } => {
-                        self.apply_local(cmd);
+                        self.apply_local(cmd, false);
                     }
                     Msg::Done { slot, reply } => self.complete(slot, reply),
                     Msg::Control(c) => {
@@ -440,6 +445,8 @@ impl Router {
                     }
                 }
             }
+            // One log append for the whole batch, before its answers leave.
+            self.append_log();
             let mut s = self.stats.get();
             s.calls_received += received;
             self.stats.set(s);
@@ -550,7 +557,7 @@ impl Drop for WaitFuture<'_> {
         // already in flight arrives), and that answer frees it.
         self.inner.abandon();
         if self.owner == router.me {
-            router.apply_local(cmd);
+            router.apply_local(cmd, true);
         } else {
             router.push(self.owner, Msg::Notify { cmd });
         }

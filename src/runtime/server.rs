@@ -243,6 +243,7 @@ fn raise_fd_limit(max_conns: usize) {
 
 /// Starts the server and runs it until shutdown.
 pub fn run(config: Config) -> Result<(), StartupError> {
+    let signals = lifecycle::install_signals();
     let n = config.threads;
     let routing = Routing::new(n);
     let budget = Arc::new(KeyBudget::new(config.max_num_kv));
@@ -309,7 +310,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     drivers.dedup();
     shared.phase.set(Phase::Ready);
     log::info!("{}", banner(&shared, bound, &drivers.join("+")));
-    lifecycle::run(shared)
+    lifecycle::run(shared, signals)
 }
 
 /// The startup line: version, effective configuration, driver.

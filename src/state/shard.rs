@@ -576,16 +576,21 @@ impl Shard {
         self.snapshot = Some(SnapshotCopy { cursor: 0, now_ms, moved: Vec::new() });
     }
 
-    /// The next slice of the copy: up to `max` live entries (cloned), or
-    /// `None` once the copy is complete (which ends it).
-    pub fn snapshot_next(&mut self, max: usize) -> Option<Vec<Entry>> {
+    /// The next slice of the copy: live entries (cloned) until `max` are
+    /// taken or their key and value bytes pass `max_bytes`, or `None` once
+    /// the copy is complete (which ends it).
+    pub fn snapshot_next(&mut self, max: usize, max_bytes: usize) -> Option<Vec<Entry>> {
         let copy = self.snapshot.as_mut()?;
-        let end = copy.cursor.saturating_add(max).min(self.entries.len());
         let now = copy.now_ms;
         let mut out: Vec<Entry> = std::mem::take(&mut copy.moved);
-        if copy.cursor < end {
-            out.extend(self.entries[copy.cursor..end].iter().filter(|e| !e.is_expired(now)).cloned());
-            copy.cursor = end;
+        let mut bytes: usize = out.iter().map(Entry::payload_len).sum();
+        while copy.cursor < self.entries.len() && out.len() < max && bytes < max_bytes {
+            let e = &self.entries[copy.cursor];
+            copy.cursor += 1;
+            if !e.is_expired(now) {
+                bytes += e.payload_len();
+                out.push(e.clone());
+            }
         }
         if out.is_empty() && copy.cursor >= self.entries.len() {
             self.snapshot = None;
@@ -923,7 +928,7 @@ mod tests {
         s.snapshot_begin(T);
         let mut steps = 0;
         let mut copy = Vec::new();
-        while let Some(slice) = s.snapshot_next(37) {
+        while let Some(slice) = s.snapshot_next(37, usize::MAX) {
             assert!(slice.len() <= 37 + 23, "a slice is bounded");
             copy.extend(slice);
             steps += 1;
@@ -941,7 +946,7 @@ mod tests {
             assert!(keys.contains(format!("keep{i}").as_bytes()), "keep{i} missing");
         }
         assert!(steps > 5);
-        assert!(s.snapshot_next(10).is_none(), "no copy in progress");
+        assert!(s.snapshot_next(10, usize::MAX).is_none(), "no copy in progress");
     }
 
     #[test]
