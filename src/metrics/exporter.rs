@@ -1,285 +1,374 @@
-//! Prometheus metrics: cheap per-core recording on the data path, folded
-//! into the `metrics` recorder and served as text from an admin thread.
+//! The Prometheus exposition: every metric family declared once, the
+//! per-core counts folded into `metrics-exporter-prometheus`, and the text
+//! `/metrics` answers.
 //!
-//! Each core writes only its own `CoreStats`: plain relaxed load+store on
-//! single-writer atomics (no read-modify-write, no contention, no
-//! allocation) and fixed-bucket latency histograms that keep a count and a
-//! sum per bucket. The admin thread, off the data cores, folds them into
-//! `metrics-exporter-prometheus` about once a second and on every scrape:
-//! counters as absolute totals, gauges as values, and each histogram bucket's
-//! new samples as `record_many(mean of those samples, count)`, which lands
-//! them in the identical exporter bucket and keeps `_sum` exact. It serves
-//! `/metrics` on `-metricsAddr`, never on the public port. Label values are
-//! from fixed lists (routes, status codes, core ids), so series are bounded.
+//! `FAMILIES` is the one list of what is exported: name, type, labels,
+//! help. Describing the families to the recorder, folding values into
+//! them, the README's metrics table and the dashboard's and alert rules'
+//! names are all held against it (by the compiler, or by tests). The fold
+//! runs off the data cores, about once a second and on every scrape:
+//! counters as absolute totals, gauges as values, and each per-core
+//! histogram bucket's new samples as `record_many(mean of those samples,
+//! count)`, which lands them in the identical exporter bucket and keeps
+//! `_sum` exact. Process metrics are written straight into the text: the
+//! recorder's counters are integers, and CPU seconds must not move in whole
+//! seconds. Label values come from fixed tables (routes, statuses, core
+//! ids), so the number of series is bounded.
 
-use crate::metrics::stats::{self, CoreStats, ROUTE_LABELS, STATUS_LABELS};
-use crate::runtime::shared::Shared;
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use crate::metrics::stats::{self, CoreStats, Histogram, ROUTE_LABELS, STATUS_LABELS};
+use crate::runtime::shared::{Phase, Shared};
+use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-const FOLD_EVERY: Duration = Duration::from_secs(1);
-
-fn describe() {
-    let c = |name: &'static str, unit: Unit, help: &'static str| describe_counter!(name, unit, help);
-    let g = |name: &'static str, unit: Unit, help: &'static str| describe_gauge!(name, unit, help);
-    c("rendezvous_http_requests_total", Unit::Count, "HTTP requests answered, by route and status code.");
-    describe_histogram!(
-        "rendezvous_http_request_duration_seconds",
-        Unit::Seconds,
-        "Time from a request's parsed head to its encoded response, by route."
-    );
-    g("rendezvous_http_requests_in_flight", Unit::Count, "Requests being processed.");
-    g("rendezvous_connections_open", Unit::Count, "Open client connections.");
-    c("rendezvous_connections_total", Unit::Count, "Client connections accepted.");
-    c(
-        "rendezvous_connections_refused_total",
-        Unit::Count,
-        "Connections closed at accept by -maxConns (reason=server) or -maxConnsPerIP (reason=ip).",
-    );
-    g("rendezvous_keys", Unit::Count, "Keys stored (expired ones count until reclaimed).");
-    g("rendezvous_keys_max", Unit::Count, "The -maxNumKV limit.");
-    g("rendezvous_stored_bytes", Unit::Bytes, "Key and value bytes stored.");
-    c("rendezvous_keys_expired_total", Unit::Count, "Keys removed because their TTL ran out.");
-    c("rendezvous_store_full_total", Unit::Count, "Writes refused with 507 because -maxNumKV was reached.");
-    c("rendezvous_secret_rejections_total", Unit::Count, "Writes refused with 403 (wrong or missing owner secret).");
-    c("rendezvous_conflicts_total", Unit::Count, "cas/casoc value mismatches (409) and los on a present key.");
-    c("rendezvous_rate_limited_total", Unit::Count, "Requests refused with 429.");
-    g("rendezvous_ratelimit_tracked_clients", Unit::Count, "Client buckets tracked this refill period.");
-    c("rendezvous_cross_core_messages_total", Unit::Count, "Commands sent to another core, by sending core.");
-    c(
-        "rendezvous_cross_core_batches_total",
-        Unit::Count,
-        "Channel sends (batches of commands and replies), by sending core.",
-    );
-    c("rendezvous_core_requests_total", Unit::Count, "Requests answered, by the core that accepted them.");
-    c("rendezvous_snapshots_total", Unit::Count, "Snapshots written.");
-    c("rendezvous_snapshot_failures_total", Unit::Count, "Snapshots that failed.");
-    g("rendezvous_snapshot_last_success_timestamp_seconds", Unit::Seconds, "Unix time of the last snapshot written.");
-    g("rendezvous_snapshot_duration_seconds", Unit::Seconds, "Duration of the last snapshot written.");
-    g("rendezvous_snapshot_size_bytes", Unit::Bytes, "Size of the last snapshot written.");
-    g("rendezvous_snapshot_keys", Unit::Count, "Keys in the last snapshot written.");
-    g("rendezvous_snapshot_interval_seconds", Unit::Seconds, "The -saveDuration period (0: snapshots disabled).");
-    g("rendezvous_build_info", Unit::Count, "Always 1; labels carry the version.");
-    g("rendezvous_waiters", Unit::Count, "Blocking reads parked on a key.");
-    c("rendezvous_waits_total", Unit::Count, "Blocking reads that had to park.");
-    c("rendezvous_wait_wakeups_total", Unit::Count, "Parked blocking reads answered by a write.");
-    c("rendezvous_wait_timeouts_total", Unit::Count, "Parked blocking reads that ran out of time.");
-    g("rendezvous_threads", Unit::Count, "Worker threads (one shard each).");
-    g("rendezvous_log_failing", Unit::Count, "Cores whose write-ahead log cannot be written now (writes get 503).");
-    c("rendezvous_log_failures_total", Unit::Count, "Failed write-ahead log writes or syncs.");
-    c("rendezvous_log_bytes_total", Unit::Bytes, "Bytes written to the write-ahead log.");
-    c("process_cpu_seconds_total", Unit::Seconds, "User and system CPU time of the process.");
-    g("process_resident_memory_bytes", Unit::Bytes, "Resident memory of the process.");
-    g("process_open_fds", Unit::Count, "Open file descriptors.");
-    g("process_start_time_seconds", Unit::Seconds, "Unix time the process started.");
+/// A metric family's Prometheus type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
 }
 
-/// Folds per-core stats into the recorder; remembers what it already folded
-/// for histograms (counters and gauges are absolute).
-struct Folder {
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+macro_rules! families {
+    ($( $id:ident: $kind:ident $unit:ident $name:literal [$($label:literal),*] $help:literal; )*) => {
+        /// Every exported metric family.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum F { $($id),* }
+
+        /// One exported metric family.
+        #[derive(Debug)]
+        pub struct Family {
+            pub f: F,
+            pub name: &'static str,
+            pub kind: Kind,
+            pub unit: Unit,
+            pub labels: &'static [&'static str],
+            pub help: &'static str,
+        }
+
+        /// Every exported family, the one list.
+        pub static FAMILIES: &[Family] = &[
+            $(Family { f: F::$id, name: $name, kind: Kind::$kind, unit: Unit::$unit, labels: &[$($label),*], help: $help }),*
+        ];
+
+        impl F {
+            pub fn name(self) -> &'static str {
+                match self { $(F::$id => $name),* }
+            }
+        }
+    };
+}
+
+families! {
+    HttpRequests: Counter Count "rendezvous_http_requests_total" ["route", "code"]
+        "HTTP requests answered, by route and status code.";
+    HttpDuration: Histogram Seconds "rendezvous_http_request_duration_seconds" ["route"]
+        "Time from a request's parsed head to its encoded response, by route; time parked in a blocking read is not included.";
+    WaitDuration: Histogram Seconds "rendezvous_wait_duration_seconds" []
+        "How long blocking reads stayed parked before a write, their timeout or shutdown answered them.";
+    InFlight: Gauge Count "rendezvous_http_requests_in_flight" []
+        "Requests being processed (parked blocking reads included).";
+    ConnectionsOpen: Gauge Count "rendezvous_connections_open" []
+        "Open client connections.";
+    ConnectionsMax: Gauge Count "rendezvous_connections_max" []
+        "The -maxConns limit.";
+    Connections: Counter Count "rendezvous_connections_total" []
+        "Client connections accepted.";
+    ConnectionsRefused: Counter Count "rendezvous_connections_refused_total" ["reason"]
+        "Connections closed at accept by -maxConns (reason=server) or -maxConnsPerIP (reason=ip).";
+    Keys: Gauge Count "rendezvous_keys" []
+        "Keys stored (expired ones count until reclaimed).";
+    KeysMax: Gauge Count "rendezvous_keys_max" []
+        "The -maxNumKV limit.";
+    StoredBytes: Gauge Bytes "rendezvous_stored_bytes" []
+        "Key and value bytes stored.";
+    KeysExpired: Counter Count "rendezvous_keys_expired_total" []
+        "Keys removed because their TTL ran out.";
+    StoreFull: Counter Count "rendezvous_store_full_total" []
+        "Writes refused with 507 because -maxNumKV was reached.";
+    SecretRejections: Counter Count "rendezvous_secret_rejections_total" []
+        "Writes refused with 403 (wrong or missing owner secret).";
+    Conflicts: Counter Count "rendezvous_conflicts_total" ["route"]
+        "cas/casoc value mismatches (409) and los on a present key.";
+    RateLimited: Counter Count "rendezvous_rate_limited_total" []
+        "Requests refused with 429.";
+    TrackedClients: Gauge Count "rendezvous_ratelimit_tracked_clients" []
+        "Client buckets tracked this refill period.";
+    TrackedClientsMax: Gauge Count "rendezvous_ratelimit_tracked_clients_max" []
+        "The -maxTrackedIPs limit.";
+    CrossCoreMessages: Counter Count "rendezvous_cross_core_messages_total" ["core"]
+        "Commands sent to another core, by sending core.";
+    CrossCoreBatches: Counter Count "rendezvous_cross_core_batches_total" ["core"]
+        "Channel sends (batches of commands and replies), by sending core.";
+    CoreRequests: Counter Count "rendezvous_core_requests_total" ["core"]
+        "Requests answered, by the core that accepted them.";
+    Waiters: Gauge Count "rendezvous_waiters" []
+        "Blocking reads parked on a key.";
+    WaitersMax: Gauge Count "rendezvous_waiters_max" []
+        "The -maxWaiters limit.";
+    Waits: Counter Count "rendezvous_waits_total" []
+        "Blocking reads that had to park.";
+    WaitWakeups: Counter Count "rendezvous_wait_wakeups_total" []
+        "Parked blocking reads answered by a write.";
+    WaitTimeouts: Counter Count "rendezvous_wait_timeouts_total" []
+        "Parked blocking reads that ran out of time.";
+    Snapshots: Counter Count "rendezvous_snapshots_total" []
+        "Snapshots (checkpoints) written.";
+    SnapshotFailures: Counter Count "rendezvous_snapshot_failures_total" []
+        "Snapshots that failed (the log keeps everything since the last good one).";
+    SnapshotLastSuccess: Gauge Seconds "rendezvous_snapshot_last_success_timestamp_seconds" []
+        "Unix time of the last snapshot written (the process start time until the first).";
+    SnapshotDuration: Gauge Seconds "rendezvous_snapshot_duration_seconds" []
+        "Duration of the last snapshot written.";
+    SnapshotSize: Gauge Bytes "rendezvous_snapshot_size_bytes" []
+        "Size of the last snapshot written.";
+    SnapshotKeys: Gauge Count "rendezvous_snapshot_keys" []
+        "Keys in the last snapshot written.";
+    SnapshotInterval: Gauge Seconds "rendezvous_snapshot_interval_seconds" []
+        "The -saveDuration period (0: persistence off).";
+    LogBytes: Counter Bytes "rendezvous_log_bytes_total" []
+        "Bytes appended to the write-ahead log.";
+    LogFailures: Counter Count "rendezvous_log_failures_total" []
+        "Failed write-ahead log writes or syncs.";
+    LogFailing: Gauge Count "rendezvous_log_failing" []
+        "Cores whose write-ahead log cannot be written now (their writes get 503).";
+    LogSyncDuration: Histogram Seconds "rendezvous_log_sync_duration_seconds" []
+        "Duration of write-ahead log syncs (fdatasync).";
+    Ready: Gauge Count "rendezvous_ready" []
+        "1 while serving; 0 while starting or draining (as /readyz).";
+    BuildInfo: Gauge Count "rendezvous_build_info" ["version", "revision"]
+        "Always 1; labels carry the version and git revision.";
+    Threads: Gauge Count "rendezvous_threads" []
+        "Worker threads (one shard each).";
+}
+
+/// Process metrics, written straight into the exposition (see the module
+/// docs). Name, type, help.
+pub static PROCESS_FAMILIES: &[(&str, Kind, &str)] = &[
+    ("process_cpu_seconds_total", Kind::Counter, "Total user and system CPU time spent in seconds."),
+    ("process_resident_memory_bytes", Kind::Gauge, "Resident memory size in bytes."),
+    ("process_virtual_memory_bytes", Kind::Gauge, "Virtual memory size in bytes."),
+    ("process_open_fds", Kind::Gauge, "Number of open file descriptors."),
+    ("process_max_fds", Kind::Gauge, "Maximum number of open file descriptors."),
+    ("process_threads", Kind::Gauge, "Number of OS threads in the process."),
+    ("process_start_time_seconds", Kind::Gauge, "Start time of the process since the Unix epoch in seconds."),
+];
+
+fn describe() {
+    for fam in FAMILIES {
+        match fam.kind {
+            Kind::Counter => metrics::describe_counter!(fam.name, fam.unit, fam.help),
+            Kind::Gauge => metrics::describe_gauge!(fam.name, fam.unit, fam.help),
+            Kind::Histogram => metrics::describe_histogram!(fam.name, fam.unit, fam.help),
+        }
+    }
+}
+
+/// What a histogram's buckets held at the last fold, per core.
+struct Folded {
+    counts: Vec<u64>,
+    sums: Vec<u64>,
+}
+
+impl Folded {
+    fn new(n: usize) -> Self {
+        Folded { counts: vec![0; n], sums: vec![0; n] }
+    }
+
+    /// Records the samples `h` gained since the last fold.
+    fn fold(&mut self, h: &Histogram, into: &metrics::Histogram) {
+        for b in 0..h.buckets() {
+            let (count, sum) = h.bucket(b);
+            let new = count.wrapping_sub(self.counts[b]);
+            let new_sum = sum.wrapping_sub(self.sums[b]);
+            if new > 0 {
+                into.record_many(new_sum as f64 / new as f64 / 1e9, new as usize);
+            }
+            self.counts[b] = count;
+            self.sums[b] = sum;
+        }
+    }
+}
+
+/// Folds the cores' counts into the recorder and renders the text.
+pub struct Exporter {
     shared: Arc<Shared>,
-    folded_counts: Vec<[[u64; 15]; ROUTE_LABELS]>,
-    folded_sums: Vec<[[u64; 15]; ROUTE_LABELS]>,
+    handle: PrometheusHandle,
+    /// Per core: one per route label, then waits, then log syncs.
+    folded: Vec<Vec<Folded>>,
     start_unix: f64,
 }
 
-impl Folder {
-    fn fold(&mut self) {
-        let stats = &self.shared.stats;
+impl Exporter {
+    /// Installs the recorder (once per process).
+    pub fn new(shared: Arc<Shared>) -> Result<Exporter, String> {
+        let buckets = |b: &[u64]| stats::bounds_seconds(b);
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(F::HttpDuration.name().into()), &buckets(&stats::LATENCY_BOUNDS_NS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(F::WaitDuration.name().into()), &buckets(&stats::WAIT_BOUNDS_NS))
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(F::LogSyncDuration.name().into()),
+                    &buckets(&stats::FLUSH_BOUNDS_NS),
+                )
+            })
+            .map_err(|e| e.to_string())?
+            .build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+        describe();
+        let n = shared.stats.len();
+        let per_core = || (0..ROUTE_LABELS + 2).map(|_| Folded::new(16)).collect::<Vec<_>>();
+        let start_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        Ok(Exporter { shared, handle, folded: (0..n).map(|_| per_core()).collect(), start_unix })
+    }
+
+    /// Folds the cores' counts into the recorder.
+    pub fn fold(&mut self) {
+        use metrics::{counter, gauge, histogram};
+        let shared = &self.shared;
+        let stats = &shared.stats;
+        let cfg = &shared.config;
         for r in 0..ROUTE_LABELS {
             let route = stats::route_label(r);
             for ci in 0..STATUS_LABELS {
                 let total: u64 = stats.iter().map(|s| s.requests(r, ci)).sum();
                 if total > 0 {
-                    metrics::counter!("rendezvous_http_requests_total", "route" => route, "code" => stats::status_label(ci))
+                    counter!(F::HttpRequests.name(), "route" => route, "code" => stats::status_label(ci))
                         .absolute(total);
                 }
             }
-            let hist = metrics::histogram!("rendezvous_http_request_duration_seconds", "route" => route);
+            let hist = histogram!(F::HttpDuration.name(), "route" => route);
             for (core, s) in stats.iter().enumerate() {
-                for b in 0..s.latency(r).buckets() {
-                    let (count, sum) = s.latency(r).bucket(b);
-                    let new = count.wrapping_sub(self.folded_counts[core][r][b]);
-                    let new_sum = sum.wrapping_sub(self.folded_sums[core][r][b]);
-                    if new > 0 {
-                        let mean_seconds = new_sum as f64 / new as f64 / 1e9;
-                        hist.record_many(mean_seconds, new as usize);
-                    }
-                    self.folded_counts[core][r][b] = count;
-                    self.folded_sums[core][r][b] = sum;
-                }
+                self.folded[core][r].fold(s.latency(r), &hist);
             }
             let conflicts: u64 = stats.iter().map(|s| s.conflicts(r)).sum();
             if conflicts > 0 {
-                metrics::counter!("rendezvous_conflicts_total", "route" => route).absolute(conflicts);
+                counter!(F::Conflicts.name(), "route" => route).absolute(conflicts);
             }
         }
+        let waited = histogram!(F::WaitDuration.name());
+        let synced = histogram!(F::LogSyncDuration.name());
+        for (core, s) in stats.iter().enumerate() {
+            self.folded[core][ROUTE_LABELS].fold(&s.waited, &waited);
+            self.folded[core][ROUTE_LABELS + 1].fold(&s.log_sync, &synced);
+        }
         let sum = |f: fn(&CoreStats) -> u64| stats.iter().map(f).sum::<u64>();
-        metrics::gauge!("rendezvous_http_requests_in_flight").set(sum(|s| s.requests_in_flight.get()) as f64);
-        metrics::gauge!("rendezvous_connections_open").set(sum(|s| s.connections_open.get()) as f64);
-        metrics::counter!("rendezvous_connections_total").absolute(sum(|s| s.connections_total.get()));
-        metrics::counter!("rendezvous_connections_refused_total", "reason" => "server")
-            .absolute(sum(|s| s.refused_server_full.get()));
-        metrics::counter!("rendezvous_connections_refused_total", "reason" => "ip")
-            .absolute(sum(|s| s.refused_ip_full.get()));
-        metrics::gauge!("rendezvous_keys").set(self.shared.budget.live() as f64);
-        metrics::gauge!("rendezvous_keys_max").set(self.shared.budget.max() as f64);
-        metrics::gauge!("rendezvous_stored_bytes").set(sum(|s| s.stored_bytes.get()) as f64);
-        metrics::counter!("rendezvous_keys_expired_total").absolute(sum(|s| s.expired.get()));
-        metrics::counter!("rendezvous_store_full_total").absolute(sum(|s| s.store_full.get()));
-        metrics::counter!("rendezvous_secret_rejections_total").absolute(sum(|s| s.secret_rejections.get()));
-        metrics::counter!("rendezvous_rate_limited_total").absolute(sum(|s| s.rate_limited.get()));
-        metrics::gauge!("rendezvous_ratelimit_tracked_clients").set(sum(|s| s.tracked_clients.get()) as f64);
+        gauge!(F::InFlight.name()).set(sum(|s| s.requests_in_flight.get()) as f64);
+        gauge!(F::ConnectionsOpen.name()).set(sum(|s| s.connections_open.get()) as f64);
+        gauge!(F::ConnectionsMax.name()).set(cfg.max_conns as f64);
+        counter!(F::Connections.name()).absolute(sum(|s| s.connections_total.get()));
+        counter!(F::ConnectionsRefused.name(), "reason" => "server").absolute(sum(|s| s.refused_server_full.get()));
+        counter!(F::ConnectionsRefused.name(), "reason" => "ip").absolute(sum(|s| s.refused_ip_full.get()));
+        gauge!(F::Keys.name()).set(shared.budget.live() as f64);
+        gauge!(F::KeysMax.name()).set(shared.budget.max() as f64);
+        gauge!(F::StoredBytes.name()).set(sum(|s| s.stored_bytes.get()) as f64);
+        counter!(F::KeysExpired.name()).absolute(sum(|s| s.expired.get()));
+        counter!(F::StoreFull.name()).absolute(sum(|s| s.store_full.get()));
+        counter!(F::SecretRejections.name()).absolute(sum(|s| s.secret_rejections.get()));
+        counter!(F::RateLimited.name()).absolute(sum(|s| s.rate_limited.get()));
+        gauge!(F::TrackedClients.name()).set(sum(|s| s.tracked_clients.get()) as f64);
+        gauge!(F::TrackedClientsMax.name()).set(cfg.max_tracked_ips as f64);
         for (core, s) in stats.iter().enumerate() {
             let core = core.to_string();
-            metrics::counter!("rendezvous_cross_core_messages_total", "core" => core.clone())
-                .absolute(s.cross_core_sent.get());
-            metrics::counter!("rendezvous_cross_core_batches_total", "core" => core.clone())
-                .absolute(s.cross_core_batches.get());
-            let handled: u64 = s.requests_total();
-            metrics::counter!("rendezvous_core_requests_total", "core" => core).absolute(handled);
+            counter!(F::CrossCoreMessages.name(), "core" => core.clone()).absolute(s.cross_core_sent.get());
+            counter!(F::CrossCoreBatches.name(), "core" => core.clone()).absolute(s.cross_core_batches.get());
+            counter!(F::CoreRequests.name(), "core" => core).absolute(s.requests_total());
         }
-        metrics::gauge!("rendezvous_waiters").set(sum(|s| s.waiters.get()) as f64);
-        metrics::counter!("rendezvous_waits_total").absolute(sum(|s| s.waits_parked.get()));
-        metrics::counter!("rendezvous_wait_wakeups_total").absolute(sum(|s| s.waiter_wakeups.get()));
-        metrics::counter!("rendezvous_wait_timeouts_total").absolute(sum(|s| s.wait_timeouts.get()));
-        metrics::gauge!("rendezvous_log_failing").set(sum(|s| s.log_failing.get()) as f64);
-        metrics::counter!("rendezvous_log_failures_total").absolute(sum(|s| s.log_failures.get()));
-        metrics::counter!("rendezvous_log_bytes_total").absolute(sum(|s| s.log_bytes.get()));
-        let snap = &self.shared.snapshot_stats;
-        metrics::counter!("rendezvous_snapshots_total").absolute(snap.saved_total.get());
-        metrics::counter!("rendezvous_snapshot_failures_total").absolute(snap.failures_total.get());
-        if snap.saved_total.get() > 0 {
-            metrics::gauge!("rendezvous_snapshot_last_success_timestamp_seconds")
-                .set(snap.last_success_unix_ms.get() as f64 / 1000.0);
-            metrics::gauge!("rendezvous_snapshot_duration_seconds").set(snap.last_duration_us.get() as f64 / 1e6);
-            metrics::gauge!("rendezvous_snapshot_size_bytes").set(snap.last_size_bytes.get() as f64);
-            metrics::gauge!("rendezvous_snapshot_keys").set(snap.last_entries.get() as f64);
-        }
-        let interval = match self.shared.config.data_dir() {
-            Some(_) => self.shared.config.save_duration.as_secs_f64(),
-            None => 0.0,
+        gauge!(F::Waiters.name()).set(sum(|s| s.waiters.get()) as f64);
+        gauge!(F::WaitersMax.name()).set(cfg.max_waiters as f64);
+        counter!(F::Waits.name()).absolute(sum(|s| s.waits_parked.get()));
+        counter!(F::WaitWakeups.name()).absolute(sum(|s| s.waiter_wakeups.get()));
+        counter!(F::WaitTimeouts.name()).absolute(sum(|s| s.wait_timeouts.get()));
+        let snap = &shared.snapshot_stats;
+        counter!(F::Snapshots.name()).absolute(snap.saved_total.get());
+        counter!(F::SnapshotFailures.name()).absolute(snap.failures_total.get());
+        // Until the first snapshot, its age counts from the start: an
+        // instance that never manages one still ages into the alert.
+        let last = match snap.saved_total.get() {
+            0 => self.start_unix,
+            _ => snap.last_success_unix_ms.get() as f64 / 1000.0,
         };
-        metrics::gauge!("rendezvous_snapshot_interval_seconds").set(interval);
-        metrics::gauge!("rendezvous_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        metrics::gauge!("rendezvous_threads").set(self.shared.config.threads as f64);
+        gauge!(F::SnapshotLastSuccess.name()).set(last);
+        gauge!(F::SnapshotDuration.name()).set(snap.last_duration_us.get() as f64 / 1e6);
+        gauge!(F::SnapshotSize.name()).set(snap.last_size_bytes.get() as f64);
+        gauge!(F::SnapshotKeys.name()).set(snap.last_entries.get() as f64);
+        let interval = if cfg.data_dir().is_some() { cfg.save_duration.as_secs_f64() } else { 0.0 };
+        gauge!(F::SnapshotInterval.name()).set(interval);
+        counter!(F::LogBytes.name()).absolute(sum(|s| s.log_bytes.get()));
+        counter!(F::LogFailures.name()).absolute(sum(|s| s.log_failures.get()));
+        gauge!(F::LogFailing.name()).set(sum(|s| s.log_failing.get()) as f64);
+        gauge!(F::Ready.name()).set(if shared.phase.get() == Phase::Ready { 1.0 } else { 0.0 });
+        gauge!(F::BuildInfo.name(), "version" => crate::VERSION, "revision" => crate::GIT_REVISION).set(1.0);
+        gauge!(F::Threads.name()).set(cfg.threads as f64);
+        self.handle.run_upkeep();
+    }
+
+    /// The `/metrics` text: the recorder's families, then the process's.
+    pub fn render(&mut self) -> String {
+        self.fold();
+        let mut text = self.handle.render();
         if let Some(p) = read_process() {
-            metrics::counter!("process_cpu_seconds_total").absolute(p.cpu_ticks / 100);
-            metrics::gauge!("process_resident_memory_bytes").set(p.rss_bytes as f64);
-            metrics::gauge!("process_open_fds").set(p.open_fds as f64);
+            let values = [
+                p.cpu_seconds,
+                p.rss_bytes as f64,
+                p.virtual_bytes as f64,
+                p.open_fds as f64,
+                p.max_fds as f64,
+                p.threads as f64,
+                self.start_unix,
+            ];
+            for ((name, kind, help), v) in PROCESS_FAMILIES.iter().zip(values) {
+                text += &format!("# HELP {name} {help}\n# TYPE {name} {}\n{name} {v}\n", kind.as_str());
+            }
         }
-        metrics::gauge!("process_start_time_seconds").set(self.start_unix);
+        text
     }
 }
 
 struct ProcessStats {
-    /// utime + stime in USER_HZ ticks (100 per second on every Linux ABI).
-    cpu_ticks: u64,
+    cpu_seconds: f64,
     rss_bytes: u64,
+    virtual_bytes: u64,
     open_fds: u64,
+    max_fds: u64,
+    threads: u64,
 }
 
 fn read_process() -> Option<ProcessStats> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the parenthesised command name, which may contain spaces.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let rss_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    // utime + stime in clock ticks: USER_HZ is 100 on every Linux ABI.
+    let ticks = num(11)? + num(12)?;
+    let threads = num(17)?;
+    let virtual_bytes = num(20)?;
+    let rss_pages = num(21)?;
     let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
-    Some(ProcessStats { cpu_ticks: utime + stime, rss_bytes: rss_kb * 1024, open_fds })
-}
-
-/// Binds the admin listener (so a bad address fails startup) and starts the
-/// metrics thread. Returns the bound address.
-pub fn start(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<SocketAddr> {
-    let bound = listener.local_addr()?;
-    let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("rendezvous_http_request_duration_seconds".into()),
-            &stats::bounds_seconds(&stats::LATENCY_BOUNDS_NS),
-        )
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .build_recorder();
-    let handle = recorder.handle();
-    metrics::set_global_recorder(recorder).map_err(|e| std::io::Error::other(e.to_string()))?;
-    describe();
-    let n = shared.stats.len();
-    let start_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    let folder = Folder {
-        shared,
-        folded_counts: vec![[[0; 15]; ROUTE_LABELS]; n],
-        folded_sums: vec![[[0; 15]; ROUTE_LABELS]; n],
-        start_unix,
-    };
-    std::thread::Builder::new().name("metrics".into()).spawn(move || serve(listener, folder, handle))?;
-    Ok(bound)
-}
-
-fn serve(listener: TcpListener, mut folder: Folder, handle: PrometheusHandle) {
-    // Fold on a timer even without scrapes, so histogram samples never pile up.
-    let _ = listener.set_nonblocking(true);
-    let mut last_fold = Instant::now() - FOLD_EVERY;
-    loop {
-        if last_fold.elapsed() >= FOLD_EVERY {
-            folder.fold();
-            handle.run_upkeep();
-            last_fold = Instant::now();
-        }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                folder.fold();
-                last_fold = Instant::now();
-                let _ = answer(stream, &handle);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    let path = loop {
-        let n = stream.read(&mut buf[len..])?;
-        if n == 0 {
-            return Ok(());
-        }
-        len += n;
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..len]) {
-            Ok(httparse::Status::Complete(_)) => break req.path.unwrap_or("").to_string(),
-            Ok(httparse::Status::Partial) if len < buf.len() => continue,
-            _ => {
-                return stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            }
-        }
-    };
-    let (status, ctype, body) = if path == "/metrics" || path.starts_with("/metrics?") {
-        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", handle.render())
-    } else {
-        ("404 Not Found", "text/plain; charset=utf-8", "Not found: try /metrics\n".to_string())
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())
+    let max_fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(0);
+    Some(ProcessStats {
+        cpu_seconds: ticks as f64 / 100.0,
+        rss_bytes: rss_pages * 4096,
+        virtual_bytes,
+        open_fds,
+        max_fds,
+        threads,
+    })
 }
 
 #[cfg(test)]
@@ -287,8 +376,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn process_stats_are_readable() {
+    fn process_stats_are_readable_and_cpu_is_fractional() {
         let p = read_process().unwrap();
-        assert!(p.rss_bytes > 0 && p.open_fds > 0);
+        assert!(p.rss_bytes > 0 && p.open_fds > 0 && p.threads >= 1 && p.max_fds > 0);
+        // Burn a little CPU: the figure has sub-second resolution.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        let q = read_process().unwrap();
+        assert!(q.cpu_seconds >= p.cpu_seconds);
+        assert!(q.cpu_seconds.fract() != 0.0 || q.cpu_seconds == 0.0 || q.cpu_seconds > p.cpu_seconds);
+    }
+
+    #[test]
+    fn families_are_named_like_prometheus_wants() {
+        let mut names: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), FAMILIES.len(), "a family is declared twice");
+        for fam in FAMILIES {
+            assert!(fam.name.starts_with("rendezvous_"), "{}", fam.name);
+            assert_eq!(fam.kind == Kind::Counter, fam.name.ends_with("_total"), "{}", fam.name);
+            if fam.kind == Kind::Histogram || matches!(fam.unit, Unit::Seconds) {
+                assert!(fam.name.ends_with("_seconds"), "{}", fam.name);
+            }
+            assert!(fam.help.ends_with('.'), "{}", fam.name);
+        }
+        for (i, fam) in FAMILIES.iter().enumerate() {
+            assert_eq!(fam.f as usize, i);
+            assert_eq!(fam.f.name(), fam.name);
+        }
     }
 }

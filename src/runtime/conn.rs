@@ -477,6 +477,7 @@ impl Conn<'_> {
         let shared = &ctx.shared;
         let client = self.client;
         let started = shared.metrics_on.then(Instant::now);
+        let mut parked = Duration::ZERO;
         let periods = ctx.router.periods();
         let retry_after = || periods.retry_after_secs(Instant::now());
         let prepared = if self.discarded {
@@ -503,14 +504,19 @@ impl Conn<'_> {
                 (Some(meta.route), conflict, response)
             }
             Ok(Action::Wait(wait)) => match self.blocking_read(wait).await {
-                Some(response) => (Some(Route::Get), false, response),
+                Some((response, waited)) => {
+                    parked = waited;
+                    (Some(Route::Get), false, response)
+                }
                 None => return false,
             },
         };
         if let Some(started) = started {
             let route = stats::route_index(route);
             let stats = ctx.stats();
-            stats.request(route, response.status, started.elapsed().as_nanos() as u64);
+            // Time parked is not request latency: it has its own histogram.
+            let elapsed = started.elapsed().saturating_sub(parked);
+            stats.request(route, response.status, elapsed.as_nanos() as u64);
             if conflict {
                 stats.conflict(route);
             }
@@ -523,23 +529,29 @@ impl Conn<'_> {
 
     /// `GET /get/<key>?wait=D`: park on the key's owner until the condition
     /// holds or the wait ends, watching the socket meanwhile so a client that
-    /// leaves is noticed at once. `None`: the client went away.
-    async fn blocking_read(&mut self, wait: api::WaitAction) -> Option<Response> {
+    /// leaves is noticed at once. Returns the answer and the time parked;
+    /// `None`: the client went away.
+    async fn blocking_read(&mut self, wait: api::WaitAction) -> Option<(Response, Duration)> {
         let ctx = self.ctx;
         let stats = ctx.stats();
         let _permit = match ctx.shared.waiter_limits.admit(self.client) {
             Ok(p) => p,
-            Err(Refusal::IpFull) => return Some(Response::from_error(Error::TooManyWaitersFromIp)),
-            Err(Refusal::ServerFull) => return Some(Response::from_error(Error::TooManyWaiters)),
+            Err(Refusal::IpFull) => return Some((Response::from_error(Error::TooManyWaitersFromIp), Duration::ZERO)),
+            Err(Refusal::ServerFull) => return Some((Response::from_error(Error::TooManyWaiters), Duration::ZERO)),
         };
         let periods = ctx.router.periods();
         let retry_after = || periods.retry_after_secs(Instant::now());
         let charge = Some(Charge { bucket: clientip::bucket_key(self.client), cost: route::READ_COST });
+        let mut waited = Duration::ZERO;
         let reply = match ctx.router.wait(charge, wait.key, wait.until).await {
             Err(immediate) => Some(immediate),
             Ok(parked) => {
                 stats.waits_parked.add(1);
-                match self.watch_while_waiting(parked, wait.timeout).await {
+                let since = Instant::now();
+                let end = self.watch_while_waiting(parked, wait.timeout).await;
+                waited = since.elapsed();
+                stats.waited.record_ns(waited.as_nanos() as u64);
+                match end {
                     WaitEnd::Answer(reply) => Some(reply),
                     WaitEnd::TimedOut => {
                         stats.wait_timeouts.add(1);
@@ -549,7 +561,7 @@ impl Conn<'_> {
                 }
             }
         };
-        Some(api::respond_wait(reply, wait.timeout_status, retry_after))
+        Some((api::respond_wait(reply, wait.timeout_status, retry_after), waited))
     }
 
     /// Awaits a parked read, its deadline, and the socket at once. Bytes the

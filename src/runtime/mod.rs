@@ -5,8 +5,10 @@
 //! sweeper); `conn` serves one connection; `router` carries commands to the
 //! owning core and replies back, over `slots`; `connlimit` admits
 //! connections and waiters; `lifecycle` runs snapshots and shutdown;
-//! `shared` is the read-only state every core sees.
+//! `shared` is the read-only state every core sees; `wal` is each core's
+//! write-ahead log; `admin` serves metrics and health on its own thread.
 
+pub mod admin;
 pub mod conn;
 pub mod connlimit;
 pub mod core;

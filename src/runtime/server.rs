@@ -276,7 +276,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         config,
     });
     if let Some(listener) = admin {
-        let bound = crate::metrics::exporter::start(shared.clone(), listener)
+        let bound = crate::runtime::admin::start(shared.clone(), listener)
             .map_err(|e| StartupError::Runtime(format!("cannot start the admin server: {e}")))?;
         log::info!("metrics on http://{bound}/metrics");
     }

@@ -1,0 +1,178 @@
+//! The admin server over real sockets: many idle and slow clients cannot
+//! delay a scrape; /healthz and /readyz follow the server's life; the
+//! admin address rules (busy and given: an error naming the flag; busy by
+//! default: a warning and no admin server; Go-style `:PORT`); metrics that
+//! tell the truth (blocking reads apart from request latency, every status
+//! as its number, fractional CPU seconds, limits as gauges, build info).
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+fn get(addr: std::net::SocketAddr, path: &str) -> Resp {
+    Client::connect(addr).req("GET", path, &[], b"")
+}
+
+#[test]
+fn idle_and_dribbling_clients_never_delay_a_scrape() {
+    let s = Server::start(&[]);
+    let admin = s.metrics.unwrap();
+    let _idle: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(admin).unwrap()).collect();
+    let mut dribbler = TcpStream::connect(admin).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dribble = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for b in b"GET /metrics HTTP/1.1\r\nHost: slow\r\nX-Pad: aaaaaaaaaaaaaaaaaaaa".iter().cycle() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || dribbler.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = get(admin, "/metrics");
+        let took = t.elapsed();
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("rendezvous_keys_max"));
+        assert!(took < Duration::from_millis(500), "a scrape took {took:?}");
+        // Keep-alive: several requests on one connection.
+        let mut c = Client::connect(admin);
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            assert_eq!(c.req("GET", path, &[], b"").status, 200, "{path}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    dribble.join().unwrap();
+}
+
+#[test]
+fn an_endless_head_is_cut_off() {
+    let s = Server::start(&[]);
+    let admin = s.metrics.unwrap();
+    let mut c = TcpStream::connect(admin).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let junk = format!("GET /metrics HTTP/1.1\r\nX-A: {}", "a".repeat(64 * 1024));
+    let _ = c.write_all(junk.as_bytes());
+    let mut buf = [0u8; 64];
+    // The server closes the connection instead of buffering on.
+    let n = c.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
+    assert_eq!(get(admin, "/healthz").status, 200);
+}
+
+#[test]
+fn health_and_readiness_follow_the_servers_life() {
+    let mut s = Server::start(&["-shutdownTimeout", "30s"]);
+    let admin = s.metrics.unwrap();
+    assert_eq!(get(admin, "/healthz").text(), "ok\n");
+    assert_eq!(get(admin, "/readyz").status, 200);
+    assert_eq!(s.metric("rendezvous_ready"), Some(1.0));
+    assert_eq!(get(admin, "/nope").status, 404);
+    assert_eq!(Client::connect(admin).req("POST", "/metrics", &[], b"x").status, 405);
+    // Draining (held open by a request in progress): not ready, still alive.
+    let mut slow = s.client();
+    slow.send_raw(b"POST /set/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhalf");
+    std::thread::sleep(Duration::from_millis(200));
+    s.signal("-TERM");
+    s.wait_log("shutting down", Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = get(admin, "/readyz");
+        if r.status == 503 {
+            assert_eq!(r.text(), "draining\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reported draining");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get(admin, "/healthz").status, 200);
+    assert!(s.alive());
+    drop(slow);
+}
+
+#[test]
+fn admin_address_rules() {
+    // Given explicitly and busy: exit 1, naming the flag.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (status, err) = run_to_exit(&["-l", "127.0.0.1", "-port", "0", "-dataDir", "", "-metricsAddr", &addr]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("-metricsAddr") && err.contains(&addr), "{err}");
+    // Go style ":PORT": every interface, with a warning.
+    let port = free_port();
+    let s = Server::start(&["-metricsAddr", &format!(":{port}")]);
+    assert!(s.startup.iter().any(|l| l.contains("every interface")), "{:?}", s.startup);
+    assert_eq!(get(format!("127.0.0.1:{port}").parse().unwrap(), "/healthz").status, 200);
+}
+
+#[test]
+fn a_busy_default_admin_address_is_a_warning() {
+    // Two instances with the same (Go server's) command line, differing only
+    // in the port: the second runs without an admin server. The default
+    // address is 127.0.0.1:9464; if something else holds it already, that
+    // is the same situation.
+    let holder = std::net::TcpListener::bind("127.0.0.1:9464");
+    let dir = TempDir::new();
+    let mut child = std::process::Command::new(BIN)
+        .args(["-l", "127.0.0.1", "-port", "0", "-dataDir", "", "-disableLocalIPWarning"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !text.contains("listening on") {
+        let n = err.read(&mut buf).unwrap();
+        assert!(n > 0 && Instant::now() < deadline, "{text}");
+        text += &String::from_utf8_lossy(&buf[..n]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    if holder.is_ok() {
+        assert!(text.contains("admin address 127.0.0.1:9464 is taken") && text.contains("WARN"), "{text}");
+        assert!(!text.contains("metrics on http://"), "{text}");
+    }
+}
+
+#[test]
+fn metrics_tell_the_truth() {
+    let s = Server::start(&["-threads", "2", "-maxConns", "777", "-maxWaiters", "55", "-maxTrackedIPs", "999"]);
+    assert_eq!(s.post("/set/k", b"v").status, 200);
+    // A 412 is counted under its own code.
+    assert_eq!(s.req("POST", "/set/k", &[("If-Match", "\"1\"")], b"x").status, 412);
+    // A blocking read parked for about 0.3 s.
+    let waiter = {
+        let addr = s.addr;
+        std::thread::spawn(move || Client::connect(addr).req("GET", "/get/w?wait=10s", &[], b"").status)
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.post("/set/w", b"v").status, 200);
+    assert_eq!(waiter.join().unwrap(), 200);
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = s.scrape();
+    let value = |series: &str| s.metric(series);
+    assert_eq!(value("rendezvous_http_requests_total{route=\"set\",code=\"412\"}"), Some(1.0), "{text}");
+    assert!(!text.contains("code=\"other\""));
+    assert_eq!(value("rendezvous_connections_max"), Some(777.0));
+    assert_eq!(value("rendezvous_waiters_max"), Some(55.0));
+    assert_eq!(value("rendezvous_ratelimit_tracked_clients_max"), Some(999.0));
+    assert_eq!(value("rendezvous_wait_duration_seconds_count"), Some(1.0));
+    assert!(value("rendezvous_wait_duration_seconds_sum").unwrap() >= 0.25);
+    // The parked time is not in the request latency.
+    let get_sum = value("rendezvous_http_request_duration_seconds_sum{route=\"get\"}").unwrap();
+    assert!(get_sum < 0.1, "GET latency includes the wait: {get_sum}");
+    assert!(text.contains(&format!("rendezvous_build_info{{version=\"{}\"", env!("CARGO_PKG_VERSION"))), "{text}");
+    let cpu = text.lines().find(|l| l.starts_with("process_cpu_seconds_total ")).unwrap();
+    let cpu: f64 = cpu.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(cpu > 0.0 && cpu < 100.0, "{cpu}");
+    assert!(text.contains("# TYPE process_cpu_seconds_total counter"));
+    assert!(value("process_max_fds").unwrap() > 0.0);
+}
