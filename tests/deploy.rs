@@ -24,7 +24,7 @@ fn systemd_unit_verifies() {
     let dir = TempDir::new();
     let unit = std::fs::read_to_string(format!("{DEPLOY}/systemd/rendezvous.service"))
         .unwrap()
-        .replace("/usr/local/bin/rendezvous", BIN);
+        .replace("/usr/bin/rendezvous", BIN);
     let path = dir.path().join("rendezvous.service");
     std::fs::write(&path, unit).unwrap();
     let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
@@ -190,4 +190,27 @@ fn nginx_tls_proxy_keeps_the_real_client() {
     assert!(r.text().contains("https://rendezvous.example.org/get/"), "{}", r.text());
     let r = curl("127.0.0.11", &format!("{http}/"), &["-H", "Host: rendezvous.example.org"]);
     assert!(r.text().contains("http://rendezvous.example.org/get/"));
+}
+
+/// `Type=notify`: the server tells systemd READY=1 when it serves (when
+/// /readyz turns 200) and STOPPING=1 when it drains.
+#[test]
+fn systemd_is_told_ready_and_stopping() {
+    let dir = TempDir::new();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["-l", "127.0.0.1", "-port", "0", "-dataDir", "", "-metricsAddr", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf).expect("READY=1");
+    assert_eq!(&buf[..n], b"READY=1");
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let n = sock.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(wait_deadline(&mut child, Duration::from_secs(20)).success());
 }

@@ -120,6 +120,7 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
 /// Returns the exit code.
 fn shutdown(shared: &Shared, signals: &crossbeam_channel::Receiver<i32>) -> i32 {
     shared.phase.set(Phase::Draining);
+    crate::runtime::server::notify_systemd("STOPPING=1");
     let n = shared.config.threads;
     let (tx, rx) = mpsc::sync_channel(n);
     for core in 0..n {

@@ -310,6 +310,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     drivers.dedup();
     shared.phase.set(Phase::Ready);
     log::info!("{}", banner(&shared, bound, &drivers.join("+")));
+    notify_systemd("READY=1");
     lifecycle::run(shared, signals)
 }
 
@@ -342,4 +343,24 @@ fn banner(shared: &Shared, bound: SocketAddr, driver: &str) -> String {
         crate::duration::format(c.reset_duration),
         c.trusted_proxies,
     )
+}
+
+/// Tells systemd (`Type=notify`) how the service stands: `READY=1` when
+/// serving (the moment `/readyz` turns 200), `STOPPING=1` when draining.
+/// Without `NOTIFY_SOCKET` (not under systemd) this does nothing.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let sent = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
+        }
+        None => socket.send_to(state.as_bytes(), &path),
+    };
+    if let Err(e) = sent {
+        log::warn!("cannot notify systemd ({state}): {e}");
+    }
 }
