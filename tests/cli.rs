@@ -110,3 +110,42 @@ fn startup_log_names_the_driver_and_threads() {
     assert!(s.banner.contains("2 threads, epoll driver"), "{}", s.banner);
     assert_eq!(s.get("/get/x").status, 404);
 }
+
+/// Two instances started at the same moment on one port never both serve:
+/// the port's lock is taken before the probe and the SO_REUSEPORT binds.
+#[test]
+fn two_instances_started_together_on_one_port_never_both_serve() {
+    use std::io::{BufRead, BufReader};
+    for round in 0..50 {
+        let port = free_port().to_string();
+        let args = ["-l", "127.0.0.1", "-port", &port, "-dataDir", "", "-metricsAddr", "", "-threads", "2"];
+        let spawn = || {
+            Command::new(BIN)
+                .args(args)
+                .stderr(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut pair = [spawn(), spawn()];
+        // Each either starts (logs "listening") or exits.
+        let started: Vec<bool> = pair
+            .iter_mut()
+            .map(|child| {
+                let err = child.stderr.take().unwrap();
+                BufReader::new(err).lines().map_while(Result::ok).any(|l| l.contains("listening on"))
+            })
+            .collect();
+        let mut exits = Vec::new();
+        for (child, up) in pair.iter_mut().zip(&started) {
+            if *up {
+                let _ = child.kill();
+            }
+            exits.push(child.wait().unwrap());
+        }
+        let serving = started.iter().filter(|&&s| s).count();
+        assert_eq!(serving, 1, "round {round}: {serving} instances served port {port} ({exits:?})");
+        let loser = started.iter().position(|&s| !s).unwrap();
+        assert_eq!(exits[loser].code(), Some(1), "round {round}");
+    }
+}

@@ -41,7 +41,8 @@ fn the_readme_names_every_route_label() {
 fn the_readme_flag_table_matches_the_binary() {
     let flags = section(README, "\n## Flags\n");
     for f in flag_help() {
-        let row_start = if f.meta.is_empty() { format!("| `-{}` |", f.name) } else { format!("| `-{} {}` |", f.name, f.meta) };
+        let row_start =
+            if f.meta.is_empty() { format!("| `-{}` |", f.name) } else { format!("| `-{} {}` |", f.name, f.meta) };
         let row = flags
             .lines()
             .find(|l| l.starts_with(&row_start))
@@ -97,7 +98,12 @@ fn the_haproxy_recipe_knows_every_route_and_method() {
             Kind::Page => continue,
         };
         for m in r.methods {
-            assert!(methods.contains(&m.as_str()), "haproxy.cfg does not count {} on {} as it should", m.as_str(), r.path);
+            assert!(
+                methods.contains(&m.as_str()),
+                "haproxy.cfg does not count {} on {} as it should",
+                m.as_str(),
+                r.path
+            );
         }
     }
     for p in &api {

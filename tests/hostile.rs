@@ -148,6 +148,12 @@ fn ambiguous_and_broken_framing() {
         b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
         b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffffffff\r\n",
         b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY",
+        // Chunk framing a lenient parser reads differently (desync findings).
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;\nxx\r\nAB\r\n0\r\n\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;a\x00\r\nAB\r\n0\r\n\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\r\nAB\r\n0\r\n\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\nAB\r\n0\r\n\r\n",
+        b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nAB\r\n0\r\nNoColon\r\n\r\n",
     ] {
         let resp = attack(&s, raw);
         let status = status_of(&resp);
@@ -308,4 +314,67 @@ fn connection_limits_refuse_cheaply() {
         assert!(Instant::now() < deadline, "refusals not counted");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A long chunk extension is refused the same whether it arrives in one
+/// segment or in two (it used to pass whole and fail split).
+#[test]
+fn a_long_chunk_extension_fails_however_it_is_split() {
+    let s = start();
+    let mut raw = b"POST /set/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;".to_vec();
+    raw.extend_from_slice(&[b'e'; 2000]);
+    raw.extend_from_slice(b"\r\nAB\r\n0\r\n\r\n");
+    for split in [raw.len(), 80, 1000] {
+        let mut c = TcpStream::connect(s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(&raw[..split]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = c.write_all(&raw[split..]);
+        let mut resp = Vec::new();
+        let _ = c.read_to_end(&mut resp);
+        assert_eq!(status_of(&resp), 400, "split {split}: {}", String::from_utf8_lossy(&resp));
+    }
+    assert_eq!(s.get("/get/k").status, 404);
+    assert_healthy(&s);
+}
+
+/// HTTP/1.0 with Transfer-Encoding: the message is answered and the
+/// connection closed, so a request pipelined behind it never runs.
+#[test]
+fn http10_transfer_encoding_closes_after_the_message() {
+    let s = start();
+    let raw = b"POST /set/first HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n\
+                2\r\nAB\r\n0\r\n\r\nPOST /set/smuggled HTTP/1.1\r\nContent-Length: 1\r\n\r\nX";
+    let resp = attack(&s, raw);
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains("Connection: close"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1").count(), 1, "the pipelined request was answered: {text}");
+    assert_eq!(s.get("/get/first").body, b"AB");
+    assert_eq!(s.get("/get/smuggled").status, 404);
+}
+
+/// Absolute-form targets (RFC 9112 §3.2.2) route by their path.
+#[test]
+fn absolute_form_targets_are_served() {
+    let s = start();
+    let mut c = s.client();
+    c.send_raw(b"POST http://rendezvous.example/set/abs?ttl=1m HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok");
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+    c.send_raw(b"GET HTTP://other.example:81/get/abs HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.read_response(false).unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+}
+
+/// More than 16 entity tags: a clear 400, before anything parks or changes.
+#[test]
+fn too_many_entity_tags_are_refused() {
+    let s = start();
+    let tags: Vec<String> = (0..17).map(|i| format!("\"{i:x}\"")).collect();
+    let list = tags.join(", ");
+    assert_eq!(s.post("/set/k", b"v").status, 200);
+    let r = s.req("GET", "/get/k?wait=5s", &[("If-None-Match", &list)], b"");
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("entity tags"));
+    assert_eq!(s.req("POST", "/set/k", &[("If-Match", &list)], b"x").status, 400);
+    assert_eq!(s.get("/get/k").body, b"v");
 }

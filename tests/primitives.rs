@@ -267,3 +267,24 @@ fn concurrent_waiters_and_writers_never_lose_a_wakeup() {
         }
     }
 }
+
+/// A blocking read listing versions that do not exist yet (versions are
+/// predictable) cannot hold on through them: the next write answers it.
+#[test]
+fn predicted_versions_do_not_hold_a_blocking_read() {
+    let s = Server::start(&["-threads", "2"]);
+    let r = s.post("/set/k", b"v1");
+    let v = u64::from_str_radix(r.header("ETag").unwrap().trim_matches('"'), 16).unwrap();
+    let tags: Vec<String> = (0..16).map(|d| format!("\"{:x}\"", v + d)).collect();
+    let tags = tags.join(", ");
+    let waiter = {
+        let addr = s.addr;
+        std::thread::spawn(move || Client::connect(addr).req("GET", "/get/k?wait=20s", &[("If-None-Match", &tags)], b""))
+    };
+    wait_parked(&s, 1.0);
+    let started = Instant::now();
+    assert_eq!(s.post("/set/k", b"v2").status, 200);
+    let r = waiter.join().unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"v2"[..]));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -94,6 +94,44 @@ proptest! {
         }
     }
 
+    /// The decoder's answer to any byte string (valid chunked bodies and
+    /// mutated ones) is the same at every split point: framing never
+    /// depends on how a client segments its bytes.
+    #[test]
+    fn chunked_answer_is_the_same_at_every_split(
+        body in proptest::collection::vec(any::<u8>(), 0..40),
+        ext in "(;[a-z]{1,4}(=([a-z]{1,3}|\"[ a-z]{0,3}\"))?){0,2}",
+        mutate in proptest::option::of((0usize..200, any::<u8>())),
+        limit in 0usize..60,
+    ) {
+        let mut enc = format!("{:x}{ext}\r\n", body.len()).into_bytes();
+        enc.extend_from_slice(&body);
+        enc.extend_from_slice(b"\r\n0\r\nX-T: v\r\n\r\n");
+        if let Some((at, b)) = mutate {
+            let at = at % enc.len();
+            enc[at] = b;
+        }
+        let run = |pieces: &[&[u8]]| {
+            let mut d = ChunkedDecoder::new(limit);
+            let mut out = Vec::new();
+            let mut fed = Vec::new();
+            for p in pieces {
+                fed.extend_from_slice(p);
+                let n = d.decode(&fed, &mut out)?;
+                fed.drain(..n);
+            }
+            Ok::<_, rendezvous::request::error::Error>((d.is_done(), out))
+        };
+        let whole = run(&[&enc]);
+        for split in 0..=enc.len() {
+            let (a, b) = enc.split_at(split);
+            prop_assert_eq!(&run(&[a, b]), &whole, "split at {}", split);
+        }
+        if mutate.is_none() && body.len() <= limit {
+            prop_assert_eq!(whole, Ok((true, body)));
+        }
+    }
+
     /// Arbitrary bytes never panic the chunked decoder or let it overrun.
     #[test]
     fn chunked_total_on_garbage(raw in proptest::collection::vec(any::<u8>(), 0..400), limit in 0usize..100) {

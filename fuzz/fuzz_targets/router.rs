@@ -1,6 +1,7 @@
 //! Fuzzes the whole pure request path: head parse -> route and argument
-//! decoding (key, ttl, secret, XFF client IP, ip/ expansion) -> the owning
-//! shard's state machine and rate limiter. Nothing may panic.
+//! decoding (key, ttl, secret, XFF client IP, ip/ expansion, entity tags)
+//! -> the owning shard's state machine, rate limiter and waiters -> the log
+//! records it journals, which must decode back. Nothing may panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -10,6 +11,7 @@ use rendezvous::state::command::{Charge, Cmd, Now, Op, Origin, Owned};
 use rendezvous::request::http::{self, RequestHead};
 use rendezvous::state::ratelimit::Limiter;
 use rendezvous::state::secret::SecretKey;
+use rendezvous::persist::record::{read_all, Journal, Tail};
 use rendezvous::state::shard::{KeyBudget, Shard};
 use std::cell::RefCell;
 use std::time::Duration;
@@ -17,9 +19,14 @@ use std::time::Duration;
 /// The `-trustedProxies` default.
 const DEFAULT_TRUSTED: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7";
 
+fn owned() -> Owned {
+    let mut shard = Shard::with_capacity(64);
+    *shard.journal_mut() = Journal::enabled();
+    Owned::new(shard, Limiter::new(1000, 64))
+}
+
 thread_local! {
-    static STATE: RefCell<(Owned, KeyBudget)> =
-        RefCell::new((Owned::new(Shard::with_capacity(64), Limiter::new(1000, 64)), KeyBudget::new(64)));
+    static STATE: RefCell<(Owned, KeyBudget)> = RefCell::new((owned(), KeyBudget::new(64)));
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -61,6 +68,9 @@ fuzz_target!(|data: &[u8]| {
         let mut out = Vec::new();
         http::encode(&mut out, &r, "127.0.0.1", true, false, false);
         assert!(out.starts_with(b"HTTP/1.1 "));
+        // Every change journaled decodes back, whole.
+        let bytes = owned.shard.journal_mut().take(Vec::new());
+        assert_eq!(read_all(&bytes, |_| {}), Ok(Tail::Clean));
         if owned.shard.len() > 60 {
             owned.shard.sweep(u64::MAX, 1000, budget);
         }

@@ -166,7 +166,7 @@ pub fn prepare(
     };
     let key = decode_key(raw_key, limits.max_key_size)?;
     let Some(decode) = decode else {
-        let if_none_match = head.if_none_match.get().map(http::parse_etags);
+        let if_none_match = head.if_none_match.get().map(http::parse_etags).transpose()?;
         let wait = duration_param(query, b"wait", limits.max_wait).map_err(|()| Error::BadWait)?;
         if let Some(timeout) = wait {
             let (until, timeout_status) = match (head.expected.get(), if_none_match) {
@@ -195,10 +195,11 @@ pub fn prepare(
     let secret = secret.map(|s| secrets.hash(&key, s));
     let mut write =
         Write::new(&key, value, secret, now_ms.saturating_add(ttl_ms), cond).map_err(|_| Error::KeyTooLong)?;
-    write.if_match = head.if_match.get().map(|v| match http::parse_etags(v) {
-        None => IfMatch::Any,
-        Some(tags) => IfMatch::Versions(tags),
-    });
+    write.if_match = match head.if_match.get().map(http::parse_etags).transpose()? {
+        None => None,
+        Some(None) => Some(IfMatch::Any),
+        Some(Some(tags)) => Some(IfMatch::Versions(tags)),
+    };
     Ok(Action::Store(StoreAction {
         op: Op::Write(write),
         cost: spec.cost,

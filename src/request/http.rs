@@ -152,6 +152,26 @@ fn parse_content_length(v: &[u8]) -> Result<u64, Error> {
     Ok(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
+/// The path and query of a request target: an absolute-form target
+/// (`http://host/set/k`, RFC 9112 §3.2.2, which a server must accept) loses
+/// its scheme and authority; the authority is not used for routing.
+pub fn origin_form(target: &[u8]) -> &[u8] {
+    let lower = |n: usize| target.get(..n).map(|p| p.to_ascii_lowercase());
+    let scheme_len = if lower(7).as_deref() == Some(b"http://") {
+        7
+    } else if lower(8).as_deref() == Some(b"https://") {
+        8
+    } else {
+        return target;
+    };
+    let rest = &target[scheme_len..];
+    match rest.iter().position(|&b| b == b'/' || b == b'?') {
+        Some(i) if rest[i] == b'/' => &rest[i..],
+        // `http://host?q` and `http://host`: the path is "/".
+        _ => b"/",
+    }
+}
+
 /// Parses a request head at the start of `buf` into `head`.
 /// `Ok(None)`: incomplete. `Ok(Some(n))`: the head is `buf[..n]`.
 pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, Error> {
@@ -173,7 +193,7 @@ pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, E
         Some("OPTIONS") => Method::Options,
         _ => Method::Other,
     };
-    head.target.extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    head.target.extend_from_slice(origin_form(req.path.unwrap_or("/").as_bytes()));
     head.http10 = req.version == Some(0);
     head.keep_alive = !head.http10;
     let mut content_length: Option<u64> = None;
@@ -233,6 +253,11 @@ pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, E
     if has_te && !chunked {
         return Err(Error::UnsupportedTransferEncoding);
     }
+    if has_te && head.http10 {
+        // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has
+        // faulty framing; process it, then close the connection.
+        head.keep_alive = false;
+    }
     head.body = match (content_length, chunked) {
         (Some(_), true) => return Err(Error::AmbiguousLength),
         (Some(0), false) | (None, false) => BodyKind::None,
@@ -242,33 +267,188 @@ pub fn parse_head(buf: &[u8], head: &mut RequestHead) -> Result<Option<usize>, E
     Ok(Some(len))
 }
 
-/// Incremental decoder for a chunked body, capped at `limit` bytes of data.
+/// Incremental decoder for a chunked body (RFC 9112 §7.1), capped at
+/// `limit` bytes of data.
+///
+/// Strict on purpose: a lenient chunk parser behind a lenient proxy is a
+/// request-smuggling primitive (the two disagree on where the body ends).
+/// A chunk-size line is `1*HEXDIG`, then optional extensions
+/// (`; name[=token|"quoted"]`, whitespace only where the grammar allows),
+/// then CRLF; data is followed by CRLF; trailer lines are `name: value`
+/// followed by CRLF, and an empty line ends the body. A bare LF, a NUL or
+/// any other control byte, an empty size, a colon-less trailer line, or a
+/// line longer than 1 KiB is `BadChunk`. The decoder walks the framing a
+/// byte at a time and keeps its place between calls, so the answer never
+/// depends on how the bytes were split across reads. (httparse's chunk-size
+/// parser accepts a bare LF and any byte in extensions, hence this one.)
 #[derive(Debug)]
 pub struct ChunkedDecoder {
     state: ChunkState,
     limit: usize,
-    trailer_bytes: usize,
+    /// Bytes of the current chunk-size line, or of the trailer section.
+    line_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
-    Size,
+    /// Reading the size's hex digits (`digits` so far).
+    Size {
+        value: u64,
+        digits: u8,
+    },
+    /// Whitespace after the size: only `;` may follow.
+    SizeSpace {
+        value: u64,
+    },
+    /// Inside the extensions.
+    Ext {
+        value: u64,
+        at: Ext,
+    },
+    /// CR seen at the end of the size line.
+    SizeLf {
+        value: u64,
+    },
     Data(u64),
-    DataEnd,
-    Trailer,
+    /// After a chunk's data: CR, then LF.
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    TrailerName,
+    TrailerValue,
+    TrailerLf,
+    EndLf,
     Done,
 }
 
-/// Longest chunk-size line (with extensions) or trailer section accepted.
+/// Where in `*( BWS ";" BWS name [ BWS "=" BWS value ] )` the extension parser is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ext {
+    /// After `;`, before the name.
+    Start,
+    Name,
+    AfterName,
+    /// After `=`, before the value.
+    ValueStart,
+    Token,
+    Quoted,
+    Escaped,
+    AfterValue,
+}
+
+/// Longest chunk-size line (with extensions), or trailer section, accepted.
 const MAX_CHUNK_LINE: usize = 1024;
+
+/// RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_ws(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
 
 impl ChunkedDecoder {
     pub fn new(limit: usize) -> Self {
-        ChunkedDecoder { state: ChunkState::Size, limit, trailer_bytes: 0 }
+        ChunkedDecoder { state: ChunkState::Size { value: 0, digits: 0 }, limit, line_bytes: 0 }
     }
 
     pub fn is_done(&self) -> bool {
         self.state == ChunkState::Done
+    }
+
+    /// The state after one framing byte `b`, or why the body is refused.
+    fn step(&self, b: u8, out_len: usize) -> Result<ChunkState, Error> {
+        use ChunkState as S;
+        let bad = Err(Error::BadChunk);
+        let ext = |value, at| Ok(S::Ext { value, at });
+        Ok(match self.state {
+            S::Size { value, digits } => match b {
+                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                    if digits >= 16 {
+                        return bad;
+                    }
+                    let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                    S::Size { value: value << 4 | d, digits: digits + 1 }
+                }
+                _ if digits == 0 => return bad,
+                b';' => S::Ext { value, at: Ext::Start },
+                b'\r' => S::SizeLf { value },
+                b if is_ws(b) => S::SizeSpace { value },
+                _ => return bad,
+            },
+            S::SizeSpace { value } => match b {
+                b';' => S::Ext { value, at: Ext::Start },
+                b if is_ws(b) => S::SizeSpace { value },
+                _ => return bad,
+            },
+            S::Ext { value, at } => match (at, b) {
+                (Ext::Quoted, b'"') => return ext(value, Ext::AfterValue),
+                (Ext::Quoted, b'\\') => return ext(value, Ext::Escaped),
+                (Ext::Quoted, b) if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => {
+                    return ext(value, Ext::Quoted)
+                }
+                (Ext::Escaped, b) if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => {
+                    return ext(value, Ext::Quoted)
+                }
+                (Ext::Quoted | Ext::Escaped, _) => return bad,
+                (Ext::Start | Ext::ValueStart, b) if is_ws(b) => return ext(value, at),
+                (Ext::Start, b) if is_tchar(b) => return ext(value, Ext::Name),
+                (Ext::Name, b) if is_tchar(b) => return ext(value, Ext::Name),
+                (Ext::ValueStart, b'"') => return ext(value, Ext::Quoted),
+                (Ext::ValueStart, b) if is_tchar(b) => return ext(value, Ext::Token),
+                (Ext::Token, b) if is_tchar(b) => return ext(value, Ext::Token),
+                (Ext::Name | Ext::AfterName, b'=') => return ext(value, Ext::ValueStart),
+                (Ext::Name | Ext::AfterName, b) if is_ws(b) => return ext(value, Ext::AfterName),
+                (Ext::Token | Ext::AfterValue, b) if is_ws(b) => return ext(value, Ext::AfterValue),
+                (Ext::Name | Ext::AfterName | Ext::Token | Ext::AfterValue, b';') => return ext(value, Ext::Start),
+                (Ext::Name | Ext::AfterName | Ext::Token | Ext::AfterValue, b'\r') => S::SizeLf { value },
+                _ => return bad,
+            },
+            S::SizeLf { value } => match b {
+                b'\n' if value == 0 => S::TrailerStart,
+                b'\n' => {
+                    if value > (self.limit - out_len.min(self.limit)) as u64 {
+                        return Err(Error::BodyTooLarge);
+                    }
+                    S::Data(value)
+                }
+                _ => return bad,
+            },
+            S::DataCr => match b {
+                b'\r' => S::DataLf,
+                _ => return bad,
+            },
+            S::DataLf => match b {
+                b'\n' => S::Size { value: 0, digits: 0 },
+                _ => return bad,
+            },
+            S::TrailerStart => match b {
+                b'\r' => S::EndLf,
+                b if is_tchar(b) => S::TrailerName,
+                _ => return bad,
+            },
+            S::TrailerName => match b {
+                b':' => S::TrailerValue,
+                b if is_tchar(b) => S::TrailerName,
+                _ => return bad,
+            },
+            S::TrailerValue => match b {
+                b'\r' => S::TrailerLf,
+                b if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => S::TrailerValue,
+                _ => return bad,
+            },
+            S::TrailerLf => match b {
+                b'\n' => S::TrailerStart,
+                _ => return bad,
+            },
+            S::EndLf => match b {
+                b'\n' => S::Done,
+                _ => return bad,
+            },
+            S::Data(_) | S::Done => self.state,
+        })
     }
 
     /// Consumes as much of `input` as possible, appending data to `out`.
@@ -276,67 +456,33 @@ impl ChunkedDecoder {
     /// `is_done()`. Never lets `out` grow past `limit + 1`.
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, Error> {
         let mut pos = 0;
-        loop {
-            let rest = &input[pos..];
+        while pos < input.len() {
             match self.state {
-                ChunkState::Done => return Ok(pos),
-                ChunkState::Size => match httparse::parse_chunk_size(rest) {
-                    Ok(httparse::Status::Complete((n, 0))) => {
-                        pos += n;
-                        self.state = ChunkState::Trailer;
-                    }
-                    Ok(httparse::Status::Complete((n, size))) => {
-                        if size > (self.limit - out.len().min(self.limit)) as u64 {
-                            return Err(Error::BodyTooLarge);
-                        }
-                        pos += n;
-                        self.state = ChunkState::Data(size);
-                    }
-                    Ok(httparse::Status::Partial) if rest.len() < MAX_CHUNK_LINE => return Ok(pos),
-                    _ => return Err(Error::BadChunk),
-                },
+                ChunkState::Done => break,
                 ChunkState::Data(left) => {
-                    if rest.is_empty() {
-                        return Ok(pos);
-                    }
-                    let take = rest.len().min(left as usize);
-                    out.extend_from_slice(&rest[..take]);
+                    let take = (input.len() - pos).min(left as usize);
+                    out.extend_from_slice(&input[pos..pos + take]);
                     pos += take;
                     let left = left - take as u64;
-                    self.state = if left == 0 { ChunkState::DataEnd } else { ChunkState::Data(left) };
+                    self.state = if left == 0 { ChunkState::DataCr } else { ChunkState::Data(left) };
                 }
-                ChunkState::DataEnd => {
-                    if rest.starts_with(b"\r\n") {
-                        pos += 2;
-                    } else if rest.starts_with(b"\n") {
-                        pos += 1;
-                    } else if rest.is_empty() || rest == b"\r" {
-                        return Ok(pos);
-                    } else {
+                _ => {
+                    let next = self.step(input[pos], out.len())?;
+                    pos += 1;
+                    self.line_bytes += 1;
+                    if self.line_bytes > MAX_CHUNK_LINE {
                         return Err(Error::BadChunk);
                     }
-                    self.state = ChunkState::Size;
-                }
-                ChunkState::Trailer => {
-                    // Trailer fields are ignored; the section ends at an empty line.
-                    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-                        if self.trailer_bytes + rest.len() > MAX_CHUNK_LINE {
-                            return Err(Error::BadChunk);
-                        }
-                        return Ok(pos);
-                    };
-                    let line = &rest[..nl];
-                    pos += nl + 1;
-                    self.trailer_bytes += nl + 1;
-                    if self.trailer_bytes > MAX_CHUNK_LINE {
-                        return Err(Error::BadChunk);
+                    // A new size line starts its own count; the trailer
+                    // section counts as one.
+                    if matches!(next, ChunkState::Data(_) | ChunkState::Size { digits: 0, .. }) {
+                        self.line_bytes = 0;
                     }
-                    if line.is_empty() || line == b"\r" {
-                        self.state = ChunkState::Done;
-                    }
+                    self.state = next;
                 }
             }
         }
+        Ok(pos)
     }
 }
 
@@ -473,12 +619,18 @@ fn write_etag(out: &mut Vec<u8>, v: u64) {
 }
 
 /// The entity tags in an `If-Match` / `If-None-Match` value: `None` for `*`,
-/// else the versions of every well-formed `"hex"` or `W/"hex"` tag.
-pub fn parse_etags(value: &[u8]) -> Option<Vec<u64>> {
+/// else the versions of every well-formed `"hex"` or `W/"hex"` tag. More
+/// than `MAX_TAGS` entries is an error: a waiter listing many predicted
+/// versions would otherwise make every write re-check it many times.
+pub fn parse_etags(value: &[u8]) -> Result<Option<Vec<u64>>, Error> {
+    let items = value.split(|&b| b == b',').map(trim).filter(|i| !i.is_empty());
+    if items.clone().count() > crate::state::waiters::MAX_TAGS {
+        return Err(Error::TooManyTags);
+    }
     let mut tags = Vec::new();
-    for item in value.split(|&b| b == b',').map(trim) {
+    for item in items {
         if item == b"*" {
-            return None;
+            return Ok(None);
         }
         let item = item.strip_prefix(b"W/").unwrap_or(item);
         let Some(inner) = item.strip_prefix(b"\"").and_then(|i| i.strip_suffix(b"\"")) else { continue };
@@ -489,7 +641,7 @@ pub fn parse_etags(value: &[u8]) -> Option<Vec<u64>> {
             tags.push(v);
         }
     }
-    Some(tags)
+    Ok(Some(tags))
 }
 
 /// The interim answer to `Expect: 100-continue`.
@@ -678,12 +830,93 @@ mod tests {
         assert_eq!(ChunkedDecoder::new(8).decode(&long_ext, &mut out), Err(Error::BadChunk));
     }
 
+    /// Feeds `body` split at every point (and byte by byte); the outcome
+    /// must be the same whatever the split.
+    fn decode_split(body: &[u8], limit: usize) -> Result<Vec<u8>, Error> {
+        let whole = {
+            let mut d = ChunkedDecoder::new(limit);
+            let mut out = Vec::new();
+            d.decode(body, &mut out).and_then(|_| if d.is_done() { Ok(out) } else { Err(Error::RequestTimeout) })
+        };
+        for split in 0..=body.len() {
+            let mut d = ChunkedDecoder::new(limit);
+            let mut out = Vec::new();
+            let r = d
+                .decode(&body[..split], &mut out)
+                .and_then(|n| d.decode(&body[n..], &mut out).map(|m| n + m))
+                .and_then(|_| if d.is_done() { Ok(out) } else { Err(Error::RequestTimeout) });
+            assert_eq!(r, whole, "split at {split} of {:?}", String::from_utf8_lossy(body));
+        }
+        let mut d = ChunkedDecoder::new(limit);
+        let mut out = Vec::new();
+        let mut r = Ok(0);
+        for b in body {
+            r = d.decode(std::slice::from_ref(b), &mut out);
+            if r.is_err() {
+                break;
+            }
+        }
+        let bytewise = r.and_then(|_| if d.is_done() { Ok(out) } else { Err(Error::RequestTimeout) });
+        assert_eq!(bytewise, whole, "byte by byte");
+        whole
+    }
+
+    #[test]
+    fn chunked_framing_is_strict_and_split_independent() {
+        let ok = |b: &[u8], want: &[u8]| assert_eq!(decode_split(b, 100).as_deref(), Ok(want), "{b:?}");
+        let bad = |b: &[u8]| assert_eq!(decode_split(b, 100), Err(Error::BadChunk), "{:?}", String::from_utf8_lossy(b));
+        ok(b"2\r\nAB\r\n0\r\n\r\n", b"AB");
+        ok(b"2;name\r\nAB\r\n0\r\n\r\n", b"AB");
+        ok(b"2 ; a=b ; c=\"q \\\" s\"\r\nAB\r\n0;x\r\nT-Ok: yes\r\n\r\n", b"AB");
+        ok(b"A\r\n0123456789\r\n0\r\n\r\n", b"0123456789");
+        // The desync findings: LF or NUL or junk in an extension, a bare LF
+        // line end, an empty size, a colon-less trailer.
+        bad(b"2;\nxx\r\nAB\r\n0\r\n\r\n");
+        bad(b"2;a\x00b\r\nAB\r\n0\r\n\r\n");
+        bad(b"2;a b\r\nAB\r\n0\r\n\r\n");
+        bad(b"2\nAB\r\n0\r\n\r\n");
+        bad(b"2\r\nAB\n0\r\n\r\n");
+        bad(b"\r\nAB\r\n0\r\n\r\n");
+        bad(b";x\r\n0\r\n\r\n");
+        bad(b"2 \r\nAB\r\n0\r\n\r\n");
+        bad(b"0\r\nNoColon\r\n\r\n");
+        bad(b"0\r\nX: a\nY: b\r\n\r\n");
+        bad(b"0\r\n\n");
+        bad(b"2;\"unquoted\r\nAB\r\n0\r\n\r\n");
+        bad(b"11111111111111111\r\n");
+        // A long extension fails the same whole or split (it used to pass in
+        // one segment and fail in two).
+        let long = [&b"1;"[..], &[b'a'; 2000], b"\r\nx\r\n0\r\n\r\n"].concat();
+        bad(&long);
+        assert_eq!(decode_split(b"65\r\n", 100), Err(Error::BodyTooLarge));
+    }
+
+    #[test]
+    fn absolute_form_and_http10_transfer_encoding() {
+        assert_eq!(origin_form(b"http://example.com/set/k?ttl=1s"), b"/set/k?ttl=1s");
+        assert_eq!(origin_form(b"HTTPS://example.com:8443/get/a/b"), b"/get/a/b");
+        assert_eq!(origin_form(b"http://example.com"), b"/");
+        assert_eq!(origin_form(b"http://example.com?x"), b"/");
+        assert_eq!(origin_form(b"/get/http://x"), b"/get/http://x");
+        let (_, h) = parse(b"POST http://h/set/k HTTP/1.1\r\nContent-Length: 1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.target, b"/set/k");
+        let (_, h) = parse(b"POST /set/k HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive, "HTTP/1.0 with Transfer-Encoding closes after the message");
+        assert_eq!(h.body, BodyKind::Chunked);
+    }
+
     #[test]
     fn etags_parse() {
-        assert_eq!(parse_etags(b"\"1f\""), Some(vec![31]));
-        assert_eq!(parse_etags(b"W/\"a\", \"b\" , junk, \"\", \"zz\""), Some(vec![10, 11]));
-        assert_eq!(parse_etags(b"*"), None);
-        assert_eq!(parse_etags(b"\"11111111111111111\""), Some(vec![]));
+        assert_eq!(parse_etags(b"\"1f\""), Ok(Some(vec![31])));
+        assert_eq!(parse_etags(b"W/\"a\", \"b\" , junk, \"\", \"zz\""), Ok(Some(vec![10, 11])));
+        assert_eq!(parse_etags(b"*"), Ok(None));
+        assert_eq!(parse_etags(b"\"11111111111111111\""), Ok(Some(vec![])));
+        let sixteen: Vec<String> = (0..16).map(|i| format!("\"{i:x}\"")).collect();
+        assert_eq!(parse_etags(sixteen.join(",").as_bytes()).unwrap().unwrap().len(), 16);
+        let seventeen = format!("{}, \"ff\"", sixteen.join(","));
+        assert_eq!(parse_etags(seventeen.as_bytes()), Err(Error::TooManyTags));
     }
 
     #[test]

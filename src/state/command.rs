@@ -144,7 +144,8 @@ impl Owned {
                 if self.waiters.is_closed() {
                     return Reply::ShuttingDown;
                 }
-                self.waiters.park(key, until, origin);
+                let version = current.as_ref().map_or(0, |f| f.version);
+                self.waiters.park(key, until, origin, version);
                 Reply::Parked
             }
             Some(Op::CancelWait { origin, .. }) => {

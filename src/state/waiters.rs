@@ -4,16 +4,17 @@
 //! A waiter waits for one of three things: the key to exist, its value to
 //! differ from `V` (`X-Expected-Value`), or its version to be none of a few
 //! entity tags (`If-None-Match`). Per key, waiters are grouped accordingly:
-//! one set for "exists", one set per distinct `V`, and the version waiters
-//! with an index from each listed tag to the waiters listing it. A write
-//! that leaves value `X` at version `v` wakes every value group but `X`'s
-//! (skipping that group is one hash lookup, whatever its size) and every
-//! version waiter but those listing `v`. Versions only grow and a tag list
-//! holds at most `MAX_TAGS` entries, so one waiter can be skipped by at
-//! most that many writes in its life: a write's cost is the waiters it
-//! wakes plus an amortised constant, never the count of those it does not.
-//! (Before this index, 8000 parked reads whose expected value equalled the
-//! written one made each write re-check all 8000.)
+//! one set for "exists", one set per distinct `V`, one set for versions. A
+//! write that leaves value `X` wakes every value group but `X`'s (skipping
+//! that group is one hash lookup, whatever its size), every "exists" waiter,
+//! and every version waiter: a version waiter's tags are cut at park time
+//! to versions that exist (at most the key's current one; a client cannot
+//! have seen a later one), and every write issues a version above all of
+//! them. So a write's cost is the waiters it wakes plus a constant, never
+//! the count of those it does not wake. (Before this index, 8000 parked
+//! reads whose expected value equalled the written one made each write
+//! re-check all 8000, and reads listing the next 520 versions, which are
+//! predictable, held on through 520 writes each.)
 //!
 //! Pure bookkeeping: no I/O, no clock; answers are returned to the caller.
 
@@ -61,7 +62,6 @@ struct KeyWaiters {
     exists: HashSet<Id>,
     by_value: HashMap<Box<[u8]>, HashSet<Id>>,
     versions: HashSet<Id>,
-    by_tag: HashMap<u64, HashSet<Id>>,
 }
 
 impl KeyWaiters {
@@ -98,8 +98,14 @@ impl Waiters {
         self.by_key.contains_key(key)
     }
 
-    /// Parks a waiter; its answer will go to `origin`.
-    pub fn park(&mut self, key: Box<[u8]>, until: WaitFor, origin: Origin) {
+    /// Parks a waiter; its answer will go to `origin`. The caller has
+    /// checked that the key's current state does not satisfy it; tags above
+    /// the current version (`current_version`) are dropped.
+    pub fn park(&mut self, key: Box<[u8]>, until: WaitFor, origin: Origin, current_version: u64) {
+        let mut until = until;
+        if let WaitFor::VersionDiffers(tags) = &mut until {
+            tags.retain(|&t| t <= current_version);
+        }
         let id = self.next_id;
         self.next_id += 1;
         if !self.by_key.contains_key(&key) {
@@ -118,11 +124,8 @@ impl Waiters {
                     group.by_value.insert(v.clone(), HashSet::from_iter([id]));
                 }
             },
-            WaitFor::VersionDiffers(tags) => {
+            WaitFor::VersionDiffers(_) => {
                 group.versions.insert(id);
-                for &t in tags {
-                    group.by_tag.entry(t).or_default().insert(id);
-                }
             }
         }
         // A slot is never reused while its waiter is parked, so this cannot
@@ -149,16 +152,8 @@ impl Waiters {
                         }
                     }
                 }
-                WaitFor::VersionDiffers(tags) => {
+                WaitFor::VersionDiffers(_) => {
                     group.versions.remove(&id);
-                    for t in tags {
-                        if let Some(set) = group.by_tag.get_mut(t) {
-                            set.remove(&id);
-                            if set.is_empty() {
-                                group.by_tag.remove(t);
-                            }
-                        }
-                    }
                 }
             }
             if group.is_empty() {
@@ -182,26 +177,13 @@ impl Waiters {
                 if let Some(keep) = keep {
                     group.by_value.insert(found.value.clone(), keep);
                 }
-                // Every version waiter but those listing the new version.
-                if !group.versions.is_empty() {
-                    let keep = group.by_tag.remove(&found.version).unwrap_or_default();
-                    woken.extend(group.versions.iter().copied().filter(|id| !keep.contains(id)));
-                    group.versions = keep;
-                    group.by_tag.clear();
-                    for &id in &group.versions {
-                        if let Some(Waiter { until: WaitFor::VersionDiffers(tags), .. }) = self.waiters.get(&id) {
-                            for &t in tags {
-                                group.by_tag.entry(t).or_default().insert(id);
-                            }
-                        }
-                    }
-                }
+                // A new version is above every tag a waiter kept.
+                woken.extend(group.versions.drain());
             }
             // Gone: every "differs" waiter is answered (404); "exists" ones wait on.
             None => {
                 woken.extend(group.by_value.drain().flat_map(|(_, set)| set));
                 woken.extend(group.versions.drain());
-                group.by_tag.clear();
             }
         }
         if group.is_empty() {
@@ -256,35 +238,33 @@ mod tests {
     #[test]
     fn each_kind_wakes_on_what_satisfies_it() {
         let mut w = Waiters::default();
-        w.park((*b"k").into(), WaitFor::Exists, o(1));
-        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"a").into()), o(2));
-        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"b").into()), o(3));
-        w.park((*b"k").into(), WaitFor::VersionDiffers(vec![7, 8]), o(4));
-        w.park((*b"k").into(), WaitFor::VersionDiffers(vec![9]), o(5));
-        w.park((*b"other").into(), WaitFor::Exists, o(6));
+        w.park((*b"k").into(), WaitFor::Exists, o(1), 0);
+        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"a").into()), o(2), 7);
+        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"b").into()), o(3), 7);
+        w.park((*b"k").into(), WaitFor::VersionDiffers(vec![6, 7]), o(4), 7);
+        w.park((*b"other").into(), WaitFor::Exists, o(6), 0);
         let mut out = Vec::new();
-        // Value "a" at version 8: wakes exists, value!=b, and version-not-9.
+        // Value "a" at version 8: wakes exists, value!=b, and the version waiter.
         w.wake(b"k", Some(&found(b"a", 8)), &mut out);
-        assert_eq!(slots(&out), vec![1, 3, 5]);
+        assert_eq!(slots(&out), vec![1, 3, 4]);
         assert!(out.iter().all(|(_, r)| matches!(r, Reply::Got(Some(f)) if &f.value[..] == b"a")));
-        assert_eq!(w.parked(), 3);
+        assert_eq!(w.parked(), 2);
         out.clear();
-        // Version 9 is in nobody's list any more; "a" stays "a".
+        // "a" stays "a": the value waiter sleeps on.
         w.wake(b"k", Some(&found(b"a", 9)), &mut out);
-        assert_eq!(slots(&out), vec![4]);
-        out.clear();
+        assert!(out.is_empty());
         // Deleted: the value waiter is answered (absent differs); "other" is untouched.
         w.wake(b"k", None, &mut out);
         assert_eq!(slots(&out), vec![2]);
         assert!(matches!(out[0].1, Reply::Got(None)));
-        assert_eq!((w.parked(), w.woken_total()), (1, 5));
+        assert_eq!((w.parked(), w.woken_total()), (1, 4));
         assert!(!w.has_key(b"k") && w.has_key(b"other"));
     }
 
     #[test]
     fn exists_waiters_outlive_a_delete() {
         let mut w = Waiters::default();
-        w.park((*b"k").into(), WaitFor::Exists, o(1));
+        w.park((*b"k").into(), WaitFor::Exists, o(1), 0);
         let mut out = Vec::new();
         w.wake(b"k", None, &mut out);
         assert!(out.is_empty());
@@ -295,9 +275,9 @@ mod tests {
     #[test]
     fn cancel_removes_exactly_one_and_cleans_up() {
         let mut w = Waiters::default();
-        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"v").into()), o(1));
-        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"v").into()), o(2));
-        w.park((*b"k").into(), WaitFor::VersionDiffers(vec![1, 2]), o(3));
+        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"v").into()), o(1), 2);
+        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"v").into()), o(2), 2);
+        w.park((*b"k").into(), WaitFor::VersionDiffers(vec![1, 2]), o(3), 2);
         assert!(w.cancel(o(1)));
         assert!(!w.cancel(o(1)), "already gone");
         assert!(w.cancel(o(3)));
@@ -307,7 +287,7 @@ mod tests {
         assert_eq!(w.parked(), 0);
         assert!(!w.has_key(b"k"), "no empty groups left behind");
         // A slot reused after its waiter left is a new waiter.
-        w.park((*b"k").into(), WaitFor::Exists, o(1));
+        w.park((*b"k").into(), WaitFor::Exists, o(1), 0);
         assert!(w.cancel(o(1)));
         assert!(w.by_key.is_empty() && w.by_origin.is_empty());
     }
@@ -318,7 +298,7 @@ mod tests {
         // the write looks at their group once and answers nobody.
         let mut w = Waiters::default();
         for i in 0..5000 {
-            w.park((*b"k").into(), WaitFor::ValueDiffers((*b"same").into()), o(i));
+            w.park((*b"k").into(), WaitFor::ValueDiffers((*b"same").into()), o(i), 1);
         }
         let mut out = Vec::new();
         for _ in 0..100 {
@@ -331,24 +311,23 @@ mod tests {
     }
 
     #[test]
-    fn predicted_versions_hold_a_waiter_at_most_once_per_tag() {
+    fn predicted_versions_cannot_hold_a_waiter() {
+        // Versions are predictable; a waiter listing future ones would stay
+        // parked through many writes. Tags above the current version are
+        // dropped at park time: the next write answers it.
         let mut w = Waiters::default();
         let tags: Vec<u64> = (10..10 + MAX_TAGS as u64).collect();
-        w.park((*b"k").into(), WaitFor::VersionDiffers(tags), o(1));
+        w.park((*b"k").into(), WaitFor::VersionDiffers(tags), o(1), 10);
         let mut out = Vec::new();
-        for v in 10..10 + MAX_TAGS as u64 {
-            w.wake(b"k", Some(&found(b"x", v)), &mut out);
-            assert!(out.is_empty(), "version {v} is listed");
-        }
-        w.wake(b"k", Some(&found(b"x", 99)), &mut out);
+        w.wake(b"k", Some(&found(b"x", 11)), &mut out);
         assert_eq!(slots(&out), vec![1]);
     }
 
     #[test]
     fn drain_answers_everyone() {
         let mut w = Waiters::default();
-        w.park((*b"a").into(), WaitFor::Exists, o(1));
-        w.park((*b"b").into(), WaitFor::VersionDiffers(vec![1]), o(2));
+        w.park((*b"a").into(), WaitFor::Exists, o(1), 0);
+        w.park((*b"b").into(), WaitFor::VersionDiffers(vec![1]), o(2), 1);
         let mut out = Vec::new();
         assert_eq!(w.drain_all(|| Reply::Cancelled, &mut out), 2);
         assert_eq!(slots(&out), vec![1, 2]);
