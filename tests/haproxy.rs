@@ -242,15 +242,18 @@ fn a_down_node_is_unavailable_not_stale() {
     let port = nodes[owner].addr.port();
     let (dir, _) = nodes.remove(owner).stop_keep_dir(NODE_STOP);
 
-    // (Each 503 takes HAProxy's retries against a refused port: about 2 s.)
+    // (Each 503 takes HAProxy's retries against a refused port: about 2 s.
+    // A request that HAProxy had already sent on a kept-alive connection to
+    // the node when it died gets 502 instead: unavailable all the same.)
+    let unavailable = |status: u16| status == 502 || status == 503;
     let mut c = client_from("127.0.5.2", lb.addr);
     {
         let r = c.req("GET", "/get/counter", &[], b"");
-        assert_eq!(r.status, 503, "the down node's key was served from elsewhere: {}", r.text());
+        assert!(unavailable(r.status), "the down node's key was served from elsewhere: {} {}", r.status, r.text());
         let r = c.req("POST", "/cas/counter", &[("X-Expected-Value", "0")], b"1");
-        assert_eq!(r.status, 503, "a write for the down node's key was taken elsewhere");
+        assert!(unavailable(r.status), "a write for the down node's key was taken elsewhere: {}", r.status);
         let i = owned[0];
-        assert_eq!(c.req("GET", &format!("/get/k{i}"), &[], b"").status, 503);
+        assert!(unavailable(c.req("GET", &format!("/get/k{i}"), &[], b"").status));
         for &i in others.iter().take(5) {
             assert_eq!(c.req("GET", &format!("/get/k{i}"), &[], b"").status, 200, "k{i} lives on a node that is up");
         }
