@@ -105,6 +105,12 @@ fn port_in_use_is_a_startup_error() {
 fn startup_log_names_the_driver_and_threads() {
     let s = Server::start(&["-threads", "3"]);
     assert!(s.banner.contains("3 threads"), "{}", s.banner);
+    // Version, revision, and the effective configuration, in one line.
+    for part in [env!("CARGO_PKG_VERSION"), "fsync everysec", "snapshot every 30m", "TTL up to 2h", "trusted proxies"] {
+        assert!(s.banner.contains(part), "{part} missing: {}", s.banner);
+    }
+    let s = Server::start(&["-threads", "1"]);
+    assert!(s.banner.contains("(1 thread,"), "{}", s.banner);
     assert!(s.banner.contains("io_uring driver") || s.banner.contains("epoll driver"), "{}", s.banner);
     let s = Server::start(&["-threads", "2", "-ioDriver", "epoll"]);
     assert!(s.banner.contains("2 threads, epoll driver"), "{}", s.banner);
@@ -147,5 +153,44 @@ fn two_instances_started_together_on_one_port_never_both_serve() {
         assert_eq!(serving, 1, "round {round}: {serving} instances served port {port} ({exits:?})");
         let loser = started.iter().position(|&s| !s).unwrap();
         assert_eq!(exits[loser].code(), Some(1), "round {round}");
+    }
+}
+
+#[test]
+fn version_and_json_logs() {
+    let out = Command::new(BIN).arg("-version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("rendezvous {}\n", env!("CARGO_PKG_VERSION")));
+    // -logFormat json: one JSON object per line, the banner included.
+    let s = Server::start(&["-logFormat", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&s.banner).unwrap();
+    assert_eq!(v["level"], "info");
+    assert!(v["msg"].as_str().unwrap().contains("listening on"));
+    assert!(v["ts"].as_str().is_some());
+    // -logLevel warn: the info banner is not written.
+    let t = TempDir::new();
+    let data = t.path().display().to_string();
+    let mut child = Command::new(BIN)
+        .args(["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &data, "-logLevel", "warn"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("listening on"), "{err}");
+}
+
+#[test]
+fn values_the_machine_cannot_hold_are_refused_before_allocating() {
+    for args in [&["-maxNumKV", "18446744073709551615"][..], &["-maxNumKV", "1e12"], &["-maxValueSize", "99999999999"]]
+    {
+        let t = std::time::Instant::now();
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(args[1]) && err.contains(args[0]), "{args:?}: {err}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 }

@@ -279,7 +279,9 @@ fn predicted_versions_do_not_hold_a_blocking_read() {
     let tags = tags.join(", ");
     let waiter = {
         let addr = s.addr;
-        std::thread::spawn(move || Client::connect(addr).req("GET", "/get/k?wait=20s", &[("If-None-Match", &tags)], b""))
+        std::thread::spawn(move || {
+            Client::connect(addr).req("GET", "/get/k?wait=20s", &[("If-None-Match", &tags)], b"")
+        })
     };
     wait_parked(&s, 1.0);
     let started = Instant::now();

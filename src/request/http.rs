@@ -648,8 +648,9 @@ pub fn parse_etags(value: &[u8]) -> Result<Option<Vec<u64>>, Error> {
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// Appends the encoded response to `out`. `head_only` omits the body (HEAD);
-/// `keep_alive` false adds `Connection: close`; `http10_keep_alive` adds the
-/// `Connection: keep-alive` an HTTP/1.0 client needs to reuse the connection.
+/// `keep_alive` false adds `Connection: close`; `keep_alive` with `http10`
+/// adds the `Connection: keep-alive` an HTTP/1.0 client needs to reuse the
+/// connection.
 pub fn encode(out: &mut Vec<u8>, r: &Response, client_ip: &str, keep_alive: bool, http10: bool, head_only: bool) {
     let mut num = itoa::Buffer::new();
     out.extend_from_slice(b"HTTP/1.1 ");

@@ -12,6 +12,12 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rendezvous");
 
+/// The socket address at the start of `text` (a log line's tail, text or JSON).
+fn address_at(text: &str) -> SocketAddr {
+    let end = text.find(|c: char| !(c.is_ascii_hexdigit() || ".:[]".contains(c))).unwrap_or(text.len());
+    text[..end].parse().unwrap_or_else(|e| panic!("no address in {text:?}: {e}"))
+}
+
 /// A running server, killed on drop.
 pub struct Server {
     child: Option<Child>,
@@ -123,10 +129,10 @@ impl Server {
                 Ok(line) => {
                     startup.push(line.clone());
                     if let Some(rest) = line.split("metrics on http://").nth(1) {
-                        metrics = Some(rest.trim_end_matches("/metrics").parse().unwrap());
+                        metrics = Some(address_at(rest));
                     }
                     if let Some(rest) = line.split("listening on http://").nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                        let addr = address_at(rest);
                         return Server { child: Some(child), addr, dir, banner: line, startup, metrics, log: rx };
                     }
                 }
