@@ -5,16 +5,19 @@
 //! `conn` tasks read requests; `request` turns bytes into actions without
 //! I/O (`http` framing, the `route` table, `api` decoding, `clientip`);
 //! `runtime::router` carries each action to the core owning its key, where
-//! `state` applies it (`command` -> `shard`, `ratelimit`, `waiters`); the
-//! reply travels back and `request::http` encodes it. `persist` is the
-//! write-ahead log, snapshots and recovery; `metrics` the per-core counters
-//! and their exporter on the admin address. `config` is the command line.
+//! `state` applies it (`command` -> `shard`, `ratelimit`, `waiters`) and
+//! journals the change (`state::record`) for the core's log
+//! (`runtime::wal`); the reply travels back and `request::http` encodes it.
+//! `persist` is snapshots, the data directory and recovery; `metrics` the
+//! per-core counters (`runtime::exporter` serves them). `config` is the
+//! command line.
 //!
-//! Layering: `request` and `state` are pure (no I/O, no clock, no
-//! threads; clippy refuses `unwrap`/`expect`/`panic` there outside tests);
-//! `persist` formats are pure and its file work runs off the request path;
-//! only `runtime` and `metrics::exporter` touch the OS. Nothing below
-//! `runtime` imports it. The binary (`main.rs`) parses the command line,
+//! Layering, from the bottom: `state` (pure: no I/O, no clock, no threads;
+//! clippy refuses `unwrap`/`expect`/`panic` there outside tests),
+//! `request` (pure too, same rules), `metrics` and `config`, `logging`,
+//! `persist` (files, off the request path), and `runtime` on top, the only
+//! layer that starts threads or touches sockets. Each layer imports only those below
+//! it; no two modules import each other. The binary (`main.rs`) parses the command line,
 //! sets up logging and reports startup failures.
 
 pub mod clock;

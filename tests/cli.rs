@@ -170,7 +170,7 @@ fn version_and_json_logs() {
     // -logLevel warn: the info banner is not written.
     let t = TempDir::new();
     let data = t.path().display().to_string();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &data, "-logLevel", "warn"])
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -4,9 +4,9 @@
 //! README or the shipped HAProxy recipe forgets fails here.
 
 use rendezvous::config::flag_help;
-use rendezvous::metrics::exporter::{FAMILIES, PROCESS_FAMILIES};
 use rendezvous::request::http::Method;
 use rendezvous::request::route::{key_routes, Kind, ROUTES};
+use rendezvous::runtime::exporter::{FAMILIES, PROCESS_FAMILIES};
 
 const README: &str = include_str!("../README.md");
 const HAPROXY: &str = include_str!("../deploy/haproxy/haproxy.cfg");

@@ -11,7 +11,7 @@ use rendezvous::state::command::{Charge, Cmd, Now, Op, Origin, Owned};
 use rendezvous::request::http::{self, RequestHead};
 use rendezvous::state::ratelimit::Limiter;
 use rendezvous::state::secret::SecretKey;
-use rendezvous::persist::record::{read_all, Journal, Tail};
+use rendezvous::state::record::{read_all, Journal, Tail};
 use rendezvous::state::shard::{KeyBudget, Shard};
 use std::cell::RefCell;
 use std::time::Duration;

@@ -17,8 +17,8 @@
 //! ETag is never issued twice.
 
 use crate::persist::datadir::{self, DataDirError, Segment};
-use crate::persist::record::{read_stream, Damage, Record, Tail};
 use crate::persist::snapshot::{self, SnapshotError};
+use crate::state::record::{read_stream, Damage, Record, Tail};
 use crate::state::secret::SecretKey;
 use crate::state::shard::{KeyBudget, Shard};
 use hashbrown::HashMap;
@@ -209,7 +209,7 @@ fn cut(path: &Path, at: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::persist::record::{encode_delete, encode_put};
+    use crate::state::record::{encode_delete, encode_put};
     use crate::state::shard::Entry;
     use std::io::Write;
 

@@ -4,8 +4,8 @@
 //! The Host header is attacker-controlled, so it is HTML-escaped before it is
 //! placed in the page; this module never emits unescaped request data.
 
-use crate::config::Config;
 use crate::duration;
+use std::time::Duration;
 
 /// The in-browser demo: two tabs exchange a message with `los` and blocking
 /// reads. Static (no request data), so it is not formatted or escaped. The
@@ -104,13 +104,27 @@ fn route_rows() -> String {
     rows
 }
 
+/// The instance's limits the page states. The runtime fills it from the
+/// configuration once; taking plain values keeps this module free of the
+/// flag parser, so the page can be rendered (and tested) from anything.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_key_size: usize,
+    pub max_value_size: usize,
+    pub max_num_kv: usize,
+    pub max_requests: u32,
+    pub expire: Duration,
+    pub reset: Duration,
+    pub max_wait: Duration,
+}
+
 /// Renders the page for a request that named `host` (or the listen
 /// address); `https` when a trusted proxy says the client used TLS.
-pub fn page(host: &[u8], https: bool, cfg: &Config) -> String {
+pub fn page(host: &[u8], https: bool, cfg: &Limits) -> String {
     let host = escape_html(&String::from_utf8_lossy(host));
     let base = format!("{}://{host}", if https { "https" } else { "http" });
-    let expire = duration::format(cfg.expire_duration);
-    let reset = duration::format(cfg.reset_duration);
+    let expire = duration::format(cfg.expire);
+    let reset = duration::format(cfg.reset);
     let max_wait = duration::format(cfg.max_wait);
     format!(
         r#"<!doctype html>
@@ -183,14 +197,21 @@ mod tests {
         assert_eq!(escape_html("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
     }
 
+    fn limits() -> Limits {
+        Limits {
+            max_key_size: 1000,
+            max_value_size: 4096,
+            max_num_kv: 10_000,
+            max_requests: 99,
+            expire: Duration::from_secs(30 * 60),
+            reset: Duration::from_secs(60),
+            max_wait: Duration::from_secs(60),
+        }
+    }
+
     #[test]
     fn page_shows_host_and_limits() {
-        let crate::config::Parsed::Run(cfg) = crate::config::parse(
-            ["-maxValueSize", "4096", "-maxRequests", "99", "-expireDuration", "30m"].map(String::from),
-        )
-        .unwrap() else {
-            panic!()
-        };
+        let cfg = limits();
         let p = page(b"rv.example:8080", false, &cfg);
         assert!(p.contains("http://rv.example:8080/get/my-mesh/peer-a"));
         assert!(p.contains("4096 bytes"));
@@ -204,8 +225,7 @@ mod tests {
 
     #[test]
     fn every_route_is_documented() {
-        let crate::config::Parsed::Run(cfg) = crate::config::parse(Vec::<String>::new()).unwrap() else { panic!() };
-        let p = page(b"h", false, &cfg);
+        let p = page(b"h", false, &limits());
         for r in crate::request::route::key_routes() {
             assert!(p.contains(&escape_html(r.usage)), "{} missing", r.usage);
         }

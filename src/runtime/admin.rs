@@ -17,7 +17,7 @@
 //!   while starting or draining (readiness: take it out of a balancer).
 //! - `/metrics`: the Prometheus text exposition.
 
-use crate::metrics::exporter::Exporter;
+use crate::runtime::exporter::Exporter;
 use crate::runtime::shared::{Phase, Shared};
 use bytes::Bytes;
 use monoio::buf::{IoBufMut, IoVecBufMut};

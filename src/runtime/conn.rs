@@ -13,9 +13,10 @@
 //! This module owns no store state: it calls `api` to decode and `router`
 //! to execute.
 
-use crate::metrics::stats::{self, CoreStats};
+use crate::metrics::{self, CoreStats};
 use crate::request::api::{self, Action};
 use crate::request::clientip;
+use crate::request::docs;
 use crate::request::error::Error;
 use crate::request::http::{self, BodyKind, ChunkedDecoder, Method, RequestHead, Response};
 use crate::request::route::{self, Route};
@@ -61,6 +62,8 @@ pub struct CoreCtx {
     pub id: usize,
     pub router: Rc<Router>,
     pub limits: api::Limits,
+    /// What the docs page states about this instance.
+    page_limits: docs::Limits,
     last_local_warning: Cell<Option<Instant>>,
     /// Set once shutdown starts: no new connections, no new requests.
     draining: Cell<bool>,
@@ -97,11 +100,21 @@ impl CoreCtx {
             max_ttl: cfg.expire_duration,
             max_wait: cfg.max_wait,
         };
+        let page_limits = docs::Limits {
+            max_key_size: cfg.max_key_size,
+            max_value_size: cfg.max_value_size,
+            max_num_kv: cfg.max_num_kv,
+            max_requests: cfg.max_requests,
+            expire: cfg.expire_duration,
+            reset: cfg.reset_duration,
+            max_wait: cfg.max_wait,
+        };
         CoreCtx {
             shared,
             id,
             router,
             limits,
+            page_limits,
             last_local_warning: Cell::new(None),
             draining: Cell::new(false),
             in_progress: Cell::new(0),
@@ -242,7 +255,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         Stop::Done | Stop::Broken => {}
         Stop::Reject(e) => {
             if ctx.shared.metrics_on {
-                stats.request(stats::ROUTE_OTHER, e.status(), 0);
+                stats.request(metrics::ROUTE_OTHER, e.status(), 0);
             }
             conn.reject(e).await
         }
@@ -491,7 +504,7 @@ impl Conn<'_> {
             Ok(Action::Page(page)) => {
                 let host = self.head.host.get().unwrap_or_default();
                 let host = if host.is_empty() { shared.listen_text.as_bytes() } else { host };
-                let page_html = crate::request::docs::page(host, self.https(), &shared.config);
+                let page_html = docs::page(host, self.https(), &ctx.page_limits);
                 (Some(page), false, Response::new(200, http::Body::Html(page_html)))
             }
             Ok(Action::Preflight(route)) => (Some(route), false, api::preflight(route)),
@@ -512,7 +525,7 @@ impl Conn<'_> {
             },
         };
         if let Some(started) = started {
-            let route = stats::route_index(route);
+            let route = metrics::route_index(route);
             let stats = ctx.stats();
             // Time parked is not request latency: it has its own histogram.
             let elapsed = started.elapsed().saturating_sub(parked);

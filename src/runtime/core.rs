@@ -7,7 +7,8 @@
 
 use crate::config::IoDriver;
 use crate::runtime::conn::{self, CoreCtx};
-use crate::runtime::router::{CheckpointMsg, Control, DrainReport, Msg, Router, Wiring};
+use crate::runtime::mesh::{CheckpointMsg, Control, DrainReport, Msg};
+use crate::runtime::router::{Router, Wiring};
 use crate::runtime::shared::Shared;
 use crate::runtime::wal::Wal;
 use crate::state::command::{Owned, Reply};
@@ -180,7 +181,7 @@ async fn control_task(ctx: Rc<CoreCtx>) {
             Control::CutShort => ctx.cut_short(),
             Control::Flush(ack) => {
                 let result = match ctx.router.wal() {
-                    Some(wal) => wal.flush(&ctx.router).await.map_err(|e| e.to_string()),
+                    Some(wal) => wal.flush(&*ctx.router).await.map_err(|e| e.to_string()),
                     None => Ok(()),
                 };
                 let _ = ack.send(result);
@@ -209,7 +210,7 @@ async fn drain(ctx: &CoreCtx) -> DrainReport {
 async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<CheckpointMsg>) {
     let id = router.me();
     let seq = match router.wal() {
-        Some(wal) => match wal.rotate_for_checkpoint(&router) {
+        Some(wal) => match wal.rotate_for_checkpoint(&*router) {
             Ok(seq) => seq,
             Err(e) => {
                 let _ = out.send(CheckpointMsg::Failed { core: id, why: format!("cannot start a log segment: {e}") });

@@ -20,7 +20,7 @@
 
 use crate::clock::unix_ms;
 use crate::persist::{datadir, snapshot};
-use crate::runtime::router::{CheckpointMsg, Control, DrainReport};
+use crate::runtime::mesh::{CheckpointMsg, Control, DrainReport};
 use crate::runtime::shared::{Phase, Shared};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::path::Path;
@@ -120,7 +120,7 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
 /// Returns the exit code.
 fn shutdown(shared: &Shared, signals: &crossbeam_channel::Receiver<i32>) -> i32 {
     shared.phase.set(Phase::Draining);
-    crate::runtime::server::notify_systemd("STOPPING=1");
+    notify_systemd("STOPPING=1");
     let n = shared.config.threads;
     let (tx, rx) = mpsc::sync_channel(n);
     for core in 0..n {
@@ -298,6 +298,26 @@ fn delete_covered_segments(dir: &Path, replay_from: u64) -> usize {
         let _ = snapshot::sync_dir(dir);
     }
     deleted
+}
+
+/// Tells systemd (`Type=notify`) how the service stands: `READY=1` when
+/// serving (the moment `/readyz` turns 200), `STOPPING=1` when draining.
+/// Without `NOTIFY_SOCKET` (not under systemd) this does nothing.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let sent = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
+        }
+        None => socket.send_to(state.as_bytes(), &path),
+    };
+    if let Err(e) = sent {
+        log::warn!("cannot notify systemd ({state}): {e}");
+    }
 }
 
 #[cfg(test)]

@@ -6,13 +6,16 @@
 //! owning core and replies back, over `slots`; `connlimit` admits
 //! connections and waiters; `lifecycle` runs snapshots and shutdown;
 //! `shared` is the read-only state every core sees; `wal` is each core's
-//! write-ahead log; `admin` serves metrics and health on its own thread.
+//! write-ahead log; `admin` serves metrics and health on its own thread,
+//! with `exporter` folding the cores' counts into the Prometheus text.
 
 pub mod admin;
 pub mod conn;
 pub mod connlimit;
 pub mod core;
+pub mod exporter;
 pub mod lifecycle;
+pub mod mesh;
 pub mod router;
 pub mod server;
 pub mod shared;

@@ -20,16 +20,16 @@
 
 use crate::config::{AdminAddr, Config};
 use crate::persist::datadir::{DataDir, DataDirError};
-use crate::persist::record::Journal;
 use crate::persist::recovery::{self, RecoveryError};
 use crate::request::clientip::TrustedProxies;
 use crate::runtime::connlimit::ConnLimits;
 use crate::runtime::core::{core_thread, CoreStart};
 use crate::runtime::lifecycle;
-use crate::runtime::router::{Mesh, Routing};
+use crate::runtime::mesh::{Mesh, Routing};
 use crate::runtime::shared::{Phase, PhaseCell, Shared};
 use crate::state::command::Owned;
 use crate::state::ratelimit::{Limiter, Periods};
+use crate::state::record::Journal;
 use crate::state::secret::SecretKey;
 use crate::state::shard::{KeyBudget, Shard};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -310,7 +310,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     drivers.dedup();
     shared.phase.set(Phase::Ready);
     log::info!("{}", banner(&shared, bound, &drivers.join("+")));
-    notify_systemd("READY=1");
+    lifecycle::notify_systemd("READY=1");
     lifecycle::run(shared, signals)
 }
 
@@ -343,24 +343,4 @@ fn banner(shared: &Shared, bound: SocketAddr, driver: &str) -> String {
         crate::duration::format(c.reset_duration),
         c.trusted_proxies,
     )
-}
-
-/// Tells systemd (`Type=notify`) how the service stands: `READY=1` when
-/// serving (the moment `/readyz` turns 200), `STOPPING=1` when draining.
-/// Without `NOTIFY_SOCKET` (not under systemd) this does nothing.
-pub fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else { return };
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    let sent = match bytes.strip_prefix(b"@") {
-        Some(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            std::os::unix::net::SocketAddr::from_abstract_name(name)
-                .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
-        }
-        None => socket.send_to(state.as_bytes(), &path),
-    };
-    if let Err(e) = sent {
-        log::warn!("cannot notify systemd ({state}): {e}");
-    }
 }

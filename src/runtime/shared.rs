@@ -9,10 +9,10 @@
 //! building it (`server`) never import each other.
 
 use crate::config::Config;
-use crate::metrics::stats::{CoreStats, SnapshotStats};
+use crate::metrics::{CoreStats, SnapshotStats};
 use crate::persist::datadir::DataDir;
 use crate::runtime::connlimit::ConnLimits;
-use crate::runtime::router::{Mesh, Routing};
+use crate::runtime::mesh::{Mesh, Routing};
 use crate::state::ratelimit::Periods;
 use crate::state::secret::SecretKey;
 use crate::state::shard::KeyBudget;

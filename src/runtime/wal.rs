@@ -37,7 +37,6 @@
 
 use crate::config::Fsync;
 use crate::persist::datadir;
-use crate::runtime::router::Router;
 use crate::runtime::shared::Shared;
 use crate::state::command::{Origin, Reply};
 use crate::state::shard::WriteOutcome;
@@ -57,6 +56,19 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// `everysec`: sync at once when this much is written and not yet synced
 /// (it is also what a failed sync must rewrite, so it bounds that memory).
 const UNSYNCED_HIGH_WATER: usize = 16 << 20;
+
+/// What the log needs of the core it serves (the core's router): the
+/// records its shard journaled, a switch to refuse writes, and a way to
+/// deliver the answers it held back.
+pub trait Host {
+    /// Takes the journaled bytes (leaving `spare` to append into) and the
+    /// journal position they end at.
+    fn take_journal(&self, spare: Vec<u8>) -> (Vec<u8>, u64);
+    /// Refuse (or accept again) writes before they change anything.
+    fn refuse_writes(&self, on: bool);
+    /// Delivers an answer to its slot, on this core or another.
+    fn deliver(&self, origin: Origin, reply: Reply);
+}
 
 /// An open segment: the file for appends, and the same file on the core's
 /// io_uring for syncs.
@@ -151,7 +163,7 @@ impl Wal {
         }))
     }
 
-    fn stats(&self) -> &crate::metrics::stats::CoreStats {
+    fn stats(&self) -> &crate::metrics::CoreStats {
         &self.shared.stats[self.core]
     }
 
@@ -194,16 +206,13 @@ impl Wal {
     /// Writes what the shard has journaled into the page cache, now, then
     /// releases the answers that were waiting for it. Call right after
     /// applying changes, before their answers leave.
-    pub fn append(&self, router: &Router) {
+    pub fn append(&self, router: &impl Host) {
         if self.st.borrow().retry.is_some() {
             // Records must reach the file in order: after the retry.
             return;
         }
         let spare = std::mem::take(&mut self.st.borrow_mut().spare);
-        let (bytes, end) = router.with_owned(|o, _| {
-            let j = o.shard.journal_mut();
-            (j.take(spare), j.lsn())
-        });
+        let (bytes, end) = router.take_journal(spare);
         if bytes.is_empty() {
             self.st.borrow_mut().spare = bytes;
             return;
@@ -245,7 +254,7 @@ impl Wal {
     }
 
     /// Bytes up to `end` are in the page cache.
-    fn appended(&self, router: &Router, bytes: Vec<u8>, end: u64) {
+    fn appended(&self, router: &impl Host, bytes: Vec<u8>, end: u64) {
         let len = bytes.len() as u64;
         self.stats().log_bytes.add(len);
         self.stats().log_flushes.add(1);
@@ -278,7 +287,7 @@ impl Wal {
     }
 
     /// Releases every deferred answer the log now allows.
-    fn release(&self, router: &Router) {
+    fn release(&self, router: &impl Host) {
         loop {
             let next = {
                 let mut st = self.st.borrow_mut();
@@ -299,7 +308,7 @@ impl Wal {
     /// Enters (or stays in) the failing state: writes are refused, the
     /// answers held so far go out (changes among the failed ones as 503),
     /// and `again` is retried later (into a new segment if `fresh`).
-    fn fail(&self, router: &Router, e: std::io::Error, again: Vec<u8>, end: u64, fresh: bool) {
+    fn fail(&self, router: &impl Host, e: std::io::Error, again: Vec<u8>, end: u64, fresh: bool) {
         let first = {
             let mut st = self.st.borrow_mut();
             let first = st.failing.is_none();
@@ -310,7 +319,7 @@ impl Wal {
             st.retry = Some((again, end, fresh));
             first
         };
-        router.with_owned(|o, _| o.shard.journal_mut().set_refusing(true));
+        router.refuse_writes(true);
         self.stats().log_failures.add(1);
         self.stats().log_failing.set(1);
         if first {
@@ -349,7 +358,7 @@ impl Wal {
 
     /// Starts a new segment for a checkpoint. Returns its number: every
     /// record journaled after this returns lands in it or a later one.
-    pub fn rotate_for_checkpoint(&self, router: &Router) -> std::io::Result<u64> {
+    pub fn rotate_for_checkpoint(&self, router: &impl Host) -> std::io::Result<u64> {
         // Whatever is journaled belongs before the checkpoint's start.
         self.append(router);
         self.rotate()
@@ -359,7 +368,7 @@ impl Wal {
     /// and not synced (group commit); for `everysec`, once a second and
     /// whenever the unsynced bytes pass the high-water mark; for every mode,
     /// the retries of a failing log. Never returns.
-    pub async fn run(self: Rc<Self>, router: Rc<Router>) {
+    pub async fn run<H: Host>(self: Rc<Self>, router: Rc<H>) {
         let period = match self.mode {
             Fsync::EverySec => Some(Duration::from_secs(1)),
             _ => None,
@@ -387,12 +396,12 @@ impl Wal {
                 if self.is_failing() {
                     monoio::time::sleep(RETRY_EVERY).await;
                 }
-                self.retry(&router).await;
+                self.retry(&*router).await;
                 continue;
             }
             if self.st.borrow().written > self.st.borrow().synced && self.mode != Fsync::No {
                 last_sync = Instant::now();
-                self.sync(&router).await;
+                self.sync(&*router).await;
             } else if period.is_some() {
                 last_sync = Instant::now();
             }
@@ -401,7 +410,7 @@ impl Wal {
 
     /// Syncs every closed segment, then the current one, and acknowledges
     /// what they hold.
-    async fn sync(&self, router: &Router) {
+    async fn sync(&self, router: &impl Host) {
         let (closed, ring, target, count) = {
             let mut st = self.st.borrow_mut();
             st.syncing = true;
@@ -452,7 +461,7 @@ impl Wal {
     }
 
     /// Tries the failed bytes again; on success the log is healthy again.
-    async fn retry(&self, router: &Router) {
+    async fn retry(&self, router: &impl Host) {
         let Some((bytes, end, fresh)) = self.st.borrow_mut().retry.take() else { return };
         let mut result = if fresh {
             // The failed segments' cached pages are suspect: their records
@@ -480,7 +489,7 @@ impl Wal {
                 };
                 self.stats().log_bytes.add(bytes.len() as u64);
                 if let Some((since, _)) = since {
-                    router.with_owned(|o, _| o.shard.journal_mut().set_refusing(false));
+                    router.refuse_writes(false);
                     self.stats().log_failing.set(0);
                     log::info!(
                         "core {}: the log is writable again after {} s; writes accepted",
@@ -501,7 +510,7 @@ impl Wal {
     }
 
     /// Shutdown: writes and syncs everything journaled (every mode).
-    pub async fn flush(&self, router: &Router) -> std::io::Result<()> {
+    pub async fn flush(&self, router: &impl Host) -> std::io::Result<()> {
         self.append(router);
         if let Some((_, kind)) = self.st.borrow().failing {
             return Err(std::io::Error::from(kind));
@@ -517,7 +526,7 @@ impl Wal {
     }
 
     /// Starts the sync task.
-    pub fn spawn(self: &Rc<Self>, router: &Rc<Router>) {
+    pub fn spawn<H: Host + 'static>(self: &Rc<Self>, router: &Rc<H>) {
         monoio::spawn(self.clone().run(router.clone()));
     }
 }

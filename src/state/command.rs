@@ -15,14 +15,8 @@
 
 use crate::state::ratelimit::{Limiter, Refused};
 use crate::state::shard::{Found, KeyBudget, Shard, Write, WriteOutcome};
+pub use crate::state::waiters::Origin;
 use crate::state::waiters::{WaitFor, Waiters};
-
-/// Where a parked waiter's answer goes: a completion slot on a core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Origin {
-    pub core: u32,
-    pub slot: u32,
-}
 
 /// A store operation on one key.
 #[derive(Debug)]
@@ -132,7 +126,9 @@ impl Owned {
                 let outcome = self.shard.write(w, now.unix_ms, budget);
                 if let (Some(key), true) = (watched, outcome.changed()) {
                     let current = self.shard.get(&key, now.unix_ms, budget);
-                    self.waiters.wake(&key, current.as_ref(), wakeups);
+                    let mut woken = Vec::new();
+                    self.waiters.wake(&key, current.as_ref(), &mut woken);
+                    wakeups.extend(woken.into_iter().map(|o| (o, Reply::Got(current.clone()))));
                 }
                 Reply::Wrote(outcome)
             }

@@ -9,7 +9,9 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::unreachable))]
 
 pub mod command;
+pub mod entry;
 pub mod ratelimit;
+pub mod record;
 pub mod secret;
 pub mod shard;
 pub mod waiters;

@@ -18,9 +18,15 @@
 //!
 //! Pure bookkeeping: no I/O, no clock; answers are returned to the caller.
 
-use crate::state::command::{Origin, Reply};
 use crate::state::shard::Found;
 use hashbrown::{HashMap, HashSet};
+
+/// Where a parked waiter's answer goes: a completion slot on a core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub core: u32,
+    pub slot: u32,
+}
 
 /// Most entity tags accepted in one `If-None-Match` or `If-Match`.
 pub const MAX_TAGS: usize = 16;
@@ -163,9 +169,10 @@ impl Waiters {
         true
     }
 
-    /// Answers every waiter of `key` that the key's new state (`None`:
-    /// deleted) satisfies, pushing `(origin, answer)` to `out`.
-    pub fn wake(&mut self, key: &[u8], current: Option<&Found>, out: &mut Vec<(Origin, Reply)>) {
+    /// Removes every waiter of `key` that the key's new state (`None`:
+    /// deleted) satisfies, pushing where each answer goes to `out` (the
+    /// answer is that state).
+    pub fn wake(&mut self, key: &[u8], current: Option<&Found>, out: &mut Vec<Origin>) {
         let Some(group) = self.by_key.get_mut(key) else { return };
         let mut woken: Vec<Id> = Vec::new();
         match current {
@@ -193,7 +200,7 @@ impl Waiters {
             if let Some(w) = self.waiters.remove(&id) {
                 self.by_origin.remove(&w.origin);
                 self.woken_total += 1;
-                out.push((w.origin, Reply::Got(current.cloned())));
+                out.push(w.origin);
             }
         }
     }
@@ -203,13 +210,13 @@ impl Waiters {
         self.closed
     }
 
-    /// Answers every parked waiter at once with `reply()`, and refuses new
-    /// ones from now on (shutdown).
-    pub fn drain_all(&mut self, reply: impl Fn() -> Reply, out: &mut Vec<(Origin, Reply)>) -> usize {
+    /// Removes every parked waiter (pushing where each answer goes), and
+    /// refuses new ones from now on (shutdown).
+    pub fn drain_all(&mut self, out: &mut Vec<Origin>) -> usize {
         self.closed = true;
         let n = self.waiters.len();
         for (_, w) in self.waiters.drain() {
-            out.push((w.origin, reply()));
+            out.push(w.origin);
         }
         self.by_key.clear();
         self.by_origin.clear();
@@ -229,8 +236,8 @@ mod tests {
         Origin { core: 0, slot }
     }
 
-    fn slots(out: &[(Origin, Reply)]) -> Vec<u32> {
-        let mut s: Vec<u32> = out.iter().map(|(o, _)| o.slot).collect();
+    fn slots(out: &[Origin]) -> Vec<u32> {
+        let mut s: Vec<u32> = out.iter().map(|o| o.slot).collect();
         s.sort_unstable();
         s
     }
@@ -247,7 +254,6 @@ mod tests {
         // Value "a" at version 8: wakes exists, value!=b, and the version waiter.
         w.wake(b"k", Some(&found(b"a", 8)), &mut out);
         assert_eq!(slots(&out), vec![1, 3, 4]);
-        assert!(out.iter().all(|(_, r)| matches!(r, Reply::Got(Some(f)) if &f.value[..] == b"a")));
         assert_eq!(w.parked(), 2);
         out.clear();
         // "a" stays "a": the value waiter sleeps on.
@@ -256,7 +262,6 @@ mod tests {
         // Deleted: the value waiter is answered (absent differs); "other" is untouched.
         w.wake(b"k", None, &mut out);
         assert_eq!(slots(&out), vec![2]);
-        assert!(matches!(out[0].1, Reply::Got(None)));
         assert_eq!((w.parked(), w.woken_total()), (1, 4));
         assert!(!w.has_key(b"k") && w.has_key(b"other"));
     }
@@ -329,7 +334,7 @@ mod tests {
         w.park((*b"a").into(), WaitFor::Exists, o(1), 0);
         w.park((*b"b").into(), WaitFor::VersionDiffers(vec![1]), o(2), 1);
         let mut out = Vec::new();
-        assert_eq!(w.drain_all(|| Reply::Cancelled, &mut out), 2);
+        assert_eq!(w.drain_all(&mut out), 2);
         assert_eq!(slots(&out), vec![1, 2]);
         assert_eq!(w.parked(), 0);
         assert!(w.is_closed());

@@ -15,9 +15,9 @@
 //! seconds. Label values come from fixed tables (routes, statuses, core
 //! ids), so the number of series is bounded.
 
-use crate::metrics::stats::{self, CoreStats, Histogram, ROUTE_LABELS, STATUS_LABELS};
+use crate::metrics::{self as stats, CoreStats, Histogram, ROUTE_LABELS, STATUS_LABELS};
 use crate::runtime::shared::{Phase, Shared};
-use metrics::Unit;
+use ::metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -168,9 +168,9 @@ pub static PROCESS_FAMILIES: &[(&str, Kind, &str)] = &[
 fn describe() {
     for fam in FAMILIES {
         match fam.kind {
-            Kind::Counter => metrics::describe_counter!(fam.name, fam.unit, fam.help),
-            Kind::Gauge => metrics::describe_gauge!(fam.name, fam.unit, fam.help),
-            Kind::Histogram => metrics::describe_histogram!(fam.name, fam.unit, fam.help),
+            Kind::Counter => ::metrics::describe_counter!(fam.name, fam.unit, fam.help),
+            Kind::Gauge => ::metrics::describe_gauge!(fam.name, fam.unit, fam.help),
+            Kind::Histogram => ::metrics::describe_histogram!(fam.name, fam.unit, fam.help),
         }
     }
 }
@@ -187,7 +187,7 @@ impl Folded {
     }
 
     /// Records the samples `h` gained since the last fold.
-    fn fold(&mut self, h: &Histogram, into: &metrics::Histogram) {
+    fn fold(&mut self, h: &Histogram, into: &::metrics::Histogram) {
         for b in 0..h.buckets() {
             let (count, sum) = h.bucket(b);
             let new = count.wrapping_sub(self.counts[b]);
@@ -228,7 +228,7 @@ impl Exporter {
             .map_err(|e| e.to_string())?
             .build_recorder();
         let handle = recorder.handle();
-        metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+        ::metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
         describe();
         let n = shared.stats.len();
         let per_core = || (0..ROUTE_LABELS + 2).map(|_| Folded::new(16)).collect::<Vec<_>>();
@@ -238,7 +238,7 @@ impl Exporter {
 
     /// Folds the cores' counts into the recorder.
     pub fn fold(&mut self) {
-        use metrics::{counter, gauge, histogram};
+        use ::metrics::{counter, gauge, histogram};
         let shared = &self.shared;
         let stats = &shared.stats;
         let cfg = &shared.config;

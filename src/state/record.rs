@@ -17,8 +17,8 @@
 //! the runtime writes them out). `Reader` walks a segment's bytes and tells
 //! a torn tail (a crash mid-append: cut it) from damage (stop and say where).
 
+use crate::state::entry::{Entry, MAX_KEY_LEN};
 use crate::state::secret::SecretHash;
-use crate::state::shard::{Entry, MAX_KEY_LEN};
 
 const KIND_PUT: u8 = 1;
 const KIND_DELETE: u8 = 2;

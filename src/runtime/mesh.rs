@@ -1,0 +1,142 @@
+//! The wires between cores: which core owns a key (`Routing`), the
+//! channels every core's inbox listens on (`Mesh`), and what travels on
+//! them (`Msg`, and `Control` from the lifecycle thread).
+//!
+//! Shared by all cores and built once at startup. Sending never blocks:
+//! the channels are unbounded and a core's inbox is woken through an
+//! `AtomicWaker` (monoio writes its eventfd only when the core is parked).
+//! This module moves messages; what they mean is `router`'s business.
+
+use crate::state::command::{Cmd, Reply};
+use atomic_waker::AtomicWaker;
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+/// A message between cores.
+#[derive(Debug)]
+pub enum Msg {
+    Call {
+        from: u32,
+        slot: u32,
+        cmd: Cmd,
+    },
+    Done {
+        slot: u32,
+        reply: Reply,
+    },
+    /// A command whose reply nobody awaits (cancelling a waiter).
+    Notify {
+        cmd: Cmd,
+    },
+    /// From the lifecycle thread (snapshots, shutdown).
+    Control(Control),
+}
+
+/// Requests from the lifecycle thread to a core, answered on the enclosed
+/// channel (the lifecycle thread may block; cores never do: they only
+/// `try_send`).
+#[derive(Debug)]
+pub enum Control {
+    /// Start a checkpoint: move the log to a new segment, then copy the
+    /// shard slice by slice into the channel.
+    Checkpoint(std::sync::mpsc::SyncSender<CheckpointMsg>),
+    /// Stop accepting, answer parked reads 503, refuse new requests, wait
+    /// (bounded, or until `CutShort`) for in-flight ones, then report.
+    Drain(std::sync::mpsc::SyncSender<DrainReport>),
+    /// Stop waiting for in-flight requests (a second signal).
+    CutShort,
+    /// Write and sync everything the log holds (shutdown).
+    Flush(std::sync::mpsc::SyncSender<Result<(), String>>),
+}
+
+/// What a core sends the lifecycle thread during a checkpoint.
+#[derive(Debug)]
+pub enum CheckpointMsg {
+    /// The core's log moved to segment `seq`; its copy starts now.
+    Begun {
+        core: usize,
+        seq: u64,
+    },
+    Entries(Vec<crate::state::shard::Entry>),
+    /// The copy is complete; versions issued so far are at most `max_version`.
+    Ended {
+        core: usize,
+        max_version: u64,
+    },
+    Failed {
+        core: usize,
+        why: String,
+    },
+}
+
+/// What a core drained at shutdown.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DrainReport {
+    pub connections: usize,
+    pub waiters: usize,
+    /// Requests still in progress when the wait ended.
+    pub unfinished: usize,
+}
+
+/// The key -> core mapping, identical on every core.
+#[derive(Clone, Debug)]
+pub struct Routing {
+    hasher: RandomState,
+    cores: usize,
+}
+
+impl Routing {
+    pub fn new(cores: usize) -> Self {
+        Routing { hasher: RandomState::new(), cores: cores.max(1) }
+    }
+
+    fn spread(&self, h: u64) -> usize {
+        ((u128::from(h) * self.cores as u128) >> 64) as usize
+    }
+
+    /// The core owning `key` (after `ip/` expansion).
+    pub fn owner(&self, key: &[u8]) -> usize {
+        self.spread(self.hasher.hash_one(key))
+    }
+
+    /// The core owning a client's rate-limit bucket.
+    pub fn bucket_owner(&self, bucket: u64) -> usize {
+        self.spread(self.hasher.hash_one(bucket))
+    }
+
+    pub fn cores(&self) -> usize {
+        self.cores
+    }
+}
+
+pub(crate) struct Inbox {
+    pub(crate) tx: Sender<Vec<Msg>>,
+    pub(crate) waker: AtomicWaker,
+}
+
+/// The cross-core channels: one inbox per core, shared by all.
+pub struct Mesh {
+    pub(crate) inboxes: Vec<Inbox>,
+}
+
+impl Mesh {
+    /// Builds the mesh and returns each core's receiving end.
+    pub fn new(cores: usize) -> (Arc<Mesh>, Vec<Receiver<Vec<Msg>>>) {
+        let (inboxes, receivers) = (0..cores)
+            .map(|_| {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                (Inbox { tx, waker: AtomicWaker::new() }, rx)
+            })
+            .unzip();
+        (Arc::new(Mesh { inboxes }), receivers)
+    }
+
+    /// Sends a control request to a core; callable from any thread.
+    pub fn send_control(&self, core: usize, control: Control) {
+        let inbox = &self.inboxes[core];
+        let _ = inbox.tx.send(vec![Msg::Control(control)]);
+        inbox.waker.wake();
+    }
+}
