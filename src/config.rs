@@ -55,6 +55,29 @@ pub enum Fsync {
     No,
 }
 
+/// A key quota: a number of live keys, or a share of `-maxNumKV`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyQuota {
+    Off,
+    Keys(usize),
+    /// Hundredths of a percent of `-maxNumKV` (`0.5%` is 50).
+    BasisPoints(u32),
+}
+
+impl KeyQuota {
+    /// The number of keys this quota allows with `max_num_kv` in the store
+    /// (0: no quota). A share rounds up, so it never allows zero keys.
+    pub fn keys(self, max_num_kv: usize) -> usize {
+        match self {
+            KeyQuota::Off => 0,
+            KeyQuota::Keys(n) => n.min(max_num_kv),
+            KeyQuota::BasisPoints(bp) => {
+                ((max_num_kv as u128 * u128::from(bp)).div_ceil(10_000) as usize).clamp(1, max_num_kv)
+            }
+        }
+    }
+}
+
 /// The admin (metrics and health) listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminAddr {
@@ -104,6 +127,22 @@ pub struct Flags {
     )]
     pub max_num_kv: usize,
     #[options(
+        long = "maxKeysPerIP",
+        default = "0.5%",
+        meta = "N|P%",
+        parse(try_from_str = "key_quota"),
+        help = "live keys one client (IPv4 address, IPv6 /64) may have created: a count or a share of -maxNumKV (0: no quota)"
+    )]
+    pub max_keys_per_ip: KeyQuota,
+    #[options(
+        long = "maxKeysPerNet",
+        default = "1%",
+        meta = "N|P%",
+        parse(try_from_str = "key_quota"),
+        help = "live keys one network (IPv4 /24, IPv6 /48) may have created: a count or a share of -maxNumKV (0: no quota)"
+    )]
+    pub max_keys_per_net: KeyQuota,
+    #[options(
         long = "expireDuration",
         default = "2h",
         meta = "DURATION",
@@ -135,6 +174,14 @@ pub struct Flags {
         help = "rate-limit tokens per client IP (IPv6: /64) per period; GET costs 1, writes 3 (0 to 4294967295)"
     )]
     pub max_requests: u32,
+    #[options(
+        long = "maxRequestsPerNet",
+        default = "170",
+        meta = "N",
+        parse(try_from_str = "max_requests"),
+        help = "rate-limit tokens per network (IPv4 /24, IPv6 /48) per period, shared by its clients (0 to 4294967295)"
+    )]
+    pub max_requests_per_net: u32,
     #[options(
         long = "port",
         default = "80",
@@ -321,6 +368,11 @@ impl std::ops::Deref for Config {
 }
 
 impl Config {
+    /// The key quotas in keys, per client and per network (0: off).
+    pub fn key_quotas(&self) -> (usize, usize) {
+        (self.max_keys_per_ip.keys(self.max_num_kv), self.max_keys_per_net.keys(self.max_num_kv))
+    }
+
     /// The listen address.
     pub fn listen(&self) -> SocketAddr {
         SocketAddr::new(self.listen_ip, self.port)
@@ -418,6 +470,23 @@ fn max_num_kv(s: &str) -> Result<usize, BadValue> {
 
 fn max_requests(s: &str) -> Result<u32, BadValue> {
     Ok(ranged(s, 0, u32::MAX as u64)? as u32)
+}
+
+fn key_quota(s: &str) -> Result<KeyQuota, BadValue> {
+    let want = || bad(s, "want a number of keys such as 500, a share of -maxNumKV such as 0.5%, or 0 for none");
+    let t = s.trim();
+    if let Some(pct) = t.strip_suffix('%') {
+        let p: f64 = pct.trim().parse().map_err(|_| want())?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(want());
+        }
+        // At least one basis point: "0.001%" means the smallest share, not none.
+        return Ok(KeyQuota::BasisPoints(((p * 100.0).round() as u32).max(1)));
+    }
+    match t.parse::<u64>().map_err(|_| want())? {
+        0 => Ok(KeyQuota::Off),
+        n => Ok(KeyQuota::Keys(usize::try_from(n).map_err(|_| want())?)),
+    }
 }
 
 fn port(s: &str) -> Result<u16, BadValue> {
@@ -688,6 +757,19 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
         if d == MAX_DURATION {
             warnings.push(format!("-{name} is capped at {}", duration::format(MAX_DURATION)));
         }
+    }
+    if flags.max_requests_per_net < flags.max_requests {
+        warnings.push(format!(
+            "-maxRequestsPerNet {} is below -maxRequests {}: every client is held to the network's budget",
+            flags.max_requests_per_net, flags.max_requests
+        ));
+    }
+    let (per_ip, per_net) =
+        (flags.max_keys_per_ip.keys(flags.max_num_kv), flags.max_keys_per_net.keys(flags.max_num_kv));
+    if per_ip > 0 && per_net > 0 && per_ip > per_net {
+        warnings.push(format!(
+            "-maxKeysPerIP ({per_ip} keys) is above -maxKeysPerNet ({per_net} keys): the network quota binds first"
+        ));
     }
     if let AdminAddr::On(a) = flags.metrics_addr {
         if a.ip().is_unspecified() {

@@ -7,6 +7,7 @@
 //! status table), so the series are bounded. This module never renders,
 //! serves or aggregates: the exporter does that off the data cores.
 
+use crate::request::error::Error;
 use crate::request::http::{status_index, STATUSES};
 use crate::request::route::{Route, ROUTES};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,33 @@ pub fn route_index(route: Option<Route>) -> usize {
 /// The `code` label for a status label index.
 pub fn status_label(i: usize) -> String {
     STATUSES.get(i).map_or_else(|| "other".to_string(), |&(s, _)| s.to_string())
+}
+
+/// The `reason` label of `rendezvous_rate_limited_total`: whose bucket
+/// ran out, the client's or its network's.
+pub const RATE_LIMIT_REASONS: [&str; 2] = ["ip", "net"];
+/// The `reason` label of `rendezvous_creates_refused_total`.
+pub const CREATE_REFUSAL_REASONS: [&str; 3] = ["store_full", "ip_quota", "net_quota"];
+/// The `scope` label of the quota gauges.
+pub const QUOTA_SCOPES: [&str; 2] = ["ip", "net"];
+
+/// Which rate-limit or create-refusal counter an error adds to.
+fn reason(e: Error) -> Option<Reason> {
+    match e {
+        Error::RateLimited(_) => Some(Reason::RateLimited(0)),
+        Error::NetRateLimited(_) => Some(Reason::RateLimited(1)),
+        Error::StoreFull => Some(Reason::CreateRefused(0)),
+        Error::IpKeyQuota(_) => Some(Reason::CreateRefused(1)),
+        Error::NetKeyQuota(_) => Some(Reason::CreateRefused(2)),
+        Error::WrongSecret => Some(Reason::Secret),
+        _ => None,
+    }
+}
+
+enum Reason {
+    RateLimited(usize),
+    CreateRefused(usize),
+    Secret,
 }
 
 /// Request latency bucket upper bounds (50 us to 1 s).
@@ -158,14 +186,15 @@ pub struct CoreStats {
     pub refused_server_full: Cell64,
     pub refused_ip_full: Cell64,
     pub requests_in_flight: Cell64,
-    pub rate_limited: Cell64,
-    pub secret_rejections: Cell64,
-    pub store_full: Cell64,
+    rate_limited: [Cell64; RATE_LIMIT_REASONS.len()],
+    secret_rejections: Cell64,
+    creates_refused: [Cell64; CREATE_REFUSAL_REASONS.len()],
     // Published by the core's sweeper from state only the core may read.
     pub keys: Cell64,
     pub stored_bytes: Cell64,
     pub expired: Cell64,
     pub tracked_clients: Cell64,
+    pub tracked_networks: Cell64,
     pub cross_core_sent: Cell64,
     pub cross_core_batches: Cell64,
     pub cross_core_received: Cell64,
@@ -196,13 +225,14 @@ impl Default for CoreStats {
             refused_server_full: Cell64::default(),
             refused_ip_full: Cell64::default(),
             requests_in_flight: Cell64::default(),
-            rate_limited: Cell64::default(),
+            rate_limited: Default::default(),
             secret_rejections: Cell64::default(),
-            store_full: Cell64::default(),
+            creates_refused: Default::default(),
             keys: Cell64::default(),
             stored_bytes: Cell64::default(),
             expired: Cell64::default(),
             tracked_clients: Cell64::default(),
+            tracked_networks: Cell64::default(),
             cross_core_sent: Cell64::default(),
             cross_core_batches: Cell64::default(),
             cross_core_received: Cell64::default(),
@@ -221,18 +251,32 @@ impl Default for CoreStats {
 }
 
 impl CoreStats {
-    /// Records one answered request (`elapsed_ns`: head parsed to response
-    /// encoded, time parked excluded).
+    /// Records one answered request (`error`: the failure it reports;
+    /// `elapsed_ns`: head parsed to response encoded, time parked excluded).
     #[inline]
-    pub fn request(&self, route: usize, status: u16, elapsed_ns: u64) {
+    pub fn request(&self, route: usize, status: u16, error: Option<Error>, elapsed_ns: u64) {
         self.requests[route][status_index(status)].add(1);
         self.latency[route].record_ns(elapsed_ns);
-        match status {
-            403 => self.secret_rejections.add(1),
-            429 => self.rate_limited.add(1),
-            507 => self.store_full.add(1),
-            _ => {}
+        match error.and_then(reason) {
+            Some(Reason::RateLimited(i)) => self.rate_limited[i].add(1),
+            Some(Reason::CreateRefused(i)) => self.creates_refused[i].add(1),
+            Some(Reason::Secret) => self.secret_rejections.add(1),
+            None => {}
         }
+    }
+
+    /// Requests refused for want of tokens, by `RATE_LIMIT_REASONS` index.
+    pub fn rate_limited(&self, reason: usize) -> u64 {
+        self.rate_limited[reason].get()
+    }
+
+    /// Creates refused, by `CREATE_REFUSAL_REASONS` index.
+    pub fn creates_refused(&self, reason: usize) -> u64 {
+        self.creates_refused[reason].get()
+    }
+
+    pub fn secret_rejections(&self) -> u64 {
+        self.secret_rejections.get()
     }
 
     /// A cas/casoc mismatch, or a los that found the key present.
@@ -292,14 +336,20 @@ mod tests {
     fn request_counting_by_route_and_code() {
         let s = CoreStats::default();
         let get = route_index(Some(Route::Get));
-        s.request(get, 200, 10_000);
-        s.request(get, 429, 10_000);
-        s.request(ROUTE_OTHER, 403, 10_000);
-        s.request(ROUTE_OTHER, 299, 10_000);
+        s.request(get, 200, None, 10_000);
+        s.request(get, 429, Some(Error::RateLimited(3)), 10_000);
+        s.request(get, 429, Some(Error::NetRateLimited(3)), 10_000);
+        s.request(ROUTE_OTHER, 403, Some(Error::WrongSecret), 10_000);
+        s.request(ROUTE_OTHER, 299, None, 10_000);
+        s.request(get, 429, Some(Error::NetKeyQuota(9)), 10_000);
+        s.request(get, 507, Some(Error::StoreFull), 10_000);
+        // A 429 that is neither (too many blocking reads) counts in neither.
+        s.request(get, 429, Some(Error::TooManyWaitersFromIp), 10_000);
         assert_eq!(s.requests(get, status_index(200)), 1);
         assert_eq!(s.requests(ROUTE_OTHER, STATUSES.len()), 1);
-        assert_eq!((s.rate_limited.get(), s.secret_rejections.get()), (1, 1));
-        assert_eq!(s.requests_total(), 4);
+        assert_eq!((s.rate_limited(0), s.rate_limited(1), s.secret_rejections()), (1, 1, 1));
+        assert_eq!((s.creates_refused(0), s.creates_refused(1), s.creates_refused(2)), (1, 0, 1));
+        assert_eq!(s.requests_total(), 8);
         assert_eq!(route_label(get), "get");
         assert_eq!(route_label(ROUTE_OTHER), "other");
         assert_eq!(status_label(status_index(412)), "412");

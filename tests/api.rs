@@ -92,7 +92,7 @@ fn expiry_is_checked_on_read_and_reads_do_not_extend() {
 
 #[test]
 fn expired_keys_are_reclaimed_in_the_background() {
-    let s = Server::start(&["-maxNumKV", "50", "-threads", "2"]);
+    let s = Server::start(&["-maxNumKV", "50", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0", "-threads", "2"]);
     for i in 0..50 {
         assert_eq!(s.post(&format!("/set/t{i}?ttl=1500ms"), b"v").status, 200);
     }
@@ -297,7 +297,7 @@ fn value_limit_statuses() {
 
 #[test]
 fn store_capacity_is_exact_across_cores() {
-    let s = Server::start(&["-maxNumKV", "25", "-threads", "4"]);
+    let s = Server::start(&["-maxNumKV", "25", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0", "-threads", "4"]);
     for i in 0..25 {
         assert_eq!(s.post(&format!("/set/k{i}"), b"v").status, 200, "k{i}");
     }

@@ -397,12 +397,14 @@ fn versions_never_go_backwards_across_restarts_and_deletes() {
 
 #[test]
 fn a_lower_max_num_kv_keeps_every_stored_key() {
-    let s = Server::start(&[]);
+    // Quotas off: with -maxNumKV 50 one client's share would be one key.
+    let quotas_off = ["-maxKeysPerIP", "0", "-maxKeysPerNet", "0"];
+    let s = Server::start(&quotas_off);
     for i in 0..100 {
         assert_eq!(s.post(&format!("/set/k{i}"), b"v").status, 200);
     }
     let (dir, _) = s.stop_keep_dir("-TERM");
-    let s = Server::start_in(dir, &["-maxNumKV", "50"]);
+    let s = Server::start_in(dir, &[&["-maxNumKV", "50"][..], &quotas_off].concat());
     assert!(s.startup.join("\n").contains("more than -maxNumKV 50"), "{:?}", s.startup);
     for i in 0..100 {
         assert_eq!(s.get(&format!("/get/k{i}")).status, 200, "k{i} dropped");
@@ -414,7 +416,7 @@ fn a_lower_max_num_kv_keeps_every_stored_key() {
     }
     assert_eq!(s.post("/set/new", b"v").status, 200, "room again below the limit");
     let (dir, _) = s.stop_keep_dir("-TERM");
-    let s = Server::start_in(dir, &["-maxNumKV", "50"]);
+    let s = Server::start_in(dir, &[&["-maxNumKV", "50"][..], &quotas_off].concat());
     assert_eq!(s.get("/get/k99").status, 200);
 }
 
@@ -511,7 +513,7 @@ fn golden_snapshots_of_every_format_still_load() {
 fn kill_9_during_checkpoints_never_breaks_startup() {
     const KEYS: usize = 20_000;
     let value = vec![b'x'; 900];
-    let args = ["-saveDuration", "10ms", "-threads", "2"];
+    let args = ["-saveDuration", "10ms", "-threads", "2", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"];
     let s = Server::start(&args);
     let mut c = s.client();
     for i in 0..KEYS {

@@ -183,7 +183,7 @@ fn delete_semantics() {
     assert_eq!(w.join().unwrap().0.status, 404);
     assert_eq!(s.get("/del/x").status, 405);
     // The freed slot counts: a full store has room again after a delete.
-    let s = Server::start(&["-maxNumKV", "1"]);
+    let s = Server::start(&["-maxNumKV", "1", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"]);
     s.post("/set/a", b"v");
     assert_eq!(s.post("/set/b", b"v").status, 507);
     s.post("/del/a", b"");

@@ -229,7 +229,8 @@ fn metrics_count_requests_and_are_not_on_the_public_port() {
         let ok = text.contains("rendezvous_http_requests_total{route=\"set\",code=\"429\"} 1")
             && text.contains("rendezvous_http_requests_total{route=\"get\",code=\"404\"} 1")
             && text.contains("rendezvous_http_requests_total{route=\"get\",code=\"429\"} 1")
-            && text.contains("rendezvous_rate_limited_total 2")
+            && text.contains("rendezvous_rate_limited_total{reason=\"ip\"} 2")
+            && text.contains("rendezvous_rate_limited_total{reason=\"net\"} 0")
             && text.contains("rendezvous_keys 0")
             && text.contains("rendezvous_http_request_duration_seconds_count{route=\"get\"} 2");
         if ok {

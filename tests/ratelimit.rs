@@ -126,3 +126,40 @@ fn tracked_client_table_is_bounded() {
     // ... while known clients keep their buckets.
     assert_eq!(c.req("GET", "/get/x", &from("7.7.7.3"), b"").status, 404);
 }
+
+/// Renting many addresses in one network does not multiply the budget: ten
+/// addresses of one /24 (and ten /64s of one /48) share the network's
+/// tokens, exactly, whatever core each connection lands on.
+#[test]
+fn a_network_shares_one_budget() {
+    let s = Server::start(&["-maxRequests", "5", "-maxRequestsPerNet", "12", "-resetDuration", "1h", "-threads", "2"]);
+    for prefix in ["10.20.30.", "2001:db8:42:"] {
+        let barrier = Arc::new(Barrier::new(10));
+        let handles: Vec<_> = (0..10)
+            .map(|i| {
+                let (addr, barrier) = (s.addr, barrier.clone());
+                let ip = if prefix.contains(':') { format!("{prefix}{i:x}::1") } else { format!("{prefix}{i}") };
+                std::thread::spawn(move || {
+                    let mut c = Client::connect(addr);
+                    barrier.wait();
+                    (0..4).map(|_| c.req("GET", "/get/x", &[("X-Forwarded-For", &ip)], b"")).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let answers: Vec<Resp> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let ok = answers.iter().filter(|r| r.status == 404).count();
+        assert_eq!(ok, 12, "{prefix}: the network's 12 tokens, no more");
+        let refused: Vec<&Resp> = answers.iter().filter(|r| r.status == 429).collect();
+        assert_eq!(refused.len(), 28);
+        assert!(refused.iter().all(|r| r.text().contains("network") && r.header("Retry-After").is_some()));
+    }
+    // Another network is untouched; a client's own budget still binds first.
+    let mut c = s.client();
+    for _ in 0..5 {
+        assert_eq!(c.req("GET", "/get/x", &from("10.20.31.1"), b"").status, 404);
+    }
+    let r = c.req("GET", "/get/x", &from("10.20.31.1"), b"");
+    assert_eq!((r.status, r.text().as_str()), (429, "Too many requests"));
+    assert_eq!(s.metric("rendezvous_rate_limited_total{reason=\"net\"}"), Some(56.0));
+    assert_eq!(s.metric("rendezvous_rate_limited_total{reason=\"ip\"}"), Some(1.0));
+}

@@ -9,6 +9,7 @@ use rendezvous::request::api::{self, Action, Limits};
 use rendezvous::request::clientip::{self, TrustedProxies};
 use rendezvous::state::command::{Charge, Cmd, Now, Op, Origin, Owned};
 use rendezvous::request::http::{self, RequestHead};
+use rendezvous::state::net;
 use rendezvous::state::ratelimit::Limiter;
 use rendezvous::state::secret::SecretKey;
 use rendezvous::state::record::{read_all, Journal, Tail};
@@ -22,7 +23,7 @@ const DEFAULT_TRUSTED: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.
 fn owned() -> Owned {
     let mut shard = Shard::with_capacity(64);
     *shard.journal_mut() = Journal::enabled();
-    Owned::new(shard, Limiter::new(1000, 64))
+    Owned::new(shard, Limiter::new(1000, 10_000, 64))
 }
 
 thread_local! {
@@ -61,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
     STATE.with(|s| {
         let (owned, budget) = &mut *s.borrow_mut();
         let api::StoreAction { op, cost, meta } = action;
-        let cmd = Cmd { charge: Some(Charge { bucket: clientip::bucket_key(client), cost }), op: Some(op) };
+        let cmd = Cmd { charge: Some(Charge { bucket: net::client(client), cost }), op: Some(op) };
         let mut wakeups = Vec::new();
         let reply = owned.apply(cmd, Now { unix_ms: 1_000_000 + data.len() as u64, epoch: 0 }, budget, &mut wakeups);
         let r = api::respond(&meta, reply, "127.0.0.1", || 1);

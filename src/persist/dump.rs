@@ -5,11 +5,14 @@
 //! segment still being appended simply ends early. If a checkpoint deletes
 //! a segment while it is being read, the dump starts over. Each line is one
 //! live key: `key` and `value` as JSON strings when they are UTF-8 (else
-//! `key_hex` / `value_hex`), `expires_ms`, `version`, and `owned` (whether
-//! an owner secret protects it). The secret hash is never printed.
+//! `key_hex` / `value_hex`), `expires_ms`, `version`, `owned` (whether an
+//! owner secret protects it) and `creator` (the client that created it: an
+//! IPv4 address or an IPv6 /64, which its key quotas count against). The
+//! secret hash is never printed.
 
 use crate::logging::json_string;
 use crate::persist::recovery::{self, Mode, RecoveryError};
+use crate::state::net;
 use crate::state::shard::{Entry, KeyBudget, Shard};
 use std::io::{self, Write};
 use std::path::Path;
@@ -54,10 +57,11 @@ pub fn json_line(e: &Entry) -> String {
     line.push(',');
     field(&mut line, "value", e.value());
     line.push_str(&format!(
-        ",\"expires_ms\":{},\"version\":{},\"owned\":{}}}",
+        ",\"expires_ms\":{},\"version\":{},\"owned\":{},\"creator\":\"{}\"}}",
         e.expires_ms,
         e.version(),
-        e.secret().is_some()
+        e.secret().is_some(),
+        net::describe(e.creator())
     ));
     line
 }
@@ -95,8 +99,12 @@ mod tests {
     fn lines_are_json_and_hide_the_secret() {
         let mut e = Entry::new(b"k\"1", b"v\n", Some(&[0xab; 32]), 5).unwrap();
         e.set_version(9);
+        e.set_creator(net::client("192.0.2.7".parse().unwrap()));
         let line = json_line(&e);
-        assert_eq!(line, r#"{"key":"k\"1","value":"v\n","expires_ms":5,"version":9,"owned":true}"#);
+        assert_eq!(
+            line,
+            r#"{"key":"k\"1","value":"v\n","expires_ms":5,"version":9,"owned":true,"creator":"192.0.2.7"}"#
+        );
         assert!(!line.contains("ab"));
         let bin = Entry::new(b"b", &[0xff, 0x00], None, 1).unwrap();
         assert!(json_line(&bin).contains(r#""value_hex":"ff00""#));

@@ -11,7 +11,9 @@
 use crate::request::error::Error;
 use crate::request::http::{self, Body, Method, RequestHead, Response};
 use crate::request::route::{self, CondArgs, Kind, Route};
+use crate::state::budget::{OverQuota, Scope};
 use crate::state::command::{Op, Reply};
+use crate::state::net;
 use crate::state::ratelimit::Refused;
 use crate::state::secret::SecretKey;
 use crate::state::shard::{Found, IfMatch, Write, WriteOutcome};
@@ -195,6 +197,8 @@ pub fn prepare(
     let secret = secret.map(|s| secrets.hash(&key, s));
     let mut write =
         Write::new(&key, value, secret, now_ms.saturating_add(ttl_ms), cond).map_err(|_| Error::KeyTooLong)?;
+    // A key this write creates counts against this client's quotas.
+    write.entry.set_creator(net::client(client_ip));
     write.if_match = match head.if_match.get().map(http::parse_etags).transpose()? {
         None => None,
         Some(None) => Some(IfMatch::Any),
@@ -223,9 +227,7 @@ pub fn preflight(route: Route) -> Response {
 pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: impl FnOnce() -> u64) -> Response {
     let created_header = action.route.spec().reports_created;
     match reply {
-        Reply::Limited(Refused::Exhausted | Refused::TableFull) => {
-            Response::from_error(Error::RateLimited(retry_after()))
-        }
+        Reply::Limited(refused) => Response::from_error(limited(refused, retry_after())),
         Reply::Lost => Response::from_error(Error::Internal),
         Reply::ShuttingDown => Response::from_error(Error::ShuttingDown),
         Reply::Unavailable => Response::from_error(Error::LogUnavailable),
@@ -279,7 +281,21 @@ pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: i
                 r
             }
             WriteOutcome::Full => Response::from_error(Error::StoreFull),
+            WriteOutcome::OverQuota(OverQuota { scope: Scope::Ip, retry_after_secs }) => {
+                Response::from_error(Error::IpKeyQuota(retry_after_secs))
+            }
+            WriteOutcome::OverQuota(OverQuota { scope: Scope::Net, retry_after_secs }) => {
+                Response::from_error(Error::NetKeyQuota(retry_after_secs))
+            }
         },
+    }
+}
+
+/// The 429 for a refused rate-limit charge.
+fn limited(refused: Refused, retry_after: u64) -> Error {
+    match refused {
+        Refused::Exhausted | Refused::TableFull => Error::RateLimited(retry_after),
+        Refused::NetExhausted => Error::NetRateLimited(retry_after),
     }
 }
 
@@ -295,7 +311,7 @@ pub fn found_response(found: Found) -> Response {
 pub fn respond_wait(reply: Option<Reply>, timeout_status: u16, retry_after: impl FnOnce() -> u64) -> Response {
     match reply {
         Some(Reply::Got(Some(found))) => found_response(found),
-        Some(Reply::Limited(_)) => Response::from_error(Error::RateLimited(retry_after())),
+        Some(Reply::Limited(refused)) => Response::from_error(limited(refused, retry_after())),
         Some(Reply::Got(None)) => Response::from_error(Error::KeyNotFound),
         Some(Reply::ShuttingDown) => Response::from_error(Error::ShuttingDown),
         Some(Reply::Unavailable) => Response::from_error(Error::LogUnavailable),

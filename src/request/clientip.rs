@@ -116,17 +116,6 @@ pub fn client_ip(peer: IpAddr, xff: Option<&[u8]>, trusted: &TrustedProxies) -> 
     leftmost_trusted.unwrap_or(peer)
 }
 
-/// Rate-limit bucket identity: the IPv4 address, or the IPv6 /64 prefix.
-///
-/// IPv4 is tagged into `ffff:ffff::/32`, a multicast range that `parse_entry`
-/// and TCP never yield as a client, so the two families never collide.
-pub fn bucket_key(ip: IpAddr) -> u64 {
-    match canonical(ip) {
-        IpAddr::V4(v4) => 0xffff_ffff_0000_0000 | u64::from(u32::from(v4)),
-        IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,13 +182,5 @@ mod tests {
         assert!(!TrustedProxies::parse("").unwrap().contains(ip("127.0.0.1")));
         assert!(TrustedProxies::parse("10.0.0.0/33").is_err());
         assert!(TrustedProxies::parse("nope").is_err());
-    }
-
-    #[test]
-    fn buckets_per_v4_and_v6_64() {
-        assert_ne!(bucket_key(ip("1.2.3.4")), bucket_key(ip("1.2.3.5")));
-        assert_eq!(bucket_key(ip("2001:db8:1:2::1")), bucket_key(ip("2001:db8:1:2:ffff::9")));
-        assert_ne!(bucket_key(ip("2001:db8:1:2::1")), bucket_key(ip("2001:db8:1:3::1")));
-        assert_eq!(bucket_key(ip("::ffff:1.2.3.4")), bucket_key(ip("1.2.3.4")));
     }
 }

@@ -113,9 +113,20 @@ pub struct Limits {
     pub max_value_size: usize,
     pub max_num_kv: usize,
     pub max_requests: u32,
+    pub max_requests_per_net: u32,
+    /// Key quotas in keys (0: off).
+    pub max_keys_per_ip: usize,
+    pub max_keys_per_net: usize,
     pub expire: Duration,
     pub reset: Duration,
     pub max_wait: Duration,
+}
+
+fn quota(keys: usize) -> String {
+    match keys {
+        0 => "no limit".to_string(),
+        n => n.to_string(),
+    }
 }
 
 /// Renders the page for a request that named `host` (or the listen
@@ -175,7 +186,8 @@ curl -d '4000' {base}/set/ip/game     # then: curl {base}/get/ip/&lt;your IP&gt;
 <tr><td>keys in the store</td><td>{max_kv}</td></tr>
 <tr><td>maximum and default TTL</td><td>{expire}</td></tr>
 <tr><td>longest blocking read</td><td>{max_wait}</td></tr>
-<tr><td>rate limit</td><td>{max_req} tokens per IP (IPv6: per /64) every {reset}; 429 with <code>Retry-After</code> when empty</td></tr>
+<tr><td>rate limit</td><td>{max_req} tokens per IP (IPv6: per /64) and {max_req_net} per network (IPv4 /24, IPv6 /48) every {reset}; a request needs both; 429 with <code>Retry-After</code> when empty</td></tr>
+<tr><td>keys you created that are still live</td><td>{quota_ip} per IP (IPv6: per /64), {quota_net} per network (IPv4 /24, IPv6 /48); creating one more: 429 with <code>Retry-After</code> (when your oldest key expires); your existing keys can still be updated or deleted</td></tr>
 </table>
 </body></html>
 "#,
@@ -184,6 +196,9 @@ curl -d '4000' {base}/set/ip/game     # then: curl {base}/get/ip/&lt;your IP&gt;
         max_value = cfg.max_value_size,
         max_kv = cfg.max_num_kv,
         max_req = cfg.max_requests,
+        max_req_net = cfg.max_requests_per_net,
+        quota_ip = quota(cfg.max_keys_per_ip),
+        quota_net = quota(cfg.max_keys_per_net),
         demo = DEMO,
     )
 }
@@ -203,6 +218,9 @@ mod tests {
             max_value_size: 4096,
             max_num_kv: 10_000,
             max_requests: 99,
+            max_requests_per_net: 990,
+            max_keys_per_ip: 50,
+            max_keys_per_net: 0,
             expire: Duration::from_secs(30 * 60),
             reset: Duration::from_secs(60),
             max_wait: Duration::from_secs(60),
@@ -216,6 +234,8 @@ mod tests {
         assert!(p.contains("http://rv.example:8080/get/my-mesh/peer-a"));
         assert!(p.contains("4096 bytes"));
         assert!(p.contains("99 tokens"));
+        assert!(p.contains("990 per network"));
+        assert!(p.contains("50 per IP (IPv6: per /64), no limit per network"));
         assert!(p.contains("30m"));
         let evil = page(b"<script>alert(1)</script>", false, &cfg);
         assert!(!evil.contains("<script>alert(1)"));

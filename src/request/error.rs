@@ -49,6 +49,13 @@ pub enum Error {
     StoreFull,
     /// Out of tokens; seconds until the next refill.
     RateLimited(u64),
+    /// The client's network (IPv4 /24, IPv6 /48) is out of tokens; seconds
+    /// until the next refill.
+    NetRateLimited(u64),
+    /// A create over `-maxKeysPerIP`; seconds until the client's oldest key expires.
+    IpKeyQuota(u64),
+    /// A create over `-maxKeysPerNet`; seconds until the network's oldest key expires.
+    NetKeyQuota(u64),
     /// The server is shutting down and takes no new requests.
     ShuttingDown,
     /// `?wait=` is not a positive Go duration.
@@ -84,7 +91,7 @@ impl Error {
             | DuplicateHeader => 400,
             WrongSecret => 403,
             StoreFull => 507,
-            RateLimited(_) => 429,
+            RateLimited(_) | NetRateLimited(_) | IpKeyQuota(_) | NetKeyQuota(_) => 429,
             ShuttingDown | TooManyWaiters => 503,
             BadWait => 400,
             TooManyWaitersFromIp => 429,
@@ -120,6 +127,15 @@ impl Error {
             WrongSecret => "Wrong owner secret",
             StoreFull => "Store full",
             RateLimited(_) => "Too many requests",
+            NetRateLimited(_) => "Too many requests from your network (IPv4 /24, IPv6 /48)",
+            IpKeyQuota(_) => {
+                "Key quota reached: your address (IPv6: /64) has created the most live keys allowed \
+                 (-maxKeysPerIP); update or delete one of yours, or retry when one expires"
+            }
+            NetKeyQuota(_) => {
+                "Key quota reached: your network (IPv4 /24, IPv6 /48) has created the most live keys \
+                 allowed (-maxKeysPerNet); update or delete one of yours, or retry when one expires"
+            }
             ShuttingDown => "Server shutting down",
             BadWait => "Invalid wait: use a positive Go duration such as 30s",
             TooManyWaitersFromIp => "Too many waiting requests from this address",

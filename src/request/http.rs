@@ -531,6 +531,8 @@ pub struct Response {
     /// A CORS preflight answer: the methods to allow (adds the
     /// `Access-Control-Allow-*` headers).
     pub preflight: Option<&'static str>,
+    /// The failure this response reports, if any (for the metrics' reasons).
+    pub error: Option<Error>,
 }
 
 impl Response {
@@ -544,13 +546,18 @@ impl Response {
             allow: None,
             etag: None,
             preflight: None,
+            error: None,
         }
     }
 
     pub fn from_error(e: Error) -> Self {
         let mut r = Response::new(e.status(), Body::Text(e.message()));
+        r.error = Some(e);
         match e {
-            Error::RateLimited(secs) => r.retry_after = Some(secs),
+            Error::RateLimited(secs)
+            | Error::NetRateLimited(secs)
+            | Error::IpKeyQuota(secs)
+            | Error::NetKeyQuota(secs) => r.retry_after = Some(secs),
             Error::LogUnavailable | Error::ShuttingDown | Error::TooManyWaiters => r.retry_after = Some(1),
             Error::MethodNotAllowed(allow) => r.allow = Some(allow),
             _ => {}

@@ -24,6 +24,7 @@ use crate::runtime::connlimit::{Permit, Refusal};
 use crate::runtime::router::{Router, WaitFuture};
 use crate::runtime::shared::Shared;
 use crate::state::command::{Charge, Reply};
+use crate::state::net;
 use crate::state::shard::WriteOutcome;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -100,11 +101,15 @@ impl CoreCtx {
             max_ttl: cfg.expire_duration,
             max_wait: cfg.max_wait,
         };
+        let (max_keys_per_ip, max_keys_per_net) = cfg.key_quotas();
         let page_limits = docs::Limits {
             max_key_size: cfg.max_key_size,
             max_value_size: cfg.max_value_size,
             max_num_kv: cfg.max_num_kv,
             max_requests: cfg.max_requests,
+            max_requests_per_net: cfg.max_requests_per_net,
+            max_keys_per_ip,
+            max_keys_per_net,
             expire: cfg.expire_duration,
             reset: cfg.reset_duration,
             max_wait: cfg.max_wait,
@@ -255,7 +260,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         Stop::Done | Stop::Broken => {}
         Stop::Reject(e) => {
             if ctx.shared.metrics_on {
-                stats.request(metrics::ROUTE_OTHER, e.status(), 0);
+                stats.request(metrics::ROUTE_OTHER, e.status(), Some(e), 0);
             }
             conn.reject(e).await
         }
@@ -509,7 +514,7 @@ impl Conn<'_> {
             }
             Ok(Action::Preflight(route)) => (Some(route), false, api::preflight(route)),
             Ok(Action::Store(api::StoreAction { op, cost, meta })) => {
-                let charge = Some(Charge { bucket: clientip::bucket_key(client), cost });
+                let charge = Some(Charge { bucket: net::client(client), cost });
                 let reply = ctx.router.run(charge, op).await;
                 let conflict =
                     matches!(reply, Reply::Wrote(WriteOutcome::Conflict { .. } | WriteOutcome::Existing { .. }));
@@ -529,7 +534,7 @@ impl Conn<'_> {
             let stats = ctx.stats();
             // Time parked is not request latency: it has its own histogram.
             let elapsed = started.elapsed().saturating_sub(parked);
-            stats.request(route, response.status, elapsed.as_nanos() as u64);
+            stats.request(route, response.status, response.error, elapsed.as_nanos() as u64);
             if conflict {
                 stats.conflict(route);
             }
@@ -554,7 +559,7 @@ impl Conn<'_> {
         };
         let periods = ctx.router.periods();
         let retry_after = || periods.retry_after_secs(Instant::now());
-        let charge = Some(Charge { bucket: clientip::bucket_key(self.client), cost: route::READ_COST });
+        let charge = Some(Charge { bucket: net::client(self.client), cost: route::READ_COST });
         let mut waited = Duration::ZERO;
         let reply = match ctx.router.wait(charge, wait.key, wait.until).await {
             Err(immediate) => Some(immediate),

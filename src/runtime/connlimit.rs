@@ -8,7 +8,8 @@
 //! close, never on the request path. Trusted proxies are exempt from the
 //! per-IP limit: behind one, a single peer address carries many clients.
 
-use crate::request::clientip::{bucket_key, TrustedProxies};
+use crate::request::clientip::TrustedProxies;
+use crate::state::net;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -68,7 +69,7 @@ impl ConnLimits {
         if admitted.is_err() {
             return Err(Refusal::ServerFull);
         }
-        let bucket = (!self.exempt.contains(peer)).then(|| bucket_key(peer));
+        let bucket = (!self.exempt.contains(peer)).then(|| net::client(peer));
         if let Some(b) = bucket {
             let mut map = self.stripe(b);
             let count = map.entry(b).or_insert(0);

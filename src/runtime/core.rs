@@ -266,6 +266,7 @@ async fn sweeper(shared: Arc<Shared>, id: usize, router: Rc<Router>) {
             stats.stored_bytes.set(owned.shard.bytes() as u64);
             stats.expired.set(owned.shard.expired_total());
             stats.tracked_clients.set(owned.limiter.tracked() as u64);
+            stats.tracked_networks.set(owned.limiter.tracked_networks() as u64);
             stats.waiters.set(owned.waiters.parked() as u64);
             stats.waiter_wakeups.set(owned.waiters.woken_total());
         });

@@ -95,18 +95,26 @@ families! {
         "Key and value bytes stored.";
     KeysExpired: Counter Count "rendezvous_keys_expired_total" []
         "Keys removed because their TTL ran out.";
-    StoreFull: Counter Count "rendezvous_store_full_total" []
-        "Writes refused with 507 because -maxNumKV was reached.";
+    CreatesRefused: Counter Count "rendezvous_creates_refused_total" ["reason"]
+        "Creates refused: -maxNumKV reached (reason=store_full, 507), or the client's -maxKeysPerIP (ip_quota) or network's -maxKeysPerNet (net_quota) quota (429).";
+    QuotaMax: Gauge Count "rendezvous_quota_max" ["scope"]
+        "The key quotas in keys: -maxKeysPerIP (scope=ip) and -maxKeysPerNet (scope=net); 0 when off.";
+    QuotaAtLimit: Gauge Count "rendezvous_quota_at_limit" ["scope"]
+        "Clients (scope=ip) and networks (scope=net) holding as many live keys as their quota allows.";
+    QuotaGroups: Gauge Count "rendezvous_quota_networks" []
+        "Networks (clients, when only -maxKeysPerIP is on) with live keys counted against a quota.";
     SecretRejections: Counter Count "rendezvous_secret_rejections_total" []
         "Writes refused with 403 (wrong or missing owner secret).";
     Conflicts: Counter Count "rendezvous_conflicts_total" ["route"]
         "cas/casoc value mismatches (409) and los on a present key.";
-    RateLimited: Counter Count "rendezvous_rate_limited_total" []
-        "Requests refused with 429.";
+    RateLimited: Counter Count "rendezvous_rate_limited_total" ["reason"]
+        "Requests refused with 429 for want of rate-limit tokens: the client's (reason=ip) or its network's (reason=net).";
     TrackedClients: Gauge Count "rendezvous_ratelimit_tracked_clients" []
         "Client buckets tracked this refill period.";
     TrackedClientsMax: Gauge Count "rendezvous_ratelimit_tracked_clients_max" []
         "The -maxTrackedIPs limit.";
+    TrackedNetworks: Gauge Count "rendezvous_ratelimit_tracked_networks" []
+        "Network buckets tracked this refill period (also capped by -maxTrackedIPs).";
     CrossCoreMessages: Counter Count "rendezvous_cross_core_messages_total" ["core"]
         "Commands sent to another core, by sending core.";
     CrossCoreBatches: Counter Count "rendezvous_cross_core_batches_total" ["core"]
@@ -277,11 +285,26 @@ impl Exporter {
         gauge!(F::KeysMax.name()).set(shared.budget.max() as f64);
         gauge!(F::StoredBytes.name()).set(sum(|s| s.stored_bytes.get()) as f64);
         counter!(F::KeysExpired.name()).absolute(sum(|s| s.expired.get()));
-        counter!(F::StoreFull.name()).absolute(sum(|s| s.store_full.get()));
-        counter!(F::SecretRejections.name()).absolute(sum(|s| s.secret_rejections.get()));
-        counter!(F::RateLimited.name()).absolute(sum(|s| s.rate_limited.get()));
+        for (i, reason) in stats::CREATE_REFUSAL_REASONS.iter().enumerate() {
+            counter!(F::CreatesRefused.name(), "reason" => *reason)
+                .absolute(stats.iter().map(|s| s.creates_refused(i)).sum());
+        }
+        let quotas = shared.budget.quotas();
+        let census = quotas.census(crate::clock::unix_ms());
+        let [ip, net] = stats::QUOTA_SCOPES;
+        gauge!(F::QuotaMax.name(), "scope" => ip).set(quotas.per_ip() as f64);
+        gauge!(F::QuotaMax.name(), "scope" => net).set(quotas.per_net() as f64);
+        gauge!(F::QuotaAtLimit.name(), "scope" => ip).set(census.ips_at_limit as f64);
+        gauge!(F::QuotaAtLimit.name(), "scope" => net).set(census.nets_at_limit as f64);
+        gauge!(F::QuotaGroups.name()).set(census.groups as f64);
+        counter!(F::SecretRejections.name()).absolute(sum(|s| s.secret_rejections()));
+        for (i, reason) in stats::RATE_LIMIT_REASONS.iter().enumerate() {
+            counter!(F::RateLimited.name(), "reason" => *reason)
+                .absolute(stats.iter().map(|s| s.rate_limited(i)).sum());
+        }
         gauge!(F::TrackedClients.name()).set(sum(|s| s.tracked_clients.get()) as f64);
         gauge!(F::TrackedClientsMax.name()).set(cfg.max_tracked_ips as f64);
+        gauge!(F::TrackedNetworks.name()).set(sum(|s| s.tracked_networks.get()) as f64);
         for (core, s) in stats.iter().enumerate() {
             let core = core.to_string();
             counter!(F::CrossCoreMessages.name(), "core" => core.clone()).absolute(s.cross_core_sent.get());

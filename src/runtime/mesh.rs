@@ -8,6 +8,7 @@
 //! This module moves messages; what they mean is `router`'s business.
 
 use crate::state::command::{Cmd, Reply};
+use crate::state::net;
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::hash_map::RandomState;
@@ -101,9 +102,10 @@ impl Routing {
         self.spread(self.hasher.hash_one(key))
     }
 
-    /// The core owning a client's rate-limit bucket.
-    pub fn bucket_owner(&self, bucket: u64) -> usize {
-        self.spread(self.hasher.hash_one(bucket))
+    /// The core owning a client's rate-limit buckets: its network's core,
+    /// which keeps the client's bucket too, so one charge takes both.
+    pub fn bucket_owner(&self, client: u64) -> usize {
+        self.spread(self.hasher.hash_one(net::network(client)))
     }
 
     pub fn cores(&self) -> usize {

@@ -246,7 +246,8 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let signals = lifecycle::install_signals();
     let n = config.threads;
     let routing = Routing::new(n);
-    let budget = Arc::new(KeyBudget::new(config.max_num_kv));
+    let (per_ip, per_net) = config.key_quotas();
+    let budget = Arc::new(KeyBudget::with_quotas(config.max_num_kv, per_ip, per_net));
     raise_fd_limit(config.max_conns);
     // The port first: a second instance must fail before it touches the
     // data directory or spends time loading.
@@ -283,7 +284,8 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let cores = listeners.into_iter().zip(receivers).zip(shards).enumerate();
     for (id, ((listener, inbox), shard)) in cores {
-        let limiter = Limiter::new(shared.config.max_requests, shared.config.max_tracked_ips.div_ceil(n));
+        let c = &shared.config;
+        let limiter = Limiter::new(c.max_requests, c.max_requests_per_net, c.max_tracked_ips.div_ceil(n));
         let start = CoreStart {
             id,
             shared: shared.clone(),

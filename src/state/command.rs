@@ -160,7 +160,7 @@ mod tests {
     use crate::state::shard::Condition;
 
     fn owned() -> Owned {
-        Owned::new(Shard::with_capacity(4), Limiter::new(100, 10))
+        Owned::new(Shard::with_capacity(4), Limiter::new(100, 1000, 10))
     }
 
     const NOW: Now = Now { unix_ms: 1000, epoch: 0 };
@@ -178,7 +178,7 @@ mod tests {
     #[test]
     fn refused_charge_skips_the_operation() {
         let budget = KeyBudget::new(10);
-        let mut o = Owned::new(Shard::with_capacity(4), Limiter::new(3, 10));
+        let mut o = Owned::new(Shard::with_capacity(4), Limiter::new(3, 1000, 10));
         let mut w = Vec::new();
         let write = |v: &[u8]| Op::Write(Write::new(b"k", v, None, 5000, Condition::Set).unwrap());
         let charge = Some(Charge { bucket: 1, cost: 3 });

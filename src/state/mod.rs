@@ -8,8 +8,10 @@
 //! `unwrap`, `expect` and `panic!` are refused by clippy outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::unreachable))]
 
+pub mod budget;
 pub mod command;
 pub mod entry;
+pub mod net;
 pub mod ratelimit;
 pub mod record;
 pub mod secret;

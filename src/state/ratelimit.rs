@@ -1,15 +1,20 @@
-//! Per-client token buckets: `-maxRequests` tokens per IP (IPv6: per /64),
-//! refilled to full every `-resetDuration`.
+//! Token buckets: `-maxRequests` tokens per client (an IPv4 address, an
+//! IPv6 /64) and `-maxRequestsPerNet` per network (an IPv4 /24, an IPv6
+//! /48), refilled to full every `-resetDuration`. A request needs tokens in
+//! both, so renting many addresses in one network does not multiply what
+//! it may send.
 //!
-//! Every core owns the buckets of the client IPs that route to it (the IP is
-//! treated like a key, see `router`), so charging is a plain map update with
-//! no lock and counting is exact under any concurrency. Refill is global and
+//! Every core owns the buckets of the networks that route to it (the
+//! network is treated like a key, see `router`), and with them the buckets
+//! of every client in those networks, so charging is a plain map update
+//! with no lock and counting is exact under any concurrency. Refill is global and
 //! aligned to the server's start, so every core agrees on when a period ends
 //! and `Retry-After` is the same whichever core answers. At each refill the
 //! whole table is forgotten (an idle IP costs nothing after one period), and
 //! the table is capped so that millions of spoofed or IPv6 identities cannot
 //! exhaust memory. Pure logic: time is passed in, nothing here does I/O.
 
+use crate::state::net;
 use std::collections::hash_map::RandomState;
 use std::time::{Duration, Instant};
 
@@ -47,6 +52,8 @@ impl Periods {
 pub enum Refused {
     /// The bucket has fewer tokens than the request costs.
     Exhausted,
+    /// The client's network has fewer tokens than the request costs.
+    NetExhausted,
     /// This core already tracks its share of distinct clients this period.
     TableFull,
 }
@@ -54,21 +61,28 @@ pub enum Refused {
 /// The buckets owned by one core.
 pub struct Limiter {
     max_tokens: u32,
+    max_net_tokens: u32,
     capacity: usize,
     epoch: u64,
-    /// Tokens spent this period, by bucket key (`clientip::bucket_key`).
+    /// Tokens spent this period, by client key (`net::client`).
     /// Absent means untouched (full).
     spent: hashbrown::HashMap<u64, u32, RandomState>,
+    /// The same by network (`net::network`). A map of its own: a network
+    /// key can equal the client key of the network's first /64.
+    net_spent: hashbrown::HashMap<u64, u32, RandomState>,
 }
 
 impl Limiter {
-    /// `capacity` bounds how many distinct clients this core tracks per period.
-    pub fn new(max_tokens: u32, capacity: usize) -> Self {
+    /// `capacity` bounds how many distinct clients (and, apart, networks)
+    /// this core tracks per period.
+    pub fn new(max_tokens: u32, max_net_tokens: u32, capacity: usize) -> Self {
         Limiter {
             max_tokens,
+            max_net_tokens,
             capacity: capacity.max(1),
             epoch: 0,
             spent: hashbrown::HashMap::with_hasher(RandomState::new()),
+            net_spent: hashbrown::HashMap::with_hasher(RandomState::new()),
         }
     }
 
@@ -79,36 +93,44 @@ impl Limiter {
             return;
         }
         self.epoch = epoch;
-        let last = self.spent.len();
-        self.spent.clear();
-        self.spent.shrink_to(last);
+        for map in [&mut self.spent, &mut self.net_spent] {
+            let last = map.len();
+            map.clear();
+            map.shrink_to(last);
+        }
     }
 
-    /// Takes `cost` tokens from `bucket`, or refuses and takes nothing.
-    pub fn charge(&mut self, bucket: u64, cost: u32, epoch: u64) -> Result<(), Refused> {
+    /// Takes `cost` tokens from `client`'s bucket and its network's, or
+    /// refuses and takes nothing from either.
+    pub fn charge(&mut self, client: u64, cost: u32, epoch: u64) -> Result<(), Refused> {
         self.refill_if_due(epoch);
-        let max = u64::from(self.max_tokens);
-        if let Some(spent) = self.spent.get_mut(&bucket) {
-            let after = u64::from(*spent) + u64::from(cost);
-            if after > max {
-                return Err(Refused::Exhausted);
-            }
-            *spent = after as u32;
-            return Ok(());
-        }
-        if u64::from(cost) > max {
-            return Err(Refused::Exhausted);
-        }
-        if self.spent.len() >= self.capacity {
+        let network = net::network(client);
+        let after = |spent: Option<&u32>, max: u32| {
+            let after = u64::from(spent.copied().unwrap_or(0)) + u64::from(cost);
+            (after <= u64::from(max)).then_some(after as u32)
+        };
+        let client_spent = self.spent.get(&client);
+        let Some(client_after) = after(client_spent, self.max_tokens) else { return Err(Refused::Exhausted) };
+        let net_spent = self.net_spent.get(&network);
+        let Some(net_after) = after(net_spent, self.max_net_tokens) else { return Err(Refused::NetExhausted) };
+        if (client_spent.is_none() && self.spent.len() >= self.capacity)
+            || (net_spent.is_none() && self.net_spent.len() >= self.capacity)
+        {
             return Err(Refused::TableFull);
         }
-        self.spent.insert(bucket, cost);
+        self.spent.insert(client, client_after);
+        self.net_spent.insert(network, net_after);
         Ok(())
     }
 
     /// Number of clients with a bucket this period.
     pub fn tracked(&self) -> usize {
         self.spent.len()
+    }
+
+    /// Number of networks with a bucket this period.
+    pub fn tracked_networks(&self) -> usize {
+        self.net_spent.len()
     }
 }
 
@@ -118,7 +140,7 @@ mod tests {
 
     #[test]
     fn exact_budget_then_refusal_consumes_nothing() {
-        let mut l = Limiter::new(17, 100);
+        let mut l = Limiter::new(17, 1000, 100);
         for _ in 0..17 {
             assert_eq!(l.charge(1, 1, 0), Ok(()));
         }
@@ -130,7 +152,7 @@ mod tests {
 
     #[test]
     fn write_needs_three_tokens_and_refusal_keeps_the_rest() {
-        let mut l = Limiter::new(4, 100);
+        let mut l = Limiter::new(4, 1000, 100);
         assert_eq!(l.charge(1, 3, 0), Ok(()));
         assert_eq!(l.charge(1, 3, 0), Err(Refused::Exhausted));
         // The refused write took nothing: one GET still fits.
@@ -140,7 +162,7 @@ mod tests {
 
     #[test]
     fn refill_forgets_everyone() {
-        let mut l = Limiter::new(1, 100);
+        let mut l = Limiter::new(1, 1000, 100);
         assert_eq!(l.charge(1, 1, 0), Ok(()));
         assert_eq!(l.charge(1, 1, 0), Err(Refused::Exhausted));
         assert_eq!(l.charge(1, 1, 1), Ok(()));
@@ -150,16 +172,16 @@ mod tests {
 
     #[test]
     fn max_u32_budget() {
-        let mut l = Limiter::new(u32::MAX, 10);
+        let mut l = Limiter::new(u32::MAX, u32::MAX, 10);
         assert_eq!(l.charge(1, 3, 0), Ok(()));
-        let mut l = Limiter::new(0, 10);
+        let mut l = Limiter::new(0, 0, 10);
         assert_eq!(l.charge(1, 1, 0), Err(Refused::Exhausted));
         assert_eq!(l.tracked(), 0);
     }
 
     #[test]
     fn table_is_bounded() {
-        let mut l = Limiter::new(10, 3);
+        let mut l = Limiter::new(10, 1000, 3);
         for ip in 0..3 {
             assert_eq!(l.charge(ip, 1, 0), Ok(()));
         }
@@ -169,6 +191,31 @@ mod tests {
         // Next period, room again, and memory given back.
         assert_eq!(l.charge(99, 1, 1), Ok(()));
         assert_eq!(l.tracked(), 1);
+    }
+
+    fn client(s: &str) -> u64 {
+        net::client(s.parse().unwrap())
+    }
+
+    #[test]
+    fn network_budget_is_shared_by_its_clients() {
+        let mut l = Limiter::new(5, 8, 100);
+        // Two /64s of one /48 share its 8 tokens.
+        assert_eq!(l.charge(client("2001:db8:1:1::1"), 3, 0), Ok(()));
+        assert_eq!(l.charge(client("2001:db8:1:2::1"), 3, 0), Ok(()));
+        assert_eq!(l.charge(client("2001:db8:1:3::1"), 3, 0), Err(Refused::NetExhausted));
+        // The refusal took nothing: two tokens are still there.
+        assert_eq!(l.charge(client("2001:db8:1:3::1"), 2, 0), Ok(()));
+        assert_eq!(l.charge(client("2001:db8:1:3::1"), 1, 0), Err(Refused::NetExhausted));
+        // The per-client budget still binds first where it is smaller.
+        assert_eq!(l.charge(client("192.0.2.1"), 3, 0), Ok(()));
+        assert_eq!(l.charge(client("192.0.2.1"), 3, 0), Err(Refused::Exhausted));
+        assert_eq!(l.charge(client("192.0.2.2"), 3, 0), Ok(()));
+        assert_eq!(l.charge(client("192.0.2.3"), 3, 0), Err(Refused::NetExhausted));
+        assert_eq!(l.charge(client("192.0.3.3"), 3, 0), Ok(()));
+        assert_eq!((l.tracked(), l.tracked_networks()), (6, 3));
+        // Everything refills together.
+        assert_eq!(l.charge(client("2001:db8:1:3::1"), 3, 1), Ok(()));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! key, independent of the routing hash. Everything here is deterministic
 //! given `now_ms`: no clock, no I/O, no logging.
 
+pub use crate::state::budget::KeyBudget;
+use crate::state::budget::{OverQuota, Refusal};
 pub use crate::state::entry::{Entry, KeyTooLong, MAX_KEY_LEN, MAX_VERSION};
 use crate::state::record::Journal;
 use crate::state::secret::{self, SecretHash};
@@ -17,50 +19,6 @@ use crate::state::secret::{self, SecretHash};
 use hashbrown::HashTable;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// The server-wide `-maxNumKV` budget shared by all shards.
-///
-/// An atomic counter touched only when a key is created or removed (never on
-/// reads or updates), which keeps the limit exact across cores without a lock
-/// on the request path.
-#[derive(Debug)]
-pub struct KeyBudget {
-    live: AtomicUsize,
-    max: usize,
-}
-
-impl KeyBudget {
-    pub fn new(max: usize) -> Self {
-        KeyBudget { live: AtomicUsize::new(0), max }
-    }
-
-    /// Claims room for one new key, or reports the store full.
-    pub fn try_reserve(&self) -> bool {
-        self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).is_ok()
-    }
-
-    /// Counts a key that must be kept whatever the limit (restored from
-    /// disk after a restart with a lower `-maxNumKV`): creates are refused
-    /// until the store is back under the limit.
-    pub fn force_reserve(&self) {
-        self.live.fetch_add(1, Ordering::AcqRel);
-    }
-
-    pub fn release(&self, n: usize) {
-        if n > 0 {
-            self.live.fetch_sub(n, Ordering::AcqRel);
-        }
-    }
-
-    pub fn live(&self) -> usize {
-        self.live.load(Ordering::Acquire)
-    }
-
-    pub fn max(&self) -> usize {
-        self.max
-    }
-}
 
 /// Entries a create that finds the store full examines for expired ones.
 const FULL_SWEEP: usize = 4096;
@@ -182,6 +140,8 @@ pub enum WriteOutcome {
     PreconditionFailed { version: Option<u64> },
     /// Creating the key would exceed `-maxNumKV`.
     Full,
+    /// Creating the key would put its client or network over quota.
+    OverQuota(OverQuota),
 }
 
 impl WriteOutcome {
@@ -331,12 +291,24 @@ impl Shard {
             OnAbsent::NotFound => return WriteOutcome::NotFound,
             OnAbsent::Create => {}
         }
-        // Full: expired keys not yet swept still hold their slots, so reclaim
-        // a slice of this shard's before refusing.
-        if !budget.try_reserve() && (self.sweep(now_ms, FULL_SWEEP, budget) == 0 || !budget.try_reserve()) {
-            return WriteOutcome::Full;
-        }
         let mut entry = w.entry;
+        let (creator, expires_ms) = (entry.creator(), entry.expires_ms);
+        match budget.admit(creator, expires_ms, now_ms) {
+            Ok(()) => {}
+            Err(Refusal::Quota(q)) => return WriteOutcome::OverQuota(q),
+            // Full: expired keys not yet swept still hold their slots, so
+            // reclaim a slice of this shard's before refusing.
+            Err(Refusal::Full) => {
+                if self.sweep(now_ms, FULL_SWEEP, budget) == 0 {
+                    return WriteOutcome::Full;
+                }
+                match budget.admit(creator, expires_ms, now_ms) {
+                    Ok(()) => {}
+                    Err(Refusal::Full) => return WriteOutcome::Full,
+                    Err(Refusal::Quota(q)) => return WriteOutcome::OverQuota(q),
+                }
+            }
+        }
         let version = self.next_version();
         entry.set_version(version);
         let expires_ms = entry.expires_ms;
@@ -392,9 +364,11 @@ impl Shard {
         let mut entry = w.entry;
         let version = self.next_version();
         entry.set_version(version);
-        // The key still counts against the network that created it.
-        entry.set_creator(self.entries[idx].creator());
+        // The key still counts against the client that created it.
+        let creator = self.entries[idx].creator();
+        entry.set_creator(creator);
         let expires_ms = entry.expires_ms;
+        budget.retime(creator, self.entries[idx].expires_ms, expires_ms);
         self.journal.put(&entry, entry.creator());
         let current = &mut self.entries[idx];
         self.bytes = self.bytes - current.payload_len() + entry.payload_len();
@@ -422,7 +396,7 @@ impl Shard {
         }
         let removed = self.entries.swap_remove(idx);
         self.bytes -= removed.payload_len();
-        budget.release(1);
+        budget.release(removed.creator(), removed.expires_ms);
     }
 
     /// Reclaims expired entries, examining at most `budget_entries` slots from
@@ -500,11 +474,13 @@ impl Shard {
         self.last_version = self.last_version.max(entry.version());
         let hash = self.hasher.hash_one(entry.key());
         if let Some(idx) = self.find(hash, entry.key()) {
-            self.bytes = self.bytes - self.entries[idx].payload_len() + entry.payload_len();
+            let old = &self.entries[idx];
+            budget.replace((old.creator(), old.expires_ms), (entry.creator(), entry.expires_ms));
+            self.bytes = self.bytes - old.payload_len() + entry.payload_len();
             self.entries[idx] = entry;
             return;
         }
-        budget.force_reserve();
+        budget.force(entry.creator(), entry.expires_ms);
         self.insert_new(hash, entry);
     }
 

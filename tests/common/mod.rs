@@ -61,8 +61,9 @@ impl Drop for TempDir {
 }
 
 impl Server {
-    /// Starts with test-friendly defaults (loopback, any port, no snapshot,
-    /// effectively unlimited rate) overridden by `args`.
+    /// Starts with test-friendly defaults (loopback, any port, a temporary
+    /// data directory, effectively unlimited rate; key quotas as shipped)
+    /// overridden by `args`.
     pub fn start(args: &[&str]) -> Server {
         Self::start_in(TempDir::new(), args)
     }
@@ -74,8 +75,9 @@ impl Server {
     /// The test-friendly command line for `args` in `dir`.
     pub fn command_line(dir: &TempDir, args: &[&str]) -> Vec<String> {
         let mut all: Vec<String> =
-            ["-l", "127.0.0.1", "-port", "0", "-maxRequests", "4294967295", "-disableLocalIPWarning"]
+            ["-l", "127.0.0.1", "-port", "0", "-maxRequests", "4294967295", "-maxRequestsPerNet", "4294967295"]
                 .iter()
+                .chain(&["-disableLocalIPWarning"])
                 .map(|s| s.to_string())
                 .collect();
         if !args.iter().any(|a| a.contains("metricsAddr")) {

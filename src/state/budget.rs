@@ -1,0 +1,512 @@
+//! Room in the store: the server-wide `-maxNumKV` budget and the key quotas
+//! of each client (`-maxKeysPerIP`) and network (`-maxKeysPerNet`).
+//!
+//! Keys are spread over the cores by their hash, so the keys one client
+//! created live on every core; these counts are therefore the one piece of
+//! state every core shares. They change only when a key is created,
+//! removed, or its expiry moves, never on reads. The total is one atomic.
+//! The quota counts sit in 64 mutex-guarded hash tables picked by a seeded
+//! hash of the network, so two cores contend only when they create keys for
+//! the same slice of networks at the same instant, and a check-and-count is
+//! one short critical section: exact under any concurrency.
+//!
+//! Each network (or client, when only the per-client quota is on) holds the
+//! sorted expiries of its keys, each packed with the client's host bits.
+//! That gives the live count at any instant without waiting for the sweep
+//! (keys past their expiry stop counting the moment they expire), the
+//! oldest key's expiry for `Retry-After`, and a per-client count by one
+//! scan of a list no longer than the network quota. It costs 32 bytes per
+//! network plus 8 per key beyond the first two of a network; the creator
+//! itself lives in the entry (and in its log and snapshot records), so the
+//! counts are rebuilt exactly at recovery.
+//!
+//! Pure bookkeeping: time comes in as an argument; no I/O.
+
+use crate::state::net;
+use hashbrown::HashTable;
+use smallvec::SmallVec;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Which quota refused a create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// `-maxKeysPerIP`: one IPv4 address or IPv6 /64.
+    Ip,
+    /// `-maxKeysPerNet`: one IPv4 /24 or IPv6 /48.
+    Net,
+}
+
+/// A create refused by a quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverQuota {
+    pub scope: Scope,
+    /// Whole seconds until the oldest of the counted keys expires (at least 1).
+    pub retry_after_secs: u64,
+}
+
+/// Why a create was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `-maxNumKV` keys are stored.
+    Full,
+    Quota(OverQuota),
+}
+
+/// The server-wide `-maxNumKV` budget plus the quotas, shared by all shards.
+#[derive(Debug)]
+pub struct KeyBudget {
+    live: AtomicUsize,
+    max: usize,
+    quotas: Quotas,
+}
+
+impl KeyBudget {
+    /// A budget of `max` keys, without quotas.
+    pub fn new(max: usize) -> Self {
+        KeyBudget::with_quotas(max, 0, 0)
+    }
+
+    /// A budget of `max` keys, at most `per_ip` per client and `per_net`
+    /// per network (0: that quota is off).
+    pub fn with_quotas(max: usize, per_ip: usize, per_net: usize) -> Self {
+        KeyBudget { live: AtomicUsize::new(0), max, quotas: Quotas::new(per_ip, per_net) }
+    }
+
+    /// Claims room for a key `creator` creates, expiring at `expires_ms`,
+    /// or says which limit refuses it. Nothing is counted on a refusal.
+    pub fn admit(&self, creator: u64, expires_ms: u64, now_ms: u64) -> Result<(), Refusal> {
+        self.quotas.admit(creator, expires_ms, now_ms).map_err(Refusal::Quota)?;
+        if self.live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).is_err() {
+            self.quotas.remove(creator, expires_ms);
+            return Err(Refusal::Full);
+        }
+        Ok(())
+    }
+
+    /// Counts a key that must be kept whatever the limits (restored from
+    /// disk after a restart with lower limits): creates are refused until
+    /// the store, client or network is back under its limit.
+    pub fn force(&self, creator: u64, expires_ms: u64) {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        self.quotas.add(creator, expires_ms);
+    }
+
+    /// Gives back a removed key's room.
+    pub fn release(&self, creator: u64, expires_ms: u64) {
+        self.live.fetch_sub(1, Ordering::AcqRel);
+        self.quotas.remove(creator, expires_ms);
+    }
+
+    /// A stored key now expires at `new_ms` (its creator unchanged).
+    pub fn retime(&self, creator: u64, old_ms: u64, new_ms: u64) {
+        self.quotas.retime(creator, old_ms, new_ms);
+    }
+
+    /// A stored key was replaced by one with another creator or expiry
+    /// (recovery replaying a record over a snapshot's entry).
+    pub fn replace(&self, old: (u64, u64), new: (u64, u64)) {
+        self.quotas.remove(old.0, old.1);
+        self.quotas.add(new.0, new.1);
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
+    }
+}
+
+/// Quota tables are split this many ways (a power of two).
+const TABLES: usize = 64;
+
+/// One network's (or client's) keys: `(expiry second << 16) | host`, sorted.
+#[derive(Debug)]
+struct Group {
+    id: u64,
+    keys: SmallVec<[u64; 2]>,
+}
+
+const _: () = assert!(std::mem::size_of::<Group>() == 32);
+
+/// Keeps each table on its own cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(Mutex<HashTable<Group>>);
+
+/// How many networks and clients are at their quota (for `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Networks (or clients, with only the per-client quota on) holding keys.
+    pub groups: usize,
+    pub nets_at_limit: usize,
+    pub ips_at_limit: usize,
+}
+
+/// Live keys by creating client and network.
+#[derive(Debug)]
+pub struct Quotas {
+    per_ip: usize,
+    per_net: usize,
+    tables: Box<[Padded]>,
+    hasher: RandomState,
+}
+
+fn lock(m: &Mutex<HashTable<Group>>) -> MutexGuard<'_, HashTable<Group>> {
+    // Nothing here panics while holding a lock; if something ever did, the
+    // counts are still consistent at every step, so keep using them.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The packed list element of a key expiring at `expires_ms`.
+fn pack(creator: u64, expires_ms: u64) -> u64 {
+    let secs = expires_ms.div_ceil(1000).min(u64::from(u32::MAX));
+    (secs << 16) | u64::from(net::host(creator))
+}
+
+fn host_of(k: u64) -> u16 {
+    k as u16
+}
+
+/// Index of the first key still live at `now_ms` (expiry second after now:
+/// a key counts until the whole second it expires in has passed, never
+/// less than its TTL).
+fn first_live(keys: &[u64], now_ms: u64) -> usize {
+    let now_s = now_ms / 1000;
+    keys.partition_point(|&k| (k >> 16) <= now_s)
+}
+
+fn retry_after(k: u64, now_ms: u64) -> u64 {
+    ((k >> 16) * 1000).saturating_sub(now_ms).div_ceil(1000).max(1)
+}
+
+impl Quotas {
+    pub fn new(per_ip: usize, per_net: usize) -> Self {
+        Quotas { per_ip, per_net, tables: (0..TABLES).map(|_| Padded::default()).collect(), hasher: RandomState::new() }
+    }
+
+    pub fn per_ip(&self) -> usize {
+        self.per_ip
+    }
+
+    pub fn per_net(&self) -> usize {
+        self.per_net
+    }
+
+    fn enabled(&self) -> bool {
+        self.per_ip > 0 || self.per_net > 0
+    }
+
+    /// The group a creator's keys are counted in: its network, unless only
+    /// the per-client quota is on (then a group is one client, so a scan
+    /// never walks another client's keys).
+    fn group_of(&self, creator: u64) -> u64 {
+        if self.per_net > 0 {
+            net::network(creator)
+        } else {
+            creator
+        }
+    }
+
+    fn table(&self, id: u64) -> (u64, &Mutex<HashTable<Group>>) {
+        let hash = self.hasher.hash_one(id);
+        // hashbrown uses the top 7 bits and the low bits: pick the table
+        // with bits in between.
+        (hash, &self.tables[(hash >> 51) as usize & (TABLES - 1)].0)
+    }
+
+    /// Counts a new key unless that puts its client or network over quota.
+    pub fn admit(&self, creator: u64, expires_ms: u64, now_ms: u64) -> Result<(), OverQuota> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let id = self.group_of(creator);
+        let (hash, table) = self.table(id);
+        let packed = pack(creator, expires_ms);
+        let mut t = lock(table);
+        let Some(g) = t.find_mut(hash, |g| g.id == id) else {
+            // A first key: every quota is at least 1.
+            let mut keys = SmallVec::new();
+            keys.push(packed);
+            t.insert_unique(hash, Group { id, keys }, |g| self.hasher.hash_one(g.id));
+            return Ok(());
+        };
+        let live = &g.keys[first_live(&g.keys, now_ms)..];
+        if self.per_net > 0 && live.len() >= self.per_net {
+            return Err(OverQuota { scope: Scope::Net, retry_after_secs: retry_after(live[0], now_ms) });
+        }
+        if self.per_ip > 0 && live.len() >= self.per_ip {
+            let host = net::host(creator);
+            let mut mine = live.iter().filter(|&&k| host_of(k) == host);
+            if let Some(&oldest) = mine.next() {
+                if 1 + mine.count() >= self.per_ip {
+                    return Err(OverQuota { scope: Scope::Ip, retry_after_secs: retry_after(oldest, now_ms) });
+                }
+            }
+        }
+        let at = g.keys.partition_point(|&k| k < packed);
+        g.keys.insert(at, packed);
+        Ok(())
+    }
+
+    /// Counts a key whatever the quotas say (recovery).
+    pub fn add(&self, creator: u64, expires_ms: u64) {
+        if !self.enabled() {
+            return;
+        }
+        let id = self.group_of(creator);
+        let (hash, table) = self.table(id);
+        let packed = pack(creator, expires_ms);
+        let mut t = lock(table);
+        match t.find_mut(hash, |g| g.id == id) {
+            Some(g) => {
+                let at = g.keys.partition_point(|&k| k < packed);
+                g.keys.insert(at, packed);
+            }
+            None => {
+                let mut keys = SmallVec::new();
+                keys.push(packed);
+                t.insert_unique(hash, Group { id, keys }, |g| self.hasher.hash_one(g.id));
+            }
+        }
+    }
+
+    /// Uncounts a key (removed: expired, deleted, or an admission undone).
+    pub fn remove(&self, creator: u64, expires_ms: u64) {
+        if !self.enabled() {
+            return;
+        }
+        let id = self.group_of(creator);
+        let (hash, table) = self.table(id);
+        let packed = pack(creator, expires_ms);
+        let mut t = lock(table);
+        let Ok(slot) = t.find_entry(hash, |g| g.id == id) else { return };
+        let g = slot.get();
+        let Ok(at) = g.keys.binary_search(&packed) else { return };
+        if g.keys.len() == 1 {
+            slot.remove();
+            // Give back what a flood of networks grew.
+            if t.capacity() > 64 && t.len() < t.capacity() / 8 {
+                let keep = t.len() * 2;
+                t.shrink_to(keep, |g| self.hasher.hash_one(g.id));
+            }
+            return;
+        }
+        let g = slot.into_mut();
+        g.keys.remove(at);
+        if g.keys.spilled() && g.keys.len() * 4 < g.keys.capacity() {
+            g.keys.shrink_to_fit();
+        }
+    }
+
+    /// Moves a key's expiry (an update): same count, new oldest.
+    pub fn retime(&self, creator: u64, old_ms: u64, new_ms: u64) {
+        if !self.enabled() {
+            return;
+        }
+        let (old, new) = (pack(creator, old_ms), pack(creator, new_ms));
+        if old == new {
+            return;
+        }
+        let id = self.group_of(creator);
+        let (hash, table) = self.table(id);
+        let mut t = lock(table);
+        let Some(g) = t.find_mut(hash, |g| g.id == id) else { return };
+        let Ok(at) = g.keys.binary_search(&old) else { return };
+        g.keys.remove(at);
+        let at = g.keys.partition_point(|&k| k < new);
+        g.keys.insert(at, new);
+    }
+
+    /// Live keys counted for `creator`'s client and network at `now_ms`.
+    pub fn counts(&self, creator: u64, now_ms: u64) -> (usize, usize) {
+        if !self.enabled() {
+            return (0, 0);
+        }
+        let id = self.group_of(creator);
+        let (hash, table) = self.table(id);
+        let t = lock(table);
+        let Some(g) = t.find(hash, |g| g.id == id) else { return (0, 0) };
+        let live = &g.keys[first_live(&g.keys, now_ms)..];
+        let host = net::host(creator);
+        (live.iter().filter(|&&k| host_of(k) == host).count(), live.len())
+    }
+
+    /// Networks and clients at their quota now. Walks every table, one
+    /// lock at a time (for the metrics thread, not the request path).
+    pub fn census(&self, now_ms: u64) -> Census {
+        let mut c = Census::default();
+        if !self.enabled() {
+            return c;
+        }
+        let mut hosts: Vec<u16> = Vec::new();
+        for table in self.tables.iter() {
+            let t = lock(&table.0);
+            c.groups += t.len();
+            for g in t.iter() {
+                let live = &g.keys[first_live(&g.keys, now_ms)..];
+                if self.per_net > 0 && live.len() >= self.per_net {
+                    c.nets_at_limit += 1;
+                }
+                if self.per_ip > 0 && live.len() >= self.per_ip {
+                    hosts.clear();
+                    hosts.extend(live.iter().map(|&k| host_of(k)));
+                    hosts.sort_unstable();
+                    c.ips_at_limit += hosts.chunk_by(|a, b| a == b).filter(|run| run.len() >= self.per_ip).count();
+                }
+            }
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn client(s: &str) -> u64 {
+        net::client(s.parse::<IpAddr>().unwrap())
+    }
+
+    const NOW: u64 = 1_000_000;
+
+    #[test]
+    fn budget_is_exact_and_refusal_counts_nothing() {
+        let b = KeyBudget::new(2);
+        assert_eq!(b.admit(1, NOW + 10, NOW), Ok(()));
+        assert_eq!(b.admit(2, NOW + 10, NOW), Ok(()));
+        assert_eq!(b.admit(3, NOW + 10, NOW), Err(Refusal::Full));
+        assert_eq!(b.live(), 2);
+        b.release(1, NOW + 10);
+        assert_eq!(b.admit(3, NOW + 10, NOW), Ok(()));
+        // Restored keys count whatever the limit.
+        b.force(4, NOW + 10);
+        assert_eq!(b.live(), 3);
+    }
+
+    #[test]
+    fn network_quota_spans_its_clients() {
+        let q = Quotas::new(3, 5);
+        let exp = NOW + 60_000;
+        // Five /64s of one /48 take the network's five keys.
+        for i in 0..5 {
+            assert_eq!(q.admit(client(&format!("2001:db8:1:{i}::1")), exp, NOW), Ok(()));
+        }
+        let refused = q.admit(client("2001:db8:1:99::1"), exp, NOW);
+        assert_eq!(refused, Err(OverQuota { scope: Scope::Net, retry_after_secs: 60 }));
+        // Another /48 is unaffected.
+        assert_eq!(q.admit(client("2001:db8:2::1"), exp, NOW), Ok(()));
+        assert_eq!(q.counts(client("2001:db8:1:3::7"), NOW), (1, 5));
+        // The same for IPv4 addresses in one /24.
+        for i in 1..=5 {
+            assert_eq!(q.admit(client(&format!("192.0.2.{i}")), exp, NOW), Ok(()));
+        }
+        assert!(matches!(q.admit(client("192.0.2.200"), exp, NOW), Err(OverQuota { scope: Scope::Net, .. })));
+        assert_eq!(q.admit(client("192.0.3.1"), exp, NOW), Ok(()));
+    }
+
+    #[test]
+    fn client_quota_within_a_network() {
+        let q = Quotas::new(2, 10);
+        let a = client("198.51.100.7");
+        assert_eq!(q.admit(a, NOW + 5_000, NOW), Ok(()));
+        assert_eq!(q.admit(a, NOW + 9_000, NOW), Ok(()));
+        // Refused, told to come back when its oldest key expires.
+        assert_eq!(q.admit(a, NOW + 9_000, NOW), Err(OverQuota { scope: Scope::Ip, retry_after_secs: 5 }));
+        // Its neighbour is not.
+        assert_eq!(q.admit(client("198.51.100.8"), NOW + 9_000, NOW), Ok(()));
+        // Only the per-client quota on: still per client.
+        let q = Quotas::new(1, 0);
+        assert_eq!(q.admit(a, NOW + 5_000, NOW), Ok(()));
+        assert!(q.admit(a, NOW + 5_000, NOW).is_err());
+        assert_eq!(q.admit(client("198.51.100.8"), NOW + 5_000, NOW), Ok(()));
+    }
+
+    #[test]
+    fn expiry_and_removal_give_slots_back() {
+        let q = Quotas::new(0, 2);
+        let a = client("203.0.113.1");
+        assert_eq!(q.admit(a, NOW + 1_000, NOW), Ok(()));
+        assert_eq!(q.admit(a, NOW + 3_500, NOW), Ok(()));
+        assert!(q.admit(a, NOW + 9_000, NOW).is_err());
+        // The first key expires at NOW+1s: from then on it does not count,
+        // swept or not.
+        assert_eq!(q.admit(a, NOW + 9_000, NOW + 1_000), Ok(()));
+        assert_eq!(q.counts(a, NOW + 1_000), (2, 2));
+        // A delete frees its slot at once.
+        q.remove(a, NOW + 3_500);
+        assert_eq!(q.counts(a, NOW + 1_000), (1, 1));
+        // Removing the expired key (the sweep) and the last one forgets the network.
+        q.remove(a, NOW + 1_000);
+        q.remove(a, NOW + 9_000);
+        assert_eq!(q.census(NOW).groups, 0);
+        // Removing what is not counted changes nothing.
+        q.remove(a, NOW + 9_000);
+        assert_eq!(q.counts(a, NOW), (0, 0));
+    }
+
+    #[test]
+    fn retime_moves_the_oldest() {
+        let q = Quotas::new(0, 2);
+        let a = client("203.0.113.1");
+        q.admit(a, NOW + 2_000, NOW).unwrap();
+        q.admit(a, NOW + 8_000, NOW).unwrap();
+        assert_eq!(q.admit(a, NOW, NOW).unwrap_err().retry_after_secs, 2);
+        // The oldest key was refreshed: the next to expire is the other one.
+        q.retime(a, NOW + 2_000, NOW + 20_000);
+        assert_eq!(q.admit(a, NOW, NOW).unwrap_err().retry_after_secs, 8);
+        assert_eq!(q.counts(a, NOW + 10_000), (1, 1));
+    }
+
+    #[test]
+    fn census_counts_groups_at_their_limits() {
+        let q = Quotas::new(2, 3);
+        let exp = NOW + 60_000;
+        for c in ["192.0.2.1", "192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::1"] {
+            q.admit(client(c), exp, NOW).unwrap();
+        }
+        assert_eq!(q.census(NOW), Census { groups: 2, nets_at_limit: 1, ips_at_limit: 2 });
+        // Once everything expired, nothing is at a limit.
+        assert_eq!(q.census(exp).nets_at_limit, 0);
+    }
+
+    #[test]
+    fn off_counts_nothing() {
+        let q = Quotas::new(0, 0);
+        for _ in 0..10 {
+            assert_eq!(q.admit(1, NOW + 1, NOW), Ok(()));
+        }
+        assert_eq!(q.census(NOW), Census::default());
+    }
+
+    #[test]
+    fn exact_under_concurrency() {
+        let b = std::sync::Arc::new(KeyBudget::with_quotas(1_000_000, 0, 100));
+        let admitted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|t| {
+                    let b = b.clone();
+                    s.spawn(move || {
+                        (0..1000)
+                            .filter(|i| {
+                                b.admit(client(&format!("192.0.2.{}", (t * 7 + i) % 250)), NOW + 1000, NOW).is_ok()
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 100);
+        assert_eq!(b.live(), 100);
+    }
+}

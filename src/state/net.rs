@@ -1,0 +1,95 @@
+//! Who a client is, as the state layer counts it: a client key (an IPv4
+//! address, or an IPv6 /64) and the network that contains it (an IPv4 /24,
+//! or an IPv6 /48).
+//!
+//! Rate limits, key quotas and the creator stored with every entry all use
+//! these two identities, so they are defined once, here, as plain `u64`s:
+//! cheap to hash, to store in an entry and to write in a log record. An
+//! IPv6 /64 is its top 64 bits. An IPv4 address is tagged into
+//! `ffff:ffff::/32`, a multicast range no client ever comes from, so the
+//! two families never collide. A client's network clears the low bits
+//! that tell the clients of one network apart (8 for IPv4, 16 for IPv6);
+//! those bits are the client's `host` within the network.
+
+use std::net::IpAddr;
+
+/// The tag in the top 32 bits of an IPv4 client key.
+const IPV4_TAG: u64 = 0xffff_ffff_0000_0000;
+
+/// The client key of an address: the IPv4 address itself, or the IPv6 /64.
+/// An IPv4-mapped IPv6 address is its IPv4 address.
+pub fn client(ip: IpAddr) -> u64 {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => IPV4_TAG | u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
+    }
+}
+
+/// Bits of a client key that name the client inside its network.
+fn host_mask(client: u64) -> u64 {
+    if client & IPV4_TAG == IPV4_TAG {
+        0xff
+    } else {
+        0xffff
+    }
+}
+
+/// The network (IPv4 /24, IPv6 /48) a client key belongs to.
+pub fn network(client: u64) -> u64 {
+    client & !host_mask(client)
+}
+
+/// Which client of its network this is (the low 8 or 16 bits).
+pub fn host(client: u64) -> u16 {
+    (client & host_mask(client)) as u16
+}
+
+/// A client key as text: `192.0.2.1`, or `2001:db8:1:2::/64`.
+pub fn describe(client: u64) -> String {
+    if client & IPV4_TAG == IPV4_TAG {
+        std::net::Ipv4Addr::from(client as u32).to_string()
+    } else {
+        format!("{}/64", std::net::Ipv6Addr::from(u128::from(client) << 64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> u64 {
+        client(s.parse().unwrap())
+    }
+
+    #[test]
+    fn ipv6_clients_are_slash_64_and_networks_slash_48() {
+        assert_eq!(c("2001:db8:1:2:aaaa::1"), c("2001:db8:1:2:ffff::9"));
+        assert_ne!(c("2001:db8:1:2::1"), c("2001:db8:1:3::1"));
+        assert_eq!(network(c("2001:db8:1:2::1")), network(c("2001:db8:1:ffff::1")));
+        assert_ne!(network(c("2001:db8:1:2::1")), network(c("2001:db8:2:2::1")));
+        assert_eq!(host(c("2001:db8:1:beef::1")), 0xbeef);
+    }
+
+    #[test]
+    fn ipv4_clients_are_addresses_and_networks_slash_24() {
+        assert_ne!(c("192.0.2.1"), c("192.0.2.2"));
+        assert_eq!(network(c("192.0.2.1")), network(c("192.0.2.254")));
+        assert_ne!(network(c("192.0.2.1")), network(c("192.0.3.1")));
+        assert_eq!(host(c("192.0.2.77")), 77);
+        assert_eq!(c("::ffff:192.0.2.1"), c("192.0.2.1"));
+        assert_eq!(describe(c("192.0.2.77")), "192.0.2.77");
+        assert_eq!(describe(c("2001:db8:1:2:3::4")), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn families_never_share_a_network() {
+        // The IPv6 /48 whose top bits look like the IPv4 tag is multicast
+        // (ff..), never a client; still, the host bits differ in width.
+        assert_ne!(network(c("0.0.0.1")), network(c("::1")));
+        assert_ne!(network(c("192.0.2.1")), network(c("c000:200::1")));
+    }
+}

@@ -1,0 +1,210 @@
+//! Key quotas per client and per network over real sockets: the attack of
+//! many /64s inside one /48 (and many addresses inside one IPv4 /24) holds
+//! no more than its quota and leaves room for everyone else; slots come
+//! back on delete and expiry; counts are exact under concurrency and
+//! survive a kill -9. Client addresses arrive through `X-Forwarded-For`
+//! from the trusted loopback peer, as behind a proxy.
+
+mod common;
+use common::*;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+fn from(ip: &str) -> [(&str, &str); 1] {
+    [("X-Forwarded-For", ip)]
+}
+
+/// Sends `writes` creates from each address, from 8 threads at once;
+/// returns how many were stored and the refusals' statuses and bodies.
+fn flood(s: &Server, addrs: &[String], writes: usize, tag: &str) -> (usize, Vec<(u16, String)>) {
+    let barrier = Arc::new(Barrier::new(8));
+    let chunks: Vec<Vec<String>> = addrs.chunks(addrs.len().div_ceil(8)).map(|c| c.to_vec()).collect();
+    let handles: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            let (addr, barrier, tag) = (s.addr, barrier.clone(), tag.to_string());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                barrier.wait();
+                let mut stored = 0;
+                let mut refused = Vec::new();
+                for ip in &chunk {
+                    for w in 0..writes {
+                        let r = c.req("POST", &format!("/set/{tag}/{ip}/{w}"), &from(ip), b"peer");
+                        match r.status {
+                            200 => stored += 1,
+                            _ => refused.push((r.status, r.text())),
+                        }
+                    }
+                }
+                (stored, refused)
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    let mut refused = Vec::new();
+    for h in handles {
+        let (s, r) = h.join().unwrap();
+        stored += s;
+        refused.extend(r);
+    }
+    (stored, refused)
+}
+
+/// The attack at the shipped defaults: -maxNumKV 100000, so 500
+/// keys per address (0.5%) and 1000 per network (1%).
+#[test]
+fn one_network_cannot_fill_the_store() {
+    let s = Server::start(&["-threads", "2", "-dataDir", ""]);
+    // 2000 /64s of one /48, five creates each.
+    let v6: Vec<String> = (0..2000).map(|i| format!("2001:db8:77:{i:x}::1")).collect();
+    let (stored, refused) = flood(&s, &v6, 5, "v6");
+    assert_eq!(stored, 1000, "the /48 holds exactly its quota");
+    assert_eq!(refused.len(), 9000);
+    assert!(refused.iter().all(|(st, body)| *st == 429 && body.contains("-maxKeysPerNet")), "{:?}", refused[0]);
+    // Every address of one IPv4 /24, ten creates each.
+    let v4: Vec<String> = (0..256).map(|i| format!("198.51.100.{i}")).collect();
+    let (stored, refused) = flood(&s, &v4, 10, "v4");
+    assert_eq!(stored, 1000, "the /24 holds exactly its quota");
+    assert!(refused.iter().all(|(st, _)| *st == 429));
+
+    // Everyone else still has room: a fresh /48 and a fresh /24 create keys.
+    for ip in ["2001:db8:78::1", "203.0.113.9"] {
+        let r = s.req("POST", "/set/fresh", &from(ip), b"v");
+        let r2 = s.req("POST", &format!("/set/fresh/{ip}"), &from(ip), b"v");
+        assert_eq!((r.status, r2.status), (200, 200), "{ip}");
+    }
+    assert_eq!(s.metric("rendezvous_keys"), Some(2003.0));
+
+    // The refusal says which quota and when to come back (the oldest key's
+    // expiry, about the default 2h TTL from now).
+    let r = s.req("POST", "/set/more", &from("2001:db8:77:ffff::1"), b"v");
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+    assert!((7000..=7201).contains(&retry), "Retry-After {retry}");
+    // The attacker's existing keys can still be updated and read.
+    let r = s.req("POST", "/set/v6/2001:db8:77:0::1/0", &from("2001:db8:77:0::1"), b"updated");
+    assert_eq!(r.status, 200);
+    assert_eq!(s.get("/get/v6/2001:db8:77:0::1/0").text(), "updated");
+    // los on a present key is a read: still answered.
+    assert_eq!(s.req("POST", "/los/v6/2001:db8:77:0::1/0", &from("2001:db8:77:0::1"), b"x").text(), "updated");
+
+    let scrape = s.scrape();
+    let sample = |series: &str| {
+        scrape.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(sample("rendezvous_creates_refused_total{reason=\"net_quota\"}"), Some(9000.0 + 1560.0 + 1.0));
+    assert_eq!(sample("rendezvous_quota_at_limit{scope=\"net\"}"), Some(2.0));
+    assert_eq!(sample("rendezvous_quota_max{scope=\"ip\"}"), Some(500.0));
+    assert_eq!(sample("rendezvous_quota_max{scope=\"net\"}"), Some(1000.0));
+}
+
+#[test]
+fn one_address_holds_its_own_quota() {
+    let s = Server::start(&["-maxKeysPerIP", "3", "-maxKeysPerNet", "5", "-threads", "2", "-dataDir", ""]);
+    for i in 0..3 {
+        assert_eq!(s.req("POST", &format!("/set/a{i}"), &from("192.0.2.1"), b"v").status, 200);
+    }
+    let r = s.req("POST", "/set/a3", &from("192.0.2.1"), b"v");
+    assert_eq!(r.status, 429);
+    assert!(r.text().contains("-maxKeysPerIP"), "{}", r.text());
+    // A neighbour in the /24 takes the network's last two slots.
+    assert_eq!(s.req("POST", "/set/b0", &from("192.0.2.2"), b"v").status, 200);
+    assert_eq!(s.req("POST", "/set/b1", &from("192.0.2.2"), b"v").status, 200);
+    let r = s.req("POST", "/set/b2", &from("192.0.2.2"), b"v");
+    assert!(r.status == 429 && r.text().contains("-maxKeysPerNet"), "{}", r.text());
+    // IPv6 clients are counted per /64.
+    for i in 0..3 {
+        let ip = format!("2001:db8:5:1::{i}");
+        assert_eq!(s.req("POST", &format!("/set/c{i}"), &from(&ip), b"v").status, 200);
+    }
+    assert_eq!(s.req("POST", "/set/c3", &from("2001:db8:5:1::99"), b"v").status, 429);
+    assert_eq!(s.req("POST", "/set/c3", &from("2001:db8:5:2::1"), b"v").status, 200);
+    // ip/ keys count like any other.
+    assert_eq!(s.req("POST", "/set/ip/x", &from("2001:db8:5:2::1"), b"v").status, 200);
+}
+
+#[test]
+fn deletes_and_expiry_give_slots_back() {
+    let s = Server::start(&["-maxKeysPerIP", "2", "-threads", "2", "-dataDir", ""]);
+    let me = from("203.0.113.50");
+    assert_eq!(s.req("POST", "/set/short?ttl=2s", &me, b"v").status, 200);
+    assert_eq!(s.req("POST", "/set/long", &me, b"v").status, 200);
+    let r = s.req("POST", "/set/third", &me, b"v");
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+    assert!((1..=3).contains(&retry), "the oldest key expires within 2s: {retry}");
+    // A delete gives its slot back at once.
+    assert_eq!(s.req("DELETE", "/del/long", &me, b"").status, 200);
+    assert_eq!(s.req("POST", "/set/third", &me, b"v").status, 200);
+    assert_eq!(s.req("POST", "/set/fourth", &me, b"v").status, 429);
+    // Refreshing an existing key at the quota works, and moves its expiry.
+    assert_eq!(s.req("POST", "/set/third?ttl=1h", &me, b"w").status, 200);
+    // Expiry gives it back when Retry-After says, swept or not.
+    let r = s.req("POST", "/set/fourth", &me, b"v");
+    let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+    std::thread::sleep(Duration::from_secs(retry));
+    assert_eq!(s.req("POST", "/set/fourth", &me, b"v").status, 200);
+    assert_eq!(s.get("/get/short").status, 404);
+}
+
+#[test]
+fn a_key_counts_against_its_creator_whoever_updates_it() {
+    let s = Server::start(&["-maxKeysPerIP", "1", "-threads", "2", "-dataDir", ""]);
+    assert_eq!(s.req("POST", "/set/shared", &from("192.0.2.10"), b"a").status, 200);
+    // Someone else (another network) updates it: still the creator's key.
+    assert_eq!(s.req("POST", "/set/shared", &from("198.51.100.10"), b"b").status, 200);
+    assert_eq!(s.req("POST", "/set/mine", &from("192.0.2.10"), b"v").status, 429);
+    assert_eq!(s.req("POST", "/set/theirs", &from("198.51.100.10"), b"v").status, 200);
+    // cas/casoc/los creates count too.
+    assert_eq!(s.req("POST", "/los/other", &from("192.0.2.10"), b"v").status, 429);
+    assert_eq!(
+        s.req("POST", "/casoc/other", &[("X-Forwarded-For", "192.0.2.10"), ("X-Expected-Value", "")], b"v").status,
+        429
+    );
+}
+
+/// kill -9 after the writes were answered: the restarted server counts the
+/// same keys against the same networks (creators travel in the log).
+#[test]
+fn counts_survive_a_crash() {
+    let args = ["-maxKeysPerIP", "0", "-maxKeysPerNet", "20", "-threads", "2"];
+    let s = Server::start(&args);
+    let addrs: Vec<String> = (0..40).map(|i| format!("2001:db8:99:{i:x}::1")).collect();
+    let (stored, _) = flood(&s, &addrs, 2, "crash");
+    assert_eq!(stored, 20);
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(dir, &args);
+    assert_eq!(s.metric("rendezvous_keys"), Some(20.0));
+    assert_eq!(s.req("POST", "/set/after", &from("2001:db8:99:ffff::1"), b"v").status, 429);
+    assert_eq!(s.metric("rendezvous_quota_at_limit{scope=\"net\"}"), Some(1.0));
+    // Deleting one of them (its key names its creator) frees one slot.
+    let key = (0..40)
+        .flat_map(|i| (0..2).map(move |w| format!("/crash/2001:db8:99:{i:x}::1/{w}")))
+        .find(|k| s.get(&format!("/get{k}")).status == 200)
+        .unwrap();
+    assert_eq!(s.req("DELETE", &format!("/del{key}"), &[], b"").status, 200);
+    assert_eq!(s.req("POST", "/set/after", &from("2001:db8:99:ffff::1"), b"v").status, 200);
+    assert_eq!(s.req("POST", "/set/after2", &from("2001:db8:99:ffff::1"), b"v").status, 429);
+    // And a snapshot carries them too.
+    s.signal("-HUP");
+    s.wait_log("snapshot", Duration::from_secs(30));
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(dir, &args);
+    assert_eq!(s.req("POST", "/set/after3", &from("2001:db8:99:1234::1"), b"v").status, 429);
+    assert_eq!(s.req("POST", "/set/after3", &from("2001:db8:9a::1"), b"v").status, 200);
+}
+
+#[test]
+fn quotas_can_be_turned_off_and_are_on_the_docs_page() {
+    let s = Server::start(&["-maxNumKV", "50", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0", "-dataDir", ""]);
+    for i in 0..50 {
+        assert_eq!(s.post(&format!("/set/k{i}"), b"v").status, 200);
+    }
+    assert_eq!(s.post("/set/one-more", b"v").status, 507);
+    let page = s.get("/").text();
+    assert!(page.contains("no limit per IP"), "docs page states the quotas");
+    let s = Server::start(&["-maxNumKV", "1000", "-dataDir", ""]);
+    let page = s.get("/").text();
+    assert!(page.contains("5 per IP (IPv6: per /64), 10 per network"), "defaults are 0.5% and 1% of -maxNumKV");
+}
