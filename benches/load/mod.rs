@@ -90,12 +90,26 @@ fn json_field(line: &str, key: &str) -> f64 {
 /// Runs wrk with `benches/wrk/<script>.lua` against `addr` and measures the
 /// CPU the processes `pids` spent meanwhile.
 pub fn wrk(name: &str, script: &str, addr: SocketAddr, pids: &[u32], conns: usize, secs: u64) -> Run {
+    wrk_env(name, script, addr, pids, conns, secs, &[])
+}
+
+/// `wrk` with environment variables for the script (`os.getenv`).
+pub fn wrk_env(
+    name: &str,
+    script: &str,
+    addr: SocketAddr,
+    pids: &[u32],
+    conns: usize,
+    secs: u64,
+    env: &[(&str, String)],
+) -> Run {
     let common = std::fs::read_to_string(format!("{ROOT}/benches/wrk/common.lua")).unwrap();
     let body = std::fs::read_to_string(format!("{ROOT}/benches/wrk/{script}.lua")).unwrap();
     let path = std::env::temp_dir().join(format!("rdvz-bench-{}-{script}.lua", std::process::id()));
     std::fs::write(&path, format!("{common}\n{body}")).unwrap();
     let cpu0: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
     let out = Command::new("wrk")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--timeout", "5s", "-s"])
         .arg(&path)
         .arg(format!("http://{addr}"))
@@ -133,6 +147,20 @@ pub fn fill(addr: SocketAddr, prefix: &str, count: usize, value_len: usize) {
 
 /// Like `fill`, for indexes `from..count`.
 pub fn fill_from(addr: SocketAddr, prefix: &str, from: usize, count: usize, value_len: usize) {
+    fill_as(addr, prefix, from, count, value_len, None)
+}
+
+/// Like `fill_from`, each set sent on behalf of client `client(i)` (an
+/// `X-Forwarded-For` address from the trusted loopback peer), so key
+/// quotas see many clients as on a public instance.
+pub fn fill_as(
+    addr: SocketAddr,
+    prefix: &str,
+    from: usize,
+    count: usize,
+    value_len: usize,
+    client: Option<fn(usize) -> String>,
+) {
     let value = vec![b'v'; value_len];
     let conns = 2;
     let handles: Vec<_> = (0..conns)
@@ -147,8 +175,10 @@ pub fn fill_from(addr: SocketAddr, prefix: &str, from: usize, count: usize, valu
                     let mut batch = Vec::new();
                     let mut n = 0;
                     while n < 256 && i < count {
-                        let head =
-                            format!("POST /set/{prefix}{i} HTTP/1.1\r\nHost: b\r\nContent-Length: {value_len}\r\n\r\n");
+                        let xff = client.map(|f| format!("X-Forwarded-For: {}\r\n", f(i))).unwrap_or_default();
+                        let head = format!(
+                            "POST /set/{prefix}{i} HTTP/1.1\r\nHost: b\r\n{xff}Content-Length: {value_len}\r\n\r\n"
+                        );
                         batch.extend_from_slice(head.as_bytes());
                         batch.extend_from_slice(&value);
                         n += 1;
