@@ -21,7 +21,7 @@
 //!
 //! Results: `benches/results/e2e.md` (not written by a smoke run). Environment: `BENCH_SECONDS` (default
 //! 5) per run, `BENCH_ROUNDS`, `BENCH_CONNECTIONS` (default 64),
-//! `BENCH_ONLY=<workload name prefix>|memory`, `BENCH_QUICK=1` for a smoke
+//! `BENCH_ONLY=<workload name prefixes, comma-separated>|memory`, `BENCH_QUICK=1` for a smoke
 //! run (1 round of 1 s, 10k public keys, no memory runs) that checks the
 //! harness, not the figures.
 
@@ -110,12 +110,8 @@ fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let public_keys = if quick { 10_000 } else { PUBLIC_KEYS };
 
-    let mut memory = Vec::new();
-    if !quick && (only.is_empty() || only == "memory") {
-        memory = memory_runs();
-    }
     if only == "memory" {
-        write_report(&[], &memory, secs, rounds, conns);
+        write_report(&[], &memory_runs(), secs, rounds, conns);
         return;
     }
 
@@ -186,7 +182,8 @@ fn main() {
         },
     ];
     let mut results: Vec<Rounds> = Vec::new();
-    for w in workloads.iter().filter(|w| w.name.starts_with(only.as_str())) {
+    let wanted = |w: &&Workload| only.is_empty() || only.split(',').any(|o| w.name.starts_with(o));
+    for w in workloads.iter().filter(wanted) {
         let server = servers.get(w.target);
         let mut r = Rounds { name: w.name, server: Vec::new(), nginx: Vec::new(), cross_core: Vec::new() };
         for round in 0..rounds {
@@ -233,6 +230,7 @@ fn main() {
     }
     drop(servers);
     drop(nginx);
+    let memory = if !quick && only.is_empty() { memory_runs() } else { Vec::new() };
     write_report(&results, &memory, secs, rounds, conns);
 }
 
@@ -282,15 +280,18 @@ fn memory_runs() -> Vec<Memory> {
 
 fn memory_run(label: &'static str, extra: &[&str], client: Clients, keys: usize, value_len: usize) -> Memory {
     let max = (keys + keys / 10).to_string();
-    let mut args = vec!["-threads", "2", "-maxNumKV", &max, "-dataDir", ""];
+    // Rate-limit buckets are forgotten at each refill: a 1 s period, and
+    // two of them idle before measuring, leave only the store.
+    let mut args =
+        vec!["-threads", "2", "-maxNumKV", &max, "-dataDir", "", "-maxTrackedIPs", "4000000", "-resetDuration", "1s"];
     args.extend_from_slice(extra);
     let s = Server::start(&args);
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(2500));
     let rss_empty = rss_bytes(s.pid());
     // Keys are "m" + digits.
     fill_as(s.addr, "m", 0, keys, value_len, client);
     let keys_len: usize = (0..keys).map(|i| 1 + i.to_string().len()).sum();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(2500));
     let rss_full = rss_bytes(s.pid());
     let payload = keys_len + keys * value_len;
     let overhead = (rss_full as f64 - rss_empty as f64 - payload as f64) / keys as f64;
