@@ -104,7 +104,7 @@ fn ttl_sweep_1024_expired(bencher: Bencher) {
 
 #[divan::bench]
 fn ratelimit_charge(bencher: Bencher) {
-    let mut limiter = Limiter::new(u32::MAX, u32::MAX, 1_000_000);
+    let limiter = Limiter::new(u32::MAX, u32::MAX, 1_000_000);
     let mut ip = 0u64;
     bencher.bench_local(|| {
         ip = (ip + 1) & 0xffff;

@@ -1,13 +1,14 @@
 //! Fuzzes the whole pure request path: head parse -> route and argument
 //! decoding (key, ttl, secret, XFF client IP, ip/ expansion, entity tags)
-//! -> the owning shard's state machine, rate limiter and waiters -> the log
+//! -> the rate limiter, key quotas, the owning shard's state machine and
+//! waiters -> the log
 //! records it journals, which must decode back. Nothing may panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use rendezvous::request::api::{self, Action, Limits};
 use rendezvous::request::clientip::{self, TrustedProxies};
-use rendezvous::state::command::{Charge, Cmd, Now, Op, Origin, Owned};
+use rendezvous::state::command::{Op, Origin, Owned, Reply};
 use rendezvous::request::http::{self, RequestHead};
 use rendezvous::state::net;
 use rendezvous::state::ratelimit::Limiter;
@@ -23,11 +24,12 @@ const DEFAULT_TRUSTED: &str = "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.
 fn owned() -> Owned {
     let mut shard = Shard::with_capacity(64);
     *shard.journal_mut() = Journal::enabled();
-    Owned::new(shard, Limiter::new(1000, 10_000, 64))
+    Owned::new(shard)
 }
 
 thread_local! {
-    static STATE: RefCell<(Owned, KeyBudget)> = RefCell::new((owned(), KeyBudget::new(64)));
+    static STATE: RefCell<(Owned, KeyBudget, Limiter)> =
+        RefCell::new((owned(), KeyBudget::with_quotas(64, 8, 16), Limiter::new(1000, 10_000, 64)));
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -49,10 +51,10 @@ fuzz_target!(|data: &[u8]| {
         // Blocking reads park on the shard like the server does, then a write may wake them.
         Ok(Action::Wait(w)) => {
             STATE.with(|s| {
-                let (owned, budget) = &mut *s.borrow_mut();
+                let (owned, budget, _) = &mut *s.borrow_mut();
                 let origin = Origin { core: 0, slot: data.len() as u32 };
                 let op = Op::Wait { key: w.key, until: w.until, origin };
-                let reply = owned.apply(Cmd { charge: None, op: Some(op) }, Now { unix_ms: 1_000_000, epoch: 0 }, budget, &mut Vec::new());
+                let reply = owned.apply(op, 1_000_000, budget, &mut Vec::new());
                 let _ = api::respond_wait(Some(reply), w.timeout_status, || 1);
             });
             return;
@@ -60,11 +62,14 @@ fuzz_target!(|data: &[u8]| {
         _ => return,
     };
     STATE.with(|s| {
-        let (owned, budget) = &mut *s.borrow_mut();
+        let (owned, budget, limiter) = &mut *s.borrow_mut();
         let api::StoreAction { op, cost, meta } = action;
-        let cmd = Cmd { charge: Some(Charge { bucket: net::client(client), cost }), op: Some(op) };
+        // The charge first, as the router takes it; a refusal applies nothing.
         let mut wakeups = Vec::new();
-        let reply = owned.apply(cmd, Now { unix_ms: 1_000_000 + data.len() as u64, epoch: 0 }, budget, &mut wakeups);
+        let reply = match limiter.charge(net::client(client), cost, 0) {
+            Err(refused) => Reply::Limited(refused),
+            Ok(()) => owned.apply(op, 1_000_000 + data.len() as u64, budget, &mut wakeups),
+        };
         let r = api::respond(&meta, reply, "127.0.0.1", || 1);
         let mut out = Vec::new();
         http::encode(&mut out, &r, "127.0.0.1", true, false, false);

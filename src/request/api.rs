@@ -231,10 +231,8 @@ pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: i
         Reply::Lost => Response::from_error(Error::Internal),
         Reply::ShuttingDown => Response::from_error(Error::ShuttingDown),
         Reply::Unavailable => Response::from_error(Error::LogUnavailable),
-        // Charge-only and waiter replies never reach `respond`; treat them as a miss.
-        Reply::Charged | Reply::Parked | Reply::Cancelled | Reply::Got(None) => {
-            Response::from_error(Error::KeyNotFound)
-        }
+        // Waiter replies never reach `respond`; treat them as a miss.
+        Reply::Parked | Reply::Cancelled | Reply::Got(None) => Response::from_error(Error::KeyNotFound),
         Reply::Got(Some(found)) => {
             let unchanged = match &action.if_none_match {
                 Some(None) => true,

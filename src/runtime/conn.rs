@@ -23,14 +23,14 @@ use crate::request::route::{self, Route};
 use crate::runtime::connlimit::{Permit, Refusal};
 use crate::runtime::router::{Router, WaitFuture};
 use crate::runtime::shared::Shared;
-use crate::state::command::{Charge, Reply};
+use crate::state::command::Reply;
 use crate::state::net;
+use crate::state::ratelimit::Charge;
 use crate::state::shard::WriteOutcome;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
-use std::fmt::Write as _;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -484,7 +484,7 @@ impl Conn<'_> {
         if client != self.client {
             self.client = client;
             self.client_text.clear();
-            let _ = write!(self.client_text, "{client}");
+            clientip::write_ip(&mut self.client_text, client);
         }
     }
 

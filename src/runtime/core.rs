@@ -107,6 +107,7 @@ async fn core_main(start: CoreStart) {
         routing: shared.routing.clone(),
         mesh: shared.mesh.clone(),
         budget: shared.budget.clone(),
+        limiter: shared.limiter.clone(),
         periods: shared.periods,
     };
     let router = Router::new(id, wiring, inbox, owned, wal.clone());
@@ -260,16 +261,14 @@ async fn sweeper(shared: Arc<Shared>, id: usize, router: Rc<Router>) {
                 let slice = (owned.shard.len() / 10).clamp(SWEEP_MIN, SWEEP_MAX);
                 owned.shard.sweep(crate::clock::unix_ms(), slice, budget);
             }
-            owned.limiter.refill_if_due(epoch);
             // Publish what only this core may read, for the metrics thread.
             stats.keys.set(owned.shard.len() as u64);
             stats.stored_bytes.set(owned.shard.bytes() as u64);
             stats.expired.set(owned.shard.expired_total());
-            stats.tracked_clients.set(owned.limiter.tracked() as u64);
-            stats.tracked_networks.set(owned.limiter.tracked_networks() as u64);
             stats.waiters.set(owned.waiters.parked() as u64);
             stats.waiter_wakeups.set(owned.waiters.woken_total());
         });
+        shared.limiter.refill_if_due(epoch);
         let traffic = router.stats();
         stats.cross_core_sent.set(traffic.calls_sent);
         stats.cross_core_batches.set(traffic.batches_sent);

@@ -302,9 +302,9 @@ impl Exporter {
             counter!(F::RateLimited.name(), "reason" => *reason)
                 .absolute(stats.iter().map(|s| s.rate_limited(i)).sum());
         }
-        gauge!(F::TrackedClients.name()).set(sum(|s| s.tracked_clients.get()) as f64);
+        gauge!(F::TrackedClients.name()).set(shared.limiter.tracked() as f64);
         gauge!(F::TrackedClientsMax.name()).set(cfg.max_tracked_ips as f64);
-        gauge!(F::TrackedNetworks.name()).set(sum(|s| s.tracked_networks.get()) as f64);
+        gauge!(F::TrackedNetworks.name()).set(shared.limiter.tracked_networks() as f64);
         for (core, s) in stats.iter().enumerate() {
             let core = core.to_string();
             counter!(F::CrossCoreMessages.name(), "core" => core.clone()).absolute(s.cross_core_sent.get());

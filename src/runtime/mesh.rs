@@ -7,8 +7,7 @@
 //! `AtomicWaker` (monoio writes its eventfd only when the core is parked).
 //! This module moves messages; what they mean is `router`'s business.
 
-use crate::state::command::{Cmd, Reply};
-use crate::state::net;
+use crate::state::command::{Op, Reply};
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::hash_map::RandomState;
@@ -21,15 +20,15 @@ pub enum Msg {
     Call {
         from: u32,
         slot: u32,
-        cmd: Cmd,
+        op: Op,
     },
     Done {
         slot: u32,
         reply: Reply,
     },
-    /// A command whose reply nobody awaits (cancelling a waiter).
+    /// An operation whose reply nobody awaits (cancelling a waiter).
     Notify {
-        cmd: Cmd,
+        op: Op,
     },
     /// From the lifecycle thread (snapshots, shutdown).
     Control(Control),
@@ -100,12 +99,6 @@ impl Routing {
     /// The core owning `key` (after `ip/` expansion).
     pub fn owner(&self, key: &[u8]) -> usize {
         self.spread(self.hasher.hash_one(key))
-    }
-
-    /// The core owning a client's rate-limit buckets: its network's core,
-    /// which keeps the client's bucket too, so one charge takes both.
-    pub fn bucket_owner(&self, client: u64) -> usize {
-        self.spread(self.hasher.hash_one(net::network(client)))
     }
 
     pub fn cores(&self) -> usize {

@@ -1,9 +1,10 @@
 //! Getting a command to the core that owns its key, and the answer back.
 //!
 //! Ownership: `owner = route_hash(key)` over a randomly seeded SipHash shared
-//! by all cores (independent of each shard's table hash). Client IPs are
-//! routed the same way (their rate-limit bucket is treated like a key), so
-//! one IP has one bucket whichever core its connections land on.
+//! by all cores (independent of each shard's table hash). The client's
+//! rate-limit charge is taken first, on the core the request arrived on,
+//! from the buckets every core shares (`state::ratelimit`): a refused
+//! request never leaves its core, and only the key's operation travels.
 //!
 //! Protocol (after Seastar/Dragonfly): a local owner is applied inline, with
 //! no message and no await. For a remote owner the command goes into a
@@ -22,8 +23,8 @@
 use crate::runtime::mesh::{Control, Mesh, Msg, Routing};
 use crate::runtime::slots::{Credits, Slots};
 use crate::runtime::wal::{Host, Settled, Wal};
-use crate::state::command::{Charge, Cmd, Now, Op, Origin, Owned, Reply};
-use crate::state::ratelimit::Periods;
+use crate::state::command::{Op, Origin, Owned, Reply};
+use crate::state::ratelimit::{Charge, Limiter, Periods};
 use crate::state::shard::KeyBudget;
 use crate::state::waiters::WaitFor;
 use crossbeam_channel::Receiver;
@@ -52,6 +53,7 @@ pub struct Wiring {
     pub routing: Routing,
     pub mesh: Arc<Mesh>,
     pub budget: Arc<KeyBudget>,
+    pub limiter: Arc<Limiter>,
     pub periods: Periods,
 }
 
@@ -63,6 +65,7 @@ pub struct Router {
     rx: Receiver<Vec<Msg>>,
     owned: RefCell<Owned>,
     budget: Arc<KeyBudget>,
+    limiter: Arc<Limiter>,
     periods: Periods,
     outboxes: RefCell<Vec<Vec<Msg>>>,
     flush_pending: Cell<bool>,
@@ -78,7 +81,7 @@ pub struct Router {
 
 impl Router {
     pub fn new(me: usize, wiring: Wiring, rx: Receiver<Vec<Msg>>, owned: Owned, wal: Option<Rc<Wal>>) -> Rc<Self> {
-        let Wiring { routing, mesh, budget, periods } = wiring;
+        let Wiring { routing, mesh, budget, limiter, periods } = wiring;
         let n = routing.cores();
         Rc::new(Router {
             me,
@@ -87,6 +90,7 @@ impl Router {
             rx,
             owned: RefCell::new(owned),
             budget,
+            limiter,
             periods,
             outboxes: RefCell::new((0..n).map(|_| Vec::new()).collect()),
             flush_pending: Cell::new(false),
@@ -121,21 +125,17 @@ impl Router {
         f(&mut self.owned.borrow_mut(), &self.budget)
     }
 
-    fn now(&self) -> Now {
-        Now { unix_ms: crate::clock::unix_ms(), epoch: self.periods.epoch(Instant::now()) }
-    }
-
     /// Applies a command to this core's state and delivers the answers of
     /// any waiters it woke (locally, or to their cores) once the log has
     /// them. With `append`, what the command journaled is written to the log
     /// at once (else the caller appends once for a whole batch). Returns the
     /// reply and the log position it must wait for.
-    fn apply_local(&self, cmd: Cmd, append: bool) -> (Reply, u64) {
-        let now = self.now();
+    fn apply_local(&self, op: Op, append: bool) -> (Reply, u64) {
+        let now = crate::clock::unix_ms();
         let mut wakeups = Vec::new();
         let (reply, lsn) = {
             let mut owned = self.owned.borrow_mut();
-            let reply = owned.apply(cmd, now, &self.budget, &mut wakeups);
+            let reply = owned.apply(op, now, &self.budget, &mut wakeups);
             (reply, owned.shard.journal().lsn())
         };
         for (origin, answer) in wakeups {
@@ -196,21 +196,19 @@ impl Router {
         n
     }
 
-    /// Charges the client (if `charge`) and applies `op` on the owning cores,
-    /// combining both into one message when they share an owner.
+    /// Takes the client's tokens, here and now: `Err` is the refusal.
+    fn charge(&self, charge: Option<Charge>) -> Result<(), Reply> {
+        let Some(c) = charge else { return Ok(()) };
+        let epoch = self.periods.epoch(Instant::now());
+        self.limiter.charge(c.bucket, c.cost, epoch).map_err(Reply::Limited)
+    }
+
+    /// Charges the client (if `charge`) and applies `op` on its key's core.
     pub async fn run(self: &Rc<Self>, charge: Option<Charge>, op: Op) -> Reply {
-        let key_owner = self.routing.owner(op.key());
-        if let Some(c) = charge {
-            let bucket_owner = self.routing.bucket_owner(c.bucket);
-            if bucket_owner != key_owner {
-                match self.call(bucket_owner, Cmd { charge: Some(c), op: None }).await {
-                    Reply::Charged => {}
-                    refused => return refused,
-                }
-                return self.call(key_owner, Cmd { charge: None, op: Some(op) }).await;
-            }
+        if let Err(refused) = self.charge(charge) {
+            return refused;
         }
-        self.call(key_owner, Cmd { charge, op: Some(op) }).await
+        self.call(self.routing.owner(op.key()), op).await
     }
 
     /// Starts a blocking read: charges the client, then either answers at
@@ -222,41 +220,32 @@ impl Router {
         key: Box<[u8]>,
         until: WaitFor,
     ) -> Result<WaitFuture<'_>, Reply> {
+        self.charge(charge)?;
         let owner = self.routing.owner(&key);
-        let mut charge = charge;
-        if let Some(c) = charge {
-            let bucket_owner = self.routing.bucket_owner(c.bucket);
-            if bucket_owner != owner {
-                match self.call(bucket_owner, Cmd { charge: Some(c), op: None }).await {
-                    Reply::Charged => charge = None,
-                    refused => return Err(refused),
-                }
-            }
-        }
         let slot = self.slots.borrow_mut().alloc(None);
         let origin = Origin { core: self.me as u32, slot };
-        let cmd = Cmd { charge, op: Some(Op::Wait { key: key.clone(), until, origin }) };
+        let op = Op::Wait { key: key.clone(), until, origin };
         if owner == self.me {
-            let (reply, lsn) = self.apply_local(cmd, true);
+            let (reply, lsn) = self.apply_local(op, true);
             if reply != Reply::Parked {
                 self.slots.borrow_mut().release_unused(slot);
                 return Err(self.after_log(lsn, reply).await);
             }
         } else {
-            self.push(owner, Msg::Call { from: self.me as u32, slot, cmd });
+            self.push(owner, Msg::Call { from: self.me as u32, slot, op });
         }
         Ok(WaitFuture { inner: SlotFuture { router: self, slot, done: false }, key: Some(key), owner })
     }
 
-    /// Executes `cmd` on core `dest`.
-    pub async fn call(self: &Rc<Self>, dest: usize, cmd: Cmd) -> Reply {
+    /// Executes `op` on core `dest`.
+    pub async fn call(self: &Rc<Self>, dest: usize, op: Op) -> Reply {
         if dest == self.me {
-            let (reply, lsn) = self.apply_local(cmd, true);
+            let (reply, lsn) = self.apply_local(op, true);
             return self.after_log(lsn, reply).await;
         }
         Credit { router: self, dest }.await;
         let slot = self.slots.borrow_mut().alloc(Some(dest as u32));
-        self.push(dest, Msg::Call { from: self.me as u32, slot, cmd });
+        self.push(dest, Msg::Call { from: self.me as u32, slot, op });
         let mut s = self.stats.get();
         s.calls_sent += 1;
         self.stats.set(s);
@@ -296,16 +285,16 @@ impl Router {
             let mut received = 0;
             for msg in batch {
                 match msg {
-                    Msg::Call { from, slot, cmd } => {
+                    Msg::Call { from, slot, op } => {
                         received += 1;
-                        let (reply, lsn) = self.apply_local(cmd, false);
+                        let (reply, lsn) = self.apply_local(op, false);
                         // A parked waiter is answered later, when a write wakes it.
                         if reply != Reply::Parked {
                             self.deliver_after(lsn, Origin { core: from, slot }, reply);
                         }
                     }
-                    Msg::Notify { cmd } => {
-                        self.apply_local(cmd, false);
+                    Msg::Notify { op } => {
+                        self.apply_local(op, false);
                     }
                     Msg::Done { slot, reply } => self.complete(slot, reply),
                     Msg::Control(c) => {
@@ -439,14 +428,14 @@ impl Drop for WaitFuture<'_> {
         let Some(key) = self.key.take() else { return };
         let router = self.inner.router;
         let origin = Origin { core: router.me as u32, slot: self.inner.slot };
-        let cmd = Cmd { charge: None, op: Some(Op::CancelWait { key, origin }) };
+        let op = Op::CancelWait { key, origin };
         // Abandon the slot first: the owner answers Cancelled (or the wake-up
         // already in flight arrives), and that answer frees it.
         self.inner.abandon();
         if self.owner == router.me {
-            router.apply_local(cmd, true);
+            router.apply_local(op, true);
         } else {
-            router.push(self.owner, Msg::Notify { cmd });
+            router.push(self.owner, Msg::Notify { op });
         }
     }
 }

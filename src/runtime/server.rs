@@ -262,6 +262,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         routing,
         mesh,
         budget,
+        limiter: Arc::new(Limiter::new(config.max_requests, config.max_requests_per_net, config.max_tracked_ips)),
         periods: Periods::new(Instant::now(), config.reset_duration),
         secret_key,
         listen_text: bound.to_string(),
@@ -284,12 +285,10 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let cores = listeners.into_iter().zip(receivers).zip(shards).enumerate();
     for (id, ((listener, inbox), shard)) in cores {
-        let c = &shared.config;
-        let limiter = Limiter::new(c.max_requests, c.max_requests_per_net, c.max_tracked_ips.div_ceil(n));
         let start = CoreStart {
             id,
             shared: shared.clone(),
-            owned: Owned::new(shard, limiter),
+            owned: Owned::new(shard),
             listener,
             inbox,
             ready: ready_tx.clone(),

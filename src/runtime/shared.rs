@@ -2,9 +2,9 @@
 //! built once at startup.
 //!
 //! Read-only after startup except for the parts made for concurrent use:
-//! the key budget (one atomic), the mesh channels, the connection and
-//! waiter admission tables, and the per-core statistics (each written by
-//! its own core only). Kept in a module of its own so that the modules
+//! the key budget and quotas and the rate-limit buckets (`state::striped`),
+//! the mesh channels, the connection and waiter admission tables, and the
+//! per-core statistics (each written by its own core only). Kept in a module of its own so that the modules
 //! using it (`core`, `conn`, `lifecycle`, the exporter) and the one
 //! building it (`server`) never import each other.
 
@@ -13,7 +13,7 @@ use crate::metrics::{CoreStats, SnapshotStats};
 use crate::persist::datadir::DataDir;
 use crate::runtime::connlimit::ConnLimits;
 use crate::runtime::mesh::{Mesh, Routing};
-use crate::state::ratelimit::Periods;
+use crate::state::ratelimit::{Limiter, Periods};
 use crate::state::secret::SecretKey;
 use crate::state::shard::KeyBudget;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -55,6 +55,8 @@ pub struct Shared {
     pub routing: Routing,
     pub mesh: Arc<Mesh>,
     pub budget: Arc<KeyBudget>,
+    /// Every client's and network's rate-limit buckets.
+    pub limiter: Arc<Limiter>,
     pub periods: Periods,
     pub secret_key: SecretKey,
     /// The bound address, for the docs page when a request has no Host.

@@ -5,10 +5,9 @@
 //! created live on every core; these counts are therefore the one piece of
 //! state every core shares. They change only when a key is created,
 //! removed, or its expiry moves, never on reads. The total is one atomic.
-//! The quota counts sit in 64 mutex-guarded hash tables picked by a seeded
-//! hash of the network, so two cores contend only when they create keys for
-//! the same slice of networks at the same instant, and a check-and-count is
-//! one short critical section: exact under any concurrency.
+//! The quota counts are lock-striped by network (`striped`): a
+//! check-and-count is one short critical section, exact under any
+//! concurrency.
 //!
 //! Each network (or client, when only the per-client quota is on) holds the
 //! sorted expiries of its keys, each packed with the client's host bits.
@@ -23,12 +22,10 @@
 //! Pure bookkeeping: time comes in as an argument; no I/O.
 
 use crate::state::net;
+use crate::state::striped::Striped;
 use hashbrown::HashTable;
 use smallvec::SmallVec;
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Which quota refused a create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,9 +122,6 @@ impl KeyBudget {
     }
 }
 
-/// Quota tables are split this many ways (a power of two).
-const TABLES: usize = 64;
-
 /// One network's (or client's) keys: `(expiry second << 16) | host`, sorted.
 #[derive(Debug)]
 struct Group {
@@ -136,11 +130,6 @@ struct Group {
 }
 
 const _: () = assert!(std::mem::size_of::<Group>() == 32);
-
-/// Keeps each table on its own cache lines.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Padded(Mutex<HashTable<Group>>);
 
 /// How many networks and clients are at their quota (for `/metrics`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -156,14 +145,7 @@ pub struct Census {
 pub struct Quotas {
     per_ip: usize,
     per_net: usize,
-    tables: Box<[Padded]>,
-    hasher: RandomState,
-}
-
-fn lock(m: &Mutex<HashTable<Group>>) -> MutexGuard<'_, HashTable<Group>> {
-    // Nothing here panics while holding a lock; if something ever did, the
-    // counts are still consistent at every step, so keep using them.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+    tables: Striped<HashTable<Group>>,
 }
 
 /// The packed list element of a key expiring at `expires_ms`.
@@ -190,7 +172,7 @@ fn retry_after(k: u64, now_ms: u64) -> u64 {
 
 impl Quotas {
     pub fn new(per_ip: usize, per_net: usize) -> Self {
-        Quotas { per_ip, per_net, tables: (0..TABLES).map(|_| Padded::default()).collect(), hasher: RandomState::new() }
+        Quotas { per_ip, per_net, tables: Striped::new() }
     }
 
     pub fn per_ip(&self) -> usize {
@@ -216,11 +198,8 @@ impl Quotas {
         }
     }
 
-    fn table(&self, id: u64) -> (u64, &Mutex<HashTable<Group>>) {
-        let hash = self.hasher.hash_one(id);
-        // hashbrown uses the top 7 bits and the low bits: pick the table
-        // with bits in between.
-        (hash, &self.tables[(hash >> 51) as usize & (TABLES - 1)].0)
+    fn rehash(&self) -> impl Fn(&Group) -> u64 + '_ {
+        |g| self.tables.hash(g.id)
     }
 
     /// Counts a new key unless that puts its client or network over quota.
@@ -229,14 +208,14 @@ impl Quotas {
             return Ok(());
         }
         let id = self.group_of(creator);
-        let (hash, table) = self.table(id);
+        let hash = self.tables.hash(id);
         let packed = pack(creator, expires_ms);
-        let mut t = lock(table);
+        let mut t = self.tables.lock(hash);
         let Some(g) = t.find_mut(hash, |g| g.id == id) else {
             // A first key: every quota is at least 1.
             let mut keys = SmallVec::new();
             keys.push(packed);
-            t.insert_unique(hash, Group { id, keys }, |g| self.hasher.hash_one(g.id));
+            t.insert_unique(hash, Group { id, keys }, self.rehash());
             return Ok(());
         };
         let live = &g.keys[first_live(&g.keys, now_ms)..];
@@ -263,9 +242,9 @@ impl Quotas {
             return;
         }
         let id = self.group_of(creator);
-        let (hash, table) = self.table(id);
+        let hash = self.tables.hash(id);
         let packed = pack(creator, expires_ms);
-        let mut t = lock(table);
+        let mut t = self.tables.lock(hash);
         match t.find_mut(hash, |g| g.id == id) {
             Some(g) => {
                 let at = g.keys.partition_point(|&k| k < packed);
@@ -274,7 +253,7 @@ impl Quotas {
             None => {
                 let mut keys = SmallVec::new();
                 keys.push(packed);
-                t.insert_unique(hash, Group { id, keys }, |g| self.hasher.hash_one(g.id));
+                t.insert_unique(hash, Group { id, keys }, self.rehash());
             }
         }
     }
@@ -285,9 +264,9 @@ impl Quotas {
             return;
         }
         let id = self.group_of(creator);
-        let (hash, table) = self.table(id);
+        let hash = self.tables.hash(id);
         let packed = pack(creator, expires_ms);
-        let mut t = lock(table);
+        let mut t = self.tables.lock(hash);
         let Ok(slot) = t.find_entry(hash, |g| g.id == id) else { return };
         let g = slot.get();
         let Ok(at) = g.keys.binary_search(&packed) else { return };
@@ -296,7 +275,7 @@ impl Quotas {
             // Give back what a flood of networks grew.
             if t.capacity() > 64 && t.len() < t.capacity() / 8 {
                 let keep = t.len() * 2;
-                t.shrink_to(keep, |g| self.hasher.hash_one(g.id));
+                t.shrink_to(keep, self.rehash());
             }
             return;
         }
@@ -317,8 +296,8 @@ impl Quotas {
             return;
         }
         let id = self.group_of(creator);
-        let (hash, table) = self.table(id);
-        let mut t = lock(table);
+        let hash = self.tables.hash(id);
+        let mut t = self.tables.lock(hash);
         let Some(g) = t.find_mut(hash, |g| g.id == id) else { return };
         let Ok(at) = g.keys.binary_search(&old) else { return };
         g.keys.remove(at);
@@ -332,8 +311,8 @@ impl Quotas {
             return (0, 0);
         }
         let id = self.group_of(creator);
-        let (hash, table) = self.table(id);
-        let t = lock(table);
+        let hash = self.tables.hash(id);
+        let t = self.tables.lock(hash);
         let Some(g) = t.find(hash, |g| g.id == id) else { return (0, 0) };
         let live = &g.keys[first_live(&g.keys, now_ms)..];
         let host = net::host(creator);
@@ -348,8 +327,7 @@ impl Quotas {
             return c;
         }
         let mut hosts: Vec<u16> = Vec::new();
-        for table in self.tables.iter() {
-            let t = lock(&table.0);
+        self.tables.for_each(|t| {
             c.groups += t.len();
             for g in t.iter() {
                 let live = &g.keys[first_live(&g.keys, now_ms)..];
@@ -363,7 +341,7 @@ impl Quotas {
                     c.ips_at_limit += hosts.chunk_by(|a, b| a == b).filter(|run| run.len() >= self.per_ip).count();
                 }
             }
-        }
+        });
         c
     }
 }

@@ -4,18 +4,21 @@
 //! both, so renting many addresses in one network does not multiply what
 //! it may send.
 //!
-//! Every core owns the buckets of the networks that route to it (the
-//! network is treated like a key, see `router`), and with them the buckets
-//! of every client in those networks, so charging is a plain map update
-//! with no lock and counting is exact under any concurrency. Refill is global and
+//! The buckets are shared by every core (`striped`): a network's bucket
+//! and those of all its clients sit in one stripe, so a charge takes both
+//! under one short lock, exactly under any concurrency, on whichever core
+//! the request arrived; no message to another core. Refill is global and
 //! aligned to the server's start, so every core agrees on when a period ends
 //! and `Retry-After` is the same whichever core answers. At each refill the
 //! whole table is forgotten (an idle IP costs nothing after one period), and
-//! the table is capped so that millions of spoofed or IPv6 identities cannot
-//! exhaust memory. Pure logic: time is passed in, nothing here does I/O.
+//! the number of clients (and of networks) tracked is capped server-wide so
+//! that millions of spoofed or IPv6 identities cannot exhaust memory. Pure
+//! logic: time is passed in, nothing here does I/O.
 
 use crate::state::net;
+use crate::state::striped::Striped;
 use std::collections::hash_map::RandomState;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Refill periods, aligned to a common start instant shared by all cores.
@@ -47,6 +50,14 @@ impl Periods {
     }
 }
 
+/// Tokens to take from a client's buckets before anything else happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    /// The client (`net::client`); its network's bucket is charged too.
+    pub bucket: u64,
+    pub cost: u32,
+}
+
 /// Why a charge was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -58,79 +69,130 @@ pub enum Refused {
     TableFull,
 }
 
-/// The buckets owned by one core.
-pub struct Limiter {
-    max_tokens: u32,
-    max_net_tokens: u32,
-    capacity: usize,
+/// One stripe's buckets: tokens spent this period (absent: untouched, full).
+#[derive(Debug, Default)]
+struct Table {
     epoch: u64,
-    /// Tokens spent this period, by client key (`net::client`).
-    /// Absent means untouched (full).
+    /// By client key (`net::client`).
     spent: hashbrown::HashMap<u64, u32, RandomState>,
-    /// The same by network (`net::network`). A map of its own: a network
-    /// key can equal the client key of the network's first /64.
+    /// By network (`net::network`). A map of its own: a network key can
+    /// equal the client key of the network's first /64.
     net_spent: hashbrown::HashMap<u64, u32, RandomState>,
 }
 
-impl Limiter {
-    /// `capacity` bounds how many distinct clients (and, apart, networks)
-    /// this core tracks per period.
-    pub fn new(max_tokens: u32, max_net_tokens: u32, capacity: usize) -> Self {
-        Limiter {
-            max_tokens,
-            max_net_tokens,
-            capacity: capacity.max(1),
-            epoch: 0,
-            spent: hashbrown::HashMap::with_hasher(RandomState::new()),
-            net_spent: hashbrown::HashMap::with_hasher(RandomState::new()),
-        }
-    }
+/// How many buckets are tracked, server-wide, against `-maxTrackedIPs`.
+#[derive(Debug)]
+struct Tracked {
+    clients: AtomicUsize,
+    networks: AtomicUsize,
+    capacity: usize,
+}
 
+impl Tracked {
+    /// Claims room for one more bucket in `count`, or says the table is full.
+    fn claim(&self, count: &AtomicUsize) -> Result<(), Refused> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.capacity).then_some(n + 1))
+            .map(|_| ())
+            .map_err(|_| Refused::TableFull)
+    }
+}
+
+impl Table {
     /// Forgets every bucket when a new period has started. Keeps enough room
     /// for last period's population and gives back what a flood grew.
-    pub fn refill_if_due(&mut self, epoch: u64) {
-        if epoch == self.epoch {
+    fn refill_if_due(&mut self, epoch: u64, tracked: &Tracked) {
+        if epoch <= self.epoch {
             return;
         }
         self.epoch = epoch;
+        tracked.clients.fetch_sub(self.spent.len(), Ordering::AcqRel);
+        tracked.networks.fetch_sub(self.net_spent.len(), Ordering::AcqRel);
         for map in [&mut self.spent, &mut self.net_spent] {
             let last = map.len();
             map.clear();
             map.shrink_to(last);
         }
     }
+}
+
+/// Every bucket of the server.
+#[derive(Debug)]
+pub struct Limiter {
+    max_tokens: u32,
+    max_net_tokens: u32,
+    tracked: Tracked,
+    /// The period every stripe has been refilled for.
+    refilled: AtomicU64,
+    tables: Striped<Table>,
+}
+
+impl Limiter {
+    /// `capacity` bounds how many distinct clients (and, apart, networks)
+    /// are tracked per period, server-wide.
+    pub fn new(max_tokens: u32, max_net_tokens: u32, capacity: usize) -> Self {
+        Limiter {
+            max_tokens,
+            max_net_tokens,
+            tracked: Tracked { clients: AtomicUsize::new(0), networks: AtomicUsize::new(0), capacity: capacity.max(1) },
+            refilled: AtomicU64::new(0),
+            tables: Striped::new(),
+        }
+    }
+
+    /// Forgets every bucket once a new period has started (each stripe also
+    /// refills itself when next touched; this frees the memory and the
+    /// tracked count of stripes nobody touches).
+    pub fn refill_if_due(&self, epoch: u64) {
+        if self.refilled.load(Ordering::Acquire) >= epoch {
+            return;
+        }
+        self.tables.for_each(|t| t.refill_if_due(epoch, &self.tracked));
+        self.refilled.fetch_max(epoch, Ordering::AcqRel);
+    }
 
     /// Takes `cost` tokens from `client`'s bucket and its network's, or
     /// refuses and takes nothing from either.
-    pub fn charge(&mut self, client: u64, cost: u32, epoch: u64) -> Result<(), Refused> {
+    pub fn charge(&self, client: u64, cost: u32, epoch: u64) -> Result<(), Refused> {
+        // At a period's start, refill every stripe first: otherwise stripes
+        // nobody touched yet would still count last period's clients.
         self.refill_if_due(epoch);
         let network = net::network(client);
+        let mut t = self.tables.lock(self.tables.hash(network));
+        t.refill_if_due(epoch, &self.tracked);
         let after = |spent: Option<&u32>, max: u32| {
             let after = u64::from(spent.copied().unwrap_or(0)) + u64::from(cost);
             (after <= u64::from(max)).then_some(after as u32)
         };
-        let client_spent = self.spent.get(&client);
+        let client_spent = t.spent.get(&client);
         let Some(client_after) = after(client_spent, self.max_tokens) else { return Err(Refused::Exhausted) };
-        let net_spent = self.net_spent.get(&network);
+        let net_spent = t.net_spent.get(&network);
         let Some(net_after) = after(net_spent, self.max_net_tokens) else { return Err(Refused::NetExhausted) };
-        if (client_spent.is_none() && self.spent.len() >= self.capacity)
-            || (net_spent.is_none() && self.net_spent.len() >= self.capacity)
-        {
-            return Err(Refused::TableFull);
+        let (new_client, new_net) = (client_spent.is_none(), net_spent.is_none());
+        if new_client {
+            self.tracked.claim(&self.tracked.clients)?;
         }
-        self.spent.insert(client, client_after);
-        self.net_spent.insert(network, net_after);
+        if new_net {
+            if let Err(full) = self.tracked.claim(&self.tracked.networks) {
+                if new_client {
+                    self.tracked.clients.fetch_sub(1, Ordering::AcqRel);
+                }
+                return Err(full);
+            }
+        }
+        t.spent.insert(client, client_after);
+        t.net_spent.insert(network, net_after);
         Ok(())
     }
 
     /// Number of clients with a bucket this period.
     pub fn tracked(&self) -> usize {
-        self.spent.len()
+        self.tracked.clients.load(Ordering::Acquire)
     }
 
     /// Number of networks with a bucket this period.
     pub fn tracked_networks(&self) -> usize {
-        self.net_spent.len()
+        self.tracked.networks.load(Ordering::Acquire)
     }
 }
 
@@ -140,7 +202,7 @@ mod tests {
 
     #[test]
     fn exact_budget_then_refusal_consumes_nothing() {
-        let mut l = Limiter::new(17, 1000, 100);
+        let l = Limiter::new(17, 1000, 100);
         for _ in 0..17 {
             assert_eq!(l.charge(1, 1, 0), Ok(()));
         }
@@ -152,7 +214,7 @@ mod tests {
 
     #[test]
     fn write_needs_three_tokens_and_refusal_keeps_the_rest() {
-        let mut l = Limiter::new(4, 1000, 100);
+        let l = Limiter::new(4, 1000, 100);
         assert_eq!(l.charge(1, 3, 0), Ok(()));
         assert_eq!(l.charge(1, 3, 0), Err(Refused::Exhausted));
         // The refused write took nothing: one GET still fits.
@@ -162,7 +224,7 @@ mod tests {
 
     #[test]
     fn refill_forgets_everyone() {
-        let mut l = Limiter::new(1, 1000, 100);
+        let l = Limiter::new(1, 1000, 100);
         assert_eq!(l.charge(1, 1, 0), Ok(()));
         assert_eq!(l.charge(1, 1, 0), Err(Refused::Exhausted));
         assert_eq!(l.charge(1, 1, 1), Ok(()));
@@ -172,16 +234,16 @@ mod tests {
 
     #[test]
     fn max_u32_budget() {
-        let mut l = Limiter::new(u32::MAX, u32::MAX, 10);
+        let l = Limiter::new(u32::MAX, u32::MAX, 10);
         assert_eq!(l.charge(1, 3, 0), Ok(()));
-        let mut l = Limiter::new(0, 0, 10);
+        let l = Limiter::new(0, 0, 10);
         assert_eq!(l.charge(1, 1, 0), Err(Refused::Exhausted));
         assert_eq!(l.tracked(), 0);
     }
 
     #[test]
     fn table_is_bounded() {
-        let mut l = Limiter::new(10, 1000, 3);
+        let l = Limiter::new(10, 1000, 3);
         for ip in 0..3 {
             assert_eq!(l.charge(ip, 1, 0), Ok(()));
         }
@@ -199,7 +261,7 @@ mod tests {
 
     #[test]
     fn network_budget_is_shared_by_its_clients() {
-        let mut l = Limiter::new(5, 8, 100);
+        let l = Limiter::new(5, 8, 100);
         // Two /64s of one /48 share its 8 tokens.
         assert_eq!(l.charge(client("2001:db8:1:1::1"), 3, 0), Ok(()));
         assert_eq!(l.charge(client("2001:db8:1:2::1"), 3, 0), Ok(()));
@@ -216,6 +278,40 @@ mod tests {
         assert_eq!((l.tracked(), l.tracked_networks()), (6, 3));
         // Everything refills together.
         assert_eq!(l.charge(client("2001:db8:1:3::1"), 3, 1), Ok(()));
+    }
+
+    #[test]
+    fn exact_across_threads() {
+        // 8 threads, 1000 charges each, from 16 clients of one /24 with 100
+        // tokens each and 500 for the network: exactly 500 pass.
+        let l = std::sync::Arc::new(Limiter::new(100, 500, 1000));
+        let passed: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let l = l.clone();
+                    s.spawn(move || {
+                        (0..1000u64)
+                            .filter(|i| l.charge(client(&format!("192.0.2.{}", (t + i) % 16)), 1, 0).is_ok())
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(passed, 500);
+        assert_eq!((l.tracked(), l.tracked_networks()), (16, 1));
+    }
+
+    #[test]
+    fn untouched_stripes_are_refilled_too() {
+        let l = Limiter::new(10, 1000, 2);
+        assert_eq!(l.charge(client("192.0.2.1"), 1, 0), Ok(()));
+        assert_eq!(l.charge(client("198.51.100.1"), 1, 0), Ok(()));
+        assert_eq!(l.charge(client("203.0.113.1"), 1, 0), Err(Refused::TableFull));
+        // A new period: whichever stripe the next client lands on, the
+        // table is empty again.
+        assert_eq!(l.charge(client("203.0.113.1"), 1, 1), Ok(()));
+        assert_eq!((l.tracked(), l.tracked_networks()), (1, 1));
     }
 
     #[test]
