@@ -265,8 +265,9 @@ type Clients = Option<fn(usize) -> String>;
 
 fn memory_runs() -> Vec<Memory> {
     let mut out = Vec::new();
-    let cases: [(&'static str, &[&str], Clients); 3] = [
+    let cases: [(&'static str, &[&str], Clients); 4] = [
         ("quotas off, one client", &["-maxKeysPerIP", "0", "-maxKeysPerNet", "0"], None),
+        ("quotas off, every key from its own /48", &["-maxKeysPerIP", "0", "-maxKeysPerNet", "0"], Some(own_network)),
         ("quotas on, 65,536 clients in 256 /24s", &[], Some(spread_client)),
         ("quotas on, every key from its own /48", &[], Some(own_network)),
     ];

@@ -14,8 +14,9 @@
 //! That gives the live count at any instant without waiting for the sweep
 //! (keys past their expiry stop counting the moment they expire), the
 //! oldest key's expiry for `Retry-After`, and a per-client count by one
-//! scan of a list no longer than the network quota. It costs 32 bytes per
-//! network plus 8 per key beyond the first two of a network; the creator
+//! scan of a list no longer than the network quota. It costs one 24-byte
+//! table slot per network, plus 8 bytes per key once a network holds two
+//! or more; the creator
 //! itself lives in the entry (and in its log and snapshot records), so the
 //! counts are rebuilt exactly at recovery.
 //!
@@ -24,7 +25,6 @@
 use crate::state::net;
 use crate::state::striped::Striped;
 use hashbrown::HashTable;
-use smallvec::SmallVec;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Which quota refused a create.
@@ -126,10 +126,55 @@ impl KeyBudget {
 #[derive(Debug)]
 struct Group {
     id: u64,
-    keys: SmallVec<[u64; 2]>,
+    keys: Keys,
 }
 
-const _: () = assert!(std::mem::size_of::<Group>() == 32);
+// A network holding one key (most of them, on a public instance) costs
+// one table slot and nothing more.
+const _: () = assert!(std::mem::size_of::<Group>() == 24);
+
+/// A sorted list of packed keys, inline while it holds one.
+#[derive(Debug)]
+enum Keys {
+    One(u64),
+    Many(Box<Vec<u64>>),
+}
+
+impl Keys {
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Keys::One(k) => std::slice::from_ref(k),
+            Keys::Many(v) => v,
+        }
+    }
+
+    fn insert(&mut self, k: u64) {
+        match self {
+            Keys::One(a) => {
+                let pair = if *a <= k { vec![*a, k] } else { vec![k, *a] };
+                *self = Keys::Many(Box::new(pair));
+            }
+            Keys::Many(v) => {
+                let at = v.partition_point(|&e| e < k);
+                v.insert(at, k);
+            }
+        }
+    }
+
+    /// Removes one `k`; false if it is not there. The last key cannot be
+    /// removed this way (the caller drops the whole group instead).
+    fn remove(&mut self, k: u64) -> bool {
+        let Keys::Many(v) = self else { return false };
+        let Ok(at) = v.binary_search(&k) else { return false };
+        v.remove(at);
+        match v.as_slice() {
+            [last] => *self = Keys::One(*last),
+            _ if v.len() * 4 < v.capacity() => v.shrink_to_fit(),
+            _ => {}
+        }
+        true
+    }
+}
 
 /// How many networks and clients are at their quota (for `/metrics`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -213,12 +258,11 @@ impl Quotas {
         let mut t = self.tables.lock(hash);
         let Some(g) = t.find_mut(hash, |g| g.id == id) else {
             // A first key: every quota is at least 1.
-            let mut keys = SmallVec::new();
-            keys.push(packed);
-            t.insert_unique(hash, Group { id, keys }, self.rehash());
+            t.insert_unique(hash, Group { id, keys: Keys::One(packed) }, self.rehash());
             return Ok(());
         };
-        let live = &g.keys[first_live(&g.keys, now_ms)..];
+        let keys = g.keys.as_slice();
+        let live = &keys[first_live(keys, now_ms)..];
         if self.per_net > 0 && live.len() >= self.per_net {
             return Err(OverQuota { scope: Scope::Net, retry_after_secs: retry_after(live[0], now_ms) });
         }
@@ -231,8 +275,7 @@ impl Quotas {
                 }
             }
         }
-        let at = g.keys.partition_point(|&k| k < packed);
-        g.keys.insert(at, packed);
+        g.keys.insert(packed);
         Ok(())
     }
 
@@ -246,14 +289,9 @@ impl Quotas {
         let packed = pack(creator, expires_ms);
         let mut t = self.tables.lock(hash);
         match t.find_mut(hash, |g| g.id == id) {
-            Some(g) => {
-                let at = g.keys.partition_point(|&k| k < packed);
-                g.keys.insert(at, packed);
-            }
+            Some(g) => g.keys.insert(packed),
             None => {
-                let mut keys = SmallVec::new();
-                keys.push(packed);
-                t.insert_unique(hash, Group { id, keys }, self.rehash());
+                t.insert_unique(hash, Group { id, keys: Keys::One(packed) }, self.rehash());
             }
         }
     }
@@ -267,23 +305,19 @@ impl Quotas {
         let hash = self.tables.hash(id);
         let packed = pack(creator, expires_ms);
         let mut t = self.tables.lock(hash);
-        let Ok(slot) = t.find_entry(hash, |g| g.id == id) else { return };
-        let g = slot.get();
-        let Ok(at) = g.keys.binary_search(&packed) else { return };
-        if g.keys.len() == 1 {
-            slot.remove();
-            // Give back what a flood of networks grew.
-            if t.capacity() > 64 && t.len() < t.capacity() / 8 {
-                let keep = t.len() * 2;
-                t.shrink_to(keep, self.rehash());
+        let Ok(mut slot) = t.find_entry(hash, |g| g.id == id) else { return };
+        if let Keys::One(only) = slot.get().keys {
+            if only == packed {
+                slot.remove();
+                // Give back what a flood of networks grew.
+                if t.capacity() > 64 && t.len() < t.capacity() / 8 {
+                    let keep = t.len() * 2;
+                    t.shrink_to(keep, self.rehash());
+                }
             }
             return;
         }
-        let g = slot.into_mut();
-        g.keys.remove(at);
-        if g.keys.spilled() && g.keys.len() * 4 < g.keys.capacity() {
-            g.keys.shrink_to_fit();
-        }
+        slot.get_mut().keys.remove(packed);
     }
 
     /// Moves a key's expiry (an update): same count, new oldest.
@@ -299,10 +333,15 @@ impl Quotas {
         let hash = self.tables.hash(id);
         let mut t = self.tables.lock(hash);
         let Some(g) = t.find_mut(hash, |g| g.id == id) else { return };
-        let Ok(at) = g.keys.binary_search(&old) else { return };
-        g.keys.remove(at);
-        let at = g.keys.partition_point(|&k| k < new);
-        g.keys.insert(at, new);
+        match &mut g.keys {
+            Keys::One(k) if *k == old => *k = new,
+            Keys::One(_) => {}
+            many => {
+                if many.remove(old) {
+                    many.insert(new);
+                }
+            }
+        }
     }
 
     /// Live keys counted for `creator`'s client and network at `now_ms`.
@@ -314,7 +353,8 @@ impl Quotas {
         let hash = self.tables.hash(id);
         let t = self.tables.lock(hash);
         let Some(g) = t.find(hash, |g| g.id == id) else { return (0, 0) };
-        let live = &g.keys[first_live(&g.keys, now_ms)..];
+        let keys = g.keys.as_slice();
+        let live = &keys[first_live(keys, now_ms)..];
         let host = net::host(creator);
         (live.iter().filter(|&&k| host_of(k) == host).count(), live.len())
     }
@@ -330,7 +370,8 @@ impl Quotas {
         self.tables.for_each(|t| {
             c.groups += t.len();
             for g in t.iter() {
-                let live = &g.keys[first_live(&g.keys, now_ms)..];
+                let keys = g.keys.as_slice();
+                let live = &keys[first_live(keys, now_ms)..];
                 if self.per_net > 0 && live.len() >= self.per_net {
                     c.nets_at_limit += 1;
                 }
@@ -443,6 +484,25 @@ mod tests {
         q.retime(a, NOW + 2_000, NOW + 20_000);
         assert_eq!(q.admit(a, NOW, NOW).unwrap_err().retry_after_secs, 8);
         assert_eq!(q.counts(a, NOW + 10_000), (1, 1));
+    }
+
+    #[test]
+    fn a_network_shrinks_back_to_one_inline_key() {
+        let q = Quotas::new(0, 10);
+        let a = client("192.0.2.9");
+        for s in [5, 3, 9] {
+            q.admit(a, NOW + s * 1000, NOW).unwrap();
+        }
+        q.remove(a, NOW + 3000);
+        q.remove(a, NOW + 9000);
+        assert_eq!(q.counts(a, NOW), (1, 1));
+        // Its one key moves, then goes, and the network with it.
+        q.retime(a, NOW + 5000, NOW + 7000);
+        assert_eq!(q.admit(a, NOW, NOW + 6000), Ok(()), "the moved key is live at +6s");
+        assert_eq!(q.counts(a, NOW + 6000), (1, 1));
+        q.remove(a, NOW);
+        q.remove(a, NOW + 7000);
+        assert_eq!(q.census(NOW).groups, 0);
     }
 
     #[test]
