@@ -26,6 +26,7 @@ use crate::state::net;
 use crate::state::striped::Striped;
 use hashbrown::HashTable;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::MutexGuard;
 
 /// Which quota refused a create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,20 +252,42 @@ impl Quotas {
         |g| self.tables.hash(g.id)
     }
 
-    /// Counts a new key unless that puts its client or network over quota.
-    pub fn admit(&self, creator: u64, expires_ms: u64, now_ms: u64) -> Result<(), OverQuota> {
+    /// The stripe holding `creator`'s group, locked, with the group's id
+    /// and hash (`None`: quotas are off, nothing is counted).
+    fn stripe(&self, creator: u64) -> Option<(u64, u64, MutexGuard<'_, HashTable<Group>>)> {
         if !self.enabled() {
-            return Ok(());
+            return None;
         }
         let id = self.group_of(creator);
         let hash = self.tables.hash(id);
+        Some((id, hash, self.tables.lock(hash)))
+    }
+
+    /// Adds `packed` to group `id`, creating the group.
+    fn insert(&self, t: &mut HashTable<Group>, hash: u64, id: u64, packed: u64) {
+        match t.find_mut(hash, |g| g.id == id) {
+            Some(g) => g.keys.insert(packed),
+            None => {
+                t.insert_unique(hash, Group { id, keys: Keys::One(packed) }, self.rehash());
+            }
+        }
+    }
+
+    /// Counts a new key unless that puts its client or network over quota.
+    pub fn admit(&self, creator: u64, expires_ms: u64, now_ms: u64) -> Result<(), OverQuota> {
+        let Some((id, hash, mut t)) = self.stripe(creator) else { return Ok(()) };
         let packed = pack(creator, expires_ms);
-        let mut t = self.tables.lock(hash);
-        let Some(g) = t.find_mut(hash, |g| g.id == id) else {
-            // A first key: every quota is at least 1.
-            t.insert_unique(hash, Group { id, keys: Keys::One(packed) }, self.rehash());
-            return Ok(());
-        };
+        // A first key always fits: every quota is at least 1.
+        if let Some(g) = t.find(hash, |g| g.id == id) {
+            self.check(g, creator, now_ms)?;
+        }
+        self.insert(&mut t, hash, id, packed);
+        Ok(())
+    }
+
+    /// Refuses one more key from `creator` if its network or itself holds
+    /// its quota of live keys.
+    fn check(&self, g: &Group, creator: u64, now_ms: u64) -> Result<(), OverQuota> {
         let keys = g.keys.as_slice();
         let live = &keys[first_live(keys, now_ms)..];
         if self.per_net > 0 && live.len() >= self.per_net {
@@ -279,36 +302,19 @@ impl Quotas {
                 }
             }
         }
-        g.keys.insert(packed);
         Ok(())
     }
 
     /// Counts a key whatever the quotas say (recovery).
     pub fn add(&self, creator: u64, expires_ms: u64) {
-        if !self.enabled() {
-            return;
-        }
-        let id = self.group_of(creator);
-        let hash = self.tables.hash(id);
-        let packed = pack(creator, expires_ms);
-        let mut t = self.tables.lock(hash);
-        match t.find_mut(hash, |g| g.id == id) {
-            Some(g) => g.keys.insert(packed),
-            None => {
-                t.insert_unique(hash, Group { id, keys: Keys::One(packed) }, self.rehash());
-            }
-        }
+        let Some((id, hash, mut t)) = self.stripe(creator) else { return };
+        self.insert(&mut t, hash, id, pack(creator, expires_ms));
     }
 
     /// Uncounts a key (removed: expired, deleted, or an admission undone).
     pub fn remove(&self, creator: u64, expires_ms: u64) {
-        if !self.enabled() {
-            return;
-        }
-        let id = self.group_of(creator);
-        let hash = self.tables.hash(id);
+        let Some((id, hash, mut t)) = self.stripe(creator) else { return };
         let packed = pack(creator, expires_ms);
-        let mut t = self.tables.lock(hash);
         let Ok(mut slot) = t.find_entry(hash, |g| g.id == id) else { return };
         if let Keys::One(only) = slot.get().keys {
             if only == packed {
@@ -326,16 +332,11 @@ impl Quotas {
 
     /// Moves a key's expiry (an update): same count, new oldest.
     pub fn retime(&self, creator: u64, old_ms: u64, new_ms: u64) {
-        if !self.enabled() {
-            return;
-        }
         let (old, new) = (pack(creator, old_ms), pack(creator, new_ms));
         if old == new {
             return;
         }
-        let id = self.group_of(creator);
-        let hash = self.tables.hash(id);
-        let mut t = self.tables.lock(hash);
+        let Some((id, hash, mut t)) = self.stripe(creator) else { return };
         let Some(g) = t.find_mut(hash, |g| g.id == id) else { return };
         match &mut g.keys {
             Keys::One(k) if *k == old => *k = new,
@@ -350,12 +351,7 @@ impl Quotas {
 
     /// Live keys counted for `creator`'s client and network at `now_ms`.
     pub fn counts(&self, creator: u64, now_ms: u64) -> (usize, usize) {
-        if !self.enabled() {
-            return (0, 0);
-        }
-        let id = self.group_of(creator);
-        let hash = self.tables.hash(id);
-        let t = self.tables.lock(hash);
+        let Some((id, hash, t)) = self.stripe(creator) else { return (0, 0) };
         let Some(g) = t.find(hash, |g| g.id == id) else { return (0, 0) };
         let keys = g.keys.as_slice();
         let live = &keys[first_live(keys, now_ms)..];
