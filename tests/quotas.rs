@@ -148,20 +148,29 @@ fn deletes_and_expiry_give_slots_back() {
     assert_eq!(s.get("/get/short").status, 404);
 }
 
+/// A key counts against the client that stored it last, so nobody can
+/// keep a key on someone else's quota by refreshing or claiming it.
 #[test]
-fn a_key_counts_against_its_creator_whoever_updates_it() {
+fn a_key_counts_against_whoever_stored_it_last() {
     let s = Server::start(&["-maxKeysPerIP", "1", "-threads", "2", "-dataDir", ""]);
-    assert_eq!(s.req("POST", "/set/shared", &from("192.0.2.10"), b"a").status, 200);
-    // Someone else (another network) updates it: still the creator's key.
-    assert_eq!(s.req("POST", "/set/shared", &from("198.51.100.10"), b"b").status, 200);
-    assert_eq!(s.req("POST", "/set/mine", &from("192.0.2.10"), b"v").status, 429);
-    assert_eq!(s.req("POST", "/set/theirs", &from("198.51.100.10"), b"v").status, 200);
+    let (victim, other) = (from("192.0.2.10"), from("198.51.100.10"));
+    assert_eq!(s.req("POST", "/set/shared", &victim, b"a").status, 200);
+    assert_eq!(s.req("POST", "/set/mine", &victim, b"v").status, 429);
+    // Someone else claims it with a secret and keeps it alive: it is theirs
+    // now, on their quota, and the victim has room again.
+    let claim = [("X-Forwarded-For", "198.51.100.10"), ("X-Owner-Secret", "s3cret")];
+    assert_eq!(s.req("POST", "/set/shared?ttl=1h", &claim, b"b").status, 200);
+    assert_eq!(s.req("POST", "/set/mine", &victim, b"v").status, 200);
+    assert_eq!(s.req("POST", "/set/theirs", &other, b"v").status, 429, "the claimer's quota holds it");
+    // Taking over a key while at one's quota is refused and changes nothing.
+    let r = s.req("POST", "/set/mine", &other, b"stolen");
+    assert_eq!(r.status, 429);
+    assert!(r.text().contains("-maxKeysPerIP"));
+    assert_eq!(s.get("/get/mine").text(), "v");
     // cas/casoc/los creates count too.
-    assert_eq!(s.req("POST", "/los/other", &from("192.0.2.10"), b"v").status, 429);
-    assert_eq!(
-        s.req("POST", "/casoc/other", &[("X-Forwarded-For", "192.0.2.10"), ("X-Expected-Value", "")], b"v").status,
-        429
-    );
+    assert_eq!(s.req("POST", "/los/other", &victim, b"v").status, 429);
+    let casoc = [("X-Forwarded-For", "192.0.2.10"), ("X-Expected-Value", "")];
+    assert_eq!(s.req("POST", "/casoc/other", &casoc, b"v").status, 429);
 }
 
 /// kill -9 after the writes were answered: the restarted server counts the
@@ -207,4 +216,24 @@ fn quotas_can_be_turned_off_and_are_on_the_docs_page() {
     let s = Server::start(&["-maxNumKV", "1000", "-dataDir", ""]);
     let page = s.get("/").text();
     assert!(page.contains("5 per IP (IPv6: per /64), 10 per network"), "defaults are 0.5% and 1% of -maxNumKV");
+}
+
+/// A restart with a shorter -expireDuration caps the stored keys' expiry;
+/// when they expire their network gets its slots back.
+#[test]
+fn a_shorter_ttl_at_restart_is_counted_as_such() {
+    let s = Server::start(&["-maxKeysPerIP", "0", "-maxKeysPerNet", "3", "-expireDuration", "1h"]);
+    for i in 0..3 {
+        assert_eq!(s.req("POST", &format!("/set/c{i}"), &from("192.0.2.1"), b"v").status, 200);
+    }
+    assert_eq!(s.req("POST", "/set/c3", &from("192.0.2.2"), b"v").status, 429);
+    let (dir, _) = s.stop_keep_dir("-TERM");
+    let s = Server::start_in(dir, &["-maxKeysPerIP", "0", "-maxKeysPerNet", "3", "-expireDuration", "2s"]);
+    let r = s.req("POST", "/set/c3", &from("192.0.2.2"), b"v");
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+    assert!(retry <= 3, "the capped expiry is what counts: Retry-After {retry}");
+    std::thread::sleep(Duration::from_secs(retry));
+    assert_eq!(s.get("/get/c0").status, 404);
+    assert_eq!(s.req("POST", "/set/c3", &from("192.0.2.2"), b"v").status, 200);
 }

@@ -6,9 +6,10 @@
 //! a segment while it is being read, the dump starts over. Each line is one
 //! live key: `key` and `value` as JSON strings when they are UTF-8 (else
 //! `key_hex` / `value_hex`), `expires_ms`, `version`, `owned` (whether an
-//! owner secret protects it) and `creator` (the client that created it: an
-//! IPv4 address or an IPv6 /64, which its key quotas count against). The
-//! secret hash is never printed.
+//! owner secret protects it) and `creator` (the client that last stored
+//! it, whose key quotas it counts against: an IPv4 address or an IPv6 /64;
+//! `unknown` for keys stored before creators were kept). The secret hash
+//! is never printed.
 
 use crate::logging::json_string;
 use crate::persist::recovery::{self, Mode, RecoveryError};
@@ -61,7 +62,10 @@ pub fn json_line(e: &Entry) -> String {
         e.expires_ms,
         e.version(),
         e.secret().is_some(),
-        net::describe(e.creator())
+        match e.creator() {
+            0 => "unknown".to_string(),
+            c => net::describe(c),
+        }
     ));
     line
 }

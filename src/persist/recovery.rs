@@ -158,7 +158,7 @@ pub fn recover(
     drop(tombstones);
     for shard in shards.iter_mut() {
         report.expired += shard.drop_expired(now_ms, budget);
-        shard.cap_expiry(max_expiry_ms);
+        shard.cap_expiry(max_expiry_ms, budget);
         report.max_version = report.max_version.max(shard.last_version());
     }
     for shard in shards.iter_mut() {

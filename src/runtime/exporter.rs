@@ -102,7 +102,7 @@ families! {
     QuotaAtLimit: Gauge Count "rendezvous_quota_at_limit" ["scope"]
         "Clients (scope=ip) and networks (scope=net) holding as many live keys as their quota allows.";
     QuotaGroups: Gauge Count "rendezvous_quota_networks" []
-        "Networks (clients, when only -maxKeysPerIP is on) with live keys counted against a quota.";
+        "Networks (clients, when only -maxKeysPerIP is on) with keys counted against a quota (expired keys count until removed).";
     SecretRejections: Counter Count "rendezvous_secret_rejections_total" []
         "Writes refused with 403 (wrong or missing owner secret).";
     Conflicts: Counter Count "rendezvous_conflicts_total" ["route"]

@@ -25,6 +25,7 @@
 use crate::state::net;
 use crate::state::striped::Striped;
 use hashbrown::HashTable;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::MutexGuard;
 
@@ -103,6 +104,15 @@ impl KeyBudget {
         self.quotas.retime(creator, old_ms, new_ms);
     }
 
+    /// Another client stored over a key: from now on it counts against
+    /// that client (refused, changing nothing, if that puts it over quota),
+    /// so nobody can keep a key on someone else's quota by refreshing it.
+    pub fn transfer(&self, old: (u64, u64), new: (u64, u64), now_ms: u64) -> Result<(), OverQuota> {
+        self.quotas.admit(new.0, new.1, now_ms)?;
+        self.quotas.remove(old.0, old.1);
+        Ok(())
+    }
+
     /// A stored key was replaced by one with another creator or expiry
     /// (recovery replaying a record over a snapshot's entry).
     pub fn replace(&self, old: (u64, u64), new: (u64, u64)) {
@@ -123,7 +133,7 @@ impl KeyBudget {
     }
 }
 
-/// One network's (or client's) keys: `(expiry second << 16) | host`, sorted.
+/// One network's (or client's) keys: `(expiry second << 16) | host`.
 #[derive(Debug)]
 struct Group {
     id: u64,
@@ -134,34 +144,84 @@ struct Group {
 // one table slot and nothing more.
 const _: () = assert!(std::mem::size_of::<Group>() == 24);
 
-/// A sorted list of packed keys, inline while it holds one.
+/// A list of packed keys sorted by expiry, inline while it holds one.
 ///
-/// The box keeps this at 16 bytes (a bare `Vec` would make it 32): the
-/// common network holds one key, and pays for the slot alone.
+/// The box keeps this at 16 bytes (a bare collection would make it 32+):
+/// the common network holds one key, and pays for the slot alone. A longer
+/// list is a ring buffer: keys expire from the front and new ones, with the
+/// latest expiries, join at the back, so the usual changes move nothing.
 #[derive(Debug)]
 #[allow(clippy::box_collection)]
 enum Keys {
     One(u64),
-    Many(Box<Vec<u64>>),
+    Many(Box<Many>),
+}
+
+#[derive(Debug)]
+struct Many {
+    keys: VecDeque<u64>,
+    /// False after recovery appended keys in file order; sorted on first use.
+    sorted: bool,
 }
 
 impl Keys {
-    fn as_slice(&self) -> &[u64] {
+    fn len(&self) -> usize {
         match self {
-            Keys::One(k) => std::slice::from_ref(k),
-            Keys::Many(v) => v,
+            Keys::One(_) => 1,
+            Keys::Many(m) => m.keys.len(),
         }
     }
 
-    fn insert(&mut self, k: u64) {
+    fn get(&self, i: usize) -> u64 {
+        match self {
+            Keys::One(k) => *k,
+            Keys::Many(m) => m.keys.get(i).copied().unwrap_or(0),
+        }
+    }
+
+    fn iter(&self, from: usize) -> impl Iterator<Item = u64> + '_ {
+        let (one, many) = match self {
+            Keys::One(k) => (Some(*k).filter(|_| from == 0), None),
+            Keys::Many(m) => (None, Some(m.keys.range(from.min(m.keys.len())..).copied())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    /// Sorts a list recovery filled in file order (once).
+    fn sort(&mut self) {
+        if let Keys::Many(m) = self {
+            if !m.sorted {
+                m.keys.make_contiguous().sort_unstable();
+                m.sorted = true;
+            }
+        }
+    }
+
+    /// Index of the first key still live at `now_ms`: a key counts until
+    /// the whole second it expires in has passed, never less than its TTL.
+    fn first_live(&mut self, now_ms: u64) -> usize {
+        self.sort();
+        let now_s = now_ms / 1000;
+        match self {
+            Keys::One(k) => usize::from(*k >> 16 <= now_s),
+            Keys::Many(m) => m.keys.partition_point(|&k| (k >> 16) <= now_s),
+        }
+    }
+
+    /// Adds `k` in order (`sorted`), or at the back to be sorted later.
+    fn insert(&mut self, k: u64, sorted: bool) {
         match self {
             Keys::One(a) => {
-                let pair = if *a <= k { vec![*a, k] } else { vec![k, *a] };
-                *self = Keys::Many(Box::new(pair));
+                let pair = if *a <= k { [*a, k] } else { [k, *a] };
+                *self = Keys::Many(Box::new(Many { keys: VecDeque::from(pair), sorted: true }));
             }
-            Keys::Many(v) => {
-                let at = v.partition_point(|&e| e < k);
-                v.insert(at, k);
+            Keys::Many(m) if !sorted || !m.sorted => {
+                m.keys.push_back(k);
+                m.sorted = false;
+            }
+            Keys::Many(m) => {
+                let at = m.keys.partition_point(|&e| e < k);
+                m.keys.insert(at, k);
             }
         }
     }
@@ -169,13 +229,15 @@ impl Keys {
     /// Removes one `k`; false if it is not there. The last key cannot be
     /// removed this way (the caller drops the whole group instead).
     fn remove(&mut self, k: u64) -> bool {
-        let Keys::Many(v) = self else { return false };
-        let Ok(at) = v.binary_search(&k) else { return false };
-        v.remove(at);
-        match v.as_slice() {
-            [last] => *self = Keys::One(*last),
-            _ if v.len() * 4 < v.capacity() => v.shrink_to_fit(),
-            _ => {}
+        self.sort();
+        let Keys::Many(m) = self else { return false };
+        let Ok(at) = m.keys.binary_search(&k) else { return false };
+        m.keys.remove(at);
+        if m.keys.len() == 1 {
+            let last = m.keys[0];
+            *self = Keys::One(last);
+        } else if m.keys.len() * 4 < m.keys.capacity() {
+            m.keys.shrink_to_fit();
         }
         true
     }
@@ -206,14 +268,6 @@ fn pack(creator: u64, expires_ms: u64) -> u64 {
 
 fn host_of(k: u64) -> u16 {
     k as u16
-}
-
-/// Index of the first key still live at `now_ms` (expiry second after now:
-/// a key counts until the whole second it expires in has passed, never
-/// less than its TTL).
-fn first_live(keys: &[u64], now_ms: u64) -> usize {
-    let now_s = now_ms / 1000;
-    keys.partition_point(|&k| (k >> 16) <= now_s)
 }
 
 fn retry_after(k: u64, now_ms: u64) -> u64 {
@@ -253,9 +307,10 @@ impl Quotas {
     }
 
     /// The stripe holding `creator`'s group, locked, with the group's id
-    /// and hash (`None`: quotas are off, nothing is counted).
+    /// and hash (`None`: nothing is counted, because quotas are off or the
+    /// key was stored before creators were kept, creator 0).
     fn stripe(&self, creator: u64) -> Option<(u64, u64, MutexGuard<'_, HashTable<Group>>)> {
-        if !self.enabled() {
+        if !self.enabled() || creator == 0 {
             return None;
         }
         let id = self.group_of(creator);
@@ -263,10 +318,11 @@ impl Quotas {
         Some((id, hash, self.tables.lock(hash)))
     }
 
-    /// Adds `packed` to group `id`, creating the group.
-    fn insert(&self, t: &mut HashTable<Group>, hash: u64, id: u64, packed: u64) {
+    /// Adds `packed` to group `id`, creating the group (in order unless
+    /// `sorted` is false: recovery sorts each list once, at first use).
+    fn insert(&self, t: &mut HashTable<Group>, hash: u64, id: u64, packed: u64, sorted: bool) {
         match t.find_mut(hash, |g| g.id == id) {
-            Some(g) => g.keys.insert(packed),
+            Some(g) => g.keys.insert(packed, sorted),
             None => {
                 t.insert_unique(hash, Group { id, keys: Keys::One(packed) }, self.rehash());
             }
@@ -278,25 +334,25 @@ impl Quotas {
         let Some((id, hash, mut t)) = self.stripe(creator) else { return Ok(()) };
         let packed = pack(creator, expires_ms);
         // A first key always fits: every quota is at least 1.
-        if let Some(g) = t.find(hash, |g| g.id == id) {
+        if let Some(g) = t.find_mut(hash, |g| g.id == id) {
             self.check(g, creator, now_ms)?;
         }
-        self.insert(&mut t, hash, id, packed);
+        self.insert(&mut t, hash, id, packed, true);
         Ok(())
     }
 
     /// Refuses one more key from `creator` if its network or itself holds
     /// its quota of live keys.
-    fn check(&self, g: &Group, creator: u64, now_ms: u64) -> Result<(), OverQuota> {
-        let keys = g.keys.as_slice();
-        let live = &keys[first_live(keys, now_ms)..];
-        if self.per_net > 0 && live.len() >= self.per_net {
-            return Err(OverQuota { scope: Scope::Net, retry_after_secs: retry_after(live[0], now_ms) });
+    fn check(&self, g: &mut Group, creator: u64, now_ms: u64) -> Result<(), OverQuota> {
+        let first = g.keys.first_live(now_ms);
+        let live = g.keys.len() - first;
+        if self.per_net > 0 && live >= self.per_net {
+            return Err(OverQuota { scope: Scope::Net, retry_after_secs: retry_after(g.keys.get(first), now_ms) });
         }
-        if self.per_ip > 0 && live.len() >= self.per_ip {
+        if self.per_ip > 0 && live >= self.per_ip {
             let host = net::host(creator);
-            let mut mine = live.iter().filter(|&&k| host_of(k) == host);
-            if let Some(&oldest) = mine.next() {
+            let mut mine = g.keys.iter(first).filter(|&k| host_of(k) == host);
+            if let Some(oldest) = mine.next() {
                 if 1 + mine.count() >= self.per_ip {
                     return Err(OverQuota { scope: Scope::Ip, retry_after_secs: retry_after(oldest, now_ms) });
                 }
@@ -308,7 +364,7 @@ impl Quotas {
     /// Counts a key whatever the quotas say (recovery).
     pub fn add(&self, creator: u64, expires_ms: u64) {
         let Some((id, hash, mut t)) = self.stripe(creator) else { return };
-        self.insert(&mut t, hash, id, pack(creator, expires_ms));
+        self.insert(&mut t, hash, id, pack(creator, expires_ms), false);
     }
 
     /// Uncounts a key (removed: expired, deleted, or an admission undone).
@@ -343,7 +399,7 @@ impl Quotas {
             Keys::One(_) => {}
             many => {
                 if many.remove(old) {
-                    many.insert(new);
+                    many.insert(new, true);
                 }
             }
         }
@@ -351,12 +407,11 @@ impl Quotas {
 
     /// Live keys counted for `creator`'s client and network at `now_ms`.
     pub fn counts(&self, creator: u64, now_ms: u64) -> (usize, usize) {
-        let Some((id, hash, t)) = self.stripe(creator) else { return (0, 0) };
-        let Some(g) = t.find(hash, |g| g.id == id) else { return (0, 0) };
-        let keys = g.keys.as_slice();
-        let live = &keys[first_live(keys, now_ms)..];
+        let Some((id, hash, mut t)) = self.stripe(creator) else { return (0, 0) };
+        let Some(g) = t.find_mut(hash, |g| g.id == id) else { return (0, 0) };
+        let first = g.keys.first_live(now_ms);
         let host = net::host(creator);
-        (live.iter().filter(|&&k| host_of(k) == host).count(), live.len())
+        (g.keys.iter(first).filter(|&k| host_of(k) == host).count(), g.keys.len() - first)
     }
 
     /// Networks and clients at their quota now. Walks every table, one
@@ -369,15 +424,15 @@ impl Quotas {
         let mut hosts: Vec<u16> = Vec::new();
         self.tables.for_each(|t| {
             c.groups += t.len();
-            for g in t.iter() {
-                let keys = g.keys.as_slice();
-                let live = &keys[first_live(keys, now_ms)..];
-                if self.per_net > 0 && live.len() >= self.per_net {
+            for g in t.iter_mut() {
+                let first = g.keys.first_live(now_ms);
+                let live = g.keys.len() - first;
+                if self.per_net > 0 && live >= self.per_net {
                     c.nets_at_limit += 1;
                 }
-                if self.per_ip > 0 && live.len() >= self.per_ip {
+                if self.per_ip > 0 && live >= self.per_ip {
                     hosts.clear();
-                    hosts.extend(live.iter().map(|&k| host_of(k)));
+                    hosts.extend(g.keys.iter(first).map(host_of));
                     hosts.sort_unstable();
                     c.ips_at_limit += hosts.chunk_by(|a, b| a == b).filter(|run| run.len() >= self.per_ip).count();
                 }
@@ -503,6 +558,40 @@ mod tests {
         q.remove(a, NOW);
         q.remove(a, NOW + 7000);
         assert_eq!(q.census(NOW).groups, 0);
+    }
+
+    #[test]
+    fn a_transfer_moves_the_count_or_changes_nothing() {
+        let b = KeyBudget::with_quotas(100, 1, 10);
+        let (a, x) = (client("192.0.2.1"), client("198.51.100.1"));
+        b.admit(a, NOW + 5000, NOW).unwrap();
+        // x stores over a's key: it counts against x now, and a has room.
+        assert_eq!(b.transfer((a, NOW + 5000), (x, NOW + 9000), NOW), Ok(()));
+        assert_eq!((b.quotas().counts(a, NOW), b.quotas().counts(x, NOW)), ((0, 0), (1, 1)));
+        b.admit(a, NOW + 5000, NOW).unwrap();
+        // x is at its quota: taking over a's new key is refused, nothing moves.
+        assert!(b.transfer((a, NOW + 5000), (x, NOW + 9000), NOW).is_err());
+        assert_eq!((b.quotas().counts(a, NOW), b.quotas().counts(x, NOW)), ((1, 1), (1, 1)));
+    }
+
+    #[test]
+    fn recovery_order_and_unknown_creators() {
+        let q = Quotas::new(0, 1000);
+        let a = client("192.0.2.1");
+        // Recovery adds in file order; the list is sorted at first use.
+        for s in [9u64, 3, 7, 1, 5] {
+            q.add(a, NOW + s * 1000);
+        }
+        assert_eq!(q.counts(a, NOW + 2000), (4, 4));
+        q.remove(a, NOW + 3000);
+        q.retime(a, NOW + 9000, NOW + 2000);
+        assert_eq!(q.counts(a, NOW + 4000), (2, 2));
+        // Creator 0 (stored before creators were kept) is never counted.
+        for _ in 0..10 {
+            q.add(0, NOW + 5000);
+            assert_eq!(q.admit(0, NOW + 5000, NOW), Ok(()));
+        }
+        assert_eq!(q.counts(0, NOW), (0, 0));
     }
 
     #[test]

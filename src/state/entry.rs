@@ -27,9 +27,9 @@ pub struct KeyTooLong;
 /// A stored key-value pair: 32 bytes plus one exact-size allocation holding
 /// `[creator][secret hash (if any)][key][value]`, so an entry costs one heap
 /// block whether or not it has an owner. Key length, secret flag and version
-/// are packed into one word. The creator is the client that created the
-/// key (`net::client`; 0 for entries written before creators were kept),
-/// so the key counts against its quotas for as long as it lives.
+/// are packed into one word. The creator is the client that last stored
+/// the key (`net::client`; 0 for entries written before creators were
+/// kept, never counted): the key counts against that client's quotas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     data: Box<[u8]>,
@@ -78,7 +78,7 @@ impl Entry {
         self.meta = (self.meta & (SECRET_FLAG | 0xffff)) | ((version & MAX_VERSION) << VERSION_SHIFT);
     }
 
-    /// The client that created the key (`net::client`; 0: unknown).
+    /// The client that last stored the key (`net::client`; 0: unknown).
     pub fn creator(&self) -> u64 {
         let mut b = [0u8; CREATOR_LEN];
         if let Some(c) = self.data.get(..CREATOR_LEN) {

@@ -9,7 +9,10 @@
 //! `ffff:ffff::/32`, a multicast range no client ever comes from, so the
 //! two families never collide. A client's network clears the low bits
 //! that tell the clients of one network apart (8 for IPv4, 16 for IPv6);
-//! those bits are the client's `host` within the network.
+//! those bits are the client's `host` within the network. 0 is no client:
+//! it marks entries stored before creators were kept (never counted), so
+//! `::/64` (loopback `::1`, reserved) is keyed as `0:0:0:1::/64` (reserved
+//! too, never a client).
 
 use std::net::IpAddr;
 
@@ -25,7 +28,7 @@ pub fn client(ip: IpAddr) -> u64 {
     };
     match ip {
         IpAddr::V4(v4) => IPV4_TAG | u64::from(u32::from(v4)),
-        IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
+        IpAddr::V6(v6) => ((u128::from(v6) >> 64) as u64).max(1),
     }
 }
 
@@ -83,6 +86,13 @@ mod tests {
         assert_eq!(c("::ffff:192.0.2.1"), c("192.0.2.1"));
         assert_eq!(describe(c("192.0.2.77")), "192.0.2.77");
         assert_eq!(describe(c("2001:db8:1:2:3::4")), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn no_client_is_zero() {
+        assert_ne!(c("::1"), 0);
+        assert_ne!(c("::"), 0);
+        assert_ne!(c("0.0.0.0"), 0);
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub enum Refused {
     Exhausted,
     /// The client's network has fewer tokens than the request costs.
     NetExhausted,
-    /// This core already tracks its share of distinct clients this period.
+    /// `-maxTrackedIPs` clients (or networks) are tracked this period.
     TableFull,
 }
 

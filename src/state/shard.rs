@@ -279,7 +279,7 @@ impl Shard {
         }
         match found {
             None => self.create(hash, w, now_ms, budget),
-            Some(idx) => self.update(idx, w, budget),
+            Some(idx) => self.update(idx, w, now_ms, budget),
         }
     }
 
@@ -317,7 +317,7 @@ impl Shard {
         WriteOutcome::Stored { created: true, expires_ms, version }
     }
 
-    fn update(&mut self, idx: usize, w: Write, budget: &KeyBudget) -> WriteOutcome {
+    fn update(&mut self, idx: usize, w: Write, now_ms: u64, budget: &KeyBudget) -> WriteOutcome {
         let current = &self.entries[idx];
         let version = current.version();
         let on_present = w.cond.semantics().present;
@@ -362,13 +362,16 @@ impl Shard {
         // a key with one keeps it (the write proved it knows it, so it carries
         // the same hash).
         let mut entry = w.entry;
+        let expires_ms = entry.expires_ms;
+        let (old, writer) = (&self.entries[idx], entry.creator());
+        if writer == old.creator() {
+            budget.retime(writer, old.expires_ms, expires_ms);
+        } else if let Err(q) = budget.transfer((old.creator(), old.expires_ms), (writer, expires_ms), now_ms) {
+            // The key now counts against whoever stored it last.
+            return WriteOutcome::OverQuota(q);
+        }
         let version = self.next_version();
         entry.set_version(version);
-        // The key still counts against the client that created it.
-        let creator = self.entries[idx].creator();
-        entry.set_creator(creator);
-        let expires_ms = entry.expires_ms;
-        budget.retime(creator, self.entries[idx].expires_ms, expires_ms);
         self.journal.put(&entry, entry.creator());
         let current = &mut self.entries[idx];
         self.bytes = self.bytes - current.payload_len() + entry.payload_len();
@@ -529,10 +532,13 @@ impl Shard {
     }
 
     /// Lowers every expiry to at most `max_ms` (a smaller `-expireDuration`
-    /// applies to restored keys too).
-    pub fn cap_expiry(&mut self, max_ms: u64) {
+    /// applies to restored keys too), and recounts the keys it moved.
+    pub fn cap_expiry(&mut self, max_ms: u64, budget: &KeyBudget) {
         for e in &mut self.entries {
-            e.expires_ms = e.expires_ms.min(max_ms);
+            if e.expires_ms > max_ms {
+                budget.retime(e.creator(), e.expires_ms, max_ms);
+                e.expires_ms = max_ms;
+            }
         }
     }
 }
@@ -828,7 +834,10 @@ mod tests {
         let mut first = w("k", "1", None, Condition::Set);
         first.entry.set_creator(42);
         s.write(first, T, &b);
-        s.write(w("k", "2", Some(1), Condition::Set), T, &b);
+        // Another client stores over it: the record names that client.
+        let mut second = w("k", "2", Some(1), Condition::Set);
+        second.entry.set_creator(43);
+        s.write(second, T, &b);
         // Nothing changes: nothing is logged.
         s.write(w("k", "x", None, Condition::Los), T, &b);
         s.write(w("k", "x", None, cas("nope")), T, &b);
@@ -842,10 +851,26 @@ mod tests {
         let versions: Vec<u64> = recs.iter().map(Record::version).collect();
         assert!(versions.windows(2).all(|v| v[0] < v[1]), "{versions:?}");
         assert!(
-            matches!(&recs[1], Record::Put { entry, creator: 42 } if entry.value() == b"2" && entry.secret().is_some())
+            matches!(&recs[1], Record::Put { entry, creator: 43 } if entry.value() == b"2" && entry.secret().is_some())
         );
         assert!(matches!(&recs[2], Record::Delete { key, .. } if &key[..] == b"k"));
         assert_eq!(s.last_version(), versions[2]);
+    }
+
+    #[test]
+    fn a_capped_expiry_is_recounted() {
+        let b = KeyBudget::with_quotas(10, 0, 1);
+        let mut s = Shard::with_capacity(4);
+        let mut e = w("k", "1", None, Condition::Set);
+        e.entry.set_creator(7);
+        e.entry.expires_ms = T + 100_000;
+        s.write(e, T, &b);
+        s.cap_expiry(T + 1000, &b);
+        // Once the capped key has expired and gone, its network has room.
+        assert_eq!(s.drop_expired(T + 1000, &b), 1);
+        let mut again = w("k2", "1", None, Condition::Set);
+        again.entry.set_creator(7);
+        assert_eq!(s.write_nv(again, T + 1000, &b), stored(true));
     }
 
     #[test]
@@ -856,7 +881,7 @@ mod tests {
         s.write_nv(Write::new(b"old", b"1", None, T - 1, Condition::Set).unwrap(), T - 10, &b);
         assert!(s.version_of(b"a").is_some() && s.version_of(b"zz").is_none());
         assert_eq!(s.drop_expired(T, &b), 1);
-        s.cap_expiry(T + 5);
+        s.cap_expiry(T + 5, &b);
         assert_eq!(s.get(b"a", T, &b).unwrap().expires_ms, T + 5);
         s.raise_version_floor(1 << 40);
         let v = match s.write(w("a", "2", None, Condition::Set), T, &b) {
