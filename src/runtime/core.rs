@@ -11,7 +11,7 @@ use crate::runtime::mesh::{CheckpointMsg, Control, DrainReport, Msg};
 use crate::runtime::router::{Router, Wiring};
 use crate::runtime::shared::Shared;
 use crate::runtime::wal::Wal;
-use crate::state::command::{Owned, Reply};
+use crate::state::command::Reply;
 use crossbeam_channel::Receiver;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use std::future::Future;
@@ -35,7 +35,6 @@ const SNAPSHOT_SLICE_BYTES: usize = 1 << 20;
 pub struct CoreStart {
     pub id: usize,
     pub shared: Arc<Shared>,
-    pub owned: Owned,
     pub listener: std::net::TcpListener,
     pub inbox: Receiver<Vec<Msg>>,
     pub ready: mpsc::Sender<Result<&'static str, String>>,
@@ -92,7 +91,7 @@ pub fn core_thread(start: CoreStart) {
 }
 
 async fn core_main(start: CoreStart) {
-    let CoreStart { id, shared, owned, listener, inbox, first_segment, .. } = start;
+    let CoreStart { id, shared, listener, inbox, first_segment, .. } = start;
     let wal = match (shared.config.data_dir(), first_segment) {
         (Some(dir), Some(seq)) => match Wal::open(shared.clone(), id, dir.to_path_buf(), seq) {
             Ok(w) => Some(w),
@@ -106,11 +105,12 @@ async fn core_main(start: CoreStart) {
     let wiring = Wiring {
         routing: shared.routing.clone(),
         mesh: shared.mesh.clone(),
+        cells: shared.cells.clone(),
         budget: shared.budget.clone(),
         limiter: shared.limiter.clone(),
         periods: shared.periods,
     };
-    let router = Router::new(id, wiring, inbox, owned, wal.clone());
+    let router = Router::new(id, wiring, inbox, wal.clone());
     monoio::spawn(router.clone().inbox_task());
     monoio::spawn(router.clone().flusher_task());
     if let Some(wal) = &wal {
@@ -273,5 +273,6 @@ async fn sweeper(shared: Arc<Shared>, id: usize, router: Rc<Router>) {
         stats.cross_core_sent.set(traffic.calls_sent);
         stats.cross_core_batches.set(traffic.batches_sent);
         stats.cross_core_received.set(traffic.calls_received);
+        stats.direct_reads.set(traffic.direct_reads);
     }
 }

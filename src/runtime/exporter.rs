@@ -119,6 +119,8 @@ families! {
         "Commands sent to another core, by sending core.";
     CrossCoreBatches: Counter Count "rendezvous_cross_core_batches_total" ["core"]
         "Channel sends (batches of commands and replies), by sending core.";
+    DirectReads: Counter Count "rendezvous_direct_reads_total" ["core"]
+        "GETs of another core's key answered from that core's shard without a message, by reading core.";
     CoreRequests: Counter Count "rendezvous_core_requests_total" ["core"]
         "Requests answered, by the core that accepted them.";
     Waiters: Gauge Count "rendezvous_waiters" []
@@ -309,6 +311,7 @@ impl Exporter {
             let core = core.to_string();
             counter!(F::CrossCoreMessages.name(), "core" => core.clone()).absolute(s.cross_core_sent.get());
             counter!(F::CrossCoreBatches.name(), "core" => core.clone()).absolute(s.cross_core_batches.get());
+            counter!(F::DirectReads.name(), "core" => core.clone()).absolute(s.direct_reads.get());
             counter!(F::CoreRequests.name(), "core" => core).absolute(s.requests_total());
         }
         gauge!(F::Waiters.name()).set(sum(|s| s.waiters.get()) as f64);

@@ -3,13 +3,15 @@
 //! `server` starts the process (data directory, listeners, one thread per
 //! core); `core` is one core's executor (accept loop, control requests,
 //! sweeper); `conn` serves one connection; `router` carries commands to the
-//! owning core and replies back, over `slots`; `connlimit` admits
+//! owning core and replies back, over `slots`, and reads a foreign key
+//! directly through `cells` (each core's state behind its lock); `connlimit` admits
 //! connections and waiters; `lifecycle` runs snapshots and shutdown;
 //! `shared` is the read-only state every core sees; `wal` is each core's
 //! write-ahead log; `admin` serves metrics and health on its own thread,
 //! with `exporter` folding the cores' counts into the Prometheus text.
 
 pub mod admin;
+pub mod cells;
 pub mod conn;
 pub mod connlimit;
 pub mod core;

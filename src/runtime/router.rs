@@ -20,6 +20,7 @@
 //! ahead of others): it registers its waker, drains, and returns Pending.
 //! This module must never hold a `RefCell` borrow across an `.await`.
 
+use crate::runtime::cells::Cells;
 use crate::runtime::mesh::{Control, Mesh, Msg, Routing};
 use crate::runtime::slots::{Credits, Slots};
 use crate::runtime::wal::{Host, Settled, Wal};
@@ -46,12 +47,15 @@ pub struct TrafficStats {
     pub calls_sent: u64,
     pub batches_sent: u64,
     pub calls_received: u64,
+    /// GETs of another core's key answered from its shard without a message.
+    pub direct_reads: u64,
 }
 
 /// What every core's router shares with the others.
 pub struct Wiring {
     pub routing: Routing,
     pub mesh: Arc<Mesh>,
+    pub cells: Arc<Cells>,
     pub budget: Arc<KeyBudget>,
     pub limiter: Arc<Limiter>,
     pub periods: Periods,
@@ -63,7 +67,8 @@ pub struct Router {
     routing: Routing,
     mesh: Arc<Mesh>,
     rx: Receiver<Vec<Msg>>,
-    owned: RefCell<Owned>,
+    /// Every core's state; this core changes only `cells[me]`.
+    cells: Arc<Cells>,
     budget: Arc<KeyBudget>,
     limiter: Arc<Limiter>,
     periods: Periods,
@@ -80,15 +85,15 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(me: usize, wiring: Wiring, rx: Receiver<Vec<Msg>>, owned: Owned, wal: Option<Rc<Wal>>) -> Rc<Self> {
-        let Wiring { routing, mesh, budget, limiter, periods } = wiring;
+    pub fn new(me: usize, wiring: Wiring, rx: Receiver<Vec<Msg>>, wal: Option<Rc<Wal>>) -> Rc<Self> {
+        let Wiring { routing, mesh, cells, budget, limiter, periods } = wiring;
         let n = routing.cores();
         Rc::new(Router {
             me,
             routing,
             mesh,
             rx,
-            owned: RefCell::new(owned),
+            cells,
             budget,
             limiter,
             periods,
@@ -122,7 +127,7 @@ impl Router {
 
     /// Runs `f` on this core's owned state (sweeps, metrics, snapshots).
     pub fn with_owned<R>(&self, f: impl FnOnce(&mut Owned, &KeyBudget) -> R) -> R {
-        f(&mut self.owned.borrow_mut(), &self.budget)
+        f(&mut self.cells.lock(self.me), &self.budget)
     }
 
     /// Applies a command to this core's state and delivers the answers of
@@ -134,7 +139,7 @@ impl Router {
         let now = crate::clock::unix_ms();
         let mut wakeups = Vec::new();
         let (reply, lsn) = {
-            let mut owned = self.owned.borrow_mut();
+            let mut owned = self.cells.lock(self.me);
             let reply = owned.apply(op, now, &self.budget, &mut wakeups);
             (reply, owned.shard.journal().lsn())
         };
@@ -189,7 +194,7 @@ impl Router {
     /// Answers every parked waiter at once (shutdown). Returns how many.
     pub fn release_waiters(&self, reply: impl Fn() -> Reply) -> usize {
         let mut out = Vec::new();
-        let n = self.owned.borrow_mut().waiters.drain_all(&mut out);
+        let n = self.cells.lock(self.me).waiters.drain_all(&mut out);
         for origin in out {
             self.deliver(origin, reply());
         }
@@ -208,7 +213,16 @@ impl Router {
         if let Err(refused) = self.charge(charge) {
             return refused;
         }
-        self.call(self.routing.owner(op.key()), op).await
+        let owner = self.routing.owner(op.key());
+        if let (Op::Get { key }, true) = (&op, owner != self.me) {
+            if let Some(found) = self.cells.read(owner, key, crate::clock::unix_ms()) {
+                let mut s = self.stats.get();
+                s.direct_reads += 1;
+                self.stats.set(s);
+                return Reply::Got(found);
+            }
+        }
+        self.call(owner, op).await
     }
 
     /// Starts a blocking read: charges the client, then either answers at
@@ -371,13 +385,13 @@ impl Router {
 
 impl Host for Router {
     fn take_journal(&self, spare: Vec<u8>) -> (Vec<u8>, u64) {
-        let mut owned = self.owned.borrow_mut();
+        let mut owned = self.cells.lock(self.me);
         let j = owned.shard.journal_mut();
         (j.take(spare), j.lsn())
     }
 
     fn refuse_writes(&self, on: bool) {
-        self.owned.borrow_mut().shard.journal_mut().set_refusing(on);
+        self.cells.lock(self.me).shard.journal_mut().set_refusing(on);
     }
 
     fn deliver(&self, origin: Origin, reply: Reply) {

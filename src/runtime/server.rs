@@ -22,6 +22,7 @@ use crate::config::{AdminAddr, Config};
 use crate::persist::datadir::{DataDir, DataDirError};
 use crate::persist::recovery::{self, RecoveryError};
 use crate::request::clientip::TrustedProxies;
+use crate::runtime::cells::Cells;
 use crate::runtime::connlimit::ConnLimits;
 use crate::runtime::core::{core_thread, CoreStart};
 use crate::runtime::lifecycle;
@@ -261,6 +262,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let shared = Arc::new(Shared {
         routing,
         mesh,
+        cells: Arc::new(Cells::new(shards.into_iter().map(Owned::new).collect(), persist)),
         budget,
         limiter: Arc::new(Limiter::new(config.max_requests, config.max_requests_per_net, config.max_tracked_ips)),
         periods: Periods::new(Instant::now(), config.reset_duration),
@@ -283,12 +285,11 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         log::info!("metrics on http://{bound}/metrics");
     }
     let (ready_tx, ready_rx) = mpsc::channel();
-    let cores = listeners.into_iter().zip(receivers).zip(shards).enumerate();
-    for (id, ((listener, inbox), shard)) in cores {
+    let cores = listeners.into_iter().zip(receivers).enumerate();
+    for (id, (listener, inbox)) in cores {
         let start = CoreStart {
             id,
             shared: shared.clone(),
-            owned: Owned::new(shard),
             listener,
             inbox,
             ready: ready_tx.clone(),

@@ -11,6 +11,7 @@
 use crate::config::Config;
 use crate::metrics::{CoreStats, SnapshotStats};
 use crate::persist::datadir::DataDir;
+use crate::runtime::cells::Cells;
 use crate::runtime::connlimit::ConnLimits;
 use crate::runtime::mesh::{Mesh, Routing};
 use crate::state::ratelimit::{Limiter, Periods};
@@ -54,6 +55,8 @@ pub struct Shared {
     pub config: Config,
     pub routing: Routing,
     pub mesh: Arc<Mesh>,
+    /// Each core's shard and waiters (changed only by their core).
+    pub cells: Arc<Cells>,
     pub budget: Arc<KeyBudget>,
     /// Every client's and network's rate-limit buckets.
     pub limiter: Arc<Limiter>,

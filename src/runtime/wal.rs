@@ -167,6 +167,13 @@ impl Wal {
         &self.shared.stats[self.core]
     }
 
+    /// Tells other cores how far this log is acknowledged (they read this
+    /// core's keys directly only up to there). Call after `written` or
+    /// `synced` moves.
+    fn publish(&self, st: &State) {
+        self.shared.cells.publish_acked(self.core, Self::acked_lsn(st, self.mode));
+    }
+
     fn acked_lsn(st: &State, mode: Fsync) -> u64 {
         if mode == Fsync::Always {
             st.synced
@@ -261,9 +268,12 @@ impl Wal {
         let wake_syncer = {
             let mut st = self.st.borrow_mut();
             st.written = end;
+            if self.mode == Fsync::No {
+                st.synced = end;
+            }
+            self.publish(&st);
             match self.mode {
                 Fsync::No => {
-                    st.synced = end;
                     let mut b = bytes;
                     b.clear();
                     if b.capacity() <= 1 << 20 {
@@ -431,6 +441,7 @@ impl Wal {
                     let mut st = self.st.borrow_mut();
                     st.syncing = false;
                     st.synced = st.synced.max(target);
+                    self.publish(&st);
                     let n = count.min(st.unsynced.len());
                     let done: Vec<Vec<u8>> = st.unsynced.drain(..n).collect();
                     st.unsynced_bytes -= done.iter().map(Vec::len).sum::<usize>();
@@ -485,6 +496,7 @@ impl Wal {
                     let mut st = self.st.borrow_mut();
                     st.written = st.written.max(end);
                     st.synced = st.synced.max(end);
+                    self.publish(&st);
                     st.failing.take()
                 };
                 self.stats().log_bytes.add(bytes.len() as u64);

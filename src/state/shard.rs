@@ -1,7 +1,9 @@
 //! One core's slice of the store: the API's key-value semantics as a plain
 //! synchronous state machine.
 //!
-//! Only the owning core's thread ever touches a `Shard` (no lock). Layout: a
+//! Only the owning core's thread changes a `Shard`; other cores may only
+//! `peek` into it, under the lock the runtime keeps it behind
+//! (`runtime::cells`), so nothing here is shared or atomic. Layout: a
 //! dense `Vec<Entry>` plus a `hashbrown::HashTable<u32>` of indices into it.
 //! The dense vector gives the expiry sweep a cursor that survives inserts and
 //! removals, so expired keys are reclaimed a bounded slice at a time instead
@@ -251,6 +253,17 @@ impl Shard {
     /// Starts versions above `base` (the server uses the start time).
     pub fn set_version_base(&mut self, base: u64) {
         self.last_version = self.last_version.max(base.min(MAX_VERSION / 2));
+    }
+
+    /// Looks a key up without changing anything: an expired entry is
+    /// reported absent and left for the owner to reclaim. This is what
+    /// another core may call while it holds the shard's lock for a read.
+    pub fn peek(&self, key: &[u8], now_ms: u64) -> Option<Found> {
+        let e = &self.entries[self.find(self.hasher.hash_one(key), key)?];
+        if e.is_expired(now_ms) {
+            return None;
+        }
+        Some(Found { value: e.value().into(), expires_ms: e.expires_ms, version: e.version() })
     }
 
     /// Looks a key up; an expired entry is removed and reported absent.
