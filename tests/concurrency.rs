@@ -135,3 +135,40 @@ fn keys_spread_over_all_cores() {
         }
     }
 }
+
+/// A GET of a key another core owns is answered from that core's shard
+/// without a message (a direct read), and still shows every write that was
+/// acknowledged before it, in each durability mode and without a log.
+#[test]
+fn remote_gets_are_read_directly_and_see_every_acknowledged_write() {
+    for args in [&["-fsync", "always"][..], &["-fsync", "no"], &["-dataDir", ""]] {
+        let mut all = vec!["-threads", "2", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"];
+        all.extend_from_slice(args);
+        let s = Server::start(&all);
+        // Enough connections that both cores serve some of them.
+        let mut clients: Vec<Client> = (0..8).map(|_| s.client()).collect();
+        for i in 0..400 {
+            let path = format!("direct-{i}");
+            let value = format!("v{i}");
+            let w = clients[i % 8].req("POST", &format!("/set/{path}"), &[], value.as_bytes());
+            assert_eq!(w.status, 200, "{args:?}");
+            let r = clients[(i + 3) % 8].req("GET", &format!("/get/{path}"), &[], b"");
+            assert_eq!((r.status, r.text()), (200, value.clone()), "{args:?}");
+            let v = clients[(i + 5) % 8].req("POST", &format!("/set/{path}"), &[], b"changed");
+            assert_eq!(v.status, 200);
+            let r = clients[(i + 6) % 8].req("GET", &format!("/get/{path}"), &[], b"");
+            assert_eq!(r.text(), "changed", "{args:?}");
+        }
+        // The cores publish their counters every 100 ms.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let direct = loop {
+            let n: f64 =
+                (0..2).filter_map(|c| s.metric(&format!("rendezvous_direct_reads_total{{core=\"{c}\"}}"))).sum();
+            if n > 0.0 || std::time::Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(direct > 0.0, "no GET was read directly with {args:?}");
+    }
+}

@@ -7,7 +7,10 @@
 //! request never leaves its core, and only the key's operation travels.
 //!
 //! Protocol (after Seastar/Dragonfly): a local owner is applied inline, with
-//! no message and no await. For a remote owner the command goes into a
+//! no message and no await. A plain GET of a remote owner's key is first
+//! tried as a direct read of the owner's shard (`cells::Cells::read`: never
+//! waits, and only when the owner's log acknowledges all it holds). For a
+//! remote owner otherwise the command goes into a
 //! per-destination outbox and the caller awaits a core-local completion
 //! slot. One flusher task per core sends each non-empty outbox as one batch
 //! (one channel send, at most one wake per destination per scheduler pass).
