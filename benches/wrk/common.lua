@@ -34,3 +34,11 @@ done = function(summary, latency, requests)
     summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
     latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.mean))
 end
+
+-- RDVZ_DELAY_MS paces each connection: it waits that long after each answer
+-- before sending the next request (a load below saturation, where latency
+-- is the server's and not the scheduler's).
+local pace = tonumber(os.getenv("RDVZ_DELAY_MS") or "")
+if pace then
+  delay = function() return pace end
+end
