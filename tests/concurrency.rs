@@ -141,7 +141,7 @@ fn keys_spread_over_all_cores() {
 /// acknowledged before it, in each durability mode and without a log.
 #[test]
 fn remote_gets_are_read_directly_and_see_every_acknowledged_write() {
-    for args in [&["-fsync", "always"][..], &["-fsync", "no"], &["-dataDir", ""]] {
+    for args in [&["-fsync", "always"][..], &["-fsync", "everysec"], &["-fsync", "no"], &["-dataDir", ""]] {
         let mut all = vec!["-threads", "2", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"];
         all.extend_from_slice(args);
         let s = Server::start(&all);
@@ -164,11 +164,13 @@ fn remote_gets_are_read_directly_and_see_every_acknowledged_write() {
         let direct = loop {
             let n: f64 =
                 (0..2).filter_map(|c| s.metric(&format!("rendezvous_direct_reads_total{{core=\"{c}\"}}"))).sum();
-            if n > 0.0 || std::time::Instant::now() > deadline {
+            if n >= 100.0 || std::time::Instant::now() > deadline {
                 break n;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         };
-        assert!(direct > 0.0, "no GET was read directly with {args:?}");
+        // About half of the 800 GETs are of the other core's keys; each
+        // follows an acknowledged write, so nearly all of them are direct.
+        assert!(direct >= 100.0, "only {direct} GETs were read directly with {args:?}");
     }
 }

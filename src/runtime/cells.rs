@@ -13,17 +13,34 @@
 //! not yet acknowledged (as durable as `-fsync` promises), the read goes to
 //! the owner the usual way, where it waits for the log like any answer. So a
 //! direct read shows exactly what an owner-side read would, and never a
-//! value a crash could take back.
+//! value less durable than `-fsync` promises. Values longer than
+//! `DIRECT_MAX_VALUE` are left to the owner too.
 //!
-//! This module must never block: only `try_lock` from a foreign core, and
-//! the owner's own `lock` is uncontended except for such a peek.
+//! This module must never block a core for long: a foreign core only uses
+//! `try_lock`, and holds the lock for one hash lookup and a copy of at most
+//! `DIRECT_MAX_VALUE` bytes, so the owner's own `lock` waits at most that
+//! long (it is uncontended otherwise). A guard must never live across an
+//! `.await` (clippy's `await_holding_lock`, denied with the other warnings,
+//! checks it): the owner would deadlock on its own lock.
+//!
+//! While the log is failing, the owner answers reads at once from memory
+//! (reads go on; see `wal`), including changes whose writes were answered
+//! 503; a direct read then always falls back to the owner, so it is never
+//! less durable than an owner-side read.
 
 use crate::state::command::Owned;
 use crate::state::shard::Found;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
-/// One core's owned state and how far its log is acknowledged.
+/// The longest value a foreign core copies under the owner's lock (about a
+/// microsecond of copying); longer ones are read by the owner, so the owner
+/// never waits long for its own lock.
+const DIRECT_MAX_VALUE: usize = 16 << 10;
+
+/// One core's owned state and how far its log is acknowledged, on cache
+/// lines of its own (a core's lock word is not next to its neighbour's).
+#[repr(align(128))]
 struct Cell {
     owned: Mutex<Owned>,
     /// Journal position up to which the owner's log is acknowledged
@@ -73,7 +90,7 @@ impl Cells {
         if owned.shard.journal().lsn() > cell.acked.load(Ordering::Acquire) {
             return None;
         }
-        Some(owned.shard.peek(key, now_ms))
+        owned.shard.peek(key, now_ms, DIRECT_MAX_VALUE)
     }
 }
 
@@ -123,6 +140,15 @@ mod tests {
         assert_eq!(cells.read(0, b"k", NOW), None);
         cells.publish_acked(0, lsn);
         assert_eq!(cells.read(0, b"k", NOW).unwrap().unwrap().value[..], b"v"[..]);
+    }
+
+    #[test]
+    fn a_long_value_is_left_to_the_owner() {
+        let cells = Cells::new(vec![owned(false)], false);
+        set(&cells, 0, &vec![b'x'; DIRECT_MAX_VALUE + 1], NOW + 10);
+        assert_eq!(cells.read(0, b"k", NOW), None);
+        set(&cells, 0, &vec![b'x'; DIRECT_MAX_VALUE], NOW + 10);
+        assert_eq!(cells.read(0, b"k", NOW).unwrap().unwrap().value.len(), DIRECT_MAX_VALUE);
     }
 
     #[test]

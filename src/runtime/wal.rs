@@ -326,7 +326,18 @@ impl Wal {
                 st.failing = Some((Instant::now(), e.kind()));
             }
             st.failed_to = st.failed_to.max(end);
-            st.retry = Some((again, end, fresh));
+            // A sync can fail while an append's bytes already wait for their
+            // retry: those bytes come after everything synced-or-not before
+            // them, so they follow `again` rather than being dropped.
+            let retry = match st.retry.take() {
+                Some((pending, pending_end, pending_fresh)) => {
+                    let mut all = again;
+                    all.extend_from_slice(&pending);
+                    (all, end.max(pending_end), fresh || pending_fresh)
+                }
+                None => (again, end, fresh),
+            };
+            st.retry = Some(retry);
             first
         };
         router.refuse_writes(true);
@@ -486,9 +497,24 @@ impl Wal {
         if result.is_ok() {
             result = self.write(&bytes);
         }
+        // Segments closed since the last good sync hold records this retry
+        // is about to count as synced: they are synced first (a fresh
+        // retry dropped them above, having rewritten their records).
+        let closed = self.st.borrow().closed.clone();
         if result.is_ok() && self.mode != Fsync::No {
             let ring = self.st.borrow().seg.ring.clone();
-            result = ring.sync_data().await;
+            for f in closed.iter().chain(std::iter::once(&ring)) {
+                result = f.sync_data().await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            if result.is_ok() {
+                // A rotation during the syncs appends after these.
+                let mut st = self.st.borrow_mut();
+                let n = closed.len().min(st.closed.len());
+                st.closed.drain(..n);
+            }
         }
         match result {
             Ok(()) => {

@@ -257,13 +257,19 @@ impl Shard {
 
     /// Looks a key up without changing anything: an expired entry is
     /// reported absent and left for the owner to reclaim. This is what
-    /// another core may call while it holds the shard's lock for a read.
-    pub fn peek(&self, key: &[u8], now_ms: u64) -> Option<Found> {
-        let e = &self.entries[self.find(self.hasher.hash_one(key), key)?];
+    /// another core may call while it holds the shard's lock for a read, so
+    /// a value longer than `max_value` is not copied (`None`: ask the owner)
+    /// and the lock is never held for a long copy.
+    pub fn peek(&self, key: &[u8], now_ms: u64, max_value: usize) -> Option<Option<Found>> {
+        let Some(idx) = self.find(self.hasher.hash_one(key), key) else { return Some(None) };
+        let e = &self.entries[idx];
         if e.is_expired(now_ms) {
+            return Some(None);
+        }
+        if e.value().len() > max_value {
             return None;
         }
-        Some(Found { value: e.value().into(), expires_ms: e.expires_ms, version: e.version() })
+        Some(Some(Found { value: e.value().into(), expires_ms: e.expires_ms, version: e.version() }))
     }
 
     /// Looks a key up; an expired entry is removed and reported absent.
