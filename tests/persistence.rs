@@ -214,14 +214,21 @@ fn recovered_states_existed_a_before_b() {
     }
 }
 
-#[test]
-fn a_torn_tail_is_cut_and_startup_goes_on() {
+/// 20 keys `k0..k19` with `value`, written by one core, then kill -9:
+/// the kept directory and its last log segment.
+fn killed_after_twenty_writes(value: &[u8]) -> (TempDir, std::path::PathBuf) {
     let s = Server::start(&["-threads", "1"]);
     for i in 0..20 {
-        assert_eq!(s.post(&format!("/set/k{i}"), b"v").status, 200);
+        assert_eq!(s.post(&format!("/set/k{i}"), value).status, 200);
     }
     let (dir, _) = s.stop_keep_dir("-KILL");
     let seg = segments(dir.path()).pop().unwrap();
+    (dir, seg)
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_startup_goes_on() {
+    let (dir, seg) = killed_after_twenty_writes(b"v");
     // Half a record: a length prefix promising more than follows.
     let mut bytes = std::fs::read(&seg).unwrap();
     let good = bytes.len();
@@ -238,12 +245,7 @@ fn a_torn_tail_is_cut_and_startup_goes_on() {
 
 #[test]
 fn damage_before_the_tail_stops_startup_and_touches_nothing() {
-    let s = Server::start(&["-threads", "1"]);
-    for i in 0..20 {
-        assert_eq!(s.post(&format!("/set/k{i}"), b"value").status, 200);
-    }
-    let (dir, _) = s.stop_keep_dir("-KILL");
-    let seg = segments(dir.path()).pop().unwrap();
+    let (dir, seg) = killed_after_twenty_writes(b"value");
     let mut bytes = std::fs::read(&seg).unwrap();
     bytes[20] ^= 0x55;
     std::fs::write(&seg, &bytes).unwrap();

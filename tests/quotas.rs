@@ -10,10 +10,6 @@ use common::*;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-fn from(ip: &str) -> [(&str, &str); 1] {
-    [("X-Forwarded-For", ip)]
-}
-
 /// Sends `writes` creates from each address, from 8 threads at once;
 /// returns how many were stored and the refusals' statuses and bodies.
 fn flood(s: &Server, addrs: &[String], writes: usize, tag: &str) -> (usize, Vec<(u16, String)>) {

@@ -5,10 +5,6 @@ mod common;
 use common::*;
 use std::sync::{Arc, Barrier};
 
-fn from(ip: &str) -> [(&str, &str); 1] {
-    [("X-Forwarded-For", ip)]
-}
-
 #[test]
 fn reads_cost_one_and_refusal_has_retry_after() {
     let s = Server::start(&["-maxRequests", "17", "-resetDuration", "1h", "-threads", "2"]);

@@ -8,7 +8,7 @@
 use crate::config::IoDriver;
 use crate::runtime::conn::{self, CoreCtx};
 use crate::runtime::mesh::{CheckpointMsg, Control, DrainReport, Msg};
-use crate::runtime::router::{Router, Wiring};
+use crate::runtime::router::Router;
 use crate::runtime::shared::Shared;
 use crate::runtime::wal::Wal;
 use crate::state::command::Reply;
@@ -102,15 +102,7 @@ async fn core_main(start: CoreStart) {
         },
         _ => None,
     };
-    let wiring = Wiring {
-        routing: shared.routing.clone(),
-        mesh: shared.mesh.clone(),
-        cells: shared.cells.clone(),
-        budget: shared.budget.clone(),
-        limiter: shared.limiter.clone(),
-        periods: shared.periods,
-    };
-    let router = Router::new(id, wiring, inbox, wal.clone());
+    let router = Router::new(id, &shared, inbox, wal.clone());
     monoio::spawn(router.clone().inbox_task());
     monoio::spawn(router.clone().flusher_task());
     if let Some(wal) = &wal {

@@ -25,6 +25,7 @@
 
 use crate::runtime::cells::Cells;
 use crate::runtime::mesh::{Control, Mesh, Msg, Routing};
+use crate::runtime::shared::Shared;
 use crate::runtime::slots::{Credits, Slots};
 use crate::runtime::wal::{Host, Settled, Wal};
 use crate::state::command::{Op, Origin, Owned, Reply};
@@ -54,16 +55,6 @@ pub struct TrafficStats {
     pub direct_reads: u64,
 }
 
-/// What every core's router shares with the others.
-pub struct Wiring {
-    pub routing: Routing,
-    pub mesh: Arc<Mesh>,
-    pub cells: Arc<Cells>,
-    pub budget: Arc<KeyBudget>,
-    pub limiter: Arc<Limiter>,
-    pub periods: Periods,
-}
-
 /// One core's end of the mesh, plus the state that core owns.
 pub struct Router {
     me: usize,
@@ -88,18 +79,18 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(me: usize, wiring: Wiring, rx: Receiver<Vec<Msg>>, wal: Option<Rc<Wal>>) -> Rc<Self> {
-        let Wiring { routing, mesh, cells, budget, limiter, periods } = wiring;
-        let n = routing.cores();
+    /// Core `me`'s router: what it shares with the other cores comes from `shared`.
+    pub fn new(me: usize, shared: &Shared, rx: Receiver<Vec<Msg>>, wal: Option<Rc<Wal>>) -> Rc<Self> {
+        let n = shared.routing.cores();
         Rc::new(Router {
             me,
-            routing,
-            mesh,
+            routing: shared.routing.clone(),
+            mesh: shared.mesh.clone(),
             rx,
-            cells,
-            budget,
-            limiter,
-            periods,
+            cells: shared.cells.clone(),
+            budget: shared.budget.clone(),
+            limiter: shared.limiter.clone(),
+            periods: shared.periods,
             outboxes: RefCell::new((0..n).map(|_| Vec::new()).collect()),
             flush_pending: Cell::new(false),
             flusher: RefCell::new(None),

@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rendezvous");
 
+/// The header a trusted proxy (the loopback peer) adds for client `ip`.
+pub fn from(ip: &str) -> [(&str, &str); 1] {
+    [("X-Forwarded-For", ip)]
+}
+
 /// The socket address at the start of `text` (a log line's tail, text or JSON).
 fn address_at(text: &str) -> SocketAddr {
     let end = text.find(|c: char| !(c.is_ascii_hexdigit() || ".:[]".contains(c))).unwrap_or(text.len());
