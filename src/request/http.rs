@@ -156,10 +156,13 @@ fn parse_content_length(v: &[u8]) -> Result<u64, Error> {
 /// (`http://host/set/k`, RFC 9112 §3.2.2, which a server must accept) loses
 /// its scheme and authority; the authority is not used for routing.
 pub fn origin_form(target: &[u8]) -> &[u8] {
-    let lower = |n: usize| target.get(..n).map(|p| p.to_ascii_lowercase());
-    let scheme_len = if lower(7).as_deref() == Some(b"http://") {
+    if target.first() == Some(&b'/') {
+        return target;
+    }
+    let has = |scheme: &[u8]| target.get(..scheme.len()).is_some_and(|p| p.eq_ignore_ascii_case(scheme));
+    let scheme_len = if has(b"http://") {
         7
-    } else if lower(8).as_deref() == Some(b"https://") {
+    } else if has(b"https://") {
         8
     } else {
         return target;
@@ -345,6 +348,12 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// A byte allowed in a field value, a quoted string or a quoted pair:
+/// HTAB, SP, visible ASCII, obs-text (RFC 9110 §5.5, §5.6.4).
+fn is_field_char(b: u8) -> bool {
+    b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80
+}
+
 fn is_ws(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }
@@ -386,12 +395,8 @@ impl ChunkedDecoder {
             S::Ext { value, at } => match (at, b) {
                 (Ext::Quoted, b'"') => return ext(value, Ext::AfterValue),
                 (Ext::Quoted, b'\\') => return ext(value, Ext::Escaped),
-                (Ext::Quoted, b) if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => {
-                    return ext(value, Ext::Quoted)
-                }
-                (Ext::Escaped, b) if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => {
-                    return ext(value, Ext::Quoted)
-                }
+                (Ext::Quoted, b) if is_field_char(b) => return ext(value, Ext::Quoted),
+                (Ext::Escaped, b) if is_field_char(b) => return ext(value, Ext::Quoted),
                 (Ext::Quoted | Ext::Escaped, _) => return bad,
                 (Ext::Start | Ext::ValueStart, b) if is_ws(b) => return ext(value, at),
                 (Ext::Start, b) if is_tchar(b) => return ext(value, Ext::Name),
@@ -436,7 +441,7 @@ impl ChunkedDecoder {
             },
             S::TrailerValue => match b {
                 b'\r' => S::TrailerLf,
-                b if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => S::TrailerValue,
+                b if is_field_char(b) => S::TrailerValue,
                 _ => return bad,
             },
             S::TrailerLf => match b {

@@ -421,9 +421,8 @@ mod tests {
         // Burn a little CPU: the figure has sub-second resolution.
         let mut x = 0u64;
         for i in 0..20_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }
-        assert!(x != 1);
         let q = read_process().unwrap();
         assert!(q.cpu_seconds > p.cpu_seconds, "{} -> {}", p.cpu_seconds, q.cpu_seconds);
         assert!(q.cpu_seconds.fract() != 0.0);
@@ -442,10 +441,6 @@ mod tests {
                 assert!(fam.name.ends_with("_seconds"), "{}", fam.name);
             }
             assert!(fam.help.ends_with('.'), "{}", fam.name);
-        }
-        for (i, fam) in FAMILIES.iter().enumerate() {
-            assert_eq!(fam.f as usize, i);
-            assert_eq!(fam.f.name(), fam.name);
         }
     }
 }

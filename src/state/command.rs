@@ -108,8 +108,7 @@ impl Owned {
                 if self.waiters.is_closed() {
                     return Reply::ShuttingDown;
                 }
-                let version = current.as_ref().map_or(0, |f| f.version);
-                self.waiters.park(key, until, origin, version);
+                self.waiters.park(key, until, origin);
                 Reply::Parked
             }
             Op::CancelWait { origin, .. } => {

@@ -330,8 +330,7 @@ impl Shard {
         }
         let version = self.next_version();
         entry.set_version(version);
-        let expires_ms = entry.expires_ms;
-        self.journal.put(&entry, entry.creator());
+        self.journal.put(&entry, creator);
         self.insert_new(hash, entry);
         WriteOutcome::Stored { created: true, expires_ms, version }
     }

@@ -7,9 +7,9 @@
 //! one set for "exists", one set per distinct `V`, one set for versions. A
 //! write that leaves value `X` wakes every value group but `X`'s (skipping
 //! that group is one hash lookup, whatever its size), every "exists" waiter,
-//! and every version waiter: a version waiter's tags are cut at park time
-//! to versions that exist (at most the key's current one; a client cannot
-//! have seen a later one), and every write issues a version above all of
+//! and every version waiter: only tags up to the key's current version
+//! count (a client cannot have seen a later one, so a tag above it is a
+//! guess and is ignored), and every write issues a version above all of
 //! them. So a write's cost is the waiters it wakes plus a constant, never
 //! the count of those it does not wake. (Before this index, 8000 parked
 //! reads whose expected value equalled the written one made each write
@@ -105,13 +105,10 @@ impl Waiters {
     }
 
     /// Parks a waiter; its answer will go to `origin`. The caller has
-    /// checked that the key's current state does not satisfy it; tags above
-    /// the current version (`current_version`) are dropped.
-    pub fn park(&mut self, key: Box<[u8]>, until: WaitFor, origin: Origin, current_version: u64) {
-        let mut until = until;
-        if let WaitFor::VersionDiffers(tags) = &mut until {
-            tags.retain(|&t| t <= current_version);
-        }
+    /// checked that the key's current state does not satisfy it. A version
+    /// waiter is woken by the next write, whatever tags above the current
+    /// version it listed (see the module doc).
+    pub fn park(&mut self, key: Box<[u8]>, until: WaitFor, origin: Origin) {
         let id = self.next_id;
         self.next_id += 1;
         if !self.by_key.contains_key(&key) {
@@ -245,11 +242,11 @@ mod tests {
     #[test]
     fn each_kind_wakes_on_what_satisfies_it() {
         let mut w = Waiters::default();
-        w.park((*b"k").into(), WaitFor::Exists, o(1), 0);
-        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"a").into()), o(2), 7);
-        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"b").into()), o(3), 7);
-        w.park((*b"k").into(), WaitFor::VersionDiffers(vec![6, 7]), o(4), 7);
-        w.park((*b"other").into(), WaitFor::Exists, o(6), 0);
+        w.park((*b"k").into(), WaitFor::Exists, o(1));
+        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"a").into()), o(2));
+        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"b").into()), o(3));
+        w.park((*b"k").into(), WaitFor::VersionDiffers(vec![6, 7]), o(4));
+        w.park((*b"other").into(), WaitFor::Exists, o(6));
         let mut out = Vec::new();
         // Value "a" at version 8: wakes exists, value!=b, and the version waiter.
         w.wake(b"k", Some(&found(b"a", 8)), &mut out);
@@ -269,7 +266,7 @@ mod tests {
     #[test]
     fn exists_waiters_outlive_a_delete() {
         let mut w = Waiters::default();
-        w.park((*b"k").into(), WaitFor::Exists, o(1), 0);
+        w.park((*b"k").into(), WaitFor::Exists, o(1));
         let mut out = Vec::new();
         w.wake(b"k", None, &mut out);
         assert!(out.is_empty());
@@ -280,9 +277,9 @@ mod tests {
     #[test]
     fn cancel_removes_exactly_one_and_cleans_up() {
         let mut w = Waiters::default();
-        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"v").into()), o(1), 2);
-        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"v").into()), o(2), 2);
-        w.park((*b"k").into(), WaitFor::VersionDiffers(vec![1, 2]), o(3), 2);
+        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"v").into()), o(1));
+        w.park((*b"k").into(), WaitFor::ValueDiffers((*b"v").into()), o(2));
+        w.park((*b"k").into(), WaitFor::VersionDiffers(vec![1, 2]), o(3));
         assert!(w.cancel(o(1)));
         assert!(!w.cancel(o(1)), "already gone");
         assert!(w.cancel(o(3)));
@@ -292,7 +289,7 @@ mod tests {
         assert_eq!(w.parked(), 0);
         assert!(!w.has_key(b"k"), "no empty groups left behind");
         // A slot reused after its waiter left is a new waiter.
-        w.park((*b"k").into(), WaitFor::Exists, o(1), 0);
+        w.park((*b"k").into(), WaitFor::Exists, o(1));
         assert!(w.cancel(o(1)));
         assert!(w.by_key.is_empty() && w.by_origin.is_empty());
     }
@@ -303,7 +300,7 @@ mod tests {
         // the write looks at their group once and answers nobody.
         let mut w = Waiters::default();
         for i in 0..5000 {
-            w.park((*b"k").into(), WaitFor::ValueDiffers((*b"same").into()), o(i), 1);
+            w.park((*b"k").into(), WaitFor::ValueDiffers((*b"same").into()), o(i));
         }
         let mut out = Vec::new();
         for _ in 0..100 {
@@ -319,10 +316,10 @@ mod tests {
     fn predicted_versions_cannot_hold_a_waiter() {
         // Versions are predictable; a waiter listing future ones would stay
         // parked through many writes. Tags above the current version are
-        // dropped at park time: the next write answers it.
+        // ignored: the next write answers it.
         let mut w = Waiters::default();
         let tags: Vec<u64> = (10..10 + MAX_TAGS as u64).collect();
-        w.park((*b"k").into(), WaitFor::VersionDiffers(tags), o(1), 10);
+        w.park((*b"k").into(), WaitFor::VersionDiffers(tags), o(1));
         let mut out = Vec::new();
         w.wake(b"k", Some(&found(b"x", 11)), &mut out);
         assert_eq!(slots(&out), vec![1]);
@@ -331,8 +328,8 @@ mod tests {
     #[test]
     fn drain_answers_everyone() {
         let mut w = Waiters::default();
-        w.park((*b"a").into(), WaitFor::Exists, o(1), 0);
-        w.park((*b"b").into(), WaitFor::VersionDiffers(vec![1]), o(2), 1);
+        w.park((*b"a").into(), WaitFor::Exists, o(1));
+        w.park((*b"b").into(), WaitFor::VersionDiffers(vec![1]), o(2));
         let mut out = Vec::new();
         assert_eq!(w.drain_all(&mut out), 2);
         assert_eq!(slots(&out), vec![1, 2]);
