@@ -212,10 +212,10 @@ async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<Checkpo
         },
         None => 0,
     };
-    router.with_owned(|o, _| o.shard.snapshot_begin(crate::clock::unix_ms()));
+    let copy = router.with_owned(|o, _| o.shard.snapshot_begin(crate::clock::unix_ms()));
     let mut msg = CheckpointMsg::Begun { core: id, seq };
     loop {
-        let last = matches!(msg, CheckpointMsg::Ended { .. });
+        let last = matches!(msg, CheckpointMsg::Ended { .. } | CheckpointMsg::Failed { .. });
         match out.try_send(msg) {
             Ok(()) if last => return,
             Ok(()) => {}
@@ -226,14 +226,19 @@ async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<Checkpo
             }
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
                 // The writer gave up (disk trouble): stop copying.
-                router.with_owned(|o, _| o.shard.snapshot_abort());
+                router.with_owned(|o, _| o.shard.snapshot_abort(copy));
                 return;
             }
         }
-        let next = router.with_owned(|o, _| o.shard.snapshot_next(SNAPSHOT_SLICE, SNAPSHOT_SLICE_BYTES));
+        let next = router.with_owned(|o, _| o.shard.snapshot_next(copy, SNAPSHOT_SLICE, SNAPSHOT_SLICE_BYTES));
         msg = match next {
-            Some(slice) => CheckpointMsg::Entries(slice),
-            None => CheckpointMsg::Ended { core: id, max_version: router.with_owned(|o, _| o.shard.last_version()) },
+            Ok(Some(slice)) => CheckpointMsg::Entries(slice),
+            Ok(None) => {
+                CheckpointMsg::Ended { core: id, max_version: router.with_owned(|o, _| o.shard.last_version()) }
+            }
+            // A newer checkpoint started on this core after this one's writer
+            // gave up: this copy must not end as if it were whole.
+            Err(_) => CheckpointMsg::Failed { core: id, why: "superseded by a newer checkpoint".into() },
         };
         // Let this core's connections run between slices.
         monoio::time::sleep(Duration::from_millis(1)).await;

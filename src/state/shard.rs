@@ -173,11 +173,21 @@ pub struct Shard {
     expired_total: u64,
     /// A snapshot copy in progress, taken a slice at a time.
     snapshot: Option<SnapshotCopy>,
+    /// The id the next copy gets.
+    next_copy: u64,
     /// Log records of every change applied (empty and off without persistence).
     journal: Journal,
     /// The last version issued.
     last_version: u64,
 }
+
+/// Names one snapshot copy of a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyId(u64);
+
+/// A snapshot copy was replaced by a newer one before it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Superseded;
 
 /// Progress of an incremental snapshot copy. Entries at and after `cursor`
 /// are still to be copied; a removal that moves an uncopied entry in front
@@ -187,6 +197,7 @@ pub struct Shard {
 /// records every change after the copy began, and replaying it repairs the
 /// copy (a fuzzy checkpoint).
 struct SnapshotCopy {
+    id: CopyId,
     cursor: usize,
     now_ms: u64,
     moved: Vec<Entry>,
@@ -204,6 +215,7 @@ impl Shard {
             bytes: 0,
             expired_total: 0,
             snapshot: None,
+            next_copy: 0,
             journal: Journal::default(),
             last_version: 0,
         }
@@ -443,16 +455,30 @@ impl Shard {
     }
 
     /// Starts an incremental copy of the live entries (expiry judged at
-    /// `now_ms`), replacing any copy in progress.
-    pub fn snapshot_begin(&mut self, now_ms: u64) {
-        self.snapshot = Some(SnapshotCopy { cursor: 0, now_ms, moved: Vec::new() });
+    /// `now_ms`), replacing any copy in progress. The id names this copy:
+    /// a task still holding an older one's id can neither take slices of
+    /// this one nor abort it.
+    pub fn snapshot_begin(&mut self, now_ms: u64) -> CopyId {
+        let id = CopyId(self.next_copy);
+        self.next_copy += 1;
+        self.snapshot = Some(SnapshotCopy { id, cursor: 0, now_ms, moved: Vec::new() });
+        id
     }
 
-    /// The next slice of the copy: live entries (cloned) until `max` are
-    /// taken or their key and value bytes pass `max_bytes`, or `None` once
-    /// the copy is complete (which ends it).
-    pub fn snapshot_next(&mut self, max: usize, max_bytes: usize) -> Option<Vec<Entry>> {
-        let copy = self.snapshot.as_mut()?;
+    /// The next slice of copy `id`: live entries (cloned) until `max` are
+    /// taken or their key and value bytes pass `max_bytes`, or `Ok(None)`
+    /// once the copy is complete (which ends it). `Err`: copy `id` is not
+    /// the one in progress (a newer copy replaced it).
+    pub fn snapshot_next(
+        &mut self,
+        id: CopyId,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<Entry>>, Superseded> {
+        let copy = match self.snapshot.as_mut() {
+            Some(copy) if copy.id == id => copy,
+            _ => return Err(Superseded),
+        };
         let now = copy.now_ms;
         let mut out: Vec<Entry> = std::mem::take(&mut copy.moved);
         let mut bytes: usize = out.iter().map(Entry::payload_len).sum();
@@ -466,14 +492,16 @@ impl Shard {
         }
         if out.is_empty() && copy.cursor >= self.entries.len() {
             self.snapshot = None;
-            return None;
+            return Ok(None);
         }
-        Some(out)
+        Ok(Some(out))
     }
 
-    /// Abandons a copy in progress.
-    pub fn snapshot_abort(&mut self) {
-        self.snapshot = None;
+    /// Abandons copy `id` if it is still the one in progress.
+    pub fn snapshot_abort(&mut self, id: CopyId) {
+        if self.snapshot.as_ref().is_some_and(|c| c.id == id) {
+            self.snapshot = None;
+        }
     }
 
     fn insert_new(&mut self, hash: u64, entry: Entry) {
@@ -802,10 +830,10 @@ mod tests {
             );
             s.write_nv(Write::new(format!("die{i}").as_bytes(), b"v", None, T + 50, Condition::Set).unwrap(), T, &b);
         }
-        s.snapshot_begin(T);
+        let id = s.snapshot_begin(T);
         let mut steps = 0;
         let mut copy = Vec::new();
-        while let Some(slice) = s.snapshot_next(37, usize::MAX) {
+        while let Some(slice) = s.snapshot_next(id, 37, usize::MAX).unwrap() {
             assert!(slice.len() <= 37 + 23, "a slice is bounded");
             copy.extend(slice);
             steps += 1;
@@ -823,7 +851,27 @@ mod tests {
             assert!(keys.contains(format!("keep{i}").as_bytes()), "keep{i} missing");
         }
         assert!(steps > 5);
-        assert!(s.snapshot_next(10, usize::MAX).is_none(), "no copy in progress");
+        assert_eq!(s.snapshot_next(id, 10, usize::MAX), Err(Superseded), "no copy in progress");
+    }
+
+    #[test]
+    fn an_older_copy_cannot_take_or_abort_a_newer_one() {
+        let b = KeyBudget::new(100);
+        let mut s = Shard::with_capacity(8);
+        for i in 0..10 {
+            s.write_nv(Write::new(format!("k{i}").as_bytes(), b"v", None, T + 10_000, Condition::Set).unwrap(), T, &b);
+        }
+        let old = s.snapshot_begin(T);
+        assert_eq!(s.snapshot_next(old, 3, usize::MAX).unwrap().map(|v| v.len()), Some(3));
+        // A failed checkpoint's task is still around when the next one starts.
+        let new = s.snapshot_begin(T);
+        assert_eq!(s.snapshot_next(old, 3, usize::MAX), Err(Superseded));
+        s.snapshot_abort(old);
+        let mut copied = 0;
+        while let Some(slice) = s.snapshot_next(new, 3, usize::MAX).unwrap() {
+            copied += slice.len();
+        }
+        assert_eq!(copied, 10, "the newer copy is whole");
     }
 
     #[test]
