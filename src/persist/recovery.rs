@@ -9,8 +9,14 @@
 //! streams, a fuzzy snapshot, or a record replayed twice cannot matter: each
 //! key ends at its highest-versioned record, which is its latest.
 //!
-//! A torn record at the end of a stream's last segment (a crash mid-append)
-//! is cut off, with a log line. A bad record anywhere else is damage:
+//! A torn record at the end of a segment (a crash mid-append) is cut off,
+//! with a log line. Segments are only ever appended to, so any of them can
+//! end torn, not just a stream's last: power loss after a rotation can lose
+//! the old segment's unsynced tail while the new file survives, and an
+//! append that failed (ENOSPC) leaves a partial record behind when its
+//! retry moves to a fresh segment. Such a record was never acknowledged
+//! (under `always` a later segment counts as synced only after the earlier
+//! ones are). A bad record anywhere else is damage:
 //! recovery stops with the file and byte offset, and touches no file.
 //! Expired entries are dropped before serving; the highest version seen
 //! (snapshot trailer, entries, deletes) becomes every shard's floor, so an
@@ -115,12 +121,6 @@ pub fn recover(
     let all = datadir::segments(dir).map_err(RecoveryError::DataDir)?;
     report.next_seq = all.iter().map(|s| s.seq + 1).max().unwrap_or(0).max(replay_from);
     let to_replay: Vec<&Segment> = all.iter().filter(|s| s.seq >= replay_from).collect();
-    // A stream's last segment may end torn; the others must be whole.
-    let mut last_of_stream: HashMap<u32, u64> = HashMap::new();
-    for s in &to_replay {
-        let e = last_of_stream.entry(s.stream).or_insert(s.seq);
-        *e = (*e).max(s.seq);
-    }
     let mut tombstones: HashMap<Box<[u8]>, u64> = HashMap::new();
     for seg in to_replay {
         let file = File::open(&seg.path).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
@@ -136,10 +136,6 @@ pub fn recover(
         match tail {
             Ok(Tail::Clean) => {}
             Ok(Tail::Torn { at, why }) => {
-                let is_last = last_of_stream.get(&seg.stream) == Some(&seg.seq);
-                if !is_last && mode == Mode::Repair {
-                    return Err(RecoveryError::Damage { path: seg.path.clone(), offset: at, why: why.to_string() });
-                }
                 if mode == Mode::Repair {
                     cut(&seg.path, at).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
                     log::warn!(
