@@ -522,6 +522,11 @@ impl Wal {
                     let mut st = self.st.borrow_mut();
                     st.written = st.written.max(end);
                     st.synced = st.synced.max(end);
+                    if self.mode != Fsync::No {
+                        // Everything up to `end` is synced now.
+                        st.unsynced.clear();
+                        st.unsynced_bytes = 0;
+                    }
                     self.publish(&st);
                     st.failing.take()
                 };
@@ -542,6 +547,17 @@ impl Wal {
             }
             Err(e) => {
                 let fresh = fresh || self.mode != Fsync::No || e.raw_os_error() == Some(libc::EFBIG);
+                // A fresh segment abandons the current one, unsynced records
+                // and all: those go again too, ahead of the failed bytes.
+                let bytes = if fresh {
+                    let mut st = self.st.borrow_mut();
+                    st.unsynced_bytes = 0;
+                    let mut all = std::mem::take(&mut st.unsynced).concat();
+                    all.extend_from_slice(&bytes);
+                    all
+                } else {
+                    bytes
+                };
                 self.fail(router, e, bytes, end, fresh);
             }
         }
@@ -553,9 +569,11 @@ impl Wal {
         if let Some((_, kind)) = self.st.borrow().failing {
             return Err(std::io::Error::from(kind));
         }
+        // Cloned, not taken: the sync task must still see these segments, or
+        // it could count later records synced before they are.
         let (closed, ring) = {
-            let mut st = self.st.borrow_mut();
-            (std::mem::take(&mut st.closed), st.seg.ring.clone())
+            let st = self.st.borrow();
+            (st.closed.clone(), st.seg.ring.clone())
         };
         for f in closed {
             f.sync_data().await?;
