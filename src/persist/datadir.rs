@@ -154,10 +154,6 @@ impl DataDir {
         Ok(DataDir { path: owned, _lock: lock })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The instance's secret-hashing key: the one kept in the directory,
     /// else the snapshot's (older directories), else a new random one; kept
     /// in `SECRET` (0600) from then on.

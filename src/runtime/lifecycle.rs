@@ -92,9 +92,12 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
         Some(_) => crossbeam_channel::tick(shared.config.save_duration),
         None => crossbeam_channel::never(),
     };
+    // If the signal thread is gone, checkpoints still run on their timer.
+    let no_signals = crossbeam_channel::never();
+    let mut signals = &sig_rx;
     loop {
         crossbeam_channel::select! {
-            recv(sig_rx) -> sig => match sig {
+            recv(signals) -> sig => match sig {
                 Ok(sig @ (SIGTERM | SIGINT)) => {
                     log::info!("{}: shutting down", signal_name(sig));
                     std::process::exit(shutdown(&shared, &sig_rx));
@@ -107,7 +110,10 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
                         log::info!("{}: nothing to save (-dataDir is empty)", signal_name(sig));
                     }
                 }
-                Err(_) => std::thread::park(),
+                Err(_) => {
+                    log::warn!("signal handling stopped; snapshots go on every -saveDuration");
+                    signals = &no_signals;
+                }
             },
             recv(ticks) -> _ => {
                 checkpoint(&shared);

@@ -118,8 +118,6 @@ struct State {
     /// Bytes to write again before anything else, and whether into a fresh
     /// segment (after a failed sync the old one's cached pages are suspect).
     retry: Option<(Vec<u8>, u64, bool)>,
-    /// A sync is in flight.
-    syncing: bool,
     /// Wakes the sync task (there is something to sync).
     syncer: Option<Waker>,
     spare: Vec<u8>,
@@ -156,7 +154,6 @@ impl Wal {
                 failing: None,
                 failed_to: 0,
                 retry: None,
-                syncing: false,
                 syncer: None,
                 spare: Vec::new(),
             }),
@@ -434,7 +431,6 @@ impl Wal {
     async fn sync(&self, router: &impl Host) {
         let (closed, ring, target, count) = {
             let mut st = self.st.borrow_mut();
-            st.syncing = true;
             (std::mem::take(&mut st.closed), st.seg.ring.clone(), st.written, st.unsynced.len())
         };
         let started = Instant::now();
@@ -450,7 +446,6 @@ impl Wal {
             Ok(()) => {
                 {
                     let mut st = self.st.borrow_mut();
-                    st.syncing = false;
                     st.synced = st.synced.max(target);
                     self.publish(&st);
                     let n = count.min(st.unsynced.len());
@@ -471,7 +466,6 @@ impl Wal {
                 // segment.
                 let again: Vec<u8> = {
                     let mut st = self.st.borrow_mut();
-                    st.syncing = false;
                     st.unsynced_bytes = 0;
                     st.closed.extend(closed);
                     std::mem::take(&mut st.unsynced).concat()

@@ -338,10 +338,6 @@ impl Journal {
         Journal { enabled: true, ..Default::default() }
     }
 
-    pub fn is_enabled(&self) -> bool {
-        self.enabled
-    }
-
     pub fn put(&mut self, entry: &Entry, creator: u64) {
         if self.enabled {
             let before = self.buf.len();
