@@ -85,13 +85,6 @@ impl Segment {
     }
 }
 
-/// After a burst, an emptied buffer does not keep its peak size.
-fn shrink_after_burst(buf: &mut Vec<u8>) {
-    if buf.is_empty() && buf.capacity() > 1 << 20 {
-        *buf = Vec::new();
-    }
-}
-
 /// How an answer computed at some log position stands.
 pub enum Settled {
     /// It may go out now (converted to a 503 if its change was not logged).
@@ -113,9 +106,8 @@ struct State {
     synced: u64,
     /// Records appended since the last good sync, kept to rewrite them into
     /// a fresh segment if a sync fails (`no` keeps none).
-    /// One buffer: each append is copied in, so the journal's own buffer
-    /// goes straight back to it as `spare` and steady state allocates nothing.
-    unsynced: Vec<u8>,
+    unsynced: Vec<Vec<u8>>,
+    unsynced_bytes: usize,
     /// Answers waiting for the log, in log order.
     deferred: VecDeque<(u64, Origin, Reply)>,
     /// Set while the disk refuses the log: (since, first error).
@@ -157,6 +149,7 @@ impl Wal {
                 written: 0,
                 synced: 0,
                 unsynced: Vec::new(),
+                unsynced_bytes: 0,
                 deferred: VecDeque::new(),
                 failing: None,
                 failed_to: 0,
@@ -276,19 +269,21 @@ impl Wal {
                 st.synced = end;
             }
             self.publish(&st);
-            let wake = match self.mode {
-                Fsync::No => false,
-                Fsync::EverySec | Fsync::Always => {
-                    st.unsynced.extend_from_slice(&bytes);
-                    self.mode == Fsync::Always || st.unsynced.len() > UNSYNCED_HIGH_WATER
+            match self.mode {
+                Fsync::No => {
+                    let mut b = bytes;
+                    b.clear();
+                    if b.capacity() <= 1 << 20 {
+                        st.spare = b;
+                    }
+                    false
                 }
-            };
-            let mut b = bytes;
-            b.clear();
-            if b.capacity() <= 1 << 20 {
-                st.spare = b;
+                Fsync::EverySec | Fsync::Always => {
+                    st.unsynced_bytes += bytes.len();
+                    st.unsynced.push(bytes);
+                    self.mode == Fsync::Always || st.unsynced_bytes > UNSYNCED_HIGH_WATER
+                }
             }
-            wake
         };
         if wake_syncer {
             if let Some(w) = self.st.borrow_mut().syncer.take() {
@@ -403,7 +398,7 @@ impl Wal {
                 let mut st = self.st.borrow_mut();
                 let unsynced = st.written > st.synced;
                 let urgent = st.retry.is_some()
-                    || (unsynced && (self.mode == Fsync::Always || st.unsynced.len() > UNSYNCED_HIGH_WATER));
+                    || (unsynced && (self.mode == Fsync::Always || st.unsynced_bytes > UNSYNCED_HIGH_WATER));
                 if urgent {
                     return Poll::Ready(true);
                 }
@@ -454,8 +449,14 @@ impl Wal {
                     st.synced = st.synced.max(target);
                     self.publish(&st);
                     let n = count.min(st.unsynced.len());
-                    st.unsynced.drain(..n);
-                    shrink_after_burst(&mut st.unsynced);
+                    let done: Vec<Vec<u8>> = st.unsynced.drain(..n).collect();
+                    st.unsynced_bytes -= done.iter().map(Vec::len).sum::<usize>();
+                    if let Some(mut b) = done.into_iter().next() {
+                        if st.spare.capacity() == 0 && b.capacity() <= 1 << 20 {
+                            b.clear();
+                            st.spare = b;
+                        }
+                    }
                 }
                 self.release(router);
             }
@@ -465,8 +466,9 @@ impl Wal {
                 // segment.
                 let again: Vec<u8> = {
                     let mut st = self.st.borrow_mut();
+                    st.unsynced_bytes = 0;
                     st.closed.extend(closed);
-                    std::mem::take(&mut st.unsynced)
+                    std::mem::take(&mut st.unsynced).concat()
                 };
                 let end = self.st.borrow().written;
                 self.fail(router, e, again, end, true);
@@ -517,7 +519,7 @@ impl Wal {
                     if self.mode != Fsync::No {
                         // Everything up to `end` is synced now.
                         st.unsynced.clear();
-                        shrink_after_burst(&mut st.unsynced);
+                        st.unsynced_bytes = 0;
                     }
                     self.publish(&st);
                     st.failing.take()
@@ -543,7 +545,8 @@ impl Wal {
                 // and all: those go again too, ahead of the failed bytes.
                 let bytes = if fresh {
                     let mut st = self.st.borrow_mut();
-                    let mut all = std::mem::take(&mut st.unsynced);
+                    st.unsynced_bytes = 0;
+                    let mut all = std::mem::take(&mut st.unsynced).concat();
                     all.extend_from_slice(&bytes);
                     all
                 } else {
