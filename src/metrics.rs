@@ -128,7 +128,7 @@ impl Cell64 {
 }
 
 /// Largest bucket count (bounds + the +Inf bucket).
-const MAX_BUCKETS: usize = 15;
+pub const MAX_BUCKETS: usize = 15;
 
 /// A fixed-bucket histogram: count and nanosecond sum per bucket; the last
 /// bucket is +Inf.

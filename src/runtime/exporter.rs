@@ -241,7 +241,7 @@ impl Exporter {
         ::metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
         describe();
         let n = shared.stats.len();
-        let per_core = || (0..ROUTE_LABELS + 2).map(|_| Folded::new(16)).collect::<Vec<_>>();
+        let per_core = || (0..ROUTE_LABELS + 2).map(|_| Folded::new(crate::metrics::MAX_BUCKETS)).collect::<Vec<_>>();
         let start_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         Ok(Exporter { shared, handle, folded: (0..n).map(|_| per_core()).collect(), start_unix })
     }

@@ -11,7 +11,10 @@
 //! CPU in context switches than the copy itself (a 100-byte append is about
 //! 0.4 us as a plain syscall). What can wait on the disk, `fdatasync`, is
 //! never done on the core: it goes through the core's io_uring and the
-//! executor keeps serving meanwhile.
+//! executor keeps serving meanwhile. The one exception: when the log moves
+//! to a new segment (once per checkpoint, or at a file-size limit) the
+//! directory entry is synced on the core, so that a segment the log counts
+//! on cannot vanish in a power loss.
 //!
 //! - `-fsync no`: an answer goes out once its record is in the page cache
 //!   (a process crash loses nothing); the OS flushes when it likes.
@@ -400,16 +403,18 @@ impl Wal {
                 let urgent = st.retry.is_some()
                     || (unsynced && (self.mode == Fsync::Always || st.unsynced_bytes > UNSYNCED_HIGH_WATER));
                 if urgent {
-                    return Poll::Ready(true);
+                    return Poll::Ready(());
                 }
                 st.syncer = Some(cx.waker().clone());
                 Poll::Pending
             });
-            let woke = match period {
-                Some(p) => monoio::time::timeout(p.saturating_sub(last_sync.elapsed()), due).await.unwrap_or(false),
+            match period {
+                // Either the period ran out or there is something urgent: both sync.
+                Some(p) => {
+                    let _ = monoio::time::timeout(p.saturating_sub(last_sync.elapsed()), due).await;
+                }
                 None => due.await,
-            };
-            let _ = woke;
+            }
             if self.st.borrow().retry.is_some() {
                 if self.is_failing() {
                     monoio::time::sleep(RETRY_EVERY).await;
