@@ -367,12 +367,14 @@ impl std::ops::Deref for Config {
     }
 }
 
-impl Config {
+impl Flags {
     /// The key quotas in keys, per client and per network (0: off).
     pub fn key_quotas(&self) -> (usize, usize) {
         (self.max_keys_per_ip.keys(self.max_num_kv), self.max_keys_per_net.keys(self.max_num_kv))
     }
+}
 
+impl Config {
     /// The listen address.
     pub fn listen(&self) -> SocketAddr {
         SocketAddr::new(self.listen_ip, self.port)
@@ -764,8 +766,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed, ConfigEr
             flags.max_requests_per_net, flags.max_requests
         ));
     }
-    let (per_ip, per_net) =
-        (flags.max_keys_per_ip.keys(flags.max_num_kv), flags.max_keys_per_net.keys(flags.max_num_kv));
+    let (per_ip, per_net) = flags.key_quotas();
     if per_ip > 0 && per_net > 0 && per_ip > per_net {
         warnings.push(format!(
             "-maxKeysPerIP ({per_ip} keys) is above -maxKeysPerNet ({per_net} keys): the network quota binds first"

@@ -86,9 +86,7 @@ fn one_network_cannot_fill_the_store() {
     assert_eq!(s.req("POST", "/los/v6/2001:db8:77:0::1/0", &from("2001:db8:77:0::1"), b"x").text(), "updated");
 
     let scrape = s.scrape();
-    let sample = |series: &str| {
-        scrape.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-    };
+    let sample = |series: &str| metric_in(&scrape, series);
     assert_eq!(sample("rendezvous_creates_refused_total{reason=\"net_quota\"}"), Some(9000.0 + 1560.0 + 1.0));
     assert_eq!(sample("rendezvous_quota_at_limit{scope=\"net\"}"), Some(2.0));
     assert_eq!(sample("rendezvous_quota_max{scope=\"ip\"}"), Some(500.0));

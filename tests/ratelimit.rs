@@ -89,7 +89,7 @@ fn counting_is_exact_under_concurrency() {
                     std::thread::spawn(move || {
                         let mut c = Client::connect(addr);
                         barrier.wait();
-                        c.req("GET", "/get/anything", &[("X-Forwarded-For", &ip)], b"").status
+                        c.req("GET", "/get/anything", &from(&ip), b"").status
                     })
                 })
                 .collect();
@@ -138,7 +138,7 @@ fn a_network_shares_one_budget() {
                 std::thread::spawn(move || {
                     let mut c = Client::connect(addr);
                     barrier.wait();
-                    (0..4).map(|_| c.req("GET", "/get/x", &[("X-Forwarded-For", &ip)], b"")).collect::<Vec<_>>()
+                    (0..4).map(|_| c.req("GET", "/get/x", &from(&ip), b"")).collect::<Vec<_>>()
                 })
             })
             .collect();

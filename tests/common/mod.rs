@@ -12,6 +12,14 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_rendezvous");
 
+/// The value of one series (name and labels exactly) in a scrape.
+pub fn metric_in(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// The header a trusted proxy (the loopback peer) adds for client `ip`.
 pub fn from(ip: &str) -> [(&str, &str); 1] {
     [("X-Forwarded-For", ip)]
@@ -162,10 +170,7 @@ impl Server {
 
     /// The value of one sample line (`name{labels}`) in the exposition.
     pub fn metric(&self, series: &str) -> Option<f64> {
-        self.scrape()
-            .lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        metric_in(&self.scrape(), series)
     }
 
     pub fn client(&self) -> Client {
