@@ -16,7 +16,7 @@
 //! `X-Forwarded-For` path; one client far over its rate limit (429s); a
 //! connection per request; 16 pipelined GETs; GET hit paced (each connection
 //! waits 1 ms after each answer: about 40k req/s, below saturation, where
-//! the p99 is the server's and not the scheduler's). Also GET hit at `-threads 1`
+//! the p99 is the server's and not the scheduler's). Also GET hit and set 1000 B at `-threads 1`
 //! and `2` (the cost of the cross-core hops), and the memory per entry
 //! beyond key and value, with key quotas off, with keys from 65,536 clients,
 //! and with every key from its own /48 (the quota tables' worst case).
@@ -66,6 +66,8 @@ struct Rounds {
     server: Vec<Run>,
     nginx: Vec<Run>,
     cross_core: Vec<f64>,
+    /// Write-ahead log writes per request (how well changes share a write).
+    log_writes: Vec<f64>,
 }
 
 struct Servers {
@@ -97,9 +99,14 @@ fn start(threads: &str, extra: &[&str]) -> Server {
     Server::start(&args)
 }
 
-fn cross_core(metrics: Option<SocketAddr>) -> (f64, f64) {
-    let Some(m) = metrics else { return (0.0, 0.0) };
-    (scrape(m, "rendezvous_cross_core_messages_total"), scrape(m, "rendezvous_core_requests_total"))
+/// Cross-core messages, requests and log writes so far.
+fn traffic(metrics: Option<SocketAddr>) -> (f64, f64, f64) {
+    let Some(m) = metrics else { return (0.0, 0.0, 0.0) };
+    (
+        scrape(m, "rendezvous_cross_core_messages_total"),
+        scrape(m, "rendezvous_core_requests_total"),
+        scrape(m, "rendezvous_log_writes_total"),
+    )
 }
 
 fn main() {
@@ -189,15 +196,28 @@ fn main() {
             target: Target::OneThread,
             expect: "200",
         },
+        Workload {
+            name: "set 1000 B, -threads 1",
+            script: "set1000",
+            env: vec![],
+            target: Target::OneThread,
+            expect: "200",
+        },
     ];
     let mut results: Vec<Rounds> = Vec::new();
     let wanted = |w: &&Workload| only.is_empty() || only.split(',').any(|o| w.name.starts_with(o));
     for w in workloads.iter().filter(wanted) {
         let server = servers.get(w.target);
-        let mut r = Rounds { name: w.name, server: Vec::new(), nginx: Vec::new(), cross_core: Vec::new() };
+        let mut r = Rounds {
+            name: w.name,
+            server: Vec::new(),
+            nginx: Vec::new(),
+            cross_core: Vec::new(),
+            log_writes: Vec::new(),
+        };
         for round in 0..rounds {
             let run_server = |r: &mut Rounds| {
-                let (sent0, req0) = cross_core(server.metrics);
+                let (sent0, req0, logw0) = traffic(server.metrics);
                 let run = wrk_env(
                     &format!("{} (server, round {round})", w.name),
                     w.script,
@@ -209,8 +229,9 @@ fn main() {
                 );
                 // Each core publishes its traffic counts every 100 ms.
                 std::thread::sleep(Duration::from_millis(300));
-                let (sent1, req1) = cross_core(server.metrics);
+                let (sent1, req1, logw1) = traffic(server.metrics);
                 r.cross_core.push((sent1 - sent0) / (req1 - req0).max(1.0));
+                r.log_writes.push((logw1 - logw0) / (req1 - req0).max(1.0));
                 check(w, &run);
                 r.server.push(run);
             };
@@ -315,9 +336,9 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
          snapshots on, defaults) and nginx `return 200 \"OK\"` with 2 workers, {rounds} alternated rounds per \
          workload with the same script. Ratios are the server's over nginx's in the same round: median \
          (min-max). CPU is user+system time per request from /proc. Cross-core: messages the server's cores \
-         sent each other per request.\n\n\
-         | workload | server req/s | server CPU/req | CPU vs nginx | req/s vs nginx | p99 server / nginx | p99 vs nginx | cross-core msgs/req |\n\
-         |---|---:|---:|---:|---:|---|---:|---:|\n"
+         sent each other per request. Log writes: write-ahead log writes per request.\n\n\
+         | workload | server req/s | server CPU/req | CPU vs nginx | req/s vs nginx | p99 server / nginx | p99 vs nginx | cross-core msgs/req | log writes/req |\n\
+         |---|---:|---:|---:|---:|---|---:|---:|---:|\n"
     );
     for r in results {
         let ratio = |f: fn(&Run) -> f64| {
@@ -338,7 +359,7 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
         let med = |v: &[Run], f: fn(&Run) -> f64| spread(v.iter().map(f).collect()).0;
         let p99 = |v: f64| if v > 0.0 { format!("{:.1} ms", v / 1000.0) } else { "n/a".into() };
         md += &format!(
-            "| {} | {:.0} | {:.1} us | {} | {} | {} / {} | {} | {:.2} |\n",
+            "| {} | {:.0} | {:.1} us | {} | {} | {} / {} | {} | {:.2} | {:.2} |\n",
             r.name,
             med(&r.server, |x| x.rps),
             med(&r.server, |x| x.cpu_us_per_req),
@@ -348,6 +369,7 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
             p99(med(&r.nginx, |x| x.p99_us)),
             ratio(|x| x.p99_us),
             spread(r.cross_core.clone()).0,
+            spread(r.log_writes.clone()).0,
         );
     }
     if !memory.is_empty() {

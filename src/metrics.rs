@@ -203,9 +203,8 @@ pub struct CoreStats {
     pub waiters: Cell64,
     pub waiter_wakeups: Cell64,
     // The core's write-ahead log.
-    pub log_records: Cell64,
     pub log_bytes: Cell64,
-    pub log_flushes: Cell64,
+    pub log_writes: Cell64,
     pub log_failures: Cell64,
     /// 1 while the log cannot be written (writes are refused with 503).
     pub log_failing: Cell64,
@@ -238,9 +237,8 @@ impl Default for CoreStats {
             wait_timeouts: Cell64::default(),
             waiters: Cell64::default(),
             waiter_wakeups: Cell64::default(),
-            log_records: Cell64::default(),
             log_bytes: Cell64::default(),
-            log_flushes: Cell64::default(),
+            log_writes: Cell64::default(),
             log_failures: Cell64::default(),
             log_failing: Cell64::default(),
             log_sync: Histogram::new(&FLUSH_BOUNDS_NS),

@@ -106,6 +106,7 @@ async fn core_main(start: CoreStart) {
     monoio::spawn(router.clone().inbox_task());
     monoio::spawn(router.clone().flusher_task());
     if let Some(wal) = &wal {
+        monoio::spawn(router.clone().log_task());
         wal.spawn(&router);
     }
     monoio::spawn(sweeper(shared.clone(), id, router.clone()));

@@ -149,6 +149,8 @@ families! {
         "The -saveDuration period (0: persistence off).";
     LogBytes: Counter Bytes "rendezvous_log_bytes_total" []
         "Bytes appended to the write-ahead log.";
+    LogWrites: Counter Count "rendezvous_log_writes_total" []
+        "Writes into the write-ahead log (each carries every change its core applied in one scheduler pass).";
     LogFailures: Counter Count "rendezvous_log_failures_total" []
         "Failed write-ahead log writes or syncs.";
     LogFailing: Gauge Count "rendezvous_log_failing" []
@@ -335,6 +337,7 @@ impl Exporter {
         let interval = if cfg.data_dir().is_some() { cfg.save_duration.as_secs_f64() } else { 0.0 };
         gauge!(F::SnapshotInterval.name()).set(interval);
         counter!(F::LogBytes.name()).absolute(sum(|s| s.log_bytes.get()));
+        counter!(F::LogWrites.name()).absolute(sum(|s| s.log_writes.get()));
         counter!(F::LogFailures.name()).absolute(sum(|s| s.log_failures.get()));
         gauge!(F::LogFailing.name()).set(sum(|s| s.log_failing.get()) as f64);
         gauge!(F::Ready.name()).set(if shared.phase.get() == Phase::Ready { 1.0 } else { 0.0 });

@@ -7,7 +7,9 @@
 //! request never leaves its core, and only the key's operation travels.
 //!
 //! Protocol (after Seastar/Dragonfly): a local owner is applied inline, with
-//! no message and no await. A plain GET of a remote owner's key is first
+//! no message; a change's answer then waits only for the core's log task,
+//! which appends everything journaled in the scheduler pass with one write
+//! (with persistence off, nothing waits). A plain GET of a remote owner's key is first
 //! tried as a direct read of the owner's shard (`cells::Cells::read`: never
 //! waits, and only when the owner's log acknowledges all it holds). For a
 //! remote owner otherwise the command goes into a
@@ -19,8 +21,9 @@
 //! connection task is only ever woken by its own core. Channels are
 //! unbounded and only `try_recv`/`send` are used, so no executor ever blocks;
 //! back-pressure is a per-destination in-flight budget on the sender side.
-//! The inbox task never wakes itself (monoio 0.2.4 runs self-waking tasks
-//! ahead of others): it registers its waker, drains, and returns Pending.
+//! The inbox, flusher and log tasks never wake themselves (monoio 0.2.4 runs
+//! self-waking tasks ahead of others): each registers its waker, does its
+//! work, and returns Pending.
 //! This module must never hold a `RefCell` borrow across an `.await`.
 
 use crate::runtime::cells::Cells;
@@ -69,6 +72,9 @@ pub struct Router {
     outboxes: RefCell<Vec<Vec<Msg>>>,
     flush_pending: Cell<bool>,
     flusher: RefCell<Option<Waker>>,
+    /// Something was journaled that the log task has yet to append.
+    log_pending: Cell<bool>,
+    log_waker: RefCell<Option<Waker>>,
     slots: RefCell<Slots<Reply>>,
     credits: RefCell<Credits>,
     controls: RefCell<std::collections::VecDeque<Control>>,
@@ -94,6 +100,8 @@ impl Router {
             outboxes: RefCell::new((0..n).map(|_| Vec::new()).collect()),
             flush_pending: Cell::new(false),
             flusher: RefCell::new(None),
+            log_pending: Cell::new(false),
+            log_waker: RefCell::new(None),
             slots: RefCell::new(Slots::default()),
             credits: RefCell::new(Credits::new(n, IN_FLIGHT_BUDGET)),
             controls: RefCell::new(std::collections::VecDeque::new()),
@@ -129,28 +137,33 @@ impl Router {
     /// them. With `append`, what the command journaled is written to the log
     /// at once (else the caller appends once for a whole batch). Returns the
     /// reply and the log position it must wait for.
-    fn apply_local(&self, op: Op, append: bool) -> (Reply, u64) {
+    fn apply_local(&self, op: Op) -> (Reply, u64) {
         let now = crate::clock::unix_ms();
         let mut wakeups = Vec::new();
-        let (reply, lsn) = {
+        let (reply, before, lsn) = {
             let mut owned = self.cells.lock(self.me);
+            let before = owned.shard.journal().lsn();
             let reply = owned.apply(op, now, &self.budget, &mut wakeups);
-            (reply, owned.shard.journal().lsn())
+            (reply, before, owned.shard.journal().lsn())
         };
         for (origin, answer) in wakeups {
             self.deliver_after(lsn, origin, answer);
         }
-        if append {
-            self.append_log();
+        if lsn != before {
+            self.log_soon();
         }
         (reply, lsn)
     }
 
-    /// Writes what this core journaled to its log (and releases the answers
-    /// that waited for it).
-    fn append_log(&self) {
-        if let Some(wal) = &self.wal {
-            wal.append(self);
+    /// Asks the log task to append what this core journaled, once this
+    /// scheduler pass has run the tasks already woken: every change applied
+    /// meanwhile (by this core's connections and from other cores' batches)
+    /// shares one write. Answers wait for it (`after_log`/`deliver_after`).
+    fn log_soon(&self) {
+        if self.wal.is_some() && !self.log_pending.replace(true) {
+            if let Some(w) = self.log_waker.borrow().as_ref() {
+                w.wake_by_ref();
+            }
         }
     }
 
@@ -234,7 +247,7 @@ impl Router {
         let origin = Origin { core: self.me as u32, slot };
         let op = Op::Wait { key: key.clone(), until, origin };
         if owner == self.me {
-            let (reply, lsn) = self.apply_local(op, true);
+            let (reply, lsn) = self.apply_local(op);
             if reply != Reply::Parked {
                 self.slots.borrow_mut().release_unused(slot);
                 return Err(self.after_log(lsn, reply).await);
@@ -248,7 +261,7 @@ impl Router {
     /// Executes `op` on core `dest`.
     pub async fn call(self: &Rc<Self>, dest: usize, op: Op) -> Reply {
         if dest == self.me {
-            let (reply, lsn) = self.apply_local(op, true);
+            let (reply, lsn) = self.apply_local(op);
             return self.after_log(lsn, reply).await;
         }
         Credit { router: self, dest }.await;
@@ -295,14 +308,14 @@ impl Router {
                 match msg {
                     Msg::Call { from, slot, op } => {
                         received += 1;
-                        let (reply, lsn) = self.apply_local(op, false);
+                        let (reply, lsn) = self.apply_local(op);
                         // A parked waiter is answered later, when a write wakes it.
                         if reply != Reply::Parked {
                             self.deliver_after(lsn, Origin { core: from, slot }, reply);
                         }
                     }
                     Msg::Notify { op } => {
-                        self.apply_local(op, false);
+                        self.apply_local(op);
                     }
                     Msg::Done { slot, reply } => self.complete(slot, reply),
                     Msg::Control(c) => {
@@ -313,8 +326,6 @@ impl Router {
                     }
                 }
             }
-            // One log append for the whole batch, before its answers leave.
-            self.append_log();
             let mut s = self.stats.get();
             s.calls_received += received;
             self.stats.set(s);
@@ -364,6 +375,25 @@ impl Router {
     pub fn inbox_task(self: Rc<Self>) -> impl Future<Output = ()> {
         std::future::poll_fn(move |cx| {
             self.drain_inbox(cx);
+            Poll::Pending
+        })
+    }
+
+    /// The task that appends what this core journaled to its log, once per
+    /// wake (see `log_soon`), and so releases the answers that waited for it.
+    pub fn log_task(self: Rc<Self>) -> impl Future<Output = ()> {
+        std::future::poll_fn(move |cx| {
+            {
+                let mut w = self.log_waker.borrow_mut();
+                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *w = Some(cx.waker().clone());
+                }
+            }
+            if self.log_pending.replace(false) {
+                if let Some(wal) = &self.wal {
+                    wal.append(self.as_ref());
+                }
+            }
             Poll::Pending
         })
     }
@@ -441,7 +471,7 @@ impl Drop for WaitFuture<'_> {
         // already in flight arrives), and that answer frees it.
         self.inner.abandon();
         if self.owner == router.me {
-            router.apply_local(op, true);
+            router.apply_local(op);
         } else {
             router.push(self.owner, Msg::Notify { op });
         }
