@@ -134,9 +134,9 @@ impl Router {
 
     /// Applies a command to this core's state and delivers the answers of
     /// any waiters it woke (locally, or to their cores) once the log has
-    /// them. With `append`, what the command journaled is written to the log
-    /// at once (else the caller appends once for a whole batch). Returns the
-    /// reply and the log position it must wait for.
+    /// them. If the command journaled anything, the log task is asked to
+    /// write it (`log_soon`). Returns the reply and the log position it must
+    /// wait for.
     fn apply_local(&self, op: Op) -> (Reply, u64) {
         let now = crate::clock::unix_ms();
         let mut wakeups = Vec::new();

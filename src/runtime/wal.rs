@@ -61,6 +61,29 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// (it is also what a failed sync must rewrite, so it bounds that memory).
 const UNSYNCED_HIGH_WATER: usize = 16 << 20;
 
+/// How an answer computed at log position `lsn` stands, given the position
+/// acknowledged so far (`acked`), the end of the records that failed
+/// (`failed_to`) and whether the log is failing now. Answers up to `acked`
+/// go out. While the log is failing, every answer goes out at once (reads
+/// must go on; new writes are refused before they change anything), but a
+/// change above `acked` becomes a 503: its record either failed or was still
+/// waiting for the core's next log write when a sync failed, and either way
+/// it is not as durable as promised. (It stays in memory and its record is
+/// written when the disk recovers; the client was told it may not be.)
+fn judge(lsn: u64, reply: Reply, acked: u64, failed_to: u64, failing: bool) -> Settled {
+    if lsn <= acked {
+        return Settled::Now(reply);
+    }
+    let change = matches!(reply, Reply::Wrote(WriteOutcome::Stored { .. } | WriteOutcome::Deleted { .. }));
+    if change && (failing || lsn <= failed_to) {
+        Settled::Now(Reply::Unavailable)
+    } else if failing {
+        Settled::Now(reply)
+    } else {
+        Settled::Wait(reply)
+    }
+}
+
 /// What the log needs of the core it serves (the core's router): the
 /// records its shard journaled, a switch to refuse writes, and a way to
 /// deliver the answers it held back.
@@ -183,23 +206,10 @@ impl Wal {
         }
     }
 
-    /// How an answer computed at log position `lsn` stands. While the log is
-    /// failing, answers go out at once (new writes are refused before they
-    /// change anything, and reads must go on); a change whose record failed
-    /// becomes a 503.
+    /// How an answer computed at log position `lsn` stands (see `judge`).
     pub fn settle(&self, lsn: u64, reply: Reply) -> Settled {
         let st = self.st.borrow();
-        let failed = lsn <= st.failed_to
-            && lsn > Self::acked_lsn(&st, self.mode)
-            && matches!(reply, Reply::Wrote(WriteOutcome::Stored { .. } | WriteOutcome::Deleted { .. }));
-        if failed {
-            return Settled::Now(Reply::Unavailable);
-        }
-        if lsn <= Self::acked_lsn(&st, self.mode) || st.failing.is_some() {
-            Settled::Now(reply)
-        } else {
-            Settled::Wait(reply)
-        }
+        judge(lsn, reply, Self::acked_lsn(&st, self.mode), st.failed_to, st.failing.is_some())
     }
 
     /// Holds `reply` for `origin` until `lsn` is acknowledged.
@@ -585,5 +595,49 @@ impl Wal {
     /// Starts the sync task.
     pub fn spawn<H: Host + 'static>(self: &Rc<Self>, router: &Rc<H>) {
         monoio::spawn(self.clone().run(router.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored() -> Reply {
+        Reply::Wrote(WriteOutcome::Stored { created: true, expires_ms: 0, version: 1 })
+    }
+
+    fn now(s: Settled) -> Option<Reply> {
+        match s {
+            Settled::Now(r) => Some(r),
+            Settled::Wait(_) => None,
+        }
+    }
+
+    #[test]
+    fn acknowledged_answers_go_out_and_others_wait() {
+        assert_eq!(now(judge(10, stored(), 10, 0, false)), Some(stored()));
+        assert_eq!(now(judge(11, stored(), 10, 0, false)), None);
+        assert_eq!(now(judge(11, Reply::Got(None), 10, 0, false)), None);
+    }
+
+    #[test]
+    fn a_change_whose_record_failed_is_a_503() {
+        assert_eq!(now(judge(11, stored(), 10, 20, true)), Some(Reply::Unavailable));
+        let deleted = Reply::Wrote(WriteOutcome::Deleted { version: 2 });
+        assert_eq!(now(judge(11, deleted, 10, 20, true)), Some(Reply::Unavailable));
+    }
+
+    #[test]
+    fn a_change_not_yet_written_when_a_sync_failed_is_a_503_too() {
+        // The sync failed for bytes up to 10 (`failed_to`); this change was
+        // journaled at 15 and waited for the core's next log write.
+        assert_eq!(now(judge(15, stored(), 5, 10, true)), Some(Reply::Unavailable));
+    }
+
+    #[test]
+    fn reads_and_unchanged_writes_go_on_while_failing() {
+        assert_eq!(now(judge(15, Reply::Got(None), 5, 10, true)), Some(Reply::Got(None)));
+        let not_found = || Reply::Wrote(WriteOutcome::NotFound);
+        assert_eq!(now(judge(15, not_found(), 5, 10, true)), Some(not_found()));
     }
 }
