@@ -31,7 +31,8 @@
 //! outboxes.
 //!
 //! Disk trouble (ENOSPC, EIO, a failed sync) never crashes the core and
-//! never acknowledges what is not logged: the failed records' writes are
+//! never acknowledges what is not logged: the failed records' writes (and
+//! those still waiting for the pass's log write when a sync fails) are
 //! answered 503, new writes are refused before they change anything (the
 //! journal's `refusing` flag), reads go on, and the failed bytes are retried
 //! every second (after a failed sync, every byte written since the last good
