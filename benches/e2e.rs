@@ -14,7 +14,7 @@
 //! public-traffic workloads, GET and set over 1M keys with client addresses
 //! drawn from 65,536 and from 1M addresses through the trusted-proxy
 //! `X-Forwarded-For` path; one client far over its rate limit (429s); a
-//! connection per request; 16 pipelined GETs; GET hit paced (each connection
+//! connection per request; 16 pipelined GETs and sets; GET hit paced (each connection
 //! waits 1 ms after each answer: about 40k req/s, below saturation, where
 //! the p99 is the server's and not the scheduler's). Also GET hit and set 1000 B at `-threads 1`
 //! and `2` (the cost of the cross-core hops), and the memory per entry
@@ -189,6 +189,13 @@ fn main() {
             expect: "200",
         },
         Workload { name: "pipelined GET x16", script: "pipeline16", env: vec![], target: Target::Main, expect: "200" },
+        Workload {
+            name: "pipelined set 100 B x16",
+            script: "pipeline16_set",
+            env: vec![],
+            target: Target::Main,
+            expect: "200",
+        },
         Workload {
             name: "GET hit, -threads 1",
             script: "get_hit",

@@ -224,6 +224,30 @@ fn concurrent_writes_share_log_writes_and_all_survive_kill_9() {
     }
 }
 
+/// A client that pipelines its sets gets each answer after its record is
+/// logged (written at once rather than later in the pass, on the owner
+/// or, for another core's key, with the owner's batch): all survive kill -9.
+#[test]
+fn pipelined_sets_survive_kill_9() {
+    let s = Server::start(&["-threads", "2", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"]);
+    let mut c = s.client();
+    let mut raw = Vec::new();
+    for i in 0..200 {
+        raw.extend(build("POST", &format!("/set/pipe-{i}"), &[], format!("v{i}").as_bytes()));
+    }
+    c.send_raw(&raw);
+    for i in 0..200 {
+        let r = c.read_response(false).expect("an answer per pipelined set");
+        assert_eq!(r.status, 200, "set {i}");
+    }
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(dir, &["-threads", "1"]);
+    let mut c = s.client();
+    for i in 0..200 {
+        assert_eq!(c.req("GET", &format!("/get/pipe-{i}"), &[], b"").text(), format!("v{i}"));
+    }
+}
+
 /// A client writes A=i, then B=i, each after the other's answer. After a
 /// kill -9 the recovered store never has B ahead of A: it is a state that
 /// existed (the old snapshot-only build showed B > A every time).

@@ -515,7 +515,9 @@ impl Conn<'_> {
             Ok(Action::Preflight(route)) => (Some(route), false, api::preflight(route)),
             Ok(Action::Store(api::StoreAction { op, cost, meta })) => {
                 let charge = Some(Charge { bucket: net::client(client), cost });
-                let reply = ctx.router.run(charge, op).await;
+                // Bytes beyond this request: the client pipelines.
+                let pipelined = self.start < self.buf.len();
+                let reply = ctx.router.run(charge, op, pipelined).await;
                 let conflict =
                     matches!(reply, Reply::Wrote(WriteOutcome::Conflict { .. } | WriteOutcome::Existing { .. }));
                 let response = api::respond(&meta, reply, &self.client_text, retry_after);

@@ -21,6 +21,9 @@ pub enum Msg {
         from: u32,
         slot: u32,
         op: Op,
+        /// The client has more requests buffered behind this one: its
+        /// change is written to the log with its batch, not later in the pass.
+        pipelined: bool,
     },
     Done {
         slot: u32,

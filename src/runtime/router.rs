@@ -9,7 +9,10 @@
 //! Protocol (after Seastar/Dragonfly): a local owner is applied inline, with
 //! no message; a change's answer then waits only for the core's log task,
 //! which appends everything journaled in the scheduler pass with one write
-//! (with persistence off, nothing waits). A plain GET of a remote owner's key is first
+//! (with persistence off, nothing waits). A change for a pipelining client
+//! (more requests buffered behind it) is written at once instead, on the
+//! owner or with the owner's inbox batch: its connection can take nothing
+//! else meanwhile, so waiting would batch nothing. A plain GET of a remote owner's key is first
 //! tried as a direct read of the owner's shard (`cells::Cells::read`: never
 //! waits, and only when the owner's log acknowledges all it holds). For a
 //! remote owner otherwise the command goes into a
@@ -216,7 +219,12 @@ impl Router {
     }
 
     /// Charges the client (if `charge`) and applies `op` on its key's core.
-    pub async fn run(self: &Rc<Self>, charge: Option<Charge>, op: Op) -> Reply {
+    /// `pipelined`: the client has more requests buffered behind this one. Its
+    /// change is then written to the log at once (here, or with the owner's
+    /// inbox batch) instead of with the pass's other changes: the connection
+    /// cannot take its next request before this answer, so waiting for the
+    /// log task would only add a task switch per request and batch nothing.
+    pub async fn run(self: &Rc<Self>, charge: Option<Charge>, op: Op, pipelined: bool) -> Reply {
         if let Err(refused) = self.charge(charge) {
             return refused;
         }
@@ -229,7 +237,7 @@ impl Router {
                 return Reply::Got(found);
             }
         }
-        self.call(owner, op).await
+        self.call(owner, op, pipelined).await
     }
 
     /// Starts a blocking read: charges the client, then either answers at
@@ -253,20 +261,25 @@ impl Router {
                 return Err(self.after_log(lsn, reply).await);
             }
         } else {
-            self.push(owner, Msg::Call { from: self.me as u32, slot, op });
+            self.push(owner, Msg::Call { from: self.me as u32, slot, op, pipelined: false });
         }
         Ok(WaitFuture { inner: SlotFuture { router: self, slot, done: false }, key: Some(key), owner })
     }
 
-    /// Executes `op` on core `dest`.
-    pub async fn call(self: &Rc<Self>, dest: usize, op: Op) -> Reply {
+    /// Executes `op` on core `dest` (`pipelined`: see `run`).
+    pub async fn call(self: &Rc<Self>, dest: usize, op: Op, pipelined: bool) -> Reply {
         if dest == self.me {
             let (reply, lsn) = self.apply_local(op);
+            if pipelined {
+                if let Some(wal) = &self.wal {
+                    wal.append(self.as_ref());
+                }
+            }
             return self.after_log(lsn, reply).await;
         }
         Credit { router: self, dest }.await;
         let slot = self.slots.borrow_mut().alloc(Some(dest as u32));
-        self.push(dest, Msg::Call { from: self.me as u32, slot, op });
+        self.push(dest, Msg::Call { from: self.me as u32, slot, op, pipelined });
         let mut s = self.stats.get();
         s.calls_sent += 1;
         self.stats.set(s);
@@ -304,10 +317,12 @@ impl Router {
         self.mesh.inboxes[self.me].waker.register(cx.waker());
         while let Ok(batch) = self.rx.try_recv() {
             let mut received = 0;
+            let mut pipelined = false;
             for msg in batch {
                 match msg {
-                    Msg::Call { from, slot, op } => {
+                    Msg::Call { from, slot, op, pipelined: p } => {
                         received += 1;
+                        pipelined |= p;
                         let (reply, lsn) = self.apply_local(op);
                         // A parked waiter is answered later, when a write wakes it.
                         if reply != Reply::Parked {
@@ -324,6 +339,13 @@ impl Router {
                             w.wake();
                         }
                     }
+                }
+            }
+            // A pipelining client waits for each answer before its next
+            // request can be taken: do not hold its answer for the log task.
+            if pipelined {
+                if let Some(wal) = &self.wal {
+                    wal.append(self);
                 }
             }
             let mut s = self.stats.get();
