@@ -269,6 +269,14 @@ pub struct Flags {
     )]
     pub fsync: Fsync,
     #[options(
+        long = "maxLogSize",
+        default = "1073741824",
+        meta = "BYTES",
+        parse(try_from_str = "log_size"),
+        help = "take a snapshot early once the log has grown this much (and by at least the last snapshot's size) since the last one (0: only every -saveDuration)"
+    )]
+    pub max_log_size: u64,
+    #[options(
         long = "shutdownTimeout",
         default = "5s",
         meta = "DURATION",
@@ -440,6 +448,10 @@ fn key_size(s: &str) -> Result<usize, BadValue> {
     // The Go server took any size; values over the head's capacity are capped
     // (with a warning), not refused.
     Ok(ranged(s, 1, u64::MAX)? as usize)
+}
+
+fn log_size(s: &str) -> Result<u64, BadValue> {
+    ranged(s, 0, u64::MAX)
 }
 
 fn value_size(s: &str) -> Result<usize, BadValue> {

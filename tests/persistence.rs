@@ -248,6 +248,28 @@ fn pipelined_sets_survive_kill_9() {
     }
 }
 
+/// A write-heavy instance does not keep `-saveDuration` of log: once the
+/// log has grown by `-maxLogSize` (and by the last snapshot's size), a
+/// checkpoint starts early and deletes the segments it covers.
+#[test]
+fn log_growth_starts_a_checkpoint_early() {
+    let s = Server::start(&["-threads", "2", "-saveDuration", "1h", "-maxLogSize", "100000"]);
+    let value = vec![b'v'; 1000];
+    for i in 0..300 {
+        assert_eq!(s.post(&format!("/set/grow-{}", i % 50), &value).status, 200);
+    }
+    let line = s.wait_log("since the last snapshot (-maxLogSize)", Duration::from_secs(10));
+    assert!(line.contains("the log grew by"), "{line}");
+    s.wait_log("snapshot saved", Duration::from_secs(10));
+    assert_eq!(s.metric("rendezvous_snapshots_total"), Some(1.0));
+    // About one segment per core remains once the snapshot covers the rest.
+    let segs = segments(s.dir.path()).len();
+    assert!(segs <= 4, "{segs} segments after the early checkpoint");
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(dir, &["-threads", "1"]);
+    assert_eq!(s.get("/get/grow-7").body, value);
+}
+
 /// A client writes A=i, then B=i, each after the other's answer. After a
 /// kill -9 the recovered store never has B ahead of A: it is a state that
 /// existed (the old snapshot-only build showed B > A every time).

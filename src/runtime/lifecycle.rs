@@ -92,6 +92,12 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
         Some(_) => crossbeam_channel::tick(shared.config.save_duration),
         None => crossbeam_channel::never(),
     };
+    // The log's growth is looked at once a second (`-maxLogSize`).
+    let size_checks = match (shared.config.data_dir(), shared.config.max_log_size) {
+        (Some(_), 1..) => crossbeam_channel::tick(LOG_SIZE_CHECK),
+        _ => crossbeam_channel::never(),
+    };
+    let mut growth = LogGrowth::new(&shared);
     // If the signal thread is gone, checkpoints still run on their timer.
     let no_signals = crossbeam_channel::never();
     let mut signals = &sig_rx;
@@ -105,6 +111,7 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
                 Ok(sig) => {
                     if shared.config.data_dir().is_some() {
                         log::info!("{}: writing a snapshot now", signal_name(sig));
+                        growth.restart(&shared);
                         checkpoint(&shared);
                     } else {
                         log::info!("{}: nothing to save (-dataDir is empty)", signal_name(sig));
@@ -116,9 +123,53 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
                 }
             },
             recv(ticks) -> _ => {
+                growth.restart(&shared);
                 checkpoint(&shared);
             }
+            recv(size_checks) -> _ => {
+                if let Some(grown) = growth.over_limit(&shared) {
+                    log::info!("the log grew by {grown} bytes since the last snapshot (-maxLogSize): writing one now");
+                    growth.restart(&shared);
+                    checkpoint(&shared);
+                }
+            }
         }
+    }
+}
+
+/// How often the log's growth is compared with `-maxLogSize`.
+const LOG_SIZE_CHECK: Duration = Duration::from_secs(1);
+
+/// Log bytes written since the last checkpoint began. Without a size bound
+/// a write-heavy instance would keep up to `-saveDuration` of log (gigabytes
+/// at a sustained 10 MB/s: a full disk, then 503s, and a long replay at
+/// restart). Like Redis's AOF rewrite (`auto-aof-rewrite-min-size`,
+/// `-percentage 100`), a checkpoint starts early once the log has grown by
+/// `-maxLogSize` and by at least the last snapshot's size, so rewriting the
+/// store never costs more than the log it lets us delete.
+struct LogGrowth {
+    mark: u64,
+}
+
+impl LogGrowth {
+    fn new(shared: &Shared) -> Self {
+        LogGrowth { mark: Self::written(shared) }
+    }
+
+    fn written(shared: &Shared) -> u64 {
+        shared.stats.iter().map(|s| s.log_bytes.get()).sum()
+    }
+
+    /// A checkpoint starts now: growth counts from here.
+    fn restart(&mut self, shared: &Shared) {
+        self.mark = Self::written(shared);
+    }
+
+    /// The growth, if it calls for a checkpoint.
+    fn over_limit(&self, shared: &Shared) -> Option<u64> {
+        let grown = Self::written(shared).saturating_sub(self.mark);
+        let limit = shared.config.max_log_size.max(shared.snapshot_stats.last_size_bytes.get());
+        (shared.config.max_log_size > 0 && grown > limit).then_some(grown)
     }
 }
 
