@@ -106,7 +106,13 @@ fn startup_log_names_the_driver_and_threads() {
     let s = Server::start(&["-threads", "3"]);
     assert!(s.banner.contains("3 threads"), "{}", s.banner);
     // Version, revision, and the effective configuration, in one line.
-    for part in [env!("CARGO_PKG_VERSION"), "fsync everysec", "snapshot every 30m", "TTL up to 2h", "trusted proxies"] {
+    for part in [
+        env!("CARGO_PKG_VERSION"),
+        "fsync everysec",
+        "snapshot every 30m or 1073741824 bytes of log",
+        "TTL up to 2h",
+        "trusted proxies",
+    ] {
         assert!(s.banner.contains(part), "{part} missing: {}", s.banner);
     }
     let s = Server::start(&["-threads", "1"]);

@@ -321,14 +321,18 @@ fn banner(shared: &Shared, bound: SocketAddr, driver: &str) -> String {
     let c = &shared.config;
     let persistence = match c.data_dir() {
         Some(d) => format!(
-            "data {} (fsync {}, snapshot every {})",
+            "data {} (fsync {}, snapshot every {}{})",
             d.display(),
             match c.fsync {
                 crate::config::Fsync::Always => "always",
                 crate::config::Fsync::EverySec => "everysec",
                 crate::config::Fsync::No => "no",
             },
-            crate::duration::format(c.save_duration)
+            crate::duration::format(c.save_duration),
+            match c.max_log_size {
+                0 => String::new(),
+                n => format!(" or {n} bytes of log"),
+            }
         ),
         None => "no persistence".to_string(),
     };
