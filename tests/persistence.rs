@@ -261,7 +261,7 @@ fn log_growth_starts_a_checkpoint_early() {
     let line = s.wait_log("since the last snapshot (-maxLogSize)", Duration::from_secs(10));
     assert!(line.contains("the log grew by"), "{line}");
     s.wait_log("snapshot saved", Duration::from_secs(10));
-    assert_eq!(s.metric("rendezvous_snapshots_total"), Some(1.0));
+    assert!(s.metric("rendezvous_snapshots_total").unwrap_or(0.0) >= 1.0);
     // About one segment per core remains once the snapshot covers the rest.
     let segs = segments(s.dir.path()).len();
     assert!(segs <= 4, "{segs} segments after the early checkpoint");
