@@ -12,11 +12,11 @@
 //! (with persistence off, nothing waits). A change for a pipelining client
 //! (more requests buffered behind it) is written at once instead, on the
 //! owner or with the owner's inbox batch: its connection can take nothing
-//! else meanwhile, so waiting would batch nothing. A plain GET of a remote owner's key is first
-//! tried as a direct read of the owner's shard (`cells::Cells::read`: never
-//! waits, and only when the owner's log acknowledges all it holds). For a
-//! remote owner otherwise the command goes into a
-//! per-destination outbox and the caller awaits a core-local completion
+//! else meanwhile, so waiting would batch nothing. A plain GET of a remote
+//! owner's key is first tried as a direct read of the owner's shard
+//! (`cells::Cells::read`: never waits, and only when the owner's log
+//! acknowledges all it holds). For a remote owner otherwise the command goes
+//! into a per-destination outbox and the caller awaits a core-local completion
 //! slot. One flusher task per core sends each non-empty outbox as one batch
 //! (one channel send, at most one wake per destination per scheduler pass).
 //! Each core's inbox task drains its `crossbeam-channel` receiver, applies
@@ -158,6 +158,14 @@ impl Router {
         (reply, lsn)
     }
 
+    /// Writes what this core journaled to its log now (and releases the
+    /// answers that waited for it).
+    fn append_now(&self) {
+        if let Some(wal) = &self.wal {
+            wal.append(self);
+        }
+    }
+
     /// Asks the log task to append what this core journaled, once this
     /// scheduler pass has run the tasks already woken: every change applied
     /// meanwhile (by this core's connections and from other cores' batches)
@@ -271,9 +279,7 @@ impl Router {
         if dest == self.me {
             let (reply, lsn) = self.apply_local(op);
             if pipelined {
-                if let Some(wal) = &self.wal {
-                    wal.append(self.as_ref());
-                }
+                self.append_now();
             }
             return self.after_log(lsn, reply).await;
         }
@@ -344,9 +350,7 @@ impl Router {
             // A pipelining client waits for each answer before its next
             // request can be taken: do not hold its answer for the log task.
             if pipelined {
-                if let Some(wal) = &self.wal {
-                    wal.append(self);
-                }
+                self.append_now();
             }
             let mut s = self.stats.get();
             s.calls_received += received;
@@ -355,12 +359,7 @@ impl Router {
     }
 
     fn flush(&self, cx: &mut Context<'_>) {
-        {
-            let mut f = self.flusher.borrow_mut();
-            if !f.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *f = Some(cx.waker().clone());
-            }
-        }
+        register(&self.flusher, cx);
         if !self.flush_pending.replace(false) {
             return;
         }
@@ -405,16 +404,9 @@ impl Router {
     /// wake (see `log_soon`), and so releases the answers that waited for it.
     pub fn log_task(self: Rc<Self>) -> impl Future<Output = ()> {
         std::future::poll_fn(move |cx| {
-            {
-                let mut w = self.log_waker.borrow_mut();
-                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *w = Some(cx.waker().clone());
-                }
-            }
+            register(&self.log_waker, cx);
             if self.log_pending.replace(false) {
-                if let Some(wal) = &self.wal {
-                    wal.append(self.as_ref());
-                }
+                self.append_now();
             }
             Poll::Pending
         })
@@ -442,6 +434,15 @@ impl Host for Router {
 
     fn deliver(&self, origin: Origin, reply: Reply) {
         Router::deliver(self, origin, reply);
+    }
+}
+
+/// Keeps `cx`'s waker in `slot` (cloning only when it changed), for a task
+/// that is woken from elsewhere and never wakes itself.
+fn register(slot: &RefCell<Option<Waker>>, cx: &Context<'_>) {
+    let mut w = slot.borrow_mut();
+    if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        *w = Some(cx.waker().clone());
     }
 }
 

@@ -6,16 +6,18 @@
 //! itself by its log task (`Router::log_task`) once per scheduler pass:
 //! every change applied in the pass, from this core's connections and from
 //! other cores' batches, shares one write (a write per request cost about a
-//! microsecond each of syscall and filesystem overhead). On this kernel and filesystem a buffered write cannot be
-//! issued without blocking (ext4 refuses `RWF_NOWAIT` for it), so io_uring
-//! would hand each one to a kernel worker thread; measured, that cost more
-//! CPU in context switches than the copy itself (a 100-byte append is about
-//! 0.4 us as a plain syscall). What can wait on the disk, `fdatasync`, is
-//! never done on the core: it goes through the core's io_uring and the
-//! executor keeps serving meanwhile. The one exception: when the log moves
-//! to a new segment (once per checkpoint, or at a file-size limit) the
-//! directory entry is synced on the core, so that a segment the log counts
-//! on cannot vanish in a power loss.
+//! microsecond each of syscall and filesystem overhead; a pipelining
+//! client's change is written at once, see `Router::run`). On this kernel
+//! and filesystem a buffered write cannot be issued without blocking (ext4
+//! refuses `RWF_NOWAIT` for it), so io_uring would hand each one to a
+//! kernel worker thread; measured, that cost more CPU in context switches
+//! than the copy itself (a 100-byte append is about 0.4 us as a plain
+//! syscall). What can wait on the disk, `fdatasync`, is never done on the
+//! core: it goes through the core's io_uring and the executor keeps serving
+//! meanwhile. The one exception: when the log moves to a new segment (once
+//! per checkpoint, or at a file-size limit) the directory entry is synced on
+//! the core, so that a segment the log counts on cannot vanish in a power
+//! loss.
 //!
 //! - `-fsync no`: an answer goes out once its record is in the page cache
 //!   (a process crash loses nothing); the OS flushes when it likes.
