@@ -25,7 +25,8 @@
 //! run or a `BENCH_ONLY` run just prints). Environment: `BENCH_SECONDS`
 //! (default 5) per run, `BENCH_ROUNDS`, `BENCH_CONNECTIONS` (default 64),
 //! `BENCH_ONLY=<workload name prefixes, comma-separated>|memory`,
-//! `BENCH_QUICK=1` for a smoke run (1 round of 1 s, 10k public keys, no
+//! `BENCH_SERVER_ARGS` (extra server flags, e.g. `-schedPolicy normal`;
+//! such a run just prints too), `BENCH_QUICK=1` for a smoke run (1 round of 1 s, 10k public keys, no
 //! memory runs) that checks the harness, not the figures.
 
 #[path = "../tests/common/mod.rs"]
@@ -97,6 +98,10 @@ fn spread_client(i: usize) -> String {
 fn start(threads: &str, extra: &[&str]) -> Server {
     let mut args = vec!["-threads", threads, "-maxNumKV", "3000000", "-maxTrackedIPs", "4000000"];
     args.extend_from_slice(extra);
+    // `BENCH_SERVER_ARGS` (space-separated) measures another setting, e.g.
+    // `-schedPolicy normal`, against the same nginx.
+    let more = std::env::var("BENCH_SERVER_ARGS").unwrap_or_default();
+    args.extend(more.split_whitespace());
     Server::start(&args)
 }
 
@@ -400,7 +405,8 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
     // A smoke run checks the harness; its figures are not a measurement. A
     // run of some workloads only is printed, not written: it would replace
     // the whole report with part of one.
-    let partial = std::env::var("BENCH_ONLY").is_ok_and(|o| !o.is_empty());
+    let partial = std::env::var("BENCH_ONLY").is_ok_and(|o| !o.is_empty())
+        || std::env::var("BENCH_SERVER_ARGS").is_ok_and(|o| !o.is_empty());
     if std::env::var("BENCH_QUICK").is_err() && !partial {
         let dir = PathBuf::from(load::ROOT).join("benches/results");
         std::fs::create_dir_all(&dir).unwrap();

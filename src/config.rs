@@ -44,6 +44,17 @@ pub enum IoDriver {
     Epoll,
 }
 
+/// The Linux scheduling policy of the cores' threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedPolicy {
+    /// `SCHED_BATCH`: a woken core waits for the running thread's turn to
+    /// end instead of preempting it, so work arrives and is answered in
+    /// batches (README "Performance" has the figures).
+    Batch,
+    /// `SCHED_OTHER`, the default for every thread.
+    Normal,
+}
+
 /// When the write-ahead log is flushed to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
@@ -252,6 +263,14 @@ pub struct Flags {
         help = "I/O driver: io_uring with epoll fallback, or force one"
     )]
     pub io_driver: IoDriver,
+    #[options(
+        long = "schedPolicy",
+        default = "batch",
+        meta = "batch|normal",
+        parse(try_from_str = "sched_policy"),
+        help = "scheduling policy of the worker threads: SCHED_BATCH (fewer wake-ups, more throughput) or SCHED_OTHER"
+    )]
+    pub sched_policy: SchedPolicy,
     #[options(
         long = "dataDir",
         default = "rendezvous-data",
@@ -548,6 +567,14 @@ fn io_driver(s: &str) -> Result<IoDriver, BadValue> {
         "uring" | "io_uring" => Ok(IoDriver::Uring),
         "epoll" | "legacy" => Ok(IoDriver::Epoll),
         _ => Err(bad(s, "want auto, uring or epoll")),
+    }
+}
+
+fn sched_policy(s: &str) -> Result<SchedPolicy, BadValue> {
+    match s {
+        "batch" => Ok(SchedPolicy::Batch),
+        "normal" | "other" => Ok(SchedPolicy::Normal),
+        _ => Err(bad(s, "want batch or normal")),
     }
 }
 
@@ -904,6 +931,7 @@ mod tests {
             ("-trustedProxies 1.2.3.4/99", "-trustedProxies", "1.2.3.4/99", "CIDR"),
             ("-maxValueSize 0", "-maxValueSize", "0", "1 to"),
             ("-ioDriver kqueue", "-ioDriver", "kqueue", "auto, uring or epoll"),
+            ("-schedPolicy fifo", "-schedPolicy", "fifo", "batch or normal"),
             ("-metricsAddr localhost", "-metricsAddr", "localhost", "ADDR:PORT"),
             ("-fsync sometimes", "-fsync", "sometimes", "always, everysec or no"),
             ("-threads 5000", "-threads", "5000", "0 to 1024"),

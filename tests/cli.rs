@@ -200,3 +200,35 @@ fn values_the_machine_cannot_hold_are_refused_before_allocating() {
         assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 }
+
+/// The scheduling policy of each worker thread, from /proc (field 41 of a
+/// task's stat line: 0 SCHED_OTHER, 3 SCHED_BATCH), keyed by thread name.
+fn worker_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap().trim().to_string();
+        if !name.starts_with("core-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the parenthesised name, which may itself hold spaces.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let policy: u32 = rest.split(' ').nth(41 - 3).unwrap().parse().unwrap();
+        out.push((name, policy));
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn worker_threads_run_under_the_chosen_scheduling_policy() {
+    let s = Server::start(&["-threads", "2"]);
+    assert_eq!(s.get("/get/x").status, 404);
+    let policies = worker_policies(s.pid());
+    assert_eq!(policies, [("core-0".to_string(), 3), ("core-1".to_string(), 3)], "default is SCHED_BATCH");
+    let s = Server::start(&["-threads", "2", "-schedPolicy", "normal"]);
+    assert_eq!(s.get("/get/x").status, 404);
+    let policies = worker_policies(s.pid());
+    assert_eq!(policies, [("core-0".to_string(), 0), ("core-1".to_string(), 0)]);
+}

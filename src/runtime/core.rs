@@ -5,7 +5,7 @@
 //!
 //! Everything here runs on the core's own thread and never blocks it.
 
-use crate::config::IoDriver;
+use crate::config::{IoDriver, SchedPolicy};
 use crate::runtime::conn::{self, CoreCtx};
 use crate::runtime::mesh::{CheckpointMsg, Control, DrainReport, Msg};
 use crate::runtime::router::Router;
@@ -58,8 +58,32 @@ fn build_uring() -> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<IoU
     RuntimeBuilder::<IoUringDriver>::new().enable_timer().build()
 }
 
+/// Puts the calling thread under `policy`. Why batch: a core woken by a
+/// completion (a request arriving) would otherwise preempt whatever runs on
+/// that CPU, often the client or proxy about to send the next requests, and
+/// then run out of work and sleep again after a handful of them. Measured
+/// at `-threads 2` with the load generator on the same machine: 0.25 sleeps
+/// per keep-alive GET under SCHED_OTHER, 0.01 under SCHED_BATCH, and a
+/// fifth less CPU per request. Unprivileged processes may choose it; where
+/// a sandbox forbids it the core runs on under the default, with a warning.
+fn apply_sched_policy(id: usize, policy: SchedPolicy) {
+    let native = match policy {
+        SchedPolicy::Batch => libc::SCHED_BATCH,
+        SchedPolicy::Normal => return,
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a live, initialised
+    // struct that the call only reads, and the call touches no other memory.
+    let rc = unsafe { libc::sched_setscheduler(0, native, &param) };
+    if rc != 0 && id == 0 {
+        let e = std::io::Error::last_os_error();
+        log::warn!("cannot set the worker threads' scheduling policy to SCHED_BATCH ({e}); running under the default");
+    }
+}
+
 /// Runs one core until the process exits.
 pub fn core_thread(start: CoreStart) {
+    apply_sched_policy(start.id, start.shared.config.sched_policy);
     let driver = start.shared.config.io_driver;
     if driver != IoDriver::Epoll {
         match build_uring() {
