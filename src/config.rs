@@ -55,6 +55,16 @@ pub enum SchedPolicy {
     Normal,
 }
 
+/// Where the cores' threads run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuAffinity {
+    /// Core i pinned to the i-th CPU the process may use, when there is
+    /// one core per such CPU (the default `-threads 0`).
+    Spread,
+    /// Wherever the kernel puts them.
+    None,
+}
+
 /// When the write-ahead log is flushed to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
@@ -271,6 +281,14 @@ pub struct Flags {
         help = "scheduling policy of the worker threads: SCHED_BATCH (fewer wake-ups, more throughput) or SCHED_OTHER"
     )]
     pub sched_policy: SchedPolicy,
+    #[options(
+        long = "cpuAffinity",
+        default = "spread",
+        meta = "spread|none",
+        parse(try_from_str = "cpu_affinity"),
+        help = "with one worker thread per CPU the process may use (-threads 0), pin thread i to the i-th; or let the kernel place them"
+    )]
+    pub cpu_affinity: CpuAffinity,
     #[options(
         long = "dataDir",
         default = "rendezvous-data",
@@ -575,6 +593,14 @@ fn sched_policy(s: &str) -> Result<SchedPolicy, BadValue> {
         "batch" => Ok(SchedPolicy::Batch),
         "normal" | "other" => Ok(SchedPolicy::Normal),
         _ => Err(bad(s, "want batch or normal")),
+    }
+}
+
+fn cpu_affinity(s: &str) -> Result<CpuAffinity, BadValue> {
+    match s {
+        "spread" => Ok(CpuAffinity::Spread),
+        "none" => Ok(CpuAffinity::None),
+        _ => Err(bad(s, "want spread or none")),
     }
 }
 
@@ -932,6 +958,7 @@ mod tests {
             ("-maxValueSize 0", "-maxValueSize", "0", "1 to"),
             ("-ioDriver kqueue", "-ioDriver", "kqueue", "auto, uring or epoll"),
             ("-schedPolicy fifo", "-schedPolicy", "fifo", "batch or normal"),
+            ("-cpuAffinity all", "-cpuAffinity", "all", "spread or none"),
             ("-metricsAddr localhost", "-metricsAddr", "localhost", "ADDR:PORT"),
             ("-fsync sometimes", "-fsync", "sometimes", "always, everysec or no"),
             ("-threads 5000", "-threads", "5000", "0 to 1024"),

@@ -221,6 +221,71 @@ fn worker_policies(pid: u32) -> Vec<(String, u32)> {
     out
 }
 
+/// Each worker thread's allowed CPUs, from /proc, keyed by thread name.
+fn worker_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap().trim().to_string();
+        if name.starts_with("core-") {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
+            out.push((name, line.split_whitespace().nth(1).unwrap().to_string()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The CPUs this test process may use, as the kernel lists them.
+fn my_cpus() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().to_string()
+}
+
+/// Expands a kernel CPU list ("0-2,5") into CPU numbers.
+fn expand(list: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+#[test]
+fn worker_threads_are_pinned_one_per_cpu_when_there_are_enough() {
+    let allowed = expand(&my_cpus());
+    // One core per CPU (-threads 0 and its explicit count): core i on the
+    // i-th allowed CPU.
+    let n = allowed.len().to_string();
+    for args in [&["-threads", "0"][..], &["-threads", &n]] {
+        let s = Server::start(args);
+        assert_eq!(s.get("/get/x").status, 404);
+        let want: Vec<(String, String)> =
+            allowed.iter().enumerate().map(|(i, cpu)| (format!("core-{i}"), cpu.to_string())).collect();
+        assert_eq!(worker_cpus(s.pid()), want, "{args:?}");
+    }
+    // More cores than CPUs, fewer (another instance may share the machine),
+    // or -cpuAffinity none: the kernel places them.
+    let more = (allowed.len() + 1).to_string();
+    let fewer = (allowed.len() - 1).to_string();
+    let mut cases = vec![vec!["-threads", &more], vec!["-threads", &n, "-cpuAffinity", "none"]];
+    if allowed.len() > 1 {
+        cases.push(vec!["-threads", &fewer]);
+    }
+    for args in &cases {
+        let s = Server::start(args);
+        assert_eq!(s.get("/get/x").status, 404);
+        for (name, cpus) in worker_cpus(s.pid()) {
+            assert_eq!(cpus, my_cpus(), "{name} under {args:?}");
+        }
+    }
+}
+
 #[test]
 fn worker_threads_run_under_the_chosen_scheduling_policy() {
     let s = Server::start(&["-threads", "2"]);

@@ -5,10 +5,11 @@
 //!
 //! Everything here runs on the core's own thread and never blocks it.
 
-use crate::config::{IoDriver, SchedPolicy};
+use crate::config::IoDriver;
 use crate::runtime::conn::{self, CoreCtx};
 use crate::runtime::mesh::{CheckpointMsg, Control, DrainReport, Msg};
 use crate::runtime::router::Router;
+use crate::runtime::sched;
 use crate::runtime::shared::Shared;
 use crate::runtime::wal::Wal;
 use crate::state::command::Reply;
@@ -40,6 +41,8 @@ pub struct CoreStart {
     pub ready: mpsc::Sender<Result<&'static str, String>>,
     /// This core's first log segment number (`None` without persistence).
     pub first_segment: Option<u64>,
+    /// The CPU this core pins itself to (`None`: the kernel places it).
+    pub cpu: Option<usize>,
 }
 
 /// An io_uring runtime with cooperative task running: completions are
@@ -58,32 +61,18 @@ fn build_uring() -> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<IoU
     RuntimeBuilder::<IoUringDriver>::new().enable_timer().build()
 }
 
-/// Puts the calling thread under `policy`. Why batch: a core woken by a
-/// completion (a request arriving) would otherwise preempt whatever runs on
-/// that CPU, often the client or proxy about to send the next requests, and
-/// then run out of work and sleep again after a handful of them. Measured
-/// at `-threads 2` with the load generator on the same machine: 0.25 sleeps
-/// per keep-alive GET under SCHED_OTHER, 0.01 under SCHED_BATCH, and a
-/// fifth less CPU per request. Unprivileged processes may choose it; where
-/// a sandbox forbids it the core runs on under the default, with a warning.
-fn apply_sched_policy(id: usize, policy: SchedPolicy) {
-    let native = match policy {
-        SchedPolicy::Batch => libc::SCHED_BATCH,
-        SchedPolicy::Normal => return,
-    };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` is a live, initialised
-    // struct that the call only reads, and the call touches no other memory.
-    let rc = unsafe { libc::sched_setscheduler(0, native, &param) };
-    if rc != 0 && id == 0 {
-        let e = std::io::Error::last_os_error();
-        log::warn!("cannot set the worker threads' scheduling policy to SCHED_BATCH ({e}); running under the default");
-    }
-}
-
 /// Runs one core until the process exits.
 pub fn core_thread(start: CoreStart) {
-    apply_sched_policy(start.id, start.shared.config.sched_policy);
+    if let Err(e) = sched::apply_policy(start.shared.config.sched_policy) {
+        if start.id == 0 {
+            log::warn!("cannot put the worker threads under SCHED_BATCH ({e}); running under the default policy");
+        }
+    }
+    if let Some(cpu) = start.cpu {
+        if let Err(e) = sched::pin(cpu) {
+            log::warn!("core {}: cannot pin to CPU {cpu} ({e}); the kernel places it", start.id);
+        }
+    }
     let driver = start.shared.config.io_driver;
     if driver != IoDriver::Epoll {
         match build_uring() {

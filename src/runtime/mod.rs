@@ -1,8 +1,8 @@
 //! Threads, sockets, files and signals: everything that runs.
 //!
 //! `server` starts the process (data directory, listeners, one thread per
-//! core); `core` is one core's executor (accept loop, control requests,
-//! sweeper); `conn` serves one connection; `router` carries commands to the
+//! core); `sched` chooses how the OS runs each core's thread (policy, CPU);
+//! `core` is one core's executor (accept loop, control requests, sweeper); `conn` serves one connection; `router` carries commands to the
 //! owning core and replies back, over `slots`, and reads a foreign key
 //! directly through `cells` (each core's state behind its lock); `connlimit` admits
 //! connections and waiters; `lifecycle` runs snapshots and shutdown;
@@ -19,6 +19,7 @@ pub mod exporter;
 pub mod lifecycle;
 pub mod mesh;
 pub mod router;
+pub mod sched;
 pub mod server;
 pub mod shared;
 pub mod slots;

@@ -18,7 +18,7 @@
 //!
 //! The per-core runtime is `core`; what happens after startup, `lifecycle`.
 
-use crate::config::{AdminAddr, Config};
+use crate::config::{AdminAddr, Config, CpuAffinity};
 use crate::persist::datadir::{DataDir, DataDirError};
 use crate::persist::recovery::{self, RecoveryError};
 use crate::request::clientip::TrustedProxies;
@@ -27,6 +27,7 @@ use crate::runtime::connlimit::ConnLimits;
 use crate::runtime::core::{core_thread, CoreStart};
 use crate::runtime::lifecycle;
 use crate::runtime::mesh::{Mesh, Routing};
+use crate::runtime::sched;
 use crate::runtime::shared::{Phase, PhaseCell, Shared};
 use crate::state::command::Owned;
 use crate::state::ratelimit::{Limiter, Periods};
@@ -284,9 +285,20 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             .map_err(|e| StartupError::Runtime(format!("cannot start the admin server: {e}")))?;
         log::info!("metrics on http://{bound}/metrics");
     }
+    let cpus = match shared.config.cpu_affinity {
+        CpuAffinity::Spread => {
+            let allowed = sched::allowed_cpus();
+            let cpus = sched::placement(&allowed, n);
+            if cpus.iter().any(Option::is_none) {
+                log::info!("{n} worker threads for {} CPUs: leaving their placement to the kernel", allowed.len());
+            }
+            cpus
+        }
+        CpuAffinity::None => vec![None; n],
+    };
     let (ready_tx, ready_rx) = mpsc::channel();
-    let cores = listeners.into_iter().zip(receivers).enumerate();
-    for (id, (listener, inbox)) in cores {
+    let cores = listeners.into_iter().zip(receivers).zip(cpus).enumerate();
+    for (id, ((listener, inbox), cpu)) in cores {
         let start = CoreStart {
             id,
             shared: shared.clone(),
@@ -294,6 +306,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             inbox,
             ready: ready_tx.clone(),
             first_segment: persist.then_some(next_segment + id as u64),
+            cpu,
         };
         std::thread::Builder::new()
             .name(format!("core-{id}"))
