@@ -257,12 +257,12 @@ fn expand(list: &str) -> Vec<usize> {
 }
 
 #[test]
-fn worker_threads_are_pinned_one_per_cpu_when_there_are_enough() {
+fn worker_threads_are_pinned_one_per_cpu_when_asked_and_there_are_enough() {
     let allowed = expand(&my_cpus());
     // One core per CPU (-threads 0 and its explicit count): core i on the
     // i-th allowed CPU.
     let n = allowed.len().to_string();
-    for args in [&["-threads", "0"][..], &["-threads", &n]] {
+    for args in [&["-threads", "0", "-cpuAffinity", "spread"][..], &["-threads", &n, "-cpuAffinity", "spread"]] {
         let s = Server::start(args);
         assert_eq!(s.get("/get/x").status, 404);
         let want: Vec<(String, String)> =
@@ -270,12 +270,12 @@ fn worker_threads_are_pinned_one_per_cpu_when_there_are_enough() {
         assert_eq!(worker_cpus(s.pid()), want, "{args:?}");
     }
     // More cores than CPUs, fewer (another instance may share the machine),
-    // or -cpuAffinity none: the kernel places them.
+    // or the default -cpuAffinity none: the kernel places them.
     let more = (allowed.len() + 1).to_string();
     let fewer = (allowed.len() - 1).to_string();
-    let mut cases = vec![vec!["-threads", &more], vec!["-threads", &n, "-cpuAffinity", "none"]];
+    let mut cases = vec![vec!["-threads", &more, "-cpuAffinity", "spread"], vec!["-threads", &n]];
     if allowed.len() > 1 {
-        cases.push(vec!["-threads", &fewer]);
+        cases.push(vec!["-threads", &fewer, "-cpuAffinity", "spread"]);
     }
     for args in &cases {
         let s = Server::start(args);

@@ -8,9 +8,12 @@
 //! answered in batches (0.25 -> 0.01 sleeps per keep-alive GET, a fifth less
 //! CPU per request at two threads). Without preemption a woken core waits
 //! for the scheduler tick when its CPU is busy, and if the kernel has put
-//! both cores on one CPU that wait shows in the tail: pinned one per CPU,
-//! the saturated p99 went back from 7.5-9.2 to 3.9 ms at the same
-//! throughput. README "Performance" has the figures.
+//! both cores on one CPU that wait shows in the tail: pinned one per CPU
+//! (`-cpuAffinity spread`), the saturated keep-alive p99 went back from
+//! 5.6-9.2 to 3.9 ms at the same throughput. Pinning is not the default
+//! because a pinned core cannot follow new connections to a free CPU: one
+//! request per connection lost 13% of its throughput and doubled its p50.
+//! README "Performance" has the figures.
 //!
 //! This module owns those syscalls and the pure choice of CPUs; it never
 //! touches requests or the store, and a refusal (a sandbox, a cpuset) is a
