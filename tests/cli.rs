@@ -201,47 +201,40 @@ fn values_the_machine_cannot_hold_are_refused_before_allocating() {
     }
 }
 
-/// The scheduling policy of each worker thread, from /proc (field 41 of a
-/// task's stat line: 0 SCHED_OTHER, 3 SCHED_BATCH), keyed by thread name.
-fn worker_policies(pid: u32) -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        let name = std::fs::read_to_string(dir.join("comm")).unwrap().trim().to_string();
-        if !name.starts_with("core-") {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
-        // Fields after the parenthesised name, which may itself hold spaces.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let policy: u32 = rest.split(' ').nth(41 - 3).unwrap().parse().unwrap();
-        out.push((name, policy));
-    }
-    out.sort();
-    out
-}
-
-/// Each worker thread's allowed CPUs, from /proc, keyed by thread name.
-fn worker_cpus(pid: u32) -> Vec<(String, String)> {
+/// Reads `field` of each worker thread (`core-N`) of process `pid` from its
+/// /proc task directory, keyed by thread name, in name order.
+fn per_worker<T: Ord>(pid: u32, field: impl Fn(&std::path::Path) -> T) -> Vec<(String, T)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = task.unwrap().path();
         let name = std::fs::read_to_string(dir.join("comm")).unwrap().trim().to_string();
         if name.starts_with("core-") {
-            let status = std::fs::read_to_string(dir.join("status")).unwrap();
-            let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
-            out.push((name, line.split_whitespace().nth(1).unwrap().to_string()));
+            out.push((name, field(&dir)));
         }
     }
     out.sort();
     out
 }
 
-/// The CPUs this test process may use, as the kernel lists them.
-fn my_cpus() -> String {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+/// A thread's scheduling policy: field 41 of its stat line (0 SCHED_OTHER,
+/// 3 SCHED_BATCH).
+fn policy(task: &std::path::Path) -> u32 {
+    let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+    // Fields after the parenthesised name, which may itself hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+}
+
+/// The CPUs a thread (or, for `/proc/self`, this process) may use, as the
+/// kernel lists them ("0-2,5").
+fn cpus(task: &std::path::Path) -> String {
+    let status = std::fs::read_to_string(task.join("status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
     line.split_whitespace().nth(1).unwrap().to_string()
+}
+
+fn my_cpus() -> String {
+    cpus(std::path::Path::new("/proc/self"))
 }
 
 /// Expands a kernel CPU list ("0-2,5") into CPU numbers.
@@ -265,9 +258,10 @@ fn worker_threads_are_pinned_one_per_cpu_when_asked_and_there_are_enough() {
     for args in [&["-threads", "0", "-cpuAffinity", "spread"][..], &["-threads", &n, "-cpuAffinity", "spread"]] {
         let s = Server::start(args);
         assert_eq!(s.get("/get/x").status, 404);
-        let want: Vec<(String, String)> =
+        let mut want: Vec<(String, String)> =
             allowed.iter().enumerate().map(|(i, cpu)| (format!("core-{i}"), cpu.to_string())).collect();
-        assert_eq!(worker_cpus(s.pid()), want, "{args:?}");
+        want.sort(); // in name order, as `per_worker` gives them
+        assert_eq!(per_worker(s.pid(), cpus), want, "{args:?}");
     }
     // More cores than CPUs, fewer (another instance may share the machine),
     // or the default -cpuAffinity none: the kernel places them.
@@ -280,9 +274,10 @@ fn worker_threads_are_pinned_one_per_cpu_when_asked_and_there_are_enough() {
     for args in &cases {
         let s = Server::start(args);
         assert_eq!(s.get("/get/x").status, 404);
-        for (name, cpus) in worker_cpus(s.pid()) {
-            assert_eq!(cpus, my_cpus(), "{name} under {args:?}");
-        }
+        let threads: usize = args[1].parse().unwrap();
+        let mut want: Vec<(String, String)> = (0..threads).map(|i| (format!("core-{i}"), my_cpus())).collect();
+        want.sort(); // in name order, as `per_worker` gives them
+        assert_eq!(per_worker(s.pid(), cpus), want, "{args:?}");
     }
 }
 
@@ -290,10 +285,10 @@ fn worker_threads_are_pinned_one_per_cpu_when_asked_and_there_are_enough() {
 fn worker_threads_run_under_the_chosen_scheduling_policy() {
     let s = Server::start(&["-threads", "2"]);
     assert_eq!(s.get("/get/x").status, 404);
-    let policies = worker_policies(s.pid());
+    let policies = per_worker(s.pid(), policy);
     assert_eq!(policies, [("core-0".to_string(), 3), ("core-1".to_string(), 3)], "default is SCHED_BATCH");
     let s = Server::start(&["-threads", "2", "-schedPolicy", "normal"]);
     assert_eq!(s.get("/get/x").status, 404);
-    let policies = worker_policies(s.pid());
+    let policies = per_worker(s.pid(), policy);
     assert_eq!(policies, [("core-0".to_string(), 0), ("core-1".to_string(), 0)]);
 }

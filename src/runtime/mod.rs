@@ -2,9 +2,10 @@
 //!
 //! `server` starts the process (data directory, listeners, one thread per
 //! core); `sched` chooses how the OS runs each core's thread (policy, CPU);
-//! `core` is one core's executor (accept loop, control requests, sweeper); `conn` serves one connection; `router` carries commands to the
-//! owning core and replies back, over `slots`, and reads a foreign key
-//! directly through `cells` (each core's state behind its lock); `connlimit` admits
+//! `core` is one core's executor (accept loop, control requests, sweeper);
+//! `conn` serves one connection; `router` carries commands to the owning
+//! core and replies back, over `slots`, and reads a foreign key directly
+//! through `cells` (each core's state behind its lock); `connlimit` admits
 //! connections and waiters; `lifecycle` runs snapshots and shutdown;
 //! `shared` is the read-only state every core sees; `wal` is each core's
 //! write-ahead log; `admin` serves metrics and health on its own thread,
