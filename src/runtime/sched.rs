@@ -5,14 +5,14 @@
 //! whatever runs on its CPU, often the client or proxy about to send the
 //! next requests, and then runs out of work and sleeps after a handful of
 //! them; `SCHED_BATCH` threads do not preempt on wake-up, so requests are
-//! answered in batches (0.25 -> 0.01 sleeps per keep-alive GET, a fifth less
+//! answered in batches (0.26 -> 0.008 sleeps per keep-alive GET, 0.80x the
 //! CPU per request at two threads). Without preemption a woken core waits
 //! for the scheduler tick when its CPU is busy, and if the kernel has put
 //! both cores on one CPU that wait shows in the tail: pinned one per CPU
-//! (`-cpuAffinity spread`), the saturated keep-alive p99 went back from
-//! 5.6-9.2 to 3.9 ms at the same throughput. Pinning is not the default
-//! because a pinned core cannot follow new connections to a free CPU: one
-//! request per connection lost 13% of its throughput and doubled its p50.
+//! (`-cpuAffinity spread`), the saturated keep-alive p99 is 0.40x as long
+//! at the same CPU per request. Pinning is not the default because a
+//! pinned core cannot follow new connections to a free CPU: one request per
+//! connection gets 0.86x the throughput and 1.92x the p50.
 //! README "Performance" has the figures.
 //!
 //! This module owns those syscalls and the pure choice of CPUs; it never
