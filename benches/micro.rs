@@ -5,6 +5,7 @@ use divan::{black_box, Bencher};
 use rendezvous::request::clientip::{self, TrustedProxies};
 use rendezvous::request::http::{self, Body, RequestHead, Response};
 use rendezvous::state::ratelimit::Limiter;
+use rendezvous::state::record::Journal;
 use rendezvous::state::shard::{Condition, KeyBudget, Shard, Write};
 
 /// The `-trustedProxies` default.
@@ -23,7 +24,7 @@ fn filled(value_len: usize) -> (Shard, KeyBudget) {
     let value = vec![b'v'; value_len];
     for i in 0..KEYS {
         let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 3_600_000, Condition::Set).unwrap();
-        shard.write(w, NOW, &budget);
+        shard.write(w, NOW, &budget, &mut Journal::default());
     }
     (shard, budget)
 }
@@ -53,7 +54,7 @@ fn shard_set_replace(bencher: Bencher, value_len: usize) {
     bencher.bench_local(|| {
         i = (i + 1) % KEYS;
         let w = Write::new(format!("key-{i}").as_bytes(), &value, None, NOW + 1000, Condition::Set).unwrap();
-        black_box(shard.write(w, NOW, &budget))
+        black_box(shard.write(w, NOW, &budget, &mut Journal::default()))
     });
 }
 
@@ -62,7 +63,7 @@ fn shard_cas_conflict(bencher: Bencher) {
     let (mut shard, budget) = filled(16);
     bencher.bench_local(|| {
         let w = Write::new(b"key-7", b"new", None, NOW + 1000, Condition::Cas((*b"not-it").into())).unwrap();
-        black_box(shard.write(w, NOW, &budget))
+        black_box(shard.write(w, NOW, &budget, &mut Journal::default()))
     });
 }
 
@@ -71,7 +72,7 @@ fn shard_los_existing(bencher: Bencher) {
     let (mut shard, budget) = filled(100);
     bencher.bench_local(|| {
         let w = Write::new(b"key-7", b"new", None, NOW + 1000, Condition::Los).unwrap();
-        black_box(shard.write(w, NOW, &budget))
+        black_box(shard.write(w, NOW, &budget, &mut Journal::default()))
     });
 }
 
@@ -95,6 +96,7 @@ fn ttl_sweep_1024_expired(bencher: Bencher) {
                     Write::new(format!("k{i}").as_bytes(), b"v", None, NOW + 1, Condition::Set).unwrap(),
                     NOW,
                     &budget,
+                    &mut Journal::default(),
                 );
             }
             (shard, budget)

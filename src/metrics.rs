@@ -197,6 +197,8 @@ pub struct CoreStats {
     pub cross_core_batches: Cell64,
     pub cross_core_received: Cell64,
     pub direct_reads: Cell64,
+    pub direct_writes: Cell64,
+    pub answers_held: Cell64,
     // Blocking reads.
     pub waits_parked: Cell64,
     pub wait_timeouts: Cell64,
@@ -233,6 +235,8 @@ impl Default for CoreStats {
             cross_core_batches: Cell64::default(),
             cross_core_received: Cell64::default(),
             direct_reads: Cell64::default(),
+            direct_writes: Cell64::default(),
+            answers_held: Cell64::default(),
             waits_parked: Cell64::default(),
             wait_timeouts: Cell64::default(),
             waiters: Cell64::default(),

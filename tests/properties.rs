@@ -7,6 +7,7 @@ use rendezvous::duration;
 use rendezvous::request::api;
 use rendezvous::request::clientip::{self, TrustedProxies};
 use rendezvous::request::http::{self, BodyKind, ChunkedDecoder, RequestHead};
+use rendezvous::state::record::Journal;
 use rendezvous::state::shard::{Condition, KeyBudget, Shard, Write, WriteOutcome};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -314,6 +315,7 @@ proptest! {
     fn shard_matches_reference_model(ops in proptest::collection::vec(model_op(), 1..120), max_keys in 1usize..5) {
         let budget = KeyBudget::new(max_keys);
         let mut shard = Shard::with_capacity(4);
+        let mut journal = Journal::enabled();
         let mut model = Model { max_keys, ..Default::default() };
         let secret = |s: Option<u8>| s.map(|b| [b; 32]);
         let mut now = 1_000u64;
@@ -328,14 +330,14 @@ proptest! {
                 ModelOp::Set(k, v, s, t) | ModelOp::Los(k, v, s, t) => {
                     let los = matches!(op, ModelOp::Los(..));
                     let cond = if los { Condition::Los } else { Condition::Set };
-                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond).unwrap(), now, &budget));
+                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond).unwrap(), now, &budget, &mut journal));
                     let want = model.write(k, v, s, now + t, if los { ModelCond::Los } else { ModelCond::Set }, now);
                     prop_assert_eq!(got, want);
                 }
                 ModelOp::Cas(k, e, v, s, t) | ModelOp::Casoc(k, e, v, s, t) => {
                     let casoc = matches!(op, ModelOp::Casoc(..));
                     let cond = if casoc { Condition::Casoc(vec![e].into()) } else { Condition::Cas(vec![e].into()) };
-                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond).unwrap(), now, &budget));
+                    let got = unversioned(shard.write(Write::new(&[k], &[v], secret(s), now + t, cond).unwrap(), now, &budget, &mut journal));
                     let want = model.write(k, v, s, now + t, if casoc { ModelCond::Casoc(e) } else { ModelCond::Cas(e) }, now);
                     prop_assert_eq!(got, want);
                 }

@@ -1,36 +1,40 @@
-//! Each core's owned state (its shard and parked waiters) behind a lock, and
-//! the one thing other cores may do with it: read a key without a message.
+//! Each core's owned state (its shard and parked waiters) behind a lock,
+//! how far each core's log is acknowledged, and what other cores may do with
+//! a state that is not theirs: read a key, or apply a write, without a
+//! message.
 //!
-//! The owner applies every change, logs it and wakes its waiters; it holds
-//! its own lock only for the length of one synchronous step (an `apply`, a
-//! sweep slice, a snapshot slice), never across an `.await`, so the lock is
-//! almost always free. Another core serving a plain GET for a key it does
-//! not own takes the owner's lock with `try_lock` and peeks, instead of
-//! sending the read over the mesh and waiting for the owner's answer (the
-//! message, the owner's wake-up and the reply's wake-up were most of a
-//! remote GET's cost). It never waits for the lock and never changes the
-//! shard: if the lock is taken, or if the shard holds a change its log has
-//! not yet acknowledged (as durable as `-fsync` promises), the read goes to
-//! the owner the usual way, where it waits for the log like any answer. So a
-//! direct read shows exactly what an owner-side read would, and never a
-//! value less durable than `-fsync` promises. Values longer than
-//! `DIRECT_MAX_VALUE` are left to the owner too.
+//! Every lock hold is one synchronous step (an `apply`, a peek, a sweep or
+//! snapshot slice), never across an `.await`, so locks are almost always
+//! free. A foreign core only ever uses `try_lock` and never waits: if the
+//! lock is taken, the operation goes to the owner over the mesh. The owner
+//! takes its own lock with `lock`, and waits at most one foreign step.
 //!
-//! This module must never block a core for long: a foreign core only uses
-//! `try_lock`, and holds the lock for one hash lookup and a copy of at most
-//! `DIRECT_MAX_VALUE` bytes, so the owner's own `lock` waits at most that
-//! long (it is uncontended otherwise). A guard must never live across an
-//! `.await` (clippy's `await_holding_lock`, denied with the other warnings,
-//! checks it): the owner would deadlock on its own lock.
+//! - A write applied by a foreign core is journaled in that core's log, and
+//!   its shard remembers it until that log acknowledges it
+//!   (`state::unacked`). An answer about a key waits for the log holding the
+//!   change that made the key's state, whichever core's log that is.
+//! - A plain GET for another core's key peeks under the owner's lock
+//!   (values up to `DIRECT_MAX_VALUE`) when nothing it would reveal is still
+//!   unacknowledged; otherwise it goes to the owner, which waits for the
+//!   logs like any answer. So a direct read shows exactly what an
+//!   owner-side read would, never a value less durable than `-fsync`
+//!   promises.
+//! - A core whose answers wait for another core's log asks to be woken when
+//!   that log moves (`watch`); the log's task wakes its watchers after it
+//!   publishes (`publish_acked`). The flag is set before the position is
+//!   checked again and cleared after the position is published, both
+//!   sequentially consistent, so no wake-up is lost.
 //!
-//! While the log is failing, the owner answers reads at once from memory
-//! (reads go on; see `wal`), including changes whose writes were answered
-//! 503; a direct read then always falls back to the owner, so it is never
-//! less durable than an owner-side read.
+//! While a log is failing, answers that wait for it go out at once (reads go
+//! on; see `wal`), and a direct read never shows what a failing log holds.
+//!
+//! This module must never block a core for long: a guard must never live
+//! across an `.await` (clippy's `await_holding_lock`, denied with the other
+//! warnings, checks it), or the owner would deadlock on its own lock.
 
 use crate::state::command::Owned;
 use crate::state::shard::Found;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 /// The longest value a foreign core copies under the owner's lock (about a
@@ -43,20 +47,35 @@ const DIRECT_MAX_VALUE: usize = 16 << 10;
 #[repr(align(128))]
 struct Cell {
     owned: Mutex<Owned>,
-    /// Journal position up to which the owner's log is acknowledged
+    /// Journal position up to which this core's log is acknowledged
     /// (`u64::MAX` without persistence: nothing waits for a log).
     acked: AtomicU64,
+    /// This core's log is failing: nothing waits for it.
+    failing: AtomicBool,
+    /// `watchers[c]`: core `c` holds answers waiting for this log.
+    watchers: Box<[AtomicBool]>,
 }
 
 /// Every core's owned state, indexed by core.
 pub struct Cells(Box<[Cell]>);
 
 impl Cells {
-    /// `owned[i]` becomes core `i`'s state. With `persist`, reads wait for
+    /// `owned[i]` becomes core `i`'s state. With `persist`, answers wait for
     /// each core's log (which publishes its progress with `publish_acked`).
     pub fn new(owned: Vec<Owned>, persist: bool) -> Self {
         let acked = if persist { 0 } else { u64::MAX };
-        Cells(owned.into_iter().map(|o| Cell { owned: Mutex::new(o), acked: AtomicU64::new(acked) }).collect())
+        let n = owned.len();
+        Cells(
+            owned
+                .into_iter()
+                .map(|o| Cell {
+                    owned: Mutex::new(o),
+                    acked: AtomicU64::new(acked),
+                    failing: AtomicBool::new(false),
+                    watchers: (0..n).map(|_| AtomicBool::new(false)).collect(),
+                })
+                .collect(),
+        )
     }
 
     pub fn cores(&self) -> usize {
@@ -70,60 +89,135 @@ impl Cells {
         self.0[core].owned.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The owner's log has acknowledged everything journaled up to `lsn`.
-    pub fn publish_acked(&self, core: usize, lsn: u64) {
-        self.0[core].acked.store(lsn, Ordering::Release);
+    /// Another core's access: `None` if the lock is taken (never waits).
+    pub fn try_lock(&self, core: usize) -> Option<MutexGuard<'_, Owned>> {
+        match self.0[core].owned.try_lock() {
+            Ok(owned) => Some(owned),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// How far `core`'s log is acknowledged, for waiting purposes: `u64::MAX`
+    /// while it is failing (answers then go out at once, as `wal` does).
+    pub fn acked(&self, core: usize) -> u64 {
+        let cell = &self.0[core];
+        if cell.failing.load(Ordering::SeqCst) {
+            u64::MAX
+        } else {
+            cell.acked.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Whether `deps` are all acknowledged.
+    pub fn all_acked(&self, deps: &[(usize, u64)]) -> bool {
+        deps.iter().all(|&(log, lsn)| self.acked(log) >= lsn)
+    }
+
+    /// Core `me` holds answers waiting for `log`: wake it when `log` moves.
+    pub fn watch(&self, log: usize, me: usize) {
+        if let Some(w) = self.0[log].watchers.get(me) {
+            w.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The owner's log has acknowledged everything journaled up to `lsn`;
+    /// `wake` is called for every core that was watching it.
+    pub fn publish_acked(&self, core: usize, lsn: u64, wake: impl FnMut(usize)) {
+        self.0[core].acked.store(lsn, Ordering::SeqCst);
+        self.wake_watchers(core, wake);
+    }
+
+    /// `core`'s log started (or stopped) failing; watchers are woken.
+    pub fn publish_failing(&self, core: usize, failing: bool, wake: impl FnMut(usize)) {
+        self.0[core].failing.store(failing, Ordering::SeqCst);
+        self.wake_watchers(core, wake);
+    }
+
+    fn wake_watchers(&self, core: usize, mut wake: impl FnMut(usize)) {
+        for (c, w) in self.0[core].watchers.iter().enumerate() {
+            if w.load(Ordering::Relaxed) && w.swap(false, Ordering::SeqCst) {
+                wake(c);
+            }
+        }
     }
 
     /// Reads `key` from `core`'s shard if that can be done now without
-    /// waiting: `None` means "ask the owner" (its lock is taken, or it holds
-    /// a change its log has not acknowledged yet).
+    /// waiting: `None` means "ask the owner" (its lock is taken, or a change
+    /// the answer would reveal is not acknowledged yet, or its log is failing).
     pub fn read(&self, core: usize, key: &[u8], now_ms: u64) -> Option<Option<Found>> {
-        let cell = &self.0[core];
-        let owned = match cell.owned.try_lock() {
-            Ok(owned) => owned,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => return None,
+        let mut owned = self.try_lock(core)?;
+        // Nothing pending anywhere: the common case, without a second lookup.
+        // A failing log's changes count as unacknowledged here: a direct
+        // read never shows what a failing log holds.
+        let acked = |log: usize| {
+            let cell = &self.0[log];
+            if cell.failing.load(Ordering::SeqCst) {
+                0
+            } else {
+                cell.acked.load(Ordering::SeqCst)
+            }
         };
-        // Under the lock, so every change the shard holds is journaled below
-        // `lsn`; `acked` only grows, so a stale load errs towards the owner.
-        if owned.shard.journal().lsn() > cell.acked.load(Ordering::Acquire) {
-            return None;
+        if owned.unacked.is_clear(&acked) {
+            return owned.shard.peek(key, now_ms, DIRECT_MAX_VALUE);
         }
-        owned.shard.peek(key, now_ms, DIRECT_MAX_VALUE)
+        let found = owned.shard.peek(key, now_ms, DIRECT_MAX_VALUE)?;
+        let seen = found.as_ref().map(|f| f.version);
+        owned.unacked.dependencies(seen, None, &acked).is_empty().then_some(found)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::command::{Op, Reply};
+    use crate::state::command::{Applier, Op, Reply};
+    use crate::state::record::Journal;
     use crate::state::shard::{Condition, KeyBudget, Shard, Write, WriteOutcome};
 
     const NOW: u64 = 1_000;
 
-    fn owned(persist: bool) -> Owned {
-        let mut shard = Shard::with_capacity(4);
-        if persist {
-            *shard.journal_mut() = crate::state::record::Journal::enabled();
-        }
-        Owned::new(shard)
+    fn cells(n: usize, persist: bool) -> Cells {
+        Cells::new((0..n).map(|_| Owned::new(Shard::with_capacity(4))).collect(), persist)
     }
 
-    fn set(cells: &Cells, core: usize, value: &[u8], expires_ms: u64) -> u64 {
+    fn journal(persist: bool) -> Journal {
+        if persist {
+            Journal::enabled()
+        } else {
+            Journal::default()
+        }
+    }
+
+    /// Core `by` stores `key` in `core`'s shard; returns `by`'s log position.
+    fn set_by(
+        cells: &Cells,
+        core: usize,
+        by: usize,
+        j: &mut Journal,
+        key: &[u8],
+        value: &[u8],
+        expires_ms: u64,
+    ) -> u64 {
         let budget = KeyBudget::new(10);
         let mut o = cells.lock(core);
-        let op = Op::Write(Write::new(b"k", value, None, expires_ms, Condition::Set).unwrap());
-        let reply = o.apply(op, NOW, &budget, &mut Vec::new());
-        assert!(matches!(reply, Reply::Wrote(WriteOutcome::Stored { .. })), "{reply:?}");
-        o.shard.journal().lsn()
+        let op = Op::Write(Write::new(key, value, None, expires_ms, Condition::Set).unwrap());
+        let acked = |log| cells.acked(log);
+        let mut a = Applier { core: by, journal: j, now_ms: NOW, budget: &budget, acked: &acked };
+        let applied = o.apply(op, &mut a, &mut Vec::new());
+        assert!(matches!(applied.reply, Reply::Wrote(WriteOutcome::Stored { .. })), "{applied:?}");
+        j.lsn()
+    }
+
+    fn set(cells: &Cells, core: usize, j: &mut Journal, value: &[u8], expires_ms: u64) -> u64 {
+        set_by(cells, core, core, j, b"k", value, expires_ms)
     }
 
     #[test]
     fn without_persistence_a_read_never_waits_for_a_log() {
-        let cells = Cells::new(vec![owned(false), owned(false)], false);
+        let cells = cells(2, false);
+        let mut j = journal(false);
         assert_eq!(cells.read(1, b"k", NOW), Some(None));
-        set(&cells, 1, b"v", NOW + 10);
+        set(&cells, 1, &mut j, b"v", NOW + 10);
         assert_eq!(cells.read(1, b"k", NOW).unwrap().unwrap().value[..], b"v"[..]);
         // Expired: absent, and left in place for the owner to reclaim.
         assert_eq!(cells.read(1, b"k", NOW + 10), Some(None));
@@ -132,40 +226,95 @@ mod tests {
 
     #[test]
     fn a_change_the_log_has_not_acknowledged_goes_to_the_owner() {
-        let cells = Cells::new(vec![owned(true)], true);
-        let lsn = set(&cells, 0, b"v", NOW + 10);
+        let cells = cells(1, true);
+        let mut j = journal(true);
+        let lsn = set(&cells, 0, &mut j, b"v", NOW + 10);
         assert!(lsn > 0);
         assert_eq!(cells.read(0, b"k", NOW), None);
-        cells.publish_acked(0, lsn - 1);
+        cells.publish_acked(0, lsn - 1, |_| {});
         assert_eq!(cells.read(0, b"k", NOW), None);
-        cells.publish_acked(0, lsn);
+        cells.publish_acked(0, lsn, |_| {});
         assert_eq!(cells.read(0, b"k", NOW).unwrap().unwrap().value[..], b"v"[..]);
     }
 
     #[test]
-    fn a_long_value_is_left_to_the_owner() {
-        let cells = Cells::new(vec![owned(false)], false);
-        set(&cells, 0, &vec![b'x'; DIRECT_MAX_VALUE + 1], NOW + 10);
+    fn only_the_change_a_read_would_reveal_holds_it_back() {
+        let cells = cells(2, true);
+        let (mut j0, mut j1) = (journal(true), journal(true));
+        let a = set_by(&cells, 0, 0, &mut j0, b"a", b"1", NOW + 10);
+        cells.publish_acked(0, a, |_| {});
+        // Core 1 writes key b into core 0's shard, in core 1's log.
+        let b = set_by(&cells, 0, 1, &mut j1, b"b", b"2", NOW + 10);
+        assert_eq!(cells.read(0, b"a", NOW).unwrap().unwrap().value[..], b"1"[..]);
+        assert_eq!(cells.read(0, b"b", NOW), None);
+        // An absent key reveals no put: readable.
+        assert_eq!(cells.read(0, b"zz", NOW), Some(None));
+        // Core 0's log moving does not help: b is in core 1's.
+        cells.publish_acked(0, u64::MAX - 1, |_| {});
+        assert_eq!(cells.read(0, b"b", NOW), None);
+        cells.publish_acked(1, b, |_| {});
+        assert_eq!(cells.read(0, b"b", NOW).unwrap().unwrap().value[..], b"2"[..]);
+    }
+
+    #[test]
+    fn a_failing_log_releases_waits_but_never_direct_reads() {
+        let cells = cells(2, true);
+        let mut j1 = journal(true);
+        let lsn = set_by(&cells, 0, 1, &mut j1, b"k", b"v", NOW + 10);
+        assert!(!cells.all_acked(&[(1, lsn)]));
+        cells.publish_failing(1, true, |_| {});
+        assert!(cells.all_acked(&[(1, lsn)]));
         assert_eq!(cells.read(0, b"k", NOW), None);
-        set(&cells, 0, &vec![b'x'; DIRECT_MAX_VALUE], NOW + 10);
+        cells.publish_failing(1, false, |_| {});
+        cells.publish_acked(1, lsn, |_| {});
+        assert!(cells.read(0, b"k", NOW).unwrap().is_some());
+    }
+
+    #[test]
+    fn watchers_are_woken_once_per_watch() {
+        let cells = cells(3, true);
+        let mut woken = Vec::new();
+        cells.publish_acked(0, 5, |c| woken.push(c));
+        assert!(woken.is_empty());
+        cells.watch(0, 2);
+        cells.watch(0, 1);
+        cells.publish_acked(0, 6, |c| woken.push(c));
+        assert_eq!(woken, vec![1, 2]);
+        cells.publish_acked(0, 7, |c| woken.push(c));
+        assert_eq!(woken, vec![1, 2]);
+        cells.watch(0, 1);
+        cells.publish_failing(0, true, |c| woken.push(c));
+        assert_eq!(woken, vec![1, 2, 1]);
+    }
+
+    #[test]
+    fn a_long_value_is_left_to_the_owner() {
+        let cells = cells(1, false);
+        let mut j = journal(false);
+        set(&cells, 0, &mut j, &vec![b'x'; DIRECT_MAX_VALUE + 1], NOW + 10);
+        assert_eq!(cells.read(0, b"k", NOW), None);
+        set(&cells, 0, &mut j, &vec![b'x'; DIRECT_MAX_VALUE], NOW + 10);
         assert_eq!(cells.read(0, b"k", NOW).unwrap().unwrap().value.len(), DIRECT_MAX_VALUE);
     }
 
     #[test]
     fn a_taken_lock_is_never_waited_for() {
-        let cells = Cells::new(vec![owned(false)], false);
-        set(&cells, 0, b"v", NOW + 10);
+        let cells = cells(1, false);
+        let mut j = journal(false);
+        set(&cells, 0, &mut j, b"v", NOW + 10);
         let held = cells.lock(0);
         assert_eq!(cells.read(0, b"k", NOW), None);
+        assert!(cells.try_lock(0).is_none());
         drop(held);
         assert!(cells.read(0, b"k", NOW).unwrap().is_some());
     }
 
     #[test]
     fn a_read_from_another_thread_sees_the_owners_acknowledged_writes() {
-        let cells = std::sync::Arc::new(Cells::new(vec![owned(true)], true));
-        let lsn = set(&cells, 0, b"v", NOW + 10);
-        cells.publish_acked(0, lsn);
+        let cells = std::sync::Arc::new(cells(1, true));
+        let mut j = journal(true);
+        let lsn = set(&cells, 0, &mut j, b"v", NOW + 10);
+        cells.publish_acked(0, lsn, |_| {});
         let reader = cells.clone();
         let got = std::thread::spawn(move || reader.read(0, b"k", NOW)).join().unwrap();
         assert_eq!(got.unwrap().unwrap().value[..], b"v"[..]);

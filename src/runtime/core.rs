@@ -7,7 +7,7 @@
 
 use crate::config::IoDriver;
 use crate::runtime::conn::{self, CoreCtx};
-use crate::runtime::mesh::{CheckpointMsg, Control, DrainReport, Msg};
+use crate::runtime::mesh::{CheckpointMsg, Control, CopyGate, DrainReport, GateState, Msg};
 use crate::runtime::router::Router;
 use crate::runtime::sched;
 use crate::runtime::shared::Shared;
@@ -175,8 +175,8 @@ async fn accept_loop(id: usize, ctx: &Rc<CoreCtx>, listener: monoio::net::TcpLis
 async fn control_task(ctx: Rc<CoreCtx>) {
     loop {
         match ctx.router.next_control().await {
-            Control::Checkpoint(out) => {
-                monoio::spawn(checkpoint(ctx.router.clone(), out));
+            Control::Checkpoint(out, gate) => {
+                monoio::spawn(checkpoint(ctx.router.clone(), out, gate));
             }
             Control::Drain(ack) => {
                 let ctx = ctx.clone();
@@ -209,12 +209,12 @@ async fn drain(ctx: &CoreCtx) -> DrainReport {
     DrainReport { connections, waiters, unfinished: ctx.in_progress() }
 }
 
-/// This core's part of a checkpoint: move the log to a new segment, start
-/// the copy at once (no await in between, so every change from here on is
-/// in the new segment), then send the copy a slice at a time, letting
-/// requests run between slices. The channel is bounded: when the writer
-/// lags, the core waits (without blocking) instead of buffering the store.
-async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<CheckpointMsg>) {
+/// This core's part of a checkpoint: move the log to a new segment, say
+/// so, wait until every core has (`CopyGate`), then send the copy a slice at
+/// a time, letting requests run between slices. The channel is bounded:
+/// when the writer lags, the core waits (without blocking) instead of
+/// buffering the store.
+async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<CheckpointMsg>, gate: Arc<CopyGate>) {
     let id = router.me();
     let seq = match router.wal() {
         Some(wal) => match wal.rotate_for_checkpoint(&*router) {
@@ -226,26 +226,20 @@ async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<Checkpo
         },
         None => 0,
     };
-    let copy = router.with_owned(|o, _| o.shard.snapshot_begin(crate::clock::unix_ms()));
-    let mut msg = CheckpointMsg::Begun { core: id, seq };
+    if !send_checkpoint(&out, CheckpointMsg::Begun { core: id, seq }).await {
+        return;
+    }
     loop {
-        let last = matches!(msg, CheckpointMsg::Ended { .. } | CheckpointMsg::Failed { .. });
-        match out.try_send(msg) {
-            Ok(()) if last => return,
-            Ok(()) => {}
-            Err(std::sync::mpsc::TrySendError::Full(m)) => {
-                msg = m;
-                monoio::time::sleep(Duration::from_millis(1)).await;
-                continue;
-            }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                // The writer gave up (disk trouble): stop copying.
-                router.with_owned(|o, _| o.shard.snapshot_abort(copy));
-                return;
-            }
+        match gate.state() {
+            GateState::Open => break,
+            GateState::Abandoned => return,
+            GateState::Closed => monoio::time::sleep(Duration::from_millis(1)).await,
         }
+    }
+    let copy = router.with_owned(|o, _| o.shard.snapshot_begin(crate::clock::unix_ms()));
+    loop {
         let next = router.with_owned(|o, _| o.shard.snapshot_next(copy, SNAPSHOT_SLICE, SNAPSHOT_SLICE_BYTES));
-        msg = match next {
+        let msg = match next {
             Ok(Some(slice)) => CheckpointMsg::Entries(slice),
             Ok(None) => {
                 CheckpointMsg::Ended { core: id, max_version: router.with_owned(|o, _| o.shard.last_version()) }
@@ -254,8 +248,32 @@ async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<Checkpo
             // gave up: this copy must not end as if it were whole.
             Err(_) => CheckpointMsg::Failed { core: id, why: "superseded by a newer checkpoint".into() },
         };
+        let last = matches!(msg, CheckpointMsg::Ended { .. } | CheckpointMsg::Failed { .. });
+        if !send_checkpoint(&out, msg).await {
+            // The writer gave up (disk trouble): stop copying.
+            router.with_owned(|o, _| o.shard.snapshot_abort(copy));
+            return;
+        }
+        if last {
+            return;
+        }
         // Let this core's connections run between slices.
         monoio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Sends `msg` to the checkpoint writer, waiting (without blocking the
+/// core) while its channel is full. `false`: the writer gave up.
+async fn send_checkpoint(out: &std::sync::mpsc::SyncSender<CheckpointMsg>, mut msg: CheckpointMsg) -> bool {
+    loop {
+        match out.try_send(msg) {
+            Ok(()) => return true,
+            Err(std::sync::mpsc::TrySendError::Full(m)) => {
+                msg = m;
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return false,
+        }
     }
 }
 
@@ -285,5 +303,7 @@ async fn sweeper(shared: Arc<Shared>, id: usize, router: Rc<Router>) {
         stats.cross_core_batches.set(traffic.batches_sent);
         stats.cross_core_received.set(traffic.calls_received);
         stats.direct_reads.set(traffic.direct_reads);
+        stats.direct_writes.set(traffic.direct_writes);
+        stats.answers_held.set(traffic.answers_held);
     }
 }

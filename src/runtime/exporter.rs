@@ -121,6 +121,10 @@ families! {
         "Channel sends (batches of commands and replies), by sending core.";
     DirectReads: Counter Count "rendezvous_direct_reads_total" ["core"]
         "GETs of another core's key answered from that core's shard without a message, by reading core.";
+    DirectWrites: Counter Count "rendezvous_direct_writes_total" ["core"]
+        "Writes to another core's key applied by the receiving core without a message (journaled in its own log), by writing core.";
+    AnswersHeld: Counter Count "rendezvous_answers_held_total" ["core"]
+        "Answers held for another core's log: the key's last change was journaled there and not yet acknowledged, by holding core.";
     CoreRequests: Counter Count "rendezvous_core_requests_total" ["core"]
         "Requests answered, by the core that accepted them.";
     Waiters: Gauge Count "rendezvous_waiters" []
@@ -314,6 +318,8 @@ impl Exporter {
             counter!(F::CrossCoreMessages.name(), "core" => core.clone()).absolute(s.cross_core_sent.get());
             counter!(F::CrossCoreBatches.name(), "core" => core.clone()).absolute(s.cross_core_batches.get());
             counter!(F::DirectReads.name(), "core" => core.clone()).absolute(s.direct_reads.get());
+            counter!(F::DirectWrites.name(), "core" => core.clone()).absolute(s.direct_writes.get());
+            counter!(F::AnswersHeld.name(), "core" => core.clone()).absolute(s.answers_held.get());
             counter!(F::CoreRequests.name(), "core" => core).absolute(s.requests_total());
         }
         gauge!(F::Waiters.name()).set(sum(|s| s.waiters.get()) as f64);

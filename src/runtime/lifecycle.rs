@@ -20,7 +20,7 @@
 
 use crate::clock::unix_ms;
 use crate::persist::{datadir, snapshot};
-use crate::runtime::mesh::{CheckpointMsg, Control, DrainReport};
+use crate::runtime::mesh::{CheckpointMsg, Control, CopyGate, DrainReport};
 use crate::runtime::shared::{Phase, Shared};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::path::Path;
@@ -300,17 +300,25 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
     let mut writer = snapshot::Writer::create(dir).map_err(|e| format!("cannot create a temp file: {e}"))?;
     // One slice per core in flight at most: memory stays bounded.
     let (tx, rx) = mpsc::sync_channel(n);
+    let gate = Arc::new(CopyGate::default());
+    // However this ends, cores still waiting at the gate stop.
+    let _abandon = AbandonOnDrop(gate.clone());
     for core in 0..n {
-        shared.mesh.send_control(core, Control::Checkpoint(tx.clone()));
+        shared.mesh.send_control(core, Control::Checkpoint(tx.clone(), gate.clone()));
     }
     drop(tx);
     let mut seqs: Vec<Option<u64>> = vec![None; n];
-    let (mut ended, mut max_version) = (0, 0u64);
+    let (mut begun, mut ended, mut max_version) = (0, 0, 0u64);
     let failure = loop {
         match rx.recv_timeout(COLLECT_TIMEOUT) {
             Ok(CheckpointMsg::Begun { core, seq }) => {
                 if let Some(s) = seqs.get_mut(core) {
-                    *s = Some(seq);
+                    if s.replace(seq).is_none() {
+                        begun += 1;
+                    }
+                }
+                if begun == n {
+                    gate.open();
                 }
             }
             Ok(CheckpointMsg::Entries(entries)) => {
@@ -339,6 +347,15 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
     let replay_from = seqs.iter().flatten().copied().min().unwrap_or(0);
     let size = writer.publish(&shared.secret_key, created, replay_from, max_version).map_err(|e| e.to_string())?;
     Ok((entries, size, replay_from))
+}
+
+/// Abandons a checkpoint's gate when the checkpoint ends (a no-op once open).
+struct AbandonOnDrop(Arc<CopyGate>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
 }
 
 /// Deletes log segments the published snapshot covers. Returns how many.

@@ -12,6 +12,7 @@ use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// A message between cores.
@@ -42,9 +43,9 @@ pub enum Msg {
 /// `try_send`).
 #[derive(Debug)]
 pub enum Control {
-    /// Start a checkpoint: move the log to a new segment, then copy the
-    /// shard slice by slice into the channel.
-    Checkpoint(std::sync::mpsc::SyncSender<CheckpointMsg>),
+    /// Start a checkpoint: move the log to a new segment, then, once the
+    /// gate opens, copy the shard slice by slice into the channel.
+    Checkpoint(std::sync::mpsc::SyncSender<CheckpointMsg>, Arc<CopyGate>),
     /// Stop accepting, answer parked reads 503, refuse new requests, wait
     /// (bounded, or until `CutShort`) for in-flight ones, then report.
     Drain(std::sync::mpsc::SyncSender<DrainReport>),
@@ -52,6 +53,47 @@ pub enum Control {
     CutShort,
     /// Write and sync everything the log holds (shutdown).
     Flush(std::sync::mpsc::SyncSender<Result<(), String>>),
+}
+
+/// Holds every core's checkpoint copy until all cores have moved their
+/// logs to new segments. Any core may apply a write to any shard, journaled
+/// in its own log; the segments before the checkpoint's are deleted once
+/// the snapshot is published, so every change they hold must be in the
+/// copy. A change in an old segment was applied before its core moved its
+/// log, so before the gate opened, so before any copy began: the copy has it
+/// (or a later version of the key, whose record is in a new segment).
+#[derive(Debug, Default)]
+pub struct CopyGate(AtomicU8);
+
+/// Where a checkpoint's copies stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateState {
+    /// Some core has not moved its log yet: wait.
+    Closed,
+    /// Every core moved its log: copy.
+    Open,
+    /// The checkpoint was given up: stop.
+    Abandoned,
+}
+
+impl CopyGate {
+    pub fn state(&self) -> GateState {
+        match self.0.load(Ordering::Acquire) {
+            0 => GateState::Closed,
+            1 => GateState::Open,
+            _ => GateState::Abandoned,
+        }
+    }
+
+    /// Every core has moved its log.
+    pub fn open(&self) {
+        let _ = self.0.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The checkpoint ended before the gate opened (a failure, a timeout).
+    pub fn abandon(&self) {
+        let _ = self.0.compare_exchange(0, 2, Ordering::AcqRel, Ordering::Acquire);
+    }
 }
 
 /// What a core sends the lifecycle thread during a checkpoint.

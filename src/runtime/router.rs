@@ -1,42 +1,56 @@
-//! Getting a command to the core that owns its key, and the answer back.
+//! Getting a command applied to the state that holds its key, and the
+//! answer back.
 //!
 //! Ownership: `owner = route_hash(key)` over a randomly seeded SipHash shared
 //! by all cores (independent of each shard's table hash). The client's
 //! rate-limit charge is taken first, on the core the request arrived on,
 //! from the buckets every core shares (`state::ratelimit`): a refused
-//! request never leaves its core, and only the key's operation travels.
+//! request never leaves its core.
 //!
-//! Protocol (after Seastar/Dragonfly): a local owner is applied inline, with
-//! no message; a change's answer then waits only for the core's log task,
-//! which appends everything journaled in the scheduler pass with one write
-//! (with persistence off, nothing waits). A change for a pipelining client
-//! (more requests buffered behind it) is written at once instead, on the
-//! owner or with the owner's inbox batch: its connection can take nothing
-//! else meanwhile, so waiting would batch nothing. A plain GET of a remote
-//! owner's key is first tried as a direct read of the owner's shard
-//! (`cells::Cells::read`: never waits, and only when the owner's log
-//! acknowledges all it holds). For a remote owner otherwise the command goes
-//! into a per-destination outbox and the caller awaits a core-local completion
-//! slot. One flusher task per core sends each non-empty outbox as one batch
-//! (one channel send, at most one wake per destination per scheduler pass).
-//! Each core's inbox task drains its `crossbeam-channel` receiver, applies
-//! calls, and queues the replies the same way; replies complete slots, so a
-//! connection task is only ever woken by its own core. Channels are
-//! unbounded and only `try_recv`/`send` are used, so no executor ever blocks;
-//! back-pressure is a per-destination in-flight budget on the sender side.
-//! The inbox, flusher and log tasks never wake themselves (monoio 0.2.4 runs
-//! self-waking tasks ahead of others): each registers its waker, does its
-//! work, and returns Pending.
-//! This module must never hold a `RefCell` borrow across an `.await`.
+//! Protocol (after Seastar/Dragonfly, with shared-nothing relaxed where a
+//! message cost more than a lock):
+//! - A local owner is applied inline, with no message.
+//! - A write for another core's key is applied here, under that shard's
+//!   lock (`try_lock`: never waited for), and journaled in this core's log
+//!   (`apply_direct`). A plain GET of another core's key is first tried as
+//!   a direct read of its shard (`cells::Cells::read`).
+//! - Otherwise (the lock was taken, a blocking read, a cancellation, a read
+//!   the owner must answer) the command goes into a per-destination outbox
+//!   and the caller awaits a core-local completion slot. One flusher task
+//!   per core sends each non-empty outbox as one batch (one channel send, at
+//!   most one wake per destination per scheduler pass). Each core's inbox
+//!   task drains its `crossbeam-channel` receiver, applies calls, and queues
+//!   the replies the same way; replies complete slots, so a connection task
+//!   is only ever woken by its own core.
+//!
+//! Every answer waits for this core's log (`after_log`): the log task
+//! appends everything journaled in the scheduler pass with one write (with
+//! persistence off, nothing waits). A change for a pipelining client (more
+//! requests buffered behind it) is written at once instead: its connection
+//! can take nothing else meanwhile, so waiting would batch nothing. An
+//! answer about a key whose last change sits in another core's log, not yet
+//! acknowledged, is also held for that log (`hold`; see `state::unacked`):
+//! the other log's task wakes this core's inbox task when it moves, which
+//! releases it.
+//!
+//! Channels are unbounded and only `try_recv`/`send` are used, so no
+//! executor ever blocks; back-pressure is a per-destination in-flight budget
+//! on the sender side. The inbox, flusher and log tasks never wake
+//! themselves (monoio 0.2.4 runs self-waking tasks ahead of others): each
+//! registers its waker, does its work, and returns Pending.
+//! This module must never hold a `RefCell` borrow or a lock across an
+//! `.await`.
 
 use crate::runtime::cells::Cells;
 use crate::runtime::mesh::{Control, Mesh, Msg, Routing};
 use crate::runtime::shared::Shared;
 use crate::runtime::slots::{Credits, Slots};
 use crate::runtime::wal::{Host, Settled, Wal};
-use crate::state::command::{Op, Origin, Owned, Reply};
+use crate::state::command::{Applier, Op, Origin, Owned, Reply, Wakeups};
 use crate::state::ratelimit::{Charge, Limiter, Periods};
+use crate::state::record::Journal;
 use crate::state::shard::KeyBudget;
+use crate::state::unacked::Dependencies;
 use crate::state::waiters::WaitFor;
 use crossbeam_channel::Receiver;
 use std::cell::{Cell, RefCell};
@@ -59,6 +73,18 @@ pub struct TrafficStats {
     pub calls_received: u64,
     /// GETs of another core's key answered from its shard without a message.
     pub direct_reads: u64,
+    /// Writes to another core's key applied here, without a message.
+    pub direct_writes: u64,
+    /// Answers that waited for another core's log.
+    pub answers_held: u64,
+}
+
+/// An answer waiting for other cores' logs (then for this core's, at `lsn`).
+struct Held {
+    deps: Dependencies,
+    lsn: u64,
+    origin: Origin,
+    reply: Reply,
 }
 
 /// One core's end of the mesh, plus the state that core owns.
@@ -85,6 +111,11 @@ pub struct Router {
     stats: Cell<TrafficStats>,
     /// This core's log (`None` without persistence).
     wal: Option<Rc<Wal>>,
+    /// Records of the changes this core applied, to any shard, not yet
+    /// handed to its log.
+    journal: RefCell<Journal>,
+    /// Answers waiting for other cores' logs.
+    held: RefCell<Vec<Held>>,
 }
 
 impl Router {
@@ -110,7 +141,9 @@ impl Router {
             controls: RefCell::new(std::collections::VecDeque::new()),
             control_waker: RefCell::new(None),
             stats: Cell::new(TrafficStats::default()),
+            journal: RefCell::new(if wal.is_some() { Journal::enabled() } else { Journal::default() }),
             wal,
+            held: RefCell::new(Vec::new()),
         })
     }
 
@@ -135,27 +168,64 @@ impl Router {
         f(&mut self.cells.lock(self.me), &self.budget)
     }
 
-    /// Applies a command to this core's state and delivers the answers of
-    /// any waiters it woke (locally, or to their cores) once the log has
-    /// them. If the command journaled anything, the log task is asked to
-    /// write it (`log_soon`). Returns the reply and the log position it must
-    /// wait for.
-    fn apply_local(&self, op: Op) -> (Reply, u64) {
-        let now = crate::clock::unix_ms();
+    /// Applies a command to this core's state (see `finish_apply`).
+    fn apply_local(&self, op: Op) -> (Reply, u64, Dependencies) {
         let mut wakeups = Vec::new();
-        let (reply, before, lsn) = {
-            let mut owned = self.cells.lock(self.me);
-            let before = owned.shard.journal().lsn();
-            let reply = owned.apply(op, now, &self.budget, &mut wakeups);
-            (reply, before, owned.shard.journal().lsn())
+        let (reply, deps, changed) = self.apply_to(&mut self.cells.lock(self.me), op, &mut wakeups);
+        (reply, self.finish_apply(changed, wakeups), deps)
+    }
+
+    /// Applies a write to another core's shard here, journaled in this
+    /// core's log, if its lock is free and this core's log is writable
+    /// (`Err` gives the write back: send it to the owner). This takes the cross-core hop off a write: no
+    /// message, no owner wake-up, no reply message.
+    fn apply_direct(&self, owner: usize, op: Op) -> Result<(Reply, u64, Dependencies), Op> {
+        if self.journal.borrow().refusing() {
+            // This core's log is failing; the owner's may not be.
+            return Err(op);
+        }
+        let mut wakeups = Vec::new();
+        let (reply, deps, changed) = match self.cells.try_lock(owner) {
+            Some(mut owned) => self.apply_to(&mut owned, op, &mut wakeups),
+            None => return Err(op),
         };
+        let mut s = self.stats.get();
+        s.direct_writes += 1;
+        self.stats.set(s);
+        Ok((reply, self.finish_apply(changed, wakeups), deps))
+    }
+
+    /// Applies `op` to a locked core state with this core's journal.
+    /// Returns the reply, the other logs it waits for, and whether anything
+    /// was journaled.
+    fn apply_to(&self, owned: &mut Owned, op: Op, wakeups: &mut Wakeups) -> (Reply, Dependencies, bool) {
+        let mut journal = self.journal.borrow_mut();
+        let before = journal.lsn();
+        let acked = |log| self.cells.acked(log);
+        let mut by = Applier {
+            core: self.me,
+            journal: &mut journal,
+            now_ms: crate::clock::unix_ms(),
+            budget: &self.budget,
+            acked: &acked,
+        };
+        let applied = owned.apply(op, &mut by, wakeups);
+        (applied.reply, applied.deps, journal.lsn() != before)
+    }
+
+    /// After an apply: delivers the answers of any waiters it woke (here,
+    /// or to their cores) once this core's log has the change, and asks the
+    /// log task to write what was journaled (`log_soon`). Returns the log
+    /// position the command's own answer waits for.
+    fn finish_apply(&self, changed: bool, wakeups: Wakeups) -> u64 {
+        let lsn = self.journal.borrow().lsn();
         for (origin, answer) in wakeups {
             self.deliver_after(lsn, origin, answer);
         }
-        if lsn != before {
+        if changed {
             self.log_soon();
         }
-        (reply, lsn)
+        lsn
     }
 
     /// Writes what this core journaled to its log now (and releases the
@@ -193,6 +263,61 @@ impl Router {
         match wal.settle(lsn, reply) {
             Settled::Now(reply) => self.deliver(origin, reply),
             Settled::Wait(reply) => wal.defer(lsn, origin, reply),
+        }
+    }
+
+    /// The reply, once this core's log position `lsn` and the other logs'
+    /// `deps` are acknowledged.
+    async fn answer(self: &Rc<Self>, lsn: u64, deps: Dependencies, reply: Reply) -> Reply {
+        if deps.is_empty() {
+            return self.after_log(lsn, reply).await;
+        }
+        let slot = self.slots.borrow_mut().alloc(None);
+        self.hold(Held { deps, lsn, origin: Origin { core: self.me as u32, slot }, reply });
+        SlotFuture { router: self, slot, done: false }.await
+    }
+
+    /// Delivers `reply` to `origin` once this core's log position `lsn` and
+    /// the other logs' `deps` are acknowledged.
+    fn deliver_when(&self, lsn: u64, deps: Dependencies, origin: Origin, reply: Reply) {
+        if deps.is_empty() {
+            self.deliver_after(lsn, origin, reply);
+        } else {
+            self.hold(Held { deps, lsn, origin, reply });
+        }
+    }
+
+    /// Holds an answer until other logs move; their log tasks wake this
+    /// core's inbox task, which releases it (`release_held`).
+    fn hold(&self, held: Held) {
+        let mut s = self.stats.get();
+        s.answers_held += 1;
+        self.stats.set(s);
+        self.held.borrow_mut().push(held);
+        // Watches are set before looking again: a log that moved meanwhile
+        // is seen now, one that moves later wakes us.
+        self.release_held();
+    }
+
+    /// Passes on every held answer whose other logs are acknowledged, and
+    /// watches the logs the rest wait for.
+    fn release_held(&self) {
+        let ready: Vec<Held> = {
+            let mut held = self.held.borrow_mut();
+            if held.is_empty() {
+                return;
+            }
+            for h in held.iter() {
+                for &(log, _) in &h.deps {
+                    self.cells.watch(log, self.me);
+                }
+            }
+            let (ready, waiting) = std::mem::take(&mut *held).into_iter().partition(|h| self.cells.all_acked(&h.deps));
+            *held = waiting;
+            ready
+        };
+        for h in ready {
+            self.deliver_after(h.lsn, h.origin, h.reply);
         }
     }
 
@@ -237,7 +362,10 @@ impl Router {
             return refused;
         }
         let owner = self.routing.owner(op.key());
-        if let (Op::Get { key }, true) = (&op, owner != self.me) {
+        if owner == self.me {
+            return self.call(owner, op, pipelined).await;
+        }
+        if let Op::Get { key } = &op {
             if let Some(found) = self.cells.read(owner, key, crate::clock::unix_ms()) {
                 let mut s = self.stats.get();
                 s.direct_reads += 1;
@@ -245,6 +373,18 @@ impl Router {
                 return Reply::Got(found);
             }
         }
+        let op = match op {
+            Op::Write(_) => match self.apply_direct(owner, op) {
+                Ok((reply, lsn, deps)) => {
+                    if pipelined {
+                        self.append_now();
+                    }
+                    return self.answer(lsn, deps, reply).await;
+                }
+                Err(op) => op,
+            },
+            op => op,
+        };
         self.call(owner, op, pipelined).await
     }
 
@@ -263,10 +403,10 @@ impl Router {
         let origin = Origin { core: self.me as u32, slot };
         let op = Op::Wait { key: key.clone(), until, origin };
         if owner == self.me {
-            let (reply, lsn) = self.apply_local(op);
+            let (reply, lsn, deps) = self.apply_local(op);
             if reply != Reply::Parked {
                 self.slots.borrow_mut().release_unused(slot);
-                return Err(self.after_log(lsn, reply).await);
+                return Err(self.answer(lsn, deps, reply).await);
             }
         } else {
             self.push(owner, Msg::Call { from: self.me as u32, slot, op, pipelined: false });
@@ -277,11 +417,11 @@ impl Router {
     /// Executes `op` on core `dest` (`pipelined`: see `run`).
     pub async fn call(self: &Rc<Self>, dest: usize, op: Op, pipelined: bool) -> Reply {
         if dest == self.me {
-            let (reply, lsn) = self.apply_local(op);
+            let (reply, lsn, deps) = self.apply_local(op);
             if pipelined {
                 self.append_now();
             }
-            return self.after_log(lsn, reply).await;
+            return self.answer(lsn, deps, reply).await;
         }
         Credit { router: self, dest }.await;
         let slot = self.slots.borrow_mut().alloc(Some(dest as u32));
@@ -321,6 +461,8 @@ impl Router {
 
     fn drain_inbox(&self, cx: &mut Context<'_>) {
         self.mesh.inboxes[self.me].waker.register(cx.waker());
+        // Other logs' tasks wake this task when they move.
+        self.release_held();
         while let Ok(batch) = self.rx.try_recv() {
             let mut received = 0;
             let mut pipelined = false;
@@ -329,10 +471,10 @@ impl Router {
                     Msg::Call { from, slot, op, pipelined: p } => {
                         received += 1;
                         pipelined |= p;
-                        let (reply, lsn) = self.apply_local(op);
+                        let (reply, lsn, deps) = self.apply_local(op);
                         // A parked waiter is answered later, when a write wakes it.
                         if reply != Reply::Parked {
-                            self.deliver_after(lsn, Origin { core: from, slot }, reply);
+                            self.deliver_when(lsn, deps, Origin { core: from, slot }, reply);
                         }
                     }
                     Msg::Notify { op } => {
@@ -423,13 +565,12 @@ impl Router {
 
 impl Host for Router {
     fn take_journal(&self, spare: Vec<u8>) -> (Vec<u8>, u64) {
-        let mut owned = self.cells.lock(self.me);
-        let j = owned.shard.journal_mut();
+        let mut j = self.journal.borrow_mut();
         (j.take(spare), j.lsn())
     }
 
     fn refuse_writes(&self, on: bool) {
-        self.cells.lock(self.me).shard.journal_mut().set_refusing(on);
+        self.journal.borrow_mut().set_refusing(on);
     }
 
     fn deliver(&self, origin: Origin, reply: Reply) {

@@ -31,7 +31,6 @@ use crate::runtime::sched;
 use crate::runtime::shared::{Phase, PhaseCell, Shared};
 use crate::state::command::Owned;
 use crate::state::ratelimit::{Limiter, Periods};
-use crate::state::record::Journal;
 use crate::state::secret::SecretKey;
 use crate::state::shard::{KeyBudget, Shard};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -185,7 +184,6 @@ fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Res
         .map_err(|e| StartupError::SecretKey(path.join(crate::persist::datadir::SECRET_FILE), e))?;
     for s in &mut shards {
         s.raise_version_floor(clock_floor);
-        *s.journal_mut() = Journal::enabled();
     }
     let snap = match report.snapshot_created_ms {
         Some(t) => {

@@ -26,11 +26,15 @@
 //! - `always`: answers wait for a sync covering their record. One sync per
 //!   pass covers every record appended meanwhile (group commit).
 //!
-//! Answers wait on a log sequence number (bytes journaled on this core): any
-//! answer computed after a change, reads included, goes out only once that
-//! position is acknowledged, so no client sees a value a crash could take
-//! back. Answers for other cores are held here and released into their
-//! outboxes.
+//! The log holds the changes this core applied, to its own shard or to
+//! another core's (`router::Router::apply_direct`). Answers wait on a log
+//! sequence number (bytes journaled on this core): any answer computed
+//! after a change, reads included, goes out only once that position is
+//! acknowledged, so no client sees a value a crash could take back. Answers
+//! for other cores are held here and released into their outboxes. The
+//! acknowledged position (and whether the log is failing) is published for
+//! the other cores, whose answers may depend on this log's records; their
+//! inbox tasks are woken when it moves (`cells::Cells::publish_acked`).
 //!
 //! Disk trouble (ENOSPC, EIO, a failed sync) never crashes the core and
 //! never acknowledges what is not logged: the failed records' writes (and
@@ -194,11 +198,19 @@ impl Wal {
         &self.shared.stats[self.core]
     }
 
-    /// Tells other cores how far this log is acknowledged (they read this
-    /// core's keys directly only up to there). Call after `written` or
-    /// `synced` moves.
+    /// Tells other cores how far this log is acknowledged (answers and
+    /// direct reads that depend on its records wait for it), and wakes the
+    /// cores holding answers for it. Call after `written` or `synced` moves.
     fn publish(&self, st: &State) {
-        self.shared.cells.publish_acked(self.core, Self::acked_lsn(st, self.mode));
+        let mesh = &self.shared.mesh;
+        self.shared.cells.publish_acked(self.core, Self::acked_lsn(st, self.mode), |c| mesh.inboxes[c].waker.wake());
+    }
+
+    /// Tells other cores whether this log is failing (answers waiting for
+    /// it then go out at once, as this core's own do).
+    fn publish_failing(&self, failing: bool) {
+        let mesh = &self.shared.mesh;
+        self.shared.cells.publish_failing(self.core, failing, |c| mesh.inboxes[c].waker.wake());
     }
 
     fn acked_lsn(st: &State, mode: Fsync) -> u64 {
@@ -355,6 +367,7 @@ impl Wal {
             first
         };
         router.refuse_writes(true);
+        self.publish_failing(true);
         self.stats().log_failures.add(1);
         self.stats().log_failing.set(1);
         if first {
@@ -547,6 +560,7 @@ impl Wal {
                 self.stats().log_writes.add(1);
                 if let Some((since, _)) = since {
                     router.refuse_writes(false);
+                    self.publish_failing(false);
                     self.stats().log_failing.set(0);
                     log::info!(
                         "core {}: the log is writable again after {} s; writes accepted",

@@ -1,6 +1,12 @@
-//! What travels to a key's owning core, what comes back, and how the owner
-//! applies it to the state only it touches: its shard and the waiters
-//! parked on its keys.
+//! What travels to a key's owning core, what comes back, and how an
+//! operation is applied to a core's state: its shard, the waiters parked on
+//! its keys, and which of its changes the logs have not acknowledged yet.
+//!
+//! Reads, blocking reads and cancellations are applied by the owner (or a
+//! read by another core without changing anything, see `runtime::cells`).
+//! A write may be applied by whichever core received it, under the shard's
+//! lock: its record goes into that core's journal (`Applier`), and the
+//! answer says which other logs it must wait for (`Applied::deps`).
 //!
 //! The rate-limit charge is taken before an operation is sent (the buckets
 //! are shared, see `ratelimit`), so a refused request never gets here and
@@ -13,7 +19,9 @@
 //! delivers them.
 
 use crate::state::ratelimit::Refused;
+use crate::state::record::Journal;
 use crate::state::shard::{Found, KeyBudget, Shard, Write, WriteOutcome};
+use crate::state::unacked::{Dependencies, Unacked};
 pub use crate::state::waiters::Origin;
 use crate::state::waiters::{WaitFor, Waiters};
 
@@ -69,55 +77,108 @@ pub enum Reply {
     Unavailable,
 }
 
-/// The state one core owns.
+/// The state one core owns (and others may lock to write or read).
 pub struct Owned {
     pub shard: Shard,
     pub waiters: Waiters,
+    /// The shard's changes not yet acknowledged, by the log holding them.
+    pub unacked: Unacked,
 }
 
-/// Answers for parked waiters produced by an `apply`.
+/// Answers for parked waiters produced by an `apply`. Each shows the state
+/// the applying core's own change made, so it waits for that core's log only.
 pub type Wakeups = Vec<(Origin, Reply)>;
+
+/// The core applying an operation, and what it needs to.
+pub struct Applier<'a> {
+    /// The applying core: its log records the change.
+    pub core: usize,
+    pub journal: &'a mut Journal,
+    pub now_ms: u64,
+    pub budget: &'a KeyBudget,
+    /// How far each core's log is acknowledged (`u64::MAX`: wait for nothing).
+    pub acked: &'a dyn Fn(usize) -> u64,
+}
+
+/// An operation's answer, and the other logs it must wait for (besides the
+/// applying core's own, which every answer waits for).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub reply: Reply,
+    pub deps: Dependencies,
+}
 
 impl Owned {
     pub fn new(shard: Shard) -> Self {
-        Owned { shard, waiters: Waiters::default() }
+        Owned { shard, waiters: Waiters::default(), unacked: Unacked::default() }
     }
 
-    /// Applies an operation at `now_ms` (Unix milliseconds). Answers for
-    /// waiters it woke are pushed to `wakeups`.
-    pub fn apply(&mut self, op: Op, now_ms: u64, budget: &KeyBudget, wakeups: &mut Wakeups) -> Reply {
-        match op {
-            Op::Get { key } => Reply::Got(self.shard.get(&key, now_ms, budget)),
-            Op::Write(_) if self.shard.journal().refusing() => Reply::Unavailable,
+    /// What an answer about a key seen at `seen` (version; `None`: absent)
+    /// must wait for besides `by`'s own log.
+    fn deps(&mut self, seen: Option<u64>, by: &Applier<'_>) -> Dependencies {
+        self.unacked.dependencies(seen, Some(by.core), &|log| (by.acked)(log))
+    }
+
+    /// Applies an operation. Answers for waiters it woke are pushed to `wakeups`.
+    pub fn apply(&mut self, op: Op, by: &mut Applier<'_>, wakeups: &mut Wakeups) -> Applied {
+        let (now_ms, budget) = (by.now_ms, by.budget);
+        let (reply, seen) = match op {
+            Op::Get { key } => {
+                let found = self.shard.get(&key, now_ms, budget);
+                let seen = found.as_ref().map(|f| f.version);
+                (Reply::Got(found), seen)
+            }
+            Op::Write(_) if by.journal.refusing() => return Applied { reply: Reply::Unavailable, deps: Vec::new() },
             Op::Write(w) => {
+                // The outcome depends on the key as it was (exists, secret,
+                // version, value): the change that made that must be durable.
+                let seen = match self.unacked.others_pending(by.core) {
+                    true => self.shard.version_of(w.key()),
+                    false => None,
+                };
                 let watched: Option<Box<[u8]>> = self.waiters.has_key(w.key()).then(|| w.key().into());
-                let outcome = self.shard.write(w, now_ms, budget);
+                let before = by.journal.lsn();
+                let outcome = self.shard.write(w, now_ms, budget, by.journal);
+                if by.journal.lsn() != before {
+                    match outcome {
+                        WriteOutcome::Stored { version, .. } => {
+                            self.unacked.record(by.core, version, by.journal.lsn(), false)
+                        }
+                        WriteOutcome::Deleted { version } => {
+                            self.unacked.record(by.core, version, by.journal.lsn(), true)
+                        }
+                        _ => {}
+                    }
+                }
                 if let (Some(key), true) = (watched, outcome.changed()) {
                     let current = self.shard.get(&key, now_ms, budget);
                     let mut woken = Vec::new();
                     self.waiters.wake(&key, current.as_ref(), &mut woken);
                     wakeups.extend(woken.into_iter().map(|o| (o, Reply::Got(current.clone()))));
                 }
-                Reply::Wrote(outcome)
+                (Reply::Wrote(outcome), seen)
             }
             Op::Wait { key, until, origin } => {
                 let current = self.shard.get(&key, now_ms, budget);
                 if until.satisfied(current.as_ref()) {
-                    return Reply::Got(current);
+                    let seen = current.as_ref().map(|f| f.version);
+                    (Reply::Got(current), seen)
+                } else if self.waiters.is_closed() {
+                    return Applied { reply: Reply::ShuttingDown, deps: Vec::new() };
+                } else {
+                    self.waiters.park(key, until, origin);
+                    return Applied { reply: Reply::Parked, deps: Vec::new() };
                 }
-                if self.waiters.is_closed() {
-                    return Reply::ShuttingDown;
-                }
-                self.waiters.park(key, until, origin);
-                Reply::Parked
             }
             Op::CancelWait { origin, .. } => {
                 if self.waiters.cancel(origin) {
                     wakeups.push((origin, Reply::Cancelled));
                 }
-                Reply::Cancelled
+                return Applied { reply: Reply::Cancelled, deps: Vec::new() };
             }
-        }
+        };
+        let deps = self.deps(seen, by);
+        Applied { reply, deps }
     }
 }
 
@@ -132,14 +193,23 @@ mod tests {
 
     const NOW: u64 = 1000;
 
+    /// Applies as core 0 with persistence off (nothing to wait for).
+    fn apply(o: &mut Owned, op: Op, b: &KeyBudget, w: &mut Wakeups) -> Reply {
+        let mut journal = Journal::default();
+        let mut by = Applier { core: 0, journal: &mut journal, now_ms: NOW, budget: b, acked: &|_| u64::MAX };
+        let applied = o.apply(op, &mut by, w);
+        assert!(applied.deps.is_empty());
+        applied.reply
+    }
+
     fn set(o: &mut Owned, b: &KeyBudget, v: &[u8], w: &mut Wakeups) -> Reply {
         let op = Op::Write(Write::new(b"k", v, None, 5000, Condition::Set).unwrap());
-        o.apply(op, NOW, b, w)
+        apply(o, op, b, w)
     }
 
     fn wait(o: &mut Owned, b: &KeyBudget, until: WaitFor, slot: u32) -> Reply {
         let op = Op::Wait { key: (*b"k").into(), until, origin: Origin { core: 1, slot } };
-        o.apply(op, NOW, b, &mut Vec::new())
+        apply(o, op, b, &mut Vec::new())
     }
 
     #[test]
@@ -181,13 +251,13 @@ mod tests {
         };
         assert_eq!(wait(&mut o, &b, WaitFor::VersionDiffers(vec![version]), 9), Reply::Parked);
         let cancel = Op::CancelWait { key: (*b"k").into(), origin: Origin { core: 1, slot: 9 } };
-        o.apply(cancel, NOW, &b, &mut w);
+        apply(&mut o, cancel, &b, &mut w);
         assert_eq!(w.pop(), Some((Origin { core: 1, slot: 9 }, Reply::Cancelled)));
         assert_eq!(o.waiters.parked(), 0);
         // A delete is a change: "differs" waiters see the key gone.
         assert_eq!(wait(&mut o, &b, WaitFor::ValueDiffers((*b"a").into()), 4), Reply::Parked);
         let del = Op::Write(Write::new(b"k", b"", None, 0, Condition::Delete).unwrap());
-        o.apply(del, NOW, &b, &mut w);
+        apply(&mut o, del, &b, &mut w);
         assert_eq!(w.pop(), Some((Origin { core: 1, slot: 4 }, Reply::Got(None))));
     }
 }

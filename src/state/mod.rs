@@ -19,4 +19,5 @@ pub mod record;
 pub mod secret;
 pub mod shard;
 pub mod striped;
+pub mod unacked;
 pub mod waiters;

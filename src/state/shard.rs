@@ -175,8 +175,6 @@ pub struct Shard {
     snapshot: Option<SnapshotCopy>,
     /// The id the next copy gets.
     next_copy: u64,
-    /// Log records of every change applied (empty and off without persistence).
-    journal: Journal,
     /// The last version issued.
     last_version: u64,
 }
@@ -216,7 +214,6 @@ impl Shard {
             expired_total: 0,
             snapshot: None,
             next_copy: 0,
-            journal: Journal::default(),
             last_version: 0,
         }
     }
@@ -235,14 +232,6 @@ impl Shard {
 
     pub fn expired_total(&self) -> u64 {
         self.expired_total
-    }
-
-    pub fn journal(&self) -> &Journal {
-        &self.journal
-    }
-
-    pub fn journal_mut(&mut self) -> &mut Journal {
-        &mut self.journal
     }
 
     /// The highest version issued or restored.
@@ -297,8 +286,10 @@ impl Shard {
         Some(Found { value: e.value().into(), expires_ms: e.expires_ms, version: e.version() })
     }
 
-    /// Applies a write: the route's condition, owner secret, `If-Match`, capacity.
-    pub fn write(&mut self, w: Write, now_ms: u64, budget: &KeyBudget) -> WriteOutcome {
+    /// Applies a write: the route's condition, owner secret, `If-Match`,
+    /// capacity. A change is recorded in `journal`: the log of the core
+    /// applying it, which need not be this shard's owner.
+    pub fn write(&mut self, w: Write, now_ms: u64, budget: &KeyBudget, journal: &mut Journal) -> WriteOutcome {
         let hash = self.hasher.hash_one(w.key());
         let mut found = self.find(hash, w.key());
         if let Some(idx) = found {
@@ -309,12 +300,12 @@ impl Shard {
             }
         }
         match found {
-            None => self.create(hash, w, now_ms, budget),
-            Some(idx) => self.update(idx, w, now_ms, budget),
+            None => self.create(hash, w, now_ms, budget, journal),
+            Some(idx) => self.update(idx, w, now_ms, budget, journal),
         }
     }
 
-    fn create(&mut self, hash: u64, w: Write, now_ms: u64, budget: &KeyBudget) -> WriteOutcome {
+    fn create(&mut self, hash: u64, w: Write, now_ms: u64, budget: &KeyBudget, journal: &mut Journal) -> WriteOutcome {
         if w.if_match.is_some() {
             return WriteOutcome::PreconditionFailed { version: None };
         }
@@ -342,12 +333,12 @@ impl Shard {
         }
         let version = self.next_version();
         entry.set_version(version);
-        self.journal.put(&entry, creator);
+        journal.put(&entry, creator);
         self.insert_new(hash, entry);
         WriteOutcome::Stored { created: true, expires_ms, version }
     }
 
-    fn update(&mut self, idx: usize, w: Write, now_ms: u64, budget: &KeyBudget) -> WriteOutcome {
+    fn update(&mut self, idx: usize, w: Write, now_ms: u64, budget: &KeyBudget, journal: &mut Journal) -> WriteOutcome {
         let current = &self.entries[idx];
         let version = current.version();
         let on_present = w.cond.semantics().present;
@@ -383,7 +374,7 @@ impl Shard {
                 // Deletes take a version too, so versions never go backwards
                 // across a delete and a re-create.
                 let version = self.next_version();
-                self.journal.delete(self.entries[idx].key(), version);
+                journal.delete(self.entries[idx].key(), version);
                 self.remove_at(idx, budget);
                 return WriteOutcome::Deleted { version };
             }
@@ -402,7 +393,7 @@ impl Shard {
         }
         let version = self.next_version();
         entry.set_version(version);
-        self.journal.put(&entry, entry.creator());
+        journal.put(&entry, entry.creator());
         let current = &mut self.entries[idx];
         self.bytes = self.bytes - current.payload_len() + entry.payload_len();
         *current = entry;
@@ -596,13 +587,24 @@ mod tests {
     const T: u64 = 1_000_000;
 
     /// Writes and forgets the version (tested on its own below).
+    /// Writes with a journal that records nothing (persistence off).
+    trait Plain {
+        fn write_plain(&mut self, w: Write, now: u64, b: &KeyBudget) -> WriteOutcome;
+    }
+
+    impl Plain for Shard {
+        fn write_plain(&mut self, w: Write, now: u64, b: &KeyBudget) -> WriteOutcome {
+            self.write(w, now, b, &mut Journal::default())
+        }
+    }
+
     trait NoVersion {
         fn write_nv(&mut self, w: Write, now: u64, b: &KeyBudget) -> WriteOutcome;
     }
 
     impl NoVersion for Shard {
         fn write_nv(&mut self, w: Write, now: u64, b: &KeyBudget) -> WriteOutcome {
-            match self.write(w, now, b) {
+            match self.write_plain(w, now, b) {
                 WriteOutcome::Stored { created, expires_ms, .. } => {
                     WriteOutcome::Stored { created, expires_ms, version: 0 }
                 }
@@ -626,39 +628,39 @@ mod tests {
             WriteOutcome::Stored { version, .. } => version,
             other => panic!("{other:?}"),
         };
-        let v1 = version(s.write(w("k", "a", None, Condition::Set), T, &b));
-        let v2 = version(s.write(w("k", "a", None, Condition::Set), T, &b));
+        let v1 = version(s.write_plain(w("k", "a", None, Condition::Set), T, &b));
+        let v2 = version(s.write_plain(w("k", "a", None, Condition::Set), T, &b));
         assert!(v1 > 100 && v2 > v1, "same value, new version");
         assert_eq!(s.get(b"k", T, &b).unwrap().version, v2);
-        let existing = s.write(w("k", "x", None, Condition::Los), T, &b);
+        let existing = s.write_plain(w("k", "x", None, Condition::Los), T, &b);
         assert!(matches!(existing, WriteOutcome::Existing { version, .. } if version == v2));
         // If-Match: a compare-and-swap by version.
         let mut stale = w("k", "b", None, Condition::Set);
         stale.if_match = Some(IfMatch::Versions(vec![v1]));
-        assert_eq!(s.write(stale, T, &b), WriteOutcome::PreconditionFailed { version: Some(v2) });
+        assert_eq!(s.write_plain(stale, T, &b), WriteOutcome::PreconditionFailed { version: Some(v2) });
         let mut fresh = w("k", "b", None, Condition::Set);
         fresh.if_match = Some(IfMatch::Versions(vec![v1, v2]));
-        assert!(matches!(s.write(fresh, T, &b), WriteOutcome::Stored { .. }));
+        assert!(matches!(s.write_plain(fresh, T, &b), WriteOutcome::Stored { .. }));
         let mut absent = w("nope", "b", None, Condition::Set);
         absent.if_match = Some(IfMatch::Any);
-        assert_eq!(s.write(absent, T, &b), WriteOutcome::PreconditionFailed { version: None });
+        assert_eq!(s.write_plain(absent, T, &b), WriteOutcome::PreconditionFailed { version: None });
         // Restored entries keep their version and later ones go above it.
         let mut e = Entry::new(b"r", b"v", None, T + 10).unwrap();
         e.set_version(MAX_VERSION - 5);
         s.restore(e, &b);
         assert_eq!(s.get(b"r", T, &b).unwrap().version, MAX_VERSION - 5);
-        assert!(version(s.write(w("k", "c", None, Condition::Set), T, &b)) > MAX_VERSION - 5);
+        assert!(version(s.write_plain(w("k", "c", None, Condition::Set), T, &b)) > MAX_VERSION - 5);
     }
 
     #[test]
     fn delete_obeys_secrets() {
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
-        assert_eq!(s.write(w("k", "", None, Condition::Delete), T, &b), WriteOutcome::NotFound);
-        s.write(w("k", "v", Some(1), Condition::Set), T, &b);
-        assert_eq!(s.write(w("k", "", None, Condition::Delete), T, &b), WriteOutcome::Forbidden);
-        assert_eq!(s.write(w("k", "", Some(2), Condition::Delete), T, &b), WriteOutcome::Forbidden);
-        assert!(matches!(s.write(w("k", "", Some(1), Condition::Delete), T, &b), WriteOutcome::Deleted { .. }));
+        assert_eq!(s.write_plain(w("k", "", None, Condition::Delete), T, &b), WriteOutcome::NotFound);
+        s.write_plain(w("k", "v", Some(1), Condition::Set), T, &b);
+        assert_eq!(s.write_plain(w("k", "", None, Condition::Delete), T, &b), WriteOutcome::Forbidden);
+        assert_eq!(s.write_plain(w("k", "", Some(2), Condition::Delete), T, &b), WriteOutcome::Forbidden);
+        assert!(matches!(s.write_plain(w("k", "", Some(1), Condition::Delete), T, &b), WriteOutcome::Deleted { .. }));
         assert_eq!((s.len(), b.live(), s.bytes()), (0, 0, 0));
         assert!(s.get(b"k", T, &b).is_none());
     }
@@ -896,21 +898,21 @@ mod tests {
         use crate::state::record::{read_all, Record};
         let b = KeyBudget::new(10);
         let mut s = Shard::with_capacity(4);
-        *s.journal_mut() = Journal::enabled();
+        let mut j = Journal::enabled();
         let mut first = w("k", "1", None, Condition::Set);
         first.entry.set_creator(42);
-        s.write(first, T, &b);
+        s.write(first, T, &b, &mut j);
         // Another client stores over it: the record names that client.
         let mut second = w("k", "2", Some(1), Condition::Set);
         second.entry.set_creator(43);
-        s.write(second, T, &b);
+        s.write(second, T, &b, &mut j);
         // Nothing changes: nothing is logged.
-        s.write(w("k", "x", None, Condition::Los), T, &b);
-        s.write(w("k", "x", None, cas("nope")), T, &b);
-        s.write(w("k", "x", None, Condition::Set), T, &b);
+        s.write(w("k", "x", None, Condition::Los), T, &b, &mut j);
+        s.write(w("k", "x", None, cas("nope")), T, &b, &mut j);
+        s.write(w("k", "x", None, Condition::Set), T, &b, &mut j);
         s.get(b"k", T, &b);
-        s.write(w("k", "", Some(1), Condition::Delete), T, &b);
-        let bytes = s.journal_mut().take(Vec::new());
+        s.write(w("k", "", Some(1), Condition::Delete), T, &b, &mut j);
+        let bytes = j.take(Vec::new());
         let mut recs = Vec::new();
         read_all(&bytes, |r| recs.push(r)).unwrap();
         assert_eq!(recs.len(), 3);
@@ -930,7 +932,7 @@ mod tests {
         let mut e = w("k", "1", None, Condition::Set);
         e.entry.set_creator(7);
         e.entry.expires_ms = T + 100_000;
-        s.write(e, T, &b);
+        s.write_plain(e, T, &b);
         s.cap_expiry(T + 1000, &b);
         // Once the capped key has expired and gone, its network has room.
         assert_eq!(s.drop_expired(T + 1000, &b), 1);
@@ -950,7 +952,7 @@ mod tests {
         s.cap_expiry(T + 5, &b);
         assert_eq!(s.get(b"a", T, &b).unwrap().expires_ms, T + 5);
         s.raise_version_floor(1 << 40);
-        let v = match s.write(w("a", "2", None, Condition::Set), T, &b) {
+        let v = match s.write_plain(w("a", "2", None, Condition::Set), T, &b) {
             WriteOutcome::Stored { version, .. } => version,
             other => panic!("{other:?}"),
         };

@@ -1,0 +1,172 @@
+//! Which of a shard's recent changes their logs have not acknowledged yet,
+//! and so what an answer about a key must wait for.
+//!
+//! Any core may apply a write to any shard (under the shard's lock) and
+//! journals it in its own log, so one shard's changes can sit in several
+//! logs at once, each acknowledged at its own pace. An answer reveals the
+//! state of one key: it may leave only once the change that made that state
+//! is as durable as `-fsync` promises. This module keeps, per log, the
+//! changes applied to this shard that the log had not acknowledged when last
+//! looked at (version, log position, delete or not), and answers "which
+//! logs, up to where" for a key seen at some version, or seen absent.
+//!
+//! A key's state is its latest record (records are full states; recovery
+//! keeps the highest version), so a present key depends on exactly one
+//! change: the one that gave it its version. An absent key depends on the
+//! deletes not yet acknowledged; which key each deleted is not kept, so an
+//! absent key waits for all of them (rare, and only for one log pass).
+//! Pure bookkeeping: no I/O, no clocks; the caller says how far each log is
+//! acknowledged.
+
+use std::collections::VecDeque;
+
+/// One change to this shard not yet known to be acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Change {
+    version: u64,
+    /// End of the change's record in its log.
+    lsn: u64,
+    delete: bool,
+}
+
+/// Log positions an answer must wait for: `(log, lsn)` pairs, at most one per log.
+pub type Dependencies = Vec<(usize, u64)>;
+
+/// A shard's unacknowledged changes, by the log (core) that journaled them.
+#[derive(Debug, Default)]
+pub struct Unacked {
+    logs: Vec<VecDeque<Change>>,
+}
+
+impl Unacked {
+    /// Room for `logs` logs (one per core).
+    pub fn new(logs: usize) -> Self {
+        Unacked { logs: (0..logs).map(|_| VecDeque::new()).collect() }
+    }
+
+    /// Records that `log` journaled a change giving version `version` (a
+    /// delete if `delete`), ending at position `lsn` of that log.
+    pub fn record(&mut self, log: usize, version: u64, lsn: u64, delete: bool) {
+        if log >= self.logs.len() {
+            self.logs.resize_with(log + 1, VecDeque::new);
+        }
+        self.logs[log].push_back(Change { version, lsn, delete });
+    }
+
+    /// Forgets what the logs have acknowledged; `acked(log)` is how far `log`
+    /// is acknowledged (`u64::MAX` when nothing should wait for it).
+    fn prune(&mut self, acked: &impl Fn(usize) -> u64) {
+        for (log, changes) in self.logs.iter_mut().enumerate() {
+            if changes.is_empty() {
+                continue;
+            }
+            let upto = acked(log);
+            while changes.front().is_some_and(|c| c.lsn <= upto) {
+                changes.pop_front();
+            }
+        }
+    }
+
+    /// What an answer about a key, seen at `seen` (its version, `None`:
+    /// absent), must wait for, leaving out log `except` (the answering
+    /// core's own log, which its answers wait for anyway). Empty: nothing.
+    pub fn dependencies(
+        &mut self,
+        seen: Option<u64>,
+        except: Option<usize>,
+        acked: &impl Fn(usize) -> u64,
+    ) -> Dependencies {
+        self.prune(acked);
+        let mut deps = Dependencies::new();
+        for (log, changes) in self.logs.iter().enumerate() {
+            if Some(log) == except || changes.is_empty() {
+                continue;
+            }
+            let wait = match seen {
+                // Versions are unique in a shard: at most one change made this one.
+                Some(v) => changes.iter().rev().find(|c| c.version == v && !c.delete),
+                None => changes.iter().rev().find(|c| c.delete),
+            };
+            if let Some(c) = wait {
+                deps.push((log, c.lsn));
+            }
+        }
+        deps
+    }
+
+    /// Whether logs other than `except` hold changes of this shard that may
+    /// not be acknowledged (without looking at how far they are).
+    pub fn others_pending(&self, except: usize) -> bool {
+        self.logs.iter().enumerate().any(|(log, changes)| log != except && !changes.is_empty())
+    }
+
+    /// Whether every change of this shard is acknowledged.
+    pub fn is_clear(&mut self, acked: &impl Fn(usize) -> u64) -> bool {
+        self.prune(acked);
+        self.logs.iter().all(VecDeque::is_empty)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acked(a: [u64; 3]) -> impl Fn(usize) -> u64 {
+        move |log| a[log]
+    }
+
+    #[test]
+    fn a_present_key_waits_only_for_the_change_that_made_its_version() {
+        let mut u = Unacked::new(3);
+        u.record(0, 10, 100, false);
+        u.record(1, 11, 50, false);
+        u.record(2, 12, 70, false);
+        let none = acked([0, 0, 0]);
+        assert_eq!(u.dependencies(Some(11), None, &none), vec![(1, 50)]);
+        assert_eq!(u.dependencies(Some(10), None, &none), vec![(0, 100)]);
+        // The answering core's own log is left out.
+        assert_eq!(u.dependencies(Some(11), Some(1), &none), vec![]);
+        // A version no unacknowledged change made: nothing to wait for.
+        assert_eq!(u.dependencies(Some(9), None, &none), vec![]);
+        // Acknowledged: forgotten.
+        assert_eq!(u.dependencies(Some(11), None, &acked([0, 50, 0])), vec![]);
+        assert_eq!(u.dependencies(Some(11), None, &none), vec![]);
+        assert!(!u.is_clear(&none));
+        assert!(u.is_clear(&acked([100, 0, 70])));
+    }
+
+    #[test]
+    fn an_absent_key_waits_for_every_unacknowledged_delete() {
+        let mut u = Unacked::new(3);
+        let none = acked([0, 0, 0]);
+        assert_eq!(u.dependencies(None, None, &none), vec![]);
+        u.record(0, 5, 10, true);
+        u.record(0, 6, 20, false);
+        u.record(0, 7, 30, true);
+        u.record(2, 8, 40, true);
+        // The latest delete of each log covers its earlier ones.
+        assert_eq!(u.dependencies(None, None, &none), vec![(0, 30), (2, 40)]);
+        assert_eq!(u.dependencies(None, Some(2), &none), vec![(0, 30)]);
+        // A put is not a delete: an absent key does not wait for it.
+        assert_eq!(u.dependencies(None, None, &acked([30, 0, 40])), vec![]);
+        // A present key's version made by a delete cannot be: ignored.
+        u.record(1, 9, 1, true);
+        assert_eq!(u.dependencies(Some(9), None, &none), vec![]);
+    }
+
+    #[test]
+    fn a_failing_log_is_waited_for_by_nobody() {
+        let mut u = Unacked::new(2);
+        u.record(1, 3, 10, false);
+        // The runtime reports a failing log as acknowledged everywhere
+        // (reads go on while a log fails).
+        assert_eq!(u.dependencies(Some(3), None, &|log| if log == 1 { u64::MAX } else { 0 }), vec![]);
+    }
+
+    #[test]
+    fn logs_beyond_the_initial_count_are_tracked() {
+        let mut u = Unacked::new(1);
+        u.record(4, 1, 1, false);
+        assert_eq!(u.dependencies(Some(1), None, &|_| 0), vec![(4, 1)]);
+    }
+}
