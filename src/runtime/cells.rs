@@ -54,6 +54,8 @@ struct Cell {
     failing: AtomicBool,
     /// `watchers[c]`: core `c` holds answers waiting for this log.
     watchers: Box<[AtomicBool]>,
+    /// The checkpoint this core last moved its log for (see `same_epoch`).
+    epoch: AtomicU64,
 }
 
 /// Every core's owned state, indexed by core.
@@ -73,6 +75,7 @@ impl Cells {
                     acked: AtomicU64::new(acked),
                     failing: AtomicBool::new(false),
                     watchers: (0..n).map(|_| AtomicBool::new(false)).collect(),
+                    epoch: AtomicU64::new(0),
                 })
                 .collect(),
         )
@@ -98,20 +101,35 @@ impl Cells {
         }
     }
 
-    /// How far `core`'s log is acknowledged, for waiting purposes: `u64::MAX`
-    /// while it is failing (answers then go out at once, as `wal` does).
+    /// How far `core`'s log is acknowledged (whether or not it is failing).
     pub fn acked(&self, core: usize) -> u64 {
-        let cell = &self.0[core];
-        if cell.failing.load(Ordering::SeqCst) {
-            u64::MAX
-        } else {
-            cell.acked.load(Ordering::SeqCst)
-        }
+        self.0[core].acked.load(Ordering::SeqCst)
     }
 
-    /// Whether `deps` are all acknowledged.
-    pub fn all_acked(&self, deps: &[(usize, u64)]) -> bool {
-        deps.iter().all(|&(log, lsn)| self.acked(log) >= lsn)
+    /// Whether answers waiting for `deps` may go: each log has acknowledged
+    /// its position, or is failing (answers then go out at once, as `wal`
+    /// does for its own; reads go on while a log fails).
+    pub fn settled(&self, deps: &[(usize, u64)]) -> bool {
+        deps.iter().all(|&(log, lsn)| self.0[log].failing.load(Ordering::SeqCst) || self.acked(log) >= lsn)
+    }
+
+    /// Core `core` moved its log to a new segment for checkpoint `epoch`.
+    /// Call before it journals anything into the new segment.
+    pub fn enter_epoch(&self, core: usize, epoch: u64) {
+        self.0[core].epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    /// Whether `me` may apply a write to `owner`'s shard (call holding the
+    /// shard's lock): both logs last moved for the same checkpoint. A
+    /// snapshot deletes the log segments from before its checkpoint, so
+    /// within one shard no record in an old segment may be newer than one
+    /// in a new segment (a delete there would be lost and the older put
+    /// replayed). The owner writes its shard in its own log's order; another
+    /// core may add records only while its log is in the same epoch, so its
+    /// old-segment records all precede the owner's move, and its
+    /// new-segment records all follow it.
+    pub fn same_epoch(&self, me: usize, owner: usize) -> bool {
+        self.0[me].epoch.load(Ordering::SeqCst) == self.0[owner].epoch.load(Ordering::SeqCst)
     }
 
     /// Core `me` holds answers waiting for `log`: wake it when `log` moves.
@@ -136,7 +154,9 @@ impl Cells {
 
     fn wake_watchers(&self, core: usize, mut wake: impl FnMut(usize)) {
         for (c, w) in self.0[core].watchers.iter().enumerate() {
-            if w.load(Ordering::Relaxed) && w.swap(false, Ordering::SeqCst) {
+            // SeqCst, ordered after the position's store: a watcher either
+            // set its flag before this load, or loads the new position after.
+            if w.load(Ordering::SeqCst) && w.swap(false, Ordering::SeqCst) {
                 wake(c);
             }
         }
@@ -150,20 +170,13 @@ impl Cells {
         // Nothing pending anywhere: the common case, without a second lookup.
         // A failing log's changes count as unacknowledged here: a direct
         // read never shows what a failing log holds.
-        let acked = |log: usize| {
-            let cell = &self.0[log];
-            if cell.failing.load(Ordering::SeqCst) {
-                0
-            } else {
-                cell.acked.load(Ordering::SeqCst)
-            }
-        };
+        let acked = |log: usize| self.acked(log);
         if owned.unacked.is_clear(&acked) {
             return owned.shard.peek(key, now_ms, DIRECT_MAX_VALUE);
         }
         let found = owned.shard.peek(key, now_ms, DIRECT_MAX_VALUE)?;
         let seen = found.as_ref().map(|f| f.version);
-        owned.unacked.dependencies(seen, None, &acked).is_empty().then_some(found)
+        owned.unacked.dependencies(seen, now_ms, None, &acked).is_empty().then_some(found)
     }
 }
 
@@ -261,13 +274,27 @@ mod tests {
         let cells = cells(2, true);
         let mut j1 = journal(true);
         let lsn = set_by(&cells, 0, 1, &mut j1, b"k", b"v", NOW + 10);
-        assert!(!cells.all_acked(&[(1, lsn)]));
+        assert!(!cells.settled(&[(1, lsn)]));
         cells.publish_failing(1, true, |_| {});
-        assert!(cells.all_acked(&[(1, lsn)]));
+        assert!(cells.settled(&[(1, lsn)]));
         assert_eq!(cells.read(0, b"k", NOW), None);
+        // A failing log's change is not forgotten as if durable: once the
+        // log works again, it is waited for until acknowledged.
         cells.publish_failing(1, false, |_| {});
+        assert!(!cells.settled(&[(1, lsn)]));
+        assert_eq!(cells.read(0, b"k", NOW), None);
         cells.publish_acked(1, lsn, |_| {});
         assert!(cells.read(0, b"k", NOW).unwrap().is_some());
+    }
+
+    #[test]
+    fn writes_to_another_shard_need_the_same_checkpoint_epoch() {
+        let cells = cells(2, true);
+        assert!(cells.same_epoch(0, 1));
+        cells.enter_epoch(1, 7);
+        assert!(!cells.same_epoch(0, 1) && !cells.same_epoch(1, 0));
+        cells.enter_epoch(0, 7);
+        assert!(cells.same_epoch(0, 1));
     }
 
     #[test]

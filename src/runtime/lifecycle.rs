@@ -24,6 +24,7 @@ use crate::runtime::mesh::{CheckpointMsg, Control, CopyGate, DrainReport};
 use crate::runtime::shared::{Phase, Shared};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -300,7 +301,8 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
     let mut writer = snapshot::Writer::create(dir).map_err(|e| format!("cannot create a temp file: {e}"))?;
     // One slice per core in flight at most: memory stays bounded.
     let (tx, rx) = mpsc::sync_channel(n);
-    let gate = Arc::new(CopyGate::default());
+    static CHECKPOINTS: AtomicU64 = AtomicU64::new(0);
+    let gate = Arc::new(CopyGate::new(CHECKPOINTS.fetch_add(1, Ordering::Relaxed) + 1));
     // However this ends, cores still waiting at the gate stop.
     let _abandon = AbandonOnDrop(gate.clone());
     for core in 0..n {

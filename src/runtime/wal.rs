@@ -227,9 +227,13 @@ impl Wal {
         judge(lsn, reply, Self::acked_lsn(&st, self.mode), st.failed_to, st.failing.is_some())
     }
 
-    /// Holds `reply` for `origin` until `lsn` is acknowledged.
+    /// Holds `reply` for `origin` until `lsn` is acknowledged. Kept in
+    /// position order (an answer released from waiting for another core's
+    /// log can come with a lower position than those already here).
     pub fn defer(&self, lsn: u64, origin: Origin, reply: Reply) {
-        self.st.borrow_mut().deferred.push_back((lsn, origin, reply));
+        let deferred = &mut self.st.borrow_mut().deferred;
+        let at = deferred.iter().rposition(|(l, _, _)| *l <= lsn).map_or(0, |i| i + 1);
+        deferred.insert(at, (lsn, origin, reply));
     }
 
     pub fn is_failing(&self) -> bool {

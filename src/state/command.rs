@@ -96,7 +96,10 @@ pub struct Applier<'a> {
     pub journal: &'a mut Journal,
     pub now_ms: u64,
     pub budget: &'a KeyBudget,
-    /// How far each core's log is acknowledged (`u64::MAX`: wait for nothing).
+    /// How far each core's log is acknowledged (`u64::MAX`: wait for
+    /// nothing). The real position even while a log is failing: whether to
+    /// wait for a failing log is the runtime's call, and its changes must
+    /// not be forgotten as if durable.
     pub acked: &'a dyn Fn(usize) -> u64,
 }
 
@@ -116,7 +119,7 @@ impl Owned {
     /// What an answer about a key seen at `seen` (version; `None`: absent)
     /// must wait for besides `by`'s own log.
     fn deps(&mut self, seen: Option<u64>, by: &Applier<'_>) -> Dependencies {
-        self.unacked.dependencies(seen, Some(by.core), &|log| (by.acked)(log))
+        self.unacked.dependencies(seen, by.now_ms, Some(by.core), &|log| (by.acked)(log))
     }
 
     /// Applies an operation. Answers for waiters it woke are pushed to `wakeups`.
@@ -141,12 +144,10 @@ impl Owned {
                 let outcome = self.shard.write(w, now_ms, budget, by.journal);
                 if by.journal.lsn() != before {
                     match outcome {
-                        WriteOutcome::Stored { version, .. } => {
-                            self.unacked.record(by.core, version, by.journal.lsn(), false)
+                        WriteOutcome::Stored { version, expires_ms, .. } => {
+                            self.unacked.record(by.core, version, by.journal.lsn(), expires_ms)
                         }
-                        WriteOutcome::Deleted { version } => {
-                            self.unacked.record(by.core, version, by.journal.lsn(), true)
-                        }
+                        WriteOutcome::Deleted { version } => self.unacked.record(by.core, version, by.journal.lsn(), 0),
                         _ => {}
                     }
                 }

@@ -7,16 +7,21 @@
 //! state of one key: it may leave only once the change that made that state
 //! is as durable as `-fsync` promises. This module keeps, per log, the
 //! changes applied to this shard that the log had not acknowledged when last
-//! looked at (version, log position, delete or not), and answers "which
-//! logs, up to where" for a key seen at some version, or seen absent.
+//! looked at (version, log position, and from when it leaves its key
+//! absent), and answers "which logs, up to where" for a key seen at some
+//! version, or seen absent.
 //!
 //! A key's state is its latest record (records are full states; recovery
 //! keeps the highest version), so a present key depends on exactly one
-//! change: the one that gave it its version. An absent key depends on the
-//! deletes not yet acknowledged; which key each deleted is not kept, so an
-//! absent key waits for all of them (rare, and only for one log pass).
-//! Pure bookkeeping: no I/O, no clocks; the caller says how far each log is
-//! acknowledged.
+//! change: the one that gave it its version. An absent key depends on every
+//! unacknowledged change that leaves some key absent by now: deletes, and
+//! puts whose expiry has passed (a put with a 1 ms TTL, once expired and
+//! swept, shows as absent; if a crash took the put back, an older value
+//! would return). Which key each touched is not kept, so an absent key
+//! waits for the latest such change of each log (rare, one log pass).
+//! Pure bookkeeping: no I/O, no clock reads; the caller says how far each
+//! log is acknowledged (its real position, even while it is failing: a
+//! failing log's changes are still not durable) and what time it is.
 
 use std::collections::VecDeque;
 
@@ -26,7 +31,9 @@ struct Change {
     version: u64,
     /// End of the change's record in its log.
     lsn: u64,
-    delete: bool,
+    /// Unix ms from which the change leaves its key absent: 0 for a
+    /// delete, the expiry for a put.
+    gone_from_ms: u64,
 }
 
 /// Log positions an answer must wait for: `(log, lsn)` pairs, at most one per log.
@@ -44,13 +51,14 @@ impl Unacked {
         Unacked { logs: (0..logs).map(|_| VecDeque::new()).collect() }
     }
 
-    /// Records that `log` journaled a change giving version `version` (a
-    /// delete if `delete`), ending at position `lsn` of that log.
-    pub fn record(&mut self, log: usize, version: u64, lsn: u64, delete: bool) {
+    /// Records that `log` journaled a change giving version `version`,
+    /// ending at position `lsn` of that log, that leaves its key absent from
+    /// `gone_from_ms` on (0: a delete; a put's expiry).
+    pub fn record(&mut self, log: usize, version: u64, lsn: u64, gone_from_ms: u64) {
         if log >= self.logs.len() {
             self.logs.resize_with(log + 1, VecDeque::new);
         }
-        self.logs[log].push_back(Change { version, lsn, delete });
+        self.logs[log].push_back(Change { version, lsn, gone_from_ms });
     }
 
     /// Forgets what the logs have acknowledged; `acked(log)` is how far `log`
@@ -68,11 +76,13 @@ impl Unacked {
     }
 
     /// What an answer about a key, seen at `seen` (its version, `None`:
-    /// absent), must wait for, leaving out log `except` (the answering
-    /// core's own log, which its answers wait for anyway). Empty: nothing.
+    /// absent) at `now_ms`, must wait for, leaving out log `except` (the
+    /// answering core's own log, which its answers wait for anyway). Empty:
+    /// nothing.
     pub fn dependencies(
         &mut self,
         seen: Option<u64>,
+        now_ms: u64,
         except: Option<usize>,
         acked: &impl Fn(usize) -> u64,
     ) -> Dependencies {
@@ -84,8 +94,8 @@ impl Unacked {
             }
             let wait = match seen {
                 // Versions are unique in a shard: at most one change made this one.
-                Some(v) => changes.iter().rev().find(|c| c.version == v && !c.delete),
-                None => changes.iter().rev().find(|c| c.delete),
+                Some(v) => changes.iter().rev().find(|c| c.version == v),
+                None => changes.iter().rev().find(|c| c.gone_from_ms <= now_ms),
             };
             if let Some(c) = wait {
                 deps.push((log, c.lsn));
@@ -111,6 +121,9 @@ impl Unacked {
 mod tests {
     use super::*;
 
+    const NOW: u64 = 1_000;
+    const LATER: u64 = 1_000_000;
+
     fn acked(a: [u64; 3]) -> impl Fn(usize) -> u64 {
         move |log| a[log]
     }
@@ -118,55 +131,48 @@ mod tests {
     #[test]
     fn a_present_key_waits_only_for_the_change_that_made_its_version() {
         let mut u = Unacked::new(3);
-        u.record(0, 10, 100, false);
-        u.record(1, 11, 50, false);
-        u.record(2, 12, 70, false);
+        u.record(0, 10, 100, LATER);
+        u.record(1, 11, 50, LATER);
+        u.record(2, 12, 70, LATER);
         let none = acked([0, 0, 0]);
-        assert_eq!(u.dependencies(Some(11), None, &none), vec![(1, 50)]);
-        assert_eq!(u.dependencies(Some(10), None, &none), vec![(0, 100)]);
+        assert_eq!(u.dependencies(Some(11), NOW, None, &none), vec![(1, 50)]);
+        assert_eq!(u.dependencies(Some(10), NOW, None, &none), vec![(0, 100)]);
         // The answering core's own log is left out.
-        assert_eq!(u.dependencies(Some(11), Some(1), &none), vec![]);
+        assert_eq!(u.dependencies(Some(11), NOW, Some(1), &none), vec![]);
         // A version no unacknowledged change made: nothing to wait for.
-        assert_eq!(u.dependencies(Some(9), None, &none), vec![]);
+        assert_eq!(u.dependencies(Some(9), NOW, None, &none), vec![]);
         // Acknowledged: forgotten.
-        assert_eq!(u.dependencies(Some(11), None, &acked([0, 50, 0])), vec![]);
-        assert_eq!(u.dependencies(Some(11), None, &none), vec![]);
+        assert_eq!(u.dependencies(Some(11), NOW, None, &acked([0, 50, 0])), vec![]);
+        assert_eq!(u.dependencies(Some(11), NOW, None, &none), vec![]);
         assert!(!u.is_clear(&none));
         assert!(u.is_clear(&acked([100, 0, 70])));
     }
 
     #[test]
-    fn an_absent_key_waits_for_every_unacknowledged_delete() {
+    fn an_absent_key_waits_for_every_change_that_leaves_a_key_absent() {
         let mut u = Unacked::new(3);
         let none = acked([0, 0, 0]);
-        assert_eq!(u.dependencies(None, None, &none), vec![]);
-        u.record(0, 5, 10, true);
-        u.record(0, 6, 20, false);
-        u.record(0, 7, 30, true);
-        u.record(2, 8, 40, true);
+        assert_eq!(u.dependencies(None, NOW, None, &none), vec![]);
+        u.record(0, 5, 10, 0);
+        u.record(0, 6, 20, LATER);
+        u.record(0, 7, 30, 0);
+        u.record(2, 8, 40, 0);
         // The latest delete of each log covers its earlier ones.
-        assert_eq!(u.dependencies(None, None, &none), vec![(0, 30), (2, 40)]);
-        assert_eq!(u.dependencies(None, Some(2), &none), vec![(0, 30)]);
-        // A put is not a delete: an absent key does not wait for it.
-        assert_eq!(u.dependencies(None, None, &acked([30, 0, 40])), vec![]);
-        // A present key's version made by a delete cannot be: ignored.
-        u.record(1, 9, 1, true);
-        assert_eq!(u.dependencies(Some(9), None, &none), vec![]);
-    }
-
-    #[test]
-    fn a_failing_log_is_waited_for_by_nobody() {
-        let mut u = Unacked::new(2);
-        u.record(1, 3, 10, false);
-        // The runtime reports a failing log as acknowledged everywhere
-        // (reads go on while a log fails).
-        assert_eq!(u.dependencies(Some(3), None, &|log| if log == 1 { u64::MAX } else { 0 }), vec![]);
+        assert_eq!(u.dependencies(None, NOW, None, &none), vec![(0, 30), (2, 40)]);
+        assert_eq!(u.dependencies(None, NOW, Some(2), &none), vec![(0, 30)]);
+        // A live put is not an absence: an absent key does not wait for it.
+        assert_eq!(u.dependencies(None, NOW, None, &acked([30, 0, 40])), vec![]);
+        // An expired one is: taken back by a crash, an older value could return.
+        u.record(1, 9, 5, NOW);
+        assert_eq!(u.dependencies(None, NOW - 1, None, &none), vec![]);
+        assert_eq!(u.dependencies(None, NOW, None, &none), vec![(1, 5)]);
     }
 
     #[test]
     fn logs_beyond_the_initial_count_are_tracked() {
         let mut u = Unacked::new(1);
-        u.record(4, 1, 1, false);
-        assert_eq!(u.dependencies(Some(1), None, &|_| 0), vec![(4, 1)]);
+        u.record(4, 1, 1, LATER);
+        assert!(u.others_pending(0) && !u.others_pending(4));
+        assert_eq!(u.dependencies(Some(1), NOW, None, &|_| 0), vec![(4, 1)]);
     }
 }
