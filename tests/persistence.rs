@@ -696,7 +696,7 @@ fn dump_prints_the_store_beside_a_running_server() {
 
 #[test]
 fn golden_snapshots_of_every_format_still_load() {
-    for format in ["v1", "v2", "v3"] {
+    for format in ["v1", "v2", "v3", "v4"] {
         let dir = TempDir::new();
         let golden = format!("{}/tests/golden/snapshot-{format}.rkyv", env!("CARGO_MANIFEST_DIR"));
         std::fs::copy(golden, dir.path().join("snapshot.rkyv")).unwrap();

@@ -3,7 +3,11 @@
 //!
 //! The snapshot says which log segments it does not cover (`replay_from`);
 //! every segment from there on is replayed in sequence order, whichever
-//! core (stream) wrote it. Records are full states with versions, and a key
+//! core (stream) wrote it, except records at or below the version the
+//! snapshot covers (`covered_version`): their change, or a later one, is in
+//! the copy, and a key's records may sit in several logs, so an old store
+//! replayed from a segment that outlived the checkpoint could otherwise win
+//! over a delete or expiry the copy shows. Records are full states with versions, and a key
 //! takes a record only if its version is higher than what the key has (a
 //! delete leaves a tombstone for the rest of the replay), so the order of
 //! streams, a fuzzy snapshot, or a record replayed twice cannot matter: each
@@ -82,6 +86,8 @@ pub struct Report {
     pub snapshot_created_ms: Option<u64>,
     pub segments: usize,
     pub records: u64,
+    /// Records the snapshot's copy already covers (not applied).
+    pub skipped: u64,
     /// Torn tails cut (or, read-only, skipped): file and offset.
     pub torn: Vec<(PathBuf, u64)>,
     pub expired: usize,
@@ -112,6 +118,7 @@ pub fn recover(
     })
     .map_err(|e| RecoveryError::Snapshot(snap_path.clone(), e))?;
     let replay_from = meta.as_ref().map_or(0, |m| m.replay_from);
+    let covered = meta.as_ref().map_or(0, |m| m.covered_version);
     if let Some(m) = &meta {
         report.secret_key = Some(m.secret_key.clone());
         report.snapshot_entries = m.entries;
@@ -129,6 +136,12 @@ pub fn recover(
         let mut apply = |rec: Record| {
             report.records += 1;
             report.max_version = report.max_version.max(rec.version());
+            // Its change, or a later one, is in the snapshot's copy; replayed,
+            // an old store could outlive a delete or an expiry the copy shows.
+            if rec.version() <= covered {
+                report.skipped += 1;
+                return;
+            }
             apply_record(rec, shards, &owner, budget, &mut tombstones);
         };
         let tail = read_stream(reader, size, &mut apply).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
@@ -276,13 +289,53 @@ mod tests {
         segment(&d, 1, 0, |b| encode_put(b, &entry("covered", "by-log-1", 1), 0));
         let mut w = snapshot::Writer::create(&d).unwrap();
         w.write_entries(&[entry("s", "snap", 5), entry("covered", "snap", 6)]).unwrap();
-        w.publish(&SecretKey::from_bytes([1; 32]), NOW, 2, 6).unwrap();
+        w.publish(
+            &SecretKey::from_bytes([1; 32]),
+            NOW,
+            snapshot::Cover { replay_from: 2, covered_version: 0, max_version: 6 },
+        )
+        .unwrap();
         segment(&d, 2, 0, |b| encode_put(b, &entry("s", "after", 7), 0));
         let (mut shards, report, budget) = run(&d, 2, Mode::Repair).unwrap();
         assert_eq!(value(&mut shards, 2, "covered", &budget).as_deref(), Some("snap"), "segment 1 is not replayed");
         assert_eq!(value(&mut shards, 2, "s", &budget).as_deref(), Some("after"));
         assert_eq!((report.segments, report.snapshot_entries), (1, 2));
         assert_eq!(report.secret_key.unwrap().as_bytes(), &[1; 32]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Any core may log a change to any key, so a key's records can sit in
+    /// several logs, and a log can rewrite old records into a fresh segment
+    /// (a failed sync) or start one at a size limit while a checkpoint moves
+    /// the logs. A record at or below the version the copy covers is
+    /// skipped: replayed, it would outlive the delete (or the expiry) the
+    /// copy shows, whose own record was in a deleted segment.
+    #[test]
+    fn records_the_copy_covers_are_not_replayed() {
+        let d = tmp("covered");
+        let mut w = snapshot::Writer::create(&d).unwrap();
+        // The copy: "deleted" is gone (deleted at version 12), "expired"
+        // holds version 13 whose expiry has passed, "kept" is at 14.
+        let mut gone_soon = entry("expired", "new", 13);
+        gone_soon.expires_ms = NOW - 1;
+        w.write_entries(&[gone_soon, entry("kept", "copy", 14)]).unwrap();
+        let cover = snapshot::Cover { replay_from: 5, covered_version: 20, max_version: 25 };
+        w.publish(&SecretKey::from_bytes([1; 32]), NOW, cover).unwrap();
+        // A segment the snapshot does not cover by number, holding records
+        // older than the copy, and one newer change.
+        segment(&d, 6, 1, |b| {
+            encode_put(b, &entry("deleted", "old", 10), 0);
+            encode_put(b, &entry("expired", "old", 11), 0);
+            encode_put(b, &entry("kept", "old", 9), 0);
+            encode_put(b, &entry("new", "after", 21), 0);
+        });
+        let (mut shards, report, budget) = run(&d, 2, Mode::Repair).unwrap();
+        assert_eq!(value(&mut shards, 2, "deleted", &budget), None, "an old store outlived its delete");
+        assert_eq!(value(&mut shards, 2, "expired", &budget), None, "an old store outlived a newer expired one");
+        assert_eq!(value(&mut shards, 2, "kept", &budget).as_deref(), Some("copy"));
+        assert_eq!(value(&mut shards, 2, "new", &budget).as_deref(), Some("after"));
+        assert_eq!((report.records, report.skipped), (4, 3));
+        assert!(shards.iter().all(|s| s.last_version() >= 25));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

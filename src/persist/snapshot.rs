@@ -1,18 +1,22 @@
 //! The snapshot file: a checkpoint of the store, written and read as a
 //! stream so that neither costs a second copy of the store in memory.
 //!
-//! Format 3 (written now): a 16-byte header (magic `RDVZSNAP`, format
+//! Format 4 (written now): a 16-byte header (magic `RDVZSNAP`, format
 //! version, flags), then frames. Each frame is `u32 kind`, `u32 reserved`,
 //! `u64 length`, the BLAKE3 hash of the payload, and the payload: an rkyv
 //! archive. Entry frames hold up to a few thousand entries (key and value
 //! bytes, owner-secret hash, expiry, version, creating network); the last
 //! frame is the trailer: the instance's secret-hashing key, the log
 //! position recovery replays from (the first log segment that is not
-//! covered), the highest version issued when the copy ended, the entry
-//! count. A file without its trailer is incomplete and refused. The list is
-//! independent of the core count: loading re-routes every entry.
+//! covered), the highest version issued when the copy ended, the version
+//! the copy covers (every change at or below it is in the copy, so
+//! recovery replays only records above it), the entry count. A file
+//! without its trailer is incomplete and refused. The list is independent
+//! of the core count: loading re-routes every entry.
 //!
-//! Formats 1 and 2 (one header and one archive) are still read, and
+//! Format 3 is format 4 without the covered version (read as 0: replay
+//! everything, as its writers, which logged each key in one log only,
+//! needed). Formats 1 and 2 (one header and one archive) are still read, and
 //! `tests/golden/` holds a committed file of every format that the tests
 //! load: rkyv has no schema evolution, so an old file must keep working.
 //!
@@ -37,7 +41,7 @@ use std::path::{Path, PathBuf};
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"RDVZSNAP";
 /// The format this build writes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The snapshot's name inside the data directory.
 pub const FILE_NAME: &str = "snapshot.rkyv";
 /// Prefix of temp files (a crash can leave one; startup removes them).
@@ -119,6 +123,22 @@ pub struct TrailerV3 {
     pub frames: u64,
 }
 
+/// The last frame of format version 4.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TrailerV4 {
+    pub created_unix_ms: u64,
+    pub secret_key: [u8; 32],
+    /// Log segments with this sequence number or higher are replayed on top.
+    pub replay_from: u64,
+    /// The highest version issued when the copy ended (deletes included).
+    pub max_version: u64,
+    /// Every change with this version or lower is in the copy: replay skips
+    /// such records.
+    pub covered_version: u64,
+    pub entries: u64,
+    pub frames: u64,
+}
+
 /// Why a snapshot file cannot be used.
 #[derive(Debug)]
 pub enum SnapshotError {
@@ -188,8 +208,21 @@ pub struct Meta {
     /// First log segment to replay (0 for formats 1 and 2, which predate the log).
     pub replay_from: u64,
     pub max_version: u64,
+    /// Replay skips records at or below this version (0 before format 4).
+    pub covered_version: u64,
     pub entries: u64,
     pub format: u32,
+}
+
+/// What a snapshot covers, and what recovery must replay on top of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cover {
+    /// The first log segment to replay.
+    pub replay_from: u64,
+    /// Every change at or below this version is in the copy.
+    pub covered_version: u64,
+    /// The highest version issued when the copy ended.
+    pub max_version: u64,
 }
 
 /// Builds an entry from archived fields, checking what the archive cannot.
@@ -243,7 +276,7 @@ pub fn load(path: &Path, mut each: impl FnMut(Entry)) -> Result<Option<Meta>, Sn
             entries.into_iter().for_each(each);
             Ok(Some(meta))
         }
-        3 => load_v3(&mut r, size, &mut each).map(Some),
+        3 | 4 => load_framed(&mut r, size, version, &mut each).map(Some),
         v => Err(SnapshotError::UnsupportedVersion(v)),
     }
 }
@@ -259,7 +292,8 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-fn load_v3(r: &mut impl Read, size: u64, each: &mut impl FnMut(Entry)) -> Result<Meta, SnapshotError> {
+/// Reads a format 3 or 4 file after its header.
+fn load_framed(r: &mut impl Read, size: u64, format: u32, each: &mut impl FnMut(Entry)) -> Result<Meta, SnapshotError> {
     let mut offset = V3_HEADER_LEN as u64;
     let mut count = 0u64;
     let mut frames = 0u64;
@@ -309,13 +343,35 @@ fn load_v3(r: &mut impl Read, size: u64, each: &mut impl FnMut(Entry)) -> Result
                 frames += 1;
             }
             FRAME_TRAILER => {
-                let t = rkyv::access::<ArchivedTrailerV3, rancor::Error>(&payload)
-                    .map_err(|e| bad(format!("invalid trailer ({e})")))?;
-                if t.entries.to_native() != count || t.frames.to_native() != frames {
+                let t = if format == 3 {
+                    let t = rkyv::access::<ArchivedTrailerV3, rancor::Error>(&payload)
+                        .map_err(|e| bad(format!("invalid trailer ({e})")))?;
+                    TrailerV4 {
+                        created_unix_ms: t.created_unix_ms.to_native(),
+                        secret_key: t.secret_key,
+                        replay_from: t.replay_from.to_native(),
+                        max_version: t.max_version.to_native(),
+                        covered_version: 0,
+                        entries: t.entries.to_native(),
+                        frames: t.frames.to_native(),
+                    }
+                } else {
+                    let t = rkyv::access::<ArchivedTrailerV4, rancor::Error>(&payload)
+                        .map_err(|e| bad(format!("invalid trailer ({e})")))?;
+                    TrailerV4 {
+                        created_unix_ms: t.created_unix_ms.to_native(),
+                        secret_key: t.secret_key,
+                        replay_from: t.replay_from.to_native(),
+                        max_version: t.max_version.to_native(),
+                        covered_version: t.covered_version.to_native(),
+                        entries: t.entries.to_native(),
+                        frames: t.frames.to_native(),
+                    }
+                };
+                if t.entries != count || t.frames != frames {
                     return Err(bad(format!(
                         "the trailer counts {} entries in {} frames, the file holds {count} in {frames}",
-                        t.entries.to_native(),
-                        t.frames.to_native()
+                        t.entries, t.frames
                     )));
                 }
                 let end = offset + FRAME_HEADER_LEN as u64 + len;
@@ -324,11 +380,12 @@ fn load_v3(r: &mut impl Read, size: u64, each: &mut impl FnMut(Entry)) -> Result
                 }
                 return Ok(Meta {
                     secret_key: SecretKey::from_bytes(t.secret_key),
-                    created_unix_ms: t.created_unix_ms.to_native(),
-                    replay_from: t.replay_from.to_native(),
-                    max_version: t.max_version.to_native(),
+                    created_unix_ms: t.created_unix_ms,
+                    replay_from: t.replay_from,
+                    max_version: t.max_version,
+                    covered_version: t.covered_version,
                     entries: count,
-                    format: 3,
+                    format,
                 });
             }
             other => return Err(bad(format!("unknown frame kind {other}"))),
@@ -393,6 +450,7 @@ fn decode_v12(bytes: &[u8]) -> Result<(Meta, Vec<Entry>), SnapshotError> {
         created_unix_ms: created,
         replay_from: 0,
         max_version,
+        covered_version: 0,
         entries: entries.len() as u64,
         format: version,
     };
@@ -482,18 +540,13 @@ impl Writer {
 
     /// Writes the trailer, syncs, and renames the file into place as
     /// `dir/FILE_NAME`. Returns the file's size.
-    pub fn publish(
-        mut self,
-        secret_key: &SecretKey,
-        created_unix_ms: u64,
-        replay_from: u64,
-        max_version: u64,
-    ) -> Result<u64, SnapshotError> {
-        let trailer = TrailerV3 {
+    pub fn publish(mut self, secret_key: &SecretKey, created_unix_ms: u64, cover: Cover) -> Result<u64, SnapshotError> {
+        let trailer = TrailerV4 {
             created_unix_ms,
             secret_key: *secret_key.as_bytes(),
-            replay_from,
-            max_version,
+            replay_from: cover.replay_from,
+            max_version: cover.max_version,
+            covered_version: cover.covered_version,
             entries: self.entries,
             frames: self.frames,
         };
@@ -542,7 +595,8 @@ mod tests {
         for f in frames {
             w.write_entries(f).unwrap();
         }
-        w.publish(&SecretKey::from_bytes([5; 32]), 42, 17, 99).unwrap()
+        w.publish(&SecretKey::from_bytes([5; 32]), 42, Cover { replay_from: 17, covered_version: 77, max_version: 99 })
+            .unwrap()
     }
 
     fn read(path: &Path) -> Result<(Meta, Vec<Entry>), SnapshotError> {
@@ -562,6 +616,7 @@ mod tests {
         assert_eq!(got, all);
         assert_eq!(got[0].creator(), 0xffff_ffff_0102_0304);
         assert_eq!((meta.created_unix_ms, meta.replay_from, meta.max_version, meta.entries), (42, 17, 99, 3));
+        assert_eq!((meta.covered_version, meta.format), (77, FORMAT_VERSION));
         assert_eq!(meta.secret_key.as_bytes(), &[5; 32]);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
@@ -698,20 +753,30 @@ mod tests {
         assert_eq!(entries, golden_v3_entries());
     }
 
+    #[test]
+    fn golden_v4_loads() {
+        let (meta, entries) = golden("snapshot-v4.rkyv");
+        assert_eq!((meta.secret_key.as_bytes(), meta.format), (&[7u8; 32], 4));
+        assert_eq!((meta.created_unix_ms, meta.replay_from, meta.max_version), (1_764_000_000_000, 4, 2_000));
+        assert_eq!(meta.covered_version, 1_500);
+        assert_eq!(entries, golden_v3_entries());
+    }
+
     /// Writes the golden file of the current format version (run by hand when
     /// adding a format version: `cargo test write_golden -- --ignored`, after
     /// renaming this test and the file). Never overwrite an older one.
     #[test]
     #[ignore = "writes tests/golden; run by hand for a new format"]
-    fn write_golden_v3() {
-        assert_eq!(FORMAT_VERSION, 3, "add a new golden file for a new version");
+    fn write_golden_v4() {
+        assert_eq!(FORMAT_VERSION, 4, "add a new golden file for a new version");
         let d = dir("golden");
         let mut w = Writer::create(&d).unwrap();
         let entries = golden_v3_entries();
         w.write_entries(&entries[..2]).unwrap();
         w.write_entries(&entries[2..]).unwrap();
-        w.publish(&SecretKey::from_bytes([7; 32]), 1_764_000_000_000, 4, 2_000).unwrap();
-        fs::copy(d.join(FILE_NAME), concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/snapshot-v3.rkyv")).unwrap();
+        let cover = Cover { replay_from: 4, covered_version: 1_500, max_version: 2_000 };
+        w.publish(&SecretKey::from_bytes([7; 32]), 1_764_000_000_000, cover).unwrap();
+        fs::copy(d.join(FILE_NAME), concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/snapshot-v4.rkyv")).unwrap();
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -54,8 +54,6 @@ struct Cell {
     failing: AtomicBool,
     /// `watchers[c]`: core `c` holds answers waiting for this log.
     watchers: Box<[AtomicBool]>,
-    /// The checkpoint this core last moved its log for (see `same_epoch`).
-    epoch: AtomicU64,
 }
 
 /// Every core's owned state, indexed by core.
@@ -75,7 +73,6 @@ impl Cells {
                     acked: AtomicU64::new(acked),
                     failing: AtomicBool::new(false),
                     watchers: (0..n).map(|_| AtomicBool::new(false)).collect(),
-                    epoch: AtomicU64::new(0),
                 })
                 .collect(),
         )
@@ -111,25 +108,6 @@ impl Cells {
     /// does for its own; reads go on while a log fails).
     pub fn settled(&self, deps: &[(usize, u64)]) -> bool {
         deps.iter().all(|&(log, lsn)| self.0[log].failing.load(Ordering::SeqCst) || self.acked(log) >= lsn)
-    }
-
-    /// Core `core` moved its log to a new segment for checkpoint `epoch`.
-    /// Call before it journals anything into the new segment.
-    pub fn enter_epoch(&self, core: usize, epoch: u64) {
-        self.0[core].epoch.store(epoch, Ordering::SeqCst);
-    }
-
-    /// Whether `me` may apply a write to `owner`'s shard (call holding the
-    /// shard's lock): both logs last moved for the same checkpoint. A
-    /// snapshot deletes the log segments from before its checkpoint, so
-    /// within one shard no record in an old segment may be newer than one
-    /// in a new segment (a delete there would be lost and the older put
-    /// replayed). The owner writes its shard in its own log's order; another
-    /// core may add records only while its log is in the same epoch, so its
-    /// old-segment records all precede the owner's move, and its
-    /// new-segment records all follow it.
-    pub fn same_epoch(&self, me: usize, owner: usize) -> bool {
-        self.0[me].epoch.load(Ordering::SeqCst) == self.0[owner].epoch.load(Ordering::SeqCst)
     }
 
     /// Core `me` holds answers waiting for `log`: wake it when `log` moves.
@@ -285,16 +263,6 @@ mod tests {
         assert_eq!(cells.read(0, b"k", NOW), None);
         cells.publish_acked(1, lsn, |_| {});
         assert!(cells.read(0, b"k", NOW).unwrap().is_some());
-    }
-
-    #[test]
-    fn writes_to_another_shard_need_the_same_checkpoint_epoch() {
-        let cells = cells(2, true);
-        assert!(cells.same_epoch(0, 1));
-        cells.enter_epoch(1, 7);
-        assert!(!cells.same_epoch(0, 1) && !cells.same_epoch(1, 0));
-        cells.enter_epoch(0, 7);
-        assert!(cells.same_epoch(0, 1));
     }
 
     #[test]

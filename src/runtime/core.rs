@@ -218,12 +218,7 @@ async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<Checkpo
     let id = router.me();
     let seq = match router.wal() {
         Some(wal) => match wal.rotate_for_checkpoint(&*router) {
-            Ok(seq) => {
-                // Before anything is journaled into the new segment (no await
-                // in between).
-                router.enter_epoch(gate.epoch());
-                seq
-            }
+            Ok(seq) => seq,
             Err(e) => {
                 let _ = out.send(CheckpointMsg::Failed { core: id, why: format!("cannot start a log segment: {e}") });
                 return;

@@ -24,7 +24,6 @@ use crate::runtime::mesh::{CheckpointMsg, Control, CopyGate, DrainReport};
 use crate::runtime::shared::{Phase, Shared};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -301,8 +300,7 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
     let mut writer = snapshot::Writer::create(dir).map_err(|e| format!("cannot create a temp file: {e}"))?;
     // One slice per core in flight at most: memory stays bounded.
     let (tx, rx) = mpsc::sync_channel(n);
-    static CHECKPOINTS: AtomicU64 = AtomicU64::new(0);
-    let gate = Arc::new(CopyGate::new(CHECKPOINTS.fetch_add(1, Ordering::Relaxed) + 1));
+    let gate = Arc::new(CopyGate::default());
     // However this ends, cores still waiting at the gate stop.
     let _abandon = AbandonOnDrop(gate.clone());
     for core in 0..n {
@@ -310,7 +308,7 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
     }
     drop(tx);
     let mut seqs: Vec<Option<u64>> = vec![None; n];
-    let (mut begun, mut ended, mut max_version) = (0, 0, 0u64);
+    let (mut begun, mut ended, mut max_version, mut covered) = (0, 0, 0u64, 0u64);
     let failure = loop {
         match rx.recv_timeout(COLLECT_TIMEOUT) {
             Ok(CheckpointMsg::Begun { core, seq }) => {
@@ -320,6 +318,10 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
                     }
                 }
                 if begun == n {
+                    // Every core has moved its log: a change with a version up
+                    // to here was applied before the copies begin, so they have
+                    // it; replay skips such records, wherever they were logged.
+                    covered = shared.versions.current();
                     gate.open();
                 }
             }
@@ -347,7 +349,8 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
     }
     let entries = writer.entries();
     let replay_from = seqs.iter().flatten().copied().min().unwrap_or(0);
-    let size = writer.publish(&shared.secret_key, created, replay_from, max_version).map_err(|e| e.to_string())?;
+    let cover = snapshot::Cover { replay_from, covered_version: covered, max_version };
+    let size = writer.publish(&shared.secret_key, created, cover).map_err(|e| e.to_string())?;
     Ok((entries, size, replay_from))
 }
 

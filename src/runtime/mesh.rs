@@ -60,18 +60,14 @@ pub enum Control {
 /// in its own log; the segments before the checkpoint's are deleted once
 /// the snapshot is published, so every change they hold must be in the
 /// copy. A change in an old segment was applied before its core moved its
-/// log, so before the gate opened, so before any copy began: the copy has it
-/// (or a later version of the key, whose record is in a new segment).
-///
-/// The gate also names its checkpoint (`epoch`): a core that moved its log
-/// enters that epoch, and writes to another core's shard need both in the
-/// same one (`cells::Cells::same_epoch`), so within a shard no record in a
-/// deleted segment is newer than one replayed.
-#[derive(Debug)]
-pub struct CopyGate {
-    state: AtomicU8,
-    epoch: u64,
-}
+/// log, so before the gate opened, so before any copy began: the copy has
+/// it (or a later version of the key). Before opening, the snapshot thread
+/// reads the version clock: every change up to that version is in the
+/// copies, and recovery skips such records wherever they were logged (a
+/// log may rewrite old records into a new segment after a failed sync), so
+/// no old store outlives a delete the copy shows.
+#[derive(Debug, Default)]
+pub struct CopyGate(AtomicU8);
 
 /// Where a checkpoint's copies stand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,17 +81,8 @@ pub enum GateState {
 }
 
 impl CopyGate {
-    /// A closed gate for checkpoint number `epoch` (distinct per checkpoint).
-    pub fn new(epoch: u64) -> Self {
-        CopyGate { state: AtomicU8::new(0), epoch }
-    }
-
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
     pub fn state(&self) -> GateState {
-        match self.state.load(Ordering::Acquire) {
+        match self.0.load(Ordering::Acquire) {
             0 => GateState::Closed,
             1 => GateState::Open,
             _ => GateState::Abandoned,
@@ -104,12 +91,12 @@ impl CopyGate {
 
     /// Every core has moved its log.
     pub fn open(&self) {
-        let _ = self.state.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.0.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// The checkpoint ended before the gate opened (a failure, a timeout).
     pub fn abandon(&self) {
-        let _ = self.state.compare_exchange(0, 2, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.0.compare_exchange(0, 2, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 

@@ -155,11 +155,6 @@ impl Router {
         self.wal.as_ref()
     }
 
-    /// This core's log moved to a new segment for checkpoint `epoch`.
-    pub fn enter_epoch(&self, epoch: u64) {
-        self.cells.enter_epoch(self.me, epoch);
-    }
-
     pub fn periods(&self) -> &Periods {
         &self.periods
     }
@@ -181,9 +176,8 @@ impl Router {
     }
 
     /// Applies a write to another core's shard here, journaled in this
-    /// core's log, if its lock is free, this core's log is writable and both
-    /// logs are in the same checkpoint epoch (`Err` gives the write back:
-    /// send it to the owner). This takes the cross-core hop off a write: no
+    /// core's log, if its lock is free and this core's log is writable
+    /// (`Err` gives the write back: send it to the owner). This takes the cross-core hop off a write: no
     /// message, no owner wake-up, no reply message.
     fn apply_direct(&self, owner: usize, op: Op) -> Result<(Reply, u64, Dependencies), Op> {
         if self.journal.borrow().refusing() {
@@ -192,10 +186,8 @@ impl Router {
         }
         let mut wakeups = Vec::new();
         let (reply, deps, changed) = match self.cells.try_lock(owner) {
-            Some(mut owned) if self.cells.same_epoch(self.me, owner) => self.apply_to(&mut owned, op, &mut wakeups),
-            // Taken, or a checkpoint is moving the logs and only one of the
-            // two has moved yet (see `Cells::same_epoch`).
-            _ => return Err(op),
+            Some(mut owned) => self.apply_to(&mut owned, op, &mut wakeups),
+            None => return Err(op),
         };
         let mut s = self.stats.get();
         s.direct_writes += 1;

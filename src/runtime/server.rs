@@ -32,7 +32,7 @@ use crate::runtime::shared::{Phase, PhaseCell, Shared};
 use crate::state::command::Owned;
 use crate::state::ratelimit::{Limiter, Periods};
 use crate::state::secret::SecretKey;
-use crate::state::shard::{KeyBudget, Shard};
+use crate::state::shard::{KeyBudget, Shard, Versions};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -151,6 +151,8 @@ pub fn bind_listeners(
 /// cores need to continue the log.
 struct Restored {
     shards: Vec<Shard>,
+    /// The version clock the shards share.
+    versions: Arc<Versions>,
     secret_key: SecretKey,
     /// The first log segment number this process may use.
     next_segment: u64,
@@ -162,7 +164,8 @@ fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Res
     let n = config.threads;
     // Sized up front: growing a big table stalls the core while it rehashes.
     let per_core = (config.max_num_kv / n + config.max_num_kv / n / 8 + 1024).min(config.max_num_kv);
-    let mut shards: Vec<Shard> = (0..n).map(|_| Shard::with_capacity(per_core)).collect();
+    let versions = Arc::new(Versions::default());
+    let mut shards: Vec<Shard> = (0..n).map(|_| Shard::sharing(per_core, versions.clone())).collect();
     // Versions (ETags) never go backwards: above the clock (8 per ms leaves
     // room for bursts), and above every version the directory ever issued.
     let clock_floor = crate::clock::unix_ms() << 3;
@@ -170,7 +173,7 @@ fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Res
         log::warn!("persistence is off (-dataDir is empty): a restart loses every key");
         shards.iter_mut().for_each(|s| s.raise_version_floor(clock_floor));
         let secret_key = SecretKey::random().map_err(StartupError::Random)?;
-        return Ok(Restored { shards, secret_key, next_segment: 0, data_dir: None });
+        return Ok(Restored { shards, versions, secret_key, next_segment: 0, data_dir: None });
     };
     let dir = DataDir::open(path, !config.was_given("dataDir")).map_err(StartupError::DataDir)?;
     let started = Instant::now();
@@ -208,7 +211,7 @@ fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Res
             config.max_num_kv
         );
     }
-    Ok(Restored { shards, secret_key, next_segment: report.next_seq, data_dir: Some(dir) })
+    Ok(Restored { shards, versions, secret_key, next_segment: report.next_seq, data_dir: Some(dir) })
 }
 
 /// Binds the admin address. Busy and given explicitly: an error. Busy by
@@ -256,12 +259,13 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let admin = bind_admin(&config)?;
     let (listeners, bound, port_lock) = bind_listeners(config.listen(), n, port_lock)?;
     let (mesh, receivers) = Mesh::new(n);
-    let Restored { shards, secret_key, next_segment, data_dir } = restored;
+    let Restored { shards, versions, secret_key, next_segment, data_dir } = restored;
     let persist = data_dir.is_some();
     let shared = Arc::new(Shared {
         routing,
         mesh,
         cells: Arc::new(Cells::new(shards.into_iter().map(Owned::new).collect(), persist)),
+        versions,
         budget,
         limiter: Arc::new(Limiter::new(config.max_requests, config.max_requests_per_net, config.max_tracked_ips)),
         periods: Periods::new(Instant::now(), config.reset_duration),

@@ -16,7 +16,7 @@ use crate::runtime::connlimit::ConnLimits;
 use crate::runtime::mesh::{Mesh, Routing};
 use crate::state::ratelimit::{Limiter, Periods};
 use crate::state::secret::SecretKey;
-use crate::state::shard::KeyBudget;
+use crate::state::shard::{KeyBudget, Versions};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -55,8 +55,10 @@ pub struct Shared {
     pub config: Config,
     pub routing: Routing,
     pub mesh: Arc<Mesh>,
-    /// Each core's shard and waiters (changed only by their core).
+    /// Each core's shard and waiters (changed under their lock).
     pub cells: Arc<Cells>,
+    /// The version clock every shard draws from (checkpoints read it).
+    pub versions: Arc<Versions>,
     pub budget: Arc<KeyBudget>,
     /// Every client's and network's rate-limit buckets.
     pub limiter: Arc<Limiter>,

@@ -1,9 +1,10 @@
 //! One core's slice of the store: the API's key-value semantics as a plain
 //! synchronous state machine.
 //!
-//! Only the owning core's thread changes a `Shard`; other cores may only
-//! `peek` into it, under the lock the runtime keeps it behind
-//! (`runtime::cells`), so nothing here is shared or atomic. Layout: a
+//! A `Shard` is changed under the lock the runtime keeps it behind
+//! (`runtime::cells`), by its core or by a core writing one of its keys;
+//! nothing in it is shared except the version clock (`Versions`), which
+//! every shard of a process draws from. Layout: a
 //! dense `Vec<Entry>` plus a `hashbrown::HashTable<u32>` of indices into it.
 //! The dense vector gives the expiry sweep a cursor that survives inserts and
 //! removals, so expired keys are reclaimed a bounded slice at a time instead
@@ -21,6 +22,37 @@ use crate::state::secret::{self, SecretHash};
 use hashbrown::HashTable;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The version clock every shard of a process draws from: one counter, so
+/// versions are totally ordered across shards and logs. A checkpoint reads
+/// it once every core has moved its log (`covered`): every change at or
+/// below that version is in the snapshot's copy, and recovery replays only
+/// records above it (see `persist::recovery`).
+#[derive(Debug, Default)]
+pub struct Versions(AtomicU64);
+
+impl Versions {
+    /// The next version (never above `MAX_VERSION`).
+    fn next(&self) -> u64 {
+        let prev = self.0.fetch_add(1, Ordering::SeqCst);
+        if prev >= MAX_VERSION {
+            self.0.store(MAX_VERSION, Ordering::SeqCst);
+        }
+        (prev + 1).min(MAX_VERSION)
+    }
+
+    /// The last version issued (or restored).
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Never issue `v` or below again.
+    fn raise(&self, v: u64) {
+        self.0.fetch_max(v.min(MAX_VERSION), Ordering::SeqCst);
+    }
+}
 
 /// Entries a create that finds the store full examines for expired ones.
 const FULL_SWEEP: usize = 4096;
@@ -175,8 +207,8 @@ pub struct Shard {
     snapshot: Option<SnapshotCopy>,
     /// The id the next copy gets.
     next_copy: u64,
-    /// The last version issued.
-    last_version: u64,
+    /// Where versions come from (shared by every shard of a process).
+    versions: Arc<Versions>,
 }
 
 /// Names one snapshot copy of a shard.
@@ -202,9 +234,16 @@ struct SnapshotCopy {
 }
 
 impl Shard {
-    /// `capacity` is a sizing hint: growing a large table stalls the core
-    /// while it rehashes, so shards are sized up front from `-maxNumKV`.
+    /// A shard with a version clock of its own (tests, tools); the server
+    /// uses `sharing`. `capacity` is a sizing hint: growing a large table
+    /// stalls the core while it rehashes, so shards are sized up front from
+    /// `-maxNumKV`.
     pub fn with_capacity(capacity: usize) -> Self {
+        Self::sharing(capacity, Arc::default())
+    }
+
+    /// A shard drawing versions from `versions`.
+    pub fn sharing(capacity: usize, versions: Arc<Versions>) -> Self {
         Shard {
             entries: Vec::with_capacity(capacity),
             table: HashTable::with_capacity(capacity),
@@ -214,7 +253,7 @@ impl Shard {
             expired_total: 0,
             snapshot: None,
             next_copy: 0,
-            last_version: 0,
+            versions,
         }
     }
 
@@ -236,7 +275,7 @@ impl Shard {
 
     /// The highest version issued or restored.
     pub fn last_version(&self) -> u64 {
-        self.last_version
+        self.versions.current()
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
@@ -247,13 +286,12 @@ impl Shard {
     /// The next write version: above every version this shard has issued or
     /// restored, and above `set_version_base` (so versions grow across restarts).
     fn next_version(&mut self) -> u64 {
-        self.last_version = (self.last_version + 1).min(MAX_VERSION);
-        self.last_version
+        self.versions.next()
     }
 
     /// Starts versions above `base` (the server uses the start time).
     pub fn set_version_base(&mut self, base: u64) {
-        self.last_version = self.last_version.max(base.min(MAX_VERSION / 2));
+        self.versions.raise(base.min(MAX_VERSION / 2));
     }
 
     /// Looks a key up without changing anything: an expired entry is
@@ -511,7 +549,7 @@ impl Shard {
         if entry.version() == 0 {
             entry.set_version(self.next_version());
         }
-        self.last_version = self.last_version.max(entry.version());
+        self.versions.raise(entry.version());
         let hash = self.hasher.hash_one(entry.key());
         if let Some(idx) = self.find(hash, entry.key()) {
             let old = &self.entries[idx];
@@ -550,7 +588,7 @@ impl Shard {
     /// Raises the version high-water mark (versions issued before a restart,
     /// deletes included, are never issued again).
     pub fn raise_version_floor(&mut self, v: u64) {
-        self.last_version = self.last_version.max(v.min(MAX_VERSION));
+        self.versions.raise(v);
     }
 
     /// Removes every entry expired at `now_ms` (recovery, before serving).
