@@ -14,9 +14,8 @@
 //! without its trailer is incomplete and refused. The list is independent
 //! of the core count: loading re-routes every entry.
 //!
-//! Format 3 is format 4 without the covered version (read as 0: replay
-//! everything, as its writers, which logged each key in one log only,
-//! needed). Formats 1 and 2 (one header and one archive) are still read, and
+//! Format 3 is format 4 without the covered version (read as 0: every
+//! record after its first segment is replayed). Formats 1 and 2 (one header and one archive) are still read, and
 //! `tests/golden/` holds a committed file of every format that the tests
 //! load: rkyv has no schema evolution, so an old file must keep working.
 //!
@@ -368,6 +367,12 @@ fn load_framed(r: &mut impl Read, size: u64, format: u32, each: &mut impl FnMut(
                         frames: t.frames.to_native(),
                     }
                 };
+                if t.covered_version > t.max_version {
+                    return Err(bad(format!(
+                        "the trailer covers version {} above the highest issued, {}",
+                        t.covered_version, t.max_version
+                    )));
+                }
                 if t.entries != count || t.frames != frames {
                     return Err(bad(format!(
                         "the trailer counts {} entries in {} frames, the file holds {count} in {frames}",
@@ -750,6 +755,7 @@ mod tests {
         let (meta, entries) = golden("snapshot-v3.rkyv");
         assert_eq!((meta.secret_key.as_bytes(), meta.format), (&[7u8; 32], 3));
         assert_eq!((meta.created_unix_ms, meta.replay_from, meta.max_version), (1_764_000_000_000, 4, 2_000));
+        assert_eq!(meta.covered_version, 0, "format 3 covers nothing: everything after replay_from is replayed");
         assert_eq!(entries, golden_v3_entries());
     }
 

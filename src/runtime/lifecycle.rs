@@ -321,7 +321,7 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
                     // Every core has moved its log: a change with a version up
                     // to here was applied before the copies begin, so they have
                     // it; replay skips such records, wherever they were logged.
-                    covered = shared.versions.current();
+                    covered = shared.versions.covered();
                     gate.open();
                 }
             }

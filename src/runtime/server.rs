@@ -195,12 +195,13 @@ fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Res
         None => "no snapshot".to_string(),
     };
     log::info!(
-        "recovered {} keys from {} in {} ms: {snap}, {} log records in {} segments replayed, {} expired since, {} torn tails cut",
+        "recovered {} keys from {} in {} ms: {snap}, {} log records in {} segments read ({} already in the snapshot), {} expired since, {} torn tails cut",
         report.live,
         path.display(),
         started.elapsed().as_millis(),
         report.records,
         report.segments,
+        report.skipped,
         report.expired,
         report.torn.len()
     );

@@ -34,13 +34,21 @@ use std::sync::Arc;
 pub struct Versions(AtomicU64);
 
 impl Versions {
-    /// The next version (never above `MAX_VERSION`).
+    /// The next version (never above `MAX_VERSION`, where it stays).
     fn next(&self) -> u64 {
-        let prev = self.0.fetch_add(1, Ordering::SeqCst);
-        if prev >= MAX_VERSION {
-            self.0.store(MAX_VERSION, Ordering::SeqCst);
-        }
+        let bump = |v: u64| Some((v + 1).min(MAX_VERSION));
+        let prev = self.0.fetch_update(Ordering::SeqCst, Ordering::SeqCst, bump).unwrap_or(MAX_VERSION);
         (prev + 1).min(MAX_VERSION)
+    }
+
+    /// What a checkpoint beginning now covers: the current version, or 0
+    /// (replay everything) once the clock is exhausted, when versions repeat
+    /// and "at or below" no longer means "before".
+    pub fn covered(&self) -> u64 {
+        match self.current() {
+            v if v < MAX_VERSION => v,
+            _ => 0,
+        }
     }
 
     /// The last version issued (or restored).
@@ -655,6 +663,15 @@ mod tests {
                 other => other,
             }
         }
+    }
+
+    #[test]
+    fn an_exhausted_version_clock_stays_put_and_covers_nothing() {
+        let v = Versions::default();
+        assert_eq!((v.next(), v.next(), v.covered()), (1, 2, 2));
+        v.raise(MAX_VERSION - 1);
+        assert_eq!((v.next(), v.next(), v.current()), (MAX_VERSION, MAX_VERSION, MAX_VERSION));
+        assert_eq!(v.covered(), 0, "repeating versions cannot say what came before");
     }
 
     #[test]
