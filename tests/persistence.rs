@@ -82,6 +82,13 @@ struct Ledger {
     in_flight: Option<(String, Option<u64>)>,
 }
 
+/// Sends one request and reads its answer; `None` once the server is gone
+/// (killed mid-exchange).
+fn exchange_until_killed(c: &mut Client, raw: &[u8]) -> Option<Resp> {
+    std::io::Write::write_all(&mut c.stream, raw).ok()?;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.read_response(false))).ok().flatten()
+}
+
 /// Writers hammer the server with sets and deletes over many keys (spread
 /// over both cores) while it is killed at a random moment; then every
 /// acknowledged write must be there: the last acknowledged state, or the
@@ -137,15 +144,7 @@ fn ledger_rounds(fsync: &str, rounds: usize) {
                             Some(v) => build("POST", &format!("/set/{key}"), &[], v.to_string().as_bytes()),
                             None => build("DELETE", &format!("/del/{key}"), &[], b""),
                         };
-                        if std::io::Write::write_all(&mut c.stream, &raw).is_err() {
-                            return;
-                        }
-                        let Some(r) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.read_response(false)))
-                            .ok()
-                            .flatten()
-                        else {
-                            return;
-                        };
+                        let Some(r) = exchange_until_killed(&mut c, &raw) else { return };
                         let mut l = ledger.lock().unwrap();
                         match (op, r.status) {
                             (Some(v), 200) => {
@@ -185,6 +184,12 @@ fn acknowledged_writes_survive_kill_9_always() {
     ledger_rounds("always", 30);
 }
 
+/// The version an answer shows (its hex `ETag`).
+fn etag(r: &Resp) -> u64 {
+    let tag = r.header("etag").expect("an ETag");
+    u64::from_str_radix(tag.trim_matches('"'), 16).expect("a hex ETag")
+}
+
 /// A read never shows a state a crash could take back, whichever core's log
 /// holds the change that made it. Writers on both cores keep changing one
 /// key (a write to another core's key is applied where it arrives and
@@ -201,10 +206,6 @@ fn reads_never_show_what_kill_9_takes_back() {
     let (mut shown, mut held, mut direct) = (0u64, 0.0, 0.0);
     for round in 0..8 {
         let s = Server::start_in(dir, &args);
-        let etag = |r: &common::Resp| {
-            let tag = r.header("etag").expect("an ETag");
-            u64::from_str_radix(tag.trim_matches('"'), 16).expect("a hex ETag")
-        };
         if round > 0 {
             let r = s.get("/get/hot");
             assert_eq!(r.status, 200, "round {round}: the key is gone");
@@ -226,18 +227,9 @@ fn reads_never_show_what_kill_9_takes_back() {
                         } else {
                             build("GET", "/get/hot", &[], b"")
                         };
-                        if std::io::Write::write_all(&mut c.stream, &raw).is_err() {
-                            return;
-                        }
-                        let Some(r) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.read_response(false)))
-                            .ok()
-                            .flatten()
-                        else {
-                            return;
-                        };
+                        let Some(r) = exchange_until_killed(&mut c, &raw) else { return };
                         if t % 2 == 1 && r.status == 200 {
-                            let tag = r.header("etag").and_then(|t| u64::from_str_radix(t.trim_matches('"'), 16).ok());
-                            max_shown.fetch_max(tag.expect("a hex ETag"), Ordering::SeqCst);
+                            max_shown.fetch_max(etag(&r), Ordering::SeqCst);
                         }
                     }
                 })
@@ -258,8 +250,7 @@ fn reads_never_show_what_kill_9_takes_back() {
         shown = max_shown.load(Ordering::SeqCst);
     }
     let s = Server::start_in(dir, &args);
-    let r = s.get("/get/hot");
-    let tag = u64::from_str_radix(r.header("etag").unwrap().trim_matches('"'), 16).unwrap();
+    let tag = etag(&s.get("/get/hot"));
     assert!(tag >= shown, "back at version {tag}, a reader was shown {shown}");
     eprintln!("{direct} direct writes, {held} answers held for another core's log");
     assert!(direct > 0.0, "no write was applied by the core it arrived on");
@@ -575,7 +566,6 @@ fn checkpoints_bound_the_log_and_any_core_count_recovers() {
 
 #[test]
 fn versions_never_go_backwards_across_restarts_and_deletes() {
-    let etag = |r: &Resp| u64::from_str_radix(r.header("ETag").unwrap().trim_matches('"'), 16).unwrap();
     let s = Server::start(&[]);
     let mut last = 0;
     for _ in 0..50 {

@@ -23,6 +23,8 @@ use std::path::Path;
 pub enum DumpError {
     Missing(std::path::PathBuf),
     Recovery(RecoveryError),
+    /// Checkpoints kept replacing the snapshot while it was read.
+    Unsettled(std::path::PathBuf),
     Output(io::Error),
 }
 
@@ -31,6 +33,9 @@ impl std::fmt::Display for DumpError {
         match self {
             DumpError::Missing(p) => write!(f, "-dump {}: no such directory", p.display()),
             DumpError::Recovery(e) => write!(f, "{e}"),
+            DumpError::Unsettled(p) => {
+                write!(f, "-dump {}: checkpoints kept replacing the snapshot while it was read; try again", p.display())
+            }
             DumpError::Output(e) => write!(f, "cannot write the dump: {e}"),
         }
     }
@@ -75,13 +80,24 @@ pub fn run(dir: &Path, out: &mut impl Write) -> Result<(), DumpError> {
     if !dir.is_dir() {
         return Err(DumpError::Missing(dir.to_path_buf()));
     }
+    // Which snapshot file is in place: a checkpoint that publishes a new one
+    // while this reads deletes segments the old one needed, so a read that
+    // saw the snapshot change is read again.
+    let snapshot = dir.join(crate::persist::snapshot::FILE_NAME);
+    let identity = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&snapshot).ok().map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
+    };
     let mut attempts = 0;
     let shard = loop {
         let budget = KeyBudget::new(usize::MAX);
         let mut shards = vec![Shard::with_capacity(0)];
         let now = crate::clock::unix_ms();
+        let before = identity();
         match recovery::recover(dir, &mut shards, |_| 0, &budget, now, u64::MAX, Mode::ReadOnly) {
-            Ok(_) => break shards.pop(),
+            Ok(_) if identity() == before => break shards.pop(),
+            Ok(_) if attempts < 5 => attempts += 1,
+            Ok(_) => return Err(DumpError::Unsettled(dir.to_path_buf())),
             // A checkpoint removed a segment under us: read again.
             Err(RecoveryError::Io(_, e)) if e.kind() == io::ErrorKind::NotFound && attempts < 5 => attempts += 1,
             Err(e) => return Err(DumpError::Recovery(e)),
