@@ -138,6 +138,21 @@ pub struct TrailerV4 {
     pub frames: u64,
 }
 
+impl From<TrailerV3> for TrailerV4 {
+    /// Format 3 covers no version: everything after `replay_from` is replayed.
+    fn from(t: TrailerV3) -> Self {
+        TrailerV4 {
+            created_unix_ms: t.created_unix_ms,
+            secret_key: t.secret_key,
+            replay_from: t.replay_from,
+            max_version: t.max_version,
+            covered_version: 0,
+            entries: t.entries,
+            frames: t.frames,
+        }
+    }
+}
+
 /// Why a snapshot file cannot be used.
 #[derive(Debug)]
 pub enum SnapshotError {
@@ -342,30 +357,13 @@ fn load_framed(r: &mut impl Read, size: u64, format: u32, each: &mut impl FnMut(
                 frames += 1;
             }
             FRAME_TRAILER => {
-                let t = if format == 3 {
-                    let t = rkyv::access::<ArchivedTrailerV3, rancor::Error>(&payload)
-                        .map_err(|e| bad(format!("invalid trailer ({e})")))?;
-                    TrailerV4 {
-                        created_unix_ms: t.created_unix_ms.to_native(),
-                        secret_key: t.secret_key,
-                        replay_from: t.replay_from.to_native(),
-                        max_version: t.max_version.to_native(),
-                        covered_version: 0,
-                        entries: t.entries.to_native(),
-                        frames: t.frames.to_native(),
-                    }
+                let invalid = |e: rancor::Error| bad(format!("invalid trailer ({e})"));
+                let t: TrailerV4 = if format == 3 {
+                    let archived = rkyv::access::<ArchivedTrailerV3, rancor::Error>(&payload).map_err(invalid)?;
+                    rkyv::deserialize::<TrailerV3, rancor::Error>(archived).map_err(invalid)?.into()
                 } else {
-                    let t = rkyv::access::<ArchivedTrailerV4, rancor::Error>(&payload)
-                        .map_err(|e| bad(format!("invalid trailer ({e})")))?;
-                    TrailerV4 {
-                        created_unix_ms: t.created_unix_ms.to_native(),
-                        secret_key: t.secret_key,
-                        replay_from: t.replay_from.to_native(),
-                        max_version: t.max_version.to_native(),
-                        covered_version: t.covered_version.to_native(),
-                        entries: t.entries.to_native(),
-                        frames: t.frames.to_native(),
-                    }
+                    let archived = rkyv::access::<ArchivedTrailerV4, rancor::Error>(&payload).map_err(invalid)?;
+                    rkyv::deserialize::<TrailerV4, rancor::Error>(archived).map_err(invalid)?
                 };
                 if t.covered_version > t.max_version {
                     return Err(bad(format!(
