@@ -135,13 +135,9 @@ impl Owned {
             Op::Write(w) => {
                 // The outcome depends on the key as it was (exists, secret,
                 // version, value): the change that made that must be durable.
-                let seen = match self.unacked.others_pending(by.core) {
-                    true => self.shard.version_of(w.key()),
-                    false => None,
-                };
                 let watched: Option<Box<[u8]>> = self.waiters.has_key(w.key()).then(|| w.key().into());
                 let before = by.journal.lsn();
-                let outcome = self.shard.write(w, now_ms, budget, by.journal);
+                let (outcome, seen) = self.shard.write_seen(w, now_ms, budget, by.journal);
                 if by.journal.lsn() != before {
                     match outcome {
                         WriteOutcome::Stored { version, expires_ms, .. } => {

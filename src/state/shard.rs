@@ -336,8 +336,21 @@ impl Shard {
     /// capacity. A change is recorded in `journal`: the log of the core
     /// applying it, which need not be this shard's owner.
     pub fn write(&mut self, w: Write, now_ms: u64, budget: &KeyBudget, journal: &mut Journal) -> WriteOutcome {
+        self.write_seen(w, now_ms, budget, journal).0
+    }
+
+    /// `write`, also returning the version the key had before it (expired
+    /// or not; `None`: absent): the state the outcome was decided on.
+    pub fn write_seen(
+        &mut self,
+        w: Write,
+        now_ms: u64,
+        budget: &KeyBudget,
+        journal: &mut Journal,
+    ) -> (WriteOutcome, Option<u64>) {
         let hash = self.hasher.hash_one(w.key());
         let mut found = self.find(hash, w.key());
+        let seen = found.map(|i| self.entries[i].version());
         if let Some(idx) = found {
             if self.entries[idx].is_expired(now_ms) {
                 self.remove_at(idx, budget);
@@ -345,10 +358,11 @@ impl Shard {
                 found = None;
             }
         }
-        match found {
+        let outcome = match found {
             None => self.create(hash, w, now_ms, budget, journal),
             Some(idx) => self.update(idx, w, now_ms, budget, journal),
-        }
+        };
+        (outcome, seen)
     }
 
     fn create(&mut self, hash: u64, w: Write, now_ms: u64, budget: &KeyBudget, journal: &mut Journal) -> WriteOutcome {
@@ -663,6 +677,27 @@ mod tests {
                 other => other,
             }
         }
+    }
+
+    #[test]
+    fn a_write_reports_the_version_it_was_decided_on() {
+        let b = KeyBudget::new(10);
+        let mut s = Shard::with_capacity(4);
+        let mut j = Journal::default();
+        let (first, seen) = s.write_seen(w("k", "1", None, Condition::Set), T, &b, &mut j);
+        assert_eq!(seen, None);
+        let WriteOutcome::Stored { version, .. } = first else { panic!("{first:?}") };
+        let (_, seen) = s.write_seen(w("k", "2", None, Condition::Los), T, &b, &mut j);
+        assert_eq!(seen, Some(version), "a write that changes nothing still saw the key");
+        // Expired but not yet reclaimed: the write saw that version (and
+        // found the key absent).
+        let mut short = w("e", "1", None, Condition::Set);
+        short.entry.expires_ms = T + 1;
+        let (stored, _) = s.write_seen(short, T, &b, &mut j);
+        let WriteOutcome::Stored { version: expired, .. } = stored else { panic!("{stored:?}") };
+        let (again, seen) = s.write_seen(w("e", "2", None, Condition::Set), T + 1, &b, &mut j);
+        assert!(matches!(again, WriteOutcome::Stored { created: true, .. }), "{again:?}");
+        assert_eq!(seen, Some(expired));
     }
 
     #[test]

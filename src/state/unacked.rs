@@ -104,12 +104,6 @@ impl Unacked {
         deps
     }
 
-    /// Whether logs other than `except` hold changes of this shard that may
-    /// not be acknowledged (without looking at how far they are).
-    pub fn others_pending(&self, except: usize) -> bool {
-        self.logs.iter().enumerate().any(|(log, changes)| log != except && !changes.is_empty())
-    }
-
     /// Whether every change of this shard is acknowledged.
     pub fn is_clear(&mut self, acked: &impl Fn(usize) -> u64) -> bool {
         self.prune(acked);
@@ -172,7 +166,6 @@ mod tests {
     fn logs_beyond_the_initial_count_are_tracked() {
         let mut u = Unacked::new(1);
         u.record(4, 1, 1, LATER);
-        assert!(u.others_pending(0) && !u.others_pending(4));
         assert_eq!(u.dependencies(Some(1), NOW, None, &|_| 0), vec![(4, 1)]);
     }
 }
