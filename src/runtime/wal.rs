@@ -1,4 +1,4 @@
-//! One core's write-ahead log: appends the records its shard journals,
+//! One core's write-ahead log: appends the records the core journals,
 //! syncs them as `-fsync` says, and holds back every answer until what it
 //! reveals is as durable as promised.
 //!
@@ -92,7 +92,7 @@ fn judge(lsn: u64, reply: Reply, acked: u64, failed_to: u64, failing: bool) -> S
 }
 
 /// What the log needs of the core it serves (the core's router): the
-/// records its shard journaled, a switch to refuse writes, and a way to
+/// records the core journaled, a switch to refuse writes, and a way to
 /// deliver the answers it held back.
 pub trait Host {
     /// Takes the journaled bytes (leaving `spare` to append into) and the

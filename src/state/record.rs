@@ -13,8 +13,9 @@
 //! `u64 expiry (Unix ms)`, `u64 creator`, `u8 flags` (bit 0: has secret),
 //! the 32-byte secret hash if any, the key, the value; for a delete, the key.
 //!
-//! `Journal` is the append side, owned by a shard (pure: bytes in memory;
-//! the runtime writes them out). `Reader` walks a segment's bytes and tells
+//! `Journal` is the append side, one per core, filled by every change the
+//! core applies to any shard (pure: bytes in memory; the runtime writes
+//! them out). `Reader` walks a segment's bytes and tells
 //! a torn tail (a crash mid-append: cut it) from damage (stop and say where).
 
 use crate::state::entry::{Entry, MAX_KEY_LEN};
