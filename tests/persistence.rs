@@ -746,6 +746,65 @@ fn kill_9_during_checkpoints_never_breaks_startup() {
     assert_eq!(found, KEYS);
 }
 
+/// The same full disk with two cores and clients on both: a write of the
+/// other core's key is applied where it arrives only while that core's log
+/// works (else it goes to the owner), answers that wait for a failing log go
+/// out, and every write acknowledged before, during and after the failure is
+/// there after kill -9.
+#[test]
+#[ignore = "needs root (mounts a tmpfs)"]
+fn a_full_disk_with_two_cores_keeps_every_acknowledged_write() {
+    let t = TempDir::new();
+    let data = t.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    assert!(mount_tmpfs(&data, "size=1m,mode=0700"), "mount needs root: run as root (CI does)");
+    let _mounted = Mounted(data.clone());
+    let filler = data.join("filler");
+    std::fs::write(&filler, vec![0u8; 800 * 1024]).unwrap();
+    let args = ["-threads", "2", "-dataDir", data.to_str().unwrap(), "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"];
+    let s = Server::start_in(TempDir::new(), &args);
+    let value = vec![b'v'; 1000];
+    // Enough connections that both cores serve some.
+    let mut clients: Vec<Client> = (0..8).map(|_| s.client()).collect();
+    let (mut acked, mut refused) = (Vec::new(), 0);
+    for i in 0..600 {
+        let r = clients[i % 8].req("POST", &format!("/set/k{i}"), &[], &value);
+        match r.status {
+            200 => acked.push(i),
+            503 => refused += 1,
+            other => panic!("k{i}: {other}"),
+        }
+        // Reads go on, on both cores, whatever the logs do.
+        if let Some(&a) = acked.last() {
+            assert_eq!(clients[(i + 3) % 8].req("GET", &format!("/get/k{a}"), &[], b"").status, 200);
+        }
+    }
+    assert!(refused > 0 && !acked.is_empty(), "acked {} refused {refused}", acked.len());
+    assert!(s.metric("rendezvous_log_failing").unwrap() >= 1.0);
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = Vec::new();
+    while after.len() < 40 {
+        assert!(Instant::now() < deadline, "writes never resumed on both cores");
+        let i = after.len();
+        if clients[i % 8].req("POST", &format!("/set/after{i}"), &[], b"v").status == 200 {
+            after.push(i);
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let direct: f64 = (0..2).filter_map(|c| s.metric(&format!("rendezvous_direct_writes_total{{core=\"{c}\"}}"))).sum();
+    let (_, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(TempDir::new(), &args);
+    for i in &acked {
+        assert_eq!(s.get(&format!("/get/k{i}")).status, 200, "acknowledged k{i} lost");
+    }
+    for i in &after {
+        assert_eq!(s.get(&format!("/get/after{i}")).status, 200, "acknowledged after{i} lost");
+    }
+    eprintln!("{} acknowledged, {refused} refused, {direct} direct writes", acked.len());
+}
+
 /// A file-size limit (systemd's LimitFSIZE=) moves the log to new segments
 /// instead of killing the process (SIGXFSZ is ignored); a snapshot too big
 /// for the limit fails and is counted, and the server runs on.
