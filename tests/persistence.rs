@@ -755,12 +755,7 @@ fn kill_9_during_checkpoints_never_breaks_startup() {
 #[ignore = "needs root (mounts a tmpfs)"]
 fn a_full_disk_with_two_cores_keeps_every_acknowledged_write() {
     let t = TempDir::new();
-    let data = t.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    assert!(mount_tmpfs(&data, "size=1m,mode=0700"), "mount needs root: run as root (CI does)");
-    let _mounted = Mounted(data.clone());
-    let filler = data.join("filler");
-    std::fs::write(&filler, vec![0u8; 800 * 1024]).unwrap();
+    let (data, filler, _mounted) = nearly_full_disk(&t);
     let args = ["-threads", "2", "-dataDir", data.to_str().unwrap(), "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"];
     let s = Server::start_in(TempDir::new(), &args);
     let value = vec![b'v'; 1000];
@@ -841,6 +836,18 @@ impl Drop for Mounted {
     }
 }
 
+/// A 1 MB tmpfs under `t` with about 200 KB free: the data directory, the
+/// filler file to remove for room, and the mount (unmounted on drop).
+fn nearly_full_disk(t: &TempDir) -> (std::path::PathBuf, std::path::PathBuf, Mounted) {
+    let data = t.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    assert!(mount_tmpfs(&data, "size=1m,mode=0700"), "mount needs root: run as root (CI does)");
+    let mounted = Mounted(data.clone());
+    let filler = data.join("filler");
+    std::fs::write(&filler, vec![0u8; 800 * 1024]).unwrap();
+    (data, filler, mounted)
+}
+
 /// A full disk: writes get 503 with Retry-After, nothing refused is lost or
 /// half-applied, reads go on, a metric says why, and writes resume by
 /// themselves once there is room. A read-only directory is refused at
@@ -849,13 +856,7 @@ impl Drop for Mounted {
 #[ignore = "needs root (mounts a tmpfs)"]
 fn a_full_disk_refuses_writes_and_recovers() {
     let t = TempDir::new();
-    let data = t.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    assert!(mount_tmpfs(&data, "size=1m,mode=0700"), "mount needs root: run as root (CI does)");
-    let _mounted = Mounted(data.clone());
-    // Leave about 200 KB free.
-    let filler = data.join("filler");
-    std::fs::write(&filler, vec![0u8; 800 * 1024]).unwrap();
+    let (data, filler, _mounted) = nearly_full_disk(&t);
     let s = Server::start_in(TempDir::new(), &["-threads", "1", "-dataDir", data.to_str().unwrap()]);
     let value = vec![b'v'; 1000];
     let mut acked = Vec::new();
