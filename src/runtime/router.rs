@@ -163,6 +163,13 @@ impl Router {
         self.stats.get()
     }
 
+    /// Bumps this core's traffic counters.
+    fn count(&self, f: impl FnOnce(&mut TrafficStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
     /// Runs `f` on this core's owned state (sweeps, metrics, snapshots).
     pub fn with_owned<R>(&self, f: impl FnOnce(&mut Owned, &KeyBudget) -> R) -> R {
         f(&mut self.cells.lock(self.me), &self.budget)
@@ -177,8 +184,8 @@ impl Router {
 
     /// Applies a write to another core's shard here, journaled in this
     /// core's log, if its lock is free and this core's log is writable
-    /// (`Err` gives the write back: send it to the owner). This takes the cross-core hop off a write: no
-    /// message, no owner wake-up, no reply message.
+    /// (`Err` gives the write back: send it to the owner). This takes the
+    /// cross-core hop off a write: no message, no owner wake-up, no reply.
     fn apply_direct(&self, owner: usize, op: Op) -> Result<(Reply, u64, Dependencies), Op> {
         if self.journal.borrow().refusing() {
             // This core's log is failing; the owner's may not be.
@@ -189,9 +196,7 @@ impl Router {
             Some(mut owned) => self.apply_to(&mut owned, op, &mut wakeups),
             None => return Err(op),
         };
-        let mut s = self.stats.get();
-        s.direct_writes += 1;
-        self.stats.set(s);
+        self.count(|s| s.direct_writes += 1);
         Ok((reply, self.finish_apply(changed, wakeups), deps))
     }
 
@@ -290,9 +295,7 @@ impl Router {
     /// Holds an answer until other logs move; their log tasks wake this
     /// core's inbox task, which releases it (`release_held`).
     fn hold(&self, held: Held) {
-        let mut s = self.stats.get();
-        s.answers_held += 1;
-        self.stats.set(s);
+        self.count(|s| s.answers_held += 1);
         self.held.borrow_mut().push(held);
         // Watches are set before looking again: a log that moved meanwhile
         // is seen now, one that moves later wakes us.
@@ -367,9 +370,7 @@ impl Router {
         }
         if let Op::Get { key } = &op {
             if let Some(found) = self.cells.read(owner, key, crate::clock::unix_ms()) {
-                let mut s = self.stats.get();
-                s.direct_reads += 1;
-                self.stats.set(s);
+                self.count(|s| s.direct_reads += 1);
                 return Reply::Got(found);
             }
         }
@@ -426,9 +427,7 @@ impl Router {
         Credit { router: self, dest }.await;
         let slot = self.slots.borrow_mut().alloc(Some(dest as u32));
         self.push(dest, Msg::Call { from: self.me as u32, slot, op, pipelined });
-        let mut s = self.stats.get();
-        s.calls_sent += 1;
-        self.stats.set(s);
+        self.count(|s| s.calls_sent += 1);
         SlotFuture { router: self, slot, done: false }.await
     }
 
@@ -494,9 +493,7 @@ impl Router {
             if pipelined {
                 self.append_now();
             }
-            let mut s = self.stats.get();
-            s.calls_received += received;
-            self.stats.set(s);
+            self.count(|s| s.calls_received += received);
         }
     }
 

@@ -46,11 +46,6 @@ pub struct Unacked {
 }
 
 impl Unacked {
-    /// Room for `logs` logs (one per core).
-    pub fn new(logs: usize) -> Self {
-        Unacked { logs: (0..logs).map(|_| VecDeque::new()).collect() }
-    }
-
     /// Records that `log` journaled a change giving version `version`,
     /// ending at position `lsn` of that log, that leaves its key absent from
     /// `gone_from_ms` on (0: a delete; a put's expiry).
@@ -62,7 +57,7 @@ impl Unacked {
     }
 
     /// Forgets what the logs have acknowledged; `acked(log)` is how far `log`
-    /// is acknowledged (`u64::MAX` when nothing should wait for it).
+    /// is acknowledged (`u64::MAX` without persistence).
     fn prune(&mut self, acked: &impl Fn(usize) -> u64) {
         for (log, changes) in self.logs.iter_mut().enumerate() {
             if changes.is_empty() {
@@ -103,12 +98,6 @@ impl Unacked {
         }
         deps
     }
-
-    /// Whether every change of this shard is acknowledged.
-    pub fn is_clear(&mut self, acked: &impl Fn(usize) -> u64) -> bool {
-        self.prune(acked);
-        self.logs.iter().all(VecDeque::is_empty)
-    }
 }
 
 #[cfg(test)]
@@ -124,7 +113,7 @@ mod tests {
 
     #[test]
     fn a_present_key_waits_only_for_the_change_that_made_its_version() {
-        let mut u = Unacked::new(3);
+        let mut u = Unacked::default();
         u.record(0, 10, 100, LATER);
         u.record(1, 11, 50, LATER);
         u.record(2, 12, 70, LATER);
@@ -138,13 +127,13 @@ mod tests {
         // Acknowledged: forgotten.
         assert_eq!(u.dependencies(Some(11), NOW, None, &acked([0, 50, 0])), vec![]);
         assert_eq!(u.dependencies(Some(11), NOW, None, &none), vec![]);
-        assert!(!u.is_clear(&none));
-        assert!(u.is_clear(&acked([100, 0, 70])));
+        assert_eq!(u.dependencies(Some(10), NOW, None, &acked([100, 0, 70])), vec![]);
+        assert_eq!(u.dependencies(Some(12), NOW, None, &acked([100, 0, 70])), vec![]);
     }
 
     #[test]
     fn an_absent_key_waits_for_every_change_that_leaves_a_key_absent() {
-        let mut u = Unacked::new(3);
+        let mut u = Unacked::default();
         let none = acked([0, 0, 0]);
         assert_eq!(u.dependencies(None, NOW, None, &none), vec![]);
         u.record(0, 5, 10, 0);
@@ -164,7 +153,7 @@ mod tests {
 
     #[test]
     fn logs_beyond_the_initial_count_are_tracked() {
-        let mut u = Unacked::new(1);
+        let mut u = Unacked::default();
         u.record(4, 1, 1, LATER);
         assert_eq!(u.dependencies(Some(1), NOW, None, &|_| 0), vec![(4, 1)]);
     }
