@@ -130,6 +130,27 @@ fn head_parse(bencher: Bencher) {
     bencher.bench_local(|| black_box(http::parse_head(black_box(raw), &mut head)));
 }
 
+/// The blank-line search that runs before every parse: a GET head alone, a
+/// set's head with its 1000-byte body behind it, and the first of 16
+/// pipelined GETs.
+#[divan::bench(args = ["get", "set 1000 B", "pipelined x16"])]
+fn head_scan(bencher: Bencher, case: &str) {
+    let get: &[u8] =
+        b"GET /get/my-mesh/peer-a HTTP/1.1\r\nHost: rendezvous.example\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n";
+    let buf = match case {
+        "get" => get.to_vec(),
+        "set 1000 B" => {
+            let mut b =
+                b"POST /set/my-mesh/peer-a HTTP/1.1\r\nHost: rendezvous.example\r\nContent-Length: 1000\r\n\r\n"
+                    .to_vec();
+            b.extend_from_slice(&[b'v'; 1000]);
+            b
+        }
+        _ => get.repeat(16),
+    };
+    bencher.bench_local(|| black_box(http::head_may_be_complete(black_box(&buf), 0)));
+}
+
 #[divan::bench]
 fn response_encode(bencher: Bencher) {
     let mut r = Response::new(200, Body::Bytes(vec![b'v'; 100].into()));

@@ -129,13 +129,20 @@ impl RequestHead {
     }
 }
 
-/// Whether `buf` may hold a complete head, looking for the blank line only in
-/// bytes not scanned before (`scanned`), so a client dribbling bytes does not
-/// make every read rescan the whole head.
+/// Whether `buf` may hold a complete head (a blank line: `\n\n` or
+/// `\n\r\n`), looking only at bytes not scanned before (`scanned`), so a
+/// client dribbling bytes does not make every read rescan the whole head.
+///
+/// One pass from line end to line end (memchr's vector search), stopping at
+/// the first blank line: the bytes after the head, a set's body or the next
+/// pipelined requests, are never walked. (Two byte-by-byte window scans of
+/// the whole buffer cost about 5% of a 1000-byte set's CPU.)
 pub fn head_may_be_complete(buf: &[u8], scanned: usize) -> bool {
-    let from = scanned.saturating_sub(2);
-    let tail = &buf[from..];
-    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+    let tail = buf.get(scanned.saturating_sub(2)..).unwrap_or_default();
+    memchr::memchr_iter(b'\n', tail).any(|i| {
+        let next = &tail[i + 1..];
+        next.first() == Some(&b'\n') || next.starts_with(b"\r\n")
+    })
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -743,6 +750,35 @@ mod tests {
         assert!(!head_may_be_complete(b"GET / HTTP/1.1\r\nHost: x\r\n", 0));
         assert!(head_may_be_complete(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 20));
         assert!(head_may_be_complete(b"GET / HTTP/1.0\n\n", 14));
+    }
+
+    /// The line-end search agrees with the plain definition (a `\n\n` or
+    /// `\n\r\n` somewhere from two bytes before `scanned`) on every split of
+    /// heads with LF, CRLF and mixed line ends, bodies and pipelined tails.
+    #[test]
+    fn completion_scan_matches_the_definition() {
+        let plain = |buf: &[u8], scanned: usize| {
+            let tail = &buf[scanned.saturating_sub(2)..];
+            tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+        };
+        let samples: [&[u8]; 8] = [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET / HTTP/1.0\n\n",
+            b"GET / HTTP/1.1\nHost: x\r\n\n",
+            b"GET / HTTP/1.1\r\nHost: x\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"POST /set/k HTTP/1.1\r\nContent-Length: 3\r\n\r\n\n\r\n",
+            b"\r\n\r",
+            b"\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r",
+        ];
+        for raw in samples {
+            for end in 0..=raw.len() {
+                for scanned in 0..=end {
+                    let buf = &raw[..end];
+                    assert_eq!(head_may_be_complete(buf, scanned), plain(buf, scanned), "{buf:?} from {scanned}");
+                }
+            }
+        }
     }
 
     #[test]
