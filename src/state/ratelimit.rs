@@ -17,7 +17,7 @@
 
 use crate::state::net;
 use crate::state::striped::Striped;
-use std::collections::hash_map::RandomState;
+use hashbrown::hash_table::{Entry, HashTable};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -69,15 +69,18 @@ pub enum Refused {
     TableFull,
 }
 
-/// One stripe's buckets: tokens spent this period (absent: untouched, full).
+/// One stripe's buckets: `(id, tokens spent this period)`, absent:
+/// untouched, full. Both tables are hashed with the stripes' seeded hash,
+/// so a charge hashes the network once (for its stripe and its bucket) and
+/// the client once, and updates a bucket where it found it.
 #[derive(Debug, Default)]
 struct Table {
     epoch: u64,
     /// By client key (`net::client`).
-    spent: hashbrown::HashMap<u64, u32, RandomState>,
-    /// By network (`net::network`). A map of its own: a network key can
+    spent: HashTable<(u64, u32)>,
+    /// By network (`net::network`). A table of its own: a network key can
     /// equal the client key of the network's first /64.
-    net_spent: hashbrown::HashMap<u64, u32, RandomState>,
+    net_spent: HashTable<(u64, u32)>,
 }
 
 /// How many buckets are tracked, server-wide, against `-maxTrackedIPs`.
@@ -101,17 +104,17 @@ impl Tracked {
 impl Table {
     /// Forgets every bucket when a new period has started. Keeps enough room
     /// for last period's population and gives back what a flood grew.
-    fn refill_if_due(&mut self, epoch: u64, tracked: &Tracked) {
+    fn refill_if_due(&mut self, epoch: u64, tracked: &Tracked, hash: impl Fn(u64) -> u64) {
         if epoch <= self.epoch {
             return;
         }
         self.epoch = epoch;
         tracked.clients.fetch_sub(self.spent.len(), Ordering::AcqRel);
         tracked.networks.fetch_sub(self.net_spent.len(), Ordering::AcqRel);
-        for map in [&mut self.spent, &mut self.net_spent] {
-            let last = map.len();
-            map.clear();
-            map.shrink_to(last);
+        for table in [&mut self.spent, &mut self.net_spent] {
+            let last = table.len();
+            table.clear();
+            table.shrink_to(last, |&(id, _)| hash(id));
         }
     }
 }
@@ -147,7 +150,7 @@ impl Limiter {
         if self.refilled.load(Ordering::Acquire) >= epoch {
             return;
         }
-        self.tables.for_each(|t| t.refill_if_due(epoch, &self.tracked));
+        self.tables.for_each(|t| t.refill_if_due(epoch, &self.tracked, |id| self.tables.hash(id)));
         self.refilled.fetch_max(epoch, Ordering::AcqRel);
     }
 
@@ -158,15 +161,23 @@ impl Limiter {
         // nobody touched yet would still count last period's clients.
         self.refill_if_due(epoch);
         let network = net::network(client);
-        let mut t = self.tables.lock(self.tables.hash(network));
-        t.refill_if_due(epoch, &self.tracked);
-        let after = |spent: Option<&u32>, max: u32| {
-            let after = u64::from(spent.copied().unwrap_or(0)) + u64::from(cost);
+        let hash = |id| self.tables.hash(id);
+        let net_hash = hash(network);
+        let mut guard = self.tables.lock(net_hash);
+        let t = &mut *guard;
+        t.refill_if_due(epoch, &self.tracked, hash);
+        let client_bucket = t.spent.entry(hash(client), |&(id, _)| id == client, |&(id, _)| hash(id));
+        let net_bucket = t.net_spent.entry(net_hash, |&(id, _)| id == network, |&(id, _)| hash(id));
+        let spent = |bucket: &Entry<'_, (u64, u32)>| match bucket {
+            Entry::Occupied(o) => Some(o.get().1),
+            Entry::Vacant(_) => None,
+        };
+        let after = |spent: Option<u32>, max: u32| {
+            let after = u64::from(spent.unwrap_or(0)) + u64::from(cost);
             (after <= u64::from(max)).then_some(after as u32)
         };
-        let client_spent = t.spent.get(&client);
+        let (client_spent, net_spent) = (spent(&client_bucket), spent(&net_bucket));
         let Some(client_after) = after(client_spent, self.max_tokens) else { return Err(Refused::Exhausted) };
-        let net_spent = t.net_spent.get(&network);
         let Some(net_after) = after(net_spent, self.max_net_tokens) else { return Err(Refused::NetExhausted) };
         let (new_client, new_net) = (client_spent.is_none(), net_spent.is_none());
         if new_client {
@@ -180,8 +191,14 @@ impl Limiter {
                 return Err(full);
             }
         }
-        t.spent.insert(client, client_after);
-        t.net_spent.insert(network, net_after);
+        let set = |bucket: Entry<'_, (u64, u32)>, id: u64, after: u32| match bucket {
+            Entry::Occupied(mut o) => o.get_mut().1 = after,
+            Entry::Vacant(v) => {
+                v.insert((id, after));
+            }
+        };
+        set(client_bucket, client, client_after);
+        set(net_bucket, network, net_after);
         Ok(())
     }
 
