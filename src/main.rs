@@ -12,7 +12,13 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_allow_thp`: its place in mimalloc 3's option enum
+/// (the crate names only older options). A test checks the number against
+/// the library's own name for it.
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
+
 fn main() -> ExitCode {
+    keep_huge_pages();
     ignore_file_size_signal();
     let parsed = match config::parse(std::env::args().skip(1)) {
         Ok(p) => p,
@@ -50,6 +56,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Keeps the heap in transparent huge pages. mimalloc asks for them, but by
+/// default gives freed memory back to the OS in 64 KiB pieces, which splits
+/// them, so a store that has seen replacements ends up mostly in 4 KiB
+/// pages (here 70 of 215 MiB, 1M keys). Every lookup in a large store is a
+/// few cache misses, each a page walk as well once the TLB cannot cover the
+/// heap. With `allow_thp` 2 mimalloc gives memory back only in whole huge
+/// pages: 1M keys, public traffic, 5 alternated rounds: CPU per GET 0.94x
+/// (0.92-1.02), per set 0.96x (0.95-1.00), for 5-13% more RSS (freed memory
+/// kept for reuse); a small store is unchanged. An operator who would
+/// rather have the memory back sets `MIMALLOC_ALLOW_THP=1`, which this
+/// leaves alone.
+fn keep_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        return;
+    }
+    // SAFETY: `mi_option_set` stores a number in mimalloc's option table;
+    // 2 is a documented value of this option, and no other thread exists
+    // yet to read the table meanwhile. The test below checks the option
+    // number names `allow_thp`.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 2) }
+}
+
 /// A file-size limit (RLIMIT_FSIZE, systemd's `LimitFSIZE=`) must not kill
 /// the process at the next log append: with SIGXFSZ ignored the write fails
 /// with EFBIG, and the log moves to a new segment.
@@ -59,5 +87,35 @@ fn ignore_file_size_signal() {
     // runs the server under a small RLIMIT_FSIZE and checks it survives.
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::{c_char, c_void, CStr};
+
+    unsafe extern "C" {
+        /// mimalloc prints every option as `option '<name>': <value>`.
+        fn mi_options_print_out(out: libmimalloc_sys::mi_output_fun, arg: *mut c_void);
+    }
+
+    /// Appends one message of mimalloc's to the `String` behind `arg`.
+    unsafe extern "C" fn collect(msg: *const c_char, arg: *mut c_void) {
+        // SAFETY: `arg` is the `&mut String` passed below, alive for the
+        // call; mimalloc passes a NUL-terminated message.
+        let (text, msg) = unsafe { (&mut *arg.cast::<String>(), CStr::from_ptr(msg)) };
+        text.push_str(&msg.to_string_lossy());
+    }
+
+    #[test]
+    fn the_option_set_is_allow_thp() {
+        keep_huge_pages();
+        let mut text = String::new();
+        // SAFETY: `collect` matches mimalloc's output callback and `text`
+        // outlives the call.
+        unsafe { mi_options_print_out(Some(collect), (&mut text as *mut String).cast()) };
+        let want = if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() { "" } else { "option 'allow_thp': 2" };
+        assert!(text.contains("option 'allow_thp'") && text.contains(want), "{text}");
     }
 }
