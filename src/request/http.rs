@@ -138,7 +138,10 @@ impl RequestHead {
 /// pipelined requests, are never walked. (Two byte-by-byte window scans of
 /// the whole buffer cost about 5% of a 1000-byte set's CPU.)
 pub fn head_may_be_complete(buf: &[u8], scanned: usize) -> bool {
-    let tail = buf.get(scanned.saturating_sub(2)..).unwrap_or_default();
+    // A `scanned` past the end cannot come from the caller; were it stale,
+    // rescan everything rather than miss a head.
+    let from = if scanned > buf.len() { 0 } else { scanned.saturating_sub(2) };
+    let tail = &buf[from..];
     memchr::memchr_iter(b'\n', tail).any(|i| {
         let next = &tail[i + 1..];
         next.first() == Some(&b'\n') || next.starts_with(b"\r\n")
@@ -771,6 +774,8 @@ mod tests {
             b"\n",
             b"GET / HTTP/1.1\r\nHost: x\r\n\r",
         ];
+        assert!(head_may_be_complete(b"GET / HTTP/1.0\n\n", 100));
+        assert!(!head_may_be_complete(b"", 100));
         for raw in samples {
             for end in 0..=raw.len() {
                 for scanned in 0..=end {

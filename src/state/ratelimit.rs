@@ -17,7 +17,7 @@
 
 use crate::state::net;
 use crate::state::striped::Striped;
-use hashbrown::hash_table::{Entry, HashTable};
+use hashbrown::HashTable;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -72,7 +72,7 @@ pub enum Refused {
 /// One stripe's buckets: `(id, tokens spent this period)`, absent:
 /// untouched, full. Both tables are hashed with the stripes' seeded hash,
 /// so a charge hashes the network once (for its stripe and its bucket) and
-/// the client once, and updates a bucket where it found it.
+/// the client once.
 #[derive(Debug, Default)]
 struct Table {
     epoch: u64,
@@ -162,21 +162,18 @@ impl Limiter {
         self.refill_if_due(epoch);
         let network = net::network(client);
         let hash = |id| self.tables.hash(id);
-        let net_hash = hash(network);
+        let (net_hash, client_hash) = (hash(network), hash(client));
         let mut guard = self.tables.lock(net_hash);
         let t = &mut *guard;
         t.refill_if_due(epoch, &self.tracked, hash);
-        let client_bucket = t.spent.entry(hash(client), |&(id, _)| id == client, |&(id, _)| hash(id));
-        let net_bucket = t.net_spent.entry(net_hash, |&(id, _)| id == network, |&(id, _)| hash(id));
-        let spent = |bucket: &Entry<'_, (u64, u32)>| match bucket {
-            Entry::Occupied(o) => Some(o.get().1),
-            Entry::Vacant(_) => None,
-        };
+        let is = |want: u64| move |&(id, _): &(u64, u32)| id == want;
+        let client_bucket = t.spent.find_mut(client_hash, is(client));
+        let net_bucket = t.net_spent.find_mut(net_hash, is(network));
+        let (client_spent, net_spent) = (client_bucket.as_ref().map(|b| b.1), net_bucket.as_ref().map(|b| b.1));
         let after = |spent: Option<u32>, max: u32| {
             let after = u64::from(spent.unwrap_or(0)) + u64::from(cost);
             (after <= u64::from(max)).then_some(after as u32)
         };
-        let (client_spent, net_spent) = (spent(&client_bucket), spent(&net_bucket));
         let Some(client_after) = after(client_spent, self.max_tokens) else { return Err(Refused::Exhausted) };
         let Some(net_after) = after(net_spent, self.max_net_tokens) else { return Err(Refused::NetExhausted) };
         let (new_client, new_net) = (client_spent.is_none(), net_spent.is_none());
@@ -191,14 +188,17 @@ impl Limiter {
                 return Err(full);
             }
         }
-        let set = |bucket: Entry<'_, (u64, u32)>, id: u64, after: u32| match bucket {
-            Entry::Occupied(mut o) => o.get_mut().1 = after,
-            Entry::Vacant(v) => {
-                v.insert((id, after));
-            }
-        };
-        set(client_bucket, client, client_after);
-        set(net_bucket, network, net_after);
+        // Only an accepted charge touches the tables: a refusal allocates
+        // nothing.
+        let rehash = |&(id, _): &(u64, u32)| hash(id);
+        match client_bucket {
+            Some(b) => b.1 = client_after,
+            None => _ = t.spent.insert_unique(client_hash, (client, client_after), rehash),
+        }
+        match net_bucket {
+            Some(b) => b.1 = net_after,
+            None => _ = t.net_spent.insert_unique(net_hash, (network, net_after), rehash),
+        }
         Ok(())
     }
 
@@ -274,6 +274,33 @@ mod tests {
 
     fn client(s: &str) -> u64 {
         net::client(s.parse().unwrap())
+    }
+
+    /// Buckets held across every stripe: (clients, networks, table capacity).
+    fn buckets(l: &Limiter) -> (usize, usize, usize) {
+        let mut n = (0, 0, 0);
+        l.tables.for_each(|t| {
+            n = (n.0 + t.spent.len(), n.1 + t.net_spent.len(), n.2 + t.spent.capacity() + t.net_spent.capacity())
+        });
+        n
+    }
+
+    #[test]
+    fn a_refused_charge_adds_no_bucket_and_allocates_nothing() {
+        let l = Limiter::new(5, 3, 2);
+        assert_eq!(l.charge(client("192.0.2.1"), 3, 0), Ok(()));
+        let (_, _, capacity) = buckets(&l);
+        // Refused by its network, by its own bucket, by the table's bound.
+        assert_eq!(l.charge(client("192.0.2.2"), 1, 0), Err(Refused::NetExhausted));
+        assert_eq!(l.charge(client("192.0.2.1"), 3, 0), Err(Refused::Exhausted));
+        for i in 0..100 {
+            assert_eq!(l.charge(client(&format!("198.51.{i}.1")), 1, 0).err(), (i >= 1).then_some(Refused::TableFull));
+        }
+        assert_eq!((l.tracked(), l.tracked_networks()), (2, 2));
+        let (clients, networks, after) = buckets(&l);
+        assert_eq!((clients, networks), (2, 2));
+        // One accepted new client may grow a table; 99 refusals did not.
+        assert!(after <= capacity + 2 * 4, "{capacity} -> {after}");
     }
 
     #[test]
