@@ -64,7 +64,7 @@ fn main() -> ExitCode {
 /// heap. With `allow_thp` 2 mimalloc gives memory back only in whole huge
 /// pages (where the kernel offers them at all): 1M keys, public traffic, 5
 /// alternated rounds: CPU per GET 0.94x (0.92-1.02), per set 0.96x
-/// (0.95-1.00), for 5-13% more RSS (freed memory kept for reuse); a small
+/// (0.95-1.00), for 4-12% more RSS (freed memory kept for reuse); a small
 /// store is unchanged. An operator who would rather have the memory back
 /// sets `MIMALLOC_ALLOW_THP=1`, which this leaves alone (mimalloc matches
 /// its variables' names in any case, and so does this).
