@@ -59,7 +59,7 @@ fn main() -> ExitCode {
 /// Keeps the heap in transparent huge pages. mimalloc asks for them, but by
 /// default gives freed memory back to the OS in 64 KiB pieces, which splits
 /// them, so a store that has seen replacements ends up mostly in 4 KiB
-/// pages (here 70 of 215 MiB, 1M keys). Every lookup in a large store is a
+/// pages (here 62-80 of about 210 MiB, 1M keys). Every lookup in a large store is a
 /// few cache misses, each a page walk as well once the TLB cannot cover the
 /// heap. With `allow_thp` 2 mimalloc gives memory back only in whole huge
 /// pages (where the kernel offers them at all): 1M keys, public traffic, 5

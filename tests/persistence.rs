@@ -89,6 +89,34 @@ fn exchange_until_killed(c: &mut Client, raw: &[u8]) -> Option<Resp> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.read_response(false))).ok().flatten()
 }
 
+/// A client on its own connection taking `step` after `step` (numbered
+/// from 1) until `stop` is set or the server is gone (`step` gives `None`).
+fn spawn_client(
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    mut step: impl FnMut(&mut Client, u64) -> Option<()> + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(stream) = std::net::TcpStream::connect(addr) else { return };
+        let mut c = Client::over(stream);
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            if step(&mut c, i).is_none() {
+                return;
+            }
+        }
+    })
+}
+
+/// The next pseudo-random wait before a kill, `min_ms` plus up to `spread_ms`.
+fn kill_after(seed: &mut u64, min_ms: u64, spread_ms: u64) -> Duration {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    Duration::from_millis(min_ms + *seed % spread_ms)
+}
+
 /// Writers hammer the server with sets and deletes over many keys (spread
 /// over both cores) while it is killed at a random moment; then every
 /// acknowledged write must be there: the last acknowledged state, or the
@@ -129,41 +157,33 @@ fn ledger_rounds(fsync: &str, rounds: usize) {
             .iter()
             .enumerate()
             .map(|(w, ledger)| {
-                let (ledger, counter, stop, addr) = (ledger.clone(), counter.clone(), stop.clone(), s.addr);
-                std::thread::spawn(move || {
-                    let Ok(stream) = std::net::TcpStream::connect(addr) else { return };
-                    let mut c = Client::over(stream);
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        i += 1;
-                        let key = format!("w{w}-k{}", i % 40);
-                        let v = counter.fetch_add(1, Ordering::SeqCst);
-                        let op = if i.is_multiple_of(7) { None } else { Some(v) };
-                        ledger.lock().unwrap().in_flight = Some((key.clone(), op));
-                        let raw = match op {
-                            Some(v) => build("POST", &format!("/set/{key}"), &[], v.to_string().as_bytes()),
-                            None => build("DELETE", &format!("/del/{key}"), &[], b""),
-                        };
-                        let Some(r) = exchange_until_killed(&mut c, &raw) else { return };
-                        let mut l = ledger.lock().unwrap();
-                        match (op, r.status) {
-                            (Some(v), 200) => {
-                                l.acked.insert(key, Some(v));
-                            }
-                            (None, 200 | 404) => {
-                                l.acked.insert(key, None);
-                            }
-                            (_, status) => panic!("unexpected {status}"),
+                let (ledger, counter) = (ledger.clone(), counter.clone());
+                spawn_client(s.addr, stop.clone(), move |c, i| {
+                    let key = format!("w{w}-k{}", i % 40);
+                    let v = counter.fetch_add(1, Ordering::SeqCst);
+                    let op = if i.is_multiple_of(7) { None } else { Some(v) };
+                    ledger.lock().unwrap().in_flight = Some((key.clone(), op));
+                    let raw = match op {
+                        Some(v) => build("POST", &format!("/set/{key}"), &[], v.to_string().as_bytes()),
+                        None => build("DELETE", &format!("/del/{key}"), &[], b""),
+                    };
+                    let r = exchange_until_killed(c, &raw)?;
+                    let mut l = ledger.lock().unwrap();
+                    match (op, r.status) {
+                        (Some(v), 200) => {
+                            l.acked.insert(key, Some(v));
                         }
-                        l.in_flight = None;
+                        (None, 200 | 404) => {
+                            l.acked.insert(key, None);
+                        }
+                        (_, status) => panic!("unexpected {status}"),
                     }
+                    l.in_flight = None;
+                    Some(())
                 })
             })
             .collect();
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(20 + seed % 200));
+        std::thread::sleep(kill_after(&mut seed, 20, 200));
         dir = s.stop_keep_dir("-KILL").0;
         stop.store(true, Ordering::Relaxed);
         for w in writers {
@@ -215,30 +235,22 @@ fn reads_never_show_what_kill_9_takes_back() {
         let max_shown = Arc::new(AtomicU64::new(shown));
         let threads: Vec<_> = (0..8)
             .map(|t| {
-                let (stop, max_shown, addr) = (stop.clone(), max_shown.clone(), s.addr);
-                std::thread::spawn(move || {
-                    let Ok(stream) = std::net::TcpStream::connect(addr) else { return };
-                    let mut c = Client::over(stream);
-                    let mut i = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        i += 1;
-                        let raw = if t % 2 == 0 {
-                            build("POST", "/set/hot", &[], format!("{t}.{i}").as_bytes())
-                        } else {
-                            build("GET", "/get/hot", &[], b"")
-                        };
-                        let Some(r) = exchange_until_killed(&mut c, &raw) else { return };
-                        if t % 2 == 1 && r.status == 200 {
-                            max_shown.fetch_max(etag(&r), Ordering::SeqCst);
-                        }
+                let max_shown = max_shown.clone();
+                spawn_client(s.addr, stop.clone(), move |c, i| {
+                    let raw = if t % 2 == 0 {
+                        build("POST", "/set/hot", &[], format!("{t}.{i}").as_bytes())
+                    } else {
+                        build("GET", "/get/hot", &[], b"")
+                    };
+                    let r = exchange_until_killed(c, &raw)?;
+                    if t % 2 == 1 && r.status == 200 {
+                        max_shown.fetch_max(etag(&r), Ordering::SeqCst);
                     }
+                    Some(())
                 })
             })
             .collect();
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(150 + seed % 200));
+        std::thread::sleep(kill_after(&mut seed, 150, 200));
         let sum = |name: &str| (0..2).filter_map(|c| s.metric(&format!("{name}{{core=\"{c}\"}}"))).sum::<f64>();
         held += sum("rendezvous_answers_held_total");
         direct += sum("rendezvous_direct_writes_total");
@@ -726,10 +738,7 @@ fn kill_9_during_checkpoints_never_breaks_startup() {
             assert_eq!(marker.text(), (round - 1).to_string(), "round {round}: the last acknowledged marker");
         }
         assert_eq!(c.req("POST", "/set/marker", &[], round.to_string().as_bytes()).status, 200);
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(seed % 150));
+        std::thread::sleep(kill_after(&mut seed, 0, 150));
         dir = s.stop_keep_dir("-KILL").0;
         let temp = std::fs::read_dir(dir.path())
             .unwrap()
