@@ -7,7 +7,9 @@
 //! snapshot slice), never across an `.await`, so locks are almost always
 //! free. A foreign core only ever uses `try_lock` and never waits: if the
 //! lock is taken, the operation goes to the owner over the mesh. The owner
-//! takes its own lock with `lock`, and waits at most one foreign step.
+//! takes its own lock with `lock` and waits for the foreign step in
+//! progress (std's mutex is not fair, so under heavy direct traffic it may
+//! be a few steps; each is one write or peek, never an `.await`).
 //!
 //! - A write applied by a foreign core is journaled in that core's log, and
 //!   its shard remembers it until that log acknowledges it

@@ -646,7 +646,6 @@ mod tests {
 
     const T: u64 = 1_000_000;
 
-    /// Writes and forgets the version (tested on its own below).
     /// Writes with a journal that records nothing (persistence off).
     trait Plain {
         fn write_plain(&mut self, w: Write, now: u64, b: &KeyBudget) -> WriteOutcome;
@@ -658,6 +657,7 @@ mod tests {
         }
     }
 
+    /// Writes and forgets the version (tested on its own below).
     trait NoVersion {
         fn write_nv(&mut self, w: Write, now: u64, b: &KeyBudget) -> WriteOutcome;
     }
