@@ -31,7 +31,7 @@ pub const MAX_VALUE_SIZE: usize = 1 << 30;
 /// Durations beyond this are capped: the runtime's timers wrap after about
 /// two years, and nothing here needs longer.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
-/// Bytes of memory a key slot costs up front (entry + table), for the
+/// Bytes of memory a key costs (entry, tag and table share), for the
 /// `-maxNumKV` sanity check against the machine's memory.
 const BYTES_PER_KEY_SLOT: u64 = 48;
 

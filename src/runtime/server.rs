@@ -162,7 +162,7 @@ struct Restored {
 /// Opens and recovers the data directory into one shard per core.
 fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Restored, StartupError> {
     let n = config.threads;
-    // Sized up front: growing a big table stalls the core while it rehashes.
+    // The dense vectors reserve this much address space; the table grows.
     let per_core = (config.max_num_kv / n + config.max_num_kv / n / 8 + 1024).min(config.max_num_kv);
     let versions = Arc::new(Versions::default());
     let mut shards: Vec<Shard> = (0..n).map(|_| Shard::sharing(per_core, versions.clone())).collect();
