@@ -12,7 +12,8 @@
 //! per-core counters (`runtime::exporter` serves them). `config` is the
 //! command line.
 //!
-//! Layering, from the bottom: `state` (pure: no I/O, no clock, no threads;
+//! Layering, from the bottom: `memory` (where the shards' hash tables get
+//! their memory: mapped from the kernel), `state` (pure: no I/O, no clock, no threads;
 //! clippy refuses `unwrap`/`expect`/`panic` there outside tests),
 //! `request` (pure too, same rules), `metrics` and `config`, `logging`,
 //! `persist` (files, off the request path), and `runtime` on top, the only
@@ -24,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod request;

@@ -21,6 +21,7 @@ pub use crate::state::entry::{Entry, KeyTooLong, MAX_KEY_LEN, MAX_VERSION};
 use crate::state::record::Journal;
 use crate::state::secret::{self, SecretHash};
 
+use crate::memory::Mapped;
 use hashbrown::HashTable;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -207,7 +208,8 @@ pub struct Found {
 /// sized for `-maxNumKV` up front spreads a small store's slots over
 /// megabytes, and every lookup missed the cache (set 1000 B over 10k keys
 /// took 6% more CPU with a table sized for 3M keys than for 20k). Growing
-/// rehashes from `tags` (4 bytes a key) and never reads an entry.
+/// rehashes from `tags` (4 bytes a key) and never reads an entry, and each
+/// outgrown table's memory goes back to the kernel (`memory::Mapped`).
 const TABLE_START: usize = 1024;
 
 /// The table's 64-bit hash, rebuilt from a key's 32-bit tag: the low half
@@ -222,7 +224,7 @@ pub struct Shard {
     entries: Vec<Entry>,
     /// `tags[i]` is the hash tag of `entries[i]`'s key (see `spread`).
     tags: Vec<u32>,
-    table: HashTable<u32>,
+    table: HashTable<u32, Mapped>,
     hasher: RandomState,
     sweep_cursor: usize,
     /// Sum of key + value bytes of the entries held.
@@ -273,7 +275,7 @@ impl Shard {
         Shard {
             entries: Vec::with_capacity(capacity),
             tags: Vec::with_capacity(capacity),
-            table: HashTable::with_capacity(capacity.min(TABLE_START)),
+            table: HashTable::with_capacity_in(capacity.min(TABLE_START), Mapped),
             hasher: RandomState::new(),
             sweep_cursor: 0,
             bytes: 0,
