@@ -386,8 +386,8 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
         );
     }
     if !memory.is_empty() {
-        md += "\n## Memory per entry\n\nRSS after filling, beyond key and value bytes (tables sized from \
-               `-maxNumKV` included).\n\n| keys | value | clients | RSS empty | RSS full | per entry |\n\
+        md += "\n## Memory per entry\n\nRSS after filling, beyond key and value bytes (hash tables at \
+               their grown size and 4-byte hash tags included).\n\n| keys | value | clients | RSS empty | RSS full | per entry |\n\
                |---:|---:|---|---:|---:|---:|\n";
         for m in memory {
             md += &format!(

@@ -262,7 +262,7 @@ impl Wal {
                 // sync covers it: a fresh one starts with the last pass's
                 // size and a quarter more, rather than growing by doubling
                 // (a copy each time) through the pass.
-                _ => Vec::with_capacity(st.last_pass + st.last_pass / 4),
+                _ => Vec::with_capacity((st.last_pass + st.last_pass / 4).min(SPARE_MAX)),
             }
         };
         let (bytes, end) = router.take_journal(spare);
