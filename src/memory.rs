@@ -6,8 +6,8 @@
 //! holes it left were filled only slowly: a 100k-key store held 4-6 MiB
 //! more than with tables sized once up front. Mapped on its own, a
 //! table's memory goes back to the kernel the moment a bigger one replaces
-//! it, and a big one is advised into huge pages like the heap, because its
-//! lookups land anywhere in it.
+//! it, and a big one is aligned to and advised into huge pages like the
+//! heap, because its lookups land anywhere in it.
 //!
 //! This module only hands out and takes back memory; it never decides
 //! sizes, and it leaves small blocks to the heap.
@@ -27,6 +27,16 @@ const PAGE: usize = 4096;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mapped;
 
+/// The length of a mapped block's mapping: a big one is whole huge pages,
+/// so all of it can be one (the table's tail is as hot as its head).
+fn map_len(size: usize) -> usize {
+    if size >= HUGE_PAGE {
+        size.next_multiple_of(HUGE_PAGE)
+    } else {
+        size
+    }
+}
+
 /// Whether a block of `layout` gets its own mapping. `allocate` and
 /// `deallocate` see the same layout for a block, so they always agree:
 /// `allocate` returns exactly `layout.size()` bytes, because hashbrown
@@ -37,10 +47,10 @@ fn mapped(layout: Layout) -> bool {
 }
 
 // SAFETY: blocks from the heap are handed to and taken back from `Global`
-// unchanged. A mapped block is a fresh private anonymous mapping of
-// `layout.size()` bytes (page aligned, so aligned for any `layout.align()`
-// up to `PAGE`, which `mapped` requires), valid and unaliased until
-// `deallocate` unmaps exactly that range; `Mapped` holds no state, so any
+// unchanged. A mapped block is the start of a fresh private anonymous
+// mapping of `map_len(layout.size())` bytes (page aligned, so aligned for
+// any `layout.align()` up to `PAGE`, which `mapped` requires), valid and
+// unaliased until `deallocate` unmaps exactly that range; `Mapped` holds no state, so any
 // copy may free what another allocated.
 unsafe impl Allocator for Mapped {
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
@@ -48,11 +58,17 @@ unsafe impl Allocator for Mapped {
             return Global.allocate(layout);
         }
         let size = layout.size();
+        let len = map_len(size);
+        // A big block starts on a huge-page boundary, or only the aligned
+        // 2 MiB spans inside it could be huge pages (2 of a 5 MiB table's 5,
+        // in one look at a running server): map a huge page more than
+        // needed, then unmap the unaligned head and the tail.
+        let reserve = if size >= HUGE_PAGE { len + HUGE_PAGE } else { len };
         // SAFETY: a new anonymous mapping touches no existing memory.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size,
+                reserve,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
@@ -62,12 +78,26 @@ unsafe impl Allocator for Mapped {
         if p == libc::MAP_FAILED {
             return Err(AllocError);
         }
+        let mut start = p.cast::<u8>();
         if size >= HUGE_PAGE {
-            // Advice only: without transparent huge pages it changes nothing.
-            // SAFETY: the range is the mapping just made.
-            unsafe { libc::madvise(p, size, libc::MADV_HUGEPAGE) };
+            let head = (p as usize).next_multiple_of(HUGE_PAGE) - p as usize;
+            let tail = reserve - head - len;
+            // SAFETY: head and tail are page-aligned pieces of the mapping
+            // just made, outside the `len` bytes kept from `p + head`.
+            unsafe {
+                start = start.add(head);
+                if head > 0 {
+                    libc::munmap(p, head);
+                }
+                if tail > 0 {
+                    libc::munmap(start.add(len).cast(), tail);
+                }
+                // Advice only: without transparent huge pages it changes
+                // nothing.
+                libc::madvise(start.cast(), len, libc::MADV_HUGEPAGE);
+            }
         }
-        let p = NonNull::new(p.cast::<u8>()).ok_or(AllocError)?;
+        let p = NonNull::new(start).ok_or(AllocError)?;
         Ok(NonNull::slice_from_raw_parts(p, size))
     }
 
@@ -77,12 +107,12 @@ unsafe impl Allocator for Mapped {
             // `Global` with this layout.
             return unsafe { Global.deallocate(ptr, layout) };
         }
-        // SAFETY: `ptr` is the start of a mapping of `layout.size()` bytes
-        // made by `allocate`, and the caller no longer uses it. The range is
-        // right, so munmap can fail only when splitting a merged mapping
-        // would pass `vm.max_map_count`; the table's memory then stays
-        // mapped (a leak, never a fault).
-        let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), layout.size()) };
+        // SAFETY: `ptr` is the start of a mapping of `map_len(layout.size())`
+        // bytes made by `allocate`, and the caller no longer uses it. The
+        // range is right, so munmap can fail only when splitting a merged
+        // mapping would pass `vm.max_map_count`; the table's memory then
+        // stays mapped (a leak, never a fault).
+        let rc = unsafe { libc::munmap(ptr.as_ptr().cast(), map_len(layout.size())) };
         debug_assert_eq!(rc, 0, "munmap of a table");
     }
 }

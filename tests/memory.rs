@@ -27,12 +27,17 @@ fn a_big_block_is_its_own_mapping_and_goes_back_when_freed() {
         assert_eq!(block.len(), size);
         let p = block.cast::<u8>().as_ptr();
         assert_eq!(p as usize % 4096, 0, "a mapping starts on a page");
+        if size >= 2 << 20 {
+            assert_eq!(p as usize % (2 << 20), 0, "a big one on a huge page");
+        }
         // SAFETY: the block is `size` writable bytes, ours until freed.
         unsafe {
             p.write_bytes(0xab, size);
             assert_eq!(*p.add(size - 1), 0xab);
         }
-        let last = p as usize + size - 1;
+        // The mapping runs to the end of the block's last huge page.
+        let last =
+            if size >= 2 << 20 { p as usize + size.next_multiple_of(2 << 20) - 1 } else { p as usize + size - 1 };
         assert!(is_mapped(last));
         // SAFETY: allocated above with this layout, not used after.
         unsafe { Mapped.deallocate(block.cast(), layout) };
