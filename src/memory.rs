@@ -18,7 +18,8 @@ use std::ptr::NonNull;
 /// Blocks at least this big get their own mapping; smaller ones (a new or
 /// tiny table) come from the heap.
 const MAP_MIN: usize = 1 << 16;
-/// Mappings at least this big are advised into transparent huge pages.
+/// Mappings at least this big are aligned to, sized in and advised into
+/// transparent huge pages.
 const HUGE_PAGE: usize = 2 << 20;
 /// What `mmap` aligns to at least.
 const PAGE: usize = 4096;
@@ -50,8 +51,8 @@ fn mapped(layout: Layout) -> bool {
 // unchanged. A mapped block is the start of a fresh private anonymous
 // mapping of `map_len(layout.size())` bytes (page aligned, so aligned for
 // any `layout.align()` up to `PAGE`, which `mapped` requires), valid and
-// unaliased until `deallocate` unmaps exactly that range; `Mapped` holds no state, so any
-// copy may free what another allocated.
+// unaliased until `deallocate` unmaps exactly that range. `Mapped` holds no
+// state, so any copy may free what another allocated.
 unsafe impl Allocator for Mapped {
     fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
         if !mapped(layout) {

@@ -275,7 +275,7 @@ impl Router {
     /// `deps` are acknowledged.
     async fn answer(self: &Rc<Self>, lsn: u64, deps: Dependencies, reply: Reply) -> Reply {
         // Held (and counted) only if another log still has to move.
-        if deps.is_empty() || self.cells.settled(&deps) {
+        if self.cells.settled(&deps) {
             return self.after_log(lsn, reply).await;
         }
         let slot = self.slots.borrow_mut().alloc(None);
@@ -286,7 +286,7 @@ impl Router {
     /// Delivers `reply` to `origin` once this core's log position `lsn` and
     /// the other logs' `deps` are acknowledged.
     fn deliver_when(&self, lsn: u64, deps: Dependencies, origin: Origin, reply: Reply) {
-        if deps.is_empty() || self.cells.settled(&deps) {
+        if self.cells.settled(&deps) {
             self.deliver_after(lsn, origin, reply);
         } else {
             self.hold(Held { deps, lsn, origin, reply });
