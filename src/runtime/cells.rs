@@ -35,9 +35,9 @@
 //! warnings, checks it), or the owner would deadlock on its own lock.
 
 use crate::state::command::Owned;
-use crate::state::shard::Found;
+use crate::state::shard::{Found, Probe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 /// The longest value a foreign core copies under the owner's lock (about a
 /// microsecond of copying); longer ones are read by the owner, so the owner
@@ -59,7 +59,7 @@ struct Cell {
 }
 
 /// Every core's owned state, indexed by core.
-pub struct Cells(Box<[Cell]>);
+pub struct Cells(Box<[Cell]>, Box<[Arc<Probe>]>);
 
 impl Cells {
     /// `owned[i]` becomes core `i`'s state. With `persist`, answers wait for
@@ -67,6 +67,8 @@ impl Cells {
     pub fn new(owned: Vec<Owned>, persist: bool) -> Self {
         let acked = if persist { 0 } else { u64::MAX };
         let n = owned.len();
+        // Read-only once built, and apart from the lock words the owners write.
+        let probes = owned.iter().map(|o| o.shard.probe()).collect();
         Cells(
             owned
                 .into_iter()
@@ -77,11 +79,20 @@ impl Cells {
                     watchers: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 })
                 .collect(),
+            probes,
         )
     }
 
     pub fn cores(&self) -> usize {
         self.0.len()
+    }
+
+    /// Starts fetching what a lookup of `key` in `core`'s shard reads first,
+    /// without its lock (a hint: see `state::probe`).
+    pub fn prefetch(&self, core: usize, key: &[u8]) {
+        if let Some(p) = self.1.get(core) {
+            p.prefetch(key);
+        }
     }
 
     /// The owner's access to its state. Panics cannot leave it half-changed

@@ -362,10 +362,12 @@ impl Router {
     /// cannot take its next request before this answer, so waiting for the
     /// log task would only add a task switch per request and batch nothing.
     pub async fn run(self: &Rc<Self>, charge: Option<Charge>, op: Op, pipelined: bool) -> Reply {
+        let owner = self.routing.owner(op.key());
+        // The lookup's first cache misses overlap the charge's own.
+        self.cells.prefetch(owner, op.key());
         if let Err(refused) = self.charge(charge) {
             return refused;
         }
-        let owner = self.routing.owner(op.key());
         if owner == self.me {
             return self.call(owner, op, pipelined).await;
         }

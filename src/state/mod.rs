@@ -14,6 +14,7 @@ pub mod budget;
 pub mod command;
 pub mod entry;
 pub mod net;
+pub mod probe;
 pub mod ratelimit;
 pub mod record;
 pub mod secret;

@@ -12,7 +12,9 @@
 //! removals, so expired keys are reclaimed a bounded slice at a time instead
 //! of a stop-the-world scan, and each entry keeps key and value in one
 //! exact-size allocation. The table is hashed with a per-shard random SipHash
-//! key, independent of the routing hash. Everything here is deterministic
+//! key, independent of the routing hash, held in the shard's `Probe` with
+//! where the table is, so any core can start a lookup's first cache misses
+//! before it takes the lock (`probe`). Everything here is deterministic
 //! given `now_ms`: no clock, no I/O, no logging.
 
 pub use crate::state::budget::KeyBudget;
@@ -22,9 +24,9 @@ use crate::state::record::Journal;
 use crate::state::secret::{self, SecretHash};
 
 use crate::memory::Mapped;
+use crate::state::probe::spread;
+pub use crate::state::probe::Probe;
 use hashbrown::HashTable;
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -213,23 +215,14 @@ pub struct Found {
 /// kernel (`memory::Mapped`).
 const TABLE_START: usize = 1024;
 
-/// The table's 64-bit hash, rebuilt from a key's 32-bit tag: the low half
-/// picks the bucket, the top 7 bits are hashbrown's control byte, so the two
-/// come from different bits of the tag for tables up to 2^25 buckets (29M
-/// keys on a core). Past that each doubling shares one more bit, and more
-/// lookups compare a key that does not match: slower, never wrong, since
-/// keys are compared in full. (Indices are `u32` for the same reason.)
-fn spread(tag: u32) -> u64 {
-    (u64::from(tag) << 32) | u64::from(tag)
-}
-
 /// One core's entries.
 pub struct Shard {
     entries: Vec<Entry>,
-    /// `tags[i]` is the hash tag of `entries[i]`'s key (see `spread`).
+    /// `tags[i]` is the hash tag of `entries[i]`'s key (see `probe::spread`).
     tags: Vec<u32>,
     table: HashTable<u32, Mapped>,
-    hasher: RandomState,
+    /// The hash key, and where the table is for other cores' prefetches.
+    probe: Arc<Probe>,
     sweep_cursor: usize,
     /// Sum of key + value bytes of the entries held.
     bytes: usize,
@@ -280,7 +273,7 @@ impl Shard {
             entries: Vec::with_capacity(capacity),
             tags: Vec::with_capacity(capacity),
             table: HashTable::with_capacity_in(capacity.min(TABLE_START), Mapped),
-            hasher: RandomState::new(),
+            probe: Arc::default(),
             sweep_cursor: 0,
             bytes: 0,
             expired_total: 0,
@@ -311,9 +304,15 @@ impl Shard {
         self.versions.current()
     }
 
-    /// The table hash of `key` (see `spread`).
+    /// The table hash of `key` (see `probe::spread`).
     fn hash(&self, key: &[u8]) -> u64 {
-        spread(self.hasher.hash_one(key) as u32)
+        self.probe.hash(key)
+    }
+
+    /// The shard's hash key and table position, for other cores to start a
+    /// lookup's cache misses before they take the lock (`probe`).
+    pub fn probe(&self) -> Arc<Probe> {
+        self.probe.clone()
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
@@ -592,7 +591,9 @@ impl Shard {
         self.entries.push(entry);
         self.tags.push(hash as u32);
         let tags = &self.tags;
-        self.table.insert_unique(hash, idx, |&i| spread(tags[i as usize]));
+        let slot = self.table.insert_unique(hash, idx, |&i| spread(tags[i as usize]));
+        let (index, at) = (slot.bucket_index(), slot.get() as *const u32);
+        self.probe.position.publish(self.table.num_buckets(), index, at);
     }
 
     /// Inserts or replaces an entry loaded from disk (no conditions, no
@@ -814,6 +815,30 @@ mod tests {
             let want = (i >= n || i % 3 != 0).then(|| i.to_string().into_bytes());
             assert_eq!(get(&mut s, &format!("k{i}"), &b), want, "k{i}");
         }
+    }
+
+    #[test]
+    fn the_published_probe_follows_the_table_through_every_doubling() {
+        let n = TABLE_START * 8;
+        let b = KeyBudget::new(n);
+        let mut s = Shard::with_capacity(n);
+        let probe = s.probe();
+        let mut sizes = vec![];
+        for i in 0..n {
+            s.write_plain(w(&format!("k{i}"), "v", None, Condition::Set), T, &b);
+            if sizes.last() != Some(&s.table.num_buckets()) {
+                sizes.push(s.table.num_buckets());
+                for index in s.table.iter_buckets() {
+                    let at = s.table.get_bucket(index).map(|slot| slot as *const u32 as usize);
+                    assert_eq!(
+                        Some(probe.position.slot_of(index)),
+                        at.map(|a| (a, s.table.num_buckets())),
+                        "bucket {index}"
+                    );
+                }
+            }
+        }
+        assert!(sizes.len() >= 4, "the table doubled: {sizes:?}");
     }
 
     fn w(key: &str, value: &str, secret: Option<u8>, cond: Condition) -> Write {
