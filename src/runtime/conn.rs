@@ -495,6 +495,8 @@ impl Conn<'_> {
         let shared = &ctx.shared;
         let client = self.client;
         let started = shared.metrics_on.then(Instant::now);
+        // Before parsing: the buckets' cache misses overlap it.
+        let aim = ctx.router.aim(net::client(client));
         let mut parked = Duration::ZERO;
         let periods = ctx.router.periods();
         let retry_after = || periods.retry_after_secs(Instant::now());
@@ -514,7 +516,7 @@ impl Conn<'_> {
             }
             Ok(Action::Preflight(route)) => (Some(route), false, api::preflight(route)),
             Ok(Action::Store(api::StoreAction { op, cost, meta })) => {
-                let charge = Some(Charge { bucket: net::client(client), cost });
+                let charge = Some(Charge { aim, cost });
                 // Bytes beyond this request: the client pipelines.
                 let pipelined = self.start < self.buf.len();
                 let reply = ctx.router.run(charge, op, pipelined).await;
@@ -561,7 +563,7 @@ impl Conn<'_> {
         };
         let periods = ctx.router.periods();
         let retry_after = || periods.retry_after_secs(Instant::now());
-        let charge = Some(Charge { bucket: net::client(self.client), cost: route::READ_COST });
+        let charge = Some(Charge { aim: ctx.router.aim(net::client(self.client)), cost: route::READ_COST });
         let mut waited = Duration::ZERO;
         let reply = match ctx.router.wait(charge, wait.key, wait.until).await {
             Err(immediate) => Some(immediate),

@@ -47,7 +47,7 @@ use crate::runtime::shared::Shared;
 use crate::runtime::slots::{Credits, Slots};
 use crate::runtime::wal::{Host, Settled, Wal};
 use crate::state::command::{Applier, Op, Origin, Owned, Reply, Wakeups};
-use crate::state::ratelimit::{Charge, Limiter, Periods};
+use crate::state::ratelimit::{Aim, Charge, Limiter, Periods};
 use crate::state::record::Journal;
 use crate::state::shard::KeyBudget;
 use crate::state::unacked::Dependencies;
@@ -348,11 +348,17 @@ impl Router {
         n
     }
 
+    /// Locates `client`'s rate-limit buckets and starts fetching them
+    /// (`Limiter::aim`): call it as soon as the client is known.
+    pub fn aim(&self, client: u64) -> Aim {
+        self.limiter.aim(client)
+    }
+
     /// Takes the client's tokens, here and now: `Err` is the refusal.
     fn charge(&self, charge: Option<Charge>) -> Result<(), Reply> {
         let Some(c) = charge else { return Ok(()) };
         let epoch = self.periods.epoch(Instant::now());
-        self.limiter.charge(c.bucket, c.cost, epoch).map_err(Reply::Limited)
+        self.limiter.charge_aimed(&c.aim, c.cost, epoch).map_err(Reply::Limited)
     }
 
     /// Charges the client (if `charge`) and applies `op` on its key's core.

@@ -1,15 +1,17 @@
-//! A shard table's hash, and where a key's lookup will land, readable by
-//! any core without the shard's lock so the lookup's first cache misses can
-//! start early.
+//! Where a hash table's lookup will land, readable by any core without the
+//! table's lock, so the lookup's first cache misses can start early; and
+//! the shard's table hash.
 //!
 //! A read over a large store is four dependent misses: the table's control
 //! bytes, its slot (an index), the entry, the key. The first two addresses
 //! follow from the key's hash and the table's place alone, so the router
-//! prefetches them before it charges the request to its client
-//! (`ratelimit`), and the two walks' misses overlap instead of queueing:
-//! public GET over 1M keys took 0.91x and 0.93x the CPU per request (two
-//! orders of 5 alternated rounds). Doing the same for the rate limiter's
-//! lock word and buckets measured 0.99x-1.01x, so it is not done.
+//! prefetches them before it charges the request to its client, and the
+//! two walks' misses overlap instead of queueing: public GET over 1M keys
+//! took 0.91x and 0.93x the CPU per request (two orders of 5 alternated
+//! rounds). The rate limiter does the same for its buckets as soon as the
+//! client is known (`ratelimit::Limiter::aim`): 0.96x-1.00x when started
+//! before the request is parsed, nothing measurable when started just
+//! before the charge.
 //!
 //! Everything published here is a hint. Nothing is ever dereferenced: a
 //! stale or torn address (the table grew meanwhile) costs one useless
@@ -21,6 +23,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Control bytes hashbrown compares at once (its SSE2 group).
@@ -43,7 +46,7 @@ pub fn spread(tag: u32) -> u64 {
 pub struct Probe {
     /// The shard's seeded SipHash key (independent of the routing hash).
     hasher: RandomState,
-    pub position: Position,
+    pub position: Position<u32>,
 }
 
 impl Probe {
@@ -58,24 +61,37 @@ impl Probe {
     }
 }
 
-/// Where a shard's `hashbrown::HashTable<u32>` is: written by the shard
-/// under its lock, read by anyone without it.
-#[derive(Debug, Default)]
-pub struct Position {
+/// Where a `hashbrown::HashTable<T>` is: written by the table's owner under
+/// its lock, read by anyone without it.
+#[derive(Debug)]
+pub struct Position<T> {
     /// Address of the table's control bytes; 0 until the first insert.
     ctrl: AtomicUsize,
     /// The table's bucket count minus one.
     mask: AtomicUsize,
+    slot: PhantomData<fn() -> T>,
 }
 
-impl Position {
-    /// Bytes of one slot (a `u32` index).
-    const SLOT: usize = std::mem::size_of::<u32>();
+impl<T> Default for Position<T> {
+    fn default() -> Self {
+        Position { ctrl: AtomicUsize::new(0), mask: AtomicUsize::new(0), slot: PhantomData }
+    }
+}
+
+impl<T> Position<T> {
+    const SLOT: usize = std::mem::size_of::<T>();
+    /// Slots of a probe's first group within 64 bytes of its first slot.
+    const SPAN: usize = match Self::SLOT {
+        0 => 1,
+        s if 64 / s == 0 => 1,
+        s if 64 / s > GROUP => GROUP,
+        s => 64 / s,
+    };
 
     /// Records where a table of `buckets` buckets is, from any of its full
     /// buckets: its `index` and the address of the slot it holds. Cheap when
     /// nothing moved (two loads).
-    pub fn publish(&self, buckets: usize, index: usize, slot: *const u32) {
+    pub fn publish(&self, buckets: usize, index: usize, slot: *const T) {
         // Bucket `i`'s slot sits `i + 1` slots below the control bytes.
         let ctrl = (slot as usize).wrapping_add((index + 1).wrapping_mul(Self::SLOT));
         let mask = buckets.wrapping_sub(1);
@@ -109,18 +125,18 @@ impl Position {
     }
 
     /// The addresses `prefetch` touches for probe start `pos`: the group's
-    /// first control byte, and its first and last slots (the group's 64
-    /// bytes of slots may straddle two lines).
+    /// first control byte, and the first and last of its slots within 64
+    /// bytes (which may straddle two lines).
     fn lines(ctrl: usize, pos: usize) -> [usize; 3] {
         let slot = |i: usize| ctrl.wrapping_sub(i.wrapping_add(1).wrapping_mul(Self::SLOT));
-        [ctrl.wrapping_add(pos), slot(pos), slot(pos.wrapping_add(GROUP - 1))]
+        [ctrl.wrapping_add(pos), slot(pos), slot(pos.wrapping_add(Self::SPAN - 1))]
     }
 }
 
 /// Asks the CPU to bring `addr`'s cache line in; a no-op where there is no
 /// prefetch instruction.
 #[inline(always)]
-fn fetch(addr: usize) {
+pub fn fetch(addr: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -130,6 +146,21 @@ fn fetch(addr: usize) {
         // provenance because it is never dereferenced. The tests prefetch
         // unmapped and null-page addresses.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::without_provenance::<i8>(addr)) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
+/// `fetch`, asking for the line in a state this core may write (a lock
+/// word another core wrote last).
+#[inline(always)]
+pub fn fetch_to_write(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+        // SAFETY: as `fetch`: PREFETCHW is a hint too, it never faults and
+        // changes no data (a CPU without it executes it as a no-op).
+        unsafe { _mm_prefetch::<_MM_HINT_ET0>(std::ptr::without_provenance::<i8>(addr)) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
@@ -196,7 +227,8 @@ mod tests {
         // Unmapped, null-page and wrapping addresses: prefetches never fault.
         for addr in [1, 64, usize::MAX - 63, 0x7fff_ffff_f000, 0xdead_0000_0000] {
             fetch(addr);
-            for a in Position::lines(addr, usize::MAX / 2) {
+            fetch_to_write(addr);
+            for a in Position::<(u64, u32)>::lines(addr, usize::MAX / 2) {
                 fetch(a);
             }
         }

@@ -16,7 +16,8 @@
 //! logic: time is passed in, nothing here does I/O.
 
 use crate::state::net;
-use crate::state::striped::Striped;
+use crate::state::probe::Position;
+use crate::state::striped::{Striped, STRIPES};
 use hashbrown::HashTable;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -53,9 +54,19 @@ impl Periods {
 /// Tokens to take from a client's buckets before anything else happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Charge {
-    /// The client (`net::client`); its network's bucket is charged too.
-    pub bucket: u64,
+    /// The client's buckets (`Limiter::aim`); its network's is charged too.
+    pub aim: Aim,
     pub cost: u32,
+}
+
+/// A client's buckets, located: its ids hashed once, and the cache lines
+/// the charge will read already on their way (`Limiter::aim`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Aim {
+    client: u64,
+    network: u64,
+    client_hash: u64,
+    net_hash: u64,
 }
 
 /// Why a charge was refused.
@@ -69,6 +80,9 @@ pub enum Refused {
     TableFull,
 }
 
+/// A bucket: `(id, tokens spent this period)`.
+type Bucket = (u64, u32);
+
 /// One stripe's buckets: `(id, tokens spent this period)`, absent:
 /// untouched, full. Both tables are hashed with the stripes' seeded hash,
 /// so a charge hashes the network once (for its stripe and its bucket) and
@@ -77,10 +91,10 @@ pub enum Refused {
 struct Table {
     epoch: u64,
     /// By client key (`net::client`).
-    spent: HashTable<(u64, u32)>,
+    spent: HashTable<Bucket>,
     /// By network (`net::network`). A table of its own: a network key can
     /// equal the client key of the network's first /64.
-    net_spent: HashTable<(u64, u32)>,
+    net_spent: HashTable<Bucket>,
 }
 
 /// How many buckets are tracked, server-wide, against `-maxTrackedIPs`.
@@ -128,6 +142,9 @@ pub struct Limiter {
     /// The period every stripe has been refilled for.
     refilled: AtomicU64,
     tables: Striped<Table>,
+    /// Where each stripe's `spent` and `net_spent` are, so `aim` can start
+    /// their cache misses without the stripe's lock (`probe`).
+    positions: Box<[[Position<Bucket>; 2]]>,
 }
 
 impl Limiter {
@@ -140,6 +157,7 @@ impl Limiter {
             tracked: Tracked { clients: AtomicUsize::new(0), networks: AtomicUsize::new(0), capacity: capacity.max(1) },
             refilled: AtomicU64::new(0),
             tables: Striped::new(),
+            positions: (0..STRIPES).map(|_| Default::default()).collect(),
         }
     }
 
@@ -154,16 +172,38 @@ impl Limiter {
         self.refilled.fetch_max(epoch, Ordering::AcqRel);
     }
 
+    /// Locates `client`'s buckets (`net::client`) and starts fetching what
+    /// charging them reads: the stripe's lock word and both buckets' first
+    /// table lines. Called as soon as the client is known, so those misses
+    /// overlap the request's parsing instead of queueing in the charge.
+    pub fn aim(&self, client: u64) -> Aim {
+        let network = net::network(client);
+        let (client_hash, net_hash) = (self.tables.hash(client), self.tables.hash(network));
+        let stripe = self.tables.stripe(net_hash);
+        self.tables.prefetch(stripe);
+        if let Some([client_at, net_at]) = self.positions.get(stripe) {
+            client_at.prefetch(client_hash);
+            net_at.prefetch(net_hash);
+        }
+        Aim { client, network, client_hash, net_hash }
+    }
+
     /// Takes `cost` tokens from `client`'s bucket and its network's, or
     /// refuses and takes nothing from either.
     pub fn charge(&self, client: u64, cost: u32, epoch: u64) -> Result<(), Refused> {
+        self.charge_aimed(&self.aim(client), cost, epoch)
+    }
+
+    /// `charge`, for buckets already located by `aim`.
+    pub fn charge_aimed(&self, aim: &Aim, cost: u32, epoch: u64) -> Result<(), Refused> {
         // At a period's start, refill every stripe first: otherwise stripes
         // nobody touched yet would still count last period's clients.
         self.refill_if_due(epoch);
-        let network = net::network(client);
+        let Aim { client, network, client_hash, net_hash } = *aim;
         let hash = |id| self.tables.hash(id);
-        let (net_hash, client_hash) = (hash(network), hash(client));
-        let mut guard = self.tables.lock(net_hash);
+        let stripe = self.tables.stripe(net_hash);
+        let [client_at, net_at] = &self.positions[stripe & (STRIPES - 1)];
+        let mut guard = self.tables.lock_stripe(stripe);
         let t = &mut *guard;
         t.refill_if_due(epoch, &self.tracked, hash);
         let is = |want: u64| move |&(id, _): &(u64, u32)| id == want;
@@ -193,11 +233,19 @@ impl Limiter {
         let rehash = |&(id, _): &(u64, u32)| hash(id);
         match client_bucket {
             Some(b) => b.1 = client_after,
-            None => _ = t.spent.insert_unique(client_hash, (client, client_after), rehash),
+            None => {
+                let b = t.spent.insert_unique(client_hash, (client, client_after), rehash);
+                let (index, at) = (b.bucket_index(), b.get() as *const Bucket);
+                client_at.publish(t.spent.num_buckets(), index, at);
+            }
         }
         match net_bucket {
             Some(b) => b.1 = net_after,
-            None => _ = t.net_spent.insert_unique(net_hash, (network, net_after), rehash),
+            None => {
+                let b = t.net_spent.insert_unique(net_hash, (network, net_after), rehash);
+                let (index, at) = (b.bucket_index(), b.get() as *const Bucket);
+                net_at.publish(t.net_spent.num_buckets(), index, at);
+            }
         }
         Ok(())
     }
@@ -283,6 +331,25 @@ mod tests {
             n = (n.0 + t.spent.len(), n.1 + t.net_spent.len(), n.2 + t.spent.capacity() + t.net_spent.capacity())
         });
         n
+    }
+
+    #[test]
+    fn the_published_positions_follow_every_stripes_tables_as_they_grow() {
+        let l = Limiter::new(10, 1 << 20, 1 << 20);
+        for i in 0..40_000u32 {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i * 7);
+            assert_eq!(l.charge(net::client(ip.into()), 1, 0), Ok(()));
+        }
+        for (stripe, [client_at, net_at]) in l.positions.iter().enumerate() {
+            let t = l.tables.lock_stripe(stripe);
+            for (table, at) in [(&t.spent, client_at), (&t.net_spent, net_at)] {
+                assert!(!table.is_empty(), "stripe {stripe} is used");
+                for index in table.iter_buckets() {
+                    let slot = table.get_bucket(index).map(|b| b as *const Bucket as usize);
+                    assert_eq!(Some(at.slot_of(index)), slot.map(|a| (a, table.num_buckets())), "stripe {stripe}");
+                }
+            }
+        }
     }
 
     #[test]

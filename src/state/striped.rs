@@ -10,12 +10,13 @@
 //! fraction of a cross-core message. Nothing here may block inside a lock
 //! or hold two stripes at once.
 
+use crate::state::probe;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Stripes per table (a power of two).
-const STRIPES: usize = 64;
+pub const STRIPES: usize = 64;
 
 /// Keeps each stripe on its own cache lines.
 #[derive(Debug, Default)]
@@ -53,11 +54,29 @@ impl<T> Striped<T> {
         self.hasher.hash_one(id)
     }
 
-    /// Locks the stripe that holds `id`, whose hash is `hash`.
-    pub fn lock(&self, hash: u64) -> MutexGuard<'_, T> {
+    /// The stripe that holds the id whose hash is `hash`.
+    pub fn stripe(&self, hash: u64) -> usize {
         // hashbrown takes a table's bucket from the low bits and its tags
         // from the top 7: pick the stripe with bits in between.
-        lock(&self.stripes[(hash >> 51) as usize & (STRIPES - 1)].0)
+        (hash >> 51) as usize & (STRIPES - 1)
+    }
+
+    /// Locks the stripe that holds `id`, whose hash is `hash`.
+    pub fn lock(&self, hash: u64) -> MutexGuard<'_, T> {
+        self.lock_stripe(self.stripe(hash))
+    }
+
+    /// Locks stripe `i` (from `stripe`).
+    pub fn lock_stripe(&self, i: usize) -> MutexGuard<'_, T> {
+        lock(&self.stripes[i & (STRIPES - 1)].0)
+    }
+
+    /// Starts bringing stripe `i`'s lock word to this core, ready to be
+    /// written (a hint; see `probe`).
+    pub fn prefetch(&self, i: usize) {
+        if let Some(s) = self.stripes.get(i) {
+            probe::fetch_to_write(&s.0 as *const Mutex<T> as usize);
+        }
     }
 
     /// Visits every stripe, one lock at a time.
