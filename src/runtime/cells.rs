@@ -59,7 +59,12 @@ struct Cell {
 }
 
 /// Every core's owned state, indexed by core.
-pub struct Cells(Box<[Cell]>, Box<[Arc<Probe>]>);
+pub struct Cells {
+    cells: Box<[Cell]>,
+    /// Each shard's `Probe`: read-only once built, and apart from the lock
+    /// words the owners write.
+    probes: Box<[Arc<Probe>]>,
+}
 
 impl Cells {
     /// `owned[i]` becomes core `i`'s state. With `persist`, answers wait for
@@ -67,30 +72,27 @@ impl Cells {
     pub fn new(owned: Vec<Owned>, persist: bool) -> Self {
         let acked = if persist { 0 } else { u64::MAX };
         let n = owned.len();
-        // Read-only once built, and apart from the lock words the owners write.
         let probes = owned.iter().map(|o| o.shard.probe()).collect();
-        Cells(
-            owned
-                .into_iter()
-                .map(|o| Cell {
-                    owned: Mutex::new(o),
-                    acked: AtomicU64::new(acked),
-                    failing: AtomicBool::new(false),
-                    watchers: (0..n).map(|_| AtomicBool::new(false)).collect(),
-                })
-                .collect(),
-            probes,
-        )
+        let cells = owned
+            .into_iter()
+            .map(|o| Cell {
+                owned: Mutex::new(o),
+                acked: AtomicU64::new(acked),
+                failing: AtomicBool::new(false),
+                watchers: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            })
+            .collect();
+        Cells { cells, probes }
     }
 
     pub fn cores(&self) -> usize {
-        self.0.len()
+        self.cells.len()
     }
 
     /// Starts fetching what a lookup of `key` in `core`'s shard reads first,
     /// without its lock (a hint: see `state::probe`).
     pub fn prefetch(&self, core: usize, key: &[u8]) {
-        if let Some(p) = self.1.get(core) {
+        if let Some(p) = self.probes.get(core) {
             p.prefetch(key);
         }
     }
@@ -99,12 +101,12 @@ impl Cells {
     /// in a way anyone could observe (the process aborts on panic), so a
     /// poisoned lock is simply taken.
     pub fn lock(&self, core: usize) -> MutexGuard<'_, Owned> {
-        self.0[core].owned.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.cells[core].owned.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Another core's access: `None` if the lock is taken (never waits).
     pub fn try_lock(&self, core: usize) -> Option<MutexGuard<'_, Owned>> {
-        match self.0[core].owned.try_lock() {
+        match self.cells[core].owned.try_lock() {
             Ok(owned) => Some(owned),
             Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
             Err(TryLockError::WouldBlock) => None,
@@ -113,19 +115,19 @@ impl Cells {
 
     /// How far `core`'s log is acknowledged (whether or not it is failing).
     pub fn acked(&self, core: usize) -> u64 {
-        self.0[core].acked.load(Ordering::SeqCst)
+        self.cells[core].acked.load(Ordering::SeqCst)
     }
 
     /// Whether answers waiting for `deps` may go: each log has acknowledged
     /// its position, or is failing (answers then go out at once, as `wal`
     /// does for its own; reads go on while a log fails).
     pub fn settled(&self, deps: &[(usize, u64)]) -> bool {
-        deps.iter().all(|&(log, lsn)| self.0[log].failing.load(Ordering::SeqCst) || self.acked(log) >= lsn)
+        deps.iter().all(|&(log, lsn)| self.cells[log].failing.load(Ordering::SeqCst) || self.acked(log) >= lsn)
     }
 
     /// Core `me` holds answers waiting for `log`: wake it when `log` moves.
     pub fn watch(&self, log: usize, me: usize) {
-        if let Some(w) = self.0[log].watchers.get(me) {
+        if let Some(w) = self.cells[log].watchers.get(me) {
             w.store(true, Ordering::SeqCst);
         }
     }
@@ -133,18 +135,18 @@ impl Cells {
     /// The owner's log has acknowledged everything journaled up to `lsn`;
     /// `wake` is called for every core that was watching it.
     pub fn publish_acked(&self, core: usize, lsn: u64, wake: impl FnMut(usize)) {
-        self.0[core].acked.store(lsn, Ordering::SeqCst);
+        self.cells[core].acked.store(lsn, Ordering::SeqCst);
         self.wake_watchers(core, wake);
     }
 
     /// `core`'s log started (or stopped) failing; watchers are woken.
     pub fn publish_failing(&self, core: usize, failing: bool, wake: impl FnMut(usize)) {
-        self.0[core].failing.store(failing, Ordering::SeqCst);
+        self.cells[core].failing.store(failing, Ordering::SeqCst);
         self.wake_watchers(core, wake);
     }
 
     fn wake_watchers(&self, core: usize, mut wake: impl FnMut(usize)) {
-        for (c, w) in self.0[core].watchers.iter().enumerate() {
+        for (c, w) in self.cells[core].watchers.iter().enumerate() {
             // SeqCst, ordered after the position's store: a watcher either
             // set its flag before this load, or loads the new position after.
             if w.load(Ordering::SeqCst) && w.swap(false, Ordering::SeqCst) {

@@ -25,7 +25,7 @@ use crate::runtime::router::{Router, WaitFuture};
 use crate::runtime::shared::Shared;
 use crate::state::command::Reply;
 use crate::state::net;
-use crate::state::ratelimit::Charge;
+use crate::state::ratelimit::{Aim, Charge};
 use crate::state::shard::WriteOutcome;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -525,7 +525,7 @@ impl Conn<'_> {
                 let response = api::respond(&meta, reply, &self.client_text, retry_after);
                 (Some(meta.route), conflict, response)
             }
-            Ok(Action::Wait(wait)) => match self.blocking_read(wait).await {
+            Ok(Action::Wait(wait)) => match self.blocking_read(wait, aim).await {
                 Some((response, waited)) => {
                     parked = waited;
                     (Some(Route::Get), false, response)
@@ -553,7 +553,7 @@ impl Conn<'_> {
     /// holds or the wait ends, watching the socket meanwhile so a client that
     /// leaves is noticed at once. Returns the answer and the time parked;
     /// `None`: the client went away.
-    async fn blocking_read(&mut self, wait: api::WaitAction) -> Option<(Response, Duration)> {
+    async fn blocking_read(&mut self, wait: api::WaitAction, aim: Aim) -> Option<(Response, Duration)> {
         let ctx = self.ctx;
         let stats = ctx.stats();
         let _permit = match ctx.shared.waiter_limits.admit(self.client) {
@@ -563,7 +563,7 @@ impl Conn<'_> {
         };
         let periods = ctx.router.periods();
         let retry_after = || periods.retry_after_secs(Instant::now());
-        let charge = Some(Charge { aim: ctx.router.aim(net::client(self.client)), cost: route::READ_COST });
+        let charge = Some(Charge { aim, cost: route::READ_COST });
         let mut waited = Duration::ZERO;
         let reply = match ctx.router.wait(charge, wait.key, wait.until).await {
             Err(immediate) => Some(immediate),

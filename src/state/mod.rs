@@ -14,7 +14,7 @@ pub mod budget;
 pub mod command;
 pub mod entry;
 pub mod net;
-pub mod probe;
+pub mod prefetch;
 pub mod ratelimit;
 pub mod record;
 pub mod secret;

@@ -14,7 +14,7 @@
 //! exact-size allocation. The table is hashed with a per-shard random SipHash
 //! key, independent of the routing hash, held in the shard's `Probe` with
 //! where the table is, so any core can start a lookup's first cache misses
-//! before it takes the lock (`probe`). Everything here is deterministic
+//! before it takes the lock (`prefetch`). Everything here is deterministic
 //! given `now_ms`: no clock, no I/O, no logging.
 
 pub use crate::state::budget::KeyBudget;
@@ -24,9 +24,10 @@ use crate::state::record::Journal;
 use crate::state::secret::{self, SecretHash};
 
 use crate::memory::Mapped;
-use crate::state::probe::spread;
-pub use crate::state::probe::Probe;
+use crate::state::prefetch::Position;
 use hashbrown::HashTable;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -215,10 +216,43 @@ pub struct Found {
 /// kernel (`memory::Mapped`).
 const TABLE_START: usize = 1024;
 
+/// The table's 64-bit hash, rebuilt from a key's 32-bit tag: the low half
+/// picks the bucket, the top 7 bits are hashbrown's control byte, so the two
+/// come from different bits of the tag for tables up to 2^25 buckets (29M
+/// keys on a core). Past that each doubling shares one more bit, and more
+/// lookups compare a key that does not match: slower, never wrong, since
+/// keys are compared in full. (Indices are `u32` for the same reason.)
+fn spread(tag: u32) -> u64 {
+    (u64::from(tag) << 32) | u64::from(tag)
+}
+
+/// A shard's hash key and where its table is: what another core needs to
+/// start a lookup's cache misses before it takes the shard's lock
+/// (`prefetch`). The shard publishes the position when its table moves.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct Probe {
+    /// The shard's seeded SipHash key (independent of the routing hash).
+    hasher: RandomState,
+    position: Position<u32>,
+}
+
+impl Probe {
+    /// The table hash of `key` (see `spread`).
+    fn hash(&self, key: &[u8]) -> u64 {
+        spread(self.hasher.hash_one(key) as u32)
+    }
+
+    /// Starts fetching what a lookup of `key` reads first.
+    pub fn prefetch(&self, key: &[u8]) {
+        self.position.prefetch(self.hash(key));
+    }
+}
+
 /// One core's entries.
 pub struct Shard {
     entries: Vec<Entry>,
-    /// `tags[i]` is the hash tag of `entries[i]`'s key (see `probe::spread`).
+    /// `tags[i]` is the hash tag of `entries[i]`'s key (see `spread`).
     tags: Vec<u32>,
     table: HashTable<u32, Mapped>,
     /// The hash key, and where the table is for other cores' prefetches.
@@ -304,13 +338,13 @@ impl Shard {
         self.versions.current()
     }
 
-    /// The table hash of `key` (see `probe::spread`).
+    /// The table hash of `key` (see `spread`).
     fn hash(&self, key: &[u8]) -> u64 {
         self.probe.hash(key)
     }
 
     /// The shard's hash key and table position, for other cores to start a
-    /// lookup's cache misses before they take the lock (`probe`).
+    /// lookup's cache misses before they take the lock (`prefetch`).
     pub fn probe(&self) -> Arc<Probe> {
         self.probe.clone()
     }

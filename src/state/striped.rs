@@ -10,7 +10,7 @@
 //! fraction of a cross-core message. Nothing here may block inside a lock
 //! or hold two stripes at once.
 
-use crate::state::probe;
+use crate::state::prefetch;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -68,15 +68,16 @@ impl<T> Striped<T> {
 
     /// Locks stripe `i` (from `stripe`).
     pub fn lock_stripe(&self, i: usize) -> MutexGuard<'_, T> {
-        lock(&self.stripes[i & (STRIPES - 1)].0)
+        lock(&self.stripes[i].0)
     }
 
-    /// Starts bringing stripe `i`'s lock word to this core, ready to be
-    /// written (a hint; see `probe`).
+    /// Starts bringing stripe `i` (from `stripe`) to this core: its lock
+    /// word and what follows it on the stripe's two lines (a hint; see
+    /// `prefetch`).
     pub fn prefetch(&self, i: usize) {
-        if let Some(s) = self.stripes.get(i) {
-            probe::fetch_to_write(&s.0 as *const Mutex<T> as usize);
-        }
+        let at = &self.stripes[i] as *const Padded<T> as usize;
+        prefetch::fetch(at);
+        prefetch::fetch(at + 64);
     }
 
     /// Visits every stripe, one lock at a time.
