@@ -70,6 +70,26 @@ pub fn pin(cpu: usize) -> std::io::Result<()> {
     }
 }
 
+/// Makes the calling thread a background helper: free to run on any CPU
+/// (a thread starts with its creator's pinning) and at nice 10 (it starts
+/// with its creator's priority), so its work yields to the cores'.
+/// Best effort: on failure the thread just runs as it was made.
+pub fn background() {
+    // SAFETY: as in `allowed_cpus`: a zeroed set is valid and empty.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: `cpu` is below `CPU_SETSIZE`, so `CPU_SET` writes inside
+        // the live local `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; the kernel only reads `set` (and
+    // keeps the CPUs the process may use).
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    // SAFETY: on Linux, `who` 0 with `PRIO_PROCESS` is the calling thread;
+    // no pointers.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+}
+
 /// Puts the calling thread under `policy`. Unprivileged processes may
 /// choose `SCHED_BATCH`; where a sandbox forbids it the caller warns.
 pub fn apply_policy(policy: SchedPolicy) -> std::io::Result<()> {
