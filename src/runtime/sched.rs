@@ -1,5 +1,6 @@
 //! How the operating system runs the cores' threads: the scheduling policy
-//! each core puts itself under, and the CPU each is pinned to.
+//! each core puts itself under, the CPU each is pinned to, and how a
+//! helper a core starts (`background`) stops inheriting both.
 //!
 //! Why both: under the default policy a core woken by a completion preempts
 //! whatever runs on its CPU, often the client or proxy about to send the
