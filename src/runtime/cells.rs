@@ -90,7 +90,7 @@ impl Cells {
     }
 
     /// Starts fetching what a lookup of `key` in `core`'s shard reads first,
-    /// without its lock (a hint: see `state::probe`).
+    /// without its lock (a hint: see `state::prefetch`).
     pub fn prefetch(&self, core: usize, key: &[u8]) {
         if let Some(p) = self.probes.get(core) {
             p.prefetch(key);

@@ -146,7 +146,7 @@ pub struct Limiter {
     refilled: AtomicU64,
     tables: Striped<Table>,
     /// Where each stripe's `spent` and `net_spent` are, so `aim` can start
-    /// their cache misses without the stripe's lock (`probe`).
+    /// their cache misses without the stripe's lock (`prefetch`).
     positions: Box<[[Position<Bucket>; 2]]>,
 }
 
