@@ -21,6 +21,8 @@
 //! fails a test instead of silently slowing reads. This module must never
 //! read table memory or take a lock.
 
+use allocator_api2::alloc::Allocator;
+use hashbrown::HashTable;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -59,13 +61,16 @@ impl<T> Position<T> {
         s => LINE / s,
     };
 
-    /// Records where a table of `buckets` buckets is, from any of its full
-    /// buckets: its `index` and the address of the slot it holds. Cheap when
+    /// Inserts `value` (hashed `hash`; `hasher` rehashes if the table
+    /// grows) into `table`, whose position this is, and records where the
+    /// table is now, from the new bucket's index and slot. Cheap when
     /// nothing moved (two loads).
-    pub fn publish(&self, buckets: usize, index: usize, slot: *const T) {
+    pub fn insert<A: Allocator>(&self, table: &mut HashTable<T, A>, hash: u64, value: T, hasher: impl Fn(&T) -> u64) {
+        let slot = table.insert_unique(hash, value, hasher);
+        let (index, at) = (slot.bucket_index(), slot.get() as *const T as usize);
         // Bucket `i`'s slot sits `i + 1` slots below the control bytes.
-        let ctrl = (slot as usize).wrapping_add(index.wrapping_add(1).wrapping_mul(Self::SLOT));
-        let mask = buckets.wrapping_sub(1);
+        let ctrl = at.wrapping_add(index.wrapping_add(1).wrapping_mul(Self::SLOT));
+        let mask = table.num_buckets().wrapping_sub(1);
         if self.ctrl.load(Ordering::Relaxed) != ctrl || self.mask.load(Ordering::Relaxed) != mask {
             self.ctrl.store(ctrl, Ordering::Relaxed);
             self.mask.store(mask, Ordering::Relaxed);
@@ -73,7 +78,7 @@ impl<T> Position<T> {
     }
 
     /// The table may have moved without an insert (it was emptied and
-    /// shrunk): prefetch nothing until the next `publish`, rather than lines
+    /// shrunk): prefetch nothing until the next `insert`, rather than lines
     /// of memory that may now be someone else's.
     pub fn forget(&self) {
         self.ctrl.store(0, Ordering::Relaxed);
@@ -109,12 +114,16 @@ impl<T> Position<T> {
         self.ctrl.load(Ordering::Relaxed) != 0
     }
 
-    /// Where this says bucket `index`'s slot is, and the bucket count it
-    /// has (tests compare them with the table's own).
+    /// Asserts that this predicts where `table` keeps every full bucket's
+    /// slot, and its bucket count (the tests of every table that publishes).
     #[cfg(test)]
-    pub fn slot_of(&self, index: usize) -> (usize, usize) {
+    pub fn assert_predicts<A: Allocator>(&self, table: &HashTable<T, A>) {
         let ctrl = self.ctrl.load(Ordering::Relaxed);
-        (ctrl.wrapping_sub((index + 1) * Self::SLOT), self.mask.load(Ordering::Relaxed).wrapping_add(1))
+        assert_eq!(self.mask.load(Ordering::Relaxed).wrapping_add(1), table.num_buckets(), "bucket count");
+        for index in table.iter_buckets() {
+            let at = table.get_bucket(index).map(|s| s as *const T as usize);
+            assert_eq!(at, Some(ctrl.wrapping_sub((index + 1) * Self::SLOT)), "bucket {index}");
+        }
     }
 }
 
@@ -139,8 +148,7 @@ pub fn fetch(addr: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use allocator_api2::alloc::{AllocError, Allocator, Global, Layout};
-    use hashbrown::HashTable;
+    use allocator_api2::alloc::{AllocError, Global, Layout};
     use std::cell::Cell;
     use std::collections::hash_map::RandomState;
     use std::hash::BuildHasher;
@@ -174,9 +182,7 @@ mod tests {
         let heap = Recording::default();
         let mut t = HashTable::new_in(heap.clone());
         for i in 0..n {
-            let occ = t.insert_unique(hashes[i as usize], i, |&j| hashes[j as usize]);
-            let (index, slot) = (occ.bucket_index(), occ.get() as *const u32);
-            at.publish(occ.into_table().num_buckets(), index, slot);
+            at.insert(&mut t, hashes[i as usize], i, |&j| hashes[j as usize]);
         }
         (t, hashes, heap)
     }
@@ -185,10 +191,7 @@ mod tests {
     fn the_published_position_predicts_every_slot_and_the_control_bytes() {
         let at = Position::default();
         let (t, _, heap) = table(&at, 50_000);
-        for index in t.iter_buckets() {
-            let slot = t.get_bucket(index).map(|s| s as *const u32 as usize);
-            assert_eq!(Some(at.slot_of(index)), slot.map(|a| (a, t.num_buckets())), "bucket {index}");
-        }
+        at.assert_predicts(&t);
         // The control bytes end the table's block: one per bucket, then a
         // group's worth mirrored.
         let (block, len) = heap.0.get();

@@ -119,7 +119,7 @@ impl Table {
     /// Forgets every bucket when a new period has started. Keeps enough room
     /// for last period's population and gives back what a flood grew; the
     /// tables may move, so their published positions `at` are forgotten too
-    /// (under the same lock as every `publish`).
+    /// (under the same lock as every `Position::insert`).
     fn refill_if_due(&mut self, epoch: u64, tracked: &Tracked, hash: impl Fn(u64) -> u64, at: &[Position<Bucket>; 2]) {
         if epoch <= self.epoch {
             return;
@@ -241,19 +241,11 @@ impl Limiter {
         let rehash = |&(id, _): &(u64, u32)| hash(id);
         match client_bucket {
             Some(b) => b.1 = client_after,
-            None => {
-                let b = t.spent.insert_unique(client_hash, (client, client_after), rehash);
-                let (index, at) = (b.bucket_index(), b.get() as *const Bucket);
-                client_at.publish(t.spent.num_buckets(), index, at);
-            }
+            None => client_at.insert(&mut t.spent, client_hash, (client, client_after), rehash),
         }
         match net_bucket {
             Some(b) => b.1 = net_after,
-            None => {
-                let b = t.net_spent.insert_unique(net_hash, (network, net_after), rehash);
-                let (index, at) = (b.bucket_index(), b.get() as *const Bucket);
-                net_at.publish(t.net_spent.num_buckets(), index, at);
-            }
+            None => net_at.insert(&mut t.net_spent, net_hash, (network, net_after), rehash),
         }
         Ok(())
     }
@@ -352,10 +344,7 @@ mod tests {
             let t = l.tables.lock_stripe(stripe);
             for (table, at) in [(&t.spent, client_at), (&t.net_spent, net_at)] {
                 assert!(!table.is_empty(), "stripe {stripe} is used");
-                for index in table.iter_buckets() {
-                    let slot = table.get_bucket(index).map(|b| b as *const Bucket as usize);
-                    assert_eq!(Some(at.slot_of(index)), slot.map(|a| (a, table.num_buckets())), "stripe {stripe}");
-                }
+                at.assert_predicts(table);
             }
         }
         // A refill empties and shrinks the tables: nothing is prefetched

@@ -625,9 +625,7 @@ impl Shard {
         self.entries.push(entry);
         self.tags.push(hash as u32);
         let tags = &self.tags;
-        let slot = self.table.insert_unique(hash, idx, |&i| spread(tags[i as usize]));
-        let (index, at) = (slot.bucket_index(), slot.get() as *const u32);
-        self.probe.position.publish(self.table.num_buckets(), index, at);
+        self.probe.position.insert(&mut self.table, hash, idx, |&i| spread(tags[i as usize]));
     }
 
     /// Inserts or replaces an entry loaded from disk (no conditions, no
@@ -862,14 +860,7 @@ mod tests {
             s.write_plain(w(&format!("k{i}"), "v", None, Condition::Set), T, &b);
             if sizes.last() != Some(&s.table.num_buckets()) {
                 sizes.push(s.table.num_buckets());
-                for index in s.table.iter_buckets() {
-                    let at = s.table.get_bucket(index).map(|slot| slot as *const u32 as usize);
-                    assert_eq!(
-                        Some(probe.position.slot_of(index)),
-                        at.map(|a| (a, s.table.num_buckets())),
-                        "bucket {index}"
-                    );
-                }
+                probe.position.assert_predicts(&s.table);
             }
         }
         assert!(sizes.len() >= 4, "the table doubled: {sizes:?}");
