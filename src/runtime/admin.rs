@@ -19,6 +19,7 @@
 
 use crate::runtime::exporter::Exporter;
 use crate::runtime::shared::{Phase, Shared};
+use crate::runtime::turns::Ring;
 use bytes::Bytes;
 use monoio::buf::{IoBufMut, IoVecBufMut};
 use monoio::io::sink::Sink;
@@ -60,9 +61,10 @@ pub fn start(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
             };
             serve(shared, listener, exporter).await
         };
-        let uring = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build();
+        // Through `opened_by`, so a core never takes this ring for its own.
+        let uring = Ring::opened_by(|| monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build());
         match uring {
-            Ok(mut rt) => rt.block_on(run),
+            Ok((mut rt, _)) => rt.block_on(run),
             Err(_) => match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
                 Ok(mut rt) => rt.block_on(run),
                 Err(e) => log::error!("admin server: cannot start a runtime: {e}"),

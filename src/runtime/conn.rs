@@ -23,6 +23,7 @@ use crate::request::route::{self, Route};
 use crate::runtime::connlimit::{Permit, Refusal};
 use crate::runtime::router::{Router, WaitFuture};
 use crate::runtime::shared::Shared;
+use crate::runtime::turns::Turns;
 use crate::state::command::Reply;
 use crate::state::net;
 use crate::state::ratelimit::{Aim, Charge};
@@ -74,6 +75,8 @@ pub struct CoreCtx {
     cut: Cell<bool>,
     idle_waker: RefCell<Option<Waker>>,
     accept_waker: RefCell<Option<Waker>>,
+    /// Told of each request when this core gives turns on a shared CPU.
+    turns: Option<Rc<Turns>>,
 }
 
 /// Counts a request as in progress while alive.
@@ -93,7 +96,7 @@ impl Drop for InFlight<'_> {
 }
 
 impl CoreCtx {
-    pub fn new(shared: Arc<Shared>, id: usize, router: Rc<Router>) -> Self {
+    pub fn new(shared: Arc<Shared>, id: usize, router: Rc<Router>, turns: Option<Rc<Turns>>) -> Self {
         let cfg = &shared.config;
         let limits = api::Limits {
             max_key_size: cfg.max_key_size,
@@ -126,10 +129,14 @@ impl CoreCtx {
             cut: Cell::new(false),
             idle_waker: RefCell::new(None),
             accept_waker: RefCell::new(None),
+            turns,
         }
     }
 
     fn begin_request(&self) -> InFlight<'_> {
+        if let Some(t) = &self.turns {
+            t.arm();
+        }
         self.in_progress.set(self.in_progress.get() + 1);
         self.stats().requests_in_flight.add(1);
         InFlight(self)

@@ -5,12 +5,13 @@
 //!
 //! Everything here runs on the core's own thread and never blocks it.
 
-use crate::config::IoDriver;
+use crate::config::{IoDriver, SchedPolicy};
 use crate::runtime::conn::{self, CoreCtx};
 use crate::runtime::mesh::{CheckpointMsg, Control, CopyGate, DrainReport, GateState, Msg};
 use crate::runtime::router::Router;
 use crate::runtime::sched;
 use crate::runtime::shared::Shared;
+use crate::runtime::turns::{Ring, Turns};
 use crate::runtime::wal::Wal;
 use crate::state::command::Reply;
 use crossbeam_channel::Receiver;
@@ -50,24 +51,37 @@ pub struct CoreStart {
 /// inter-processor interrupt, and the ring has a single issuer. Profiles of
 /// keep-alive GETs showed those IPIs and the task-work lock as the largest
 /// kernel costs. Kernels before 6.0 reject the flags: then a plain ring.
-fn build_uring() -> std::io::Result<monoio::Runtime<monoio::time::TimeDriver<IoUringDriver>>> {
-    if std::env::var_os("RENDEZVOUS_PLAIN_URING").is_none() {
-        let mut tuned = io_uring::IoUring::builder();
-        tuned.setup_coop_taskrun().setup_single_issuer();
-        if let Ok(rt) = RuntimeBuilder::<IoUringDriver>::new().uring_builder(tuned).enable_timer().build() {
-            return Ok(rt);
+/// Also returns the ring's descriptor, for `turns`, if it could be found.
+pub(crate) fn build_uring() -> std::io::Result<(UringRuntime, Option<Ring>)> {
+    Ring::opened_by(|| {
+        if std::env::var_os("RENDEZVOUS_PLAIN_URING").is_none() {
+            let mut tuned = io_uring::IoUring::builder();
+            tuned.setup_coop_taskrun().setup_single_issuer();
+            if let Ok(rt) = RuntimeBuilder::<IoUringDriver>::new().uring_builder(tuned).enable_timer().build() {
+                return Ok(rt);
+            }
         }
-    }
-    RuntimeBuilder::<IoUringDriver>::new().enable_timer().build()
+        RuntimeBuilder::<IoUringDriver>::new().enable_timer().build()
+    })
 }
+
+type UringRuntime = monoio::Runtime<monoio::time::TimeDriver<IoUringDriver>>;
 
 /// Runs one core until the process exits.
 pub fn core_thread(start: CoreStart) {
-    if let Err(e) = sched::apply_policy(start.shared.config.sched_policy) {
-        if start.id == 0 {
-            log::warn!("cannot put the worker threads under SCHED_BATCH ({e}); running under the default policy");
+    let policy = start.shared.config.sched_policy;
+    let batch = match sched::apply_policy(policy) {
+        Ok(()) => policy == SchedPolicy::Batch,
+        Err(e) => {
+            if start.id == 0 {
+                log::warn!("cannot put the worker threads under SCHED_BATCH ({e}); running under the default policy");
+            }
+            false
         }
-    }
+    };
+    // Turns are for cores that do not preempt each other and that the
+    // kernel may put on one CPU: several, under SCHED_BATCH, not pinned.
+    let turns = batch && start.cpu.is_none() && start.shared.stats.len() > 1;
     if let Some(cpu) = start.cpu {
         if let Err(e) = sched::pin(cpu) {
             log::warn!("core {}: cannot pin to CPU {cpu} ({e}); the kernel places it", start.id);
@@ -76,9 +90,9 @@ pub fn core_thread(start: CoreStart) {
     let driver = start.shared.config.io_driver;
     if driver != IoDriver::Epoll {
         match build_uring() {
-            Ok(mut rt) => {
+            Ok((mut rt, ring)) => {
                 let _ = start.ready.send(Ok("io_uring"));
-                rt.block_on(core_main(start));
+                rt.block_on(core_main(start, ring.filter(|_| turns)));
                 return;
             }
             Err(e) if driver == IoDriver::Uring => {
@@ -95,7 +109,7 @@ pub fn core_thread(start: CoreStart) {
     match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
         Ok(mut rt) => {
             let _ = start.ready.send(Ok("epoll"));
-            rt.block_on(core_main(start));
+            rt.block_on(core_main(start, turns.then_some(Ring::Readiness)));
         }
         Err(e) => {
             let _ = start.ready.send(Err(format!("epoll: {e}")));
@@ -103,7 +117,8 @@ pub fn core_thread(start: CoreStart) {
     }
 }
 
-async fn core_main(start: CoreStart) {
+/// `turns`: how this core's answers reach the kernel, if it gives turns.
+async fn core_main(start: CoreStart, turns: Option<Ring>) {
     let CoreStart { id, shared, listener, inbox, first_segment, .. } = start;
     let wal = match (shared.config.data_dir(), first_segment) {
         (Some(dir), Some(seq)) => match Wal::open(shared.clone(), id, dir.to_path_buf(), seq) {
@@ -130,7 +145,11 @@ async fn core_main(start: CoreStart) {
             std::process::exit(1);
         }
     };
-    let ctx = Rc::new(CoreCtx::new(shared.clone(), id, router));
+    let turns = turns.map(|ring| Rc::new(Turns::new(id, shared.seats.clone(), ring)));
+    if let Some(t) = &turns {
+        monoio::spawn(t.clone().task());
+    }
+    let ctx = Rc::new(CoreCtx::new(shared.clone(), id, router, turns));
     monoio::spawn(control_task(ctx.clone()));
     accept_loop(id, &ctx, listener).await;
     // Stopped accepting (shutdown): closing the listener refuses new

@@ -1,7 +1,8 @@
 //! Threads, sockets, files and signals: everything that runs.
 //!
 //! `server` starts the process (data directory, listeners, one thread per
-//! core); `sched` chooses how the OS runs each core's thread (policy, CPU);
+//! core); `sched` chooses how the OS runs each core's thread (policy, CPU),
+//! and `turns` has cores the kernel put on one CPU take turns on it;
 //! `core` is one core's executor (accept loop, control requests, sweeper);
 //! `conn` serves one connection; `router` carries commands to the owning
 //! core and replies back, over `slots`, and reads a foreign key directly
@@ -24,4 +25,5 @@ pub mod sched;
 pub mod server;
 pub mod shared;
 pub mod slots;
+pub mod turns;
 pub mod wal;

@@ -13,7 +13,8 @@
 //! (`-cpuAffinity spread`), the saturated keep-alive p99 is 0.40x as long
 //! at the same CPU per request. Pinning is not the default because a
 //! pinned core cannot follow new connections to a free CPU: one request per
-//! connection gets 0.86x the throughput and 1.92x the p50.
+//! connection gets 0.86x the throughput and 1.92x the p50. Unpinned cores
+//! that find themselves on one CPU take turns on it instead (`turns`).
 //! README "Performance" has the figures.
 //!
 //! This module owns those syscalls and the pure choice of CPUs; it never

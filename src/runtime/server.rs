@@ -29,6 +29,7 @@ use crate::runtime::lifecycle;
 use crate::runtime::mesh::{Mesh, Routing};
 use crate::runtime::sched;
 use crate::runtime::shared::{Phase, PhaseCell, Shared};
+use crate::runtime::turns::Seats;
 use crate::state::command::Owned;
 use crate::state::ratelimit::{Limiter, Periods};
 use crate::state::secret::SecretKey;
@@ -273,6 +274,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         secret_key,
         listen_text: bound.to_string(),
         stats: (0..n).map(|_| Default::default()).collect(),
+        seats: Arc::new(Seats::new(n)),
         snapshot_stats: Default::default(),
         metrics_on: admin.is_some(),
         conn_limits: ConnLimits::new(config.max_conns, config.max_conns_per_ip, config.trusted_proxies.clone()),

@@ -14,6 +14,7 @@ use crate::persist::datadir::DataDir;
 use crate::runtime::cells::Cells;
 use crate::runtime::connlimit::ConnLimits;
 use crate::runtime::mesh::{Mesh, Routing};
+use crate::runtime::turns::Seats;
 use crate::state::ratelimit::{Limiter, Periods};
 use crate::state::secret::SecretKey;
 use crate::state::shard::{KeyBudget, Versions};
@@ -68,6 +69,8 @@ pub struct Shared {
     pub listen_text: String,
     /// One per core, written only by that core.
     pub stats: Vec<CoreStats>,
+    /// The CPU each core last ran on (`turns`).
+    pub seats: Arc<Seats>,
     pub snapshot_stats: SnapshotStats,
     /// Whether requests are measured (the admin address is on).
     pub metrics_on: bool,
