@@ -79,18 +79,23 @@ pub fn core_thread(start: CoreStart) {
             false
         }
     };
+    let pinned = start.cpu.is_some_and(|cpu| match sched::pin(cpu) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("core {}: cannot pin to CPU {cpu} ({e}); the kernel places it", start.id);
+            false
+        }
+    });
     // Turns are for cores that do not preempt each other and that the
     // kernel may put on one CPU: several, under SCHED_BATCH, not pinned.
-    let turns = batch && start.cpu.is_none() && start.shared.stats.len() > 1;
-    if let Some(cpu) = start.cpu {
-        if let Err(e) = sched::pin(cpu) {
-            log::warn!("core {}: cannot pin to CPU {cpu} ({e}); the kernel places it", start.id);
-        }
-    }
+    let turns = batch && !pinned && start.shared.stats.len() > 1;
     let driver = start.shared.config.io_driver;
     if driver != IoDriver::Epoll {
         match build_uring() {
             Ok((mut rt, ring)) => {
+                if turns && ring.is_none() {
+                    log::info!("core {}: its io_uring is not in /proc/self/fd, so it gives no turns", start.id);
+                }
                 let _ = start.ready.send(Ok("io_uring"));
                 rt.block_on(core_main(start, ring.filter(|_| turns)));
                 return;
@@ -109,7 +114,7 @@ pub fn core_thread(start: CoreStart) {
     match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
         Ok(mut rt) => {
             let _ = start.ready.send(Ok("epoll"));
-            rt.block_on(core_main(start, turns.then_some(Ring::Readiness)));
+            rt.block_on(core_main(start, turns.then_some(Ring::READINESS)));
         }
         Err(e) => {
             let _ = start.ready.send(Err(format!("epoll: {e}")));

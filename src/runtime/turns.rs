@@ -1,22 +1,25 @@
 //! Cores taking turns on a CPU the kernel made them share.
 //!
 //! Under `SCHED_BATCH` (see `sched`) a woken core does not preempt the
-//! thread running on its CPU. When the kernel has put both cores on one CPU
+//! thread running on its CPU. When the kernel has put two cores on one CPU
 //! (about half the time unpinned, on two CPUs), the core that runs keeps the
 //! CPU until it runs out of work or the scheduler tick ends its turn (4 ms
 //! at HZ=250), and every connection of the other core waits that long: the
-//! saturated keep-alive p99 was one to three ticks. Here a core that has
-//! answered requests in a scheduler pass and finds another core last seen on
-//! its CPU hands its answers to the kernel and yields the CPU, at most once
-//! every `GAP` (1 ms): the other core runs its pass now rather than at the
-//! tick.
+//! saturated keep-alive p99 was one to three ticks. Here each core records
+//! the CPU it runs on (`Seats`) on every pass that served requests, and a
+//! core that has not given a turn for `GAP` (2 ms) and sees another core on
+//! its CPU hands its queued answers to the kernel and yields: the other
+//! core runs its pass now rather than at the tick.
 //!
-//! It must never yield with answers still queued in the ring: they would
-//! wait for the other core's whole turn (one request per connection,
-//! yielding before submitting, had 2.3x the p99). So with io_uring a turn
-//! is given only when this core's ring was found (`Ring`), and its queued
-//! submissions go first. It never fails or delays a request otherwise:
-//! every step is best effort and the kernel still decides who runs.
+//! This module owns that decision, the table of seats, and the two
+//! syscalls of a turn: submitting the core's io_uring (`Ring`) and
+//! `sched_yield`. It must never yield with answers still
+//! queued in the ring: they would wait through the other core's turn (one
+//! request per connection, yielding before submitting, had 2.3x the p99).
+//! So a core whose ring was not found gives no turns, and a turn waits for
+//! the tasks its pass woke (the log write, the log sync) to queue their own
+//! submissions first. It never fails a request: every step is best effort,
+//! and the kernel still decides who runs.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -32,15 +35,25 @@ use std::time::{Duration, Instant};
 /// yielding after every pass loses its CPU to any runnable thread that does
 /// not yield (the load generator or proxy beside it): one request per
 /// connection, yielding after every pass, had 1.12x (1.02-2.02) the p99 and
-/// 1.04x the CPU. With 250 us between turns, 1.02x and 1.02x; with 1 ms,
-/// another 0.99x the CPU, while saturated keep-alive GETs kept the whole
-/// gain (p99 0.99x of the 250 us figure). Each 5 alternated rounds. A
-/// core that has kept another from its CPU for a quarter of a tick lets it
-/// run.
-pub const GAP: Duration = Duration::from_millis(1);
+/// 1.04x the CPU. And each turn switches the CPU between two cores'
+/// working sets: public GETs over 1M keys took 1.03x-1.04x the CPU with a
+/// turn every 1 ms. 2 ms halves the switches and bounds the wait of a core
+/// the other sees at half a tick; the saturated p99 stayed where 1 ms put
+/// it (0.96x (0.80-1.01) of it, 5 alternated rounds).
+pub const GAP: Duration = Duration::from_millis(2);
 
-/// The CPU each core last ran on, published by the core itself when it
-/// considers giving a turn (`-1`: not yet known).
+/// How many times a due turn lets the queue run first: the log task a pass
+/// woke, then the sync task the log write woke (`-fsync always`), queue
+/// their submissions before the ring is submitted.
+const DEFERRALS: u8 = 2;
+
+/// The CPU each core last ran on, published by the core itself on each
+/// pass that served requests (`-1`: not yet known). A core that is waiting
+/// for a CPU cannot say where it waits, so a seat can be stale: a core
+/// woken onto a busy CPU shows where it ran last until it runs again, and
+/// that first wait still lasts until the tick. Reading where the other
+/// core really is (`/proc/self/task/<tid>/stat`) cost 0.8% of the CPU in a
+/// profile of public GETs (8 us a read) for no p99 measurably better.
 pub struct Seats {
     cpus: Box<[AtomicI32]>,
 }
@@ -50,14 +63,18 @@ impl Seats {
         Seats { cpus: (0..cores).map(|_| AtomicI32::new(-1)).collect() }
     }
 
-    /// Records that `core` runs on `cpu`, and tells whether another core was
-    /// last seen there. A stale seat (the other core has since moved, or
-    /// sleeps) costs one needless yield, which returns at once when nothing
-    /// else is runnable on the CPU.
-    pub fn share(&self, core: usize, cpu: i32) -> bool {
+    /// Records that `core` runs on `cpu` (a store only when it moved, so
+    /// the line stays shared between the cores while they stay put).
+    pub fn sit(&self, core: usize, cpu: i32) {
         if let Some(seat) = self.cpus.get(core) {
-            seat.store(cpu, Relaxed);
+            if seat.load(Relaxed) != cpu {
+                seat.store(cpu, Relaxed);
+            }
         }
+    }
+
+    /// Whether a core other than `core` was last seen on `cpu`.
+    pub fn shared(&self, core: usize, cpu: i32) -> bool {
         cpu >= 0 && self.cpus.iter().enumerate().any(|(i, seat)| i != core && seat.load(Relaxed) == cpu)
     }
 }
@@ -65,7 +82,10 @@ impl Seats {
 /// How a core's answers reach the kernel, for what must happen before it
 /// yields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ring {
+pub struct Ring(Kind);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
     /// The core's io_uring: answers queued in a pass are submitted when the
     /// core next enters the kernel, so they must be submitted before a yield.
     Uring(RawFd),
@@ -74,6 +94,8 @@ pub enum Ring {
 }
 
 impl Ring {
+    pub const READINESS: Ring = Ring(Kind::Readiness);
+
     /// The io_uring descriptors open in this process.
     fn open_rings() -> Vec<RawFd> {
         let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
@@ -85,11 +107,12 @@ impl Ring {
             .collect()
     }
 
-    /// Runs `open`, which builds a runtime on the calling thread, and
-    /// returns the ring it opened if exactly one was. monoio does not give
-    /// its ring's descriptor out, so it is the one new io_uring in
-    /// `/proc/self/fd`; every runtime the process builds goes through here,
-    /// one at a time, so no other thread's ring can be mistaken for it.
+    /// Runs `open`, which builds an io_uring runtime on the calling thread,
+    /// and returns the ring it opened if exactly one was. monoio does not
+    /// give its ring's descriptor out, so it is the one new io_uring in
+    /// `/proc/self/fd`; every io_uring runtime the process builds goes
+    /// through here, one at a time, so no other thread's ring can be taken
+    /// for it. `None` (no `/proc`, a reused number) only means no turns.
     pub fn opened_by<T>(open: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<(T, Option<Ring>)> {
         static OPENING: Mutex<()> = Mutex::new(());
         let _one_at_a_time = OPENING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -97,7 +120,7 @@ impl Ring {
         let built = open()?;
         let mut new = Ring::open_rings().into_iter().filter(|fd| !before.contains(fd));
         let ring = match (new.next(), new.next()) {
-            (Some(fd), None) => Some(Ring::Uring(fd)),
+            (Some(fd), None) => Some(Ring(Kind::Uring(fd))),
             _ => None,
         };
         Ok((built, ring))
@@ -107,40 +130,52 @@ impl Ring {
     /// for any completion. Best effort: what the kernel does not take now
     /// (a full completion queue) the runtime submits when it next parks.
     pub fn submit(self) {
-        if let Ring::Uring(fd) = self {
-            // SAFETY: `fd` is this thread's own ring (found when the runtime
-            // was built, which holds it open for the thread's life) and no
-            // pointer is passed: with no flags and no `min_complete` the
-            // kernel only consumes the entries the runtime has already
-            // published in the shared submission queue (the io-uring crate
-            // publishes its tail on every push) and never waits. The
-            // runtime reads the queue's head back from the kernel before
-            // its own next submit, so no entry is submitted twice.
-            unsafe {
-                libc::syscall(libc::SYS_io_uring_enter, fd, u32::MAX, 0u32, 0u32, std::ptr::null::<u8>(), 0usize)
-            };
+        if let Kind::Uring(fd) = self.0 {
+            let (fd, all, none) = (fd as libc::c_long, libc::c_long::from(u32::MAX), 0 as libc::c_long);
+            // SAFETY: `fd` is this thread's own ring (found when its runtime
+            // was built; the runtime holds it open for the thread's life)
+            // and no pointer is passed: with no flags and no `min_complete`
+            // the kernel never waits and only consumes entries the runtime
+            // has already published in the shared submission queue (monoio
+            // pushes through a short-lived io-uring `SubmissionQueue`, whose
+            // drop publishes the tail, inside synchronous driver code, so a
+            // task never sees a half-written entry). The kernel caps the
+            // count at what is queued, and the runtime reads the queue's
+            // head back from the kernel before its own next submit, so no
+            // entry is submitted twice.
+            unsafe { libc::syscall(libc::SYS_io_uring_enter, fd, all, none, none, std::ptr::null::<u8>(), none) };
         }
     }
 }
 
-/// One core's turn-giving: armed by each request, acted on once per pass by
-/// `task`.
+/// One core's turn-giving: told of each request (`arm`), acted on by `task`.
 pub struct Turns {
     core: usize,
     seats: Arc<Seats>,
     ring: Ring,
     armed: Cell<bool>,
+    /// A turn is due after this many more polls (0: none due).
+    deferred: Cell<u8>,
     waker: RefCell<Option<Waker>>,
     last: Cell<Instant>,
 }
 
 impl Turns {
+    /// For the calling thread, which is core `core`.
     pub fn new(core: usize, seats: Arc<Seats>, ring: Ring) -> Self {
-        Turns { core, seats, ring, armed: Cell::new(false), waker: RefCell::new(None), last: Cell::new(Instant::now()) }
+        Turns {
+            core,
+            seats,
+            ring,
+            armed: Cell::new(false),
+            deferred: Cell::new(0),
+            waker: RefCell::new(None),
+            last: Cell::new(Instant::now()),
+        }
     }
 
-    /// A request is being served: consider a turn at the end of this pass.
-    /// The task is woken once per pass, behind the tasks already queued.
+    /// A request is being served: wakes the task (queued behind the tasks
+    /// already queued) unless it is armed already.
     pub fn arm(&self) {
         if !self.armed.replace(true) {
             if let Some(w) = self.waker.borrow().as_ref() {
@@ -149,22 +184,38 @@ impl Turns {
         }
     }
 
-    /// Runs for the core's life: each time it is armed, gives a turn if
-    /// `GAP` has passed since the last and another core sits on this CPU.
+    /// Runs for the core's life. Armed, it records this core's CPU; `GAP`
+    /// after the last turn, if another core was seen on that CPU, it gives a
+    /// turn `DEFERRALS` polls later (re-queued behind what the pass woke
+    /// meanwhile).
     pub fn task(self: Rc<Self>) -> impl Future<Output = ()> {
         std::future::poll_fn(move |cx| {
-            if self.armed.replace(false) {
+            let deferred = self.deferred.get();
+            if deferred > 0 {
+                self.deferred.set(deferred - 1);
+                if deferred == 1 {
+                    // Requests armed it meanwhile without waking it; the
+                    // next one arms it again.
+                    self.armed.set(false);
+                    self.ring.submit();
+                    // SAFETY: no arguments; only lets another runnable thread
+                    // on this CPU run first.
+                    unsafe { libc::sched_yield() };
+                } else {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            } else if self.armed.replace(false) {
+                // SAFETY: no arguments; returns the calling thread's CPU
+                // (from glibc's rseq area: no system call).
+                let cpu = unsafe { libc::sched_getcpu() };
+                self.seats.sit(self.core, cpu);
                 let now = Instant::now();
-                if now.duration_since(self.last.get()) >= GAP {
-                    // SAFETY: no arguments; returns the calling thread's CPU.
-                    let cpu = unsafe { libc::sched_getcpu() };
-                    if self.seats.share(self.core, cpu) {
-                        self.last.set(now);
-                        self.ring.submit();
-                        // SAFETY: no arguments; only lets another runnable
-                        // thread on this CPU run first.
-                        unsafe { libc::sched_yield() };
-                    }
+                if now.duration_since(self.last.get()) >= GAP && self.seats.shared(self.core, cpu) {
+                    self.last.set(now);
+                    self.deferred.set(DEFERRALS);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
             }
             let mut w = self.waker.borrow_mut();
@@ -181,15 +232,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_core_shares_only_with_another_core_on_its_cpu() {
+    fn a_core_shares_only_with_another_core_seen_on_its_cpu() {
         let seats = Seats::new(3);
-        assert!(!seats.share(0, 1), "nobody else is seated yet");
-        assert!(!seats.share(1, 0), "core 0 is on CPU 1");
-        assert!(seats.share(2, 1), "core 0 is on CPU 1");
-        assert!(seats.share(0, 1), "core 2 is on CPU 1");
-        assert!(!seats.share(0, 3), "a core's own seat does not count");
-        assert!(!seats.share(1, -1), "an unknown CPU shares nothing");
-        assert!(!seats.share(7, 5), "an unknown core is ignored");
+        assert!(!seats.shared(0, 1), "nobody is seated yet");
+        seats.sit(0, 1);
+        assert!(!seats.shared(0, 1), "a core's own seat does not count");
+        assert!(seats.shared(2, 1), "core 0 is on CPU 1");
+        assert!(!seats.shared(2, 0), "nobody is on CPU 0");
+        seats.sit(0, 0);
+        assert!(!seats.shared(2, 1), "core 0 moved to CPU 0");
+        assert!(seats.shared(1, 0));
+        assert!(!seats.shared(1, -1), "an unknown CPU shares nothing");
+        seats.sit(7, 5);
+        assert!(!seats.shared(0, 5), "an unknown core is ignored");
     }
 
     /// The runtime queues an answer's send and submits it only when it
@@ -199,13 +254,20 @@ mod tests {
     fn submit_hands_queued_sends_to_the_kernel() {
         use monoio::io::AsyncWriteRent;
         use std::io::Read;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        let (mut rt, ring) = crate::runtime::core::build_uring().unwrap();
+        if std::fs::read_dir("/proc/self/fd").is_err() {
+            eprintln!("skipped: no /proc to find the ring in");
+            return;
+        }
+        let Ok((mut rt, ring)) = crate::runtime::core::build_uring() else {
+            eprintln!("skipped: io_uring is not available here");
+            return;
+        };
         let Some(ring) = ring else {
             panic!("the ring's descriptor was not found in /proc/self/fd");
         };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
         rt.block_on(async move {
             let mut ours = monoio::net::TcpStream::from_std(ours).unwrap();
             let write = ours.write(b"answer".to_vec());
