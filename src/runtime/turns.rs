@@ -36,10 +36,10 @@ use std::time::{Duration, Instant};
 /// not yield (the load generator or proxy beside it): one request per
 /// connection, yielding after every pass, had 1.12x (1.02-2.02) the p99 and
 /// 1.04x the CPU. And each turn switches the CPU between two cores'
-/// working sets: public GETs over 1M keys took 1.03x-1.04x the CPU with a
-/// turn every 1 ms. 2 ms halves the switches and bounds the wait of a core
-/// the other sees at half a tick; the saturated p99 stayed where 1 ms put
-/// it (0.96x (0.80-1.01) of it, 5 alternated rounds).
+/// working sets: public GETs over 1M keys took 1.03x and 1.04x the CPU
+/// (two orders) with a turn every 1 ms. Every 2 ms, 0.99x and 0.98x, at p99
+/// 0.65x and 0.67x of no turns (5 alternated rounds each); a core the other
+/// sees waits at most half a tick.
 pub const GAP: Duration = Duration::from_millis(2);
 
 /// How many times a due turn lets the queue run first: the log task a pass
