@@ -15,7 +15,7 @@
 //! syscalls of a turn: submitting the core's io_uring (`Ring`) and
 //! `sched_yield`. It must never yield with answers still
 //! queued in the ring: they would wait through the other core's turn (one
-//! request per connection, yielding before submitting, had 2.3x the p99).
+//! request per connection, yielding before submitting, had 2.13x the p99).
 //! So a core whose ring was not found gives no turns, and a turn waits for
 //! the tasks its pass woke (the log write, the log sync) to queue their own
 //! submissions first. It never fails a request: every step is best effort,
