@@ -88,7 +88,7 @@ pub fn core_thread(start: CoreStart) {
     });
     // Turns are for cores that do not preempt each other and that the
     // kernel may put on one CPU: several, under SCHED_BATCH, not pinned.
-    let turns = batch && !pinned && start.shared.stats.len() > 1;
+    let turns = batch && !pinned && start.shared.config.threads > 1;
     let driver = start.shared.config.io_driver;
     if driver != IoDriver::Epoll {
         match build_uring() {

@@ -148,16 +148,72 @@ impl Ring {
     }
 }
 
+/// When a turn is given: plain logic, so the rule is tested without a
+/// scheduler. A turn is considered on a pass that served requests; it is
+/// due if another core was seen on this CPU and `GAP` has passed since the
+/// last, and then given `DEFERRALS` polls later.
+#[derive(Debug)]
+struct Pace {
+    last: Instant,
+    /// Polls until the due turn (0: none due).
+    deferred: u8,
+}
+
+/// What the task does on a poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Nothing: wait to be armed.
+    Rest,
+    /// Re-queue behind what the pass woke.
+    Defer,
+    /// Submit the ring and yield.
+    Turn,
+}
+
+impl Pace {
+    fn new(now: Instant) -> Self {
+        Pace { last: now, deferred: 0 }
+    }
+
+    fn deferring(&self) -> bool {
+        self.deferred > 0
+    }
+
+    /// One poll while a turn is due.
+    fn next(&mut self) -> Step {
+        self.deferred = self.deferred.saturating_sub(1);
+        if self.deferred == 0 {
+            Step::Turn
+        } else {
+            Step::Defer
+        }
+    }
+
+    /// A pass that served requests; `shared`: another core was seen on this
+    /// CPU. The clock is read only then (most passes of most cores share
+    /// nothing).
+    fn consider(&mut self, shared: bool, now: impl FnOnce() -> Instant) -> Step {
+        if !shared {
+            return Step::Rest;
+        }
+        let now = now();
+        if now.duration_since(self.last) < GAP {
+            return Step::Rest;
+        }
+        self.last = now;
+        self.deferred = DEFERRALS;
+        Step::Defer
+    }
+}
+
 /// One core's turn-giving: told of each request (`arm`), acted on by `task`.
 pub struct Turns {
     core: usize,
     seats: Arc<Seats>,
     ring: Ring,
     armed: Cell<bool>,
-    /// A turn is due after this many more polls (0: none due).
-    deferred: Cell<u8>,
+    pace: RefCell<Pace>,
     waker: RefCell<Option<Waker>>,
-    last: Cell<Instant>,
 }
 
 impl Turns {
@@ -168,9 +224,8 @@ impl Turns {
             seats,
             ring,
             armed: Cell::new(false),
-            deferred: Cell::new(0),
+            pace: RefCell::new(Pace::new(Instant::now())),
             waker: RefCell::new(None),
-            last: Cell::new(Instant::now()),
         }
     }
 
@@ -184,16 +239,28 @@ impl Turns {
         }
     }
 
-    /// Runs for the core's life. Armed, it records this core's CPU; `GAP`
-    /// after the last turn, if another core was seen on that CPU, it gives a
-    /// turn `DEFERRALS` polls later (re-queued behind what the pass woke
-    /// meanwhile).
+    /// Runs for the core's life: armed, it records this core's CPU and asks
+    /// `Pace` whether a turn is due.
     pub fn task(self: Rc<Self>) -> impl Future<Output = ()> {
         std::future::poll_fn(move |cx| {
-            let deferred = self.deferred.get();
-            if deferred > 0 {
-                self.deferred.set(deferred - 1);
-                if deferred == 1 {
+            let mut pace = self.pace.borrow_mut();
+            let step = if pace.deferring() {
+                pace.next()
+            } else if self.armed.replace(false) {
+                // SAFETY: no arguments; returns the calling thread's CPU
+                // (from glibc's rseq area: no system call).
+                let cpu = unsafe { libc::sched_getcpu() };
+                self.seats.sit(self.core, cpu);
+                pace.consider(self.seats.shared(self.core, cpu), Instant::now)
+            } else {
+                Step::Rest
+            };
+            match step {
+                Step::Defer => {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Step::Turn => {
                     // Requests armed it meanwhile without waking it; the
                     // next one arms it again.
                     self.armed.set(false);
@@ -201,22 +268,8 @@ impl Turns {
                     // SAFETY: no arguments; only lets another runnable thread
                     // on this CPU run first.
                     unsafe { libc::sched_yield() };
-                } else {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
                 }
-            } else if self.armed.replace(false) {
-                // SAFETY: no arguments; returns the calling thread's CPU
-                // (from glibc's rseq area: no system call).
-                let cpu = unsafe { libc::sched_getcpu() };
-                self.seats.sit(self.core, cpu);
-                let now = Instant::now();
-                if now.duration_since(self.last.get()) >= GAP && self.seats.shared(self.core, cpu) {
-                    self.last.set(now);
-                    self.deferred.set(DEFERRALS);
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
+                Step::Rest => {}
             }
             let mut w = self.waker.borrow_mut();
             if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -230,6 +283,23 @@ impl Turns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_turn_is_due_when_shared_and_gap_apart_then_deferred() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(t0);
+        let unread = || -> Instant { panic!("the clock is read only when another core shares the CPU") };
+        assert_eq!(pace.consider(false, unread), Step::Rest);
+        assert_eq!(pace.consider(true, || t0 + GAP / 2), Step::Rest, "within GAP of the start");
+        assert_eq!(pace.consider(true, || t0 + GAP), Step::Defer);
+        assert!(pace.deferring());
+        let steps: Vec<Step> = (0..DEFERRALS).map(|_| pace.next()).collect();
+        assert_eq!(steps.last(), Some(&Step::Turn));
+        assert!(steps[..steps.len() - 1].iter().all(|&s| s == Step::Defer), "{steps:?}");
+        assert!(!pace.deferring());
+        assert_eq!(pace.consider(true, || t0 + GAP + GAP / 2), Step::Rest, "within GAP of the turn");
+        assert_eq!(pace.consider(true, || t0 + 2 * GAP), Step::Defer);
+    }
 
     #[test]
     fn a_core_shares_only_with_another_core_seen_on_its_cpu() {
