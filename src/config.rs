@@ -50,7 +50,8 @@ pub enum SchedPolicy {
     /// `SCHED_BATCH`: a woken core waits for the running thread's turn to
     /// end instead of preempting it, so work arrives and is answered in
     /// batches (README "Performance" has the figures); unpinned cores that
-    /// find themselves on one CPU take turns on it (`runtime::turns`).
+    /// find themselves on one CPU take turns on it, and one left waiting
+    /// behind another program is moved to a core's CPU (`runtime::turns`).
     Batch,
     /// `SCHED_OTHER`, the default for every thread.
     Normal,
@@ -280,7 +281,7 @@ pub struct Flags {
         default = "batch",
         meta = "batch|normal",
         parse(try_from_str = "sched_policy"),
-        help = "scheduling policy of the worker threads: SCHED_BATCH (fewer wake-ups, more throughput; unpinned cores the kernel put on one CPU take turns on it) or SCHED_OTHER"
+        help = "scheduling policy of the worker threads: SCHED_BATCH (fewer wake-ups, more throughput; unpinned cores take turns on a shared CPU, and one waiting behind another program is moved to a core's CPU) or SCHED_OTHER"
     )]
     pub sched_policy: SchedPolicy,
     #[options(

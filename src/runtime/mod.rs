@@ -2,7 +2,8 @@
 //!
 //! `server` starts the process (data directory, listeners, one thread per
 //! core); `sched` chooses how the OS runs each core's thread (policy, CPU),
-//! and `turns` has cores the kernel put on one CPU take turns on it;
+//! and `turns` has cores the kernel put on one CPU take turns on it and
+//! pulls a core left waiting behind another program onto a core's CPU;
 //! `core` is one core's executor (accept loop, control requests, sweeper);
 //! `conn` serves one connection; `router` carries commands to the owning
 //! core and replies back, over `slots`, and reads a foreign key directly
