@@ -63,7 +63,7 @@ pub fn pin(cpu: usize) -> std::io::Result<()> {
 /// Lets thread `tid` (0: the calling thread) run only on `cpus`. Moving
 /// another thread of this process this way is how a core pulls one that
 /// waits for a busy CPU onto its own (`turns`).
-pub fn set_affinity(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<()> {
+pub(crate) fn set_affinity(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<()> {
     // SAFETY: as in `allowed_cpus`: a zeroed set is valid and empty.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &cpu in cpus {

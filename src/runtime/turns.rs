@@ -14,12 +14,14 @@
 //! - **A core behind another program** (the load generator or a proxy on
 //!   the same machine), which a turn cannot reach: `perf sched` showed a
 //!   core waiting 0.5-4 ms behind the load generator while the other core
-//!   ran alone on the other CPU. Here a core that sees another not serving
-//!   for `STALE` (1 ms) asks the kernel (`/proc`) whether it is runnable and
-//!   where; waiting on a different CPU, and still so `CONFIRM` later, it is
-//!   moved onto this core's CPU (`sched_setaffinity`) and given a turn, and
-//!   it takes back all its CPUs on its next pass. The load generator then
-//!   has a CPU to itself, as with one core: GET p99 0.35x (3.8 to 1.3 ms).
+//!   ran alone on the other CPU. Here each core counts the requests it
+//!   begins, and a core that sees another begin none for `STALE` (1 ms)
+//!   asks the kernel (`/proc`) whether it is runnable and where. Runnable
+//!   on a CPU no other core sits on, and still so with the same count
+//!   `CONFIRM` later, it is moved onto this core's CPU
+//!   (`sched_setaffinity`), given a turn, and given all its CPUs back after
+//!   it. The load generator then has a CPU to itself, as with one core:
+//!   GET p99 0.35x (3.8 to 1.3 ms).
 //!
 //! This module owns those decisions, the table of seats, and the syscalls
 //! of a turn and a pull: submitting the core's io_uring (`Ring`),
@@ -38,7 +40,7 @@ use std::future::Future;
 use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -60,140 +62,202 @@ pub const GAP: Duration = Duration::from_millis(2);
 /// their submissions before the ring is submitted.
 const DEFERRALS: u8 = 2;
 
-/// How long a core may go without a pass that served requests before
-/// another core looks whether it is waiting for a CPU. A core sharing its
-/// CPU with a busy thread passes every 0.1-0.3 ms; one waiting behind it
-/// waited 0.5-4 ms (`perf sched`, saturated GETs).
+/// How long a core may go without beginning a request before another
+/// core looks whether it is waiting for a CPU. A core sharing its CPU with
+/// a busy thread runs every 0.1-0.3 ms; one waiting behind it waited
+/// 0.5-4 ms (`perf sched`, saturated GETs).
 pub const STALE: Duration = Duration::from_millis(1);
 
-/// One core's seat: where it last ran and when, and what another core
-/// needs to see whether it waits and to move it.
+/// A value alone on its cache line: a core's writes to its own counter do
+/// not evict what the others read on every pass.
 #[derive(Debug, Default)]
 #[repr(align(64))]
+struct Line<T>(T);
+
+/// One core's seat: where it last ran, how far it got, and what another
+/// core needs to see whether it waits and to move it.
+#[derive(Debug, Default)]
 struct Seat {
-    /// `-1`: not yet known.
-    cpu: AtomicI32,
-    /// When it last served requests: nanoseconds since `Seats::epoch`
-    /// (0: not yet).
-    seen: AtomicU64,
-    /// Its thread id (0: it cannot be moved).
+    /// `-1`: not yet known. Stored only when the core moved, so the line
+    /// stays shared while the cores stay put.
+    cpu: Line<AtomicI32>,
+    /// Requests the core has begun (written by the core alone).
+    begun: Line<AtomicU64>,
+    /// Its thread id (0: it is not to be moved).
     tid: AtomicI32,
-    /// Another core moved it onto its own CPU; it gives its CPUs back
-    /// when it next runs.
-    pulled: AtomicBool,
+    /// The CPUs it may use, given back after a move.
+    allowed: OnceLock<Vec<usize>>,
     /// Its `/proc/thread-self/stat`, kept open: a read costs 1 us, where
     /// opening the path each time cost 8 us.
     stat: OnceLock<File>,
 }
 
 /// Where each core runs, published by the core itself on each pass that
-/// served requests. A core that is waiting for a CPU cannot say where it
-/// waits, so a seat can be stale: a core woken onto a busy CPU shows where
-/// it ran last. So a core that sees another stale by `STALE` reads the
-/// kernel's word on it (`/proc`): waiting on this core's CPU, its seat is
-/// corrected and a turn is due; waiting on another CPU (behind a thread
-/// that is not a core, which a turn cannot reach), it is moved onto this
-/// core's CPU and given a turn.
+/// served requests, and how many requests it has begun. A core that is
+/// waiting for a CPU can say neither, so a seat can be stale: a core woken
+/// onto a busy CPU shows where it ran last. So a core that sees another
+/// begin nothing for `STALE` (`Watch`) reads the kernel's word on it
+/// (`/proc`): waiting on this core's CPU, its seat is corrected and a turn
+/// is due; runnable on a CPU no other core was seen on (behind a thread a
+/// turn cannot reach), it is moved onto this core's CPU for a turn and
+/// given its CPUs back after it.
 pub struct Seats {
-    epoch: Instant,
     seats: Box<[Seat]>,
 }
 
 /// What the kernel says of a thread: its state letter and its CPU.
 fn parse_stat(stat: &[u8]) -> Option<(u8, i32)> {
     // "tid (comm) S ppid ...": the name may hold anything, so fields are
-    // counted from the last ')'. The state is field 3, the CPU field 39.
+    // counted from the last ')'. The state is field 3, the CPU field 39,
+    // and a line cut inside field 39 is refused (no field 40 after it).
     let close = stat.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(stat.get(close + 1..)?).ok()?;
     let mut fields = rest.split_ascii_whitespace();
     let state = *fields.next()?.as_bytes().first()?;
     let cpu = fields.nth(35)?.parse().ok()?;
+    fields.next()?;
     Some((state, cpu))
 }
 
 impl Seats {
     pub fn new(cores: usize) -> Self {
-        Seats {
-            epoch: Instant::now(),
-            seats: (0..cores).map(|_| Seat { cpu: AtomicI32::new(-1), ..Seat::default() }).collect(),
-        }
+        Seats { seats: (0..cores).map(|_| Seat { cpu: Line(AtomicI32::new(-1)), ..Seat::default() }).collect() }
     }
 
-    fn nanos(&self, at: Instant) -> u64 {
-        (at.saturating_duration_since(self.epoch).as_nanos() as u64).max(1)
-    }
-
-    /// Lets other cores look at and move `core`, the calling thread.
-    /// Without it (no `/proc`) the core is only ever seen by its own seat.
-    fn enrol(&self, core: usize) {
+    /// Lets other cores look at and move `core`, the calling thread, which
+    /// may run on `allowed`. Without `/proc` the core is never looked at.
+    fn enrol(&self, core: usize, allowed: Vec<usize>) {
         let Some(seat) = self.seats.get(core) else { return };
         let Ok(stat) = File::open("/proc/thread-self/stat") else { return };
-        if seat.stat.set(stat).is_ok() {
+        if seat.stat.set(stat).is_ok() && seat.allowed.set(allowed).is_ok() {
             // SAFETY: no arguments; returns the calling thread's id.
             seat.tid.store(unsafe { libc::gettid() }, Relaxed);
         }
     }
 
-    /// Records that `core` serves requests on `cpu` at `now` (the CPU
-    /// stored only when it moved, so the line is not dirtied for it).
-    /// Returns whether another core had moved it, so it gives its CPUs back.
-    fn sit(&self, core: usize, cpu: i32, now: Instant) -> bool {
-        let Some(seat) = self.seats.get(core) else { return false };
-        if seat.cpu.load(Relaxed) != cpu {
-            seat.cpu.store(cpu, Relaxed);
+    /// Records that `core` runs on `cpu`.
+    fn sit(&self, core: usize, cpu: i32) {
+        if let Some(seat) = self.seats.get(core) {
+            if seat.cpu.0.load(Relaxed) != cpu {
+                seat.cpu.0.store(cpu, Relaxed);
+            }
         }
-        seat.seen.store(self.nanos(now), Relaxed);
-        seat.pulled.load(Relaxed) && seat.pulled.swap(false, Relaxed)
+    }
+
+    /// Counts a request `core` begins (its own line: a plain store).
+    fn begin(&self, core: usize) {
+        if let Some(seat) = self.seats.get(core) {
+            seat.begun.0.store(seat.begun.0.load(Relaxed).wrapping_add(1), Relaxed);
+        }
+    }
+
+    /// Requests `core` has begun, if it may be looked at.
+    fn begun(&self, core: usize) -> Option<u64> {
+        let seat = self.seats.get(core)?;
+        (seat.tid.load(Relaxed) != 0).then(|| seat.begun.0.load(Relaxed))
+    }
+
+    fn cores(&self) -> usize {
+        self.seats.len()
     }
 
     /// Whether a core other than `core` was last seen on `cpu`.
     fn shared(&self, core: usize, cpu: i32) -> bool {
-        cpu >= 0 && self.seats.iter().enumerate().any(|(i, seat)| i != core && seat.cpu.load(Relaxed) == cpu)
+        cpu >= 0 && self.seats.iter().enumerate().any(|(i, seat)| i != core && seat.cpu.0.load(Relaxed) == cpu)
     }
 
-    /// A core other than `core` that served requests once but not for
-    /// `STALE`, and that can be looked at; the search starts at core
-    /// `from`, so an idle core does not hide the others.
-    fn stale(&self, core: usize, now: Instant, from: usize) -> Option<usize> {
-        let (n, now) = (self.seats.len(), self.nanos(now));
-        (0..n).map(|k| (from + k) % n).find(|&i| {
-            let seat = &self.seats[i];
-            let seen = seat.seen.load(Relaxed);
-            i != core && seen != 0 && now.saturating_sub(seen) >= STALE.as_nanos() as u64 && seat.tid.load(Relaxed) != 0
-        })
-    }
-
-    /// What the kernel says of core `other`, from a core on `cpu`.
-    fn look(&self, other: usize, cpu: i32) -> Sight {
+    /// What the kernel says of core `other`, from core `me` on `cpu`.
+    fn look(&self, me: usize, other: usize, cpu: i32) -> Sight {
         let Some(seat) = self.seats.get(other) else { return Sight::Away };
         let Some(stat) = seat.stat.get() else { return Sight::Away };
-        let mut buf = [0u8; 512];
+        let mut buf = [0u8; 1024];
         let Ok(n) = stat.read_at(&mut buf, 0) else { return Sight::Away };
         match parse_stat(&buf[..n]) {
             // Runnable on this CPU, where this core runs: it waits behind
             // this core, its seat stale.
             Some((b'R', on)) if on == cpu => {
-                seat.cpu.store(cpu, Relaxed);
+                seat.cpu.0.store(cpu, Relaxed);
                 Sight::Behind
             }
-            // Runnable elsewhere: waiting, or running a pass not yet seen.
-            Some((b'R', _)) => Sight::Elsewhere(seat.seen.load(Relaxed)),
+            // Runnable where another core was seen: that core's turns
+            // reach it.
+            Some((b'R', on))
+                if self
+                    .seats
+                    .iter()
+                    .enumerate()
+                    .any(|(i, seat)| i != other && i != me && seat.cpu.0.load(Relaxed) == on) =>
+            {
+                Sight::Away
+            }
+            // Runnable elsewhere: behind another program, or just woken
+            // onto an idle CPU, or running something other than requests.
+            // A second look `CONFIRM` later leaves out the short cases; a
+            // core running over a millisecond of other work is moved like
+            // one waiting, and costs one move.
+            Some((b'R', _)) => Sight::Elsewhere(seat.begun.0.load(Relaxed)),
             _ => Sight::Away,
         }
     }
 
     /// Moves core `other` onto `cpu`, where the calling core runs. The
     /// thread id is a live core's: cores run for the process's life (a
-    /// panic aborts it), and the look just before read it runnable.
+    /// panic aborts it), and the look just before read it runnable. A
+    /// refusal (a sandbox) means it is never moved again.
     fn pull(&self, other: usize, cpu: i32) -> bool {
         let Some(seat) = self.seats.get(other) else { return false };
         let Ok(me) = usize::try_from(cpu) else { return false };
         if crate::runtime::sched::set_affinity(seat.tid.load(Relaxed), &[me]).is_err() {
+            seat.tid.store(0, Relaxed);
             return false;
         }
-        seat.pulled.store(true, Relaxed);
-        seat.cpu.store(cpu, Relaxed);
+        seat.cpu.0.store(cpu, Relaxed);
         true
+    }
+
+    /// Gives core `other` back the CPUs it may use, after its turn here.
+    /// Widening the set does not move it; the kernel may later. If the set
+    /// it started with is refused (the cpuset changed), every CPU is given
+    /// and the kernel keeps those the process may use.
+    fn release(&self, other: usize) {
+        let Some(seat) = self.seats.get(other) else { return };
+        let Some(allowed) = seat.allowed.get() else { return };
+        let tid = seat.tid.load(Relaxed);
+        if tid != 0 && crate::runtime::sched::set_affinity(tid, allowed).is_err() {
+            let every: Vec<usize> = (0..libc::CPU_SETSIZE as usize).collect();
+            let _ = crate::runtime::sched::set_affinity(tid, &every);
+        }
+    }
+}
+
+/// What one core has seen of the others' progress: each one's count of
+/// begun requests and when it last changed, by this core's clock. Plain
+/// logic: the counts come in as arguments.
+#[derive(Debug)]
+struct Watch {
+    /// Per core: the last count seen and when it changed (`None`: not yet
+    /// seen beginning anything).
+    seen: Vec<Option<(u64, Instant)>>,
+}
+
+impl Watch {
+    fn new(cores: usize) -> Self {
+        Watch { seen: vec![None; cores] }
+    }
+
+    /// Notes core `core`'s count at `now`.
+    fn observe(&mut self, core: usize, count: u64, now: Instant) {
+        let Some(slot) = self.seen.get_mut(core) else { return };
+        match slot {
+            Some((c, _)) if *c == count => {}
+            _ if count == 0 => {}
+            _ => *slot = Some((count, now)),
+        }
+    }
+
+    /// Whether core `core` began a request once but none for `STALE`.
+    fn stale(&self, core: usize, now: Instant) -> bool {
+        self.seen.get(core).copied().flatten().is_some_and(|(_, at)| now.saturating_duration_since(at) >= STALE)
     }
 }
 
@@ -278,28 +342,31 @@ impl Ring {
 }
 
 /// How long after finding a stale core runnable on another CPU it is
-/// looked at again: still runnable and still not seen serving, it waits
-/// for that CPU (a core just woken there, or running a pass, would have
-/// served by then), and is moved.
+/// looked at again: still runnable there and still not beginning any
+/// request, it waits for that CPU (a core just woken onto an idle CPU, or
+/// running, begins one well within that), and is moved.
 pub const CONFIRM: Duration = Duration::from_micros(250);
 
 /// When a turn is given: plain logic, so the rule is tested without a
 /// scheduler. On a pass that served requests, a turn is due if another
-/// core was seen on this CPU and `GAP` has passed since the last; if not,
-/// and another core is stale, it is looked at (at most every `STALE`). A
-/// core waiting behind this one makes a turn due; one runnable elsewhere
-/// is looked at again after `CONFIRM` and, unchanged, pulled here with a
-/// turn. A due turn is given `DEFERRALS` polls later.
+/// core was seen on this CPU and `GAP` has passed since the last. If not,
+/// a stale core (`Watch`) is looked at, at most every `STALE`, in turn: one
+/// waiting behind this core makes a turn due; one runnable elsewhere
+/// becomes the suspect, looked at again after `CONFIRM` before any other
+/// and, unchanged, pulled here with a turn. A due turn is given
+/// `DEFERRALS` polls later.
 #[derive(Debug)]
 struct Pace {
     /// The last turn.
     last: Instant,
     /// When a stale core may next be looked at.
     next_look: Instant,
-    /// A core found runnable on another CPU, and its stamp then.
+    /// A core found runnable on another CPU, and its count then.
     suspect: Option<(usize, u64)>,
     /// Where the next search for a stale core starts.
     look_from: usize,
+    /// A core moved here, to be given its CPUs back after the turn.
+    pulled: Option<usize>,
     /// Polls until the due turn (0: none due).
     deferred: u8,
 }
@@ -321,7 +388,7 @@ enum Step {
 
 impl Pace {
     fn new(now: Instant) -> Self {
-        Pace { last: now, next_look: now + STALE, suspect: None, look_from: 0, deferred: 0 }
+        Pace { last: now, next_look: now, suspect: None, look_from: 0, pulled: None, deferred: 0 }
     }
 
     fn deferring(&self) -> bool {
@@ -346,18 +413,28 @@ impl Pace {
     }
 
     /// A pass that served requests; `shared`: another core was seen on this
-    /// CPU; `stale`: a core not seen serving for `STALE`.
-    fn consider(&mut self, shared: bool, stale: Option<usize>, now: Instant) -> Step {
+    /// CPU; `stale(i)`: core `i` (of `cores`) is stale, never this one.
+    fn consider(&mut self, shared: bool, cores: usize, stale: impl Fn(usize) -> bool, now: Instant) -> Step {
         if shared && now.duration_since(self.last) >= GAP {
             return self.due(now);
         }
-        match stale {
-            Some(core) if now >= self.next_look => {
+        if now < self.next_look {
+            return Step::Rest;
+        }
+        if let Some((core, _)) = self.suspect {
+            if stale(core) {
+                self.next_look = now + STALE;
+                return Step::Look(core);
+            }
+            self.suspect = None;
+        }
+        match (0..cores).map(|k| (self.look_from + k) % cores).find(|&i| stale(i)) {
+            Some(core) => {
                 self.next_look = now + STALE;
                 self.look_from = core + 1;
                 Step::Look(core)
             }
-            _ => Step::Rest,
+            None => Step::Rest,
         }
     }
 
@@ -372,16 +449,27 @@ impl Pace {
                 self.suspect = None;
                 self.due(now)
             }
-            Sight::Elsewhere(stamp) if self.suspect == Some((core, stamp)) => {
+            Sight::Elsewhere(count) if self.suspect == Some((core, count)) => {
                 self.suspect = None;
                 Step::Pull(core)
             }
-            Sight::Elsewhere(stamp) => {
-                self.suspect = Some((core, stamp));
+            Sight::Elsewhere(count) => {
+                self.suspect = Some((core, count));
                 self.next_look = now + CONFIRM;
                 Step::Rest
             }
         }
+    }
+
+    /// `core` was moved here: a turn is due, and its CPUs go back after.
+    fn moved(&mut self, core: usize, now: Instant) -> Step {
+        self.pulled = Some(core);
+        self.due(now)
+    }
+
+    /// The turn was given: the core to give its CPUs back, if any.
+    fn turned(&mut self) -> Option<usize> {
+        self.pulled.take()
     }
 }
 
@@ -390,10 +478,9 @@ pub struct Turns {
     core: usize,
     seats: Arc<Seats>,
     ring: Ring,
-    /// The CPUs this core may use, given back after another core moved it.
-    allowed: Vec<usize>,
     armed: Cell<bool>,
     pace: RefCell<Pace>,
+    watch: RefCell<Watch>,
     waker: RefCell<Option<Waker>>,
 }
 
@@ -401,24 +488,26 @@ impl Turns {
     /// For the calling thread, which is core `core`.
     pub fn new(core: usize, seats: Arc<Seats>, ring: Ring) -> Self {
         let allowed = crate::runtime::sched::allowed_cpus();
-        // A core that could not give its CPUs back must not be moved.
+        // A core that could not be given its CPUs back is never moved.
         if !allowed.is_empty() {
-            seats.enrol(core);
+            seats.enrol(core, allowed);
         }
+        let cores = seats.cores();
         Turns {
             core,
             seats,
             ring,
-            allowed,
             armed: Cell::new(false),
             pace: RefCell::new(Pace::new(Instant::now())),
+            watch: RefCell::new(Watch::new(cores)),
             waker: RefCell::new(None),
         }
     }
 
-    /// A request is being served: wakes the task (queued behind the tasks
-    /// already queued) unless it is armed already.
+    /// A request is being served: counts it, and wakes the task (queued
+    /// behind the tasks already queued) unless it is armed already.
     pub fn arm(&self) {
+        self.seats.begin(self.core);
         if !self.armed.replace(true) {
             if let Some(w) = self.waker.borrow().as_ref() {
                 w.wake_by_ref();
@@ -426,31 +515,40 @@ impl Turns {
         }
     }
 
-    /// Runs for the core's life: armed, it records this core's seat and
-    /// asks `Pace` whether a turn is due.
+    /// One armed pass: records this core's seat, watches the others, and
+    /// asks `Pace` what to do.
+    fn pass(&self, pace: &mut Pace) -> Step {
+        // SAFETY: no arguments; returns the calling thread's CPU (from
+        // glibc's rseq area where it has one, else the vDSO).
+        let cpu = unsafe { libc::sched_getcpu() };
+        let now = Instant::now();
+        self.seats.sit(self.core, cpu);
+        let mut watch = self.watch.borrow_mut();
+        for other in (0..self.seats.cores()).filter(|&i| i != self.core) {
+            if let Some(count) = self.seats.begun(other) {
+                watch.observe(other, count, now);
+            }
+        }
+        let stale = |i: usize| i != self.core && watch.stale(i, now);
+        match pace.consider(self.seats.shared(self.core, cpu), self.seats.cores(), stale, now) {
+            Step::Look(other) => match pace.saw(other, self.seats.look(self.core, other, cpu), now) {
+                Step::Pull(other) if self.seats.pull(other, cpu) => pace.moved(other, now),
+                Step::Pull(_) => Step::Rest,
+                step => step,
+            },
+            step => step,
+        }
+    }
+
+    /// Runs for the core's life: armed, it runs a `pass`; a due turn
+    /// submits the ring, yields, and gives a pulled core its CPUs back.
     pub fn task(self: Rc<Self>) -> impl Future<Output = ()> {
         std::future::poll_fn(move |cx| {
             let mut pace = self.pace.borrow_mut();
             let step = if pace.deferring() {
                 pace.next()
             } else if self.armed.replace(false) {
-                // SAFETY: no arguments; returns the calling thread's CPU
-                // (from glibc's rseq area: no system call).
-                let cpu = unsafe { libc::sched_getcpu() };
-                let now = Instant::now();
-                if self.seats.sit(self.core, cpu, now) {
-                    // Moved here by another core: free to go again.
-                    let _ = crate::runtime::sched::set_affinity(0, &self.allowed);
-                }
-                let stale = self.seats.stale(self.core, now, pace.look_from);
-                match pace.consider(self.seats.shared(self.core, cpu), stale, now) {
-                    Step::Look(other) => match pace.saw(other, self.seats.look(other, cpu), now) {
-                        Step::Pull(other) if self.seats.pull(other, cpu) => pace.due(now),
-                        Step::Pull(_) => Step::Rest,
-                        step => step,
-                    },
-                    step => step,
-                }
+                self.pass(&mut pace)
             } else {
                 Step::Rest
             };
@@ -467,6 +565,9 @@ impl Turns {
                     // SAFETY: no arguments; only lets another runnable thread
                     // on this CPU run first.
                     unsafe { libc::sched_yield() };
+                    if let Some(other) = pace.turned() {
+                        self.seats.release(other);
+                    }
                 }
                 Step::Rest | Step::Look(_) | Step::Pull(_) => {}
             }
@@ -483,105 +584,139 @@ impl Turns {
 mod tests {
     use super::*;
 
+    const NONE: fn(usize) -> bool = |_| false;
+
     #[test]
     fn a_turn_is_due_when_shared_and_gap_apart_then_deferred() {
         let t0 = Instant::now();
         let mut pace = Pace::new(t0);
-        assert_eq!(pace.consider(false, None, t0 + GAP), Step::Rest, "alone");
-        assert_eq!(pace.consider(true, None, t0 + GAP / 2), Step::Rest, "within GAP of the start");
-        assert_eq!(pace.consider(true, None, t0 + GAP), Step::Defer);
+        assert_eq!(pace.consider(false, 2, NONE, t0 + GAP), Step::Rest, "alone");
+        assert_eq!(pace.consider(true, 2, NONE, t0 + GAP / 2), Step::Rest, "within GAP of the start");
+        assert_eq!(pace.consider(true, 2, NONE, t0 + GAP), Step::Defer);
         assert!(pace.deferring());
         let steps: Vec<Step> = (0..DEFERRALS).map(|_| pace.next()).collect();
         assert_eq!(steps.last(), Some(&Step::Turn));
         assert!(steps[..steps.len() - 1].iter().all(|&s| s == Step::Defer), "{steps:?}");
         assert!(!pace.deferring());
-        assert_eq!(pace.consider(true, None, t0 + GAP + GAP / 2), Step::Rest, "within GAP of the turn");
-        assert_eq!(pace.consider(true, None, t0 + 2 * GAP), Step::Defer);
+        assert_eq!(pace.turned(), None, "nobody to give CPUs back to");
+        assert_eq!(pace.consider(true, 2, NONE, t0 + GAP + GAP / 2), Step::Rest, "within GAP of the turn");
+        assert_eq!(pace.consider(true, 2, NONE, t0 + 2 * GAP), Step::Defer);
     }
 
     #[test]
     fn a_stale_core_is_looked_at_then_turned_to_or_pulled_once_confirmed() {
         let t0 = Instant::now();
         let mut pace = Pace::new(t0);
-        assert_eq!(pace.consider(false, Some(1), t0 + STALE / 2), Step::Rest, "looks wait STALE from the start");
+        let one = |i: usize| i == 1;
+        assert_eq!(pace.consider(false, 2, one, t0), Step::Look(1));
+        assert_eq!(pace.saw(1, Sight::Away, t0), Step::Rest, "asleep: nothing to do");
+        assert_eq!(pace.consider(false, 2, one, t0 + STALE / 2), Step::Rest, "at most one look per STALE");
         let t1 = t0 + STALE;
-        assert_eq!(pace.consider(false, Some(1), t1), Step::Look(1));
-        assert_eq!(pace.saw(1, Sight::Away, t1), Step::Rest, "asleep: nothing to do");
-        assert_eq!(pace.consider(false, Some(1), t1 + STALE / 2), Step::Rest, "at most one look per STALE");
-        let t2 = t1 + STALE;
-        assert_eq!(pace.consider(false, Some(1), t2), Step::Look(1));
-        assert_eq!(pace.saw(1, Sight::Behind, t2), Step::Defer, "waiting behind this core: a turn, GAP or not");
+        assert_eq!(pace.consider(false, 2, one, t1), Step::Look(1));
+        assert_eq!(pace.saw(1, Sight::Behind, t1), Step::Defer, "waiting behind this core: a turn, GAP or not");
         let _ = (0..DEFERRALS).map(|_| pace.next()).last();
+        let t2 = t1 + STALE;
+        assert_eq!(pace.consider(false, 2, one, t2), Step::Look(1));
+        assert_eq!(pace.saw(1, Sight::Elsewhere(7), t2), Step::Rest, "runnable elsewhere: not yet");
+        assert_eq!(pace.consider(false, 2, one, t2 + CONFIRM / 2), Step::Rest);
+        assert_eq!(pace.consider(false, 2, one, t2 + CONFIRM), Step::Look(1), "looked at again after CONFIRM");
+        assert_eq!(pace.saw(1, Sight::Elsewhere(8), t2 + CONFIRM), Step::Rest, "it began a request meanwhile");
+        let t3 = t2 + CONFIRM * 2;
+        assert_eq!(pace.consider(false, 2, one, t3), Step::Look(1));
+        assert_eq!(pace.saw(1, Sight::Elsewhere(8), t3), Step::Pull(1), "still runnable there, still idle");
+        assert_eq!(pace.moved(1, t3), Step::Defer, "moved: a turn");
+        let steps: Vec<Step> = (0..DEFERRALS).map(|_| pace.next()).collect();
+        assert_eq!(steps.last(), Some(&Step::Turn));
+        assert_eq!(pace.turned(), Some(1), "its CPUs go back after the turn");
+        assert_eq!(pace.turned(), None, "once");
+        assert_eq!(pace.consider(true, 2, one, t3 + GAP), Step::Defer, "a due turn comes before a look");
+    }
+
+    #[test]
+    fn a_suspect_is_confirmed_before_other_stale_cores_are_looked_at() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(t0);
+        let both = |i: usize| i == 1 || i == 2;
+        assert_eq!(pace.consider(false, 3, both, t0), Step::Look(1));
+        assert_eq!(pace.saw(1, Sight::Elsewhere(5), t0), Step::Rest);
+        let t1 = t0 + CONFIRM;
+        assert_eq!(pace.consider(false, 3, both, t1), Step::Look(1), "the suspect first, not core 2");
+        assert_eq!(pace.saw(1, Sight::Elsewhere(5), t1), Step::Pull(1));
+        let t2 = t1 + STALE;
+        assert_eq!(pace.consider(false, 3, both, t2), Step::Look(2), "then the search goes on past it");
+        assert_eq!(pace.saw(2, Sight::Away, t2), Step::Rest);
         let t3 = t2 + STALE;
-        assert_eq!(pace.consider(false, Some(1), t3), Step::Look(1));
-        assert_eq!(pace.saw(1, Sight::Elsewhere(7), t3), Step::Rest, "runnable elsewhere: not yet");
-        assert_eq!(pace.consider(false, Some(1), t3 + CONFIRM / 2), Step::Rest);
-        assert_eq!(pace.consider(false, Some(1), t3 + CONFIRM), Step::Look(1), "looked at again after CONFIRM");
-        assert_eq!(pace.saw(1, Sight::Elsewhere(8), t3 + CONFIRM), Step::Rest, "it served meanwhile");
-        let t4 = t3 + CONFIRM * 2;
-        assert_eq!(pace.consider(false, Some(1), t4), Step::Look(1));
-        assert_eq!(pace.saw(1, Sight::Elsewhere(8), t4), Step::Pull(1), "still runnable there, still not serving");
-        assert_eq!(pace.consider(true, Some(1), t4 + GAP), Step::Defer, "a due turn comes before a look");
+        assert_eq!(pace.consider(false, 3, both, t3), Step::Look(1), "and wraps");
+        assert_eq!(pace.saw(1, Sight::Elsewhere(6), t3), Step::Rest);
+        let only_two = |i: usize| i == 2;
+        assert_eq!(
+            pace.consider(false, 3, only_two, t3 + CONFIRM),
+            Step::Look(2),
+            "a suspect that began again is dropped"
+        );
+        assert_eq!(pace.consider(false, 3, NONE, t3 + CONFIRM + STALE), Step::Rest, "nobody stale");
+    }
+
+    #[test]
+    fn a_core_is_stale_once_it_began_requests_then_none_for_stale() {
+        let t0 = Instant::now();
+        let mut watch = Watch::new(3);
+        watch.observe(1, 0, t0);
+        assert!(!watch.stale(1, t0 + STALE * 10), "a core that never began a request is not stale");
+        watch.observe(1, 3, t0);
+        assert!(!watch.stale(1, t0 + STALE / 2));
+        watch.observe(1, 3, t0 + STALE / 2);
+        assert!(watch.stale(1, t0 + STALE), "the same count since t0");
+        watch.observe(1, 4, t0 + STALE);
+        assert!(!watch.stale(1, t0 + STALE + STALE / 2), "it began one more");
+        assert!(!watch.stale(2, t0 + STALE * 10), "never seen");
+        watch.observe(7, 1, t0);
+        assert!(!watch.stale(7, t0 + STALE), "an unknown core is ignored");
     }
 
     #[test]
     fn a_core_shares_only_with_another_core_seen_on_its_cpu() {
-        let now = Instant::now();
         let seats = Seats::new(3);
         assert!(!seats.shared(0, 1), "nobody is seated yet");
-        seats.sit(0, 1, now);
+        seats.sit(0, 1);
         assert!(!seats.shared(0, 1), "a core's own seat does not count");
         assert!(seats.shared(2, 1), "core 0 is on CPU 1");
         assert!(!seats.shared(2, 0), "nobody is on CPU 0");
-        seats.sit(0, 0, now);
+        seats.sit(0, 0);
         assert!(!seats.shared(2, 1), "core 0 moved to CPU 0");
         assert!(seats.shared(1, 0));
         assert!(!seats.shared(1, -1), "an unknown CPU shares nothing");
-        assert!(!seats.sit(7, 5, now), "an unknown core is ignored");
-        assert!(!seats.shared(0, 5));
-    }
-
-    #[test]
-    fn stale_cores_are_found_in_turn_and_only_if_enrolled() {
-        let seats = Seats::new(3);
-        let t0 = Instant::now();
-        for core in 0..3 {
-            seats.seats[core].tid.store(100 + core as i32, Relaxed);
-        }
-        assert_eq!(seats.stale(0, t0 + STALE, 0), None, "a core never seen serving is not stale");
-        seats.sit(1, 0, t0);
-        seats.sit(2, 0, t0);
-        assert_eq!(seats.stale(0, t0 + STALE / 2, 0), None, "seen within STALE");
-        assert_eq!(seats.stale(0, t0 + STALE, 0), Some(1));
-        assert_eq!(seats.stale(0, t0 + STALE, 2), Some(2), "the search starts where the last ended");
-        assert_eq!(seats.stale(0, t0 + STALE, 3), Some(1), "and wraps");
-        assert_eq!(seats.stale(1, t0 + STALE, 1), Some(2), "a core is never stale to itself");
-        seats.seats[2].tid.store(0, Relaxed);
-        assert_eq!(seats.stale(0, t0 + STALE, 2), Some(1), "a core that cannot be moved is not looked at");
+        seats.sit(7, 5);
+        assert!(!seats.shared(0, 5), "an unknown core is ignored");
+        assert_eq!(seats.begun(1), None, "a core not enrolled is not watched");
+        seats.begin(1);
+        seats.seats[1].tid.store(42, Relaxed);
+        assert_eq!(seats.begun(1), Some(1));
     }
 
     #[test]
     fn the_kernels_word_on_a_thread_is_read_past_any_name() {
-        let line = b"4242 (a) R (b) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40";
-        assert_eq!(parse_stat(line), Some((b'S', 36)), "state and CPU after the last ')'");
-        assert_eq!(parse_stat(b"4242 (x) R 1 2"), None, "too short");
+        let fields: Vec<String> = (4..=52).map(|f| f.to_string()).collect();
+        let line = format!("4242 (a) R (b) S {}", fields.join(" "));
+        assert_eq!(parse_stat(line.as_bytes()), Some((b'S', 39)), "state and CPU after the last ')'");
+        let cut = format!("4242 (x) R {}", fields[..36].join(" "));
+        assert_eq!(parse_stat(cut.as_bytes()), None, "a line cut at the CPU field");
         assert_eq!(parse_stat(b"no name here"), None);
-        let own = std::fs::read("/proc/thread-self/stat");
-        if let Ok(own) = own {
-            // SAFETY: no arguments; returns the calling thread's CPU.
-            let cpu = unsafe { libc::sched_getcpu() };
+        if let Ok(own) = std::fs::read("/proc/thread-self/stat") {
             let (state, on) = parse_stat(&own).unwrap();
             assert_eq!(state, b'R', "the reading thread is running");
-            assert!(on >= 0 && cpu >= 0, "{on} {cpu}");
+            assert!(on >= 0, "{on}");
         }
     }
 
-    /// Two real threads: core 1 pinned to one CPU and spinning without
-    /// serving, core 0 on another. Core 0 sees it runnable elsewhere, pulls
-    /// it onto its own CPU, then sees it waiting there behind itself; core 1
-    /// learns it was moved when it next sits.
+    /// Real threads: core 1 pinned to one CPU, runnable and beginning no
+    /// request (spinning), core 0 on another CPU. Core 0 sees it runnable
+    /// elsewhere, moves it onto its own CPU, then sees it waiting there
+    /// behind itself, and gives it its CPUs back; a parked core reads as
+    /// away, and one runnable where a third core sits is left to that
+    /// core's turns.
     #[test]
-    fn a_core_waiting_elsewhere_is_pulled_and_told() {
+    fn a_core_runnable_elsewhere_is_moved_here_and_given_its_cpus_back() {
         use crate::runtime::sched;
         let cpus = sched::allowed_cpus();
         if cpus.len() < 2 || File::open("/proc/thread-self/stat").is_err() {
@@ -590,52 +725,54 @@ mod tests {
         }
         let (a, b) = (cpus[0], cpus[1]);
         std::thread::spawn(move || {
-            sched::pin(a).unwrap();
-            let seats = Arc::new(Seats::new(2));
-            let stop = Arc::new(AtomicBool::new(false));
+            if sched::pin(a).is_err() {
+                eprintln!("skipped: this sandbox refuses pinning");
+                return;
+            }
+            let seats = Arc::new(Seats::new(3));
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let (ready_tx, ready) = std::sync::mpsc::channel();
             let spinner = std::thread::spawn({
-                let (seats, stop) = (seats.clone(), stop.clone());
+                let (seats, stop, cpus) = (seats.clone(), stop.clone(), cpus.clone());
                 move || {
+                    seats.enrol(1, cpus);
                     sched::pin(b).unwrap();
-                    seats.enrol(1);
-                    assert!(!seats.sit(1, b as i32, Instant::now()));
+                    seats.sit(1, b as i32);
+                    seats.begin(1);
                     ready_tx.send(()).unwrap();
                     while !stop.load(Relaxed) {
                         std::hint::spin_loop();
                     }
-                    // SAFETY: no arguments; returns the calling thread's CPU.
-                    let cpu = unsafe { libc::sched_getcpu() };
-                    let told = seats.sit(1, cpu, Instant::now());
-                    (told, sched::allowed_cpus(), seats.sit(1, cpu, Instant::now()))
+                    sched::allowed_cpus()
                 }
             });
             ready.recv().unwrap();
             let here = a as i32;
-            let stamp = seats.seats[1].seen.load(Relaxed);
-            assert_eq!(seats.look(1, here), Sight::Elsewhere(stamp), "spinning on CPU {b}");
+            assert_eq!(seats.look(0, 1, here), Sight::Elsewhere(1), "runnable on CPU {b}");
+            seats.sit(2, b as i32);
+            assert_eq!(seats.look(0, 1, here), Sight::Away, "CPU {b} has a core of its own: its turns reach it");
+            seats.sit(2, -1);
             assert!(!seats.shared(0, here));
             assert!(seats.pull(1, here));
             assert!(seats.shared(0, here), "its seat moved with it");
-            assert_eq!(seats.look(1, here), Sight::Behind, "now waiting for CPU {a}, where this thread runs");
+            assert_eq!(seats.look(0, 1, here), Sight::Behind, "now waiting for CPU {a}, where this thread runs");
+            seats.release(1);
             stop.store(true, Relaxed);
-            let (told, allowed, again) = spinner.join().unwrap();
-            assert!(told, "a pulled core learns it was moved");
-            assert_eq!(allowed, [a], "moved onto this thread's CPU");
-            assert!(!again, "and only once");
+            assert_eq!(spinner.join().unwrap(), cpus, "its CPUs given back");
+
             let seats = Arc::new(Seats::new(2));
             let (enrolled_tx, enrolled) = std::sync::mpsc::channel();
             let asleep = std::thread::spawn({
                 let seats = seats.clone();
                 move || {
-                    seats.enrol(1);
+                    seats.enrol(1, vec![a]);
                     enrolled_tx.send(()).unwrap();
                     std::thread::park();
                 }
             });
             enrolled.recv().unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
-            while seats.look(1, here) != Sight::Away {
+            while seats.look(0, 1, here) != Sight::Away {
                 assert!(Instant::now() < deadline, "a parked thread is never seen asleep");
                 std::thread::yield_now();
             }
