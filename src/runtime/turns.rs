@@ -21,7 +21,7 @@
 //!   `CONFIRM` later, it is moved onto this core's CPU
 //!   (`sched_setaffinity`), given a turn, and given all its CPUs back after
 //!   it. The load generator then has a CPU to itself, as with one core:
-//!   GET p99 0.35x (3.8 to 1.3 ms).
+//!   GET p99 0.43x (3.9 to 1.6 ms) at the same CPU.
 //!
 //! This module owns those decisions, the table of seats, and the syscalls
 //! of a turn and a pull: submitting the core's io_uring (`Ring`),
