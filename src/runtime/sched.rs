@@ -89,19 +89,17 @@ pub(crate) fn set_affinity(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<
 /// with its creator's priority), so its work yields to the cores'.
 /// Best effort: on failure the thread just runs as it was made.
 pub fn background() {
-    // SAFETY: as in `allowed_cpus`: a zeroed set is valid and empty.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for cpu in 0..libc::CPU_SETSIZE as usize {
-        // SAFETY: `cpu` is below `CPU_SETSIZE`, so `CPU_SET` writes inside
-        // the live local `set`.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    // SAFETY: pid 0 is the calling thread; the kernel only reads `set` (and
-    // keeps the CPUs the process may use).
-    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    let _ = unrestrict(0);
     // SAFETY: on Linux, `who` 0 with `PRIO_PROCESS` is the calling thread;
     // no pointers.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+}
+
+/// Lets thread `tid` (0: the calling thread) run on every CPU the process
+/// may use: all of them are asked for, and the kernel keeps those.
+pub(crate) fn unrestrict(tid: libc::pid_t) -> std::io::Result<()> {
+    let every: Vec<usize> = (0..libc::CPU_SETSIZE as usize).collect();
+    set_affinity(tid, &every)
 }
 
 /// Puts the calling thread under `policy`. Unprivileged processes may

@@ -166,8 +166,8 @@ impl Seats {
         cpu >= 0 && self.seats.iter().enumerate().any(|(i, seat)| i != core && seat.cpu.0.load(Relaxed) == cpu)
     }
 
-    /// What the kernel says of core `other`, from core `me` on `cpu`.
-    fn look(&self, me: usize, other: usize, cpu: i32) -> Sight {
+    /// What the kernel says of core `other`, from a core seated on `cpu`.
+    fn look(&self, other: usize, cpu: i32) -> Sight {
         let Some(seat) = self.seats.get(other) else { return Sight::Away };
         let Some(stat) = seat.stat.get() else { return Sight::Away };
         let mut buf = [0u8; 1024];
@@ -179,17 +179,9 @@ impl Seats {
                 seat.cpu.0.store(cpu, Relaxed);
                 Sight::Behind
             }
-            // Runnable where another core was seen: that core's turns
-            // reach it.
-            Some((b'R', on))
-                if self
-                    .seats
-                    .iter()
-                    .enumerate()
-                    .any(|(i, seat)| i != other && i != me && seat.cpu.0.load(Relaxed) == on) =>
-            {
-                Sight::Away
-            }
+            // Runnable where another core was seen (never this one: its
+            // seat is `cpu`): that core's turns reach it.
+            Some((b'R', on)) if self.shared(other, on) => Sight::Away,
             // Runnable elsewhere: behind another program, or just woken
             // onto an idle CPU, or running something other than requests.
             // A second look `CONFIRM` later leaves out the short cases; a
@@ -224,8 +216,7 @@ impl Seats {
         let Some(allowed) = seat.allowed.get() else { return };
         let tid = seat.tid.load(Relaxed);
         if tid != 0 && crate::runtime::sched::set_affinity(tid, allowed).is_err() {
-            let every: Vec<usize> = (0..libc::CPU_SETSIZE as usize).collect();
-            let _ = crate::runtime::sched::set_affinity(tid, &every);
+            let _ = crate::runtime::sched::unrestrict(tid);
         }
     }
 }
@@ -531,7 +522,7 @@ impl Turns {
         }
         let stale = |i: usize| i != self.core && watch.stale(i, now);
         match pace.consider(self.seats.shared(self.core, cpu), self.seats.cores(), stale, now) {
-            Step::Look(other) => match pace.saw(other, self.seats.look(self.core, other, cpu), now) {
+            Step::Look(other) => match pace.saw(other, self.seats.look(other, cpu), now) {
                 Step::Pull(other) if self.seats.pull(other, cpu) => pace.moved(other, now),
                 Step::Pull(_) => Step::Rest,
                 step => step,
@@ -748,14 +739,14 @@ mod tests {
             });
             ready.recv().unwrap();
             let here = a as i32;
-            assert_eq!(seats.look(0, 1, here), Sight::Elsewhere(1), "runnable on CPU {b}");
+            assert_eq!(seats.look(1, here), Sight::Elsewhere(1), "runnable on CPU {b}");
             seats.sit(2, b as i32);
-            assert_eq!(seats.look(0, 1, here), Sight::Away, "CPU {b} has a core of its own: its turns reach it");
+            assert_eq!(seats.look(1, here), Sight::Away, "CPU {b} has a core of its own: its turns reach it");
             seats.sit(2, -1);
             assert!(!seats.shared(0, here));
             assert!(seats.pull(1, here));
             assert!(seats.shared(0, here), "its seat moved with it");
-            assert_eq!(seats.look(0, 1, here), Sight::Behind, "now waiting for CPU {a}, where this thread runs");
+            assert_eq!(seats.look(1, here), Sight::Behind, "now waiting for CPU {a}, where this thread runs");
             seats.release(1);
             stop.store(true, Relaxed);
             assert_eq!(spinner.join().unwrap(), cpus, "its CPUs given back");
@@ -772,7 +763,7 @@ mod tests {
             });
             enrolled.recv().unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
-            while seats.look(0, 1, here) != Sight::Away {
+            while seats.look(1, here) != Sight::Away {
                 assert!(Instant::now() < deadline, "a parked thread is never seen asleep");
                 std::thread::yield_now();
             }
