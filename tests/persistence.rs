@@ -358,6 +358,70 @@ fn log_growth_starts_a_checkpoint_early() {
     assert_eq!(s.get("/get/grow-7").body, value);
 }
 
+/// Whether the page holding `offset` is in the page cache, asked with
+/// `mincore` on a one-page mapping that is never touched (a read, even
+/// one that may not wait, would start a readahead and bring it back).
+fn cached(file: &std::fs::File, offset: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: no pointers in; the page size is always positive.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    // SAFETY: a fresh read-only shared mapping of one page of an open
+    // file, never dereferenced: only `mincore` reads its residency into
+    // `vec`, one byte for the one page, and it is unmapped right after.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            page as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            (offset / page * page) as libc::off_t,
+        );
+        assert_ne!(at, libc::MAP_FAILED, "mmap");
+        let mut vec = 0u8;
+        let rc = libc::mincore(at, page as usize, &mut vec);
+        libc::munmap(at, page as usize);
+        assert_eq!(rc, 0, "mincore");
+        vec & 1 == 1
+    }
+}
+
+/// The log is written once and read only by recovery: once synced, its
+/// pages leave the page cache (whole 64 KiB units below the segment's end,
+/// in steps of at least 1 MiB), and the bytes are all still there for a
+/// restart after kill -9.
+#[test]
+fn synced_log_pages_leave_the_page_cache_and_still_recover() {
+    let s = Server::start(&["-threads", "1", "-fsync", "always", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"]);
+    let value = vec![b'p'; 1000];
+    // About 3.1 MB of log: its first 2 MiB are trimmed in two steps.
+    for i in 0..3000 {
+        assert_eq!(s.post(&format!("/set/paged-{i}"), &value).status, 200);
+    }
+    let seg = segments(s.dir.path()).pop().expect("a log segment");
+    let file = std::fs::File::open(&seg).unwrap();
+    let len = file.metadata().unwrap().len();
+    assert!(len > 3_000_000, "{len} bytes of log");
+    // tmpfs keeps its pages whatever the advice.
+    let statfs = Command::new("stat").args(["-f", "-c", "%T"]).arg(&seg).output().unwrap();
+    if String::from_utf8_lossy(&statfs.stdout).trim() == "tmpfs" {
+        eprintln!("skipped: the data directory is on tmpfs");
+        return;
+    }
+    // The helper drops them in the background, soon after the sync.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cached(&file, 0) || cached(&file, (2 << 20) - 1) {
+        assert!(Instant::now() < deadline, "synced log pages still cached after 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(dir, &["-threads", "2"]);
+    let mut c = s.client();
+    for i in (0..3000).step_by(7) {
+        assert_eq!(c.req("GET", &format!("/get/paged-{i}"), &[], b"").body, value, "set {i}");
+    }
+}
+
 /// A client writes A=i, then B=i, each after the other's answer. After a
 /// kill -9 the recovered store never has B ahead of A: it is a state that
 /// existed (the old snapshot-only build showed B > A every time).

@@ -10,7 +10,7 @@
 //! through `cells` (each core's state behind its lock); `connlimit` admits
 //! connections and waiters; `lifecycle` runs snapshots and shutdown;
 //! `shared` is the read-only state every core sees; `wal` is each core's
-//! write-ahead log; `admin` serves metrics and health on its own thread,
+//! write-ahead log, and `trim` drops its synced pages from the page cache; `admin` serves metrics and health on its own thread,
 //! with `exporter` folding the cores' counts into the Prometheus text.
 
 pub mod admin;
@@ -26,5 +26,6 @@ pub mod sched;
 pub mod server;
 pub mod shared;
 pub mod slots;
+pub mod trim;
 pub mod turns;
 pub mod wal;

@@ -17,7 +17,9 @@
 //! meanwhile. The one exception: when the log moves to a new segment (once
 //! per checkpoint, or at a file-size limit) the directory entry is synced on
 //! the core, so that a segment the log counts on cannot vanish in a power
-//! loss.
+//! loss. Once synced, the log's pages leave the page cache (`trim`): each
+//! sync hands the synced stretch of the segment to the core's trimming
+//! helper, and a segment the log has moved on from is handed over whole.
 //!
 //! - `-fsync no`: an answer goes out once its record is in the page cache
 //!   (a process crash loses nothing); the OS flushes when it likes.
@@ -49,6 +51,7 @@
 use crate::config::Fsync;
 use crate::persist::datadir;
 use crate::runtime::shared::Shared;
+use crate::runtime::trim::{self, Trimmer};
 use crate::state::command::{Origin, Reply};
 use crate::state::shard::WriteOutcome;
 use std::cell::RefCell;
@@ -106,10 +109,10 @@ pub trait Host {
     fn deliver(&self, origin: Origin, reply: Reply);
 }
 
-/// An open segment: the file for appends, and the same file on the core's
-/// io_uring for syncs.
+/// An open segment: the file for appends (shared with the trimming
+/// helper), and the same file on the core's io_uring for syncs.
 struct Segment {
-    file: File,
+    file: Arc<File>,
     ring: Rc<monoio::fs::File>,
 }
 
@@ -117,36 +120,8 @@ impl Segment {
     fn create(dir: &std::path::Path, seq: u64, core: usize) -> std::io::Result<Segment> {
         let file = datadir::create_segment(dir, seq, core as u32)?;
         let ring = Rc::new(monoio::fs::File::from_std(file.try_clone()?)?);
-        Ok(Segment { file, ring })
+        Ok(Segment { file: Arc::new(file), ring })
     }
-}
-
-/// Lets go of a segment the log no longer writes or syncs: its cached pages
-/// are dropped on a short-lived background thread (`sched::background`),
-/// which also holds the last descriptor if the core's own close comes
-/// first. Freeing a checkpoint's worth of cached log (up to `-maxLogSize`)
-/// takes a few hundred milliseconds, paid by whoever closes the last
-/// descriptor of a segment the checkpoint has already deleted; on the core
-/// it stalled every request in flight (set 1000 B at `-threads 1` with a
-/// checkpoint every few seconds: p99 143-218 ms before, 3.5-4.1 ms after,
-/// 7 alternated rounds of 12 s). Returns the thread, or `None` if the
-/// descriptor could not be copied or the thread not started (the core then
-/// pays the cost itself, as before).
-fn retire(ring: Rc<monoio::fs::File>) -> Option<std::thread::JoinHandle<()>> {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    // SAFETY: `ring` holds the descriptor open for the whole borrow, which
-    // ends here with the duplicate.
-    let dup = unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) }.try_clone_to_owned().ok()?;
-    let spawned = std::thread::Builder::new().name("log-retire".into()).stack_size(64 << 10).spawn(move || {
-        crate::runtime::sched::background();
-        // Every caller has synced the segment, and Linux never drops a
-        // dirty page for this advice: nothing unwritten is lost. Advice
-        // only: a failure changes nothing.
-        // SAFETY: an FFI call on a descriptor this thread owns; no pointers.
-        unsafe { libc::posix_fadvise(dup.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    });
-    drop(ring);
-    spawned.ok()
 }
 
 /// How an answer computed at some log position stands.
@@ -161,6 +136,8 @@ struct State {
     seg: Segment,
     /// Bytes appended to `seg`.
     offset: u64,
+    /// Bytes of `seg` whose pages were dropped from the page cache.
+    trimmed: u64,
     /// Segments closed since the last sync, still to be synced first.
     closed: Vec<Rc<monoio::fs::File>>,
     /// Journal position up to which records are in the page cache.
@@ -207,6 +184,7 @@ pub struct Wal {
     dir: PathBuf,
     mode: Fsync,
     shared: Arc<Shared>,
+    trim: Trimmer,
     st: RefCell<State>,
 }
 
@@ -215,14 +193,18 @@ impl Wal {
     pub fn open(shared: Arc<Shared>, core: usize, dir: PathBuf, seq: u64) -> std::io::Result<Rc<Wal>> {
         let seg = Segment::create(&dir, seq, core)?;
         let mode = shared.config.fsync;
+        // The helper ends with the log (its handle is not needed).
+        let (trim, _) = Trimmer::start(core);
         Ok(Rc::new(Wal {
             core,
             dir,
             mode,
             shared,
+            trim,
             st: RefCell::new(State {
                 seg,
                 offset: 0,
+                trimmed: 0,
                 closed: Vec::new(),
                 written: 0,
                 synced: 0,
@@ -447,13 +429,15 @@ impl Wal {
         let mut st = self.st.borrow_mut();
         let old = std::mem::replace(&mut st.seg, seg);
         st.offset = 0;
+        st.trimmed = 0;
         if self.mode == Fsync::No {
             // Nobody waits for it, but a segment followed by another should
             // be whole on disk: sync it in the background.
             let ring = old.ring.clone();
+            let trim = self.trim.clone();
             monoio::spawn(async move {
                 if ring.sync_data().await.is_ok() {
-                    retire(ring);
+                    trim.retire(ring);
                 }
             });
         } else {
@@ -519,9 +503,10 @@ impl Wal {
     /// Syncs every closed segment, then the current one, and acknowledges
     /// what they hold.
     async fn sync(&self, router: &impl Host) {
-        let (closed, ring, target, count) = {
+        let (closed, ring, target, count, file, seg_end) = {
             let mut st = self.st.borrow_mut();
-            (std::mem::take(&mut st.closed), st.seg.ring.clone(), st.written, st.unsynced.len())
+            let file = st.seg.file.clone();
+            (std::mem::take(&mut st.closed), st.seg.ring.clone(), st.written, st.unsynced.len(), file, st.offset)
         };
         let started = Instant::now();
         let mut result = Ok(());
@@ -548,9 +533,17 @@ impl Wal {
                     if let Some(b) = first {
                         st.keep_spare(b);
                     }
+                    // The synced part of a segment still written (one moved
+                    // on from meanwhile is retired whole by a later sync).
+                    if Arc::ptr_eq(&st.seg.file, &file) {
+                        if let Some((from, to)) = trim::trim_range(st.trimmed, seg_end) {
+                            st.trimmed = to;
+                            self.trim.range(&file, from, to);
+                        }
+                    }
                 }
                 self.release(router);
-                closed.into_iter().for_each(|f| _ = retire(f));
+                closed.into_iter().for_each(|f| self.trim.retire(f));
             }
             Err(e) => {
                 // The OS may have dropped what it could not write: every
@@ -599,7 +592,7 @@ impl Wal {
                 // A rotation during the syncs appends after these.
                 let mut st = self.st.borrow_mut();
                 let n = closed.len().min(st.closed.len());
-                st.closed.drain(..n).for_each(|f| _ = retire(f));
+                st.closed.drain(..n).for_each(|f| self.trim.retire(f));
             }
         }
         match result {
@@ -688,34 +681,6 @@ mod tests {
             Settled::Now(r) => Some(r),
             Settled::Wait(_) => None,
         }
-    }
-
-    #[test]
-    fn a_retired_segment_is_closed_everywhere_and_keeps_its_bytes() {
-        let dir = std::env::temp_dir().join(format!("rdvz-wal-retire-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("0000000000000000-0000.wal");
-        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
-        let file = File::options().read(true).write(true).open(&path).unwrap();
-        file.sync_all().unwrap();
-        let open_here = || {
-            std::fs::read_dir("/proc/self/fd")
-                .unwrap()
-                .flatten()
-                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
-                .count()
-        };
-        assert_eq!(open_here(), 1);
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build().unwrap();
-        let helper = rt.block_on(async move { retire(Rc::new(monoio::fs::File::from_std(file).unwrap())) });
-        let helper = helper.expect("the retiring thread starts");
-        assert_eq!(helper.thread().name(), Some("log-retire"));
-        helper.join().unwrap();
-        // Neither the core's descriptor nor the thread's duplicate is left,
-        // and the bytes are all there.
-        assert_eq!(open_here(), 0);
-        assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 1 << 20]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
