@@ -358,32 +358,8 @@ fn log_growth_starts_a_checkpoint_early() {
     assert_eq!(s.get("/get/grow-7").body, value);
 }
 
-/// Whether the page holding `offset` is in the page cache, asked with
-/// `mincore` on a one-page mapping that is never touched (a read, even
-/// one that may not wait, would start a readahead and bring it back).
 fn cached(file: &std::fs::File, offset: u64) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: no pointers in; the page size is always positive.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-    // SAFETY: a fresh read-only shared mapping of one page of an open
-    // file, never dereferenced: only `mincore` reads its residency into
-    // `vec`, one byte for the one page, and it is unmapped right after.
-    unsafe {
-        let at = libc::mmap(
-            std::ptr::null_mut(),
-            page as usize,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            (offset / page * page) as libc::off_t,
-        );
-        assert_ne!(at, libc::MAP_FAILED, "mmap");
-        let mut vec = 0u8;
-        let rc = libc::mincore(at, page as usize, &mut vec);
-        libc::munmap(at, page as usize);
-        assert_eq!(rc, 0, "mincore");
-        vec & 1 == 1
-    }
+    rendezvous::persist::snapshot::is_cached(file, offset).unwrap()
 }
 
 /// The log is written once and read only by recovery: once synced, its

@@ -20,12 +20,16 @@
 //! stalled every request in flight (a p99 of 31-52 ms in rounds where it
 //! ran). The helper runs at background priority (`sched::background`).
 //!
+//! The snapshot thread drops each snapshot once synced, with the same call
+//! (`snapshot::drop_cached`).
+//!
 //! It must never drop a page that is not on the disk yet or that the log
 //! will write again: callers pass only synced ranges, whole pages below the
 //! segment's end (`trim_range`). Linux never drops a dirty page for this
 //! advice anyway, but a clean partial page dropped and then appended to
 //! would have to be read back from the disk, on the core.
 
+use crate::persist::snapshot::drop_cached;
 use crossbeam_channel::Sender;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -72,9 +76,9 @@ impl Trimmer {
                 crate::runtime::sched::background();
                 for job in rx {
                     match job {
-                        Job::Range(file, from, to) => advise(&file, from, to - from),
+                        Job::Range(file, from, to) => drop_cached(&file, from, to - from),
                         // Length 0: to the end of the file.
-                        Job::Retire(fd) => advise(&fd, 0, 0),
+                        Job::Retire(fd) => drop_cached(&fd, 0, 0),
                     }
                 }
             });
@@ -116,15 +120,6 @@ impl Trimmer {
     }
 }
 
-/// `POSIX_FADV_DONTNEED` over `len` bytes from `from` (0: to the end).
-/// Advice only: a failure changes nothing, so it is not reported.
-fn advise(fd: &impl AsRawFd, from: u64, len: u64) {
-    let (Ok(from), Ok(len)) = (libc::off_t::try_from(from), libc::off_t::try_from(len)) else { return };
-    // SAFETY: an FFI call on a descriptor the caller keeps open for the
-    // call; no pointers.
-    unsafe { libc::posix_fadvise(fd.as_raw_fd(), from, len, libc::POSIX_FADV_DONTNEED) };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,48 +139,15 @@ mod tests {
         assert_eq!(trim_range(u64::MAX - 3, u64::MAX), None);
     }
 
-    /// Whether the page holding `offset` is in the page cache, asked with
-    /// `mincore` on a one-page mapping that is never touched (a read, even
-    /// one that may not wait, would start a readahead and bring it back).
     fn cached(file: &File, offset: u64) -> bool {
-        // SAFETY: no pointers in; the page size is always positive.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-        // SAFETY: a fresh read-only shared mapping of one page of an open
-        // file, never dereferenced: only `mincore` reads its residency into
-        // `vec`, one byte for the one page, and it is unmapped right after.
-        unsafe {
-            let at = libc::mmap(
-                std::ptr::null_mut(),
-                page as usize,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                (offset / page * page) as libc::off_t,
-            );
-            assert_ne!(at, libc::MAP_FAILED, "mmap");
-            let mut vec = 0u8;
-            let rc = libc::mincore(at, page as usize, &mut vec);
-            libc::munmap(at, page as usize);
-            assert_eq!(rc, 0, "mincore");
-            vec & 1 == 1
-        }
-    }
-
-    /// tmpfs keeps its pages whatever the advice: nothing to measure there.
-    fn memory_backed(dir: &std::path::Path) -> bool {
-        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: `st` is a zeroed plain-data struct the call fills; `c`
-        // is a valid NUL-terminated path for the call.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-        rc != 0 || st.f_type == libc::TMPFS_MAGIC
+        crate::persist::snapshot::is_cached(file, offset).unwrap()
     }
 
     #[test]
     fn a_synced_range_and_a_retired_segment_leave_the_page_cache_with_their_bytes() {
         let dir = std::env::temp_dir().join(format!("rdvz-trim-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        if memory_backed(&dir) {
+        if crate::persist::snapshot::memory_backed(&dir) {
             eprintln!("skipped: {} is memory-backed", dir.display());
             return;
         }
