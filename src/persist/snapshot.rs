@@ -481,7 +481,9 @@ pub fn drop_cached(fd: &impl std::os::fd::AsRawFd, from: u64, len: u64) {
 /// Whether the page holding `offset` of `file` is in the page cache: the
 /// check behind `drop_cached`'s tests. Asked with `mincore` on a one-page
 /// mapping that is never touched (a read, even one that may not wait,
-/// would start a readahead and bring the page back).
+/// would start a readahead and bring the page back). Since Linux 5.2 it
+/// reports every page cached for a file the caller neither owns nor may
+/// write: the tests ask about their own files.
 #[doc(hidden)]
 pub fn is_cached(file: &File, offset: u64) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
@@ -513,9 +515,10 @@ pub fn is_cached(file: &File, offset: u64) -> io::Result<bool> {
 #[cfg(test)]
 pub(crate) fn memory_backed(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return true };
-    // SAFETY: `st` is a zeroed plain-data struct the call fills; `c` is a
-    // valid NUL-terminated path for the call.
+    // SAFETY: `statfs` is plain data, for which all-zero bytes are valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a live, writable
+    // struct, both for the whole call.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     rc != 0 || st.f_type == libc::TMPFS_MAGIC
 }

@@ -10,8 +10,9 @@
 //! through `cells` (each core's state behind its lock); `connlimit` admits
 //! connections and waiters; `lifecycle` runs snapshots and shutdown;
 //! `shared` is the read-only state every core sees; `wal` is each core's
-//! write-ahead log, and `trim` drops its synced pages from the page cache; `admin` serves metrics and health on its own thread,
-//! with `exporter` folding the cores' counts into the Prometheus text.
+//! write-ahead log, and `trim` drops its synced pages from the page cache;
+//! `admin` serves metrics and health on its own thread, with `exporter`
+//! folding the cores' counts into the Prometheus text.
 
 pub mod admin;
 pub mod cells;

@@ -16,14 +16,14 @@
 //!   core waiting 0.5-4 ms behind the load generator while the other core
 //!   ran alone on the other CPU. Here each core counts the requests it
 //!   begins, and a core that sees another begin none for `STALE` (200 us)
-//!   asks the kernel (`/proc`) whether it is runnable and where (not again
-//!   for `AWAY`, 1 ms, if it is asleep). Runnable
+//!   asks the kernel (`/proc`) whether it is runnable and where (a core
+//!   found asleep is not looked at again for `AWAY`, 1 ms). Runnable
 //!   on a CPU no other core sits on, and still so with the same count
 //!   `CONFIRM` later, it is moved onto this core's CPU
 //!   (`sched_setaffinity`), given a turn, and given all its CPUs back after
 //!   it. The load generator then has a CPU to itself, as with one core:
 //!   GET p99 0.43x (3.9 to 1.6 ms) at the same CPU with a look after 1 ms,
-//!   and 0.46x again (1.45 to 0.66 ms) after 200 us.
+//!   and 0.44x again (1.40 to 0.64 ms) after 200 us.
 //!
 //! This module owns those decisions, the table of seats, and the syscalls
 //! of a turn and a pull: submitting the core's io_uring (`Ring`),
@@ -65,20 +65,21 @@ pub const GAP: Duration = Duration::from_millis(2);
 const DEFERRALS: u8 = 2;
 
 /// How long a core may go without beginning a request before another
-/// core looks whether it is waiting for a CPU. One waiting behind a busy
-/// thread waited 0.5-4 ms (`perf sched`, saturated GETs), and every
-/// microsecond of it is tail latency: at 1 ms, the saturated GET p99 stayed
-/// at 1.45 ms where nginx's was 0.7-1.4 ms; at 200 us it fell to 0.66 ms
-/// (0.46x, at 0.97x the CPU; 5 alternated rounds). The rate of looks is
-/// bounded by `AWAY`, not by this.
+/// core looks whether it is waiting for a CPU, and the shortest time
+/// between two looks. One waiting behind a busy thread waited 0.5-4 ms
+/// (`perf sched`, saturated GETs), and every microsecond of it is tail
+/// latency: at 1 ms, the saturated GET p99 stayed at 1.40 ms where nginx's
+/// was 0.7-1.4 ms; at 200 us it fell to 0.64 ms (0.44x, at 1.00x the CPU; 5
+/// alternated rounds). Looks at a core found asleep are bounded by `AWAY`.
 pub const STALE: Duration = Duration::from_micros(200);
 
-/// How long after a look that found a core asleep (or left to another
-/// core's turns) the next look may come. Under load a stale core is almost
-/// always waiting for a CPU; one that is asleep is most often idle, and
-/// looking again every `STALE` would cost a `/proc` read (about 1 us) each
-/// time: a single busy connection had 4,200 reads a second with it at
-/// 200 us, about 950 with it at 1 ms, as before `STALE` was lowered.
+/// How long a core found asleep (or left to another core's turns) is
+/// passed over by the looks. Under load a stale core is almost always
+/// waiting for a CPU; one that is asleep is most often idle, and looking
+/// at it again every `STALE` would cost a `/proc` read (about 1 us) each
+/// time: a single busy connection, which leaves the other core idle, had
+/// 4,200 reads a second without this pause and about 950 with it, as
+/// before `STALE` was lowered.
 pub const AWAY: Duration = Duration::from_millis(1);
 
 /// A value alone on its cache line: a core's writes to its own counter do
@@ -358,9 +359,9 @@ pub const CONFIRM: Duration = Duration::from_micros(50);
 /// When a turn is given: plain logic, so the rule is tested without a
 /// scheduler. On a pass that served requests, a turn is due if another
 /// core was seen on this CPU and `GAP` has passed since the last. If not,
-/// a stale core (`Watch`) is looked at, at most every `STALE` (`AWAY` after
-/// one found asleep), in turn: one waiting behind this core makes a turn
-/// due; one runnable elsewhere
+/// a stale core (`Watch`) is looked at, at most every `STALE` and in turn
+/// (a core found asleep is passed over for `AWAY`): one waiting behind this
+/// core makes a turn due; one runnable elsewhere
 /// becomes the suspect, looked at again after `CONFIRM` before any other
 /// and, unchanged, pulled here with a turn. A due turn is given
 /// `DEFERRALS` polls later.
@@ -376,6 +377,8 @@ struct Pace {
     look_from: usize,
     /// A core moved here, to be given its CPUs back after the turn.
     pulled: Option<usize>,
+    /// Cores found asleep, by index: not looked at again before then.
+    away: Vec<Option<Instant>>,
     /// Polls until the due turn (0: none due).
     deferred: u8,
 }
@@ -397,7 +400,7 @@ enum Step {
 
 impl Pace {
     fn new(now: Instant) -> Self {
-        Pace { last: now, next_look: now, suspect: None, look_from: 0, pulled: None, deferred: 0 }
+        Pace { last: now, next_look: now, suspect: None, look_from: 0, pulled: None, away: Vec::new(), deferred: 0 }
     }
 
     fn deferring(&self) -> bool {
@@ -437,7 +440,8 @@ impl Pace {
             }
             self.suspect = None;
         }
-        match (0..cores).map(|k| (self.look_from + k) % cores).find(|&i| stale(i)) {
+        let away = |i: usize| self.away.get(i).copied().flatten().is_some_and(|until| now < until);
+        match (0..cores).map(|k| (self.look_from + k) % cores).find(|&i| !away(i) && stale(i)) {
             Some(core) => {
                 self.next_look = now + STALE;
                 self.look_from = core + 1;
@@ -452,7 +456,10 @@ impl Pace {
         match sight {
             Sight::Away => {
                 self.suspect = None;
-                self.next_look = self.next_look.max(now + AWAY);
+                if self.away.len() <= core {
+                    self.away.resize(core + 1, None);
+                }
+                self.away[core] = Some(now + AWAY);
                 Step::Rest
             }
             // A turn now, `GAP` or not: waiting for the next turn `GAP`
@@ -664,16 +671,17 @@ mod tests {
         let t2 = t1 + STALE;
         assert_eq!(pace.consider(false, 3, both, t2), Step::Look(2), "then the search goes on past it");
         assert_eq!(pace.saw(2, Sight::Away, t2), Step::Rest);
-        let t3 = t2 + AWAY;
-        assert_eq!(pace.consider(false, 3, both, t3), Step::Look(1), "and wraps");
+        let t3 = t2 + STALE;
+        assert_eq!(pace.consider(false, 3, both, t3), Step::Look(1), "core 2, asleep, is passed over, not core 1");
         assert_eq!(pace.saw(1, Sight::Elsewhere(6), t3), Step::Rest);
         let only_two = |i: usize| i == 2;
         assert_eq!(
             pace.consider(false, 3, only_two, t3 + CONFIRM),
-            Step::Look(2),
-            "a suspect that began again is dropped"
+            Step::Rest,
+            "a suspect that began again is dropped, and core 2 is still passed over"
         );
-        assert_eq!(pace.consider(false, 3, NONE, t3 + CONFIRM + STALE), Step::Rest, "nobody stale");
+        assert_eq!(pace.consider(false, 3, only_two, t2 + AWAY), Step::Look(2), "core 2 again after AWAY");
+        assert_eq!(pace.consider(false, 3, NONE, t2 + AWAY + STALE), Step::Rest, "nobody stale");
     }
 
     #[test]

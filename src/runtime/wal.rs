@@ -566,9 +566,11 @@ impl Wal {
         let Some((bytes, end, fresh)) = self.st.borrow_mut().retry.take() else { return };
         let mut result = if fresh {
             // The failed segments' cached pages are suspect: their records
-            // are rewritten into the new one, and they are not synced again.
+            // are rewritten into the new one, and they are not synced
+            // again, only let go of (their cache dropped off the core).
             let r = self.rotate().map(|_| ());
-            self.st.borrow_mut().closed.clear();
+            let abandoned = std::mem::take(&mut self.st.borrow_mut().closed);
+            abandoned.into_iter().for_each(|f| self.trim.retire(f));
             r
         } else {
             Ok(())
