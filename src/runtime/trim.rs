@@ -9,11 +9,12 @@
 //! that are read, and every append claims a page the kernel has not handed
 //! out for a while. On a virtual machine that returns free memory to its
 //! host (a balloon's free-page reporting, as on this project's benchmark
-//! machine) such a page costs a fault on the host at its first touch: a set
-//! of 1000 B took 8.3 us of CPU with the log growing into returned memory
-//! and 6.3 us with its synced pages dropped (`benches/results/e2e.md`).
-//! Dropped pages are free again at once and the next appends reuse them
-//! while they are still warm.
+//! machine) such a page costs a fault on the host at its first touch: with
+//! the log growing into returned memory, sets of 1000 B went from 6.5 to
+//! 8.4 us of CPU over 5 rounds, and stayed at 6.1-6.9 us with the synced
+//! pages dropped (0.79x; `benches/results/e2e.md`). Dropped pages are free
+//! again at once and the next appends reuse them while they are still
+//! warm.
 //!
 //! Why a thread: dropping pages takes the file's page-cache lock and frees
 //! each page, milliseconds for a second's worth of log; done on the core it
