@@ -11,6 +11,7 @@ use crate::runtime::mesh::{CheckpointMsg, Control, CopyGate, DrainReport, GateSt
 use crate::runtime::router::Router;
 use crate::runtime::sched;
 use crate::runtime::shared::Shared;
+use crate::runtime::trim::Trimmer;
 use crate::runtime::turns::{Ring, Turns};
 use crate::runtime::wal::Wal;
 use crate::state::command::Reply;
@@ -44,6 +45,8 @@ pub struct CoreStart {
     pub first_segment: Option<u64>,
     /// The CPU this core pins itself to (`None`: the kernel places it).
     pub cpu: Option<usize>,
+    /// This core's log-trimming helper (`None` without persistence).
+    pub trim: Option<Trimmer>,
 }
 
 /// An io_uring runtime with cooperative task running: completions are
@@ -124,9 +127,9 @@ pub fn core_thread(start: CoreStart) {
 
 /// `turns`: how this core's answers reach the kernel, if it gives turns.
 async fn core_main(start: CoreStart, turns: Option<Ring>) {
-    let CoreStart { id, shared, listener, inbox, first_segment, .. } = start;
-    let wal = match (shared.config.data_dir(), first_segment) {
-        (Some(dir), Some(seq)) => match Wal::open(shared.clone(), id, dir.to_path_buf(), seq) {
+    let CoreStart { id, shared, listener, inbox, first_segment, trim, .. } = start;
+    let wal = match (shared.config.data_dir(), first_segment, trim) {
+        (Some(dir), Some(seq), Some(trim)) => match Wal::open(shared.clone(), id, dir.to_path_buf(), seq, trim) {
             Ok(w) => Some(w),
             Err(e) => {
                 log::error!("core {id}: cannot create a log segment in {}: {e}", dir.display());

@@ -29,6 +29,7 @@ use crate::runtime::lifecycle;
 use crate::runtime::mesh::{Mesh, Routing};
 use crate::runtime::sched;
 use crate::runtime::shared::{Phase, PhaseCell, Shared};
+use crate::runtime::trim::Trimmer;
 use crate::runtime::turns::Seats;
 use crate::state::command::Owned;
 use crate::state::ratelimit::{Limiter, Periods};
@@ -312,6 +313,8 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             ready: ready_tx.clone(),
             first_segment: persist.then_some(next_segment + id as u64),
             cpu,
+            // The helper ends with the core's log (its handle is not needed).
+            trim: persist.then(|| Trimmer::start(id, shared.config.sched_policy).0),
         };
         std::thread::Builder::new()
             .name(format!("core-{id}"))

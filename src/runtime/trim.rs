@@ -30,6 +30,7 @@
 //! advice anyway, but a clean partial page dropped and then appended to
 //! would have to be read back from the disk, on the core.
 
+use crate::config::SchedPolicy;
 use crate::persist::snapshot::drop_cached;
 use crossbeam_channel::Sender;
 use std::fs::File;
@@ -73,12 +74,19 @@ pub struct Trimmer {
 }
 
 impl Trimmer {
-    /// Starts core `core`'s helper thread. It ends when every `Trimmer`
-    /// clone is gone, after the jobs already sent.
-    pub fn start(core: usize) -> (Trimmer, Option<std::thread::JoinHandle<()>>) {
+    /// Starts core `core`'s helper thread, under the cores' scheduling
+    /// `policy`. It ends when every `Trimmer` clone is gone, after the jobs
+    /// already sent. Started by the thread that starts the cores, not by a
+    /// core: until it names itself, the kernel shows a new thread under its
+    /// creator's name, and a second `core-N` would confuse every tool that
+    /// tells the cores by name (a CLI test caught one on a loaded machine).
+    pub fn start(core: usize, policy: SchedPolicy) -> (Trimmer, Option<std::thread::JoinHandle<()>>) {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let spawned =
             std::thread::Builder::new().name(format!("log-trim-{core}")).stack_size(64 << 10).spawn(move || {
+                // Best effort: under the default `SCHED_OTHER` a woken helper
+                // could preempt a core.
+                let _ = crate::runtime::sched::apply_policy(policy);
                 crate::runtime::sched::background();
                 for job in rx {
                     match job {
@@ -185,7 +193,7 @@ mod tests {
         file.sync_data().unwrap();
         assert!(cached(&file, 0) && cached(&file, 3 * UNIT), "freshly written pages are cached");
 
-        let (trimmer, helper) = Trimmer::start(7);
+        let (trimmer, helper) = Trimmer::start(7, SchedPolicy::Normal);
         let helper = helper.expect("the helper starts");
         assert_eq!(helper.thread().name(), Some("log-trim-7"));
         let (from, to) = trim_range(0, 2 * UNIT + MARGIN + 100).unwrap();

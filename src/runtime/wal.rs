@@ -189,12 +189,11 @@ pub struct Wal {
 }
 
 impl Wal {
-    /// Opens this core's first segment (`seq`, allocated by the caller).
-    pub fn open(shared: Arc<Shared>, core: usize, dir: PathBuf, seq: u64) -> std::io::Result<Rc<Wal>> {
+    /// Opens this core's first segment (`seq`, allocated by the caller);
+    /// `trim` is the core's trimming helper.
+    pub fn open(shared: Arc<Shared>, core: usize, dir: PathBuf, seq: u64, trim: Trimmer) -> std::io::Result<Rc<Wal>> {
         let seg = Segment::create(&dir, seq, core)?;
         let mode = shared.config.fsync;
-        // The helper ends with the log (its handle is not needed).
-        let (trim, _) = Trimmer::start(core);
         Ok(Rc::new(Wal {
             core,
             dir,
