@@ -510,10 +510,10 @@ pub fn is_cached(file: &File, offset: u64) -> io::Result<bool> {
     }
 }
 
-/// tmpfs keeps its pages whatever the advice: `drop_cached`'s tests have
-/// nothing to measure there.
-#[cfg(test)]
-pub(crate) fn memory_backed(dir: &Path) -> bool {
+/// Whether `dir` is on tmpfs, which keeps its pages whatever the advice:
+/// `drop_cached`'s tests have nothing to measure there.
+#[doc(hidden)]
+pub fn memory_backed(dir: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return true };
     // SAFETY: `statfs` is plain data, for which all-zero bytes are valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

@@ -41,12 +41,18 @@ pub struct CoreStart {
     pub listener: std::net::TcpListener,
     pub inbox: Receiver<Vec<Msg>>,
     pub ready: mpsc::Sender<Result<&'static str, String>>,
-    /// This core's first log segment number (`None` without persistence).
-    pub first_segment: Option<u64>,
+    /// This core's log (`None` without persistence).
+    pub log: Option<LogStart>,
     /// The CPU this core pins itself to (`None`: the kernel places it).
     pub cpu: Option<usize>,
-    /// This core's log-trimming helper (`None` without persistence).
-    pub trim: Option<Trimmer>,
+}
+
+/// What a core's write-ahead log starts from.
+pub struct LogStart {
+    /// Its first segment number.
+    pub first_segment: u64,
+    /// Its trimming helper, started with the core.
+    pub trim: Trimmer,
 }
 
 /// An io_uring runtime with cooperative task running: completions are
@@ -127,9 +133,9 @@ pub fn core_thread(start: CoreStart) {
 
 /// `turns`: how this core's answers reach the kernel, if it gives turns.
 async fn core_main(start: CoreStart, turns: Option<Ring>) {
-    let CoreStart { id, shared, listener, inbox, first_segment, trim, .. } = start;
-    let wal = match (shared.config.data_dir(), first_segment, trim) {
-        (Some(dir), Some(seq), Some(trim)) => match Wal::open(shared.clone(), id, dir.to_path_buf(), seq, trim) {
+    let CoreStart { id, shared, listener, inbox, log, .. } = start;
+    let wal = match (shared.config.data_dir(), log) {
+        (Some(dir), Some(log)) => match Wal::open(shared.clone(), id, dir.to_path_buf(), log.first_segment, log.trim) {
             Ok(w) => Some(w),
             Err(e) => {
                 log::error!("core {id}: cannot create a log segment in {}: {e}", dir.display());

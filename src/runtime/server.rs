@@ -24,7 +24,7 @@ use crate::persist::recovery::{self, RecoveryError};
 use crate::request::clientip::TrustedProxies;
 use crate::runtime::cells::Cells;
 use crate::runtime::connlimit::ConnLimits;
-use crate::runtime::core::{core_thread, CoreStart};
+use crate::runtime::core::{core_thread, CoreStart, LogStart};
 use crate::runtime::lifecycle;
 use crate::runtime::mesh::{Mesh, Routing};
 use crate::runtime::sched;
@@ -311,10 +311,13 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             listener,
             inbox,
             ready: ready_tx.clone(),
-            first_segment: persist.then_some(next_segment + id as u64),
+            // The trimming helper ends with the core's log (its handle is
+            // not needed).
+            log: persist.then(|| LogStart {
+                first_segment: next_segment + id as u64,
+                trim: Trimmer::start(id, shared.config.sched_policy).0,
+            }),
             cpu,
-            // The helper ends with the core's log (its handle is not needed).
-            trim: persist.then(|| Trimmer::start(id, shared.config.sched_policy).0),
         };
         std::thread::Builder::new()
             .name(format!("core-{id}"))
