@@ -13,6 +13,7 @@
 //! This module owns no store state: it calls `api` to decode and `router`
 //! to execute.
 
+use crate::clock::Now;
 use crate::metrics::{self, CoreStats};
 use crate::request::api::{self, Action};
 use crate::request::clientip;
@@ -26,7 +27,7 @@ use crate::runtime::shared::Shared;
 use crate::runtime::turns::Turns;
 use crate::state::command::Reply;
 use crate::state::net;
-use crate::state::ratelimit::{Aim, Charge};
+use crate::state::ratelimit::Charge;
 use crate::state::shard::WriteOutcome;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -216,6 +217,14 @@ impl CoreCtx {
     }
 }
 
+/// When a request head arrived.
+struct Arrival {
+    /// Its first byte was seen: `-readTimeout` counts from here.
+    first_byte: Instant,
+    /// It was complete.
+    head: Instant,
+}
+
 /// Why a connection stops.
 enum Stop {
     /// Orderly end: EOF between requests, `Connection: close`, idle timeout.
@@ -277,10 +286,13 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
 
 impl Conn<'_> {
     async fn run(&mut self) -> Stop {
+        // The clock reading that ended the last request, if it took one and
+        // nothing has waited since: the flush of its answer starts from it.
+        let mut ended = None;
         loop {
             self.set_client(self.peer);
-            let deadline = match self.next_head().await {
-                Ok(Some(d)) => d,
+            let arrived = match self.next_head(ended.take()).await {
+                Ok(Some(arrived)) => arrived,
                 Ok(None) => return Stop::Done,
                 Err(stop) => return stop,
             };
@@ -289,22 +301,27 @@ impl Conn<'_> {
                 return Stop::Reject(Error::ShuttingDown);
             }
             let _in_flight = self.ctx.begin_request();
-            if let Err(stop) = self.read_body(deadline).await {
-                return stop;
-            }
-            if !self.handle().await {
-                return Stop::Broken;
-            }
+            let deadline = arrived.first_byte + self.ctx.shared.config.read_timeout;
+            let now = match self.read_body(deadline).await {
+                // Latency counts from a complete request: a body that made
+                // it wait reads the clock again.
+                Ok(waited) => Now::at(if waited { Instant::now() } else { arrived.head }),
+                Err(stop) => return stop,
+            };
+            ended = match self.handle(now).await {
+                Ok(at) => at,
+                Err(stop) => return stop,
+            };
             let keep_alive = self.head.keep_alive && !self.ctx.is_draining();
             if self.body.capacity() > BODY_KEEP {
                 self.body = Vec::new();
             }
             if !keep_alive {
-                let _ = self.flush().await;
+                let _ = self.flush_from(ended).await;
                 return Stop::Done;
             }
             if self.out.len() >= OUT_HIGH_WATER {
-                if let Err(stop) = self.flush().await {
+                if let Err(stop) = self.flush_from(ended.take()).await {
                     return stop;
                 }
             }
@@ -312,21 +329,23 @@ impl Conn<'_> {
     }
 
     /// Waits for a complete request head and parses it into `self.head`,
-    /// consuming it from the buffer. Returns the request's deadline, or
-    /// `None` on a clean end between requests.
-    async fn next_head(&mut self) -> Result<Option<Instant>, Stop> {
+    /// consuming it from the buffer. Returns when it arrived, or `None` on a
+    /// clean end between requests. `ended`: see `run`.
+    async fn next_head(&mut self, mut ended: Option<Instant>) -> Result<Option<Arrival>, Stop> {
         let cfg = &self.ctx.shared.config;
         let mut scanned = 0;
-        let mut deadline = None;
+        let mut arrived: Option<Instant> = None;
+        let mut waited = false;
         loop {
             let avail = &self.buf[self.start..];
             if !avail.is_empty() {
-                deadline.get_or_insert_with(|| Instant::now() + cfg.read_timeout);
+                let first_byte = *arrived.get_or_insert_with(Instant::now);
                 if http::head_may_be_complete(avail, scanned) {
                     match http::parse_head(avail, &mut self.head) {
                         Ok(Some(n)) => {
                             self.start += n;
-                            return Ok(deadline);
+                            let head = if waited { Instant::now() } else { first_byte };
+                            return Ok(Some(Arrival { first_byte, head }));
                         }
                         Ok(None) => {}
                         Err(e) => return Err(Stop::Reject(e)),
@@ -338,12 +357,13 @@ impl Conn<'_> {
                 scanned = avail.len();
             }
             // About to wait for the client: answers to pipelined requests go first.
-            self.flush().await?;
-            let had_bytes = deadline.is_some();
-            let wait = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()),
+            self.flush_from(ended.take()).await?;
+            let had_bytes = arrived.is_some();
+            let wait = match arrived {
+                Some(at) => (at + cfg.read_timeout).saturating_duration_since(Instant::now()),
                 None => cfg.idle_timeout,
             };
+            waited = had_bytes;
             match self.read_more(wait).await {
                 Ok(0) if !had_bytes => return Ok(None),
                 Ok(0) => return Err(Stop::Broken),
@@ -369,12 +389,14 @@ impl Conn<'_> {
     }
 
     /// Reads the body the head announced into `self.body`, within the cap.
-    async fn read_body(&mut self, deadline: Instant) -> Result<(), Stop> {
+    /// Returns whether it had to wait (for the client, or to send `100
+    /// Continue`).
+    async fn read_body(&mut self, deadline: Instant) -> Result<bool, Stop> {
         self.body.clear();
         self.discarded = false;
         let max = self.ctx.limits.max_value_size;
         match self.head.body {
-            BodyKind::None => Ok(()),
+            BodyKind::None => Ok(false),
             BodyKind::Length(n) => {
                 if n > max as u64 {
                     // A little over: read it into nothing and answer 400 on a
@@ -385,14 +407,15 @@ impl Conn<'_> {
                     }
                     self.discard(n as usize, deadline).await?;
                     self.discarded = true;
-                    return Ok(());
+                    return Ok(true);
                 }
                 let n = n as usize;
-                self.send_continue().await?;
+                let mut waited = self.send_continue().await?;
                 let have = n.min(self.buf.len() - self.start);
                 self.body.extend_from_slice(&self.buf[self.start..self.start + have]);
                 self.start += have;
                 while self.body.len() < n {
+                    waited = true;
                     self.body.reserve_exact(n - self.body.len());
                     let body = std::mem::take(&mut self.body);
                     let len = body.len();
@@ -407,17 +430,18 @@ impl Conn<'_> {
                         Ok(_) => {}
                     }
                 }
-                Ok(())
+                Ok(waited)
             }
             BodyKind::Chunked => {
-                self.send_continue().await?;
+                let mut waited = self.send_continue().await?;
                 let mut decoder = ChunkedDecoder::new(max);
                 loop {
                     let used = decoder.decode(&self.buf[self.start..], &mut self.body).map_err(Stop::Reject)?;
                     self.start += used;
                     if decoder.is_done() {
-                        return Ok(());
+                        return Ok(waited);
                     }
+                    waited = true;
                     self.read_more_body(deadline).await?;
                 }
             }
@@ -460,13 +484,15 @@ impl Conn<'_> {
         }
     }
 
-    /// Answers `Expect: 100-continue` once the body is known to be acceptable.
-    async fn send_continue(&mut self) -> Result<(), Stop> {
+    /// Answers `Expect: 100-continue` once the body is known to be
+    /// acceptable. Returns whether it sent (and so waited).
+    async fn send_continue(&mut self) -> Result<bool, Stop> {
         if self.head.expect_continue && !self.head.http10 {
             self.out.extend_from_slice(http::CONTINUE);
             self.flush().await?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Works out who sent the request just parsed (`X-Client-Ip`, `ip/`
@@ -495,22 +521,23 @@ impl Conn<'_> {
         }
     }
 
-    /// Executes the parsed request and appends its response to `out`.
-    /// Returns false if the client went away while the request waited.
-    async fn handle(&mut self) -> bool {
+    /// Executes the parsed request, which arrived `now`, and appends its
+    /// response to `out`. Returns false if the client went away while the
+    /// request waited. Returns the clock reading that ended it, if it took one.
+    async fn handle(&mut self, now: Now) -> Result<Option<Instant>, Stop> {
         let ctx = self.ctx;
         let shared = &ctx.shared;
         let client = self.client;
-        let started = shared.metrics_on.then(Instant::now);
         // Before parsing: the buckets' cache misses overlap it.
         let aim = ctx.router.aim(net::client(client));
         let mut parked = Duration::ZERO;
         let periods = ctx.router.periods();
+        let epoch = periods.epoch(now.at);
         let retry_after = || periods.retry_after_secs(Instant::now());
         let prepared = if self.discarded {
             Err(Error::ValueTooLarge)
         } else {
-            api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, crate::clock::unix_ms())
+            api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, now.unix_ms)
         };
         let (route, conflict, response) = match prepared {
             Err(e) => (route::route_hint(&self.head.target), false, Response::from_error(e)),
@@ -523,28 +550,32 @@ impl Conn<'_> {
             }
             Ok(Action::Preflight(route)) => (Some(route), false, api::preflight(route)),
             Ok(Action::Store(api::StoreAction { op, cost, meta })) => {
-                let charge = Some(Charge { aim, cost });
+                let charge = Some(Charge { aim, cost, epoch });
                 // Bytes beyond this request: the client pipelines.
                 let pipelined = self.start < self.buf.len();
-                let reply = ctx.router.run(charge, op, pipelined).await;
+                let reply = ctx.router.run(charge, op, pipelined, now.unix_ms).await;
                 let conflict =
                     matches!(reply, Reply::Wrote(WriteOutcome::Conflict { .. } | WriteOutcome::Existing { .. }));
                 let response = api::respond(&meta, reply, &self.client_text, retry_after);
                 (Some(meta.route), conflict, response)
             }
-            Ok(Action::Wait(wait)) => match self.blocking_read(wait, aim).await {
-                Some((response, waited)) => {
-                    parked = waited;
-                    (Some(Route::Get), false, response)
+            Ok(Action::Wait(wait)) => {
+                match self.blocking_read(wait, Charge { aim, cost: route::READ_COST, epoch }, now).await {
+                    Some((response, waited)) => {
+                        parked = waited;
+                        (Some(Route::Get), false, response)
+                    }
+                    None => return Err(Stop::Broken),
                 }
-                None => return false,
-            },
+            }
         };
-        if let Some(started) = started {
+        let mut ended = None;
+        if shared.metrics_on {
             let route = metrics::route_index(route);
             let stats = ctx.stats();
+            let end = *ended.insert(Instant::now());
             // Time parked is not request latency: it has its own histogram.
-            let elapsed = started.elapsed().saturating_sub(parked);
+            let elapsed = end.saturating_duration_since(now.at).saturating_sub(parked);
             stats.request(route, response.status, response.error, elapsed.as_nanos() as u64);
             if conflict {
                 stats.conflict(route);
@@ -553,14 +584,14 @@ impl Conn<'_> {
         let head_only = self.head.method == Method::Head;
         let keep_alive = self.head.keep_alive && !ctx.is_draining();
         http::encode(&mut self.out, &response, &self.client_text, keep_alive, self.head.http10, head_only);
-        true
+        Ok(ended)
     }
 
     /// `GET /get/<key>?wait=D`: park on the key's owner until the condition
     /// holds or the wait ends, watching the socket meanwhile so a client that
     /// leaves is noticed at once. Returns the answer and the time parked;
     /// `None`: the client went away.
-    async fn blocking_read(&mut self, wait: api::WaitAction, aim: Aim) -> Option<(Response, Duration)> {
+    async fn blocking_read(&mut self, wait: api::WaitAction, charge: Charge, now: Now) -> Option<(Response, Duration)> {
         let ctx = self.ctx;
         let stats = ctx.stats();
         let _permit = match ctx.shared.waiter_limits.admit(self.client) {
@@ -570,9 +601,8 @@ impl Conn<'_> {
         };
         let periods = ctx.router.periods();
         let retry_after = || periods.retry_after_secs(Instant::now());
-        let charge = Some(Charge { aim, cost: route::READ_COST });
         let mut waited = Duration::ZERO;
-        let reply = match ctx.router.wait(charge, wait.key, wait.until).await {
+        let reply = match ctx.router.wait(Some(charge), wait.key, wait.until, now.unix_ms).await {
             Err(immediate) => Some(immediate),
             Ok(parked) => {
                 stats.waits_parked.add(1);
@@ -653,12 +683,19 @@ impl Conn<'_> {
     }
 
     async fn flush(&mut self) -> Result<(), Stop> {
+        self.flush_from(None).await
+    }
+
+    /// Writes the buffered answers within `-idleTimeout` of `from` (a clock
+    /// reading of this pass, with nothing awaited since) or of now.
+    async fn flush_from(&mut self, from: Option<Instant>) -> Result<(), Stop> {
         if self.out.is_empty() {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        let wait = self.ctx.shared.config.idle_timeout;
-        let Ok((res, mut out)) = monoio::time::timeout(wait, self.stream.write_all(out)).await else {
+        let from = from.unwrap_or_else(Instant::now);
+        let deadline = monoio::time::Instant::from_std(from + self.ctx.shared.config.idle_timeout);
+        let Ok((res, mut out)) = monoio::time::timeout_at(deadline, self.stream.write_all(out)).await else {
             return Err(Stop::Broken);
         };
         res.map_err(|_| Stop::Broken)?;

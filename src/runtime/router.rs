@@ -59,7 +59,6 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
 /// Calls one core may have outstanding towards another before its
 /// connections wait for replies.
@@ -175,10 +174,10 @@ impl Router {
         f(&mut self.cells.lock(self.me), &self.budget)
     }
 
-    /// Applies a command to this core's state (see `finish_apply`).
-    fn apply_local(&self, op: Op) -> (Reply, u64, Dependencies) {
+    /// Applies a command to this core's state at `now_ms` (see `finish_apply`).
+    fn apply_local(&self, op: Op, now_ms: u64) -> (Reply, u64, Dependencies) {
         let mut wakeups = Vec::new();
-        let (reply, deps, changed) = self.apply_to(&mut self.cells.lock(self.me), op, &mut wakeups);
+        let (reply, deps, changed) = self.apply_to(&mut self.cells.lock(self.me), op, now_ms, &mut wakeups);
         (reply, self.finish_apply(changed, wakeups), deps)
     }
 
@@ -186,34 +185,29 @@ impl Router {
     /// core's log, if its lock is free and this core's log is writable
     /// (`Err` gives the write back: send it to the owner). This takes the
     /// cross-core hop off a write: no message, no owner wake-up, no reply.
-    fn apply_direct(&self, owner: usize, op: Op) -> Result<(Reply, u64, Dependencies), Op> {
+    fn apply_direct(&self, owner: usize, op: Op, now_ms: u64) -> Result<(Reply, u64, Dependencies), Op> {
         if self.journal.borrow().refusing() {
             // This core's log is failing; the owner's may not be.
             return Err(op);
         }
         let mut wakeups = Vec::new();
         let (reply, deps, changed) = match self.cells.try_lock(owner) {
-            Some(mut owned) => self.apply_to(&mut owned, op, &mut wakeups),
+            Some(mut owned) => self.apply_to(&mut owned, op, now_ms, &mut wakeups),
             None => return Err(op),
         };
         self.count(|s| s.direct_writes += 1);
         Ok((reply, self.finish_apply(changed, wakeups), deps))
     }
 
-    /// Applies `op` to a locked core state with this core's journal.
+    /// Applies `op` to a locked core state with this core's journal, at
+    /// `now_ms` (the request's arrival; expiry and TTLs count from it).
     /// Returns the reply, the other logs it waits for, and whether anything
     /// was journaled.
-    fn apply_to(&self, owned: &mut Owned, op: Op, wakeups: &mut Wakeups) -> (Reply, Dependencies, bool) {
+    fn apply_to(&self, owned: &mut Owned, op: Op, now_ms: u64, wakeups: &mut Wakeups) -> (Reply, Dependencies, bool) {
         let mut journal = self.journal.borrow_mut();
         let before = journal.lsn();
         let acked = |log| self.cells.acked(log);
-        let mut by = Applier {
-            core: self.me,
-            journal: &mut journal,
-            now_ms: crate::clock::unix_ms(),
-            budget: &self.budget,
-            acked: &acked,
-        };
+        let mut by = Applier { core: self.me, journal: &mut journal, now_ms, budget: &self.budget, acked: &acked };
         let applied = owned.apply(op, &mut by, wakeups);
         (applied.reply, applied.deps, journal.lsn() != before)
     }
@@ -357,8 +351,7 @@ impl Router {
     /// Takes the client's tokens, here and now: `Err` is the refusal.
     fn charge(&self, charge: Option<Charge>) -> Result<(), Reply> {
         let Some(c) = charge else { return Ok(()) };
-        let epoch = self.periods.epoch(Instant::now());
-        self.limiter.charge_aimed(&c.aim, c.cost, epoch).map_err(Reply::Limited)
+        self.limiter.charge_aimed(&c.aim, c.cost, c.epoch).map_err(Reply::Limited)
     }
 
     /// Charges the client (if `charge`) and applies `op` on its key's core.
@@ -367,7 +360,9 @@ impl Router {
     /// inbox batch) instead of with the pass's other changes: the connection
     /// cannot take its next request before this answer, so waiting for the
     /// log task would only add a task switch per request and batch nothing.
-    pub async fn run(self: &Rc<Self>, charge: Option<Charge>, op: Op, pipelined: bool) -> Reply {
+    /// `now_ms`: the request's arrival (`clock::Now`), for a change applied
+    /// here; its owner reads its own clock for one it applies.
+    pub async fn run(self: &Rc<Self>, charge: Option<Charge>, op: Op, pipelined: bool, now_ms: u64) -> Reply {
         let owner = self.routing.owner(op.key());
         // The lookup's first cache misses overlap the charge's own.
         self.cells.prefetch(owner, op.key());
@@ -375,16 +370,16 @@ impl Router {
             return refused;
         }
         if owner == self.me {
-            return self.call(owner, op, pipelined).await;
+            return self.call(owner, op, pipelined, now_ms).await;
         }
         if let Op::Get { key } = &op {
-            if let Some(found) = self.cells.read(owner, key, crate::clock::unix_ms()) {
+            if let Some(found) = self.cells.read(owner, key, now_ms) {
                 self.count(|s| s.direct_reads += 1);
                 return Reply::Got(found);
             }
         }
         let op = match op {
-            Op::Write(_) => match self.apply_direct(owner, op) {
+            Op::Write(_) => match self.apply_direct(owner, op, now_ms) {
                 Ok((reply, lsn, deps)) => {
                     if pipelined {
                         self.append_now();
@@ -395,7 +390,7 @@ impl Router {
             },
             op => op,
         };
-        self.call(owner, op, pipelined).await
+        self.call(owner, op, pipelined, now_ms).await
     }
 
     /// Starts a blocking read: charges the client, then either answers at
@@ -406,6 +401,7 @@ impl Router {
         charge: Option<Charge>,
         key: Box<[u8]>,
         until: WaitFor,
+        now_ms: u64,
     ) -> Result<WaitFuture<'_>, Reply> {
         self.charge(charge)?;
         let owner = self.routing.owner(&key);
@@ -413,7 +409,7 @@ impl Router {
         let origin = Origin { core: self.me as u32, slot };
         let op = Op::Wait { key: key.clone(), until, origin };
         if owner == self.me {
-            let (reply, lsn, deps) = self.apply_local(op);
+            let (reply, lsn, deps) = self.apply_local(op, now_ms);
             if reply != Reply::Parked {
                 self.slots.borrow_mut().release_unused(slot);
                 return Err(self.answer(lsn, deps, reply).await);
@@ -424,10 +420,10 @@ impl Router {
         Ok(WaitFuture { inner: SlotFuture { router: self, slot, done: false }, key: Some(key), owner })
     }
 
-    /// Executes `op` on core `dest` (`pipelined`: see `run`).
-    pub async fn call(self: &Rc<Self>, dest: usize, op: Op, pipelined: bool) -> Reply {
+    /// Executes `op` on core `dest` (`pipelined`, `now_ms`: see `run`).
+    async fn call(self: &Rc<Self>, dest: usize, op: Op, pipelined: bool, now_ms: u64) -> Reply {
         if dest == self.me {
-            let (reply, lsn, deps) = self.apply_local(op);
+            let (reply, lsn, deps) = self.apply_local(op, now_ms);
             if pipelined {
                 self.append_now();
             }
@@ -471,6 +467,8 @@ impl Router {
         self.mesh.inboxes[self.me].waker.register(cx.waker());
         // Other logs' tasks wake this task when they move.
         self.release_held();
+        // One clock read for everything that arrived.
+        let mut now_ms = None;
         while let Ok(batch) = self.rx.try_recv() {
             let mut received = 0;
             let mut pipelined = false;
@@ -479,14 +477,15 @@ impl Router {
                     Msg::Call { from, slot, op, pipelined: p } => {
                         received += 1;
                         pipelined |= p;
-                        let (reply, lsn, deps) = self.apply_local(op);
+                        let now = *now_ms.get_or_insert_with(crate::clock::unix_ms);
+                        let (reply, lsn, deps) = self.apply_local(op, now);
                         // A parked waiter is answered later, when a write wakes it.
                         if reply != Reply::Parked {
                             self.deliver_when(lsn, deps, Origin { core: from, slot }, reply);
                         }
                     }
                     Msg::Notify { op } => {
-                        self.apply_local(op);
+                        self.apply_local(op, *now_ms.get_or_insert_with(crate::clock::unix_ms));
                     }
                     Msg::Done { slot, reply } => self.complete(slot, reply),
                     Msg::Control(c) => {
@@ -641,7 +640,7 @@ impl Drop for WaitFuture<'_> {
         // already in flight arrives), and that answer frees it.
         self.inner.abandon();
         if self.owner == router.me {
-            router.apply_local(op);
+            router.apply_local(op, crate::clock::unix_ms());
         } else {
             router.push(self.owner, Msg::Notify { op });
         }

@@ -57,6 +57,8 @@ pub struct Charge {
     /// The client's buckets (`Limiter::aim`); its network's is charged too.
     pub aim: Aim,
     pub cost: u32,
+    /// The period the request arrived in (`Periods::epoch` of its arrival).
+    pub epoch: u64,
 }
 
 /// A client's buckets, located: its ids hashed once, and the cache lines
