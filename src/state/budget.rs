@@ -16,16 +16,16 @@
 //! oldest key's expiry for `Retry-After`, and a per-client count by one
 //! scan of a list no longer than the network quota. It costs one 24-byte
 //! table slot per network, plus 8 bytes per key once a network holds two
-//! or more; the creator
-//! itself lives in the entry (and in its log and snapshot records), so the
+//! or more (the list itself, and how it stays cheap to change at any
+//! length, is `expiries`); the creator itself lives in the entry (and in its log and snapshot records), so the
 //! counts are rebuilt exactly at recovery.
 //!
 //! Pure bookkeeping: time comes in as an argument; no I/O.
 
+use crate::state::expiries::Expiries;
 use crate::state::net;
 use crate::state::striped::Striped;
 use hashbrown::HashTable;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::MutexGuard;
 
@@ -137,111 +137,19 @@ impl KeyBudget {
 #[derive(Debug)]
 struct Group {
     id: u64,
-    keys: Keys,
+    keys: Expiries,
+}
+
+/// Index of the first key of `keys` still live at `now_ms`: a key counts
+/// until the whole second it expires in has passed, never less than its TTL.
+fn first_live(keys: &mut Expiries, now_ms: u64) -> usize {
+    let now_s = now_ms / 1000;
+    keys.partition_point(|k| k >> 16 <= now_s)
 }
 
 // A network holding one key (most of them, on a public instance) costs
 // one table slot and nothing more.
 const _: () = assert!(std::mem::size_of::<Group>() == 24);
-
-/// A list of packed keys sorted by expiry, inline while it holds one.
-///
-/// The box keeps this at 16 bytes (a bare collection would make it 32+):
-/// the common network holds one key, and pays for the slot alone. A longer
-/// list is a ring buffer: keys expire from the front and new ones, with the
-/// latest expiries, join at the back, so the usual changes move nothing.
-#[derive(Debug)]
-#[allow(clippy::box_collection)]
-enum Keys {
-    One(u64),
-    Many(Box<Many>),
-}
-
-#[derive(Debug)]
-struct Many {
-    keys: VecDeque<u64>,
-    /// False after recovery appended keys in file order; sorted on first use.
-    sorted: bool,
-}
-
-impl Keys {
-    fn len(&self) -> usize {
-        match self {
-            Keys::One(_) => 1,
-            Keys::Many(m) => m.keys.len(),
-        }
-    }
-
-    fn get(&self, i: usize) -> u64 {
-        match self {
-            Keys::One(k) => *k,
-            Keys::Many(m) => m.keys.get(i).copied().unwrap_or(0),
-        }
-    }
-
-    fn iter(&self, from: usize) -> impl Iterator<Item = u64> + '_ {
-        let (one, many) = match self {
-            Keys::One(k) => (Some(*k).filter(|_| from == 0), None),
-            Keys::Many(m) => (None, Some(m.keys.range(from.min(m.keys.len())..).copied())),
-        };
-        one.into_iter().chain(many.into_iter().flatten())
-    }
-
-    /// Sorts a list recovery filled in file order (once).
-    fn sort(&mut self) {
-        if let Keys::Many(m) = self {
-            if !m.sorted {
-                m.keys.make_contiguous().sort_unstable();
-                m.sorted = true;
-            }
-        }
-    }
-
-    /// Index of the first key still live at `now_ms`: a key counts until
-    /// the whole second it expires in has passed, never less than its TTL.
-    fn first_live(&mut self, now_ms: u64) -> usize {
-        self.sort();
-        let now_s = now_ms / 1000;
-        match self {
-            Keys::One(k) => usize::from(*k >> 16 <= now_s),
-            Keys::Many(m) => m.keys.partition_point(|&k| (k >> 16) <= now_s),
-        }
-    }
-
-    /// Adds `k` in order (`sorted`), or at the back to be sorted later.
-    fn insert(&mut self, k: u64, sorted: bool) {
-        match self {
-            Keys::One(a) => {
-                let pair = if *a <= k { [*a, k] } else { [k, *a] };
-                *self = Keys::Many(Box::new(Many { keys: VecDeque::from(pair), sorted: true }));
-            }
-            Keys::Many(m) if !sorted || !m.sorted => {
-                m.keys.push_back(k);
-                m.sorted = false;
-            }
-            Keys::Many(m) => {
-                let at = m.keys.partition_point(|&e| e < k);
-                m.keys.insert(at, k);
-            }
-        }
-    }
-
-    /// Removes one `k`; false if it is not there. The last key cannot be
-    /// removed this way (the caller drops the whole group instead).
-    fn remove(&mut self, k: u64) -> bool {
-        self.sort();
-        let Keys::Many(m) = self else { return false };
-        let Ok(at) = m.keys.binary_search(&k) else { return false };
-        m.keys.remove(at);
-        if m.keys.len() == 1 {
-            let last = m.keys[0];
-            *self = Keys::One(last);
-        } else if m.keys.len() * 4 < m.keys.capacity() {
-            m.keys.shrink_to_fit();
-        }
-        true
-    }
-}
 
 /// How many networks and clients are at their quota (for `/metrics`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -324,7 +232,7 @@ impl Quotas {
         match t.find_mut(hash, |g| g.id == id) {
             Some(g) => g.keys.insert(packed, sorted),
             None => {
-                t.insert_unique(hash, Group { id, keys: Keys::One(packed) }, self.rehash());
+                t.insert_unique(hash, Group { id, keys: Expiries::One(packed) }, self.rehash());
             }
         }
     }
@@ -344,7 +252,7 @@ impl Quotas {
     /// Refuses one more key from `creator` if its network or itself holds
     /// its quota of live keys.
     fn check(&self, g: &mut Group, creator: u64, now_ms: u64) -> Result<(), OverQuota> {
-        let first = g.keys.first_live(now_ms);
+        let first = first_live(&mut g.keys, now_ms);
         let live = g.keys.len() - first;
         if self.per_net > 0 && live >= self.per_net {
             return Err(OverQuota { scope: Scope::Net, retry_after_secs: retry_after(g.keys.get(first), now_ms) });
@@ -372,7 +280,7 @@ impl Quotas {
         let Some((id, hash, mut t)) = self.stripe(creator) else { return };
         let packed = pack(creator, expires_ms);
         let Ok(mut slot) = t.find_entry(hash, |g| g.id == id) else { return };
-        if let Keys::One(only) = slot.get().keys {
+        if let Expiries::One(only) = slot.get().keys {
             if only == packed {
                 slot.remove();
                 // Give back what a flood of networks grew.
@@ -395,8 +303,8 @@ impl Quotas {
         let Some((id, hash, mut t)) = self.stripe(creator) else { return };
         let Some(g) = t.find_mut(hash, |g| g.id == id) else { return };
         match &mut g.keys {
-            Keys::One(k) if *k == old => *k = new,
-            Keys::One(_) => {}
+            Expiries::One(k) if *k == old => *k = new,
+            Expiries::One(_) => {}
             many => {
                 if many.remove(old) {
                     many.insert(new, true);
@@ -409,7 +317,7 @@ impl Quotas {
     pub fn counts(&self, creator: u64, now_ms: u64) -> (usize, usize) {
         let Some((id, hash, mut t)) = self.stripe(creator) else { return (0, 0) };
         let Some(g) = t.find_mut(hash, |g| g.id == id) else { return (0, 0) };
-        let first = g.keys.first_live(now_ms);
+        let first = first_live(&mut g.keys, now_ms);
         let host = net::host(creator);
         (g.keys.iter(first).filter(|&k| host_of(k) == host).count(), g.keys.len() - first)
     }
@@ -425,7 +333,7 @@ impl Quotas {
         self.tables.for_each(|t| {
             c.groups += t.len();
             for g in t.iter_mut() {
-                let first = g.keys.first_live(now_ms);
+                let first = first_live(&mut g.keys, now_ms);
                 let live = g.keys.len() - first;
                 if self.per_net > 0 && live >= self.per_net {
                     c.nets_at_limit += 1;

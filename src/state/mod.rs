@@ -13,6 +13,7 @@
 pub mod budget;
 pub mod command;
 pub mod entry;
+pub mod expiries;
 pub mod net;
 pub mod prefetch;
 pub mod ratelimit;
