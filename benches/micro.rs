@@ -69,6 +69,29 @@ fn shard_table_doubling(bencher: Bencher, full: usize) {
         });
 }
 
+/// A key's expiry moving (an update) in a network holding `held` keys at a
+/// 30,000-key quota: the key leaves its place in the network's sorted list
+/// (anywhere) and joins at the end. The list is sorted runs past 128 keys,
+/// so this stays flat as the network fills.
+#[divan::bench(args = [100, 1_000, 10_000, 30_000])]
+fn quota_update(bencher: Bencher, held: u64) {
+    let budget = KeyBudget::with_quotas(1 << 20, 0, 30_000);
+    // One /24: client i is 192.0.2.(i % 256); key i expires at second i.
+    let client = |i: u64| rendezvous::state::net::client(std::net::IpAddr::from([192, 0, 2, (i % 256) as u8]));
+    let mut expiry: Vec<u64> = (0..held).map(|i| NOW + 3_600_000 + i * 1000).collect();
+    for (i, &e) in expiry.iter().enumerate() {
+        budget.admit(client(i as u64), e, NOW).unwrap();
+    }
+    let (mut i, mut latest) = (0, NOW + 3_600_000 + held * 1000);
+    bencher.bench_local(|| {
+        // A stride through the list: each update takes a key from elsewhere.
+        i = (i + 7919) % held;
+        latest += 1000;
+        budget.retime(client(i), expiry[i as usize], latest);
+        expiry[i as usize] = latest;
+    });
+}
+
 #[divan::bench(args = [16, 1000])]
 fn shard_set_replace(bencher: Bencher, value_len: usize) {
     let (mut shard, budget) = filled(value_len);
