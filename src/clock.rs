@@ -5,15 +5,18 @@
 //! server agrees on "now". Monotonic intervals (deadlines, rate-limit
 //! periods) use `std::time::Instant` directly. Pure state machines never
 //! call this: their callers read the clock once and pass the value in.
-//! A request reads both clocks once, when it is complete (`Now`), and
-//! everything it does counts from that reading.
+//! A request reads both clocks once, when it is complete (`Now`): its
+//! rate-limit period, its TTLs, the expiry checks where it is applied on
+//! its own core or directly on another's, and the start of its latency
+//! all count from that reading. (An operation sent to another core is
+//! applied at that core's reading for the batch it came in; deadlines
+//! for waits read the clock when the wait starts.)
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// Both clocks, read once for one request: its rate-limit period, its
-/// latency, its TTLs and expiry checks all count from this reading. Each
-/// read is about 20 ns and a GET costs about 4.5 us of CPU in all; a
-/// request used to read the clocks eight times (see the README's
+/// Both clocks, read once for one request when it is complete. Each read
+/// is about 20 ns and a GET costs about 4.5 us of CPU in all; a keep-alive
+/// request used to read the clocks eight times, now four (the README's
 /// performance notes).
 #[derive(Debug, Clone, Copy)]
 pub struct Now {

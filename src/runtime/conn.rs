@@ -521,9 +521,9 @@ impl Conn<'_> {
         }
     }
 
-    /// Executes the parsed request, which arrived `now`, and appends its
-    /// response to `out`. Returns false if the client went away while the
-    /// request waited. Returns the clock reading that ended it, if it took one.
+    /// Executes the parsed request, complete at `now`, and appends its
+    /// response to `out`. Returns the clock reading that ended it, if it
+    /// took one; `Err` if the client went away while the request waited.
     async fn handle(&mut self, now: Now) -> Result<Option<Instant>, Stop> {
         let ctx = self.ctx;
         let shared = &ctx.shared;

@@ -15,10 +15,11 @@
 //! (keys past their expiry stop counting the moment they expire), the
 //! oldest key's expiry for `Retry-After`, and a per-client count by one
 //! scan of a list no longer than the network quota. It costs one 24-byte
-//! table slot per network, plus 8 bytes per key once a network holds two
-//! or more (the list itself, and how it stays cheap to change at any
-//! length, is `expiries`); the creator itself lives in the entry (and in its log and snapshot records), so the
-//! counts are rebuilt exactly at recovery.
+//! table slot per network, plus about 8 bytes per key once a network
+//! holds two or more (the list itself, and how it stays cheap to change
+//! at any length, is `expiries`); the creator itself lives in the entry
+//! (and in its log and snapshot records), so the counts are rebuilt
+//! exactly at recovery.
 //!
 //! Pure bookkeeping: time comes in as an argument; no I/O.
 

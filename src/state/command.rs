@@ -83,6 +83,8 @@ pub struct Owned {
     pub waiters: Waiters,
     /// The shard's changes not yet acknowledged, by the log holding them.
     pub unacked: Unacked,
+    /// The latest clock reading the shard was acted on at (`note_time`).
+    latest_ms: u64,
 }
 
 /// Answers for parked waiters produced by an `apply`. Each shows the state
@@ -113,17 +115,33 @@ pub struct Applied {
 
 impl Owned {
     pub fn new(shard: Shard) -> Self {
-        Owned { shard, waiters: Waiters::default(), unacked: Unacked::default() }
+        Owned { shard, waiters: Waiters::default(), unacked: Unacked::default(), latest_ms: 0 }
+    }
+
+    /// Notes that the shard is acted on at `now_ms` and returns the latest
+    /// time it was acted on at: what an absent answer's dependencies are
+    /// counted at. Cores read their clocks before taking the lock (a
+    /// request when it is complete), and the wall clock may step back: a
+    /// key one core removed as expired could be answered absent by another
+    /// at an earlier reading, and at that reading the change that made the
+    /// key expire would not count yet (`unacked`: it counts from when the
+    /// key is gone), so the answer would not wait for its log. The store's
+    /// own semantics keep the reading itself, so TTLs do not jump forward
+    /// with a clock that stepped back.
+    pub fn note_time(&mut self, now_ms: u64) -> u64 {
+        self.latest_ms = self.latest_ms.max(now_ms);
+        self.latest_ms
     }
 
     /// What an answer about a key seen at `seen` (version; `None`: absent)
     /// must wait for besides `by`'s own log.
     fn deps(&mut self, seen: Option<u64>, by: &Applier<'_>) -> Dependencies {
-        self.unacked.dependencies(seen, by.now_ms, Some(by.core), &|log| (by.acked)(log))
+        self.unacked.dependencies(seen, self.latest_ms, Some(by.core), &|log| (by.acked)(log))
     }
 
     /// Applies an operation. Answers for waiters it woke are pushed to `wakeups`.
     pub fn apply(&mut self, op: Op, by: &mut Applier<'_>, wakeups: &mut Wakeups) -> Applied {
+        self.note_time(by.now_ms);
         let (now_ms, budget) = (by.now_ms, by.budget);
         let (reply, seen) = match op {
             Op::Get { key } => {
@@ -207,6 +225,27 @@ mod tests {
     fn wait(o: &mut Owned, b: &KeyBudget, until: WaitFor, slot: u32) -> Reply {
         let op = Op::Wait { key: (*b"k").into(), until, origin: Origin { core: 1, slot } };
         apply(o, op, b, &mut Vec::new())
+    }
+
+    // A key one core removed as expired, answered absent by another whose
+    // clock reading (taken before the lock) is earlier: the answer still
+    // waits for the log that holds the put (`note_time`).
+    #[test]
+    fn an_absent_answer_at_an_earlier_reading_waits_for_the_expired_put() {
+        let b = KeyBudget::new(10);
+        let mut o = owned();
+        let mut journal = Journal::enabled();
+        let put = Op::Write(Write::new(b"k", b"v", None, 2000, Condition::Set).unwrap());
+        let mut by1 = Applier { core: 1, journal: &mut journal, now_ms: NOW, budget: &b, acked: &|_| 0 };
+        o.apply(put, &mut by1, &mut Vec::new());
+        let lsn = journal.lsn();
+        o.note_time(2500);
+        assert_eq!(o.shard.sweep(2500, 10, &b), 1);
+        let mut journal = Journal::enabled();
+        let mut by0 = Applier { core: 0, journal: &mut journal, now_ms: 1500, budget: &b, acked: &|_| 0 };
+        let applied = o.apply(Op::Get { key: (*b"k").into() }, &mut by0, &mut Vec::new());
+        assert_eq!(applied.reply, Reply::Got(None));
+        assert_eq!(applied.deps, vec![(1, lsn)]);
     }
 
     #[test]

@@ -213,6 +213,9 @@ impl Runs {
         self.len += 1;
         if run.len() > RUN {
             let tail = run.split_off(run.len() / 2);
+            // The front half keeps the whole buffer otherwise, and a run
+            // the appends have moved past never grows into it again.
+            run.shrink_to_fit();
             let tail_last = tail.back().copied().unwrap_or(k);
             self.runs.insert(j + 1, tail);
             self.lasts.insert(j + 1, tail_last);
@@ -290,8 +293,10 @@ mod tests {
         let Expiries::Runs(r) = e else { return true };
         let sorted = r.runs.iter().flatten().collect::<Vec<_>>().windows(2).all(|w| w[0] <= w[1]);
         let sizes = r.runs.iter().all(|run| !run.is_empty() && run.len() <= RUN);
+        // Runs do not thin out: any two neighbours hold more than half a run.
+        let full = r.len > RUN / 2 && r.runs.windows(2).all(|w| w[0].len() + w[1].len() > RUN / 2);
         let lasts = r.runs.iter().map(|run| run.back().copied()).eq(r.lasts.iter().copied().map(Some));
-        sorted && sizes && lasts && r.len == r.runs.iter().map(VecDeque::len).sum::<usize>()
+        sorted && sizes && full && lasts && r.len == r.runs.iter().map(VecDeque::len).sum::<usize>()
     }
 
     #[derive(Debug, Clone)]
@@ -318,7 +323,10 @@ mod tests {
         #[test]
         fn behaves_as_a_sorted_multiset(
             fill in proptest::collection::vec(0u64..400, 1..400),
-            steps in proptest::collection::vec(step(), 0..1500),
+            grow in proptest::collection::vec(step(), 0..1500),
+            // Then mostly removals, so runs empty, merge and turn back
+            // into one buffer.
+            shrink in proptest::collection::vec(prop_oneof![1 => step(), 4 => any::<usize>().prop_map(Step::RemoveNth)], 0..1500),
         ) {
             let mut model = vec![fill[0]];
             let mut e = Expiries::One(fill[0]);
@@ -327,7 +335,7 @@ mod tests {
                 model.push(k);
             }
             model.sort_unstable();
-            for s in steps {
+            for s in grow.into_iter().chain(shrink) {
                 match s {
                     Step::Insert(k) => {
                         e.insert(k, true);
@@ -378,6 +386,29 @@ mod tests {
         }
         assert!(matches!(e, Expiries::Few(_)), "11 keys still in runs");
         assert_eq!(e.iter(0).collect::<Vec<_>>(), (990..=1000).collect::<Vec<_>>());
+    }
+
+    // Removals from the middle empty neighbouring runs: they merge rather
+    // than leave a trail of short runs, and the list ends as one buffer.
+    #[test]
+    fn runs_emptied_in_the_middle_merge() {
+        let mut e = Expiries::One(0);
+        for k in 1..2000 {
+            e.insert(k, true);
+        }
+        let runs = |e: &Expiries| if let Expiries::Runs(r) = e { r.runs.len() } else { 0 };
+        let before = runs(&e);
+        for k in 500..1500 {
+            assert!(e.remove(k));
+            assert!(runs_ok(&e), "after removing {k}");
+        }
+        assert!(runs(&e) < before - 1000 / RUN, "{} runs left of {before}", runs(&e));
+        for k in (0..500).chain(1500..1970) {
+            assert!(e.remove(k));
+            assert!(runs_ok(&e));
+        }
+        assert!(matches!(e, Expiries::Few(_)));
+        assert_eq!(e.iter(0).collect::<Vec<_>>(), (1970..2000).collect::<Vec<_>>());
     }
 
     #[test]
