@@ -399,8 +399,10 @@ enum Step {
 }
 
 impl Pace {
-    fn new(now: Instant) -> Self {
-        Pace { last: now, next_look: now, suspect: None, look_from: 0, pulled: None, away: Vec::new(), deferred: 0 }
+    /// The pace of one of `cores` cores.
+    fn new(now: Instant, cores: usize) -> Self {
+        let away = vec![None; cores];
+        Pace { last: now, next_look: now, suspect: None, look_from: 0, pulled: None, away, deferred: 0 }
     }
 
     fn deferring(&self) -> bool {
@@ -456,10 +458,9 @@ impl Pace {
         match sight {
             Sight::Away => {
                 self.suspect = None;
-                if self.away.len() <= core {
-                    self.away.resize(core + 1, None);
+                if let Some(until) = self.away.get_mut(core) {
+                    *until = Some(now + AWAY);
                 }
-                self.away[core] = Some(now + AWAY);
                 Step::Rest
             }
             // A turn now, `GAP` or not: waiting for the next turn `GAP`
@@ -517,7 +518,7 @@ impl Turns {
             seats,
             ring,
             armed: Cell::new(false),
-            pace: RefCell::new(Pace::new(Instant::now())),
+            pace: RefCell::new(Pace::new(Instant::now(), cores)),
             watch: RefCell::new(Watch::new(cores)),
             waker: RefCell::new(None),
         }
@@ -608,7 +609,7 @@ mod tests {
     #[test]
     fn a_turn_is_due_when_shared_and_gap_apart_then_deferred() {
         let t0 = Instant::now();
-        let mut pace = Pace::new(t0);
+        let mut pace = Pace::new(t0, 2);
         assert_eq!(pace.consider(false, 2, NONE, t0 + GAP), Step::Rest, "alone");
         assert_eq!(pace.consider(true, 2, NONE, t0 + GAP / 2), Step::Rest, "within GAP of the start");
         assert_eq!(pace.consider(true, 2, NONE, t0 + GAP), Step::Defer);
@@ -625,7 +626,7 @@ mod tests {
     #[test]
     fn a_stale_core_is_looked_at_then_turned_to_or_pulled_once_confirmed() {
         let t0 = Instant::now();
-        let mut pace = Pace::new(t0);
+        let mut pace = Pace::new(t0, 2);
         let one = |i: usize| i == 1;
         assert_eq!(pace.consider(false, 2, one, t0), Step::Look(1));
         assert_eq!(pace.saw(1, Sight::Away, t0), Step::Rest, "asleep: nothing to do");
@@ -661,7 +662,7 @@ mod tests {
     #[test]
     fn a_suspect_is_confirmed_before_other_stale_cores_are_looked_at() {
         let t0 = Instant::now();
-        let mut pace = Pace::new(t0);
+        let mut pace = Pace::new(t0, 3);
         let both = |i: usize| i == 1 || i == 2;
         assert_eq!(pace.consider(false, 3, both, t0), Step::Look(1));
         assert_eq!(pace.saw(1, Sight::Elsewhere(5), t0), Step::Rest);
