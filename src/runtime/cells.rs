@@ -159,14 +159,9 @@ impl Cells {
     /// waiting: `None` means "ask the owner" (its lock is taken, or a change
     /// the answer would reveal is not acknowledged yet, or its log is failing).
     pub fn read(&self, core: usize, key: &[u8], now_ms: u64) -> Option<Option<Found>> {
-        let mut owned = self.try_lock(core)?;
-        let latest_ms = owned.note_time(now_ms);
-        let found = owned.shard.peek(key, now_ms, DIRECT_MAX_VALUE)?;
         // Real positions: a failing log's changes count as unacknowledged,
         // so a direct read never shows what a failing log holds.
-        let acked = |log: usize| self.acked(log);
-        let seen = found.as_ref().map(|f| f.version);
-        owned.unacked.dependencies(seen, latest_ms, None, &acked).is_empty().then_some(found)
+        self.try_lock(core)?.read_acked(key, now_ms, DIRECT_MAX_VALUE, &|log| self.acked(log))
     }
 }
 

@@ -269,11 +269,7 @@ async fn checkpoint(router: Rc<Router>, out: std::sync::mpsc::SyncSender<Checkpo
             GateState::Closed => monoio::time::sleep(Duration::from_millis(1)).await,
         }
     }
-    let copy = router.with_owned(|o, _| {
-        let now = crate::clock::unix_ms();
-        o.note_time(now);
-        o.shard.snapshot_begin(now)
-    });
+    let copy = router.with_owned(|o, _| o.shard.snapshot_begin(crate::clock::unix_ms()));
     loop {
         let next = router.with_owned(|o, _| o.shard.snapshot_next(copy, SNAPSHOT_SLICE, SNAPSHOT_SLICE_BYTES));
         let msg = match next {
@@ -325,9 +321,7 @@ async fn sweeper(shared: Arc<Shared>, id: usize, router: Rc<Router>) {
         router.with_owned(|owned, budget| {
             if !owned.shard.is_empty() {
                 let slice = (owned.shard.len() / 10).clamp(SWEEP_MIN, SWEEP_MAX);
-                let now = crate::clock::unix_ms();
-                owned.note_time(now);
-                owned.shard.sweep(now, slice, budget);
+                owned.sweep(crate::clock::unix_ms(), slice, budget);
             }
             // Publish what only this core may read, for the metrics thread.
             stats.keys.set(owned.shard.len() as u64);

@@ -201,7 +201,8 @@ impl Router {
 
     /// Applies `op` to a locked core state with this core's journal, at
     /// `now_ms` (a clock reading from before the lock: the request's, or
-    /// the inbox batch's; `Owned::at` keeps the shard's times in order).
+    /// the inbox batch's; `Owned::note_time` keeps the shard's times in
+    /// order for what an answer waits for).
     /// Returns the reply, the other logs it waits for, and whether anything
     /// was journaled.
     fn apply_to(&self, owned: &mut Owned, op: Op, now_ms: u64, wakeups: &mut Wakeups) -> (Reply, Dependencies, bool) {
@@ -469,8 +470,8 @@ impl Router {
         // Other logs' tasks wake this task when they move.
         self.release_held();
         while let Ok(batch) = self.rx.try_recv() {
-            // One clock read for a batch (`Owned::at` keeps a shard's
-            // times in order whatever the reading).
+            // One clock read for a batch (`Owned::note_time` keeps a
+            // shard's times in order whatever the reading).
             let mut now_ms = None;
             let mut received = 0;
             let mut pipelined = false;

@@ -128,9 +128,32 @@ impl Owned {
     /// key is gone), so the answer would not wait for its log. The store's
     /// own semantics keep the reading itself, so TTLs do not jump forward
     /// with a clock that stepped back.
-    pub fn note_time(&mut self, now_ms: u64) -> u64 {
+    fn note_time(&mut self, now_ms: u64) -> u64 {
         self.latest_ms = self.latest_ms.max(now_ms);
         self.latest_ms
+    }
+
+    /// Removes expired entries at `now_ms`, examining at most `slice`
+    /// (`Shard::sweep`). Returns how many were removed.
+    pub fn sweep(&mut self, now_ms: u64, slice: usize, budget: &KeyBudget) -> usize {
+        self.note_time(now_ms);
+        self.shard.sweep(now_ms, slice, budget)
+    }
+
+    /// Another core's read of `key` without the owner (`Shard::peek`, values
+    /// up to `max_value`): `None` if the answer would reveal a change
+    /// whose log has not acknowledged it (`acked`) yet.
+    pub fn read_acked(
+        &mut self,
+        key: &[u8],
+        now_ms: u64,
+        max_value: usize,
+        acked: &impl Fn(usize) -> u64,
+    ) -> Option<Option<Found>> {
+        let latest_ms = self.note_time(now_ms);
+        let found = self.shard.peek(key, now_ms, max_value)?;
+        let seen = found.as_ref().map(|f| f.version);
+        self.unacked.dependencies(seen, latest_ms, None, acked).is_empty().then_some(found)
     }
 
     /// What an answer about a key seen at `seen` (version; `None`: absent)
@@ -239,13 +262,16 @@ mod tests {
         let mut by1 = Applier { core: 1, journal: &mut journal, now_ms: NOW, budget: &b, acked: &|_| 0 };
         o.apply(put, &mut by1, &mut Vec::new());
         let lsn = journal.lsn();
-        o.note_time(2500);
-        assert_eq!(o.shard.sweep(2500, 10, &b), 1);
+        assert_eq!(o.sweep(2500, 10, &b), 1);
         let mut journal = Journal::enabled();
         let mut by0 = Applier { core: 0, journal: &mut journal, now_ms: 1500, budget: &b, acked: &|_| 0 };
         let applied = o.apply(Op::Get { key: (*b"k").into() }, &mut by0, &mut Vec::new());
         assert_eq!(applied.reply, Reply::Got(None));
         assert_eq!(applied.deps, vec![(1, lsn)]);
+        // Another core's direct read at that reading asks the owner instead,
+        // until the put's log has it.
+        assert_eq!(o.read_acked(b"k", 1500, 1 << 14, &|_| 0), None);
+        assert_eq!(o.read_acked(b"k", 1500, 1 << 14, &|_| lsn), Some(None));
     }
 
     #[test]

@@ -93,9 +93,16 @@ impl Expiries {
             if !f.sorted {
                 f.keys.make_contiguous().sort_unstable();
                 f.sorted = true;
-                if f.keys.len() > RUN {
-                    *self = Expiries::Runs(Box::new(Runs::split(std::mem::take(&mut f.keys))));
-                }
+                self.split_if_long();
+            }
+        }
+    }
+
+    /// A sorted buffer past `RUN` keys becomes runs.
+    fn split_if_long(&mut self) {
+        if let Expiries::Few(f) = self {
+            if f.sorted && f.keys.len() > RUN {
+                *self = Expiries::Runs(Box::new(Runs::split(std::mem::take(&mut f.keys))));
             }
         }
     }
@@ -128,9 +135,7 @@ impl Expiries {
                     Some(&b) if b <= k => f.keys.push_back(k),
                     _ => f.keys.insert(f.keys.partition_point(|&e| e < k), k),
                 }
-                if f.keys.len() > RUN {
-                    *self = Expiries::Runs(Box::new(Runs::split(std::mem::take(&mut f.keys))));
-                }
+                self.split_if_long();
             }
             Expiries::Runs(r) => r.insert(k),
         }
