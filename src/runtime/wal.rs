@@ -121,6 +121,20 @@ impl Pool {
         self.buffers.push(b);
     }
 
+    /// Keeps at most `room` bytes of room, the most recently kept buffers
+    /// (the warmest): after a sync, what that sync freed, which is what the
+    /// next interval will likely need. So a burst's buffers do not outlive
+    /// it, in any `-fsync` mode.
+    fn keep_at_most(&mut self, room: usize) {
+        let mut drop = 0;
+        while self.room > room {
+            let Some(b) = self.buffers.get(drop) else { break };
+            self.room -= b.capacity();
+            drop += 1;
+        }
+        self.buffers.drain(..drop);
+    }
+
     /// Gives every kept buffer back to the allocator (the log went idle).
     fn clear(&mut self) {
         *self = Pool::default();
@@ -566,10 +580,13 @@ impl Wal {
                     self.publish(&st);
                     let n = count.min(st.unsynced.len());
                     let State { unsynced, unsynced_bytes, pool, .. } = &mut *st;
+                    let mut freed = 0;
                     for b in unsynced.drain(..n) {
                         *unsynced_bytes -= b.len();
+                        freed += b.capacity();
                         pool.give(b);
                     }
+                    pool.keep_at_most(freed);
                     // The synced part of a segment still written (one moved
                     // on from meanwhile is retired whole by a later sync).
                     if Arc::ptr_eq(&st.seg.file, &file) {
@@ -784,5 +801,30 @@ mod tests {
         assert_eq!(pool.room, pool.buffers.iter().map(Vec::capacity).sum::<usize>());
         pool.clear();
         assert_eq!((pool.room, pool.buffers.len(), pool.buffers.capacity()), (0, 0, 0));
+    }
+
+    #[test]
+    fn after_a_sync_the_pool_keeps_the_newest_buffers_up_to_what_it_freed() {
+        let mut pool = Pool::default();
+        let old: Vec<*const u8> = (0..4)
+            .map(|_| {
+                let b = Vec::<u8>::with_capacity(1000);
+                let at = b.as_ptr();
+                pool.give(b);
+                at
+            })
+            .collect();
+        let newest = Vec::<u8>::with_capacity(3000);
+        let at = newest.as_ptr();
+        pool.give(newest);
+        pool.keep_at_most(4000);
+        assert_eq!(pool.room, 4000);
+        assert_eq!(pool.buffers.len(), 2);
+        assert_eq!(pool.buffers[1].as_ptr(), at, "the newest stays");
+        assert_eq!(pool.buffers[0].as_ptr(), old[3]);
+        pool.keep_at_most(10_000);
+        assert_eq!(pool.room, 4000, "nothing to drop");
+        pool.keep_at_most(0);
+        assert_eq!((pool.room, pool.buffers.len()), (0, 0));
     }
 }
