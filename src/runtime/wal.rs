@@ -72,11 +72,13 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 const UNSYNCED_HIGH_WATER: usize = 16 << 20;
 /// Largest journal buffer kept, or sized for, the next pass.
 const SPARE_MAX: usize = 1 << 20;
-/// Most bytes of emptied journal buffers kept for the next passes: what
-/// `everysec` holds between two syncs at most, so a core writing flat out
+/// Most bytes of emptied journal buffers kept for the next passes: about
+/// what `everysec` holds between two syncs, so a core writing flat out
 /// reuses the same buffers instead of freeing them at each sync and
 /// faulting fresh ones in.
 const POOL_MAX: usize = UNSYNCED_HIGH_WATER;
+/// A log with nothing written for this long gives its kept buffers back.
+const IDLE: Duration = Duration::from_secs(1);
 
 /// Emptied journal buffers, kept for the next passes (`POOL_MAX` bytes of
 /// room at most). Under `everysec` each pass's buffer is held until a sync
@@ -123,8 +125,8 @@ impl Pool {
 
     /// Keeps at most `room` bytes of room, the most recently kept buffers
     /// (the warmest): after a sync, what that sync freed, which is what the
-    /// next interval will likely need. So a burst's buffers do not outlive
-    /// it, in any `-fsync` mode.
+    /// next interval will likely need. So a burst's buffers leave with the
+    /// next sync; an idle log (`IDLE`) and a failing one keep none.
     fn keep_at_most(&mut self, room: usize) {
         let mut drop = 0;
         while self.room > room {
@@ -135,7 +137,7 @@ impl Pool {
         self.buffers.drain(..drop);
     }
 
-    /// Gives every kept buffer back to the allocator (the log went idle).
+    /// Gives every kept buffer back to the allocator.
     fn clear(&mut self) {
         *self = Pool::default();
     }
@@ -177,6 +179,46 @@ pub trait Host {
     fn deliver(&self, origin: Origin, reply: Reply);
 }
 
+/// The passes appended since the last good sync, kept to rewrite them into
+/// a fresh segment if a sync fails (`no` keeps none).
+#[derive(Debug, Default)]
+struct Unsynced {
+    passes: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Unsynced {
+    fn push(&mut self, pass: Vec<u8>) {
+        self.bytes += pass.len();
+        self.passes.push(pass);
+    }
+
+    fn len(&self) -> usize {
+        self.passes.len()
+    }
+
+    /// The first `n` passes are synced: their buffers go to `pool`, which
+    /// then keeps at most what they freed. Passes appended after those
+    /// (while the sync was on its way) stay.
+    fn synced(&mut self, n: usize, pool: &mut Pool) {
+        let n = n.min(self.passes.len());
+        let mut freed = 0;
+        for b in self.passes.drain(..n) {
+            self.bytes -= b.len();
+            freed += b.capacity();
+            pool.give(b);
+        }
+        pool.keep_at_most(freed);
+    }
+
+    /// Every pass's bytes, in order, to write again; none kept after.
+    fn take_all(&mut self) -> Vec<u8> {
+        let all = self.passes.concat();
+        *self = Unsynced::default();
+        all
+    }
+}
+
 /// An open segment: the file for appends (shared with the trimming
 /// helper), and the same file on the core's io_uring for syncs.
 struct Segment {
@@ -213,10 +255,8 @@ struct State {
     /// Journal position up to which records are synced (or, for `no`,
     /// written: nothing waits for a sync).
     synced: u64,
-    /// Records appended since the last good sync, kept to rewrite them into
-    /// a fresh segment if a sync fails (`no` keeps none).
-    unsynced: Vec<Vec<u8>>,
-    unsynced_bytes: usize,
+    /// Records appended since the last good sync.
+    unsynced: Unsynced,
     /// Answers waiting for the log, in log order.
     deferred: VecDeque<(u64, Origin, Reply)>,
     /// Set while the disk refuses the log: (since, first error).
@@ -227,6 +267,11 @@ struct State {
     /// Bytes to write again before anything else, and whether into a fresh
     /// segment (after a failed sync the old one's cached pages are suspect).
     retry: Option<(Vec<u8>, u64, bool)>,
+    /// A retry is writing or syncing: appends wait for it, so that records
+    /// reach the file in order and no pass is appended that the retry's
+    /// outcome would then misplace (counted synced, or rewritten ahead of
+    /// older bytes).
+    retrying: bool,
     /// Wakes the sync task (there is something to sync).
     syncer: Option<Waker>,
     /// Emptied buffers for the next passes' journals.
@@ -265,12 +310,12 @@ impl Wal {
                 closed: Vec::new(),
                 written: 0,
                 synced: 0,
-                unsynced: Vec::new(),
-                unsynced_bytes: 0,
+                unsynced: Unsynced::default(),
                 deferred: VecDeque::new(),
                 failing: None,
                 failed_to: 0,
                 retry: None,
+                retrying: false,
                 syncer: None,
                 pool: Pool::default(),
                 last_pass: 0,
@@ -328,7 +373,7 @@ impl Wal {
     /// releases the answers that were waiting for it. Call right after
     /// applying changes, before their answers leave.
     pub fn append(&self, router: &impl Host) {
-        if self.st.borrow().retry.is_some() {
+        if self.st.borrow().retry.is_some() || self.st.borrow().retrying {
             // Records must reach the file in order: after the retry.
             return;
         }
@@ -399,9 +444,8 @@ impl Wal {
                     false
                 }
                 Fsync::EverySec | Fsync::Always => {
-                    st.unsynced_bytes += bytes.len();
                     st.unsynced.push(bytes);
-                    self.mode == Fsync::Always || st.unsynced_bytes > UNSYNCED_HIGH_WATER
+                    self.mode == Fsync::Always || st.unsynced.bytes > UNSYNCED_HIGH_WATER
                 }
             }
         };
@@ -443,6 +487,8 @@ impl Wal {
                 st.failing = Some((Instant::now(), e.kind()));
             }
             st.failed_to = st.failed_to.max(end);
+            // Nothing is appended until the disk takes the log again.
+            st.pool.clear();
             // A sync can fail while an append's bytes already wait for their
             // retry: those bytes come after everything synced-or-not before
             // them, so they follow `again` rather than being dropped.
@@ -510,33 +556,32 @@ impl Wal {
     /// The sync task: for `always`, a sync whenever something is written
     /// and not synced (group commit); for `everysec`, once a second and
     /// whenever the unsynced bytes pass the high-water mark; for every mode,
-    /// the retries of a failing log. Never returns.
+    /// the retries of a failing log, and the kept buffers given back when
+    /// nothing was written for `IDLE`. Never returns.
     pub async fn run<H: Host>(self: Rc<Self>, router: Rc<H>) {
+        // `everysec`'s period; the other modes wake this often only to see
+        // whether the log went idle.
         let period = match self.mode {
-            Fsync::EverySec => Some(Duration::from_secs(1)),
-            _ => None,
+            Fsync::EverySec => Duration::from_secs(1),
+            _ => IDLE,
         };
         let mut last_sync = Instant::now();
+        let mut written_before = 0;
         loop {
             // Wait for work, or for the period.
             let due = std::future::poll_fn(|cx| {
                 let mut st = self.st.borrow_mut();
                 let unsynced = st.written > st.synced;
                 let urgent = st.retry.is_some()
-                    || (unsynced && (self.mode == Fsync::Always || st.unsynced_bytes > UNSYNCED_HIGH_WATER));
+                    || (unsynced && (self.mode == Fsync::Always || st.unsynced.bytes > UNSYNCED_HIGH_WATER));
                 if urgent {
                     return Poll::Ready(());
                 }
                 st.syncer = Some(cx.waker().clone());
                 Poll::Pending
             });
-            match period {
-                // Either the period ran out or there is something urgent: both sync.
-                Some(p) => {
-                    let _ = monoio::time::timeout(p.saturating_sub(last_sync.elapsed()), due).await;
-                }
-                None => due.await,
-            }
+            // Either the period ran out or there is something urgent.
+            let _ = monoio::time::timeout(period.saturating_sub(last_sync.elapsed()), due).await;
             if self.st.borrow().retry.is_some() {
                 if self.is_failing() {
                     monoio::time::sleep(RETRY_EVERY).await;
@@ -547,11 +592,15 @@ impl Wal {
             if self.st.borrow().written > self.st.borrow().synced && self.mode != Fsync::No {
                 last_sync = Instant::now();
                 self.sync(&*router).await;
-            } else if period.is_some() {
-                // A second with nothing written: the kept buffers go back.
+            } else {
                 last_sync = Instant::now();
-                self.st.borrow_mut().pool.clear();
+                let mut st = self.st.borrow_mut();
+                if st.written == written_before {
+                    // Nothing written since the last look: the buffers go back.
+                    st.pool.clear();
+                }
             }
+            written_before = self.st.borrow().written;
         }
     }
 
@@ -578,15 +627,8 @@ impl Wal {
                     let mut st = self.st.borrow_mut();
                     st.synced = st.synced.max(target);
                     self.publish(&st);
-                    let n = count.min(st.unsynced.len());
-                    let State { unsynced, unsynced_bytes, pool, .. } = &mut *st;
-                    let mut freed = 0;
-                    for b in unsynced.drain(..n) {
-                        *unsynced_bytes -= b.len();
-                        freed += b.capacity();
-                        pool.give(b);
-                    }
-                    pool.keep_at_most(freed);
+                    let State { unsynced, pool, .. } = &mut *st;
+                    unsynced.synced(count, pool);
                     // The synced part of a segment still written (one moved
                     // on from meanwhile is retired whole by a later sync).
                     if Arc::ptr_eq(&st.seg.file, &file) {
@@ -605,9 +647,8 @@ impl Wal {
                 // segment.
                 let again: Vec<u8> = {
                     let mut st = self.st.borrow_mut();
-                    st.unsynced_bytes = 0;
                     st.closed.extend(closed);
-                    std::mem::take(&mut st.unsynced).concat()
+                    st.unsynced.take_all()
                 };
                 let end = self.st.borrow().written;
                 self.fail(router, e, again, end, true);
@@ -617,7 +658,12 @@ impl Wal {
 
     /// Tries the failed bytes again; on success the log is healthy again.
     async fn retry(&self, router: &impl Host) {
-        let Some((bytes, end, fresh)) = self.st.borrow_mut().retry.take() else { return };
+        let (bytes, end, fresh, kept) = {
+            let mut st = self.st.borrow_mut();
+            let Some((bytes, end, fresh)) = st.retry.take() else { return };
+            st.retrying = true;
+            (bytes, end, fresh, st.unsynced.len())
+        };
         let mut result = if fresh {
             // The failed segments' cached pages are suspect: their records
             // are rewritten into the new one, and they are not synced
@@ -651,6 +697,7 @@ impl Wal {
                 st.closed.drain(..n).for_each(|f| self.trim.retire(f));
             }
         }
+        self.st.borrow_mut().retrying = false;
         match result {
             Ok(()) => {
                 let since = {
@@ -658,9 +705,10 @@ impl Wal {
                     st.written = st.written.max(end);
                     st.synced = st.synced.max(end);
                     if self.mode != Fsync::No {
-                        // Everything up to `end` is synced now.
-                        st.unsynced.clear();
-                        st.unsynced_bytes = 0;
+                        // Everything up to `end` is synced now: the passes
+                        // kept when the retry began.
+                        let State { unsynced, pool, .. } = &mut *st;
+                        unsynced.synced(kept, pool);
                     }
                     self.publish(&st);
                     st.failing.take()
@@ -687,9 +735,7 @@ impl Wal {
                 // A fresh segment abandons the current one, unsynced records
                 // and all: those go again too, ahead of the failed bytes.
                 let bytes = if fresh {
-                    let mut st = self.st.borrow_mut();
-                    st.unsynced_bytes = 0;
-                    let mut all = std::mem::take(&mut st.unsynced).concat();
+                    let mut all = self.st.borrow_mut().unsynced.take_all();
                     all.extend_from_slice(&bytes);
                     all
                 } else {
@@ -780,6 +826,11 @@ mod tests {
         assert!(again.is_empty(), "emptied when kept");
         assert_eq!(pool.room, 0);
         pool.give(again);
+        let newest = Vec::with_capacity(2048);
+        let newest_at = newest.as_ptr();
+        pool.give(newest);
+        let taken = pool.take(1000);
+        assert_eq!(taken.as_ptr(), newest_at, "the newest kept first");
         let bigger = pool.take(8192);
         assert!(bigger.capacity() >= 8192);
         assert_ne!(bigger.as_ptr(), at, "too small: a fresh one");
@@ -826,5 +877,31 @@ mod tests {
         assert_eq!(pool.room, 4000, "nothing to drop");
         pool.keep_at_most(0);
         assert_eq!((pool.room, pool.buffers.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_sync_frees_only_the_passes_it_covered_and_the_pool_keeps_what_they_freed() {
+        let mut unsynced = Unsynced::default();
+        let mut pool = Pool::default();
+        for len in [100, 200, 300] {
+            let mut b = Vec::with_capacity(1024);
+            b.resize(len, 7);
+            unsynced.push(b);
+        }
+        assert_eq!((unsynced.len(), unsynced.bytes), (3, 600));
+        // Kept from an earlier burst: more than this sync frees.
+        for _ in 0..4 {
+            pool.give(Vec::with_capacity(4096));
+        }
+        // A sync that began when two passes were kept; the third came after.
+        unsynced.synced(2, &mut pool);
+        assert_eq!((unsynced.len(), unsynced.bytes), (1, 300), "the later pass stays, with its bytes");
+        assert_eq!(unsynced.passes[0].len(), 300);
+        assert_eq!(pool.room, 2048, "at most what the sync freed");
+        assert!(pool.buffers.iter().all(|b| b.capacity() == 1024 && b.is_empty()), "the freed ones, emptied");
+        assert_eq!(unsynced.take_all(), vec![7; 300]);
+        assert_eq!((unsynced.len(), unsynced.bytes), (0, 0));
+        unsynced.synced(5, &mut pool);
+        assert_eq!(pool.room, 0, "a sync that freed nothing keeps nothing");
     }
 }
