@@ -84,9 +84,9 @@ const IDLE: Duration = Duration::from_secs(1);
 /// room at most). Under `everysec` each pass's buffer is held until a sync
 /// covers it, up to 16 MiB a sync at a high write rate: freed at each sync
 /// and allocated again, that memory went back to the allocator and came
-/// back as fresh pages, faulted and zeroed in (page faults went from about
-/// 5 to 790 a second with the log on, sets of 1000 B). Kept here, the same
-/// pages serve every sync interval.
+/// back as fresh pages, faulted and zeroed in: sets of 1000 B took about
+/// 3,100 page faults a second, 200 with the buffers kept here, where the
+/// same pages serve every sync interval.
 #[derive(Debug, Default)]
 struct Pool {
     buffers: Vec<Vec<u8>>,
