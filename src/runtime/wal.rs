@@ -219,6 +219,29 @@ impl Unsynced {
     }
 }
 
+/// Bytes the log must write again before anything else. Appends wait
+/// while a retry is due or running, so that records reach the file in
+/// order and no pass is appended that the retry's outcome would then
+/// misplace (counted synced, or rewritten ahead of older bytes).
+enum Retry {
+    None,
+    /// `bytes` end at journal position `end`; into a fresh segment if
+    /// `fresh` (after a failed sync the old one's cached pages are suspect).
+    Due {
+        bytes: Vec<u8>,
+        end: u64,
+        fresh: bool,
+    },
+    /// The sync task is writing or syncing them.
+    Running,
+}
+
+impl Retry {
+    fn is_due(&self) -> bool {
+        matches!(self, Retry::Due { .. })
+    }
+}
+
 /// An open segment: the file for appends (shared with the trimming
 /// helper), and the same file on the core's io_uring for syncs.
 struct Segment {
@@ -264,14 +287,8 @@ struct State {
     /// Journal positions in (failed_from, failed_to] belong to records that
     /// failed: their changes were answered 503.
     failed_to: u64,
-    /// Bytes to write again before anything else, and whether into a fresh
-    /// segment (after a failed sync the old one's cached pages are suspect).
-    retry: Option<(Vec<u8>, u64, bool)>,
-    /// A retry is writing or syncing: appends wait for it, so that records
-    /// reach the file in order and no pass is appended that the retry's
-    /// outcome would then misplace (counted synced, or rewritten ahead of
-    /// older bytes).
-    retrying: bool,
+    /// Bytes to write again before anything else.
+    retry: Retry,
     /// Wakes the sync task (there is something to sync).
     syncer: Option<Waker>,
     /// Emptied buffers for the next passes' journals.
@@ -314,8 +331,7 @@ impl Wal {
                 deferred: VecDeque::new(),
                 failing: None,
                 failed_to: 0,
-                retry: None,
-                retrying: false,
+                retry: Retry::None,
                 syncer: None,
                 pool: Pool::default(),
                 last_pass: 0,
@@ -373,7 +389,7 @@ impl Wal {
     /// releases the answers that were waiting for it. Call right after
     /// applying changes, before their answers leave.
     pub fn append(&self, router: &impl Host) {
-        if self.st.borrow().retry.is_some() || self.st.borrow().retrying {
+        if !matches!(self.st.borrow().retry, Retry::None) {
             // Records must reach the file in order: after the retry.
             return;
         }
@@ -492,15 +508,14 @@ impl Wal {
             // A sync can fail while an append's bytes already wait for their
             // retry: those bytes come after everything synced-or-not before
             // them, so they follow `again` rather than being dropped.
-            let retry = match st.retry.take() {
-                Some((pending, pending_end, pending_fresh)) => {
+            st.retry = match std::mem::replace(&mut st.retry, Retry::None) {
+                Retry::Due { bytes: pending, end: pending_end, fresh: pending_fresh } => {
                     let mut all = again;
                     all.extend_from_slice(&pending);
-                    (all, end.max(pending_end), fresh || pending_fresh)
+                    Retry::Due { bytes: all, end: end.max(pending_end), fresh: fresh || pending_fresh }
                 }
-                None => (again, end, fresh),
+                Retry::None | Retry::Running => Retry::Due { bytes: again, end, fresh },
             };
-            st.retry = Some(retry);
             first
         };
         router.refuse_writes(true);
@@ -572,7 +587,7 @@ impl Wal {
             let due = std::future::poll_fn(|cx| {
                 let mut st = self.st.borrow_mut();
                 let unsynced = st.written > st.synced;
-                let urgent = st.retry.is_some()
+                let urgent = st.retry.is_due()
                     || (unsynced && (self.mode == Fsync::Always || st.unsynced.bytes > UNSYNCED_HIGH_WATER));
                 if urgent {
                     return Poll::Ready(());
@@ -582,7 +597,7 @@ impl Wal {
             });
             // Either the period ran out or there is something urgent.
             let _ = monoio::time::timeout(period.saturating_sub(last_sync.elapsed()), due).await;
-            if self.st.borrow().retry.is_some() {
+            if self.st.borrow().retry.is_due() {
                 if self.is_failing() {
                     monoio::time::sleep(RETRY_EVERY).await;
                 }
@@ -658,11 +673,15 @@ impl Wal {
 
     /// Tries the failed bytes again; on success the log is healthy again.
     async fn retry(&self, router: &impl Host) {
-        let (bytes, end, fresh, kept) = {
+        let (bytes, end, fresh) = {
             let mut st = self.st.borrow_mut();
-            let Some((bytes, end, fresh)) = st.retry.take() else { return };
-            st.retrying = true;
-            (bytes, end, fresh, st.unsynced.len())
+            match std::mem::replace(&mut st.retry, Retry::Running) {
+                Retry::Due { bytes, end, fresh } => (bytes, end, fresh),
+                other => {
+                    st.retry = other;
+                    return;
+                }
+            }
         };
         let mut result = if fresh {
             // The failed segments' cached pages are suspect: their records
@@ -697,7 +716,12 @@ impl Wal {
                 st.closed.drain(..n).for_each(|f| self.trim.retire(f));
             }
         }
-        self.st.borrow_mut().retrying = false;
+        {
+            let mut st = self.st.borrow_mut();
+            if matches!(st.retry, Retry::Running) {
+                st.retry = Retry::None;
+            }
+        }
         match result {
             Ok(()) => {
                 let since = {
@@ -705,10 +729,11 @@ impl Wal {
                     st.written = st.written.max(end);
                     st.synced = st.synced.max(end);
                     if self.mode != Fsync::No {
-                        // Everything up to `end` is synced now: the passes
-                        // kept when the retry began.
+                        // Everything up to `end` is synced now: every kept
+                        // pass, since appends waited for the retry.
                         let State { unsynced, pool, .. } = &mut *st;
-                        unsynced.synced(kept, pool);
+                        let n = unsynced.len();
+                        unsynced.synced(n, pool);
                     }
                     self.publish(&st);
                     st.failing.take()
