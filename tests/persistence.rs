@@ -358,6 +358,54 @@ fn log_growth_starts_a_checkpoint_early() {
     assert_eq!(s.get("/get/grow-7").body, value);
 }
 
+/// The log segments the server still holds open after a checkpoint
+/// deleted them (a deleted file's disk space comes back only once its last
+/// descriptor closes).
+fn deleted_segments_held(s: &Server) -> Vec<String> {
+    let dir = s.dir.path().canonicalize().unwrap();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", s.pid())) else { return Vec::new() };
+    fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| p.starts_with(&*dir.to_string_lossy()) && p.contains(".wal") && p.ends_with(" (deleted)"))
+        .collect()
+}
+
+/// A checkpoint deletes the segments its snapshot covers; the server lets
+/// go of them soon after, in every `-fsync` mode, even when nothing is
+/// written afterwards (an idle log once kept them open, and their disk
+/// space with them, until its next write).
+#[test]
+fn segments_a_checkpoint_deleted_are_let_go_of_while_idle() {
+    for mode in ["everysec", "always", "no"] {
+        let s = Server::start(&["-threads", "2", "-fsync", mode]);
+        let value = vec![b'd'; 1000];
+        for i in 0..200 {
+            assert_eq!(s.post(&format!("/set/idle-{i}"), &value).status, 200);
+        }
+        // Past everysec's next sync: the log is idle when the checkpoint
+        // comes, so no later sync is on its way anyway.
+        std::thread::sleep(Duration::from_millis(1500));
+        let before = segments(s.dir.path());
+        s.log_lines();
+        s.signal("-USR1");
+        s.wait_log("snapshot saved", Duration::from_secs(10));
+        let after = segments(s.dir.path());
+        assert!(before.iter().any(|p| !after.contains(p)), "{mode}: the checkpoint deleted no segment");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let held = deleted_segments_held(&s);
+            if held.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{mode}: deleted segments still open after 10 s idle: {held:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (dir, _) = s.stop_keep_dir("-KILL");
+        let s = Server::start_in(dir, &["-threads", "1"]);
+        assert_eq!(s.get("/get/idle-199").body, value, "{mode}");
+    }
+}
+
 fn cached(file: &std::fs::File, offset: u64) -> bool {
     rendezvous::persist::snapshot::is_cached(file, offset).unwrap()
 }

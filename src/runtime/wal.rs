@@ -556,6 +556,13 @@ impl Wal {
             });
         } else {
             st.closed.push(old.ring.clone());
+            // `always` syncs only when something waits for it: a closed
+            // segment is synced (and let go of) now, not at the next write.
+            if self.mode == Fsync::Always {
+                if let Some(w) = st.syncer.take() {
+                    w.wake();
+                }
+            }
         }
         Ok(seq)
     }
@@ -569,8 +576,10 @@ impl Wal {
     }
 
     /// The sync task: for `always`, a sync whenever something is written
-    /// and not synced (group commit); for `everysec`, once a second and
-    /// whenever the unsynced bytes pass the high-water mark; for every mode,
+    /// and not synced (group commit) or a segment was closed; for
+    /// `everysec`, once a second (if something was written or a segment
+    /// closed) and whenever the unsynced bytes pass the high-water mark;
+    /// for every mode,
     /// the retries of a failing log, and the kept buffers given back when
     /// nothing was written for `IDLE`. Never returns.
     pub async fn run<H: Host>(self: Rc<Self>, router: Rc<H>) {
@@ -588,7 +597,8 @@ impl Wal {
                 let mut st = self.st.borrow_mut();
                 let unsynced = st.written > st.synced;
                 let urgent = st.retry.is_due()
-                    || (unsynced && (self.mode == Fsync::Always || st.unsynced.bytes > UNSYNCED_HIGH_WATER));
+                    || (self.mode == Fsync::Always && (unsynced || !st.closed.is_empty()))
+                    || (unsynced && st.unsynced.bytes > UNSYNCED_HIGH_WATER);
                 if urgent {
                     return Poll::Ready(());
                 }
@@ -604,7 +614,14 @@ impl Wal {
                 self.retry(&*router).await;
                 continue;
             }
-            if self.st.borrow().written > self.st.borrow().synced && self.mode != Fsync::No {
+            // A segment closed by a checkpoint is synced even if nothing was
+            // written since: until then it stays open, and once the
+            // checkpoint deletes it its disk space stays taken.
+            let to_sync = {
+                let st = self.st.borrow();
+                st.written > st.synced || !st.closed.is_empty()
+            };
+            if to_sync && self.mode != Fsync::No {
                 last_sync = Instant::now();
                 self.sync(&*router).await;
             } else {
