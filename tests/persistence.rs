@@ -974,6 +974,17 @@ fn a_full_disk_refuses_writes_and_recovers() {
     assert!(s.metric("rendezvous_log_failures_total").unwrap() >= 1.0);
     // Reads go on.
     assert_eq!(s.get(&format!("/get/k{}", acked[0])).status, 200);
+    // Retries (one a second) reuse one segment for their copies: a new
+    // file per retry would pile up for as long as the disk stays full.
+    let failures = s.metric("rendezvous_log_failures_total").unwrap();
+    let files = segments(&data).len();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while s.metric("rendezvous_log_failures_total").unwrap() < failures + 3.0 {
+        assert!(Instant::now() < deadline, "the retries stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = segments(&data).len();
+    assert!(after <= files + 1, "{files} segments before three failed retries, {after} after");
     // Room again: writes resume within a retry period or two.
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

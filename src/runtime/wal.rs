@@ -44,8 +44,8 @@
 //! answered 503, new writes are refused before they change anything (the
 //! journal's `refusing` flag), reads go on, and the failed bytes are retried
 //! every second (after a failed sync, every byte written since the last good
-//! one, into a fresh segment) until the disk takes them; then writes resume
-//! by themselves. A file-size limit (EFBIG; SIGXFSZ is ignored) just moves
+//! one, into a fresh segment, the same one emptied for each attempt) until
+//! the disk takes them; then writes resume by themselves. A file-size limit (EFBIG; SIGXFSZ is ignored) just moves
 //! the log to a new segment.
 
 use crate::config::Fsync;
@@ -296,6 +296,9 @@ struct State {
     /// Bytes the last pass wrote (at most `SPARE_MAX`): the room a buffer
     /// for the next pass needs.
     last_pass: usize,
+    /// `seg` was made for a retry that then failed: it holds nothing but
+    /// copies of bytes the next retry writes again.
+    retry_copy: bool,
 }
 
 /// One core's log.
@@ -335,6 +338,7 @@ impl Wal {
                 syncer: None,
                 pool: Pool::default(),
                 last_pass: 0,
+                retry_copy: false,
             }),
         }))
     }
@@ -544,6 +548,7 @@ impl Wal {
         let old = std::mem::replace(&mut st.seg, seg);
         st.offset = 0;
         st.trimmed = 0;
+        st.retry_copy = false;
         if self.mode == Fsync::No {
             // Nobody waits for it, but a segment followed by another should
             // be whole on disk: sync it in the background.
@@ -702,9 +707,9 @@ impl Wal {
         };
         let mut result = if fresh {
             // The failed segments' cached pages are suspect: their records
-            // are rewritten into the new one, and they are not synced
+            // are rewritten into an empty one, and they are not synced
             // again, only let go of (their cache dropped off the core).
-            let r = self.rotate().map(|_| ());
+            let r = self.empty_segment();
             let abandoned = std::mem::take(&mut self.st.borrow_mut().closed);
             abandoned.into_iter().for_each(|f| self.trim.retire(f));
             r
@@ -743,6 +748,7 @@ impl Wal {
             Ok(()) => {
                 let since = {
                     let mut st = self.st.borrow_mut();
+                    st.retry_copy = false;
                     st.written = st.written.max(end);
                     st.synced = st.synced.max(end);
                     if self.mode != Fsync::No {
@@ -786,6 +792,25 @@ impl Wal {
                 self.fail(router, e, bytes, end, fresh);
             }
         }
+    }
+
+    /// An empty segment for a retry to write into: the current one,
+    /// emptied, if it holds only a failed retry's copies, else a new one.
+    /// A new segment per retry had a failing disk gain one a second per
+    /// core, each with a partial copy taking the room the next retry needs
+    /// (and each a directory sync on the core); an emptied one drops its
+    /// cached pages with its bytes, as suspect as a failed sync left them.
+    fn empty_segment(&self) -> std::io::Result<()> {
+        if self.st.borrow().retry_copy {
+            let mut st = self.st.borrow_mut();
+            st.seg.file.set_len(0)?;
+            st.offset = 0;
+            st.trimmed = 0;
+            return Ok(());
+        }
+        self.rotate()?;
+        self.st.borrow_mut().retry_copy = true;
+        Ok(())
     }
 
     /// Shutdown: writes and syncs everything journaled (every mode).
