@@ -555,6 +555,34 @@ fn damage_before_the_tail_stops_startup_and_touches_nothing() {
     }
 }
 
+/// A record length corrupted on the disk so that it claims the rest of the
+/// file reads like a record a crash cut short; recovery finds the valid
+/// records after it, stops instead of cutting them away, and the cut its
+/// message offers keeps every record before the damage.
+#[test]
+fn a_corrupted_length_stops_startup_and_the_offered_cut_keeps_what_precedes_it() {
+    let (dir, seg) = killed_after_twenty_writes(b"value");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let first = rendezvous::state::record::decode(&bytes).unwrap().1;
+    let second = first + rendezvous::state::record::decode(&bytes[first..]).unwrap().1;
+    let claimed = (bytes.len() as u32) * 2;
+    bytes[second..second + 4].copy_from_slice(&claimed.to_le_bytes());
+    std::fs::write(&seg, &bytes).unwrap();
+    let data = dir.path().display().to_string();
+    let args = ["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &data];
+    let (status, err) = run_to_exit(&args);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("damaged at byte {second}")), "{err}");
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "the segment was changed");
+    let cut = format!("truncate -s {second} {}", seg.display());
+    assert!(err.contains(&cut), "{err}");
+    std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(second as u64).unwrap();
+    let s = Server::start_in(dir, &["-threads", "1"]);
+    assert_eq!(s.get("/get/k0").body, b"value");
+    assert_eq!(s.get("/get/k1").body, b"value");
+    assert_eq!(s.get("/get/k2").status, 404, "the damaged record and those after it are gone");
+}
+
 #[test]
 fn two_instances_on_one_data_directory() {
     let s = Server::start(&[]);

@@ -57,7 +57,9 @@ impl std::fmt::Display for RecoveryError {
             RecoveryError::Damage { path, offset, why } => write!(
                 f,
                 "log segment {} is damaged at byte {offset} ({why}), before its end: recovery stopped and \
-                 left every file untouched. Keep a copy, then move the file away to start without what it holds.",
+                 left every file untouched. Keep a copy, then either cut the file there to start with the \
+                 records before that byte (truncate -s {offset} {}), or move it away to start without any of it.",
+                path.display(),
                 path.display()
             ),
             RecoveryError::Io(p, e) => write!(f, "cannot read {}: {e}", p.display()),

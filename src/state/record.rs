@@ -270,6 +270,11 @@ pub fn read_stream(
                         RecordError::Checksum | RecordError::Malformed(_) => ends_at_eof,
                         RecordError::TooLong(_) => false,
                     };
+                    // A length corrupted on the disk looks like a record cut
+                    // short at the end: a valid record after it tells them
+                    // apart, and stops recovery rather than cutting away
+                    // what was acknowledged.
+                    let torn = torn && !has_record(rest.get(1..).unwrap_or_default());
                     if torn || (rest.iter().all(|&b| b == 0) && rest_is_zero(&mut r)?) {
                         return Ok(Ok(Tail::Torn { at: offset, why }));
                     }
@@ -292,6 +297,42 @@ pub fn read_stream(
             eof = true;
         }
     }
+}
+
+/// How far past a bad record `has_record` looks for a valid one, and how
+/// many bytes it may checksum doing so (past either, it answers yes, which
+/// stops recovery rather than cut).
+const SCAN_WINDOW: usize = 16 << 20;
+const SCAN_CRC: usize = 256 << 20;
+
+/// Whether a valid record starts anywhere in the first `SCAN_WINDOW` bytes
+/// of `bytes`. What a crash leaves after a torn record is that record's own
+/// partial bytes, so a valid record there means the bad one was not torn
+/// but damaged: its length field corrupted, claiming the rest of the file
+/// (a cut there would drop every record after it).
+fn has_record(bytes: &[u8]) -> bool {
+    let mut budget = SCAN_CRC;
+    for p in 0..bytes.len().min(SCAN_WINDOW) {
+        let Some(head) = bytes.get(p..p + FRAME) else { break };
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        // The shortest body is a delete of a one-byte key.
+        if !(1 + 8 + 2 + 1..=MAX_BODY).contains(&len) {
+            continue;
+        }
+        let Some(body) = bytes.get(p + FRAME..p + FRAME + len) else { continue };
+        if !matches!(body[0], KIND_PUT | KIND_DELETE) {
+            continue;
+        }
+        if len > budget {
+            return true;
+        }
+        budget -= len;
+        let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        if crc32fast::hash(body) == crc && decode_body(body).is_ok() {
+            return true;
+        }
+    }
+    bytes.len() > SCAN_WINDOW
 }
 
 fn read_up_to(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -450,6 +491,45 @@ mod tests {
         let mut got = Vec::new();
         assert!(matches!(read_all(&zeroed, |r| got.push(r)), Ok(Tail::Torn { .. })));
         assert_eq!(got, recs);
+    }
+
+    #[test]
+    fn a_corrupted_length_that_reaches_past_the_end_is_damage_not_a_torn_tail() {
+        let (bytes, _) = sample();
+        let first_len = decode(&bytes).unwrap().1;
+        // The second record's length grown past the end of the file: read
+        // alone it is cut short, but valid records follow it.
+        let mut bad = bytes.clone();
+        let claimed = (bytes.len() as u32) * 2;
+        bad[first_len..first_len + 4].copy_from_slice(&claimed.to_le_bytes());
+        assert_eq!(read_all(&bad, |_| {}), Err(Damage { offset: first_len as u64, why: RecordError::Incomplete }));
+        // The same length on the last record, with nothing valid after it,
+        // is still a torn tail.
+        let last = bytes.len() - decode_tail_len(&bytes);
+        let mut torn = bytes.clone();
+        torn[last..last + 4].copy_from_slice(&claimed.to_le_bytes());
+        assert!(matches!(read_all(&torn, |_| {}), Ok(Tail::Torn { at, .. }) if at == last as u64));
+        // A value that holds a whole record's bytes, torn: damage (the
+        // reader cannot tell it from a corrupted length; recovery stops and
+        // says where, and nothing is cut).
+        let mut inner = Vec::new();
+        encode_delete(&mut inner, b"x", 5);
+        inner.push(b'z');
+        let mut held = Vec::new();
+        encode_put(&mut held, &entry(b"k", &inner, None, 6), 0);
+        held.truncate(held.len() - 1);
+        assert!(matches!(read_all(&held, |_| {}), Err(Damage { offset: 0, .. })));
+    }
+
+    /// The length of the last record in `bytes`.
+    fn decode_tail_len(bytes: &[u8]) -> usize {
+        let mut pos = 0;
+        let mut last = 0;
+        while pos < bytes.len() {
+            last = decode(&bytes[pos..]).unwrap().1;
+            pos += last;
+        }
+        last
     }
 
     #[test]
