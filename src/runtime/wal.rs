@@ -24,7 +24,8 @@
 //! - `-fsync no`: an answer goes out once its record is in the page cache
 //!   (a process crash loses nothing); the OS flushes when it likes.
 //! - `everysec`: the same, and a timer syncs once a second (power loss
-//!   loses at most about a second).
+//!   loses at most about a second); a disk that falls behind makes answers
+//!   wait for syncs until it catches up (`UNSYNCED_CAP`).
 //! - `always`: answers wait for a sync covering their record. One sync per
 //!   pass covers every record appended meanwhile (group commit).
 //!
@@ -68,8 +69,16 @@ use std::time::{Duration, Instant};
 /// How often a failing log is retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// `everysec`: sync at once when this much is written and not yet synced
-/// (it is also what a failed sync must rewrite, so it bounds that memory).
+/// (what a failed sync must rewrite; `UNSYNCED_CAP` bounds it).
 const UNSYNCED_HIGH_WATER: usize = 16 << 20;
+/// `everysec`: with more than this written and not yet synced, answers
+/// wait for syncs, as under `always`, until the disk catches up. Without
+/// it a disk whose syncs fall behind the write rate (a slow or failing
+/// device: a sync can take tens of seconds before it fails) let the kept
+/// passes, which a failed sync must rewrite, grow at the write rate. Twice
+/// the high-water mark: at that mark a sync starts at once, so on a disk
+/// that keeps up the cap is never reached.
+const UNSYNCED_CAP: usize = 2 * UNSYNCED_HIGH_WATER;
 /// Largest journal buffer kept, or sized for, the next pass.
 const SPARE_MAX: usize = 1 << 20;
 /// Most bytes of emptied journal buffers kept for the next passes: about
@@ -77,6 +86,9 @@ const SPARE_MAX: usize = 1 << 20;
 /// reuses the same buffers instead of freeing them at each sync and
 /// faulting fresh ones in.
 const POOL_MAX: usize = UNSYNCED_HIGH_WATER;
+/// The shortest time between two warnings that `everysec` answers wait for
+/// syncs (`UNSYNCED_CAP`).
+const CAP_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// A log with nothing written for this long gives its kept buffers back.
 const IDLE: Duration = Duration::from_secs(1);
 
@@ -164,6 +176,21 @@ fn judge(lsn: u64, reply: Reply, acked: u64, failed_to: u64, failing: bool) -> S
     } else {
         Settled::Wait(reply)
     }
+}
+
+/// The log position answers may go out at, given what is written, what is
+/// synced and how much is written but not synced, and the position they
+/// could go out at before (`prev`), which it never goes below. `always`
+/// waits for syncs, `no` for the page cache, `everysec` for the page cache
+/// unless more than `UNSYNCED_CAP` bytes wait for a sync, then for syncs.
+fn ackable(mode: Fsync, prev: u64, written: u64, synced: u64, unsynced: usize) -> u64 {
+    let at = match mode {
+        Fsync::Always => synced,
+        Fsync::No => written,
+        Fsync::EverySec if unsynced > UNSYNCED_CAP => synced,
+        Fsync::EverySec => written,
+    };
+    at.max(prev)
 }
 
 /// What the log needs of the core it serves (the core's router): the
@@ -278,6 +305,10 @@ struct State {
     /// Journal position up to which records are synced (or, for `no`,
     /// written: nothing waits for a sync).
     synced: u64,
+    /// Journal position up to which answers may go out (`ackable`).
+    acked: u64,
+    /// When the log last said that `everysec` answers wait for syncs.
+    capped_warning: Option<Instant>,
     /// Records appended since the last good sync.
     unsynced: Unsynced,
     /// Answers waiting for the log, in log order.
@@ -330,6 +361,8 @@ impl Wal {
                 closed: Vec::new(),
                 written: 0,
                 synced: 0,
+                acked: 0,
+                capped_warning: None,
                 unsynced: Unsynced::default(),
                 deferred: VecDeque::new(),
                 failing: None,
@@ -347,12 +380,27 @@ impl Wal {
         &self.shared.stats[self.core]
     }
 
-    /// Tells other cores how far this log is acknowledged (answers and
-    /// direct reads that depend on its records wait for it), and wakes the
-    /// cores holding answers for it. Call after `written` or `synced` moves.
-    fn publish(&self, st: &State) {
+    /// Moves the acknowledged position (`ackable`) and tells other cores
+    /// (answers and direct reads that depend on this log's records wait for
+    /// it), waking the cores holding answers for it. Call after `written`,
+    /// `synced` or the unsynced passes change.
+    fn publish(&self, st: &mut State) {
+        st.acked = ackable(self.mode, st.acked, st.written, st.synced, st.unsynced.bytes);
+        if self.mode == Fsync::EverySec && st.unsynced.bytes > UNSYNCED_CAP {
+            let quiet = st.capped_warning.is_some_and(|at| at.elapsed() < CAP_WARNING_EVERY);
+            if !quiet {
+                st.capped_warning = Some(Instant::now());
+                log::warn!(
+                    "core {}: {} MiB of log wait for a sync, more than {} MiB: the disk syncs slower than writes \
+                     arrive; answers wait for syncs until it catches up (said at most once a minute)",
+                    self.core,
+                    st.unsynced.bytes >> 20,
+                    UNSYNCED_CAP >> 20
+                );
+            }
+        }
         let mesh = &self.shared.mesh;
-        self.shared.cells.publish_acked(self.core, Self::acked_lsn(st, self.mode), |c| mesh.inboxes[c].waker.wake());
+        self.shared.cells.publish_acked(self.core, st.acked, |c| mesh.inboxes[c].waker.wake());
     }
 
     /// Tells other cores whether this log is failing (answers waiting for
@@ -362,18 +410,10 @@ impl Wal {
         self.shared.cells.publish_failing(self.core, failing, |c| mesh.inboxes[c].waker.wake());
     }
 
-    fn acked_lsn(st: &State, mode: Fsync) -> u64 {
-        if mode == Fsync::Always {
-            st.synced
-        } else {
-            st.written
-        }
-    }
-
     /// How an answer computed at log position `lsn` stands (see `judge`).
     pub fn settle(&self, lsn: u64, reply: Reply) -> Settled {
         let st = self.st.borrow();
-        judge(lsn, reply, Self::acked_lsn(&st, self.mode), st.failed_to, st.failing.is_some())
+        judge(lsn, reply, st.acked, st.failed_to, st.failing.is_some())
     }
 
     /// Holds `reply` for `origin` until `lsn` is acknowledged. Kept in
@@ -457,8 +497,7 @@ impl Wal {
             if self.mode == Fsync::No {
                 st.synced = end;
             }
-            self.publish(&st);
-            match self.mode {
+            let wake = match self.mode {
                 Fsync::No => {
                     st.pool.give(bytes);
                     false
@@ -467,7 +506,9 @@ impl Wal {
                     st.unsynced.push(bytes);
                     self.mode == Fsync::Always || st.unsynced.bytes > UNSYNCED_HIGH_WATER
                 }
-            }
+            };
+            self.publish(&mut st);
+            wake
         };
         if wake_syncer {
             if let Some(w) = self.st.borrow_mut().syncer.take() {
@@ -482,7 +523,7 @@ impl Wal {
         loop {
             let next = {
                 let mut st = self.st.borrow_mut();
-                let acked = Self::acked_lsn(&st, self.mode);
+                let acked = st.acked;
                 match st.deferred.front() {
                     Some((lsn, _, _)) if *lsn <= acked || st.failing.is_some() => st.deferred.pop_front(),
                     _ => None,
@@ -663,9 +704,9 @@ impl Wal {
                 {
                     let mut st = self.st.borrow_mut();
                     st.synced = st.synced.max(target);
-                    self.publish(&st);
                     let State { unsynced, pool, .. } = &mut *st;
                     unsynced.synced(count, pool);
+                    self.publish(&mut st);
                     // The synced part of a segment still written (one moved
                     // on from meanwhile is retired whole by a later sync).
                     if Arc::ptr_eq(&st.seg.file, &file) {
@@ -758,7 +799,7 @@ impl Wal {
                         let n = unsynced.len();
                         unsynced.synced(n, pool);
                     }
-                    self.publish(&st);
+                    self.publish(&mut st);
                     st.failing.take()
                 };
                 self.stats().log_bytes.add(bytes.len() as u64);
@@ -878,6 +919,18 @@ mod tests {
         assert_eq!(now(judge(15, Reply::Got(None), 5, 10, true)), Some(Reply::Got(None)));
         let not_found = || Reply::Wrote(WriteOutcome::NotFound);
         assert_eq!(now(judge(15, not_found(), 5, 10, true)), Some(not_found()));
+    }
+
+    #[test]
+    fn everysec_answers_wait_for_syncs_only_past_the_cap_and_never_go_back() {
+        // written 100, synced 40.
+        assert_eq!(ackable(Fsync::Always, 0, 100, 40, 60), 40);
+        assert_eq!(ackable(Fsync::No, 0, 100, 100, 0), 100);
+        assert_eq!(ackable(Fsync::EverySec, 0, 100, 40, UNSYNCED_CAP), 100, "at the cap: the page cache");
+        assert_eq!(ackable(Fsync::EverySec, 0, 100, 40, UNSYNCED_CAP + 1), 40, "past it: the syncs");
+        assert_eq!(ackable(Fsync::EverySec, 70, 100, 40, UNSYNCED_CAP + 1), 70, "what went out stays out");
+        assert_eq!(ackable(Fsync::EverySec, 70, 120, 90, UNSYNCED_CAP + 1), 90, "each sync lets more out");
+        assert_eq!(ackable(Fsync::EverySec, 90, 130, 120, 10), 130, "caught up: the page cache again");
     }
 
     #[test]
