@@ -534,6 +534,32 @@ fn a_torn_tail_in_an_older_segment_is_cut_too() {
     }
 }
 
+/// Torn tails are cut only once every segment has been read: damage in a
+/// later segment stops startup with the earlier segment's torn tail still
+/// there.
+#[test]
+fn damage_in_a_later_segment_leaves_an_earlier_torn_tail_uncut() {
+    let (dir, first) = killed_after_twenty_writes(b"v");
+    let s = Server::start_in(dir, &["-threads", "1"]);
+    for i in 0..5 {
+        assert_eq!(s.post(&format!("/set/later-{i}"), b"after the tear").status, 200);
+    }
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let all = segments(dir.path());
+    assert!(all.len() >= 2 && all[0] == first, "{all:?}");
+    tear(&first);
+    let torn = std::fs::read(&first).unwrap();
+    let last = all.last().unwrap();
+    let mut bytes = std::fs::read(last).unwrap();
+    bytes[20] ^= 0x55;
+    std::fs::write(last, &bytes).unwrap();
+    let data = dir.path().display().to_string();
+    let (status, err) = run_to_exit(&["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &data]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(&last.display().to_string()), "{err}");
+    assert!(std::fs::read(&first).unwrap() == torn, "the earlier segment was cut before the damage was found");
+}
+
 #[test]
 fn damage_before_the_tail_stops_startup_and_touches_nothing() {
     let (dir, seg) = killed_after_twenty_writes(b"value");

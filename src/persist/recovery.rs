@@ -131,6 +131,7 @@ pub fn recover(
     report.next_seq = all.iter().map(|s| s.seq + 1).max().unwrap_or(0).max(replay_from);
     let to_replay: Vec<&Segment> = all.iter().filter(|s| s.seq >= replay_from).collect();
     let mut tombstones: HashMap<Box<[u8]>, u64> = HashMap::new();
+    let mut torn = Vec::new();
     for seg in to_replay {
         let file = File::open(&seg.path).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
         let size = file.metadata().map_err(|e| RecoveryError::Io(seg.path.clone(), e))?.len();
@@ -150,21 +151,24 @@ pub fn recover(
         report.segments += 1;
         match tail {
             Ok(Tail::Clean) => {}
-            Ok(Tail::Torn { at, why }) => {
-                if mode == Mode::Repair {
-                    cut(&seg.path, at).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
-                    log::warn!(
-                        "cut a torn record at the end of {} (byte {at}, {why}): a crash interrupted its write, \
-                         so it was never acknowledged",
-                        seg.path.display()
-                    );
-                }
-                report.torn.push((seg.path.clone(), at));
-            }
+            Ok(Tail::Torn { at, why }) => torn.push((seg.path.clone(), at, why)),
             Err(Damage { offset, why }) => {
                 return Err(RecoveryError::Damage { path: seg.path.clone(), offset, why: why.to_string() });
             }
         }
+    }
+    // Cut only once every segment has been read: damage found in a later
+    // one leaves every file as it was.
+    for (path, at, why) in torn {
+        if mode == Mode::Repair {
+            cut(&path, at).map_err(|e| RecoveryError::Io(path.clone(), e))?;
+            log::warn!(
+                "cut a torn record at the end of {} (byte {at}, {why}): a crash interrupted its write (a \
+                 process crash: it was never acknowledged; a power loss: it was within what -fsync may lose)",
+                path.display()
+            );
+        }
+        report.torn.push((path, at));
     }
     drop(tombstones);
     for shard in shards.iter_mut() {
