@@ -22,7 +22,9 @@
 //! and with every key from its own /48 (the quota tables' worst case).
 //!
 //! Results: `benches/results/e2e.md`, written by a full run only (a smoke
-//! run or a `BENCH_ONLY` run just prints). Environment: `BENCH_SECONDS`
+//! run or a `BENCH_ONLY` run just prints). The file's history, below its
+//! `<!-- history -->` line, is kept, and the run a new one replaces moves
+//! into it. Environment: `BENCH_SECONDS`
 //! (default 5) per run, `BENCH_ROUNDS`, `BENCH_CONNECTIONS` (default 64),
 //! `BENCH_ONLY=<workload name prefixes, comma-separated>|memory`,
 //! `BENCH_SERVER_ARGS` (extra server flags, e.g. `-schedPolicy normal`;
@@ -410,6 +412,37 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
     if std::env::var("BENCH_QUICK").is_err() && !partial {
         let dir = PathBuf::from(load::ROOT).join("benches/results");
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("e2e.md"), &md).unwrap();
+        let old = std::fs::read_to_string(dir.join("e2e.md")).unwrap_or_default();
+        std::fs::write(dir.join("e2e.md"), md + &keep_history(&old)).unwrap();
     }
+}
+
+/// Where `e2e.md`'s history starts: the bench keeps everything after it
+/// across runs, and moves the run it replaces there.
+const HISTORY: &str = "<!-- history -->\n\nEverything below is history, newest first: the bench keeps it and moves \
+                       the run it replaces into it. Sections are labelled with their round, as in the README's \
+                       Performance section and `docs/performance-history.md`; inside a section, \"this round\" \
+                       is that section's round and \"the previous round\" the one before it.\n";
+
+/// What follows a new report: the history marker, the report it replaces
+/// (its headings one level down, under a heading to rename once the run is
+/// written up), then the older history as it was.
+fn keep_history(old: &str) -> String {
+    let (latest, history) = old.split_once(HISTORY).unwrap_or((old, ""));
+    let mut out = format!("\n{HISTORY}\n");
+    let body: Vec<&str> = latest.lines().skip_while(|l| l.starts_with("# ") || l.trim().is_empty()).collect();
+    if !body.is_empty() {
+        out += "\n## The run this one replaced (moved here by the bench; rename it for its round)\n\n";
+        for line in body {
+            match line.strip_prefix("## ") {
+                Some(h) => out += &format!("### {h}\n"),
+                None => out += &format!("{line}\n"),
+            }
+        }
+    }
+    let history = history.trim_matches('\n');
+    if !history.is_empty() {
+        out += &format!("\n{history}\n");
+    }
+    out
 }
