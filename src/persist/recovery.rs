@@ -60,7 +60,7 @@ impl std::fmt::Display for RecoveryError {
                  left every file untouched. Keep a copy, then either cut the file there to start with the \
                  records before that byte (truncate -s {offset} {}), or move it away to start without any of it.",
                 path.display(),
-                path.display()
+                shell_quoted(path)
             ),
             RecoveryError::Io(p, e) => write!(f, "cannot read {}: {e}", p.display()),
         }
@@ -214,6 +214,16 @@ fn apply_record(
     }
 }
 
+/// `path` as one shell word, for a command a message offers to run.
+fn shell_quoted(path: &Path) -> String {
+    let text = path.display().to_string();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+,:=@".contains(&b)) {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
 /// Truncates a segment at `at` (dropping a torn tail) and syncs it.
 fn cut(path: &Path, at: u64) -> io::Result<()> {
     let f = OpenOptions::new().write(true).open(path)?;
@@ -343,6 +353,13 @@ mod tests {
         assert_eq!((report.records, report.skipped), (4, 3));
         assert!(shards.iter().all(|s| s.last_version() >= 25));
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_offered_command_quotes_the_path_only_when_it_must() {
+        assert_eq!(shell_quoted(Path::new("/var/lib/rendezvous/00-0.wal")), "/var/lib/rendezvous/00-0.wal");
+        assert_eq!(shell_quoted(Path::new("/srv/my data/x.wal")), "'/srv/my data/x.wal'");
+        assert_eq!(shell_quoted(Path::new("/srv/it's/x.wal")), r"'/srv/it'\''s/x.wal'");
     }
 
     #[test]

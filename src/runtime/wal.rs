@@ -469,16 +469,27 @@ impl Wal {
                 Ok(())
             }
             Err(e) if e.raw_os_error() == Some(libc::EFBIG) => {
+                // Drop the partial record the limit left.
+                let _ = self.st.borrow().seg.file.set_len(offset);
+                if offset == 0 {
+                    // These bytes alone are over the limit: a new segment
+                    // would refuse them too.
+                    return Err(e);
+                }
                 log::warn!(
                     "core {}: log segment reached the file-size limit at {offset} bytes; continuing in a new segment",
                     self.core
                 );
-                // Drop the partial record the limit left, then start afresh.
-                let _ = self.st.borrow().seg.file.set_len(offset);
                 self.rotate()?;
-                let st = self.st.borrow();
-                st.seg.file.write_all_at(bytes, 0)?;
-                drop(st);
+                let r = self.st.borrow().seg.file.write_all_at(bytes, 0);
+                if let Err(e) = r {
+                    // Left empty, not holding a partial copy: a retry
+                    // reuses it rather than making another.
+                    let mut st = self.st.borrow_mut();
+                    let _ = st.seg.file.set_len(0);
+                    st.retry_copy = true;
+                    return Err(e);
+                }
                 self.st.borrow_mut().offset = bytes.len() as u64;
                 Ok(())
             }
@@ -844,10 +855,12 @@ impl Wal {
     fn empty_segment(&self) -> std::io::Result<()> {
         if self.st.borrow().retry_copy {
             let mut st = self.st.borrow_mut();
-            st.seg.file.set_len(0)?;
-            st.offset = 0;
-            st.trimmed = 0;
-            return Ok(());
+            if st.seg.file.set_len(0).is_ok() {
+                st.offset = 0;
+                st.trimmed = 0;
+                return Ok(());
+            }
+            // It cannot be emptied: a new one, as if it were not reusable.
         }
         self.rotate()?;
         self.st.borrow_mut().retry_copy = true;
