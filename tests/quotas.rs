@@ -167,6 +167,53 @@ fn a_key_counts_against_whoever_stored_it_last() {
     assert_eq!(s.req("POST", "/casoc/other", &casoc, b"v").status, 429);
 }
 
+/// After a restart with a lower quota, a network over it keeps what it
+/// holds only until it expires: its owners cannot refresh it alive.
+#[test]
+fn a_network_over_a_lowered_quota_drains_as_its_keys_expire() {
+    let s = Server::start(&["-maxKeysPerIP", "0", "-maxKeysPerNet", "5", "-threads", "2"]);
+    let me = from("192.0.2.7");
+    for i in 0..5 {
+        assert_eq!(s.req("POST", &format!("/set/k{i}?ttl=10m"), &me, b"v").status, 200);
+    }
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    let s = Server::start_in(dir, &["-maxKeysPerIP", "0", "-maxKeysPerNet", "2", "-threads", "2"]);
+    assert_eq!(s.get("/get/k4").status, 200, "kept over the lower quota");
+    let r = s.req("POST", "/set/k0?ttl=1h", &me, b"again");
+    assert!(r.status == 429 && r.text().contains("-maxKeysPerNet"), "{}", r.text());
+    assert_eq!(s.get("/get/k0").text(), "v", "the refused refresh changed nothing");
+    // Back within the quota, owners refresh again.
+    for i in 2..5 {
+        assert_eq!(s.req("DELETE", &format!("/del/k{i}"), &me, b"").status, 200);
+    }
+    assert_eq!(s.req("POST", "/set/k0?ttl=1h", &me, b"again").status, 200);
+    assert_eq!(s.get("/get/k0").text(), "again");
+}
+
+/// Peers of one full network writing each other's keys: the network holds
+/// as many keys after as before, so only the writer's own quota can refuse.
+#[test]
+fn neighbours_in_a_full_network_can_write_each_other_s_keys() {
+    let s = Server::start(&["-maxKeysPerIP", "2", "-maxKeysPerNet", "3", "-threads", "2", "-dataDir", ""]);
+    let (a, b) = (from("192.0.2.1"), from("192.0.2.2"));
+    assert_eq!(s.req("POST", "/set/a0", &a, b"v").status, 200);
+    assert_eq!(s.req("POST", "/set/a1", &a, b"v").status, 200);
+    assert_eq!(s.req("POST", "/set/b0", &b, b"v").status, 200);
+    let r = s.req("POST", "/set/b1", &b, b"v");
+    assert!(r.status == 429 && r.text().contains("-maxKeysPerNet"), "{}", r.text());
+    // b answers a in a's key: the /24 still holds three keys.
+    assert_eq!(s.req("POST", "/set/a0", &b, b"answer").status, 200);
+    assert_eq!(s.get("/get/a0").text(), "answer");
+    // b is at its own quota now (b0 and a0): a's other key is refused.
+    let r = s.req("POST", "/set/a1", &b, b"answer");
+    assert!(r.status == 429 && r.text().contains("-maxKeysPerIP"), "{}", r.text());
+    // The /24 is still full: the move neither freed a slot nor took one.
+    let r = s.req("POST", "/set/a2", &a, b"v");
+    assert!(r.status == 429 && r.text().contains("-maxKeysPerNet"), "{}", r.text());
+    assert_eq!(s.req("DELETE", "/del/a1", &a, b"").status, 200);
+    assert_eq!(s.req("POST", "/set/a2", &a, b"v").status, 200);
+}
+
 /// kill -9 after the writes were answered: the restarted server counts the
 /// same keys against the same networks (creators travel in the log).
 #[test]

@@ -105,10 +105,23 @@ impl KeyBudget {
         self.quotas.retime(creator, old_ms, new_ms);
     }
 
+    /// Its creator stored a key again, to expire at `new_ms`: refused,
+    /// changing nothing, if that keeps it alive longer while its network
+    /// (or, with only the per-client quota on, the client) holds more keys
+    /// than its quota, which only a restart with a lower quota leaves; so
+    /// the excess goes as its keys expire, instead of staying as long as
+    /// their owners refresh them.
+    pub fn refresh(&self, creator: u64, old_ms: u64, new_ms: u64, now_ms: u64) -> Result<(), OverQuota> {
+        self.quotas.move_expiry(creator, old_ms, new_ms, Some(now_ms))
+    }
+
     /// Another client stored over a key: from now on it counts against
     /// that client (refused, changing nothing, if that puts it over quota),
     /// so nobody can keep a key on someone else's quota by refreshing it.
     pub fn transfer(&self, old: (u64, u64), new: (u64, u64), now_ms: u64) -> Result<(), OverQuota> {
+        if self.quotas.transfer_within(old, new, now_ms)? {
+            return Ok(());
+        }
         self.quotas.admit(new.0, new.1, now_ms)?;
         self.quotas.remove(old.0, old.1);
         Ok(())
@@ -244,18 +257,45 @@ impl Quotas {
         let packed = pack(creator, expires_ms);
         // A first key always fits: every quota is at least 1.
         if let Some(g) = t.find_mut(hash, |g| g.id == id) {
-            self.check(g, creator, now_ms)?;
+            self.check(g, creator, now_ms, true)?;
         }
         self.insert(&mut t, hash, id, packed, true);
         Ok(())
     }
 
-    /// Refuses one more key from `creator` if its network or itself holds
-    /// its quota of live keys.
-    fn check(&self, g: &mut Group, creator: u64, now_ms: u64) -> Result<(), OverQuota> {
+    /// A key moving from `old`'s creator to `new`'s within one group (two
+    /// clients of one network): the network holds as many keys after as
+    /// before, so only the new client's own quota can refuse it. Returns
+    /// whether it was such a move (done, or refused changing nothing);
+    /// `false` leaves a move between groups to the caller.
+    pub fn transfer_within(&self, old: (u64, u64), new: (u64, u64), now_ms: u64) -> Result<bool, OverQuota> {
+        if old.0 == 0 || self.group_of(old.0) != self.group_of(new.0) {
+            return Ok(false);
+        }
+        let Some((id, hash, mut t)) = self.stripe(new.0) else { return Ok(false) };
+        let Some(g) = t.find_mut(hash, |g| g.id == id) else { return Ok(false) };
+        self.check(g, new.0, now_ms, false)?;
+        let (old, new) = (pack(old.0, old.1), pack(new.0, new.1));
+        match &mut g.keys {
+            Expiries::One(k) if *k == old => *k = new,
+            // Not counted where it should be: the caller's general move.
+            Expiries::One(_) => return Ok(false),
+            many => {
+                if !many.remove(old) {
+                    return Ok(false);
+                }
+                many.insert(new, true);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Refuses one more key from `creator` if itself, or its network when
+    /// `net` is set, holds its quota of live keys.
+    fn check(&self, g: &mut Group, creator: u64, now_ms: u64, net: bool) -> Result<(), OverQuota> {
         let first = first_live(&mut g.keys, now_ms);
         let live = g.keys.len() - first;
-        if self.per_net > 0 && live >= self.per_net {
+        if net && self.per_net > 0 && live >= self.per_net {
             return Err(OverQuota { scope: Scope::Net, retry_after_secs: retry_after(g.keys.get(first), now_ms) });
         }
         if self.per_ip > 0 && live >= self.per_ip {
@@ -297,12 +337,31 @@ impl Quotas {
 
     /// Moves a key's expiry (an update): same count, new oldest.
     pub fn retime(&self, creator: u64, old_ms: u64, new_ms: u64) {
+        let _ = self.move_expiry(creator, old_ms, new_ms, None);
+    }
+
+    /// Moves a key's expiry; with `over_at` (the time now), refuses,
+    /// changing nothing, to move it later while the group holds more live
+    /// keys than its quota (its network's, or the client's own with only
+    /// the per-client quota on). Cheap when the group is within it: its
+    /// list is then no longer than the quota, or its live part is found by
+    /// one binary search.
+    fn move_expiry(&self, creator: u64, old_ms: u64, new_ms: u64, over_at: Option<u64>) -> Result<(), OverQuota> {
         let (old, new) = (pack(creator, old_ms), pack(creator, new_ms));
         if old == new {
-            return;
+            return Ok(());
         }
-        let Some((id, hash, mut t)) = self.stripe(creator) else { return };
-        let Some(g) = t.find_mut(hash, |g| g.id == id) else { return };
+        let Some((id, hash, mut t)) = self.stripe(creator) else { return Ok(()) };
+        let Some(g) = t.find_mut(hash, |g| g.id == id) else { return Ok(()) };
+        if let Some(now_ms) = over_at.filter(|_| new > old) {
+            let (limit, scope) = if self.per_net > 0 { (self.per_net, Scope::Net) } else { (self.per_ip, Scope::Ip) };
+            if g.keys.len() > limit {
+                let first = first_live(&mut g.keys, now_ms);
+                if g.keys.len() - first > limit {
+                    return Err(OverQuota { scope, retry_after_secs: retry_after(g.keys.get(first), now_ms) });
+                }
+            }
+        }
         match &mut g.keys {
             Expiries::One(k) if *k == old => *k = new,
             Expiries::One(_) => {}
@@ -312,6 +371,7 @@ impl Quotas {
                 }
             }
         }
+        Ok(())
     }
 
     /// Live keys counted for `creator`'s client and network at `now_ms`.
@@ -481,6 +541,52 @@ mod tests {
         // x is at its quota: taking over a's new key is refused, nothing moves.
         assert!(b.transfer((a, NOW + 5000), (x, NOW + 9000), NOW).is_err());
         assert_eq!((b.quotas().counts(a, NOW), b.quotas().counts(x, NOW)), ((1, 1), (1, 1)));
+    }
+
+    #[test]
+    fn a_transfer_within_a_full_network_needs_only_the_new_client_s_room() {
+        let b = KeyBudget::with_quotas(100, 2, 3);
+        let (a, c) = (client("192.0.2.1"), client("192.0.2.2"));
+        b.admit(a, NOW + 5000, NOW).unwrap();
+        b.admit(a, NOW + 6000, NOW).unwrap();
+        b.admit(c, NOW + 7000, NOW).unwrap();
+        assert!(matches!(b.admit(c, NOW + 7000, NOW), Err(Refusal::Quota(OverQuota { scope: Scope::Net, .. }))));
+        // c stores over one of a's keys: the /24 keeps its three keys.
+        assert_eq!(b.transfer((a, NOW + 5000), (c, NOW + 9000), NOW), Ok(()));
+        assert_eq!((b.quotas().counts(a, NOW), b.quotas().counts(c, NOW)), ((1, 3), (2, 3)));
+        // c is at its own quota now: taking a's other key is refused, nothing moves.
+        let refused = b.transfer((a, NOW + 6000), (c, NOW + 9000), NOW);
+        assert!(matches!(refused, Err(OverQuota { scope: Scope::Ip, .. })), "{refused:?}");
+        assert_eq!((b.quotas().counts(a, NOW), b.quotas().counts(c, NOW)), ((1, 3), (2, 3)));
+        // Released where it now counts.
+        b.release(c, NOW + 9000);
+        assert_eq!((b.quotas().counts(a, NOW), b.quotas().counts(c, NOW)), ((1, 2), (1, 2)));
+        // A network holding a single key.
+        let b = KeyBudget::with_quotas(100, 1, 1);
+        b.admit(a, NOW + 5000, NOW).unwrap();
+        assert!(b.admit(c, NOW + 5000, NOW).is_err());
+        assert_eq!(b.transfer((a, NOW + 5000), (c, NOW + 9000), NOW), Ok(()));
+        assert_eq!((b.quotas().counts(a, NOW), b.quotas().counts(c, NOW)), ((0, 1), (1, 1)));
+    }
+
+    #[test]
+    fn a_network_over_a_lowered_quota_cannot_keep_its_keys_alive() {
+        let b = KeyBudget::with_quotas(100, 0, 2);
+        let (a, c) = (client("192.0.2.1"), client("192.0.2.2"));
+        // Restored after a restart with the quota lowered to 2.
+        for exp in [NOW + 5000, NOW + 6000, NOW + 7000] {
+            b.force(a, exp);
+        }
+        let refused = b.refresh(a, NOW + 5000, NOW + 60_000, NOW);
+        assert_eq!(refused, Err(OverQuota { scope: Scope::Net, retry_after_secs: 5 }));
+        // A change that does not keep it longer goes through.
+        assert_eq!(b.refresh(a, NOW + 6000, NOW + 6000, NOW), Ok(()));
+        assert_eq!(b.refresh(a, NOW + 7000, NOW + 3000, NOW), Ok(()));
+        // Back within the quota, refreshes work again, for every client.
+        b.release(a, NOW + 3000);
+        assert_eq!(b.refresh(a, NOW + 5000, NOW + 60_000, NOW), Ok(()));
+        assert!(b.admit(c, NOW + 5000, NOW).is_err(), "still full");
+        assert_eq!(b.quotas().counts(a, NOW), (2, 2));
     }
 
     #[test]

@@ -509,7 +509,9 @@ impl Shard {
         let expires_ms = entry.expires_ms;
         let (old, writer) = (&self.entries[idx], entry.creator());
         if writer == old.creator() {
-            budget.retime(writer, old.expires_ms, expires_ms);
+            if let Err(q) = budget.refresh(writer, old.expires_ms, expires_ms, now_ms) {
+                return WriteOutcome::OverQuota(q);
+            }
         } else if let Err(q) = budget.transfer((old.creator(), old.expires_ms), (writer, expires_ms), now_ms) {
             // The key now counts against whoever stored it last.
             return WriteOutcome::OverQuota(q);
