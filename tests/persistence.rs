@@ -607,7 +607,7 @@ fn a_corrupted_length_stops_startup_and_the_offered_cut_keeps_what_precedes_it()
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("damaged at byte {second}")), "{err}");
     assert_eq!(std::fs::read(&seg).unwrap(), bytes, "the segment was changed");
-    let cut = format!("truncate -s {second} {}", seg.display());
+    let cut = format!("truncate -s {second} -- {}", seg.display());
     assert!(err.contains(&cut), "{err}");
     std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(second as u64).unwrap();
     let s = Server::start_in(dir, &["-threads", "1"]);

@@ -58,7 +58,7 @@ impl std::fmt::Display for RecoveryError {
                 f,
                 "log segment {} is damaged at byte {offset} ({why}), before its end: recovery stopped and \
                  left every file untouched. Keep a copy, then either cut the file there to start with the \
-                 records before that byte (truncate -s {offset} {}), or move it away to start without any of it.",
+                 records before that byte (truncate -s {offset} -- {}), or move it away to start without any of it.",
                 path.display(),
                 shell_quoted(path)
             ),

@@ -274,8 +274,10 @@ impl Quotas {
         }
         let Some((id, hash, mut t)) = self.stripe(new.0) else { return Ok(false) };
         let Some(g) = t.find_mut(hash, |g| g.id == id) else { return Ok(false) };
+        let (old_k, new_k) = (pack(old.0, old.1), pack(new.0, new.1));
+        self.refuse_over(g, old_k, new_k, now_ms)?;
         self.check(g, new.0, now_ms, false)?;
-        let (old, new) = (pack(old.0, old.1), pack(new.0, new.1));
+        let (old, new) = (old_k, new_k);
         match &mut g.keys {
             Expiries::One(k) if *k == old => *k = new,
             // Not counted where it should be: the caller's general move.
@@ -335,6 +337,31 @@ impl Quotas {
         slot.get_mut().keys.remove(packed);
     }
 
+    /// Refuses to keep a key of group `g` alive longer (from packed `old`
+    /// to packed `new`) while the group holds more live keys than its
+    /// quota (its network's, or the client's own with only the per-client
+    /// quota on), which only a restart with a lower quota leaves: whoever
+    /// in the group writes it. Cheap when the group is within its quota:
+    /// its list is then no longer than the quota, or its live part is
+    /// found by one binary search.
+    fn refuse_over(&self, g: &mut Group, old: u64, new: u64, now_ms: u64) -> Result<(), OverQuota> {
+        if new >> 16 <= old >> 16 {
+            return Ok(());
+        }
+        let (limit, scope) = if self.per_net > 0 { (self.per_net, Scope::Net) } else { (self.per_ip, Scope::Ip) };
+        if g.keys.len() <= limit {
+            return Ok(());
+        }
+        let first = first_live(&mut g.keys, now_ms);
+        let live = g.keys.len() - first;
+        if live > limit {
+            // Back within its quota once that many of its oldest expire.
+            let due = g.keys.get(first + (live - limit - 1));
+            return Err(OverQuota { scope, retry_after_secs: retry_after(due, now_ms) });
+        }
+        Ok(())
+    }
+
     /// Moves a key's expiry (an update): same count, new oldest.
     pub fn retime(&self, creator: u64, old_ms: u64, new_ms: u64) {
         let _ = self.move_expiry(creator, old_ms, new_ms, None);
@@ -353,14 +380,8 @@ impl Quotas {
         }
         let Some((id, hash, mut t)) = self.stripe(creator) else { return Ok(()) };
         let Some(g) = t.find_mut(hash, |g| g.id == id) else { return Ok(()) };
-        if let Some(now_ms) = over_at.filter(|_| new > old) {
-            let (limit, scope) = if self.per_net > 0 { (self.per_net, Scope::Net) } else { (self.per_ip, Scope::Ip) };
-            if g.keys.len() > limit {
-                let first = first_live(&mut g.keys, now_ms);
-                if g.keys.len() - first > limit {
-                    return Err(OverQuota { scope, retry_after_secs: retry_after(g.keys.get(first), now_ms) });
-                }
-            }
+        if let Some(now_ms) = over_at {
+            self.refuse_over(g, old, new, now_ms)?;
         }
         match &mut g.keys {
             Expiries::One(k) if *k == old => *k = new,
@@ -578,6 +599,16 @@ mod tests {
             b.force(a, exp);
         }
         let refused = b.refresh(a, NOW + 5000, NOW + 60_000, NOW);
+        // Back within the quota once one key expired: the oldest, at 5 s.
+        assert_eq!(refused, Err(OverQuota { scope: Scope::Net, retry_after_secs: 5 }));
+        let four = KeyBudget::with_quotas(100, 0, 2);
+        for exp in [NOW + 5000, NOW + 6000, NOW + 7000, NOW + 8000] {
+            four.force(a, exp);
+        }
+        let refused = four.refresh(a, NOW + 8000, NOW + 60_000, NOW);
+        assert_eq!(refused, Err(OverQuota { scope: Scope::Net, retry_after_secs: 6 }), "two must expire");
+        // A neighbour storing over it cannot keep it alive either.
+        let refused = b.transfer((a, NOW + 5000), (c, NOW + 60_000), NOW);
         assert_eq!(refused, Err(OverQuota { scope: Scope::Net, retry_after_secs: 5 }));
         // A change that does not keep it longer goes through.
         assert_eq!(b.refresh(a, NOW + 6000, NOW + 6000, NOW), Ok(()));

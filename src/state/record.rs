@@ -274,7 +274,7 @@ pub fn read_stream(
                     // short at the end: valid records after it, to the end,
                     // tell them apart, and stop recovery rather than cut
                     // away what was acknowledged.
-                    let torn = torn && !records_follow(rest.get(1..).unwrap_or_default());
+                    let torn = torn && !one_bit_off(rest) && !records_follow(rest.get(1..).unwrap_or_default());
                     if torn || (rest.iter().all(|&b| b == 0) && rest_is_zero(&mut r)?) {
                         return Ok(Ok(Tail::Torn { at: offset, why }));
                     }
@@ -337,6 +337,22 @@ fn records_follow(bytes: &[u8]) -> bool {
         }
     }
     false
+}
+
+/// Whether the bad record at the start of `bytes` checks out with one bit
+/// of its length field flipped back: a length corrupted on the disk, found
+/// however far away its record ends (`records_follow` looks only so far).
+fn one_bit_off(bytes: &[u8]) -> bool {
+    let Some(head) = bytes.get(..FRAME) else { return false };
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    (0..32).any(|bit| {
+        let len = (len ^ (1 << bit)) as usize;
+        (1 + 8 + 2 + 1..=MAX_BODY).contains(&len)
+            && bytes
+                .get(FRAME..FRAME + len)
+                .is_some_and(|body| crc32fast::hash(body) == crc && decode_body(body).is_ok())
+    })
 }
 
 /// The body length of what could be a record at the start of `bytes`: a
@@ -545,6 +561,19 @@ mod tests {
                 assert!(matches!(tail, Ok(Tail::Torn { at: 0, .. })), "cut {cut}: {tail:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_flipped_length_bit_is_damage_however_long_the_record() {
+        // A record longer than the look past a bad one, its length's bit
+        // 26 flipped on the disk: it claims 64 MiB more than the file has.
+        let value = vec![7u8; 17 << 20];
+        let (mut bytes, _) = sample();
+        let at = bytes.len();
+        encode_put(&mut bytes, &entry(b"big", &value, None, 20), 0);
+        encode_delete(&mut bytes, b"k1", 21);
+        bytes[at + 3] ^= 1 << 2;
+        assert!(matches!(read_all(&bytes, |_| {}), Err(Damage { offset, .. }) if offset == at as u64));
     }
 
     #[test]
