@@ -93,8 +93,25 @@ pub const WAIT_BOUNDS_NS: [u64; 10] = [
     120_000_000_000,
 ];
 
-/// Log flush latency bucket upper bounds (50 us to 1 s).
-pub const FLUSH_BOUNDS_NS: [u64; 14] = LATENCY_BOUNDS_NS;
+/// Log sync latency bucket upper bounds (100 us to 30 s): a slow or
+/// failing disk's syncs take seconds to tens of seconds, which a histogram
+/// ending at 1 s would show only as "more than a second".
+pub const FLUSH_BOUNDS_NS: [u64; 14] = [
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    1_000_000_000,
+    5_000_000_000,
+    30_000_000_000,
+];
 
 /// Bucket upper bounds in seconds, for the exporter.
 pub fn bounds_seconds(bounds_ns: &[u64]) -> Vec<f64> {
@@ -330,6 +347,7 @@ mod tests {
         assert_eq!(h.bucket(14).0, 1);
         assert_eq!(h.buckets(), 15);
         assert!(WAIT_BOUNDS_NS.len() < MAX_BUCKETS && LATENCY_BOUNDS_NS.len() < MAX_BUCKETS);
+        assert!(FLUSH_BOUNDS_NS.len() < MAX_BUCKETS && FLUSH_BOUNDS_NS.is_sorted());
     }
 
     #[test]

@@ -214,3 +214,31 @@ fn systemd_is_told_ready_and_stopping() {
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(wait_deadline(&mut child, Duration::from_secs(20)).success());
 }
+
+/// With a data directory, systemd is asked to wait before recovery starts
+/// (a long replay would otherwise hit the unit's start timeout), then told
+/// READY=1.
+#[test]
+fn systemd_is_asked_to_wait_while_the_store_is_recovered() {
+    let dir = TempDir::new();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "127.0.0.1:0", "-dataDir"])
+        .arg(&data)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 128];
+    let n = sock.recv(&mut buf).expect("EXTEND_TIMEOUT_USEC");
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.starts_with("EXTEND_TIMEOUT_USEC=30000000\n"), "{first}");
+    let n = sock.recv(&mut buf).expect("READY=1");
+    assert_eq!(&buf[..n], b"READY=1");
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(wait_deadline(&mut child, Duration::from_secs(20)).success());
+}

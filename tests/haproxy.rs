@@ -53,9 +53,36 @@ fn client_from(src: &str, dst: SocketAddr) -> Client {
 /// How the failover test stops a node.
 const NODE_STOP: &str = "-KILL";
 
+/// The node command line the shipped config's comment gives, as flags and
+/// values (continuation lines joined).
+fn recipe_flags() -> Vec<String> {
+    let cfg = std::fs::read_to_string(CONFIG).unwrap();
+    let mut line = String::new();
+    for l in cfg.lines().skip_while(|l| !l.starts_with("#   rendezvous ")) {
+        let l = l.trim_start_matches('#').trim();
+        line.push_str(l.trim_end_matches('\\'));
+        line.push(' ');
+        if !l.ends_with('\\') {
+            break;
+        }
+    }
+    line.split_whitespace().skip(1).map(str::to_string).collect()
+}
+
+/// A node as the recipe runs it: the shipped rate limits, then the recipe's
+/// own rate flags (its addresses are this machine's).
 fn start_node(dir: TempDir, port: Option<u16>) -> Server {
     let port = port.map(|p| p.to_string()).unwrap_or_else(|| "0".into());
-    Server::start_in(dir, &["-threads", "1", "-trustedProxies", "127.0.0.1/32", "-port", &port])
+    let recipe = recipe_flags();
+    let rate: Vec<&str> = recipe
+        .chunks(2)
+        .filter(|f| f[0].starts_with("-maxRequests"))
+        .flat_map(|f| f.iter().map(String::as_str))
+        .collect();
+    assert!(rate.contains(&"-maxRequestsPerNet"), "the recipe leaves the per-network limit on: {recipe:?}");
+    let shipped = ["-maxRequests", "17", "-maxRequestsPerNet", "170"];
+    let args = [&["-threads", "1", "-trustedProxies", "127.0.0.1/32", "-port", &port][..], &shipped, &rate].concat();
+    Server::start_in(dir, &args)
 }
 
 #[test]

@@ -248,7 +248,10 @@ impl Exporter {
         describe();
         let n = shared.stats.len();
         let per_core = || (0..ROUTE_LABELS + 2).map(|_| Folded::new(crate::metrics::MAX_BUCKETS)).collect::<Vec<_>>();
-        let start_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        // The process's start, not this exporter's (which comes after
+        // recovery, minutes later for a large store).
+        let start_unix = process_start_unix().unwrap_or(now_unix);
         Ok(Exporter { shared, handle, folded: (0..n).map(|_| per_core()).collect(), start_unix })
     }
 
@@ -396,12 +399,39 @@ fn read_process() -> Option<ProcessStats> {
     let max_fds = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(0);
     Some(ProcessStats {
         cpu_seconds: cpu_seconds()?,
-        rss_bytes: rss_pages * 4096,
+        rss_bytes: rss_pages * page_size(),
         virtual_bytes,
         open_fds,
         max_fds,
         threads,
     })
+}
+
+/// The kernel's page size (`/proc` counts RSS in pages: 4 KiB on x86-64,
+/// 16 or 64 KiB on some arm64 kernels).
+fn page_size() -> u64 {
+    // SAFETY: `sysconf` only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+/// When this process started, in seconds since the Unix epoch: the boot
+/// time (`/proc/stat`) plus the process's start in clock ticks after boot
+/// (`/proc/self/stat`, field 22).
+fn process_start_unix() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let ticks: f64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let boot: f64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: `sysconf` only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| boot + ticks / hz as f64)
 }
 
 /// User plus system CPU time of the whole process, in microsecond resolution.
@@ -422,6 +452,14 @@ fn cpu_seconds() -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_process_start_is_before_now_and_after_boot() {
+        let start = process_start_unix().unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!(start <= now + 1.0 && start > now - 86_400.0 * 365.0, "{start} against {now}");
+        assert!(page_size() >= 4096 && page_size().is_power_of_two());
+    }
 
     #[test]
     fn process_stats_are_readable_and_cpu_is_fractional() {

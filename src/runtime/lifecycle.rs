@@ -379,6 +379,35 @@ fn delete_covered_segments(dir: &Path, replay_from: u64) -> usize {
     deleted
 }
 
+/// How long each of `while_starting`'s messages asks systemd to wait, and
+/// how often one is sent.
+const START_EXTENSION: Duration = Duration::from_secs(30);
+const START_EXTENSION_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs `work` (recovery) while telling systemd, every 10 s, to wait 30 s
+/// more for `READY=1` (`EXTEND_TIMEOUT_USEC`, which only ever lengthens
+/// the unit's start timeout): a replay longer than `TimeoutStartSec` would
+/// otherwise be killed and restarted, over and over. The first message
+/// goes before `work` starts. Not under systemd, it just runs `work`.
+pub fn while_starting<T>(work: impl FnOnce() -> T) -> T {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return work();
+    }
+    let extend = format!("EXTEND_TIMEOUT_USEC={}\nSTATUS=recovering the store", START_EXTENSION.as_micros());
+    notify_systemd(&extend);
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(START_EXTENSION_EVERY) {
+                notify_systemd(&extend);
+            }
+        });
+        let out = work();
+        drop(done);
+        out
+    })
+}
+
 /// Tells systemd (`Type=notify`) how the service stands: `READY=1` when
 /// serving (the moment `/readyz` turns 200), `STOPPING=1` when draining.
 /// Without `NOTIFY_SOCKET` (not under systemd) this does nothing.

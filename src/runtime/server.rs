@@ -181,9 +181,12 @@ fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Res
     let started = Instant::now();
     let now = crate::clock::unix_ms();
     let max_expiry = now.saturating_add(config.expire_duration.as_millis() as u64);
-    let report =
+    // systemd's start timeout (90 s by default) must not kill a long
+    // replay: it is told to wait while recovery runs.
+    let report = lifecycle::while_starting(|| {
         recovery::recover(path, &mut shards, |k| routing.owner(k), budget, now, max_expiry, recovery::Mode::Repair)
-            .map_err(StartupError::Recovery)?;
+    })
+    .map_err(StartupError::Recovery)?;
     let secret_key = dir
         .secret_key(report.secret_key.clone())
         .map_err(|e| StartupError::SecretKey(path.join(crate::persist::datadir::SECRET_FILE), e))?;
@@ -225,7 +228,8 @@ fn bind_admin(config: &Config) -> Result<Option<std::net::TcpListener>, StartupE
         Ok(l) => Ok(Some(l)),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !config.was_given("metricsAddr") => {
             log::warn!(
-                "the default admin address {addr} is taken (another instance?): metrics, /healthz and /readyz are                  off for this instance; give it its own with -metricsAddr"
+                "the default admin address {addr} is taken (another instance?): metrics, /healthz and /readyz are \
+                 off for this instance; give it its own with -metricsAddr"
             );
             Ok(None)
         }

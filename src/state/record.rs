@@ -580,13 +580,12 @@ mod tests {
     fn a_large_torn_value_of_random_bytes_is_still_a_torn_tail() {
         // 18 MiB of noise (compressed or encrypted data), cut at 17 MiB: more
         // than the look's window and, by chance, its checksum budget.
-        let mut x = 0x9E37_79B9_7F4A_7C15_u64;
-        let value: Vec<u8> = (0..18 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
+        use std::hash::Hasher;
+        let value: Vec<u8> = (0..(18u64 << 20) / 8)
+            .flat_map(|i| {
+                let mut h = std::hash::DefaultHasher::new();
+                h.write_u64(i);
+                h.finish().to_le_bytes()
             })
             .collect();
         let (mut bytes, recs) = sample();
