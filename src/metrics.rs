@@ -93,25 +93,22 @@ pub const WAIT_BOUNDS_NS: [u64; 10] = [
     120_000_000_000,
 ];
 
-/// Log sync latency bucket upper bounds (100 us to 30 s): a slow or
-/// failing disk's syncs take seconds to tens of seconds, which a histogram
-/// ending at 1 s would show only as "more than a second".
-pub const FLUSH_BOUNDS_NS: [u64; 14] = [
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    100_000_000,
-    250_000_000,
-    1_000_000_000,
-    5_000_000_000,
-    30_000_000_000,
-];
+/// Log sync latency bucket upper bounds (100 us to 30 s): the request
+/// latency bounds from 100 us to 250 ms, then 1, 5 and 30 s, since a slow
+/// or failing disk's syncs take seconds to tens of seconds, which a
+/// histogram ending at 1 s would show only as "more than a second".
+pub const FLUSH_BOUNDS_NS: [u64; 14] = {
+    let mut b = [0u64; 14];
+    let mut i = 0;
+    while i < 11 {
+        b[i] = LATENCY_BOUNDS_NS[i + 1];
+        i += 1;
+    }
+    b[11] = 1_000_000_000;
+    b[12] = 5_000_000_000;
+    b[13] = 30_000_000_000;
+    b
+};
 
 /// Bucket upper bounds in seconds, for the exporter.
 pub fn bounds_seconds(bounds_ns: &[u64]) -> Vec<f64> {
@@ -348,6 +345,10 @@ mod tests {
         assert_eq!(h.buckets(), 15);
         assert!(WAIT_BOUNDS_NS.len() < MAX_BUCKETS && LATENCY_BOUNDS_NS.len() < MAX_BUCKETS);
         assert!(FLUSH_BOUNDS_NS.len() < MAX_BUCKETS && FLUSH_BOUNDS_NS.is_sorted());
+        assert_eq!(
+            (FLUSH_BOUNDS_NS[0], FLUSH_BOUNDS_NS[10], FLUSH_BOUNDS_NS[13]),
+            (100_000, 250_000_000, 30_000_000_000)
+        );
     }
 
     #[test]

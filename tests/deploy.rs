@@ -192,20 +192,27 @@ fn nginx_tls_proxy_keeps_the_real_client() {
     assert!(r.text().contains("http://rendezvous.example.org/get/"));
 }
 
+/// The server started as systemd would start a `Type=notify` unit, with
+/// `-dataDir data_dir`, and the socket its notifications arrive on.
+fn under_systemd(dir: &TempDir, data_dir: &str) -> (std::os::unix::net::UnixDatagram, std::process::Child) {
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let child = Command::new(BIN)
+        .args(["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "127.0.0.1:0", "-dataDir", data_dir])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (sock, child)
+}
+
 /// `Type=notify`: the server tells systemd READY=1 when it serves (when
 /// /readyz turns 200) and STOPPING=1 when it drains.
 #[test]
 fn systemd_is_told_ready_and_stopping() {
     let dir = TempDir::new();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["-l", "127.0.0.1", "-port", "0", "-dataDir", "", "-metricsAddr", "127.0.0.1:0"])
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (sock, mut child) = under_systemd(&dir, "");
     let mut buf = [0u8; 64];
     let n = sock.recv(&mut buf).expect("READY=1");
     assert_eq!(&buf[..n], b"READY=1");
@@ -221,18 +228,9 @@ fn systemd_is_told_ready_and_stopping() {
 #[test]
 fn systemd_is_asked_to_wait_while_the_store_is_recovered() {
     let dir = TempDir::new();
-    let sock_path = dir.path().join("notify.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "127.0.0.1:0", "-dataDir"])
-        .arg(&data)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (sock, mut child) = under_systemd(&dir, data.to_str().unwrap());
     let mut buf = [0u8; 128];
     let n = sock.recv(&mut buf).expect("EXTEND_TIMEOUT_USEC");
     let first = String::from_utf8_lossy(&buf[..n]).into_owned();
