@@ -35,8 +35,9 @@ pub fn status_label(i: usize) -> String {
 }
 
 /// The `reason` label of `rendezvous_rate_limited_total`: whose bucket
-/// ran out, the client's or its network's.
-pub const RATE_LIMIT_REASONS: [&str; 2] = ["ip", "net"];
+/// ran out, the client's or its network's, or no bucket could be given to
+/// a new client (the tracked-client table is full).
+pub const RATE_LIMIT_REASONS: [&str; 3] = ["ip", "net", "table_full"];
 /// The `reason` label of `rendezvous_creates_refused_total`.
 pub const CREATE_REFUSAL_REASONS: [&str; 3] = ["store_full", "ip_quota", "net_quota"];
 /// The `scope` label of the quota gauges.
@@ -47,6 +48,7 @@ fn reason(e: Error) -> Option<Reason> {
     match e {
         Error::RateLimited(_) => Some(Reason::RateLimited(0)),
         Error::NetRateLimited(_) => Some(Reason::RateLimited(1)),
+        Error::TrackingFull(_) => Some(Reason::RateLimited(2)),
         Error::StoreFull => Some(Reason::CreateRefused(0)),
         Error::IpKeyQuota(_) => Some(Reason::CreateRefused(1)),
         Error::NetKeyQuota(_) => Some(Reason::CreateRefused(2)),
@@ -358,6 +360,7 @@ mod tests {
         s.request(get, 200, None, 10_000);
         s.request(get, 429, Some(Error::RateLimited(3)), 10_000);
         s.request(get, 429, Some(Error::NetRateLimited(3)), 10_000);
+        s.request(get, 429, Some(Error::TrackingFull(3)), 10_000);
         s.request(ROUTE_OTHER, 403, Some(Error::WrongSecret), 10_000);
         s.request(ROUTE_OTHER, 299, None, 10_000);
         s.request(get, 429, Some(Error::NetKeyQuota(9)), 10_000);
@@ -366,9 +369,9 @@ mod tests {
         s.request(get, 429, Some(Error::TooManyWaitersFromIp), 10_000);
         assert_eq!(s.requests(get, status_index(200)), 1);
         assert_eq!(s.requests(ROUTE_OTHER, STATUSES.len()), 1);
-        assert_eq!((s.rate_limited(0), s.rate_limited(1), s.secret_rejections()), (1, 1, 1));
+        assert_eq!((s.rate_limited(0), s.rate_limited(1), s.rate_limited(2), s.secret_rejections()), (1, 1, 1, 1));
         assert_eq!((s.creates_refused(0), s.creates_refused(1), s.creates_refused(2)), (1, 0, 1));
-        assert_eq!(s.requests_total(), 8);
+        assert_eq!(s.requests_total(), 9);
         assert_eq!(route_label(get), "get");
         assert_eq!(route_label(ROUTE_OTHER), "other");
         assert_eq!(status_label(status_index(412)), "412");

@@ -117,8 +117,13 @@ fn tracked_client_table_is_bounded() {
     for i in 0..20 {
         assert_eq!(c.req("GET", "/get/x", &from(&format!("7.7.7.{i}")), b"").status, 404);
     }
-    // A new identity beyond the table is refused until the next refill ...
-    assert_eq!(c.req("GET", "/get/x", &from("7.7.8.1"), b"").status, 429);
+    // A new identity beyond the table is refused until the next refill,
+    // saying why, and counted apart from clients out of tokens ...
+    let r = c.req("GET", "/get/x", &from("7.7.8.1"), b"");
+    assert!(r.status == 429 && r.text().contains("-maxTrackedIPs"), "{}", r.text());
+    assert!(r.header("Retry-After").is_some());
+    assert_eq!(s.metric("rendezvous_rate_limited_total{reason=\"table_full\"}"), Some(1.0));
+    assert_eq!(s.metric("rendezvous_rate_limited_total{reason=\"ip\"}").unwrap_or(0.0), 0.0);
     // ... while known clients keep their buckets.
     assert_eq!(c.req("GET", "/get/x", &from("7.7.7.3"), b"").status, 404);
 }

@@ -292,7 +292,8 @@ pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: i
 /// The 429 for a refused rate-limit charge.
 fn limited(refused: Refused, retry_after: u64) -> Error {
     match refused {
-        Refused::Exhausted | Refused::TableFull => Error::RateLimited(retry_after),
+        Refused::Exhausted => Error::RateLimited(retry_after),
+        Refused::TableFull => Error::TrackingFull(retry_after),
         Refused::NetExhausted => Error::NetRateLimited(retry_after),
     }
 }

@@ -52,6 +52,9 @@ pub enum Error {
     /// The client's network (IPv4 /24, IPv6 /48) is out of tokens; seconds
     /// until the next refill.
     NetRateLimited(u64),
+    /// The table of clients with buckets (`-maxTrackedIPs`) is full and the
+    /// client has none; seconds until the next refill empties it.
+    TrackingFull(u64),
     /// A create over `-maxKeysPerIP`; seconds until the client's oldest key expires.
     IpKeyQuota(u64),
     /// A create over `-maxKeysPerNet`; seconds until the network's oldest key expires.
@@ -91,7 +94,7 @@ impl Error {
             | DuplicateHeader => 400,
             WrongSecret => 403,
             StoreFull => 507,
-            RateLimited(_) | NetRateLimited(_) | IpKeyQuota(_) | NetKeyQuota(_) => 429,
+            RateLimited(_) | NetRateLimited(_) | TrackingFull(_) | IpKeyQuota(_) | NetKeyQuota(_) => 429,
             ShuttingDown | TooManyWaiters => 503,
             BadWait => 400,
             TooManyWaitersFromIp => 429,
@@ -128,6 +131,7 @@ impl Error {
             StoreFull => "Store full",
             RateLimited(_) => "Too many requests",
             NetRateLimited(_) => "Too many requests from your network (IPv4 /24, IPv6 /48)",
+            TrackingFull(_) => "Too many clients right now (-maxTrackedIPs): retry after the next refill",
             IpKeyQuota(_) => {
                 "Key quota reached: your address (IPv6: /64) has created the most live keys allowed \
                  (-maxKeysPerIP); update or delete one of yours, or retry when one expires"

@@ -571,6 +571,7 @@ impl Response {
         match e {
             Error::RateLimited(secs)
             | Error::NetRateLimited(secs)
+            | Error::TrackingFull(secs)
             | Error::IpKeyQuota(secs)
             | Error::NetKeyQuota(secs) => r.retry_after = Some(secs),
             Error::LogUnavailable | Error::ShuttingDown | Error::TooManyWaiters => r.retry_after = Some(1),

@@ -108,7 +108,7 @@ families! {
     Conflicts: Counter Count "rendezvous_conflicts_total" ["route"]
         "cas/casoc value mismatches (409) and los on a present key.";
     RateLimited: Counter Count "rendezvous_rate_limited_total" ["reason"]
-        "Requests refused with 429 for want of rate-limit tokens: the client's (reason=ip) or its network's (reason=net).";
+        "Requests refused with 429 for want of rate-limit tokens: the client's (reason=ip) or its network's (reason=net), or because the table of tracked clients was full (reason=table_full, -maxTrackedIPs).";
     TrackedClients: Gauge Count "rendezvous_ratelimit_tracked_clients" []
         "Client buckets tracked this refill period.";
     TrackedClientsMax: Gauge Count "rendezvous_ratelimit_tracked_clients_max" []
