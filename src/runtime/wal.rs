@@ -46,8 +46,8 @@
 //! journal's `refusing` flag), reads go on, and the failed bytes are retried
 //! every second (after a failed sync, every byte written since the last good
 //! one, into a fresh segment, the same one emptied for each attempt) until
-//! the disk takes them; then writes resume by themselves. A file-size limit (EFBIG; SIGXFSZ is ignored) just moves
-//! the log to a new segment.
+//! the disk takes them; then writes resume by themselves. A file-size
+//! limit (EFBIG; SIGXFSZ is ignored) just moves the log to a new segment.
 
 use crate::config::Fsync;
 use crate::persist::datadir;
@@ -636,9 +636,8 @@ impl Wal {
     /// and not synced (group commit) or a segment was closed; for
     /// `everysec`, once a second (if something was written or a segment
     /// closed) and whenever the unsynced bytes pass the high-water mark;
-    /// for every mode,
-    /// the retries of a failing log, and the kept buffers given back when
-    /// nothing was written for `IDLE`. Never returns.
+    /// for every mode, the retries of a failing log, and the kept buffers
+    /// given back when nothing was written for `IDLE`. Never returns.
     pub async fn run<H: Host>(self: Rc<Self>, router: Rc<H>) {
         // `everysec`'s period; the other modes wake this often only to see
         // whether the log went idle.

@@ -121,14 +121,23 @@ impl std::fmt::Display for RecordError {
     }
 }
 
+/// The body length and checksum a record's frame at the start of `bytes`
+/// declares, if the frame is all there.
+fn frame(bytes: &[u8]) -> Option<(usize, u32)> {
+    let head = bytes.get(..FRAME)?;
+    let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    Some((word(0) as usize, word(4)))
+}
+
+/// The shortest body a record has: a delete of a one-byte key.
+const MIN_BODY: usize = 1 + 8 + 2 + 1;
+
 /// Decodes the record at the start of `bytes`; returns it and its length.
 pub fn decode(bytes: &[u8]) -> Result<(Record, usize), RecordError> {
-    let Some(head) = bytes.get(..FRAME) else { return Err(RecordError::Incomplete) };
-    let body_len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let Some((body_len, crc)) = frame(bytes) else { return Err(RecordError::Incomplete) };
     if body_len > MAX_BODY {
         return Err(RecordError::TooLong(body_len as u64));
     }
-    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     let Some(body) = bytes.get(FRAME..FRAME + body_len) else { return Err(RecordError::Incomplete) };
     if crc32fast::hash(body) != crc {
         return Err(RecordError::Checksum);
@@ -343,12 +352,10 @@ fn records_follow(bytes: &[u8]) -> bool {
 /// of its length field flipped back: a length corrupted on the disk, found
 /// however far away its record ends (`records_follow` looks only so far).
 fn one_bit_off(bytes: &[u8]) -> bool {
-    let Some(head) = bytes.get(..FRAME) else { return false };
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let Some((len, crc)) = frame(bytes) else { return false };
     (0..32).any(|bit| {
-        let len = (len ^ (1 << bit)) as usize;
-        (1 + 8 + 2 + 1..=MAX_BODY).contains(&len)
+        let len = len ^ (1 << bit);
+        (MIN_BODY..=MAX_BODY).contains(&len)
             && bytes
                 .get(FRAME..FRAME + len)
                 .is_some_and(|body| crc32fast::hash(body) == crc && decode_body(body).is_ok())
@@ -358,10 +365,8 @@ fn one_bit_off(bytes: &[u8]) -> bool {
 /// The body length of what could be a record at the start of `bytes`: a
 /// length in range, the whole body present, a known kind.
 fn plausible(bytes: &[u8]) -> Option<usize> {
-    let head = bytes.get(..FRAME)?;
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    // The shortest body is a delete of a one-byte key.
-    if !(1 + 8 + 2 + 1..=MAX_BODY).contains(&len) {
+    let (len, _) = frame(bytes)?;
+    if !(MIN_BODY..=MAX_BODY).contains(&len) {
         return None;
     }
     let body = bytes.get(FRAME..FRAME + len)?;
