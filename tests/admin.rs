@@ -1,5 +1,6 @@
 //! The admin server over real sockets: many idle and slow clients cannot
-//! delay a scrape; /healthz and /readyz follow the server's life; the
+//! delay a scrape, nor hold the admin address by their number (past 64,
+//! the idlest makes room for a new one); /healthz and /readyz follow the server's life; the
 //! admin address rules (busy and given: an error naming the flag; busy by
 //! default: a warning and no admin server; Go-style `:PORT`); metrics that
 //! tell the truth (blocking reads apart from request latency, every status
@@ -49,6 +50,35 @@ fn idle_and_dribbling_clients_never_delay_a_scrape() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     dribble.join().unwrap();
+}
+
+#[test]
+fn past_the_connection_cap_the_idlest_connection_makes_room() {
+    let s = Server::start(&[]);
+    let admin = s.metrics.unwrap();
+    // 64 connections, each answered once and then idle, the first longest.
+    let mut held: Vec<Client> = (0..64)
+        .map(|_| {
+            let mut c = Client::connect(admin);
+            assert_eq!(c.req("GET", "/healthz", &[], b"").status, 200);
+            c
+        })
+        .collect();
+    // A scraper past the cap is served, and the oldest idle connection goes
+    // (the scrapers stay open, so the second is past the cap too).
+    let mut scrapers = Vec::new();
+    for gone in 0..2 {
+        let mut c = Client::connect(admin);
+        let r = c.req("GET", "/metrics", &[], b"");
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("rendezvous_keys_max"));
+        assert!(held[gone].is_closed(), "connection {gone} should have made room");
+        scrapers.push(c);
+    }
+    // The others are still served.
+    for c in &mut held[2..] {
+        assert_eq!(c.req("GET", "/readyz", &[], b"").status, 200);
+    }
 }
 
 #[test]

@@ -9,8 +9,13 @@
 //! idle connection is closed after `IDLE`, a request head must complete
 //! within `HEAD` of its first byte, and at most `MAX_REQUEST` bytes are read
 //! per request (monoio-http's decoder has no head limit of its own, so the
-//! reader it is given stops there). The cores' counts are folded into the
-//! exporter once a second by a timer task here, and on every scrape.
+//! reader it is given stops there). At most `MAX_CONNS` connections are
+//! open: the process has one descriptor limit, which the public port needs,
+//! so anyone who can reach this address must not be able to spend it. A
+//! connection over the cap takes the place of the one idle longest (so idle
+//! connections cannot lock a scraper out), or is closed at once if none is
+//! idle. The cores' counts are folded into the exporter once a second by a
+//! timer task here, and on every scrape.
 //!
 //! - `/healthz`: 200 while the process runs (liveness).
 //! - `/readyz`: 200 once the store is loaded and every core serves; 503
@@ -30,9 +35,11 @@ use monoio_http::common::body::HttpBody;
 use monoio_http::h1::codec::decoder::{FillPayload, RequestDecoder};
 use monoio_http::h1::codec::encoder::GenericEncoder;
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// An idle keep-alive connection is closed after this long.
 const IDLE: Duration = Duration::from_secs(60);
@@ -43,6 +50,11 @@ const WRITE: Duration = Duration::from_secs(10);
 /// Bytes read per request, at most (heads and any body).
 const MAX_REQUEST: usize = 16 * 1024;
 const FOLD_EVERY: Duration = Duration::from_secs(1);
+/// Open connections, at most. A scraper, the health checks of a supervisor
+/// and a balancer or two need a handful.
+const MAX_CONNS: usize = 64;
+/// A refusal at the cap is logged at most this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Starts the admin thread on an already bound listener. Returns the
 /// address it serves.
@@ -86,11 +98,26 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener, exporter: Exporter) {
             }
         });
     }
+    let open: Rc<RefCell<Vec<Rc<Slot>>>> = Rc::default();
+    let mut last_refusal: Option<Instant> = None;
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                if !make_room(&open.borrow()) {
+                    // Dropping the stream closes it.
+                    if last_refusal.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+                        log::warn!(
+                            "admin server: {MAX_CONNS} connections open, none idle: closed one from {peer} (logged at most once a minute)"
+                        );
+                        last_refusal = Some(Instant::now());
+                    }
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(connection(shared.clone(), exporter.clone(), stream));
+                let slot = Rc::new(Slot::default());
+                open.borrow_mut().push(slot.clone());
+                let guard = Leave { open: open.clone(), slot };
+                monoio::spawn(connection(shared.clone(), exporter.clone(), stream, guard));
             }
             Err(e) => {
                 log::warn!("admin server: accept failed: {e}");
@@ -100,13 +127,65 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener, exporter: Exporter) {
     }
 }
 
+/// One open connection, as the accept loop sees it.
+#[derive(Default)]
+struct Slot {
+    /// Since when it has been waiting for a request with nothing of it read
+    /// (set as its last answer goes out), if it is.
+    idle_since: Cell<Option<Instant>>,
+    /// Told to close, to make room for a new connection.
+    evicted: Cell<bool>,
+    /// Wakes it while it waits for a request.
+    waker: Cell<Option<Waker>>,
+}
+
+impl Slot {
+    fn evict(&self) {
+        self.evicted.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Removes a connection's slot when its task ends, however it ends.
+struct Leave {
+    open: Rc<RefCell<Vec<Rc<Slot>>>>,
+    slot: Rc<Slot>,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.open.borrow_mut().retain(|s| !Rc::ptr_eq(s, &self.slot));
+    }
+}
+
+/// Whether a new connection may be served: under the cap, or once the
+/// connection idle longest has been told to close.
+fn make_room(open: &[Rc<Slot>]) -> bool {
+    let staying = open.iter().filter(|s| !s.evicted.get());
+    if staying.clone().count() < MAX_CONNS {
+        return true;
+    }
+    let idlest = staying.filter_map(|s| s.idle_since.get().map(|t| (t, s))).min_by_key(|(t, _)| *t);
+    match idlest {
+        Some((_, s)) => {
+            s.evict();
+            true
+        }
+        None => false,
+    }
+}
+
 /// A reader that refuses to read once its budget is spent: the budget is
 /// refilled for each request, so one request can never make the decoder
 /// buffer more than `MAX_REQUEST` bytes plus the one read that spent it (at
 /// most the decoder's buffer, which only grows as reads fill it).
+/// The first byte read of a request ends the connection's idleness.
 struct Budgeted<R> {
     inner: R,
     left: Rc<Cell<usize>>,
+    slot: Rc<Slot>,
 }
 
 impl<R: AsyncReadRent> AsyncReadRent for Budgeted<R> {
@@ -117,8 +196,9 @@ impl<R: AsyncReadRent> AsyncReadRent for Budgeted<R> {
             return (Err(e), buf);
         }
         let (r, buf) = self.inner.read(buf).await;
-        if let Ok(n) = r {
+        if let Ok(n @ 1..) = r {
             self.left.set(left.saturating_sub(n));
+            self.slot.idle_since.set(None);
         }
         (r, buf)
     }
@@ -156,14 +236,29 @@ fn route(shared: &Shared, exporter: &RefCell<Exporter>, method: &http::Method, p
     }
 }
 
-async fn connection(shared: Arc<Shared>, exporter: Rc<RefCell<Exporter>>, stream: TcpStream) {
+async fn connection(shared: Arc<Shared>, exporter: Rc<RefCell<Exporter>>, stream: TcpStream, guard: Leave) {
+    let slot = guard.slot.clone();
     let (r, w) = stream.into_split();
     let budget = Rc::new(Cell::new(MAX_REQUEST));
-    let mut decoder = RequestDecoder::new_with_timeout(Budgeted { inner: r, left: budget.clone() }, IDLE);
+    let reader = Budgeted { inner: r, left: budget.clone(), slot: slot.clone() };
+    let mut decoder = RequestDecoder::new_with_timeout(reader, IDLE);
     let mut encoder = GenericEncoder::new(w);
+    slot.idle_since.set(Some(Instant::now()));
     loop {
         budget.set(MAX_REQUEST);
-        let Ok(next) = monoio::time::timeout(IDLE + HEAD, decoder.next()).await else { return };
+        let next = {
+            let mut read = std::pin::pin!(monoio::time::timeout(IDLE + HEAD, decoder.next()));
+            std::future::poll_fn(|cx| {
+                if slot.evicted.get() {
+                    return Poll::Ready(None);
+                }
+                slot.waker.set(Some(cx.waker().clone()));
+                read.as_mut().poll(cx).map(Some)
+            })
+            .await
+        };
+        // Evicted, or past the deadline: close.
+        let Some(Ok(next)) = next else { return };
         let req = match next {
             Some(Ok(req)) => req,
             // EOF, idle timeout, garbage, or over the budget: close.
@@ -188,6 +283,10 @@ async fn connection(shared: Arc<Shared>, exporter: Rc<RefCell<Exporter>>, stream
         if close {
             response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         }
+        // Idle from here: a client that has its answer may be waiting for
+        // nothing more, and one evicted while its answer is written still
+        // gets the answer.
+        slot.idle_since.set(Some(Instant::now()));
         let sent = monoio::time::timeout(WRITE, async {
             encoder.send(response).await?;
             Sink::<http::Response<HttpBody>>::flush(&mut encoder).await
