@@ -67,12 +67,12 @@ fn past_the_connection_cap_the_idlest_connection_makes_room() {
     // A scraper past the cap is served, and the oldest idle connection goes
     // (the scrapers stay open, so the second is past the cap too).
     let mut scrapers = Vec::new();
-    for gone in 0..2 {
+    for (gone, oldest) in held.iter_mut().enumerate().take(2) {
         let mut c = Client::connect(admin);
         let r = c.req("GET", "/metrics", &[], b"");
         assert_eq!(r.status, 200);
         assert!(r.text().contains("rendezvous_keys_max"));
-        assert!(held[gone].is_closed(), "connection {gone} should have made room");
+        assert!(oldest.is_closed(), "connection {gone} should have made room");
         scrapers.push(c);
     }
     // The others are still served.
