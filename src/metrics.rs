@@ -227,6 +227,9 @@ pub struct CoreStats {
     /// 1 while the log cannot be written (writes are refused with 503).
     pub log_failing: Cell64,
     pub log_sync: Histogram,
+    /// When the core last ran its housekeeping tick, in ms since
+    /// `Shared::born` (`Shared::readiness`).
+    pub tick_ms: Cell64,
 }
 
 impl Default for CoreStats {
@@ -262,6 +265,7 @@ impl Default for CoreStats {
             log_failures: Cell64::default(),
             log_failing: Cell64::default(),
             log_sync: Histogram::new(&FLUSH_BOUNDS_NS),
+            tick_ms: Cell64::default(),
         }
     }
 }

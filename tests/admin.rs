@@ -1,7 +1,8 @@
 //! The admin server over real sockets: many idle and slow clients cannot
 //! delay a scrape, nor hold the admin address by their number (past 64,
 //! the idlest makes room for a new one); /healthz and /readyz follow the server's life; the
-//! admin address rules (busy and given: an error naming the flag; busy by
+//! a stalled core (one thread stopped under ptrace) makes the server not
+//! ready until it runs again; the admin address rules (busy and given: an error naming the flag; busy by
 //! default: a warning and no admin server; Go-style `:PORT`); metrics that
 //! tell the truth (blocking reads apart from request latency, every status
 //! as its number, fractional CPU seconds, limits as gauges, build info).
@@ -124,6 +125,86 @@ fn health_and_readiness_follow_the_servers_life() {
     assert_eq!(get(admin, "/healthz").status, 200);
     assert!(s.alive());
     drop(slow);
+}
+
+/// One core thread stopped, and only it (a signal would stop every
+/// thread), as a hung disk or a stuck loop would hold it; it runs again on
+/// drop. ptrace works from the thread that attached, so a test keeps it on
+/// its own thread.
+struct Frozen {
+    tid: libc::pid_t,
+}
+
+/// ptrace's address and data, unused here (pointer-sized: it is variadic).
+const NO_ARG: *mut libc::c_void = std::ptr::null_mut();
+
+impl Frozen {
+    fn core(pid: u32, core: usize) -> Frozen {
+        let name = format!("core-{core}");
+        let tid: libc::pid_t = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+            .and_then(|t| t.file_name().to_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("no thread named {name}"));
+        // SAFETY: ptrace requests that pass no memory, on a thread of a
+        // process this test started; a failure is reported, not ignored.
+        let seized = unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, NO_ARG, NO_ARG) };
+        assert_eq!(seized, 0, "cannot trace the core: {}", std::io::Error::last_os_error());
+        let frozen = Frozen { tid };
+        // SAFETY: as above.
+        let stopped = unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, NO_ARG, NO_ARG) };
+        assert_eq!(stopped, 0, "cannot stop the core: {}", std::io::Error::last_os_error());
+        let mut status = 0;
+        // SAFETY: `status` outlives the call; waits for the stop just asked for.
+        let waited = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+        assert_eq!(waited, tid, "{}", std::io::Error::last_os_error());
+        frozen
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: detaching a thread this thread traces; no memory passed.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid, NO_ARG, NO_ARG) };
+    }
+}
+
+/// Asks `/readyz` until it answers `status` (or panics after `limit`).
+fn readyz_until(admin: std::net::SocketAddr, status: u16, limit: Duration) -> Resp {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = get(admin, "/readyz");
+        if r.status == status {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "/readyz still answers {} {}", r.status, r.text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_stalled_core_makes_the_server_not_ready_until_it_runs_again() {
+    let s = Server::start(&["-threads", "2"]);
+    let admin = s.metrics.unwrap();
+    assert_eq!(get(admin, "/readyz").status, 200);
+    let age = |scrape: &str, core: usize| {
+        metric_in(scrape, &format!("rendezvous_core_tick_age_seconds{{core=\"{core}\"}}")).unwrap()
+    };
+    let scrape = s.scrape();
+    assert!(age(&scrape, 0) < 1.0 && age(&scrape, 1) < 1.0, "{scrape}");
+    let frozen = Frozen::core(s.pid(), 1);
+    let r = readyz_until(admin, 503, Duration::from_secs(30));
+    let text = r.text();
+    assert!(text.starts_with("stalled: core 1 has not run for "), "{text}");
+    let scrape = s.scrape();
+    assert_eq!(metric_in(&scrape, "rendezvous_ready"), Some(0.0));
+    assert!(age(&scrape, 1) >= 5.0, "{scrape}");
+    // Still alive: liveness is not readiness.
+    assert_eq!(get(admin, "/healthz").status, 200);
+    drop(frozen);
+    readyz_until(admin, 200, Duration::from_secs(10));
+    assert_eq!(s.metric("rendezvous_ready"), Some(1.0));
 }
 
 #[test]

@@ -19,11 +19,12 @@
 //!
 //! - `/healthz`: 200 while the process runs (liveness).
 //! - `/readyz`: 200 once the store is loaded and every core serves; 503
-//!   while starting or draining (readiness: take it out of a balancer).
+//!   while starting or draining, or while a core is stalled (readiness:
+//!   take it out of a balancer).
 //! - `/metrics`: the Prometheus text exposition.
 
 use crate::runtime::exporter::Exporter;
-use crate::runtime::shared::{Phase, Shared};
+use crate::runtime::shared::{Readiness, Shared};
 use crate::runtime::turns::Ring;
 use bytes::Bytes;
 use monoio::buf::{IoBufMut, IoVecBufMut};
@@ -227,10 +228,14 @@ fn route(shared: &Shared, exporter: &RefCell<Exporter>, method: &http::Method, p
     match path {
         "/metrics" => respond(200, "text/plain; version=0.0.4; charset=utf-8", exporter.borrow_mut().render()),
         "/healthz" => respond(200, "text/plain; charset=utf-8", "ok\n"),
-        "/readyz" => match shared.phase.get() {
-            Phase::Ready => respond(200, "text/plain; charset=utf-8", "ready\n"),
-            Phase::Starting => respond(503, "text/plain; charset=utf-8", "starting\n"),
-            Phase::Draining => respond(503, "text/plain; charset=utf-8", "draining\n"),
+        "/readyz" => match shared.readiness() {
+            Readiness::Ready => respond(200, "text/plain; charset=utf-8", "ready\n"),
+            Readiness::Starting => respond(503, "text/plain; charset=utf-8", "starting\n"),
+            Readiness::Draining => respond(503, "text/plain; charset=utf-8", "draining\n"),
+            Readiness::Stalled { core, for_ms } => {
+                let why = format!("stalled: core {core} has not run for {:.1} s\n", for_ms as f64 / 1000.0);
+                respond(503, "text/plain; charset=utf-8", why)
+            }
         },
         _ => respond(404, "text/plain; charset=utf-8", "Not found: try /metrics, /healthz or /readyz\n"),
     }

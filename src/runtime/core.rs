@@ -310,13 +310,16 @@ async fn send_checkpoint(out: &std::sync::mpsc::SyncSender<CheckpointMsg>, mut m
     }
 }
 
-/// Reclaims expired keys a bounded slice at a time, and forgets rate-limit
-/// buckets at each refill even on a core that sees no traffic.
+/// Reclaims expired keys a bounded slice at a time, forgets rate-limit
+/// buckets at each refill even on a core that sees no traffic, and stamps
+/// the core's tick (`Shared::readiness`).
 async fn sweeper(shared: Arc<Shared>, id: usize, router: Rc<Router>) {
     let stats = &shared.stats[id];
     let mut tick = monoio::time::interval(SWEEP_EVERY);
     loop {
         tick.tick().await;
+        // `/readyz` watches this: a core that stops ticking is stalled.
+        stats.tick_ms.set(shared.now_ms());
         let epoch = router.periods().epoch(Instant::now());
         router.with_owned(|owned, budget| {
             if !owned.shard.is_empty() {

@@ -16,7 +16,7 @@
 //! ids), so the number of series is bounded.
 
 use crate::metrics::{self as stats, CoreStats, Histogram, ROUTE_LABELS, STATUS_LABELS};
-use crate::runtime::shared::{Phase, Shared};
+use crate::runtime::shared::{Readiness, Shared};
 use ::metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::Arc;
@@ -162,7 +162,9 @@ families! {
     LogSyncDuration: Histogram Seconds "rendezvous_log_sync_duration_seconds" []
         "Duration of write-ahead log syncs (fdatasync).";
     Ready: Gauge Count "rendezvous_ready" []
-        "1 while serving; 0 while starting or draining (as /readyz).";
+        "1 while serving; 0 while starting, draining or with a core stalled (as /readyz).";
+    CoreTickAge: Gauge Seconds "rendezvous_core_tick_age_seconds" ["core"]
+        "Seconds since each core last ran its housekeeping tick (due every 0.1 s); from 5 s on the core counts as stalled and /readyz answers 503.";
     BuildInfo: Gauge Count "rendezvous_build_info" ["version", "revision"]
         "Always 1; labels carry the version and git revision.";
     Threads: Gauge Count "rendezvous_threads" []
@@ -349,7 +351,10 @@ impl Exporter {
         counter!(F::LogWrites.name()).absolute(sum(|s| s.log_writes.get()));
         counter!(F::LogFailures.name()).absolute(sum(|s| s.log_failures.get()));
         gauge!(F::LogFailing.name()).set(sum(|s| s.log_failing.get()) as f64);
-        gauge!(F::Ready.name()).set(if shared.phase.get() == Phase::Ready { 1.0 } else { 0.0 });
+        gauge!(F::Ready.name()).set(if shared.readiness() == Readiness::Ready { 1.0 } else { 0.0 });
+        for (core, age) in shared.tick_ages_ms().enumerate() {
+            gauge!(F::CoreTickAge.name(), "core" => core.to_string()).set(age as f64 / 1000.0);
+        }
         gauge!(F::BuildInfo.name(), "version" => crate::VERSION, "revision" => crate::GIT_REVISION).set(1.0);
         gauge!(F::Threads.name()).set(cfg.threads as f64);
         self.handle.run_upkeep();

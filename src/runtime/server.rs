@@ -289,6 +289,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         data_dir,
         port_lock,
         config,
+        born: Instant::now(),
     });
     if let Some(listener) = admin {
         let bound = crate::runtime::admin::start(shared.clone(), listener)

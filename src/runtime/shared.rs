@@ -20,6 +20,7 @@ use crate::state::secret::SecretKey;
 use crate::state::shard::{KeyBudget, Versions};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Where the server is in its life, for `/readyz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,37 @@ pub enum Phase {
     Ready = 1,
     /// Shutting down: no new requests.
     Draining = 2,
+}
+
+/// A core whose housekeeping tick (every 100 ms, `core::sweeper`) has not
+/// run for this long is stalled: its executor is blocked (a directory sync
+/// on a hung disk, say), and every request for its keys waits with it.
+/// Long enough that no bounded piece of a core's work (a sweep slice, a
+/// snapshot slice, a pass of requests) reaches it.
+pub const STALL_AFTER: Duration = Duration::from_secs(5);
+
+/// What `/readyz` answers (and `rendezvous_ready`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    Starting,
+    Draining,
+    /// Serving, but this core's tick is this many ms late.
+    Stalled {
+        core: usize,
+        for_ms: u64,
+    },
+}
+
+/// The core whose last tick is the oldest, with its age, if that is
+/// `STALL_AFTER` or more. Ticks and `now_ms` count from the same instant.
+pub fn stalled(now_ms: u64, ticks_ms: impl IntoIterator<Item = u64>) -> Option<(usize, u64)> {
+    ticks_ms
+        .into_iter()
+        .map(|t| now_ms.saturating_sub(t))
+        .enumerate()
+        .max_by_key(|&(_, age)| age)
+        .filter(|&(_, age)| u128::from(age) >= STALL_AFTER.as_millis())
 }
 
 /// The server's lifecycle phase, readable from any thread.
@@ -84,4 +116,48 @@ pub struct Shared {
     pub data_dir: Option<DataDir>,
     /// The listen port's lock, held for the process's life.
     pub port_lock: std::os::unix::net::UnixListener,
+    /// What the cores' ticks count from.
+    pub born: Instant,
+}
+
+impl Shared {
+    /// Ms since `born`, as the cores' ticks are stamped.
+    pub fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Ms since each core's last tick.
+    pub fn tick_ages_ms(&self) -> impl Iterator<Item = u64> + '_ {
+        let now = self.now_ms();
+        self.stats.iter().map(move |s| now.saturating_sub(s.tick_ms.get()))
+    }
+
+    /// Ready only while serving with every core ticking.
+    pub fn readiness(&self) -> Readiness {
+        match self.phase.get() {
+            Phase::Starting => Readiness::Starting,
+            Phase::Draining => Readiness::Draining,
+            Phase::Ready => match stalled(self.now_ms(), self.stats.iter().map(|s| s.tick_ms.get())) {
+                Some((core, for_ms)) => Readiness::Stalled { core, for_ms },
+                None => Readiness::Ready,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_tick_past_the_limit_is_stalled() {
+        let limit = STALL_AFTER.as_millis() as u64;
+        assert_eq!(stalled(10_000, [9_900, 9_950]), None);
+        assert_eq!(stalled(10_000, [9_900, 10_000 - limit + 1]), None);
+        assert_eq!(stalled(10_000, [9_900, 10_000 - limit]), Some((1, limit)));
+        assert_eq!(stalled(60_000, [1_000, 30_000]), Some((0, 59_000)));
+        // A tick stamped after `now` was read is not late.
+        assert_eq!(stalled(10_000, [10_050, 9_990]), None);
+        assert_eq!(stalled(10_000, []), None);
+    }
 }
