@@ -1,6 +1,7 @@
 //! The admin server over real sockets: many idle and slow clients cannot
 //! delay a scrape, nor hold the admin address by their number (past 64,
-//! the idlest makes room for a new one); /healthz and /readyz follow the server's life; the
+//! the idlest, or the oldest request, makes room for a new one), and a
+//! request head must be whole within 5 s of its first byte; /healthz and /readyz follow the server's life; the
 //! a stalled core (one thread stopped under ptrace) makes the server not
 //! ready until it runs again; the admin address rules (busy and given: an error naming the flag; busy by
 //! default: a warning and no admin server; Go-style `:PORT`); metrics that
@@ -83,6 +84,44 @@ fn past_the_connection_cap_the_idlest_connection_makes_room() {
 }
 
 #[test]
+fn requests_begun_and_never_finished_cannot_lock_a_scraper_out() {
+    let s = Server::start(&[]);
+    let admin = s.metrics.unwrap();
+    // 64 connections, each with the first byte of a request and no more.
+    let held: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut c = TcpStream::connect(admin).unwrap();
+            c.write_all(b"G").unwrap();
+            c
+        })
+        .collect();
+    for _ in 0..3 {
+        let mut c = Client::connect(admin);
+        let r = c.req("GET", "/metrics", &[], b"");
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("rendezvous_keys_max"));
+    }
+    // Which connections made room is `admin::make_room`'s choice, tested
+    // there: here some may still count as idle when the scrapers come.
+    drop(held);
+}
+
+#[test]
+fn a_request_head_must_be_whole_within_5_s_of_its_first_byte() {
+    let s = Server::start(&[]);
+    let admin = s.metrics.unwrap();
+    let mut c = TcpStream::connect(admin).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    c.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    let n = c.read(&mut buf).unwrap_or(usize::MAX);
+    // Closed (not answered, not left open for the 60 s idle deadline).
+    assert_eq!(n, 0, "the connection should be closed");
+    assert!(started.elapsed() < Duration::from_secs(15), "closed after {:?}", started.elapsed());
+}
+
+#[test]
 fn an_endless_head_is_cut_off() {
     let s = Server::start(&[]);
     let admin = s.metrics.unwrap();
@@ -127,49 +166,6 @@ fn health_and_readiness_follow_the_servers_life() {
     drop(slow);
 }
 
-/// One core thread stopped, and only it (a signal would stop every
-/// thread), as a hung disk or a stuck loop would hold it; it runs again on
-/// drop. ptrace works from the thread that attached, so a test keeps it on
-/// its own thread.
-struct Frozen {
-    tid: libc::pid_t,
-}
-
-/// ptrace's address and data, unused here (pointer-sized: it is variadic).
-const NO_ARG: *mut libc::c_void = std::ptr::null_mut();
-
-impl Frozen {
-    fn core(pid: u32, core: usize) -> Frozen {
-        let name = format!("core-{core}");
-        let tid: libc::pid_t = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-            .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-            .and_then(|t| t.file_name().to_str()?.parse().ok())
-            .unwrap_or_else(|| panic!("no thread named {name}"));
-        // SAFETY: ptrace requests that pass no memory, on a thread of a
-        // process this test started; a failure is reported, not ignored.
-        let seized = unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, NO_ARG, NO_ARG) };
-        assert_eq!(seized, 0, "cannot trace the core: {}", std::io::Error::last_os_error());
-        let frozen = Frozen { tid };
-        // SAFETY: as above.
-        let stopped = unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, NO_ARG, NO_ARG) };
-        assert_eq!(stopped, 0, "cannot stop the core: {}", std::io::Error::last_os_error());
-        let mut status = 0;
-        // SAFETY: `status` outlives the call; waits for the stop just asked for.
-        let waited = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
-        assert_eq!(waited, tid, "{}", std::io::Error::last_os_error());
-        frozen
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        // SAFETY: detaching a thread this thread traces; no memory passed.
-        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid, NO_ARG, NO_ARG) };
-    }
-}
-
 /// Asks `/readyz` until it answers `status` (or panics after `limit`).
 fn readyz_until(admin: std::net::SocketAddr, status: u16, limit: Duration) -> Resp {
     let deadline = Instant::now() + limit;
@@ -192,7 +188,7 @@ fn a_stalled_core_makes_the_server_not_ready_until_it_runs_again() {
         metric_in(scrape, &format!("rendezvous_core_tick_age_seconds{{core=\"{core}\"}}")).unwrap()
     };
     let scrape = s.scrape();
-    assert!(age(&scrape, 0) < 1.0 && age(&scrape, 1) < 1.0, "{scrape}");
+    assert!(age(&scrape, 0) < 3.0 && age(&scrape, 1) < 3.0, "{scrape}");
     let frozen = Frozen::core(s.pid(), 1);
     let r = readyz_until(admin, 503, Duration::from_secs(30));
     let text = r.text();

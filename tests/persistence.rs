@@ -2,7 +2,8 @@
 //! every acknowledged write through kill -9 (ledger of acknowledged writes,
 //! many rounds, both fsync modes), recovered states existed (A before B),
 //! torn tails are cut, damage stops startup, disk trouble refuses writes and
-//! recovers, one process per data directory, signals, versions that never
+//! recovers, one process per data directory, signals (SIGTERM during a
+//! snapshot gives it up and shuts down), versions that never
 //! go backwards, core-count changes, a lower -maxNumKV, -dump, golden files.
 
 mod common;
@@ -771,6 +772,36 @@ fn a_lower_max_num_kv_keeps_every_stored_key() {
     let (dir, _) = s.stop_keep_dir("-TERM");
     let s = Server::start_in(dir, &[&["-maxNumKV", "50"][..], &quotas_off].concat());
     assert_eq!(s.get("/get/k99").status, 200);
+}
+
+#[test]
+fn sigterm_during_a_snapshot_gives_it_up_and_shuts_down() {
+    let s = Server::start(&["-threads", "2"]);
+    for i in 0..100 {
+        assert_eq!(s.post(&format!("/set/k{i}"), b"v").status, 200);
+    }
+    // A snapshot that cannot finish: one core is stopped, so it never sends
+    // its copy.
+    let frozen = Frozen::core(s.pid(), 1);
+    s.signal("-HUP");
+    s.wait_log("writing a snapshot now", Duration::from_secs(10));
+    s.signal("-TERM");
+    s.wait_log("the snapshot being written is given up", Duration::from_secs(10));
+    drop(frozen);
+    s.wait_log("shutdown complete", Duration::from_secs(30));
+    let (dir, status) = s.stop_keep_dir("-TERM");
+    assert!(status.success(), "{status:?}");
+    // The shutdown's own snapshot was saved ("shutdown complete" says so),
+    // no temp file is left, and every key is back after a restart.
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let s = Server::start_in(dir, &["-threads", "2"]);
+    assert_eq!(s.metric("rendezvous_keys"), Some(100.0));
+    assert_eq!(s.get("/get/k99").text(), "v");
 }
 
 #[test]

@@ -12,10 +12,13 @@
 //! reader it is given stops there). At most `MAX_CONNS` connections are
 //! open: the process has one descriptor limit, which the public port needs,
 //! so anyone who can reach this address must not be able to spend it. A
-//! connection over the cap takes the place of the one idle longest (so idle
-//! connections cannot lock a scraper out), or is closed at once if none is
-//! idle. The cores' counts are folded into the exporter once a second by a
-//! timer task here, and on every scrape.
+//! connection over the cap takes the place of the one idle longest or, if
+//! none is idle, of the one whose request began longest ago: neither idle
+//! connections nor slow requests can lock a scraper out (a scrape takes
+//! milliseconds, so it is never the oldest for long), and an evicted
+//! connection closes at once, whatever it was doing. The cores' counts are
+//! folded into the exporter once a second by a timer task here, and on
+//! every scrape.
 //!
 //! - `/healthz`: 200 while the process runs (liveness).
 //! - `/readyz`: 200 once the store is loaded and every core serves; 503
@@ -54,8 +57,8 @@ const FOLD_EVERY: Duration = Duration::from_secs(1);
 /// Open connections, at most. A scraper, the health checks of a supervisor
 /// and a balancer or two need a handful.
 const MAX_CONNS: usize = 64;
-/// A refusal at the cap is logged at most this often.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// An eviction at the cap is logged at most this often.
+const EVICTION_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Starts the admin thread on an already bound listener. Returns the
 /// address it serves.
@@ -100,22 +103,21 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener, exporter: Exporter) {
         });
     }
     let open: Rc<RefCell<Vec<Rc<Slot>>>> = Rc::default();
-    let mut last_refusal: Option<Instant> = None;
+    let mut last_busy_eviction: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if !make_room(&open.borrow()) {
-                    // Dropping the stream closes it.
-                    if last_refusal.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
-                        log::warn!(
-                            "admin server: {MAX_CONNS} connections open, none idle: closed one from {peer} (logged at most once a minute)"
-                        );
-                        last_refusal = Some(Instant::now());
-                    }
-                    continue;
+                if make_room(&open.borrow()) == Some(Activity::Busy)
+                    && last_busy_eviction.is_none_or(|t| t.elapsed() >= EVICTION_LOG_EVERY)
+                {
+                    log::warn!(
+                        "admin server: {MAX_CONNS} connections open, none idle: the oldest request made room for a \
+                         connection from {peer} (logged at most once a minute)"
+                    );
+                    last_busy_eviction = Some(Instant::now());
                 }
                 let _ = stream.set_nodelay(true);
-                let slot = Rc::new(Slot::default());
+                let slot = Rc::new(Slot::new());
                 open.borrow_mut().push(slot.clone());
                 let guard = Leave { open: open.clone(), slot };
                 monoio::spawn(connection(shared.clone(), exporter.clone(), stream, guard));
@@ -128,24 +130,53 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener, exporter: Exporter) {
     }
 }
 
+/// What a connection is doing, for the choice of which makes room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Activity {
+    /// Waiting for a request, nothing of it read; or writing an answer
+    /// (its client may be waiting for nothing more).
+    Idle,
+    /// Reading a request: its first byte has arrived.
+    Busy,
+}
+
 /// One open connection, as the accept loop sees it.
-#[derive(Default)]
 struct Slot {
-    /// Since when it has been waiting for a request with nothing of it read
-    /// (set as its last answer goes out), if it is.
-    idle_since: Cell<Option<Instant>>,
+    /// What it is doing, and since when.
+    state: Cell<(Activity, Instant)>,
     /// Told to close, to make room for a new connection.
     evicted: Cell<bool>,
-    /// Wakes it while it waits for a request.
+    /// Wakes its task, whatever it waits for.
     waker: Cell<Option<Waker>>,
 }
 
 impl Slot {
+    fn new() -> Slot {
+        Slot { state: Cell::new((Activity::Idle, Instant::now())), evicted: Cell::new(false), waker: Cell::new(None) }
+    }
+
+    fn set(&self, activity: Activity) {
+        self.state.set((activity, Instant::now()));
+    }
+
     fn evict(&self) {
         self.evicted.set(true);
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+    }
+
+    /// Runs `work` until it ends, or until the connection is evicted (`None`).
+    async fn unless_evicted<F: Future>(&self, work: F) -> Option<F::Output> {
+        let mut work = std::pin::pin!(work);
+        std::future::poll_fn(|cx| {
+            if self.evicted.get() {
+                return Poll::Ready(None);
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            work.as_mut().poll(cx).map(Some)
+        })
+        .await
     }
 }
 
@@ -161,28 +192,45 @@ impl Drop for Leave {
     }
 }
 
-/// Whether a new connection may be served: under the cap, or once the
-/// connection idle longest has been told to close.
-fn make_room(open: &[Rc<Slot>]) -> bool {
+/// Makes room for one more connection at the cap: tells the connection
+/// idle longest to close or, if none is idle, the one whose request began
+/// longest ago. Returns what the evicted one was doing, if one was.
+fn make_room(open: &[Rc<Slot>]) -> Option<Activity> {
     let staying = open.iter().filter(|s| !s.evicted.get());
     if staying.clone().count() < MAX_CONNS {
-        return true;
+        return None;
     }
-    let idlest = staying.filter_map(|s| s.idle_since.get().map(|t| (t, s))).min_by_key(|(t, _)| *t);
-    match idlest {
-        Some((_, s)) => {
-            s.evict();
-            true
+    let oldest = staying.min_by_key(|s| s.state.get())?;
+    oldest.evict();
+    Some(oldest.state.get().0)
+}
+
+/// The next request, or `None` when its head is not whole within `HEAD`
+/// of its first byte (the decoder's own timeout covers only the wait for
+/// that byte).
+async fn next_request<S: Stream>(decoder: &mut S, slot: &Slot) -> Option<Option<S::Item>> {
+    let mut read = std::pin::pin!(decoder.next());
+    let mut head: Option<std::pin::Pin<Box<monoio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = read.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
         }
-        None => false,
-    }
+        if slot.state.get().0 == Activity::Busy {
+            let deadline = head.get_or_insert_with(|| Box::pin(monoio::time::sleep(HEAD)));
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// A reader that refuses to read once its budget is spent: the budget is
 /// refilled for each request, so one request can never make the decoder
 /// buffer more than `MAX_REQUEST` bytes plus the one read that spent it (at
 /// most the decoder's buffer, which only grows as reads fill it).
-/// The first byte read of a request ends the connection's idleness.
+/// The first byte read of a request makes the connection busy.
 struct Budgeted<R> {
     inner: R,
     left: Rc<Cell<usize>>,
@@ -199,7 +247,9 @@ impl<R: AsyncReadRent> AsyncReadRent for Budgeted<R> {
         let (r, buf) = self.inner.read(buf).await;
         if let Ok(n @ 1..) = r {
             self.left.set(left.saturating_sub(n));
-            self.slot.idle_since.set(None);
+            if self.slot.state.get().0 == Activity::Idle {
+                self.slot.set(Activity::Busy);
+            }
         }
         (r, buf)
     }
@@ -248,22 +298,14 @@ async fn connection(shared: Arc<Shared>, exporter: Rc<RefCell<Exporter>>, stream
     let reader = Budgeted { inner: r, left: budget.clone(), slot: slot.clone() };
     let mut decoder = RequestDecoder::new_with_timeout(reader, IDLE);
     let mut encoder = GenericEncoder::new(w);
-    slot.idle_since.set(Some(Instant::now()));
     loop {
         budget.set(MAX_REQUEST);
-        let next = {
-            let mut read = std::pin::pin!(monoio::time::timeout(IDLE + HEAD, decoder.next()));
-            std::future::poll_fn(|cx| {
-                if slot.evicted.get() {
-                    return Poll::Ready(None);
-                }
-                slot.waker.set(Some(cx.waker().clone()));
-                read.as_mut().poll(cx).map(Some)
-            })
-            .await
+        // Evicted, or past a deadline: close.
+        let Some(Ok(Some(next))) =
+            slot.unless_evicted(monoio::time::timeout(IDLE + HEAD, next_request(&mut decoder, &slot))).await
+        else {
+            return;
         };
-        // Evicted, or past the deadline: close.
-        let Some(Ok(next)) = next else { return };
         let req = match next {
             Some(Ok(req)) => req,
             // EOF, idle timeout, garbage, or over the budget: close.
@@ -279,7 +321,8 @@ async fn connection(shared: Arc<Shared>, exporter: Rc<RefCell<Exporter>>, stream
         let mut response = route(&shared, &exporter, req.method(), req.uri().path());
         drop(req);
         // Read (and drop) any body before the next request, within the budget.
-        if monoio::time::timeout(HEAD, decoder.fill_payload()).await.map_or(true, |r| r.is_err()) {
+        let body = slot.unless_evicted(monoio::time::timeout(HEAD, decoder.fill_payload())).await;
+        if !matches!(body, Some(Ok(Ok(_)))) {
             return;
         }
         if head_only {
@@ -289,16 +332,51 @@ async fn connection(shared: Arc<Shared>, exporter: Rc<RefCell<Exporter>>, stream
             response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         // Idle from here: a client that has its answer may be waiting for
-        // nothing more, and one evicted while its answer is written still
-        // gets the answer.
-        slot.idle_since.set(Some(Instant::now()));
-        let sent = monoio::time::timeout(WRITE, async {
-            encoder.send(response).await?;
-            Sink::<http::Response<HttpBody>>::flush(&mut encoder).await
-        })
-        .await;
-        if !matches!(sent, Ok(Ok(()))) || close {
+        // nothing more. (A request already buffered behind this one counts
+        // as idle too: at the cap it may be dropped with its connection.)
+        slot.set(Activity::Idle);
+        let sent = slot
+            .unless_evicted(monoio::time::timeout(WRITE, async {
+                encoder.send(response).await?;
+                Sink::<http::Response<HttpBody>>::flush(&mut encoder).await
+            }))
+            .await;
+        if !matches!(sent, Some(Ok(Ok(())))) || close {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(activity: Activity, age_ms: u64) -> Rc<Slot> {
+        let s = Slot::new();
+        s.state.set((activity, Instant::now() - Duration::from_millis(age_ms)));
+        Rc::new(s)
+    }
+
+    #[test]
+    fn room_is_made_by_the_idlest_then_by_the_oldest_request() {
+        // Under the cap: nobody goes.
+        let few: Vec<Rc<Slot>> = (0..MAX_CONNS - 1).map(|i| slot(Activity::Idle, i as u64)).collect();
+        assert_eq!(make_room(&few), None);
+        assert!(few.iter().all(|s| !s.evicted.get()));
+        // At the cap: the connection idle longest, though requests are older.
+        let mut open: Vec<Rc<Slot>> = (0..MAX_CONNS - 2).map(|i| slot(Activity::Busy, 10_000 + i as u64)).collect();
+        open.push(slot(Activity::Idle, 5));
+        open.push(slot(Activity::Idle, 50));
+        assert_eq!(make_room(&open), Some(Activity::Idle));
+        assert!(open[MAX_CONNS - 1].evicted.get() && !open[MAX_CONNS - 2].evicted.get());
+        // Evicted connections no longer count: one more comes in, the other idle one goes.
+        open.push(slot(Activity::Busy, 0));
+        assert_eq!(make_room(&open), Some(Activity::Idle));
+        assert!(open[MAX_CONNS - 2].evicted.get());
+        // None idle: the request begun longest ago, never a refusal.
+        open.push(slot(Activity::Busy, 0));
+        assert_eq!(make_room(&open), Some(Activity::Busy));
+        assert!(open[MAX_CONNS - 3].evicted.get(), "the oldest request (10,000 + 61 ms)");
+        assert_eq!(open.iter().filter(|s| !s.evicted.get()).count(), MAX_CONNS - 1);
     }
 }

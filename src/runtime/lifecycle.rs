@@ -16,7 +16,10 @@
 //! `-shutdownTimeout`; a second signal stops that wait). Then every core's
 //! log is written and synced, a final checkpoint is taken, and the process
 //! exits 0 (1 if what it holds could not be saved). Only SIGKILL skips the
-//! flush and the checkpoint.
+//! flush and the checkpoint. SIGTERM or SIGINT while a checkpoint is being
+//! written stops that checkpoint (its temp file is deleted) and shuts down
+//! at once: the shutdown's own checkpoint covers more, and draining does not
+//! wait behind a copy that would be redone.
 
 use crate::clock::unix_ms;
 use crate::persist::{datadir, snapshot};
@@ -101,18 +104,21 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
     // If the signal thread is gone, checkpoints still run on their timer.
     let no_signals = crossbeam_channel::never();
     let mut signals = &sig_rx;
+    let stop = |sig: i32| -> ! {
+        log::info!("{}: shutting down", signal_name(sig));
+        std::process::exit(shutdown(&shared, &sig_rx));
+    };
     loop {
         crossbeam_channel::select! {
             recv(signals) -> sig => match sig {
-                Ok(sig @ (SIGTERM | SIGINT)) => {
-                    log::info!("{}: shutting down", signal_name(sig));
-                    std::process::exit(shutdown(&shared, &sig_rx));
-                }
+                Ok(sig @ (SIGTERM | SIGINT)) => stop(sig),
                 Ok(sig) => {
                     if shared.config.data_dir().is_some() {
                         log::info!("{}: writing a snapshot now", signal_name(sig));
                         growth.restart(&shared);
-                        checkpoint(&shared);
+                        if let Checkpoint::Stopped(sig) = checkpoint(&shared, Some(signals)) {
+                            stop(sig);
+                        }
                     } else {
                         log::info!("{}: nothing to save (-dataDir is empty)", signal_name(sig));
                     }
@@ -124,13 +130,17 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
             },
             recv(ticks) -> _ => {
                 growth.restart(&shared);
-                checkpoint(&shared);
+                if let Checkpoint::Stopped(sig) = checkpoint(&shared, Some(signals)) {
+                    stop(sig);
+                }
             }
             recv(size_checks) -> _ => {
                 if let Some(grown) = growth.over_limit(&shared) {
                     log::info!("the log grew by {grown} bytes since the last snapshot (-maxLogSize): writing one now");
                     growth.restart(&shared);
-                    checkpoint(&shared);
+                    if let Checkpoint::Stopped(sig) = checkpoint(&shared, Some(signals)) {
+                        stop(sig);
+                    }
                 }
             }
         }
@@ -245,31 +255,48 @@ fn shutdown(shared: &Shared, signals: &crossbeam_channel::Receiver<i32>) -> i32 
             }
         }
     }
-    match checkpoint(shared) {
-        true if code == 0 => {
+    match checkpoint(shared, None) {
+        Checkpoint::Saved if code == 0 => {
             log::info!("shutdown complete");
             0
         }
-        true => {
+        Checkpoint::Saved => {
             // The snapshot holds everything in memory: what the log could not
             // take is saved after all.
             log::info!("shutdown complete (the final snapshot holds what the log could not write)");
             0
         }
-        false => {
+        Checkpoint::Failed | Checkpoint::Stopped(_) => {
             log::error!("shutdown could not save the store: see the errors above; the log holds what it could");
             1
         }
     }
 }
 
-/// Takes a checkpoint; failures are logged and counted. Returns whether
-/// the snapshot was saved.
-pub fn checkpoint(shared: &Shared) -> bool {
-    let Some(dir) = shared.config.data_dir() else { return true };
+/// How a checkpoint ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    Saved,
+    /// Logged and counted; the log keeps everything.
+    Failed,
+    /// Given up for this shutdown signal, which the caller acts on.
+    Stopped(i32),
+}
+
+/// Why a checkpoint was not saved.
+enum NotSaved {
+    Failed(String),
+    Stopped(i32),
+}
+
+/// Takes a checkpoint; failures are logged and counted. With `signals`,
+/// SIGTERM or SIGINT while the cores' copies are collected stops it (other
+/// signals meanwhile are dropped: a snapshot is being written already).
+pub fn checkpoint(shared: &Shared, signals: Option<&crossbeam_channel::Receiver<i32>>) -> Checkpoint {
+    let Some(dir) = shared.config.data_dir() else { return Checkpoint::Saved };
     let started = Instant::now();
     let stats = &shared.snapshot_stats;
-    match write_checkpoint(shared, dir, started) {
+    match write_checkpoint(shared, dir, started, signals) {
         Ok((entries, size, replay_from)) => {
             stats.saved_total.add(1);
             stats.last_success_unix_ms.set(unix_ms());
@@ -282,22 +309,64 @@ pub fn checkpoint(shared: &Shared) -> bool {
                 started.elapsed().as_millis(),
                 dir.join(snapshot::FILE_NAME).display()
             );
-            true
+            Checkpoint::Saved
         }
-        Err(e) => {
+        Err(NotSaved::Failed(e)) => {
             stats.failures_total.add(1);
             log::error!("snapshot in {} failed: {e}; the log keeps everything since the last one", dir.display());
-            false
+            Checkpoint::Failed
+        }
+        Err(NotSaved::Stopped(sig)) => {
+            log::info!(
+                "{}: the snapshot being written is given up after {} ms (the shutdown writes its own)",
+                signal_name(sig),
+                started.elapsed().as_millis()
+            );
+            Checkpoint::Stopped(sig)
+        }
+    }
+}
+
+/// How often a checkpoint looks for a shutdown signal while it waits.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// The next message of a checkpoint's cores, or why there is none: a
+/// shutdown signal, or no message for `COLLECT_TIMEOUT`.
+fn next_slice(
+    rx: &mpsc::Receiver<CheckpointMsg>,
+    signals: Option<&crossbeam_channel::Receiver<i32>>,
+    started: Instant,
+) -> Result<CheckpointMsg, NotSaved> {
+    let waiting = Instant::now();
+    loop {
+        while let Some(sig) = signals.and_then(|s| s.try_recv().ok()) {
+            if matches!(sig, SIGTERM | SIGINT) {
+                return Err(NotSaved::Stopped(sig));
+            }
+            log::info!("{}: a snapshot is being written already", signal_name(sig));
+        }
+        match rx.recv_timeout(SIGNAL_POLL) {
+            Ok(msg) => return Ok(msg),
+            Err(mpsc::RecvTimeoutError::Timeout) if waiting.elapsed() < COLLECT_TIMEOUT => {}
+            Err(_) => {
+                return Err(NotSaved::Failed(format!("a core sent nothing for {} s", started.elapsed().as_secs())))
+            }
         }
     }
 }
 
 /// Streams every core's copy into a new snapshot file and publishes it.
 /// Returns (entries, bytes, first segment not covered).
-fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u64, u64, u64), String> {
+fn write_checkpoint(
+    shared: &Shared,
+    dir: &Path,
+    started: Instant,
+    signals: Option<&crossbeam_channel::Receiver<i32>>,
+) -> Result<(u64, u64, u64), NotSaved> {
     let n = shared.config.threads;
     let created = unix_ms();
-    let mut writer = snapshot::Writer::create(dir).map_err(|e| format!("cannot create a temp file: {e}"))?;
+    let mut writer =
+        snapshot::Writer::create(dir).map_err(|e| NotSaved::Failed(format!("cannot create a temp file: {e}")))?;
     // One slice per core in flight at most: memory stays bounded.
     let (tx, rx) = mpsc::sync_channel(n);
     let gate = Arc::new(CopyGate::default());
@@ -310,7 +379,7 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
     let mut seqs: Vec<Option<u64>> = vec![None; n];
     let (mut begun, mut ended, mut max_version, mut covered) = (0, 0, 0u64, 0u64);
     let failure = loop {
-        match rx.recv_timeout(COLLECT_TIMEOUT) {
+        match next_slice(&rx, signals, started) {
             Ok(CheckpointMsg::Begun { core, seq }) => {
                 if let Some(s) = seqs.get_mut(core) {
                     if s.replace(seq).is_none() {
@@ -327,7 +396,7 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
             }
             Ok(CheckpointMsg::Entries(entries)) => {
                 if let Err(e) = writer.write_entries(&entries) {
-                    break Some(format!("cannot write: {e}"));
+                    break Some(NotSaved::Failed(format!("cannot write: {e}")));
                 }
             }
             Ok(CheckpointMsg::Ended { max_version: v, .. }) => {
@@ -337,8 +406,8 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
                     break None;
                 }
             }
-            Ok(CheckpointMsg::Failed { core, why }) => break Some(format!("core {core}: {why}")),
-            Err(_) => break Some(format!("a core sent nothing for {} s", started.elapsed().as_secs())),
+            Ok(CheckpointMsg::Failed { core, why }) => break Some(NotSaved::Failed(format!("core {core}: {why}"))),
+            Err(why) => break Some(why),
         }
     };
     // Dropping the receiver tells cores still copying to stop.
@@ -350,7 +419,7 @@ fn write_checkpoint(shared: &Shared, dir: &Path, started: Instant) -> Result<(u6
     let entries = writer.entries();
     let replay_from = seqs.iter().flatten().copied().min().unwrap_or(0);
     let cover = snapshot::Cover { replay_from, covered_version: covered, max_version };
-    let size = writer.publish(&shared.secret_key, created, cover).map_err(|e| e.to_string())?;
+    let size = writer.publish(&shared.secret_key, created, cover).map_err(|e| NotSaved::Failed(e.to_string()))?;
     Ok((entries, size, replay_from))
 }
 

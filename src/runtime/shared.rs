@@ -35,10 +35,12 @@ pub enum Phase {
 }
 
 /// A core whose housekeeping tick (every 100 ms, `core::sweeper`) has not
-/// run for this long is stalled: its executor is blocked (a directory sync
-/// on a hung disk, say), and every request for its keys waits with it.
-/// Long enough that no bounded piece of a core's work (a sweep slice, a
-/// snapshot slice, a pass of requests) reaches it.
+/// run for this long is stalled: its executor is blocked, and every request
+/// for its keys waits with it. No bounded piece of a core's work (a sweep
+/// slice, a snapshot slice, a pass of requests) comes near it; the one call
+/// a core makes that can block on the disk is the directory sync when its
+/// log moves to a new segment, and a sync that takes 5 s is a disk worth
+/// reporting.
 pub const STALL_AFTER: Duration = Duration::from_secs(5);
 
 /// What `/readyz` answers (and `rendezvous_ready`).

@@ -509,3 +509,46 @@ pub fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
     let status = wait_deadline(&mut child, Duration::from_secs(30));
     (status, reader.join().unwrap())
 }
+
+/// One core thread stopped, and only it (a signal would stop every
+/// thread), as a hung disk or a stuck loop would hold it; it runs again on
+/// drop. ptrace works from the thread that attached, so a test keeps it on
+/// its own thread.
+pub struct Frozen {
+    tid: libc::pid_t,
+}
+
+/// ptrace's address and data, unused here (pointer-sized: it is variadic).
+const NO_ARG: *mut libc::c_void = std::ptr::null_mut();
+
+impl Frozen {
+    pub fn core(pid: u32, core: usize) -> Frozen {
+        let name = format!("core-{core}");
+        let tid: libc::pid_t = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+            .and_then(|t| t.file_name().to_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("no thread named {name}"));
+        // SAFETY: ptrace requests that pass no memory, on a thread of a
+        // process this test started; a failure is reported, not ignored.
+        let seized = unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, NO_ARG, NO_ARG) };
+        assert_eq!(seized, 0, "cannot trace the core: {}", std::io::Error::last_os_error());
+        let frozen = Frozen { tid };
+        // SAFETY: as above.
+        let stopped = unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, NO_ARG, NO_ARG) };
+        assert_eq!(stopped, 0, "cannot stop the core: {}", std::io::Error::last_os_error());
+        let mut status = 0;
+        // SAFETY: `status` outlives the call; waits for the stop just asked for.
+        let waited = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+        assert_eq!(waited, tid, "{}", std::io::Error::last_os_error());
+        frozen
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: detaching a thread this thread traces; no memory passed.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid, NO_ARG, NO_ARG) };
+    }
+}
