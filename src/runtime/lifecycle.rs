@@ -457,24 +457,62 @@ const START_EXTENSION_EVERY: Duration = Duration::from_secs(10);
 /// more for `READY=1` (`EXTEND_TIMEOUT_USEC`, which only ever lengthens
 /// the unit's start timeout): a replay longer than `TimeoutStartSec` would
 /// otherwise be killed and restarted, over and over. The first message
-/// goes before `work` starts. Not under systemd, it just runs `work`.
+/// goes before `work` starts; each later one only if `work`'s thread used
+/// CPU or read bytes since the one before, so a recovery stuck on a hung
+/// disk is not waited for forever (systemd's timeout runs out about 20 s
+/// after its last message). Not under systemd, it just runs `work`.
 pub fn while_starting<T>(work: impl FnOnce() -> T) -> T {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return work();
     }
     let extend = format!("EXTEND_TIMEOUT_USEC={}\nSTATUS=recovering the store", START_EXTENSION.as_micros());
     notify_systemd(&extend);
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let worker = unsafe { libc::gettid() };
     let (done, finished) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
         scope.spawn(move || {
+            let mut last = Progress::of(worker);
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(START_EXTENSION_EVERY) {
-                notify_systemd(&extend);
+                let now = Progress::of(worker);
+                // Unreadable counters count as progress, as before they were read.
+                if now.is_none() || now != last {
+                    notify_systemd(&extend);
+                } else {
+                    log::warn!("recovery has neither used CPU nor read for {} s", START_EXTENSION_EVERY.as_secs());
+                }
+                last = now;
             }
         });
         let out = work();
         drop(done);
         out
     })
+}
+
+/// What a thread has done, as the kernel counts it: CPU time in clock
+/// ticks and bytes read (`/proc/self/task/TID/stat` and `io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Progress {
+    cpu_ticks: u64,
+    read_bytes: u64,
+}
+
+impl Progress {
+    fn of(tid: libc::pid_t) -> Option<Progress> {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+        let io = std::fs::read_to_string(format!("/proc/self/task/{tid}/io")).ok()?;
+        Progress::parse(&stat, &io)
+    }
+
+    fn parse(stat: &str, io: &str) -> Option<Progress> {
+        // utime and stime are fields 14 and 15; the command name before
+        // them, in parentheses, may hold spaces.
+        let mut after = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().skip(11);
+        let cpu_ticks = after.next()?.parse::<u64>().ok()? + after.next()?.parse::<u64>().ok()?;
+        let read_bytes = io.lines().find_map(|l| l.strip_prefix("rchar:"))?.trim().parse().ok()?;
+        Some(Progress { cpu_ticks, read_bytes })
+    }
 }
 
 /// Tells systemd (`Type=notify`) how the service stands: `READY=1` when
@@ -499,6 +537,23 @@ pub fn notify_systemd(state: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::Progress;
+
+    #[test]
+    fn a_threads_progress_is_read_from_proc() {
+        let stat = "42 (core 0) S 1 2 3 4 5 6 7 8 9 10 123 45 0 0 20 0";
+        let io = "rchar: 9000\nwchar: 1\nsyscr: 3\n";
+        assert_eq!(Progress::parse(stat, io), Some(Progress { cpu_ticks: 168, read_bytes: 9000 }));
+        assert_eq!(Progress::parse("garbage", io), None);
+        // This thread's own counters move when it reads.
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() };
+        let before = Progress::of(me).expect("readable /proc");
+        let _ = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let after = Progress::of(me).unwrap();
+        assert!(after.read_bytes > before.read_bytes, "{before:?} {after:?}");
+    }
+
     #[test]
     fn lowering_priority_sets_this_threads_nice_value() {
         std::thread::spawn(|| {
