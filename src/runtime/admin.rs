@@ -12,11 +12,12 @@
 //! reader it is given stops there). At most `MAX_CONNS` connections are
 //! open: the process has one descriptor limit, which the public port needs,
 //! so anyone who can reach this address must not be able to spend it. A
-//! connection over the cap takes the place of the one idle longest or, if
-//! none is idle, of the one whose request began longest ago: neither idle
-//! connections nor slow requests can lock a scraper out (a scrape takes
-//! milliseconds, so it is never the oldest for long), and an evicted
-//! connection closes at once, whatever it was doing. The cores' counts are
+//! connection over the cap takes the place of one idle for a second or
+//! more or, if there is none, of the one in its state longest (a request
+//! begun longest ago, say): neither idle connections nor slow requests can
+//! lock a scraper out (a scrape takes milliseconds, so it is never the
+//! oldest for long), and an evicted connection closes at once, whatever it
+//! was doing. The cores' counts are
 //! folded into the exporter once a second by a timer task here, and on
 //! every scrape.
 //!
@@ -59,6 +60,8 @@ const FOLD_EVERY: Duration = Duration::from_secs(1);
 const MAX_CONNS: usize = 64;
 /// An eviction at the cap is logged at most this often.
 const EVICTION_LOG_EVERY: Duration = Duration::from_secs(60);
+/// An idle connection this old makes room before any request does.
+const STALE_IDLE: Duration = Duration::from_secs(1);
 
 /// Starts the admin thread on an already bound listener. Returns the
 /// address it serves.
@@ -193,14 +196,23 @@ impl Drop for Leave {
 }
 
 /// Makes room for one more connection at the cap: tells the connection
-/// idle longest to close or, if none is idle, the one whose request began
-/// longest ago. Returns what the evicted one was doing, if one was.
+/// idle longest to close if it has been idle for `STALE_IDLE`, or else the
+/// one that has been in its state longest, busy or idle. Returns what the
+/// evicted one was doing, if one was. A connection just accepted, or just
+/// answered, is idle but recent: ranked by time alone it goes after every
+/// older request, so a client churning connections cannot evict a scraper
+/// in the milliseconds before its request's first byte is read.
 fn make_room(open: &[Rc<Slot>]) -> Option<Activity> {
     let staying = open.iter().filter(|s| !s.evicted.get());
     if staying.clone().count() < MAX_CONNS {
         return None;
     }
-    let oldest = staying.min_by_key(|s| s.state.get())?;
+    let now = Instant::now();
+    let oldest = staying.min_by_key(|s| {
+        let (activity, since) = s.state.get();
+        let stale = activity == Activity::Idle && now.duration_since(since) >= STALE_IDLE;
+        (!stale, since)
+    })?;
     oldest.evict();
     Some(oldest.state.get().0)
 }
@@ -363,10 +375,11 @@ mod tests {
         let few: Vec<Rc<Slot>> = (0..MAX_CONNS - 1).map(|i| slot(Activity::Idle, i as u64)).collect();
         assert_eq!(make_room(&few), None);
         assert!(few.iter().all(|s| !s.evicted.get()));
-        // At the cap: the connection idle longest, though requests are older.
+        // At the cap: the connection idle longest (a second or more), though
+        // requests are older.
         let mut open: Vec<Rc<Slot>> = (0..MAX_CONNS - 2).map(|i| slot(Activity::Busy, 10_000 + i as u64)).collect();
-        open.push(slot(Activity::Idle, 5));
-        open.push(slot(Activity::Idle, 50));
+        open.push(slot(Activity::Idle, 1_005));
+        open.push(slot(Activity::Idle, 1_050));
         assert_eq!(make_room(&open), Some(Activity::Idle));
         assert!(open[MAX_CONNS - 1].evicted.get() && !open[MAX_CONNS - 2].evicted.get());
         // Evicted connections no longer count: one more comes in, the other idle one goes.
@@ -378,5 +391,12 @@ mod tests {
         assert_eq!(make_room(&open), Some(Activity::Busy));
         assert!(open[MAX_CONNS - 3].evicted.get(), "the oldest request (10,000 + 61 ms)");
         assert_eq!(open.iter().filter(|s| !s.evicted.get()).count(), MAX_CONNS - 1);
+        // A connection just accepted (idle, not yet read) stays while older
+        // requests are open: a client churning connections cannot evict it.
+        let mut open: Vec<Rc<Slot>> = (0..MAX_CONNS - 1).map(|i| slot(Activity::Busy, 3_000 + i as u64)).collect();
+        open.push(slot(Activity::Idle, 2));
+        assert_eq!(make_room(&open), Some(Activity::Busy));
+        assert!(!open[MAX_CONNS - 1].evicted.get());
+        assert!(open[MAX_CONNS - 2].evicted.get(), "the oldest request");
     }
 }

@@ -17,9 +17,9 @@
 //! log is written and synced, a final checkpoint is taken, and the process
 //! exits 0 (1 if what it holds could not be saved). Only SIGKILL skips the
 //! flush and the checkpoint. SIGTERM or SIGINT while a checkpoint is being
-//! written stops that checkpoint (its temp file is deleted) and shuts down
-//! at once: the shutdown's own checkpoint covers more, and draining does not
-//! wait behind a copy that would be redone.
+//! written stops that checkpoint at its next slice (its temp file is
+//! deleted) and shuts down: the shutdown's own checkpoint covers more, and
+//! draining does not wait behind a copy that would be redone.
 
 use crate::clock::unix_ms;
 use crate::persist::{datadir, snapshot};
@@ -458,9 +458,10 @@ const START_EXTENSION_EVERY: Duration = Duration::from_secs(10);
 /// the unit's start timeout): a replay longer than `TimeoutStartSec` would
 /// otherwise be killed and restarted, over and over. The first message
 /// goes before `work` starts; each later one only if `work`'s thread used
-/// CPU or read bytes since the one before, so a recovery stuck on a hung
-/// disk is not waited for forever (systemd's timeout runs out about 20 s
-/// after its last message). Not under systemd, it just runs `work`.
+/// CPU, read or wrote since the one before, so a recovery stuck on a hung
+/// disk is not waited for forever (systemd's timeout runs out at most 30 s
+/// after the last message). A single disk call that takes over about 20 s
+/// shows as no progress too; on a disk that slow, a restart is no worse. Not under systemd, it just runs `work`.
 pub fn while_starting<T>(work: impl FnOnce() -> T) -> T {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return work();
@@ -479,7 +480,10 @@ pub fn while_starting<T>(work: impl FnOnce() -> T) -> T {
                 if now.is_none() || now != last {
                     notify_systemd(&extend);
                 } else {
-                    log::warn!("recovery has neither used CPU nor read for {} s", START_EXTENSION_EVERY.as_secs());
+                    log::warn!(
+                        "recovery has neither used CPU nor read nor written for {} s",
+                        START_EXTENSION_EVERY.as_secs()
+                    );
                 }
                 last = now;
             }
@@ -491,11 +495,12 @@ pub fn while_starting<T>(work: impl FnOnce() -> T) -> T {
 }
 
 /// What a thread has done, as the kernel counts it: CPU time in clock
-/// ticks and bytes read (`/proc/self/task/TID/stat` and `io`).
+/// ticks, bytes read and written (`/proc/self/task/TID/stat` and `io`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Progress {
     cpu_ticks: u64,
     read_bytes: u64,
+    written_bytes: u64,
 }
 
 impl Progress {
@@ -510,8 +515,8 @@ impl Progress {
         // them, in parentheses, may hold spaces.
         let mut after = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().skip(11);
         let cpu_ticks = after.next()?.parse::<u64>().ok()? + after.next()?.parse::<u64>().ok()?;
-        let read_bytes = io.lines().find_map(|l| l.strip_prefix("rchar:"))?.trim().parse().ok()?;
-        Some(Progress { cpu_ticks, read_bytes })
+        let count = |name: &str| io.lines().find_map(|l| l.strip_prefix(name))?.trim().parse().ok();
+        Some(Progress { cpu_ticks, read_bytes: count("rchar:")?, written_bytes: count("wchar:")? })
     }
 }
 
@@ -543,7 +548,7 @@ mod tests {
     fn a_threads_progress_is_read_from_proc() {
         let stat = "42 (core 0) S 1 2 3 4 5 6 7 8 9 10 123 45 0 0 20 0";
         let io = "rchar: 9000\nwchar: 1\nsyscr: 3\n";
-        assert_eq!(Progress::parse(stat, io), Some(Progress { cpu_ticks: 168, read_bytes: 9000 }));
+        assert_eq!(Progress::parse(stat, io), Some(Progress { cpu_ticks: 168, read_bytes: 9000, written_bytes: 1 }));
         assert_eq!(Progress::parse("garbage", io), None);
         // This thread's own counters move when it reads.
         // SAFETY: gettid has no preconditions.
