@@ -10,7 +10,8 @@
 //! counters as absolute totals, gauges as values, and each per-core
 //! histogram bucket's new samples as `record_many(mean of those samples,
 //! count)`, which lands them in the identical exporter bucket and keeps
-//! `_sum` exact. Process metrics are written straight into the text: the
+//! `_sum` exact (to within a sample a core was recording as it was read,
+//! carried to the next fold: `Folded::fold`). Process metrics are written straight into the text: the
 //! recorder's counters are integers, and CPU seconds must not move in whole
 //! seconds. Label values come from fixed tables (routes, statuses, core
 //! ids), so the number of series is bounded.
@@ -193,7 +194,8 @@ fn describe() {
     }
 }
 
-/// What a histogram's buckets held at the last fold, per core.
+/// What a histogram's buckets held at the last fold, per core: the
+/// samples counted, and the sum of the values given for them.
 struct Folded {
     counts: Vec<u64>,
     sums: Vec<u64>,
@@ -204,18 +206,37 @@ impl Folded {
         Folded { counts: vec![0; n], sums: vec![0; n] }
     }
 
-    /// Records the samples `h` gained since the last fold.
+    /// Records the samples `h` gained since the last fold, each bucket's at
+    /// their mean. A core may be between a sample's count and its sum while
+    /// they are read, so the sum read can hold a sample more or less than
+    /// the count: the mean given is kept within the bucket's bounds (the
+    /// samples land in their own bucket, always), and what it leaves out or
+    /// adds is carried to the bucket's next new samples (`_sum` is off by
+    /// at most a sample or two's share until then).
     fn fold(&mut self, h: &Histogram, into: &::metrics::Histogram) {
         for b in 0..h.buckets() {
             let (count, sum) = h.bucket(b);
-            let new = count.wrapping_sub(self.counts[b]);
-            let new_sum = sum.wrapping_sub(self.sums[b]);
-            if new > 0 {
-                into.record_many(new_sum as f64 / new as f64 / 1e9, new as usize);
+            if let Some((mean_ns, new)) = self.fold_bucket(h.bounds_ns(), b, count, sum) {
+                into.record_many(mean_ns / 1e9, new as usize);
             }
-            self.counts[b] = count;
-            self.sums[b] = sum;
         }
+    }
+
+    /// Bucket `b` read as (`count`, `sum` in ns): the new samples' mean in
+    /// ns and their number, if there are any.
+    fn fold_bucket(&mut self, bounds: &[u64], b: usize, count: u64, sum: u64) -> Option<(f64, u64)> {
+        let new = count.wrapping_sub(self.counts[b]);
+        if new == 0 {
+            return None;
+        }
+        let lo = if b == 0 { 0 } else { bounds[b - 1] + 1 };
+        let hi = bounds.get(b).copied().unwrap_or(u64::MAX);
+        let pending = i128::from(sum) - i128::from(self.sums[b]);
+        let n = i128::from(new);
+        let given = pending.clamp(i128::from(lo) * n, i128::from(hi) * n);
+        self.counts[b] = count;
+        self.sums[b] = (i128::from(self.sums[b]) + given) as u64;
+        Some((given as f64 / new as f64, new))
     }
 }
 
@@ -478,6 +499,37 @@ mod tests {
         let q = read_process().unwrap();
         assert!(q.cpu_seconds > p.cpu_seconds, "{} -> {}", p.cpu_seconds, q.cpu_seconds);
         assert!(q.cpu_seconds.fract() != 0.0);
+    }
+
+    #[test]
+    fn a_fold_between_a_samples_count_and_its_sum_keeps_it_in_its_bucket() {
+        const BOUNDS: [u64; 2] = [1_000, 2_000];
+        let mut folded = Folded::new(crate::metrics::MAX_BUCKETS);
+        let mut given = Vec::new();
+        let mut fold = |count: u64, sum: u64| {
+            if let Some((mean, n)) = folded.fold_bucket(&BOUNDS, 1, count, sum) {
+                given.push((mean, n));
+            }
+        };
+        // Two samples of 2,000 ns in (1,000, 2,000]: a fold sees the first's
+        // count with both sums, the next the second's count.
+        fold(1, 4_000);
+        fold(2, 4_000);
+        // Then a sum read short of its count: a third sample of 1,500 ns
+        // counted before it is summed; its sum reaches the fold with a
+        // fourth's (1,500 ns).
+        fold(3, 4_000);
+        fold(3, 5_500);
+        fold(4, 7_000);
+        assert!(given.iter().all(|&(m, _)| m > 1_000.0 && m <= 2_000.0), "{given:?}");
+        let total: f64 = given.iter().map(|&(m, n)| m * n as f64).sum();
+        assert_eq!(total, 7_000.0, "{given:?}");
+        assert_eq!(given.iter().map(|&(_, n)| n).sum::<u64>(), 4);
+        // The top bucket has no upper bound; the first none below.
+        let mut folded = Folded::new(crate::metrics::MAX_BUCKETS);
+        assert_eq!(folded.fold_bucket(&BOUNDS, 2, 1, 9_000_000), Some((9_000_000.0, 1)));
+        assert_eq!(folded.fold_bucket(&BOUNDS, 0, 2, 3_000), Some((1_000.0, 2)));
+        assert_eq!(folded.fold_bucket(&BOUNDS, 0, 2, 3_000), None);
     }
 
     #[test]
