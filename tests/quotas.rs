@@ -179,6 +179,9 @@ fn a_network_over_a_lowered_quota_drains_as_its_keys_expire() {
     let (dir, _) = s.stop_keep_dir("-KILL");
     let s = Server::start_in(dir, &["-maxKeysPerIP", "0", "-maxKeysPerNet", "2", "-threads", "2"]);
     assert_eq!(s.get("/get/k4").status, 200, "kept over the lower quota");
+    // The saturation alert's gauge counts all five keys, not two per network.
+    assert_eq!(s.metric("rendezvous_quota_at_limit{scope=\"net\"}"), Some(1.0));
+    assert_eq!(s.metric("rendezvous_quota_keys_at_limit{scope=\"net\"}"), Some(5.0));
     let r = s.req("POST", "/set/k0?ttl=1h", &me, b"again");
     assert!(r.status == 429 && r.text().contains("-maxKeysPerNet"), "{}", r.text());
     // Three of the five must expire first: all of them in about 10 minutes.
@@ -194,6 +197,7 @@ fn a_network_over_a_lowered_quota_drains_as_its_keys_expire() {
     }
     assert_eq!(s.req("POST", "/set/k0?ttl=1h", &me, b"again").status, 200);
     assert_eq!(s.get("/get/k0").text(), "again");
+    assert_eq!(s.metric("rendezvous_quota_keys_at_limit{scope=\"net\"}"), Some(2.0));
 }
 
 /// Peers of one full network writing each other's keys: the network holds

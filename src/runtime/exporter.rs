@@ -102,6 +102,8 @@ families! {
         "The key quotas in keys: -maxKeysPerIP (scope=ip) and -maxKeysPerNet (scope=net); 0 when off.";
     QuotaAtLimit: Gauge Count "rendezvous_quota_at_limit" ["scope"]
         "Clients (scope=ip) and networks (scope=net) holding as many live keys as their quota allows.";
+    QuotaKeysAtLimit: Gauge Count "rendezvous_quota_keys_at_limit" ["scope"]
+        "Live keys held by the clients (scope=ip) and networks (scope=net) at or over their quota (over it after a restart with a lower quota, until enough keys expire).";
     QuotaGroups: Gauge Count "rendezvous_quota_networks" []
         "Networks (clients, when only -maxKeysPerIP is on) with keys counted against a quota (expired keys count until removed).";
     SecretRejections: Counter Count "rendezvous_secret_rejections_total" []
@@ -330,6 +332,8 @@ impl Exporter {
         gauge!(F::QuotaMax.name(), "scope" => net).set(quotas.per_net() as f64);
         gauge!(F::QuotaAtLimit.name(), "scope" => ip).set(census.ips_at_limit as f64);
         gauge!(F::QuotaAtLimit.name(), "scope" => net).set(census.nets_at_limit as f64);
+        gauge!(F::QuotaKeysAtLimit.name(), "scope" => ip).set(census.ip_keys_at_limit as f64);
+        gauge!(F::QuotaKeysAtLimit.name(), "scope" => net).set(census.net_keys_at_limit as f64);
         gauge!(F::QuotaGroups.name()).set(census.groups as f64);
         counter!(F::SecretRejections.name()).absolute(sum(|s| s.secret_rejections()));
         for (i, reason) in stats::RATE_LIMIT_REASONS.iter().enumerate() {

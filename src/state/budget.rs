@@ -172,6 +172,10 @@ pub struct Census {
     pub groups: usize,
     pub nets_at_limit: usize,
     pub ips_at_limit: usize,
+    /// Live keys those networks and clients hold: more than their number
+    /// times the quota while some are over a lowered one.
+    pub net_keys_at_limit: usize,
+    pub ip_keys_at_limit: usize,
 }
 
 /// Live keys by creating client and network.
@@ -419,12 +423,16 @@ impl Quotas {
                 let live = g.keys.len() - first;
                 if self.per_net > 0 && live >= self.per_net {
                     c.nets_at_limit += 1;
+                    c.net_keys_at_limit += live;
                 }
                 if self.per_ip > 0 && live >= self.per_ip {
                     hosts.clear();
                     hosts.extend(g.keys.iter(first).map(host_of));
                     hosts.sort_unstable();
-                    c.ips_at_limit += hosts.chunk_by(|a, b| a == b).filter(|run| run.len() >= self.per_ip).count();
+                    for run in hosts.chunk_by(|a, b| a == b).filter(|run| run.len() >= self.per_ip) {
+                        c.ips_at_limit += 1;
+                        c.ip_keys_at_limit += run.len();
+                    }
                 }
             }
         });
@@ -647,9 +655,16 @@ mod tests {
         for c in ["192.0.2.1", "192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::1"] {
             q.admit(client(c), exp, NOW).unwrap();
         }
-        assert_eq!(q.census(NOW), Census { groups: 2, nets_at_limit: 1, ips_at_limit: 2 });
+        let census = Census { groups: 2, nets_at_limit: 1, ips_at_limit: 2, net_keys_at_limit: 3, ip_keys_at_limit: 4 };
+        assert_eq!(q.census(NOW), census);
+        // Over a quota (as after a restart with a lower one): every key counts.
+        for c in ["192.0.2.3", "192.0.2.2"] {
+            q.add(client(c), exp);
+        }
+        let census = Census { groups: 2, nets_at_limit: 1, ips_at_limit: 3, net_keys_at_limit: 5, ip_keys_at_limit: 6 };
+        assert_eq!(q.census(NOW), census);
         // Once everything expired, nothing is at a limit.
-        assert_eq!(q.census(exp).nets_at_limit, 0);
+        assert_eq!(q.census(exp), Census { groups: 2, ..Census::default() });
     }
 
     #[test]
