@@ -162,7 +162,7 @@ Every response carries <code>X-Client-Ip</code>, the address this server sees fo
 <p><b>Blocking reads.</b> <code>GET /get/&lt;key&gt;?wait=D</code> (at most {max_wait}) answers at once if the key exists, else
 holds the request until a write creates it (404 when the wait ends). With <code>X-Expected-Value: V</code> or
 <code>If-None-Match: "etag"</code> it waits until the value or version changes (304 when the wait ends).</p>
-<p><b>Versions.</b> Reads and writes answer an <code>ETag</code> that changes on every write and never repeats.
+<p><b>Versions.</b> Reads and stores answer an <code>ETag</code> that changes on every write and never repeats (a delete answers a bare <code>OK</code>).
 <code>If-None-Match</code> on a read answers 304 while unchanged; <code>If-Match</code> on a write applies it only at that
 version (412 otherwise).</p>
 <p><b>Browsers.</b> Every answer allows any origin (<code>Access-Control-Allow-Origin: *</code>); <code>OPTIONS</code>

@@ -1,7 +1,7 @@
 //! Getting a command applied to the state that holds its key, and the
 //! answer back.
 //!
-//! Ownership: `owner = route_hash(key)` over a randomly seeded SipHash shared
+//! Ownership: `mesh::Routing::owner(key)`, a randomly seeded SipHash shared
 //! by all cores (independent of each shard's table hash). The client's
 //! rate-limit charge is taken first, on the core the request arrived on,
 //! from the buckets every core shares (`state::ratelimit`): a refused
