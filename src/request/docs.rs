@@ -1,8 +1,14 @@
 //! The `GET /` page: the API documented with this instance's real limits and
 //! the request's own host in every example.
 //!
-//! The Host header is attacker-controlled, so it is HTML-escaped before it is
-//! placed in the page; this module never emits unescaped request data.
+//! The Host header is attacker-controlled: a value that is not a plausible
+//! `host[:port]` (at most 261 bytes of letters, digits and `.-_:[]`) is
+//! replaced by the listen address, and what is placed in the page is
+//! HTML-escaped; this module never emits unescaped request data. `GET /`
+//! costs no tokens, so the page is rendered once (`Page::new`) and a request
+//! only joins its pieces around the base URL: a flood of free page requests
+//! costs a copy each, not a render, and a long Host cannot be multiplied
+//! into a large answer.
 
 use crate::duration;
 use std::time::Duration;
@@ -129,11 +135,57 @@ fn quota(keys: usize) -> String {
     }
 }
 
-/// Renders the page for a request that named `host` (or the listen
-/// address); `https` when a trusted proxy says the client used TLS.
+/// Longest Host value placed in the page: a DNS name (253) and a port.
+const MAX_HOST: usize = 261;
+/// Stands for the base URL while the page is rendered; no page text holds it.
+const BASE_MARK: &str = "\u{1}base\u{1}";
+
+/// Whether a Host value may be shown: `host[:port]`, an IPv6 literal in
+/// brackets included, and nothing longer than a DNS name and a port.
+fn plausible_host(host: &[u8]) -> bool {
+    !host.is_empty()
+        && host.len() <= MAX_HOST
+        && host.iter().all(|&b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b))
+}
+
+/// The page rendered once for this instance's limits, in pieces around
+/// its base URL.
+#[derive(Debug)]
+pub struct Page {
+    pieces: Vec<String>,
+}
+
+impl Page {
+    pub fn new(cfg: &Limits) -> Page {
+        Page { pieces: render(BASE_MARK, cfg).split(BASE_MARK).map(str::to_owned).collect() }
+    }
+
+    /// The page for a request that named `host` (`fallback`, the listen
+    /// address, when it named none or one not fit to show); `https` when
+    /// a trusted proxy says the client used TLS.
+    pub fn for_host(&self, host: &[u8], fallback: &str, https: bool) -> String {
+        let host =
+            if plausible_host(host) { escape_html(&String::from_utf8_lossy(host)) } else { escape_html(fallback) };
+        let base = format!("{}://{host}", if https { "https" } else { "http" });
+        let len = self.pieces.iter().map(String::len).sum::<usize>() + base.len() * self.pieces.len();
+        let mut out = String::with_capacity(len);
+        for (i, piece) in self.pieces.iter().enumerate() {
+            if i > 0 {
+                out.push_str(&base);
+            }
+            out.push_str(piece);
+        }
+        out
+    }
+}
+
+/// The page for one request (rendered whole: for tests and one-offs).
 pub fn page(host: &[u8], https: bool, cfg: &Limits) -> String {
-    let host = escape_html(&String::from_utf8_lossy(host));
-    let base = format!("{}://{host}", if https { "https" } else { "http" });
+    Page::new(cfg).for_host(host, "127.0.0.1:8080", https)
+}
+
+/// Renders the page with `base` (already escaped) as its base URL.
+fn render(base: &str, cfg: &Limits) -> String {
     let expire = duration::format(cfg.expire);
     let reset = duration::format(cfg.reset);
     let max_wait = duration::format(cfg.max_wait);
@@ -237,10 +289,27 @@ mod tests {
         assert!(p.contains("990 per network"));
         assert!(p.contains("50 per IP (IPv6: per /64), no limit per network"));
         assert!(p.contains("30m"));
-        let evil = page(b"<script>alert(1)</script>", false, &cfg);
-        assert!(!evil.contains("<script>alert(1)"));
-        assert!(evil.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(page(b"rv.example", true, &cfg).contains("https://rv.example/get/my-mesh/peer-a"));
+        assert!(page(b"[2001:db8::1]:80", false, &cfg).contains("http://[2001:db8::1]:80/get/"));
+    }
+
+    #[test]
+    fn a_host_unfit_to_show_is_replaced_by_the_listen_address() {
+        let page = Page::new(&limits());
+        let plain = page.for_host(b"rv.example", "10.0.0.1:8080", false);
+        let long = "a".repeat(262);
+        for bad in [&b"<script>alert(1)</script>"[..], b"a\"b", b"", long.as_bytes()] {
+            let p = page.for_host(bad, "10.0.0.1:8080", false);
+            assert!(!p.contains("script>alert") && !p.contains("aaaa"), "{}", String::from_utf8_lossy(bad));
+            assert!(p.contains("http://10.0.0.1:8080/get/my-mesh/peer-a"));
+            // The answer is no longer than the page for a plain host.
+            assert!(p.len() <= plain.len() + 9 * 4, "{} against {}", p.len(), plain.len());
+        }
+        // Escaped all the same, whatever the listen address holds.
+        assert!(page.for_host(b"", "<x>", false).contains("http://&lt;x&gt;/get/"));
+        // Rendered once: joining the pieces gives what a whole render gives.
+        assert_eq!(plain, render("http://rv.example", &limits()));
+        assert!(!plain.contains(BASE_MARK));
     }
 
     #[test]

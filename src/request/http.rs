@@ -54,6 +54,19 @@ pub enum BodyKind {
     Chunked,
 }
 
+/// A header value or target buffer larger than this is freed after its
+/// request instead of kept for the next: a connection that once sent
+/// kilobytes of header would otherwise hold them while it idles.
+const FIELD_KEEP: usize = 1024;
+
+fn clear_buf(buf: &mut Vec<u8>) {
+    if buf.capacity() > FIELD_KEEP {
+        *buf = Vec::new();
+    } else {
+        buf.clear();
+    }
+}
+
 /// An optional header value kept in a reusable buffer.
 #[derive(Debug, Default)]
 pub struct Field {
@@ -67,7 +80,7 @@ impl Field {
     }
 
     fn clear(&mut self) {
-        self.buf.clear();
+        clear_buf(&mut self.buf);
         self.present = false;
     }
 
@@ -114,7 +127,7 @@ pub struct RequestHead {
 impl RequestHead {
     fn reset(&mut self) {
         self.method = Method::Get;
-        self.target.clear();
+        clear_buf(&mut self.target);
         self.http10 = false;
         self.keep_alive = true;
         self.body = BodyKind::None;
@@ -734,6 +747,18 @@ mod tests {
     fn parse(raw: &[u8]) -> Result<Option<(usize, RequestHead)>, Error> {
         let mut h = RequestHead::default();
         parse_head(raw, &mut h).map(|o| o.map(|n| (n, h)))
+    }
+
+    #[test]
+    fn large_header_buffers_are_not_kept_for_the_next_request() {
+        let mut h = RequestHead::default();
+        let big = format!("GET /get/{} HTTP/1.1\r\nHost: {}\r\n\r\n", "k".repeat(3000), "h".repeat(3000));
+        assert!(parse_head(big.as_bytes(), &mut h).unwrap().is_some());
+        assert!(h.host.buf.capacity() >= 3000 && h.target.capacity() >= 3000);
+        let small = b"GET /get/a HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(parse_head(small, &mut h).unwrap().is_some());
+        assert_eq!(h.host.get(), Some(&b"x"[..]));
+        assert!(h.host.buf.capacity() <= FIELD_KEEP && h.target.capacity() <= FIELD_KEEP);
     }
 
     #[test]

@@ -44,6 +44,8 @@ use monoio::io::{CancelableAsyncReadRent, Canceller};
 
 /// Initial read buffer; grows up to the head limit when a head needs it.
 const READ_BUF: usize = 4096;
+/// A read buffer larger than this is let go of between requests.
+const READ_KEEP: usize = 4 * READ_BUF;
 /// Buffered responses are written once they reach this size, even mid-pipeline.
 const OUT_HIGH_WATER: usize = 64 * 1024;
 /// A declared body at most this far over the limit is read and dropped
@@ -51,6 +53,8 @@ const OUT_HIGH_WATER: usize = 64 * 1024;
 const DISCARD_LIMIT: u64 = 64 * 1024;
 /// Largest scratch body kept between requests.
 const BODY_KEEP: usize = 64 * 1024;
+/// A body's room grows by at least this much, or double, as it arrives.
+const BODY_STEP: usize = 64 * 1024;
 /// After a framing error, how much unread input is drained before closing, so
 /// the kernel does not reset the connection before the client reads our answer.
 const LINGER_BYTES: usize = 256 * 1024;
@@ -66,7 +70,8 @@ pub struct CoreCtx {
     pub router: Rc<Router>,
     pub limits: api::Limits,
     /// What the docs page states about this instance.
-    page_limits: docs::Limits,
+    /// The `GET /` page, rendered once.
+    page: docs::Page,
     last_local_warning: Cell<Option<Instant>>,
     /// Set once shutdown starts: no new connections, no new requests.
     draining: Cell<bool>,
@@ -106,7 +111,7 @@ impl CoreCtx {
             max_wait: cfg.max_wait,
         };
         let (max_keys_per_ip, max_keys_per_net) = cfg.key_quotas();
-        let page_limits = docs::Limits {
+        let page = docs::Page::new(&docs::Limits {
             max_key_size: cfg.max_key_size,
             max_value_size: cfg.max_value_size,
             max_num_kv: cfg.max_num_kv,
@@ -117,13 +122,13 @@ impl CoreCtx {
             expire: cfg.expire_duration,
             reset: cfg.reset_duration,
             max_wait: cfg.max_wait,
-        };
+        });
         CoreCtx {
             shared,
             id,
             router,
             limits,
-            page_limits,
+            page,
             last_local_warning: Cell::new(None),
             draining: Cell::new(false),
             in_progress: Cell::new(0),
@@ -316,6 +321,12 @@ impl Conn<'_> {
             if self.body.capacity() > BODY_KEEP {
                 self.body = Vec::new();
             }
+            // A read buffer grown by a long head or a pipelined burst is not
+            // kept while the connection waits for its next request.
+            if self.start == self.buf.len() && self.buf.capacity() > READ_KEEP {
+                self.buf = Vec::with_capacity(READ_BUF);
+                self.start = 0;
+            }
             if !keep_alive {
                 let _ = self.flush_from(ended).await;
                 return Stop::Done;
@@ -342,6 +353,9 @@ impl Conn<'_> {
                 let first_byte = *arrived.get_or_insert_with(Instant::now);
                 if http::head_may_be_complete(avail, scanned) {
                     match http::parse_head(avail, &mut self.head) {
+                        // Whole, but longer than a head may be: it came in
+                        // two reads, and the second held its end.
+                        Ok(Some(n)) if n > http::MAX_HEAD => return Err(Stop::Reject(Error::HeadTooLarge)),
                         Ok(Some(n)) => {
                             self.start += n;
                             let head = if waited { Instant::now() } else { first_byte };
@@ -416,11 +430,15 @@ impl Conn<'_> {
                 self.start += have;
                 while self.body.len() < n {
                     waited = true;
-                    self.body.reserve_exact(n - self.body.len());
+                    // Room grows as bytes arrive (doubling), not to the
+                    // declared length at once: a client that only declares
+                    // a large body holds no more memory than it has sent.
+                    self.body.reserve((n - self.body.len()).min(BODY_STEP));
                     let body = std::mem::take(&mut self.body);
                     let len = body.len();
+                    let upto = n.min(body.capacity());
                     let wait = deadline.saturating_duration_since(Instant::now());
-                    let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..n))).await;
+                    let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..upto))).await;
                     let Ok((res, slice)) = read else {
                         return Err(Stop::Reject(Error::RequestTimeout));
                     };
@@ -544,8 +562,7 @@ impl Conn<'_> {
             Ok(Action::Page(Route::Favicon)) => (Some(Route::Favicon), false, Response::new(204, http::Body::Text(""))),
             Ok(Action::Page(page)) => {
                 let host = self.head.host.get().unwrap_or_default();
-                let host = if host.is_empty() { shared.listen_text.as_bytes() } else { host };
-                let page_html = docs::page(host, self.https(), &ctx.page_limits);
+                let page_html = ctx.page.for_host(host, &shared.listen_text, self.https());
                 (Some(page), false, Response::new(200, http::Body::Html(page_html)))
             }
             Ok(Action::Preflight(route)) => (Some(route), false, api::preflight(route)),
