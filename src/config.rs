@@ -349,6 +349,14 @@ pub struct Flags {
     )]
     pub max_conns_per_ip: u32,
     #[options(
+        long = "maxConnsPerNet",
+        default = "1024",
+        meta = "N",
+        parse(try_from_str = "positive_u32"),
+        help = "open connections per client network (IPv4 /24, IPv6 /48); trusted proxies are exempt"
+    )]
+    pub max_conns_per_net: u32,
+    #[options(
         long = "maxWait",
         default = "60s",
         meta = "DURATION",

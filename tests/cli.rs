@@ -29,6 +29,7 @@ fn help_lists_every_flag() {
         "-metricsAddr",
         "-maxConns",
         "-maxConnsPerIP",
+        "-maxConnsPerNet",
         "-maxWait",
         "-maxWaiters",
         "-maxWaitersPerIP",

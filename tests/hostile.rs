@@ -333,6 +333,32 @@ fn connection_limits_refuse_cheaply() {
     }
 }
 
+#[test]
+fn a_network_s_connections_are_capped_whatever_its_addresses() {
+    // Loopback addresses 127.0.0.x make one /24; trust nobody here.
+    let s = Server::start(&["-maxConnsPerIP", "2", "-maxConnsPerNet", "3", "-trustedProxies", "", "-threads", "2"]);
+    let from = |last: u8| {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&std::net::SocketAddr::from(([127, 0, 0, last], 0)).into()).unwrap();
+        sock.connect(&s.addr.into()).unwrap();
+        Client::over(sock.into())
+    };
+    let mut held: Vec<Client> = [2, 2, 3].map(from).into();
+    for c in &mut held {
+        assert_eq!(c.req("GET", "/get/x", &[], b"").status, 404);
+    }
+    // A fourth address of the same /24 is closed before anything is read.
+    let mut extra = from(4);
+    extra.send_raw(&build("GET", "/get/x", &[], b""));
+    assert!(extra.read_response(false).is_none(), "over -maxConnsPerNet must be closed");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.metric("rendezvous_connections_refused_total{reason=\"net\"}") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the refusal is not counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(held[2].req("GET", "/get/x", &[], b"").status, 404, "the held ones still work");
+}
+
 /// A long chunk extension is refused the same whether it arrives in one
 /// segment or in two (it used to pass whole and fail split).
 #[test]

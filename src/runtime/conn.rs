@@ -201,6 +201,7 @@ impl CoreCtx {
         match why {
             Refusal::ServerFull => self.stats().refused_server_full.add(1),
             Refusal::IpFull => self.stats().refused_ip_full.add(1),
+            Refusal::NetFull => self.stats().refused_net_full.add(1),
         }
     }
 
@@ -613,7 +614,10 @@ impl Conn<'_> {
         let stats = ctx.stats();
         let _permit = match ctx.shared.waiter_limits.admit(self.client) {
             Ok(p) => p,
-            Err(Refusal::IpFull) => return Some((Response::from_error(Error::TooManyWaitersFromIp), Duration::ZERO)),
+            // No per-network cap on waiters (`u32::MAX`): a refusal is the client's.
+            Err(Refusal::IpFull | Refusal::NetFull) => {
+                return Some((Response::from_error(Error::TooManyWaitersFromIp), Duration::ZERO))
+            }
             Err(Refusal::ServerFull) => return Some((Response::from_error(Error::TooManyWaiters), Duration::ZERO)),
         };
         let periods = ctx.router.periods();

@@ -1,5 +1,8 @@
-//! Connection admission: `-maxConns` open connections server-wide and
-//! `-maxConnsPerIP` per client address (IPv6: per /64).
+//! Connection admission: `-maxConns` open connections server-wide,
+//! `-maxConnsPerIP` per client address (IPv6: per /64) and
+//! `-maxConnsPerNet` per network (IPv4 /24, IPv6 /48). Without the last, a
+//! few dozen addresses, or /64s of one free IPv6 /48, could hold every
+//! slot with idle keep-alive connections.
 //!
 //! Checked once per accepted connection, before a byte is read; a refused
 //! connection is simply closed, which costs the server almost nothing. The
@@ -26,14 +29,20 @@ pub enum Refusal {
     ServerFull,
     /// This address has `-maxConnsPerIP` connections open.
     IpFull,
+    /// This address's network has `-maxConnsPerNet` connections open.
+    NetFull,
 }
 
 /// The shared connection counters.
 pub struct ConnLimits {
     max_total: usize,
     max_per_ip: u32,
+    max_per_net: u32,
     total: AtomicUsize,
+    /// Open connections per client key, then per network key (apart: a
+    /// network's key can equal one of its clients').
     stripes: Vec<Mutex<HashMap<u64, u32>>>,
+    net_stripes: Vec<Mutex<HashMap<u64, u32>>>,
     hasher: RandomState,
     exempt: TrustedProxies,
 }
@@ -45,21 +54,47 @@ pub struct Permit {
 }
 
 impl ConnLimits {
-    pub fn new(max_total: usize, max_per_ip: u32, exempt: TrustedProxies) -> Arc<Self> {
+    pub fn new(max_total: usize, max_per_ip: u32, max_per_net: u32, exempt: TrustedProxies) -> Arc<Self> {
         Arc::new(ConnLimits {
             max_total,
             max_per_ip,
+            max_per_net,
             total: AtomicUsize::new(0),
             stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            net_stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             exempt,
         })
     }
 
-    fn stripe(&self, bucket: u64) -> MutexGuard<'_, HashMap<u64, u32>> {
-        let i = (self.hasher.hash_one(bucket) as usize) % STRIPES;
+    fn stripe<'a>(&self, stripes: &'a [Mutex<HashMap<u64, u32>>], key: u64) -> MutexGuard<'a, HashMap<u64, u32>> {
+        let i = (self.hasher.hash_one(key) as usize) % STRIPES;
         // With panic=abort a poisoned lock cannot be observed; be safe anyway.
-        self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())
+        stripes[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one more connection for `key` unless it has `max` already.
+    fn take(&self, stripes: &[Mutex<HashMap<u64, u32>>], key: u64, max: u32) -> bool {
+        let mut map = self.stripe(stripes, key);
+        let count = map.entry(key).or_insert(0);
+        if *count >= max {
+            if *count == 0 {
+                map.remove(&key);
+            }
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn give_back(&self, stripes: &[Mutex<HashMap<u64, u32>>], key: u64) {
+        let mut map = self.stripe(stripes, key);
+        if let Some(count) = map.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&key);
+            }
+        }
     }
 
     /// Admits a connection from `peer`, or says why not.
@@ -71,14 +106,15 @@ impl ConnLimits {
         }
         let bucket = (!self.exempt.contains(peer)).then(|| net::client(peer));
         if let Some(b) = bucket {
-            let mut map = self.stripe(b);
-            let count = map.entry(b).or_insert(0);
-            if *count >= self.max_per_ip {
-                drop(map);
+            if !self.take(&self.stripes, b, self.max_per_ip) {
                 self.total.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refusal::IpFull);
             }
-            *count += 1;
+            if !self.take(&self.net_stripes, net::network(b), self.max_per_net) {
+                self.give_back(&self.stripes, b);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::NetFull);
+            }
         }
         Ok(Permit { limits: self.clone(), bucket })
     }
@@ -91,13 +127,8 @@ impl ConnLimits {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(b) = self.bucket {
-            let mut map = self.limits.stripe(b);
-            if let Some(count) = map.get_mut(&b) {
-                *count -= 1;
-                if *count == 0 {
-                    map.remove(&b);
-                }
-            }
+            self.limits.give_back(&self.limits.stripes, b);
+            self.limits.give_back(&self.limits.net_stripes, net::network(b));
         }
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
     }
@@ -113,7 +144,7 @@ mod tests {
 
     #[test]
     fn per_ip_and_total_limits() {
-        let l = ConnLimits::new(5, 2, TrustedProxies::parse("127.0.0.0/8").unwrap());
+        let l = ConnLimits::new(5, 2, u32::MAX, TrustedProxies::parse("127.0.0.0/8").unwrap());
         let a1 = l.admit(ip("1.1.1.1")).unwrap();
         let _a2 = l.admit(ip("1.1.1.1")).unwrap();
         assert_eq!(l.admit(ip("1.1.1.1")).err(), Some(Refusal::IpFull));
@@ -133,12 +164,34 @@ mod tests {
 
     #[test]
     fn released_addresses_are_forgotten() {
-        let l = ConnLimits::new(10, 1, TrustedProxies::parse("").unwrap());
+        let l = ConnLimits::new(10, 1, 1, TrustedProxies::parse("").unwrap());
         for i in 0..100 {
-            let p = l.admit(ip(&format!("10.0.0.{i}"))).unwrap();
+            let p = l.admit(ip(&format!("10.0.{i}.1"))).unwrap();
             drop(p);
         }
         assert_eq!(l.open(), 0);
-        assert!(l.stripes.iter().all(|s| s.lock().unwrap().is_empty()));
+        assert!(l.stripes.iter().chain(&l.net_stripes).all(|s| s.lock().unwrap().is_empty()));
+    }
+
+    #[test]
+    fn per_network_limit() {
+        let l = ConnLimits::new(100, 2, 3, TrustedProxies::parse("127.0.0.0/8").unwrap());
+        let held: Vec<Permit> = ["192.0.2.1", "192.0.2.1", "192.0.2.2"].map(|a| l.admit(ip(a)).unwrap()).into();
+        // A fourth address of the /24 is refused, and counted nowhere.
+        assert_eq!(l.admit(ip("192.0.2.3")).err(), Some(Refusal::NetFull));
+        assert_eq!(l.open(), 3);
+        // The client's own limit comes first, and gives nothing back twice.
+        assert_eq!(l.admit(ip("192.0.2.1")).err(), Some(Refusal::IpFull));
+        // Other networks are not affected; IPv6 counts per /48.
+        let _other = l.admit(ip("192.0.3.1")).unwrap();
+        let v6: Vec<Permit> =
+            ["2001:db8:0:1::1", "2001:db8:0:2::1", "2001:db8:0:3::1"].map(|a| l.admit(ip(a)).unwrap()).into();
+        assert_eq!(l.admit(ip("2001:db8:0:4::1")).err(), Some(Refusal::NetFull));
+        assert!(l.admit(ip("2001:db8:1::1")).is_ok());
+        // Trusted proxies are exempt.
+        let _p: Vec<Permit> = (0..5).map(|_| l.admit(ip("127.0.0.1")).unwrap()).collect();
+        drop(held);
+        assert!(l.admit(ip("192.0.2.3")).is_ok());
+        drop(v6);
     }
 }

@@ -87,7 +87,7 @@ families! {
     Connections: Counter Count "rendezvous_connections_total" []
         "Client connections accepted.";
     ConnectionsRefused: Counter Count "rendezvous_connections_refused_total" ["reason"]
-        "Connections closed at accept by -maxConns (reason=server) or -maxConnsPerIP (reason=ip).";
+        "Connections closed at accept by -maxConns (reason=server), -maxConnsPerIP (reason=ip) or -maxConnsPerNet (reason=net).";
     Keys: Gauge Count "rendezvous_keys" []
         "Keys stored (expired ones count until reclaimed).";
     KeysMax: Gauge Count "rendezvous_keys_max" []
@@ -317,6 +317,7 @@ impl Exporter {
         counter!(F::Connections.name()).absolute(sum(|s| s.connections_total.get()));
         counter!(F::ConnectionsRefused.name(), "reason" => "server").absolute(sum(|s| s.refused_server_full.get()));
         counter!(F::ConnectionsRefused.name(), "reason" => "ip").absolute(sum(|s| s.refused_ip_full.get()));
+        counter!(F::ConnectionsRefused.name(), "reason" => "net").absolute(sum(|s| s.refused_net_full.get()));
         gauge!(F::Keys.name()).set(shared.budget.live() as f64);
         gauge!(F::KeysMax.name()).set(shared.budget.max() as f64);
         gauge!(F::StoredBytes.name()).set(sum(|s| s.stored_bytes.get()) as f64);

@@ -282,8 +282,15 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         seats: Arc::new(Seats::new(n)),
         snapshot_stats: Default::default(),
         metrics_on: admin.is_some(),
-        conn_limits: ConnLimits::new(config.max_conns, config.max_conns_per_ip, config.trusted_proxies.clone()),
-        waiter_limits: ConnLimits::new(config.max_waiters, config.max_waiters_per_ip, TrustedProxies::none()),
+        conn_limits: ConnLimits::new(
+            config.max_conns,
+            config.max_conns_per_ip,
+            config.max_conns_per_net,
+            config.trusted_proxies.clone(),
+        ),
+        // Parked reads are capped per client; per network, -maxWaitersPerIP
+        // times the clients of a network (not a limit of its own).
+        waiter_limits: ConnLimits::new(config.max_waiters, config.max_waiters_per_ip, u32::MAX, TrustedProxies::none()),
         phase: PhaseCell::default(),
         next_segment: AtomicU64::new(next_segment + n as u64),
         data_dir,
