@@ -84,6 +84,12 @@ impl Field {
         self.present = false;
     }
 
+    fn release_large(&mut self) {
+        if self.buf.capacity() > FIELD_KEEP {
+            self.clear();
+        }
+    }
+
     /// Sets the value; a second occurrence is an error.
     fn set_once(&mut self, v: &[u8]) -> Result<(), Error> {
         if self.present {
@@ -139,6 +145,26 @@ impl RequestHead {
         self.forwarded_proto.clear();
         self.if_match.clear();
         self.if_none_match.clear();
+    }
+
+    /// Frees the buffers a long request grew, once it is answered: an idle
+    /// connection holds no kilobytes of its last head. Flags (`http10`,
+    /// `keep_alive`) stay: a rejection still reads them.
+    pub fn release_large(&mut self) {
+        if self.target.capacity() > FIELD_KEEP {
+            self.target = Vec::new();
+        }
+        for f in [
+            &mut self.host,
+            &mut self.secret,
+            &mut self.expected,
+            &mut self.forwarded_for,
+            &mut self.forwarded_proto,
+            &mut self.if_match,
+            &mut self.if_none_match,
+        ] {
+            f.release_large();
+        }
     }
 }
 
@@ -759,6 +785,15 @@ mod tests {
         assert!(parse_head(small, &mut h).unwrap().is_some());
         assert_eq!(h.host.get(), Some(&b"x"[..]));
         assert!(h.host.buf.capacity() <= FIELD_KEEP && h.target.capacity() <= FIELD_KEEP);
+        // Once answered, without waiting for the next head.
+        assert!(parse_head(big.as_bytes(), &mut h).unwrap().is_some());
+        h.release_large();
+        assert!(h.host.buf.capacity() <= FIELD_KEEP && h.target.capacity() <= FIELD_KEEP);
+        assert!(h.keep_alive, "flags stay");
+        // Small ones are kept for reuse.
+        assert!(parse_head(small, &mut h).unwrap().is_some());
+        h.release_large();
+        assert_eq!(h.host.get(), Some(&b"x"[..]));
     }
 
     #[test]

@@ -44,8 +44,9 @@ use monoio::io::{CancelableAsyncReadRent, Canceller};
 
 /// Initial read buffer; grows up to the head limit when a head needs it.
 const READ_BUF: usize = 4096;
-/// A read buffer larger than this is let go of between requests.
-const READ_KEEP: usize = 4 * READ_BUF;
+/// A read buffer larger than this is let go of between requests (a
+/// head may grow it to 16 KiB, a pipelined burst to 32).
+const READ_KEEP: usize = 2 * READ_BUF;
 /// Buffered responses are written once they reach this size, even mid-pipeline.
 const OUT_HIGH_WATER: usize = 64 * 1024;
 /// A declared body at most this far over the limit is read and dropped
@@ -53,7 +54,8 @@ const OUT_HIGH_WATER: usize = 64 * 1024;
 const DISCARD_LIMIT: u64 = 64 * 1024;
 /// Largest scratch body kept between requests.
 const BODY_KEEP: usize = 64 * 1024;
-/// A body's room grows by at least this much, or double, as it arrives.
+/// A body's room grows by at least this much, or doubles, as it arrives
+/// (never past its declared length).
 const BODY_STEP: usize = 64 * 1024;
 /// After a framing error, how much unread input is drained before closing, so
 /// the kernel does not reset the connection before the client reads our answer.
@@ -328,6 +330,7 @@ impl Conn<'_> {
                 self.buf = Vec::with_capacity(READ_BUF);
                 self.start = 0;
             }
+            self.head.release_large();
             if !keep_alive {
                 let _ = self.flush_from(ended).await;
                 return Stop::Done;
@@ -434,7 +437,8 @@ impl Conn<'_> {
                     // Room grows as bytes arrive (doubling), not to the
                     // declared length at once: a client that only declares
                     // a large body holds no more memory than it has sent.
-                    self.body.reserve((n - self.body.len()).min(BODY_STEP));
+                    let len = self.body.len();
+                    self.body.reserve_exact((n - len).min(len.max(BODY_STEP)));
                     let body = std::mem::take(&mut self.body);
                     let len = body.len();
                     let upto = n.min(body.capacity());

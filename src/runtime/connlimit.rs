@@ -6,10 +6,12 @@
 //!
 //! Checked once per accepted connection, before a byte is read; a refused
 //! connection is simply closed, which costs the server almost nothing. The
-//! per-IP counts are shared by all cores (a client's connections land on any
-//! core), kept in 64 mutex-striped maps that are touched only at accept and
-//! close, never on the request path. Trusted proxies are exempt from the
-//! per-IP limit: behind one, a single peer address carries many clients.
+//! per-IP and per-network counts are shared by all cores (a client's
+//! connections land on any core), kept in 64 mutex-striped maps each that
+//! are touched only at accept and close, never on the request path (a cap
+//! of `u32::MAX` skips the network maps). Trusted proxies are exempt from
+//! the per-IP and per-network limits: behind one, a single peer address
+//! carries many clients.
 
 use crate::request::clientip::TrustedProxies;
 use crate::state::net;
@@ -110,7 +112,7 @@ impl ConnLimits {
                 self.total.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refusal::IpFull);
             }
-            if !self.take(&self.net_stripes, net::network(b), self.max_per_net) {
+            if self.max_per_net != u32::MAX && !self.take(&self.net_stripes, net::network(b), self.max_per_net) {
                 self.give_back(&self.stripes, b);
                 self.total.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refusal::NetFull);
@@ -128,7 +130,9 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(b) = self.bucket {
             self.limits.give_back(&self.limits.stripes, b);
-            self.limits.give_back(&self.limits.net_stripes, net::network(b));
+            if self.limits.max_per_net != u32::MAX {
+                self.limits.give_back(&self.limits.net_stripes, net::network(b));
+            }
         }
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
     }
