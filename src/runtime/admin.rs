@@ -17,9 +17,8 @@
 //! begun longest ago, say): neither idle connections nor slow requests can
 //! lock a scraper out (a scrape takes milliseconds, so it is never the
 //! oldest for long), and an evicted connection closes at once, whatever it
-//! was doing. The cores' counts are
-//! folded into the exporter once a second by a timer task here, and on
-//! every scrape.
+//! was doing. The cores' counts are folded into the exporter once a second
+//! by a timer task here, and on every scrape.
 //!
 //! - `/healthz`: 200 while the process runs (liveness).
 //! - `/readyz`: 200 once the store is loaded and every core serves; 503
@@ -134,7 +133,7 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener, exporter: Exporter) {
 }
 
 /// What a connection is doing, for the choice of which makes room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Activity {
     /// Waiting for a request, nothing of it read; or writing an answer
     /// (its client may be waiting for nothing more).

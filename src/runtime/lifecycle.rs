@@ -108,6 +108,13 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
         log::info!("{}: shutting down", signal_name(sig));
         std::process::exit(shutdown(&shared, &sig_rx));
     };
+    // A checkpoint now; a shutdown signal meanwhile gives it up and stops.
+    let snapshot_now = |growth: &mut LogGrowth, signals: &crossbeam_channel::Receiver<i32>| {
+        growth.restart(&shared);
+        if let Checkpoint::Stopped(sig) = checkpoint(&shared, Some(signals)) {
+            stop(sig);
+        }
+    };
     loop {
         crossbeam_channel::select! {
             recv(signals) -> sig => match sig {
@@ -115,10 +122,7 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
                 Ok(sig) => {
                     if shared.config.data_dir().is_some() {
                         log::info!("{}: writing a snapshot now", signal_name(sig));
-                        growth.restart(&shared);
-                        if let Checkpoint::Stopped(sig) = checkpoint(&shared, Some(signals)) {
-                            stop(sig);
-                        }
+                        snapshot_now(&mut growth, signals);
                     } else {
                         log::info!("{}: nothing to save (-dataDir is empty)", signal_name(sig));
                     }
@@ -128,19 +132,11 @@ pub fn run(shared: Arc<Shared>, sig_rx: crossbeam_channel::Receiver<i32>) -> ! {
                     signals = &no_signals;
                 }
             },
-            recv(ticks) -> _ => {
-                growth.restart(&shared);
-                if let Checkpoint::Stopped(sig) = checkpoint(&shared, Some(signals)) {
-                    stop(sig);
-                }
-            }
+            recv(ticks) -> _ => snapshot_now(&mut growth, signals),
             recv(size_checks) -> _ => {
                 if let Some(grown) = growth.over_limit(&shared) {
                     log::info!("the log grew by {grown} bytes since the last snapshot (-maxLogSize): writing one now");
-                    growth.restart(&shared);
-                    if let Checkpoint::Stopped(sig) = checkpoint(&shared, Some(signals)) {
-                        stop(sig);
-                    }
+                    snapshot_now(&mut growth, signals);
                 }
             }
         }
