@@ -24,8 +24,9 @@
 //! - `-fsync no`: an answer goes out once its record is in the page cache
 //!   (a process crash loses nothing); the OS flushes when it likes.
 //! - `everysec`: the same, and a timer syncs once a second (power loss
-//!   loses at most about a second); a disk that falls behind makes answers
-//!   wait for syncs until it catches up (`UNSYNCED_CAP`).
+//!   loses at most about a second); a disk that falls behind (a sync
+//!   running for `SYNC_LATE`, or `UNSYNCED_CAP` waiting for one) makes
+//!   answers wait for syncs until it catches up.
 //! - `always`: answers wait for a sync covering their record. One sync per
 //!   pass covers every record appended meanwhile (group commit).
 //!
@@ -79,6 +80,12 @@ const UNSYNCED_HIGH_WATER: usize = 16 << 20;
 /// the high-water mark: at that mark a sync starts at once, so on a disk
 /// that keeps up the cap is never reached.
 const UNSYNCED_CAP: usize = 2 * UNSYNCED_HIGH_WATER;
+/// `everysec`: a sync running this long means the disk is behind, however
+/// little was written: answers wait for syncs until it returns. Without it
+/// a sync hanging for tens of seconds at a low write rate never reached
+/// `UNSYNCED_CAP`, and answers went on going out from the page cache, far
+/// more than a second of them unsynced.
+const SYNC_LATE: Duration = Duration::from_secs(2);
 /// Largest journal buffer kept, or sized for, the next pass.
 const SPARE_MAX: usize = 1 << 20;
 /// Most bytes of emptied journal buffers kept for the next passes: about
@@ -178,16 +185,22 @@ fn judge(lsn: u64, reply: Reply, acked: u64, failed_to: u64, failing: bool) -> S
     }
 }
 
+/// Whether `everysec`'s disk is behind: more than `UNSYNCED_CAP` bytes wait
+/// for a sync, or the sync running has run for `SYNC_LATE`.
+fn behind(unsynced: usize, syncing_for: Option<Duration>) -> bool {
+    unsynced > UNSYNCED_CAP || syncing_for.is_some_and(|d| d >= SYNC_LATE)
+}
+
 /// The log position answers may go out at, given what is written, what is
-/// synced and how much is written but not synced, and the position they
-/// could go out at before (`prev`), which it never goes below. `always`
-/// waits for syncs, `no` for the page cache, `everysec` for the page cache
-/// unless more than `UNSYNCED_CAP` bytes wait for a sync, then for syncs.
-fn ackable(mode: Fsync, prev: u64, written: u64, synced: u64, unsynced: usize) -> u64 {
+/// synced and whether the disk is `behind`, and the position they could go
+/// out at before (`prev`), which it never goes below. `always` waits for
+/// syncs, `no` for the page cache, `everysec` for the page cache unless the
+/// disk is behind, then for syncs.
+fn ackable(mode: Fsync, prev: u64, written: u64, synced: u64, behind: bool) -> u64 {
     let at = match mode {
         Fsync::Always => synced,
         Fsync::No => written,
-        Fsync::EverySec if unsynced > UNSYNCED_CAP => synced,
+        Fsync::EverySec if behind => synced,
         Fsync::EverySec => written,
     };
     at.max(prev)
@@ -309,6 +322,8 @@ struct State {
     acked: u64,
     /// When the log last said that `everysec` answers wait for syncs.
     capped_warning: Option<Instant>,
+    /// When the sync running (if one is) began.
+    sync_since: Option<Instant>,
     /// Records appended since the last good sync.
     unsynced: Unsynced,
     /// Answers waiting for the log, in log order.
@@ -363,6 +378,7 @@ impl Wal {
                 synced: 0,
                 acked: 0,
                 capped_warning: None,
+                sync_since: None,
                 unsynced: Unsynced::default(),
                 deferred: VecDeque::new(),
                 failing: None,
@@ -385,17 +401,22 @@ impl Wal {
     /// it), waking the cores holding answers for it. Call after `written`,
     /// `synced` or the unsynced passes change.
     fn publish(&self, st: &mut State) {
-        st.acked = ackable(self.mode, st.acked, st.written, st.synced, st.unsynced.bytes);
-        if self.mode == Fsync::EverySec && st.unsynced.bytes > UNSYNCED_CAP {
+        let syncing_for = st.sync_since.map(|at| at.elapsed());
+        let behind = self.mode == Fsync::EverySec && behind(st.unsynced.bytes, syncing_for);
+        st.acked = ackable(self.mode, st.acked, st.written, st.synced, behind);
+        if behind {
             let quiet = st.capped_warning.is_some_and(|at| at.elapsed() < CAP_WARNING_EVERY);
             if !quiet {
                 st.capped_warning = Some(Instant::now());
                 log::warn!(
-                    "core {}: {} MiB of log wait for a sync, more than {} MiB: the disk syncs slower than writes \
-                     arrive; answers wait for syncs until it catches up (said at most once a minute)",
+                    "core {}: the disk syncs slower than writes arrive ({} MiB of log wait for a sync, at most {} \
+                     MiB may; the sync running has run {:.1} s, at most {} s may): answers wait for syncs until it \
+                     catches up (said at most once a minute)",
                     self.core,
                     st.unsynced.bytes >> 20,
-                    UNSYNCED_CAP >> 20
+                    UNSYNCED_CAP >> 20,
+                    syncing_for.unwrap_or_default().as_secs_f64(),
+                    SYNC_LATE.as_secs()
                 );
             }
         }
@@ -698,6 +719,7 @@ impl Wal {
         let (closed, ring, target, count, file, seg_end) = {
             let mut st = self.st.borrow_mut();
             let file = st.seg.file.clone();
+            st.sync_since = Some(Instant::now());
             (std::mem::take(&mut st.closed), st.seg.ring.clone(), st.written, st.unsynced.len(), file, st.offset)
         };
         let started = Instant::now();
@@ -709,6 +731,7 @@ impl Wal {
             }
         }
         self.stats().log_sync.record_ns(started.elapsed().as_nanos() as u64);
+        self.st.borrow_mut().sync_since = None;
         match result {
             Ok(()) => {
                 {
@@ -936,13 +959,24 @@ mod tests {
     #[test]
     fn everysec_answers_wait_for_syncs_only_past_the_cap_and_never_go_back() {
         // written 100, synced 40.
-        assert_eq!(ackable(Fsync::Always, 0, 100, 40, 60), 40);
-        assert_eq!(ackable(Fsync::No, 0, 100, 100, 0), 100);
-        assert_eq!(ackable(Fsync::EverySec, 0, 100, 40, UNSYNCED_CAP), 100, "at the cap: the page cache");
-        assert_eq!(ackable(Fsync::EverySec, 0, 100, 40, UNSYNCED_CAP + 1), 40, "past it: the syncs");
-        assert_eq!(ackable(Fsync::EverySec, 70, 100, 40, UNSYNCED_CAP + 1), 70, "what went out stays out");
-        assert_eq!(ackable(Fsync::EverySec, 70, 120, 90, UNSYNCED_CAP + 1), 90, "each sync lets more out");
-        assert_eq!(ackable(Fsync::EverySec, 90, 130, 120, 10), 130, "caught up: the page cache again");
+        let past = |unsynced| behind(unsynced, None);
+        assert_eq!(ackable(Fsync::Always, 0, 100, 40, past(60)), 40);
+        assert_eq!(ackable(Fsync::No, 0, 100, 100, past(0)), 100);
+        assert_eq!(ackable(Fsync::EverySec, 0, 100, 40, past(UNSYNCED_CAP)), 100, "at the cap: the page cache");
+        assert_eq!(ackable(Fsync::EverySec, 0, 100, 40, past(UNSYNCED_CAP + 1)), 40, "past it: the syncs");
+        assert_eq!(ackable(Fsync::EverySec, 70, 100, 40, past(UNSYNCED_CAP + 1)), 70, "what went out stays out");
+        assert_eq!(ackable(Fsync::EverySec, 70, 120, 90, past(UNSYNCED_CAP + 1)), 90, "each sync lets more out");
+        assert_eq!(ackable(Fsync::EverySec, 90, 130, 120, past(10)), 130, "caught up: the page cache again");
+    }
+
+    #[test]
+    fn a_late_sync_puts_the_disk_behind_however_little_waits() {
+        assert!(!behind(10, None));
+        assert!(!behind(10, Some(SYNC_LATE - Duration::from_millis(1))));
+        assert!(behind(10, Some(SYNC_LATE)));
+        assert!(behind(UNSYNCED_CAP + 1, Some(Duration::ZERO)));
+        // Then everysec answers wait for syncs.
+        assert_eq!(ackable(Fsync::EverySec, 0, 100, 40, behind(10, Some(SYNC_LATE))), 40);
     }
 
     #[test]
