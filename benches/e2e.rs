@@ -417,19 +417,23 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
     }
 }
 
-/// Where `e2e.md`'s history starts: the bench keeps everything after it
-/// across runs, and moves the run it replaces there.
-const HISTORY: &str = "<!-- history -->\n\nEverything below is history, newest first: the bench keeps it and moves \
+/// Where `e2e.md`'s history starts: the bench keeps its sections (from the
+/// first `## ` after the marker, whatever the intro says by then) across
+/// runs, and moves the run it replaces there.
+const HISTORY: &str = "<!-- history -->";
+/// The history's intro, written after the marker.
+const HISTORY_INTRO: &str = "Everything below is history, newest first: the bench keeps it and moves \
                        the run it replaces into it. Sections are labelled with their round, as in the README's \
                        Performance section and `docs/performance-history.md`; inside a section, \"this round\" \
-                       is that section's round and \"the previous round\" the one before it.\n";
+                       is that section's round and \"the previous round\" the one before it.";
 
 /// What follows a new report: the history marker, the report it replaces
 /// (its headings one level down, under a heading to rename once the run is
 /// written up), then the older history as it was.
 fn keep_history(old: &str) -> String {
     let (latest, history) = old.split_once(HISTORY).unwrap_or((old, ""));
-    let mut out = format!("\n{HISTORY}\n");
+    let history = history.find("\n## ").map_or("", |i| &history[i..]);
+    let mut out = format!("\n{HISTORY}\n\n{HISTORY_INTRO}\n\n");
     let body: Vec<&str> = latest.lines().skip_while(|l| l.starts_with("# ") || l.trim().is_empty()).collect();
     if !body.is_empty() {
         out += "\n## The run this one replaced (moved here by the bench; rename it for its round)\n\n";

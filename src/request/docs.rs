@@ -179,11 +179,6 @@ impl Page {
     }
 }
 
-/// The page for one request (rendered whole: for tests and one-offs).
-pub fn page(host: &[u8], https: bool, cfg: &Limits) -> String {
-    Page::new(cfg).for_host(host, "127.0.0.1:8080", https)
-}
-
 /// Renders the page with `base` (already escaped) as its base URL.
 fn render(base: &str, cfg: &Limits) -> String {
     let expire = duration::format(cfg.expire);
@@ -258,6 +253,10 @@ curl -d '4000' {base}/set/ip/game     # then: curl {base}/get/ip/&lt;your IP&gt;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn page(host: &[u8], https: bool, cfg: &Limits) -> String {
+        Page::new(cfg).for_host(host, "127.0.0.1:8080", https)
+    }
 
     #[test]
     fn escapes_markup() {

@@ -440,7 +440,6 @@ impl Conn<'_> {
                     let len = self.body.len();
                     self.body.reserve_exact((n - len).min(len.max(BODY_STEP)));
                     let body = std::mem::take(&mut self.body);
-                    let len = body.len();
                     let upto = n.min(body.capacity());
                     let wait = deadline.saturating_duration_since(Instant::now());
                     let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..upto))).await;

@@ -417,11 +417,15 @@ struct ProcessStats {
     threads: u64,
 }
 
+/// The fields of a `/proc/.../stat` line from the third (the state) on:
+/// those after the parenthesised command name, which may contain spaces.
+pub(crate) fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat.get(stat.rfind(')')? + 2..)?.split_whitespace())
+}
+
 fn read_process() -> Option<ProcessStats> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name, which may contain spaces.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields: Vec<&str> = stat_fields(&stat)?.collect();
     let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
     let threads = num(17)?;
     let virtual_bytes = num(20)?;
@@ -451,8 +455,7 @@ fn page_size() -> u64 {
 /// (`/proc/self/stat`, field 22).
 fn process_start_unix() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let ticks: f64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let ticks: f64 = stat_fields(&stat)?.nth(19)?.parse().ok()?;
     let boot: f64 = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
@@ -489,6 +492,17 @@ mod tests {
         let start = process_start_unix().unwrap();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
         assert!(start <= now + 1.0 && start > now - 86_400.0 * 365.0, "{start} against {now}");
+        // The process's own start, not the boot time (the field before it
+        // reads 0): this test binary started after boot and within the hour.
+        let boot: f64 = std::fs::read_to_string("/proc/stat")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(start > boot + 1.0 && now - start < 3600.0, "{start}: booted {boot}, now {now}");
         assert!(page_size() >= 4096 && page_size().is_power_of_two());
     }
 

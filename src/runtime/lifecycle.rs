@@ -457,7 +457,8 @@ const START_EXTENSION_EVERY: Duration = Duration::from_secs(10);
 /// CPU, read or wrote since the one before, so a recovery stuck on a hung
 /// disk is not waited for forever (systemd's timeout runs out at most 30 s
 /// after the last message). A single disk call that takes over about 20 s
-/// shows as no progress too; on a disk that slow, a restart is no worse. Not under systemd, it just runs `work`.
+/// shows as no progress too; on a disk that slow, a restart is no worse.
+/// Not under systemd, it just runs `work`.
 pub fn while_starting<T>(work: impl FnOnce() -> T) -> T {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return work();
@@ -507,9 +508,8 @@ impl Progress {
     }
 
     fn parse(stat: &str, io: &str) -> Option<Progress> {
-        // utime and stime are fields 14 and 15; the command name before
-        // them, in parentheses, may hold spaces.
-        let mut after = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().skip(11);
+        // utime and stime are fields 14 and 15.
+        let mut after = crate::runtime::exporter::stat_fields(stat)?.skip(11);
         let cpu_ticks = after.next()?.parse::<u64>().ok()? + after.next()?.parse::<u64>().ok()?;
         let count = |name: &str| io.lines().find_map(|l| l.strip_prefix(name))?.trim().parse().ok();
         Some(Progress { cpu_ticks, read_bytes: count("rchar:")?, written_bytes: count("wchar:")? })
@@ -555,20 +555,21 @@ mod tests {
         assert!(after.read_bytes > before.read_bytes, "{before:?} {after:?}");
     }
 
+    fn own_nice() -> String {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        crate::runtime::exporter::stat_fields(&stat).unwrap().nth(16).unwrap().to_string()
+    }
+
     #[test]
     fn lowering_priority_sets_this_threads_nice_value() {
         std::thread::spawn(|| {
             super::lower_thread_priority().unwrap();
-            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
             // Field 19 of stat (index 16 after the command name) is the nice value.
-            assert_eq!(fields[16], "10");
+            assert_eq!(own_nice(), "10");
         })
         .join()
         .unwrap();
         // Other threads keep theirs.
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
-        assert_ne!(fields[16], "10");
+        assert_ne!(own_nice(), "10");
     }
 }

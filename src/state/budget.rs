@@ -200,6 +200,22 @@ fn retry_after(k: u64, now_ms: u64) -> u64 {
     ((k >> 16) * 1000).saturating_sub(now_ms).div_ceil(1000).max(1)
 }
 
+/// Moves a counted key (packed creator and expiry) from `old` to `new` in
+/// a group's list. Returns whether `old` was there.
+fn move_key(keys: &mut Expiries, old: u64, new: u64) -> bool {
+    match keys {
+        Expiries::One(k) if *k == old => *k = new,
+        Expiries::One(_) => return false,
+        many => {
+            if !many.remove(old) {
+                return false;
+            }
+            many.insert(new, true);
+        }
+    }
+    true
+}
+
 impl Quotas {
     pub fn new(per_ip: usize, per_net: usize) -> Self {
         Quotas { per_ip, per_net, tables: Striped::new() }
@@ -272,28 +288,17 @@ impl Quotas {
     /// before, so only the new client's own quota can refuse it. Returns
     /// whether it was such a move (done, or refused changing nothing);
     /// `false` leaves a move between groups to the caller.
-    pub fn transfer_within(&self, old: (u64, u64), new: (u64, u64), now_ms: u64) -> Result<bool, OverQuota> {
+    fn transfer_within(&self, old: (u64, u64), new: (u64, u64), now_ms: u64) -> Result<bool, OverQuota> {
         if old.0 == 0 || self.group_of(old.0) != self.group_of(new.0) {
             return Ok(false);
         }
         let Some((id, hash, mut t)) = self.stripe(new.0) else { return Ok(false) };
         let Some(g) = t.find_mut(hash, |g| g.id == id) else { return Ok(false) };
-        let (old_k, new_k) = (pack(old.0, old.1), pack(new.0, new.1));
-        self.refuse_over(g, old_k, new_k, now_ms)?;
+        let (old, new_key) = (pack(old.0, old.1), pack(new.0, new.1));
+        self.refuse_over(g, old, new_key, now_ms)?;
         self.check(g, new.0, now_ms, false)?;
-        let (old, new) = (old_k, new_k);
-        match &mut g.keys {
-            Expiries::One(k) if *k == old => *k = new,
-            // Not counted where it should be: the caller's general move.
-            Expiries::One(_) => return Ok(false),
-            many => {
-                if !many.remove(old) {
-                    return Ok(false);
-                }
-                many.insert(new, true);
-            }
-        }
-        Ok(true)
+        // Not counted where it should be: the caller's general move.
+        Ok(move_key(&mut g.keys, old, new_key))
     }
 
     /// Refuses one more key from `creator` if itself, or its network when
@@ -387,15 +392,7 @@ impl Quotas {
         if let Some(now_ms) = over_at {
             self.refuse_over(g, old, new, now_ms)?;
         }
-        match &mut g.keys {
-            Expiries::One(k) if *k == old => *k = new,
-            Expiries::One(_) => {}
-            many => {
-                if many.remove(old) {
-                    many.insert(new, true);
-                }
-            }
-        }
+        move_key(&mut g.keys, old, new);
         Ok(())
     }
 

@@ -272,7 +272,9 @@ pub fn read_stream(
                 }
                 Err(RecordError::Incomplete) if !eof => break,
                 Err(why) => {
-                    let declared = rest.get(..4).map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64);
+                    // Only a checksum or body error reads it, and those
+                    // have a whole frame.
+                    let declared = frame(rest).map(|(n, _)| n as u64);
                     let ends_at_eof = declared.map(|n| offset + FRAME as u64 + n) == Some(size);
                     let torn = match why {
                         RecordError::Incomplete => true,
@@ -293,11 +295,8 @@ pub fn read_stream(
         }
         buf.drain(..start);
         start = 0;
-        let want = match buf.get(..4) {
-            Some(h) => (FRAME + u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize).saturating_sub(buf.len()),
-            None => 0,
-        }
-        .clamp(READ_BLOCK / 8, READ_BLOCK);
+        let want =
+            frame(&buf).map_or(0, |(n, _)| (FRAME + n).saturating_sub(buf.len())).clamp(READ_BLOCK / 8, READ_BLOCK);
         let have = buf.len();
         buf.resize(have + want, 0);
         let n = read_up_to(&mut r, &mut buf[have..])?;
