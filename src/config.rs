@@ -337,7 +337,7 @@ pub struct Flags {
         default = "10000",
         meta = "N",
         parse(try_from_str = "max_conns"),
-        help = "open client connections, server-wide; more are closed at once"
+        help = "open client connections, server-wide; at the limit the ones idle longest make room, or else more are closed at once"
     )]
     pub max_conns: usize,
     #[options(

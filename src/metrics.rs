@@ -202,6 +202,8 @@ pub struct CoreStats {
     pub refused_server_full: Cell64,
     pub refused_ip_full: Cell64,
     pub refused_net_full: Cell64,
+    /// Idle connections closed to make room at `-maxConns`.
+    pub evicted_idle: Cell64,
     pub requests_in_flight: Cell64,
     rate_limited: [Cell64; RATE_LIMIT_REASONS.len()],
     secret_rejections: Cell64,
@@ -245,6 +247,7 @@ impl Default for CoreStats {
             refused_server_full: Cell64::default(),
             refused_ip_full: Cell64::default(),
             refused_net_full: Cell64::default(),
+            evicted_idle: Cell64::default(),
             requests_in_flight: Cell64::default(),
             rate_limited: Default::default(),
             secret_rejections: Cell64::default(),

@@ -336,6 +336,72 @@ fn connection_limits_refuse_cheaply() {
 }
 
 #[test]
+fn a_full_server_closes_the_connection_idle_longest_for_a_new_one() {
+    // One core, so every connection is on the core that accepts the next.
+    let s = Server::start(&["-maxConns", "4", "-threads", "1"]);
+    let mut held: Vec<Client> = (0..4)
+        .map(|_| {
+            let mut c = s.client();
+            assert_eq!(c.req("GET", "/get/x", &[], b"").status, 404);
+            c
+        })
+        .collect();
+    // Full of idle keep-alive connections: a fifth is served...
+    let mut extra = s.client();
+    assert_eq!(extra.req("GET", "/get/x", &[], b"").status, 404);
+    // ...in the room of the one idle longest, which the server closed.
+    assert!(held[0].is_closed(), "the connection idle longest must be closed");
+    for c in &mut held[1..] {
+        assert_eq!(c.req("GET", "/get/x", &[], b"").status, 404, "only one connection is closed for one more");
+    }
+    assert_eq!(extra.req("GET", "/get/x", &[], b"").status, 404);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.metric("rendezvous_connections_evicted_total") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the closed connection is not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(s.metric("rendezvous_connections_refused_total{reason=\"server\"}").unwrap_or(0.0), 0.0);
+}
+
+#[test]
+fn a_full_server_closes_no_connection_in_a_request() {
+    let s = Server::start(&["-maxConns", "2", "-threads", "1"]);
+    // Two blocking reads hold the server's connections, parked.
+    let mut parked: Vec<TcpStream> = (0..2)
+        .map(|i| {
+            let mut t = TcpStream::connect(s.addr).unwrap();
+            t.write_all(&build("GET", &format!("/get/w{i}?wait=30s"), &[], b"")).unwrap();
+            t
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.metric("rendezvous_waiters") != Some(2.0) {
+        assert!(Instant::now() < deadline, "the blocking reads never parked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nothing idle to close: a third connection is refused unanswered.
+    let mut extra = s.client();
+    extra.send_raw(&build("GET", "/get/x", &[], b""));
+    assert!(extra.read_response(false).is_none(), "a full server with no idle connection must refuse");
+    assert_eq!(s.metric("rendezvous_connections_evicted_total"), Some(0.0));
+    // The parked reads were not disturbed: a write wakes one.
+    drop(parked.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = s.client();
+        c.send_raw(&build("POST", "/set/w0", &[], b"here"));
+        if c.read_response(false).is_some_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed waiter's room never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut waiter = Client::over(parked.pop().unwrap());
+    let r = waiter.read_response(false).expect("the parked read is answered");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"here"[..]));
+}
+
+#[test]
 fn a_network_s_connections_are_capped_whatever_its_addresses() {
     // Loopback addresses 127.0.0.x make one /24; trust nobody here.
     let s = Server::start(&["-maxConnsPerIP", "2", "-maxConnsPerNet", "3", "-trustedProxies", "", "-threads", "2"]);

@@ -22,6 +22,7 @@ use crate::request::error::Error;
 use crate::request::http::{self, BodyKind, ChunkedDecoder, Method, RequestHead, Response};
 use crate::request::route::{self, Route};
 use crate::runtime::connlimit::{Permit, Refusal};
+use crate::runtime::idle::{self, IdleConns};
 use crate::runtime::router::{Router, WaitFuture};
 use crate::runtime::shared::Shared;
 use crate::runtime::turns::Turns;
@@ -85,6 +86,8 @@ pub struct CoreCtx {
     accept_waker: RefCell<Option<Waker>>,
     /// Told of each request when this core gives turns on a shared CPU.
     turns: Option<Rc<Turns>>,
+    /// This core's connections idle between requests, to close at `-maxConns`.
+    idle: RefCell<IdleConns>,
 }
 
 /// Counts a request as in progress while alive.
@@ -138,6 +141,7 @@ impl CoreCtx {
             idle_waker: RefCell::new(None),
             accept_waker: RefCell::new(None),
             turns,
+            idle: RefCell::new(IdleConns::default()),
         }
     }
 
@@ -207,6 +211,17 @@ impl CoreCtx {
         }
     }
 
+    /// Makes room for one more connection at `-maxConns` by telling the
+    /// connections idle longest on this core to close. Returns whether it
+    /// told any.
+    pub fn make_room(&self) -> bool {
+        let room = self.idle.borrow_mut().make_room(idle::batch(self.shared.config.max_conns));
+        if let Some(told) = room {
+            self.stats().evicted_idle.add(told as u64);
+        }
+        room.is_some()
+    }
+
     /// Registers the accept loop to be woken when draining starts.
     pub fn on_drain(&self, waker: &Waker) {
         *self.accept_waker.borrow_mut() = Some(waker.clone());
@@ -258,12 +273,26 @@ struct Conn<'a> {
     body: Vec<u8>,
     /// The body was a little over the limit and was read into nothing.
     discarded: bool,
+    /// Its index in the core's `IdleConns`.
+    idle_id: u32,
+}
+
+/// Removes a connection from its core's idle list when its task ends,
+/// however it ends.
+struct Leave<'a>(&'a CoreCtx, u32);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.idle.borrow_mut().leave(self.1);
+    }
 }
 
 /// Serves one accepted connection until it closes.
 pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
     let _ = stream.set_nodelay(true);
     let peer = clientip::canonical(peer.ip());
+    let idle_id = ctx.idle.borrow_mut().join();
+    let _leave = Leave(&ctx, idle_id);
     let mut conn = Conn {
         ctx: &ctx,
         stream,
@@ -276,6 +305,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         head: RequestHead::default(),
         body: Vec::new(),
         discarded: false,
+        idle_id,
     };
     let stats = ctx.stats();
     stats.connections_open.add(1);
@@ -382,12 +412,13 @@ impl Conn<'_> {
                 None => cfg.idle_timeout,
             };
             waited = had_bytes;
-            match self.read_more(wait).await {
+            let read = if had_bytes { self.read_more(wait).await } else { self.read_idle(wait).await };
+            match read {
                 Ok(0) if !had_bytes => return Ok(None),
                 Ok(0) => return Err(Stop::Broken),
                 Ok(_) => {}
                 Err(ReadFail::Timeout) if had_bytes => return Err(Stop::Reject(Error::RequestTimeout)),
-                Err(ReadFail::Timeout) => return Err(Stop::Done),
+                Err(ReadFail::Timeout | ReadFail::Evicted) => return Err(Stop::Done),
                 Err(ReadFail::Io) => return Err(Stop::Broken),
             }
         }
@@ -404,6 +435,23 @@ impl Conn<'_> {
         };
         self.buf = slice.into_inner();
         res.map_err(|_| ReadFail::Io)
+    }
+
+    /// `read_more` between requests: the connection is idle meanwhile, and
+    /// gives up the wait if the core closes it to make room
+    /// (`CoreCtx::make_room`). A request that arrives as it is told is
+    /// still served; the connection closes when it is next idle.
+    async fn read_idle(&mut self, wait: Duration) -> Result<usize, ReadFail> {
+        let (ctx, id) = (self.ctx, self.idle_id);
+        ctx.idle.borrow_mut().idle(id);
+        let mut read = std::pin::pin!(self.read_more(wait));
+        let result = std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+            Poll::Pending if ctx.idle.borrow_mut().evicted(id, cx.waker()) => Poll::Ready(Err(ReadFail::Evicted)),
+            polled => polled,
+        })
+        .await;
+        ctx.idle.borrow_mut().busy(id);
+        result
     }
 
     /// Reads the body the head announced into `self.body`, within the cap.
@@ -488,7 +536,8 @@ impl Conn<'_> {
     async fn read_more_body(&mut self, deadline: Instant) -> Result<(), Stop> {
         let wait = deadline.saturating_duration_since(Instant::now());
         match self.read_more(wait).await {
-            Ok(0) | Err(ReadFail::Io) => Err(Stop::Broken),
+            // (`Evicted` is only for the wait between requests.)
+            Ok(0) | Err(ReadFail::Io | ReadFail::Evicted) => Err(Stop::Broken),
             Ok(_) => Ok(()),
             Err(ReadFail::Timeout) => Err(Stop::Reject(Error::RequestTimeout)),
         }
@@ -615,7 +664,8 @@ impl Conn<'_> {
     async fn blocking_read(&mut self, wait: api::WaitAction, charge: Charge, now: Now) -> Option<(Response, Duration)> {
         let ctx = self.ctx;
         let stats = ctx.stats();
-        let _permit = match ctx.shared.waiter_limits.admit(self.client) {
+        // Nothing is closed to make room for a waiter.
+        let _permit = match ctx.shared.waiter_limits.admit(self.client, || false) {
             Ok(p) => p,
             // No per-network cap on waiters (`u32::MAX`): a refusal is the client's.
             Err(Refusal::IpFull | Refusal::NetFull) => {
@@ -771,4 +821,6 @@ enum Event<R> {
 enum ReadFail {
     Timeout,
     Io,
+    /// Closed to make room for a new connection.
+    Evicted,
 }

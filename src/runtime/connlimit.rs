@@ -99,26 +99,44 @@ impl ConnLimits {
         }
     }
 
-    /// Admits a connection from `peer`, or says why not.
-    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Permit, Refusal> {
-        let admitted =
-            self.total.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_total).then_some(n + 1));
-        if admitted.is_err() {
-            return Err(Refusal::ServerFull);
-        }
+    /// Admits a connection from `peer`, or says why not. At `-maxConns`,
+    /// `make_room` is asked to close some open connections (`idle`); if it
+    /// told one or more to close, this one is admitted in the room they
+    /// are about to free (the count stays over the limit only until they
+    /// have closed, moments later on the same core).
+    pub fn admit(self: &Arc<Self>, peer: IpAddr, make_room: impl FnOnce() -> bool) -> Result<Permit, Refusal> {
+        // The client's and network's limits first: a connection they refuse
+        // must not make room by closing someone else's.
         let bucket = (!self.exempt.contains(peer)).then(|| net::client(peer));
         if let Some(b) = bucket {
             if !self.take(&self.stripes, b, self.max_per_ip) {
-                self.total.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refusal::IpFull);
             }
             if self.max_per_net != u32::MAX && !self.take(&self.net_stripes, net::network(b), self.max_per_net) {
                 self.give_back(&self.stripes, b);
-                self.total.fetch_sub(1, Ordering::AcqRel);
                 return Err(Refusal::NetFull);
             }
         }
+        let admitted =
+            self.total.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max_total).then_some(n + 1));
+        if admitted.is_err() {
+            if !make_room() {
+                self.give_back_client(bucket);
+                return Err(Refusal::ServerFull);
+            }
+            self.total.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(Permit { limits: self.clone(), bucket })
+    }
+
+    /// Gives back a client's and its network's count.
+    fn give_back_client(&self, bucket: Option<u64>) {
+        if let Some(b) = bucket {
+            self.give_back(&self.stripes, b);
+            if self.max_per_net != u32::MAX {
+                self.give_back(&self.net_stripes, net::network(b));
+            }
+        }
     }
 
     pub fn open(&self) -> usize {
@@ -128,12 +146,7 @@ impl ConnLimits {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(b) = self.bucket {
-            self.limits.give_back(&self.limits.stripes, b);
-            if self.limits.max_per_net != u32::MAX {
-                self.limits.give_back(&self.limits.net_stripes, net::network(b));
-            }
-        }
+        self.limits.give_back_client(self.bucket);
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -149,20 +162,20 @@ mod tests {
     #[test]
     fn per_ip_and_total_limits() {
         let l = ConnLimits::new(5, 2, u32::MAX, TrustedProxies::parse("127.0.0.0/8").unwrap());
-        let a1 = l.admit(ip("1.1.1.1")).unwrap();
-        let _a2 = l.admit(ip("1.1.1.1")).unwrap();
-        assert_eq!(l.admit(ip("1.1.1.1")).err(), Some(Refusal::IpFull));
+        let a1 = l.admit(ip("1.1.1.1"), || false).unwrap();
+        let _a2 = l.admit(ip("1.1.1.1"), || false).unwrap();
+        assert_eq!(l.admit(ip("1.1.1.1"), || false).err(), Some(Refusal::IpFull));
         // IPv6 counts per /64.
-        let _b1 = l.admit(ip("2001:db8::1")).unwrap();
-        let _b2 = l.admit(ip("2001:db8::2")).unwrap();
-        assert_eq!(l.admit(ip("2001:db8::3")).err(), Some(Refusal::IpFull));
+        let _b1 = l.admit(ip("2001:db8::1"), || false).unwrap();
+        let _b2 = l.admit(ip("2001:db8::2"), || false).unwrap();
+        assert_eq!(l.admit(ip("2001:db8::3"), || false).err(), Some(Refusal::IpFull));
         // Trusted proxies are exempt from the per-IP limit, not from the total.
-        let _p = l.admit(ip("127.0.0.1")).unwrap();
-        assert_eq!(l.admit(ip("127.0.0.1")).err(), Some(Refusal::ServerFull));
+        let _p = l.admit(ip("127.0.0.1"), || false).unwrap();
+        assert_eq!(l.admit(ip("127.0.0.1"), || false).err(), Some(Refusal::ServerFull));
         assert_eq!(l.open(), 5);
         drop(a1);
         assert_eq!(l.open(), 4);
-        let _a3 = l.admit(ip("1.1.1.1")).unwrap();
+        let _a3 = l.admit(ip("1.1.1.1"), || false).unwrap();
         assert_eq!(l.open(), 5);
     }
 
@@ -170,7 +183,7 @@ mod tests {
     fn released_addresses_are_forgotten() {
         let l = ConnLimits::new(10, 1, 1, TrustedProxies::parse("").unwrap());
         for i in 0..100 {
-            let p = l.admit(ip(&format!("10.0.{i}.1"))).unwrap();
+            let p = l.admit(ip(&format!("10.0.{i}.1")), || false).unwrap();
             drop(p);
         }
         assert_eq!(l.open(), 0);
@@ -178,24 +191,52 @@ mod tests {
     }
 
     #[test]
+    fn a_full_server_admits_in_the_room_made_for_it() {
+        let l = ConnLimits::new(2, 1, 1, TrustedProxies::parse("").unwrap());
+        let counted =
+            |l: &ConnLimits| l.stripes.iter().chain(&l.net_stripes).map(|s| s.lock().unwrap().len()).sum::<usize>();
+        let a = l.admit(ip("192.0.2.1"), || false).unwrap();
+        let _b = l.admit(ip("198.51.100.1"), || false).unwrap();
+        // Full: refused when no room is made, and the client's and
+        // network's counts are given back.
+        assert_eq!(l.admit(ip("203.0.113.1"), || false).err(), Some(Refusal::ServerFull));
+        assert_eq!(counted(&l), 4);
+        // Admitted when room is made: over the limit until the closed one goes.
+        let c = l.admit(ip("203.0.113.1"), || true).unwrap();
+        assert_eq!((l.open(), counted(&l)), (3, 6));
+        // A client or network at its own limit does not make room.
+        let asked = std::cell::Cell::new(false);
+        let make_room = || {
+            asked.set(true);
+            true
+        };
+        assert_eq!(l.admit(ip("192.0.2.2"), make_room).err(), Some(Refusal::NetFull));
+        assert_eq!(l.admit(ip("192.0.2.1"), make_room).err(), Some(Refusal::IpFull));
+        assert!(!asked.get(), "a refusal for a client's or network's own limit must not close other connections");
+        drop((a, c));
+        assert_eq!((l.open(), counted(&l)), (1, 2));
+    }
+
+    #[test]
     fn per_network_limit() {
         let l = ConnLimits::new(100, 2, 3, TrustedProxies::parse("127.0.0.0/8").unwrap());
-        let held: Vec<Permit> = ["192.0.2.1", "192.0.2.1", "192.0.2.2"].map(|a| l.admit(ip(a)).unwrap()).into();
+        let held: Vec<Permit> =
+            ["192.0.2.1", "192.0.2.1", "192.0.2.2"].map(|a| l.admit(ip(a), || false).unwrap()).into();
         // A fourth address of the /24 is refused, and counted nowhere.
-        assert_eq!(l.admit(ip("192.0.2.3")).err(), Some(Refusal::NetFull));
+        assert_eq!(l.admit(ip("192.0.2.3"), || false).err(), Some(Refusal::NetFull));
         assert_eq!(l.open(), 3);
         // The client's own limit comes first, and gives nothing back twice.
-        assert_eq!(l.admit(ip("192.0.2.1")).err(), Some(Refusal::IpFull));
+        assert_eq!(l.admit(ip("192.0.2.1"), || false).err(), Some(Refusal::IpFull));
         // Other networks are not affected; IPv6 counts per /48.
-        let _other = l.admit(ip("192.0.3.1")).unwrap();
+        let _other = l.admit(ip("192.0.3.1"), || false).unwrap();
         let v6: Vec<Permit> =
-            ["2001:db8:0:1::1", "2001:db8:0:2::1", "2001:db8:0:3::1"].map(|a| l.admit(ip(a)).unwrap()).into();
-        assert_eq!(l.admit(ip("2001:db8:0:4::1")).err(), Some(Refusal::NetFull));
-        assert!(l.admit(ip("2001:db8:1::1")).is_ok());
+            ["2001:db8:0:1::1", "2001:db8:0:2::1", "2001:db8:0:3::1"].map(|a| l.admit(ip(a), || false).unwrap()).into();
+        assert_eq!(l.admit(ip("2001:db8:0:4::1"), || false).err(), Some(Refusal::NetFull));
+        assert!(l.admit(ip("2001:db8:1::1"), || false).is_ok());
         // Trusted proxies are exempt.
-        let _p: Vec<Permit> = (0..5).map(|_| l.admit(ip("127.0.0.1")).unwrap()).collect();
+        let _p: Vec<Permit> = (0..5).map(|_| l.admit(ip("127.0.0.1"), || false).unwrap()).collect();
         drop(held);
-        assert!(l.admit(ip("192.0.2.3")).is_ok());
+        assert!(l.admit(ip("192.0.2.3"), || false).is_ok());
         drop(v6);
     }
 }

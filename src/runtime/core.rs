@@ -185,7 +185,7 @@ async fn accept_loop(id: usize, ctx: &Rc<CoreCtx>, listener: monoio::net::TcpLis
         .await;
         match next {
             None => return,
-            Some(Ok((stream, peer))) => match ctx.shared.conn_limits.admit(peer.ip()) {
+            Some(Ok((stream, peer))) => match ctx.shared.conn_limits.admit(peer.ip(), || ctx.make_room()) {
                 Ok(permit) => {
                     monoio::spawn(conn::serve(ctx.clone(), stream, peer, permit));
                 }

@@ -88,6 +88,8 @@ families! {
         "Client connections accepted.";
     ConnectionsRefused: Counter Count "rendezvous_connections_refused_total" ["reason"]
         "Connections closed at accept by -maxConns (reason=server), -maxConnsPerIP (reason=ip) or -maxConnsPerNet (reason=net).";
+    ConnectionsEvicted: Counter Count "rendezvous_connections_evicted_total" []
+        "Idle keep-alive connections closed to make room for a new one at -maxConns (a refusal with reason=server means none was idle on the accepting core).";
     Keys: Gauge Count "rendezvous_keys" []
         "Keys stored (expired ones count until reclaimed).";
     KeysMax: Gauge Count "rendezvous_keys_max" []
@@ -318,6 +320,7 @@ impl Exporter {
         counter!(F::ConnectionsRefused.name(), "reason" => "server").absolute(sum(|s| s.refused_server_full.get()));
         counter!(F::ConnectionsRefused.name(), "reason" => "ip").absolute(sum(|s| s.refused_ip_full.get()));
         counter!(F::ConnectionsRefused.name(), "reason" => "net").absolute(sum(|s| s.refused_net_full.get()));
+        counter!(F::ConnectionsEvicted.name()).absolute(sum(|s| s.evicted_idle.get()));
         gauge!(F::Keys.name()).set(shared.budget.live() as f64);
         gauge!(F::KeysMax.name()).set(shared.budget.max() as f64);
         gauge!(F::StoredBytes.name()).set(sum(|s| s.stored_bytes.get()) as f64);

@@ -5,7 +5,8 @@
 //! and `turns` has cores the kernel put on one CPU take turns on it and
 //! pulls a core left waiting behind another program onto a core's CPU;
 //! `core` is one core's executor (accept loop, control requests, sweeper);
-//! `conn` serves one connection; `router` carries commands to the owning
+//! `conn` serves one connection, and `idle` picks the idle ones to close
+//! when the server is full; `router` carries commands to the owning
 //! core and replies back, over `slots`, and reads a foreign key directly
 //! through `cells` (each core's state behind its lock); `connlimit` admits
 //! connections and waiters; `lifecycle` runs snapshots and shutdown;
@@ -20,6 +21,7 @@ pub mod conn;
 pub mod connlimit;
 pub mod core;
 pub mod exporter;
+pub mod idle;
 pub mod lifecycle;
 pub mod mesh;
 pub mod router;

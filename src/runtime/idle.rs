@@ -1,0 +1,295 @@
+//! Which of one core's client connections are idle (waiting for the first
+//! byte of their next request, or of their first), and which of them to
+//! close when the server is full.
+//!
+//! At `-maxConns`, a new connection used to be closed at once, whatever
+//! the open ones were doing: a few dozen networks holding idle keep-alive
+//! connections (each within `-maxConnsPerNet`), refreshing them now and
+//! then with requests that cost no tokens, kept every other client out.
+//! Now a core that is refused a connection for want of room closes the
+//! connections idle longest on it (as nginx reuses keep-alive connections
+//! when it runs out), and the new one takes the room. Closing a
+//! keep-alive connection between requests is ordinary HTTP: a client
+//! opens another. A connection in the middle of a request (a head or body
+//! arriving, an answer being written, a blocking read parked) is never
+//! chosen; those have deadlines of their own.
+//!
+//! Each core keeps its own list: connections never move between cores,
+//! and the accepting core closes its own, with no message to the others
+//! (the kernel spreads accepted connections over the cores, so each holds
+//! its share of the idle ones). Idle periods are ordered by a counter, not
+//! a clock, so a request pays two stores and no clock reading for this.
+//!
+//! Plain state, no I/O: the connection task registers here and waits on
+//! `evicted`; the accept loop calls `make_room`.
+
+use std::collections::BinaryHeap;
+use std::task::Waker;
+
+/// How many connections one refusal closes at most: the rest make room
+/// for the accepts that follow, so a full server scans its list once per
+/// batch rather than once per accept (nginx closes up to 32).
+pub const EVICT_BATCH: usize = 16;
+
+/// How many connections one refusal closes under `-maxConns max_conns`:
+/// one per 256 allowed, between 1 and `EVICT_BATCH`, so a small server
+/// does not close most of its connections for one more.
+pub fn batch(max_conns: usize) -> usize {
+    (max_conns / 256).clamp(1, EVICT_BATCH)
+}
+
+#[derive(Default)]
+struct Slot {
+    /// When the connection became idle (the counter's value), or `None`
+    /// while it is in a request.
+    since: Option<u64>,
+    /// Told to close.
+    evicted: bool,
+    /// The connection task, to wake when it is told to close.
+    waker: Option<Waker>,
+}
+
+/// One core's connections, by the index each was given when it joined.
+#[derive(Default)]
+pub struct IdleConns {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Counts idle periods begun; orders them.
+    tick: u64,
+    /// Connections told to close that are not gone yet: room on its way.
+    closing: usize,
+    /// Connections admitted over the limit on the strength of `closing`
+    /// and not yet covered by one of them going.
+    owed: usize,
+}
+
+impl IdleConns {
+    /// Registers a connection just accepted: idle until its first byte.
+    pub fn join(&mut self) -> u32 {
+        self.tick += 1;
+        let slot = Slot { since: Some(self.tick), evicted: false, waker: None };
+        match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = slot;
+                id
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Forgets a connection that closed.
+    pub fn leave(&mut self, id: u32) {
+        if let Some(slot) = self.slots.get_mut(id as usize) {
+            if slot.evicted {
+                self.closing -= 1;
+                self.owed = self.owed.saturating_sub(1);
+            }
+            *slot = Slot::default();
+            self.free.push(id);
+        }
+    }
+
+    /// Makes room for one connection over the limit: in the room of a
+    /// connection already told to close, if one is on its way that no
+    /// earlier admission counted on, or else by telling the `batch`
+    /// connections idle longest to close. Returns how many were told now,
+    /// or `None` if there is no room to make. So a burst of accepts that
+    /// arrives before the told connections are gone closes no more than
+    /// it needs.
+    pub fn make_room(&mut self, batch: usize) -> Option<usize> {
+        if self.owed < self.closing {
+            self.owed += 1;
+            return Some(0);
+        }
+        let told = self.evict(batch);
+        (told > 0).then(|| {
+            self.owed += 1;
+            told
+        })
+    }
+
+    /// The connection waits for its next request.
+    pub fn idle(&mut self, id: u32) {
+        self.tick += 1;
+        if let Some(slot) = self.slots.get_mut(id as usize) {
+            slot.since = Some(self.tick);
+        }
+    }
+
+    /// The connection's next request began.
+    pub fn busy(&mut self, id: u32) {
+        if let Some(slot) = self.slots.get_mut(id as usize) {
+            slot.since = None;
+            slot.waker = None;
+        }
+    }
+
+    /// Whether the connection was told to close; if not, `waker` is woken
+    /// when it is.
+    pub fn evicted(&mut self, id: u32, waker: &Waker) -> bool {
+        let Some(slot) = self.slots.get_mut(id as usize) else {
+            return true;
+        };
+        if slot.evicted {
+            return true;
+        }
+        if !slot.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            slot.waker = Some(waker.clone());
+        }
+        false
+    }
+
+    /// Tells the `n` connections idle longest (fewer if fewer are idle) to
+    /// close, and wakes them. Returns how many were told.
+    fn evict(&mut self, n: usize) -> usize {
+        // The n oldest, by a max-heap that drops the youngest over n.
+        let mut oldest: BinaryHeap<(u64, u32)> = BinaryHeap::with_capacity(n + 1);
+        for (id, slot) in self.slots.iter().enumerate() {
+            if let (Some(since), false) = (slot.since, slot.evicted) {
+                if oldest.len() < n || oldest.peek().is_some_and(|&(young, _)| since < young) {
+                    oldest.push((since, id as u32));
+                    if oldest.len() > n {
+                        oldest.pop();
+                    }
+                }
+            }
+        }
+        let told = oldest.len();
+        self.closing += told;
+        for (_, id) in oldest {
+            let slot = &mut self.slots[id as usize];
+            slot.evicted = true;
+            slot.since = None;
+            if let Some(w) = slot.waker.take() {
+                w.wake();
+            }
+        }
+        told
+    }
+
+    /// Connections registered and not yet gone.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn waker() -> (Waker, Arc<Count>) {
+        let c = Arc::new(Count(AtomicUsize::new(0)));
+        (Waker::from(c.clone()), c)
+    }
+
+    #[test]
+    fn the_connections_idle_longest_go_first() {
+        let mut idle = IdleConns::default();
+        let ids: Vec<u32> = (0..5).map(|_| idle.join()).collect();
+        // 0 and 2 are in requests; 4 went idle again after 1 and 3.
+        idle.busy(ids[0]);
+        idle.busy(ids[2]);
+        idle.busy(ids[4]);
+        idle.idle(ids[4]);
+        let (w, woken) = waker();
+        for &id in &ids {
+            assert!(!idle.evicted(id, &w));
+        }
+        assert_eq!(idle.evict(2), 2);
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2);
+        let told: Vec<bool> = ids.iter().map(|&id| idle.evicted(id, &w)).collect();
+        assert_eq!(told, [false, true, false, true, false]);
+        // Connections in a request are never chosen, nor one told already.
+        assert_eq!(idle.evict(10), 1);
+        assert!(idle.evicted(ids[4], &w));
+        assert_eq!(idle.evict(10), 0);
+        // A told connection that stays to finish a request is still told
+        // when it next goes idle.
+        idle.busy(ids[1]);
+        idle.idle(ids[1]);
+        assert!(idle.evicted(ids[1], &w));
+    }
+
+    #[test]
+    fn slots_are_reused_and_start_fresh() {
+        let mut idle = IdleConns::default();
+        let a = idle.join();
+        let b = idle.join();
+        assert_eq!(idle.evict(1), 1);
+        idle.leave(a);
+        let c = idle.join();
+        assert_eq!(c, a, "a freed slot is reused");
+        let (w, _) = waker();
+        assert!(!idle.evicted(c, &w), "a new connection is not told to close");
+        // b is now the oldest.
+        assert_eq!(idle.evict(1), 1);
+        assert!(idle.evicted(b, &w));
+        assert!(!idle.evicted(c, &w));
+        idle.leave(b);
+        idle.leave(c);
+        assert_eq!(idle.len(), 0);
+    }
+
+    #[test]
+    fn a_burst_of_accepts_uses_the_room_on_its_way() {
+        let mut idle = IdleConns::default();
+        let ids: Vec<u32> = (0..10).map(|_| idle.join()).collect();
+        // One accept tells three to close and takes the room of one.
+        assert_eq!(idle.make_room(3), Some(3));
+        // Two more before any is gone take the other two rooms...
+        assert_eq!(idle.make_room(3), Some(0));
+        assert_eq!(idle.make_room(3), Some(0));
+        // ...and a fourth tells more.
+        assert_eq!(idle.make_room(3), Some(3));
+        // Once the told ones are gone, what they freed was all spent.
+        for &id in &ids[..6] {
+            idle.leave(id);
+        }
+        assert_eq!((idle.closing, idle.owed), (0, 0));
+        // Told ones going before any accept counted on them leave room
+        // that the plain limit sees; nothing stays owed.
+        assert_eq!(idle.make_room(2), Some(2));
+        idle.leave(ids[6]);
+        idle.leave(ids[7]);
+        assert_eq!((idle.closing, idle.owed), (0, 0));
+        // Nothing idle, nothing told: no room.
+        for &id in &ids[8..] {
+            idle.busy(id);
+        }
+        assert_eq!(idle.make_room(2), None);
+    }
+
+    #[test]
+    fn a_batch_follows_the_limit() {
+        assert_eq!([1, 255, 256, 1000, 10_000, 1_000_000].map(batch), [1, 1, 1, 3, 16, 16]);
+    }
+
+    #[test]
+    fn a_batch_takes_the_oldest_of_many() {
+        let mut idle = IdleConns::default();
+        let ids: Vec<u32> = (0..100).map(|_| idle.join()).collect();
+        // Reverse the ages: the highest index went idle first.
+        for &id in ids.iter().rev() {
+            idle.busy(id);
+            idle.idle(id);
+        }
+        assert_eq!(idle.evict(EVICT_BATCH), EVICT_BATCH);
+        let (w, _) = waker();
+        let told: Vec<u32> = ids.iter().copied().filter(|&id| idle.evicted(id, &w)).collect();
+        assert_eq!(told, (100 - EVICT_BATCH as u32..100).collect::<Vec<_>>());
+    }
+}
