@@ -364,6 +364,23 @@ fn a_full_server_closes_the_connection_idle_longest_for_a_new_one() {
 }
 
 #[test]
+fn requests_that_cost_nothing_do_not_keep_a_connection_open_on_a_full_server() {
+    let s = Server::start(&["-maxConns", "2", "-threads", "1"]);
+    let mut pinging = s.client();
+    assert_eq!(pinging.req("GET", "/get/x", &[], b"").status, 404);
+    let mut paying = s.client();
+    assert_eq!(paying.req("GET", "/get/x", &[], b"").status, 404);
+    // The first connection keeps busy with requests that cost no tokens.
+    for _ in 0..3 {
+        assert_eq!(pinging.req("GET", "/favicon.ico", &[], b"").status, 204);
+    }
+    let mut extra = s.client();
+    assert_eq!(extra.req("GET", "/get/x", &[], b"").status, 404);
+    assert!(pinging.is_closed(), "free requests must not keep a connection's place");
+    assert_eq!(paying.req("GET", "/get/x", &[], b"").status, 404);
+}
+
+#[test]
 fn a_full_server_closes_no_connection_in_a_request() {
     let s = Server::start(&["-maxConns", "2", "-threads", "1"]);
     // Two blocking reads hold the server's connections, parked.

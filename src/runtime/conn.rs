@@ -275,6 +275,8 @@ struct Conn<'a> {
     discarded: bool,
     /// Its index in the core's `IdleConns`.
     idle_id: u32,
+    /// The last request cost tokens (`IdleConns::idle`).
+    paid: bool,
 }
 
 /// Removes a connection from its core's idle list when its task ends,
@@ -306,6 +308,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         body: Vec::new(),
         discarded: false,
         idle_id,
+        paid: false,
     };
     let stats = ctx.stats();
     stats.connections_open.add(1);
@@ -443,7 +446,7 @@ impl Conn<'_> {
     /// still served; the connection closes when it is next idle.
     async fn read_idle(&mut self, wait: Duration) -> Result<usize, ReadFail> {
         let (ctx, id) = (self.ctx, self.idle_id);
-        ctx.idle.borrow_mut().idle(id);
+        ctx.idle.borrow_mut().idle(id, self.paid);
         let mut read = std::pin::pin!(self.read_more(wait));
         let result = std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
             Poll::Pending if ctx.idle.borrow_mut().evicted(id, cx.waker()) => Poll::Ready(Err(ReadFail::Evicted)),
@@ -610,6 +613,7 @@ impl Conn<'_> {
         } else {
             api::prepare(&self.head, &self.body, client, &ctx.limits, &shared.secret_key, now.unix_ms)
         };
+        let mut charged = false;
         let (route, conflict, response) = match prepared {
             Err(e) => (route::route_hint(&self.head.target), false, Response::from_error(e)),
             Ok(Action::Page(Route::Favicon)) => (Some(Route::Favicon), false, Response::new(204, http::Body::Text(""))),
@@ -621,6 +625,7 @@ impl Conn<'_> {
             Ok(Action::Preflight(route)) => (Some(route), false, api::preflight(route)),
             Ok(Action::Store(api::StoreAction { op, cost, meta })) => {
                 let charge = Some(Charge { aim, cost, epoch });
+                charged = cost > 0;
                 // Bytes beyond this request: the client pipelines.
                 let pipelined = self.start < self.buf.len();
                 let reply = ctx.router.run(charge, op, pipelined, now.unix_ms).await;
@@ -630,6 +635,7 @@ impl Conn<'_> {
                 (Some(meta.route), conflict, response)
             }
             Ok(Action::Wait(wait)) => {
+                charged = true;
                 match self.blocking_read(wait, Charge { aim, cost: route::READ_COST, epoch }, now).await {
                     Some((response, waited)) => {
                         parked = waited;
@@ -639,6 +645,7 @@ impl Conn<'_> {
                 }
             }
         };
+        self.paid = charged && response.status != 429;
         let mut ended = None;
         if shared.metrics_on {
             let route = metrics::route_index(route);

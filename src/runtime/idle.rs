@@ -14,6 +14,11 @@
 //! arriving, an answer being written, a blocking read parked) is never
 //! chosen; those have deadlines of their own.
 //!
+//! Idle longest counts from the connection's last request that cost
+//! tokens (or from its accept): requests that cost nothing (the docs page,
+//! a preflight, an error, a 429) do not move it, or a client could keep
+//! its connections last in line for free.
+//!
 //! Each core keeps its own list: connections never move between cores,
 //! and the accepting core closes its own, with no message to the others
 //! (the kernel spreads accepted connections over the cores, so each holds
@@ -40,9 +45,11 @@ pub fn batch(max_conns: usize) -> usize {
 
 #[derive(Default)]
 struct Slot {
-    /// When the connection became idle (the counter's value), or `None`
-    /// while it is in a request.
-    since: Option<u64>,
+    /// Its place in the order: the counter's value when it joined or last
+    /// went idle after a request that cost tokens. Lower goes first.
+    rank: u64,
+    /// Waiting for a request.
+    idle: bool,
     /// Told to close.
     evicted: bool,
     /// The connection task, to wake when it is told to close.
@@ -67,7 +74,7 @@ impl IdleConns {
     /// Registers a connection just accepted: idle until its first byte.
     pub fn join(&mut self) -> u32 {
         self.tick += 1;
-        let slot = Slot { since: Some(self.tick), evicted: false, waker: None };
+        let slot = Slot { rank: self.tick, idle: true, evicted: false, waker: None };
         match self.free.pop() {
             Some(id) => {
                 self.slots[id as usize] = slot;
@@ -111,19 +118,24 @@ impl IdleConns {
         })
     }
 
-    /// The connection waits for its next request.
-    pub fn idle(&mut self, id: u32) {
-        self.tick += 1;
+    /// The connection waits for its next request. `paid`: its last
+    /// request cost tokens. One that did not (the docs page, a preflight,
+    /// an error, a 429) keeps the place it had: requests that cost nothing
+    /// do not keep a connection from being closed.
+    pub fn idle(&mut self, id: u32, paid: bool) {
         if let Some(slot) = self.slots.get_mut(id as usize) {
-            slot.since = Some(self.tick);
+            if paid {
+                self.tick += 1;
+                slot.rank = self.tick;
+            }
+            slot.idle = true;
         }
     }
 
     /// The connection's next request began.
     pub fn busy(&mut self, id: u32) {
         if let Some(slot) = self.slots.get_mut(id as usize) {
-            slot.since = None;
-            slot.waker = None;
+            slot.idle = false;
         }
     }
 
@@ -148,12 +160,11 @@ impl IdleConns {
         // The n oldest, by a max-heap that drops the youngest over n.
         let mut oldest: BinaryHeap<(u64, u32)> = BinaryHeap::with_capacity(n + 1);
         for (id, slot) in self.slots.iter().enumerate() {
-            if let (Some(since), false) = (slot.since, slot.evicted) {
-                if oldest.len() < n || oldest.peek().is_some_and(|&(young, _)| since < young) {
-                    oldest.push((since, id as u32));
-                    if oldest.len() > n {
-                        oldest.pop();
-                    }
+            let candidate = slot.idle && !slot.evicted;
+            if candidate && (oldest.len() < n || oldest.peek().is_some_and(|&(young, _)| slot.rank < young)) {
+                oldest.push((slot.rank, id as u32));
+                if oldest.len() > n {
+                    oldest.pop();
                 }
             }
         }
@@ -162,7 +173,6 @@ impl IdleConns {
         for (_, id) in oldest {
             let slot = &mut self.slots[id as usize];
             slot.evicted = true;
-            slot.since = None;
             if let Some(w) = slot.waker.take() {
                 w.wake();
             }
@@ -204,7 +214,7 @@ mod tests {
         idle.busy(ids[0]);
         idle.busy(ids[2]);
         idle.busy(ids[4]);
-        idle.idle(ids[4]);
+        idle.idle(ids[4], true);
         let (w, woken) = waker();
         for &id in &ids {
             assert!(!idle.evicted(id, &w));
@@ -220,8 +230,27 @@ mod tests {
         // A told connection that stays to finish a request is still told
         // when it next goes idle.
         idle.busy(ids[1]);
-        idle.idle(ids[1]);
+        idle.idle(ids[1], true);
         assert!(idle.evicted(ids[1], &w));
+    }
+
+    #[test]
+    fn requests_that_cost_nothing_keep_a_connection_s_place() {
+        let mut idle = IdleConns::default();
+        let pinging = idle.join();
+        let paying = idle.join();
+        // The first keeps sending requests that cost nothing, the second
+        // pays for one: the first is still the one idle longest.
+        for _ in 0..3 {
+            idle.busy(pinging);
+            idle.idle(pinging, false);
+        }
+        idle.busy(paying);
+        idle.idle(paying, true);
+        assert_eq!(idle.make_room(1), Some(1));
+        let (w, _) = waker();
+        assert!(idle.evicted(pinging, &w));
+        assert!(!idle.evicted(paying, &w));
     }
 
     #[test]
@@ -285,7 +314,7 @@ mod tests {
         // Reverse the ages: the highest index went idle first.
         for &id in ids.iter().rev() {
             idle.busy(id);
-            idle.idle(id);
+            idle.idle(id, true);
         }
         assert_eq!(idle.evict(EVICT_BATCH), EVICT_BATCH);
         let (w, _) = waker();
