@@ -147,11 +147,13 @@ pub fn recover(
             }
             apply_record(rec, shards, &owner, budget, &mut tombstones);
         };
-        let tail = read_stream(reader, size, &mut apply).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
+        let tail =
+            read_stream(reader, size, seg.seq, &mut apply).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
         report.segments += 1;
         match tail {
             Ok(Tail::Clean) => {}
-            Ok(Tail::Torn { at, why }) => torn.push((seg.path.clone(), at, why)),
+            Ok(Tail::Torn { at, why }) => torn.push((seg.path.clone(), at, why, false)),
+            Ok(Tail::Unsynced { at, why }) => torn.push((seg.path.clone(), at, why, true)),
             Err(Damage { offset, why }) => {
                 return Err(RecoveryError::Damage { path: seg.path.clone(), offset, why: why.to_string() });
             }
@@ -159,14 +161,24 @@ pub fn recover(
     }
     // Cut only once every segment has been read: damage found in a later
     // one leaves every file as it was.
-    for (path, at, why) in torn {
+    for (path, at, why, unsynced) in torn {
         if mode == Mode::Repair {
+            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
             cut(&path, at).map_err(|e| RecoveryError::Io(path.clone(), e))?;
-            log::warn!(
-                "cut a torn record at the end of {} (byte {at}, {why}): a crash interrupted its write (a \
-                 process crash: it was never acknowledged; a power loss: it was within what -fsync may lose)",
-                path.display()
-            );
+            if unsynced {
+                log::warn!(
+                    "cut the unsynced end of {} from byte {at} ({} bytes; {why} there, and no sync mark after it \
+                     says it was synced): a power loss left it partly written, within what -fsync may lose",
+                    path.display(),
+                    size.saturating_sub(at)
+                );
+            } else {
+                log::warn!(
+                    "cut a torn record at the end of {} (byte {at}, {why}): a crash interrupted its write (a \
+                     process crash: it was never acknowledged; a power loss: it was within what -fsync may lose)",
+                    path.display()
+                );
+            }
         }
         report.torn.push((path, at));
     }

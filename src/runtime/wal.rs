@@ -20,6 +20,10 @@
 //! loss. Once synced, the log's pages leave the page cache (`trim`): each
 //! sync hands the synced stretch of the segment to the core's trimming
 //! helper, and a segment the log has moved on from is handed over whole.
+//! Each sync that returns leaves a sync mark to append (`record::SyncMark`:
+//! how far the segment is on the disk), carried by the next records, or
+//! written and synced alone once the log is quiet for a period; recovery
+//! tells a power loss's unsynced end from damage by them.
 //!
 //! - `-fsync no`: an answer goes out once its record is in the page cache
 //!   (a process crash loses nothing); the OS flushes when it likes.
@@ -55,6 +59,7 @@ use crate::persist::datadir;
 use crate::runtime::shared::Shared;
 use crate::runtime::trim::{self, Trimmer};
 use crate::state::command::{Origin, Reply};
+use crate::state::record::{self, SyncMark};
 use crate::state::shard::WriteOutcome;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -287,13 +292,15 @@ impl Retry {
 struct Segment {
     file: Arc<File>,
     ring: Rc<monoio::fs::File>,
+    /// Its sequence number, which its sync marks name.
+    seq: u64,
 }
 
 impl Segment {
     fn create(dir: &std::path::Path, seq: u64, core: usize) -> std::io::Result<Segment> {
         let file = datadir::create_segment(dir, seq, core as u32)?;
         let ring = Rc::new(monoio::fs::File::from_std(file.try_clone()?)?);
-        Ok(Segment { file: Arc::new(file), ring })
+        Ok(Segment { file: Arc::new(file), ring, seq })
     }
 }
 
@@ -345,6 +352,11 @@ struct State {
     /// `seg` was made for a retry that then failed: it holds nothing but
     /// copies of bytes the next retry writes again.
     retry_copy: bool,
+    /// A sync mark to append to `seg` (`record::SyncMark`): how far a sync
+    /// that returned found it on the disk.
+    mark: Option<SyncMark>,
+    /// The offset of `seg` the last mark made said was synced.
+    marked_to: u64,
 }
 
 /// One core's log.
@@ -388,6 +400,8 @@ impl Wal {
                 pool: Pool::default(),
                 last_pass: 0,
                 retry_copy: false,
+                mark: None,
+                marked_to: 0,
             }),
         }))
     }
@@ -465,10 +479,15 @@ impl Wal {
             let want = (st.last_pass + st.last_pass / 4).min(SPARE_MAX);
             st.pool.take(want)
         };
-        let (bytes, end) = router.take_journal(spare);
+        let (mut bytes, end) = router.take_journal(spare);
         if bytes.is_empty() {
             self.st.borrow_mut().pool.give(bytes);
             return;
+        }
+        // The last sync's mark rides with the next records (if this write
+        // moves to a new segment, the mark names the old one and is ignored).
+        if let Some(mark) = self.st.borrow_mut().mark.take() {
+            record::encode_mark(&mut bytes, mark);
         }
         self.st.borrow_mut().last_pass = bytes.len().min(SPARE_MAX);
         match self.write(&bytes) {
@@ -622,6 +641,8 @@ impl Wal {
         st.offset = 0;
         st.trimmed = 0;
         st.retry_copy = false;
+        st.mark = None;
+        st.marked_to = 0;
         if self.mode == Fsync::No {
             // Nobody waits for it, but a segment followed by another should
             // be whole on disk: sync it in the background.
@@ -703,14 +724,42 @@ impl Wal {
                 self.sync(&*router).await;
             } else {
                 last_sync = Instant::now();
-                let mut st = self.st.borrow_mut();
-                if st.written == written_before {
-                    // Nothing written since the last look: the buffers go back.
-                    st.pool.clear();
+                let mark = {
+                    let mut st = self.st.borrow_mut();
+                    if st.written == written_before {
+                        // Nothing written since the last look: the buffers go back.
+                        st.pool.clear();
+                    }
+                    let healthy = matches!(st.retry, Retry::None) && st.failing.is_none();
+                    if healthy {
+                        st.mark.take()
+                    } else {
+                        None
+                    }
+                };
+                if let Some(mark) = mark {
+                    self.mark_alone(mark).await;
                 }
             }
             written_before = self.st.borrow().written;
         }
+    }
+
+    /// Writes and syncs the last sync's mark on its own: no records came
+    /// to carry it for a period. Without it the newest synced records of a
+    /// log gone quiet would have no mark after them, and damage to them
+    /// found after a power loss would be taken for the unsynced end and
+    /// cut. Best effort: a mark that cannot be written is simply missing
+    /// (recovery then judges as without it), and its sync acknowledges
+    /// nothing (what it syncs is counted by the next real sync).
+    async fn mark_alone(&self, mark: SyncMark) {
+        let mut bytes = Vec::with_capacity(32);
+        record::encode_mark(&mut bytes, mark);
+        if self.write(&bytes).is_err() {
+            return;
+        }
+        let ring = self.st.borrow().seg.ring.clone();
+        let _ = ring.sync_data().await;
     }
 
     /// Syncs every closed segment, then the current one, and acknowledges
@@ -746,6 +795,10 @@ impl Wal {
                         if let Some((from, to)) = trim::trim_range(st.trimmed, seg_end) {
                             st.trimmed = to;
                             self.trim.range(&file, from, to);
+                        }
+                        if seg_end > st.marked_to {
+                            st.mark = Some(SyncMark { segment: st.seg.seq, synced_to: seg_end });
+                            st.marked_to = seg_end;
                         }
                     }
                 }
@@ -880,6 +933,8 @@ impl Wal {
             if st.seg.file.set_len(0).is_ok() {
                 st.offset = 0;
                 st.trimmed = 0;
+                st.mark = None;
+                st.marked_to = 0;
                 return Ok(());
             }
             // It cannot be emptied: a new one, as if it were not reusable.

@@ -12,6 +12,21 @@
 //! then the body: `u8 kind`, `u64 version`, `u16 key length`, and for a put
 //! `u64 expiry (Unix ms)`, `u64 creator`, `u8 flags` (bit 0: has secret),
 //! the 32-byte secret hash if any, the key, the value; for a delete, the key.
+//! A sync mark's body is `u8 kind`, `u64 segment`, `u64 synced to`.
+//!
+//! Sync marks: after a sync, the log appends a mark saying how far the
+//! segment (named by its sequence number) is on the disk. They change no
+//! key; recovery uses them to tell a power loss from damage. On a
+//! filesystem that does not write a file's data in order (ext4 without a
+//! journal, XFS), a power loss can leave the unsynced end of a segment
+//! with blocks of zeros or stale bytes followed by blocks that did land,
+//! valid records included: without marks that reads like damage, and
+//! startup stopped until someone cut the file. A bad record that no later
+//! mark of its segment says was synced is in such an end, and is cut with
+//! everything after it (it was within what `-fsync` may lose); one that a
+//! later mark covers is damage, and recovery stops. A segment without any
+//! mark (written before its first sync, or by a version without marks) is
+//! judged as before (`read_stream`).
 //!
 //! `Journal` is the append side, one per core, filled by every change the
 //! core applies to any shard (pure: bytes in memory; the runtime writes
@@ -23,6 +38,9 @@ use crate::state::secret::SecretHash;
 
 const KIND_PUT: u8 = 1;
 const KIND_DELETE: u8 = 2;
+const KIND_MARK: u8 = 3;
+/// A sync mark's body: kind, segment, synced-to offset.
+const MARK_BODY: usize = 1 + 8 + 8;
 const FLAG_SECRET: u8 = 1;
 /// Length prefix + checksum.
 pub const FRAME: usize = 8;
@@ -72,6 +90,33 @@ pub fn encode_put(out: &mut Vec<u8>, entry: &Entry, creator: u64) {
     out.extend_from_slice(key);
     out.extend_from_slice(value);
     finish(out, start);
+}
+
+/// Where a segment stood on the disk when a sync returned: every byte of
+/// segment `segment` below `synced_to` was synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncMark {
+    pub segment: u64,
+    pub synced_to: u64,
+}
+
+/// Appends a sync mark to `out`.
+pub fn encode_mark(out: &mut Vec<u8>, mark: SyncMark) {
+    let start = begin(out, MARK_BODY);
+    out.push(KIND_MARK);
+    out.extend_from_slice(&mark.segment.to_le_bytes());
+    out.extend_from_slice(&mark.synced_to.to_le_bytes());
+    finish(out, start);
+}
+
+/// The sync mark at the start of `bytes`, if a valid one starts there.
+pub fn mark_at(bytes: &[u8]) -> Option<SyncMark> {
+    let (len, crc) = frame(bytes)?;
+    let body = bytes.get(FRAME..FRAME + MARK_BODY)?;
+    if len != MARK_BODY || body[0] != KIND_MARK || crc32fast::hash(body) != crc {
+        return None;
+    }
+    mark_at_body(body)
 }
 
 /// Appends the record of a deleted key to `out`.
@@ -132,8 +177,24 @@ fn frame(bytes: &[u8]) -> Option<(usize, u32)> {
 /// The shortest body a record has: a delete of a one-byte key.
 const MIN_BODY: usize = 1 + 8 + 2 + 1;
 
+/// What a log holds: records of changes, and sync marks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Item {
+    Record(Record),
+    Mark(SyncMark),
+}
+
 /// Decodes the record at the start of `bytes`; returns it and its length.
+/// A sync mark there is `Malformed`: it is no change.
 pub fn decode(bytes: &[u8]) -> Result<(Record, usize), RecordError> {
+    match decode_item(bytes)? {
+        (Item::Record(rec), n) => Ok((rec, n)),
+        (Item::Mark(_), _) => Err(RecordError::Malformed("a sync mark, not a change")),
+    }
+}
+
+/// Decodes the record or mark at the start of `bytes`, and its length.
+fn decode_item(bytes: &[u8]) -> Result<(Item, usize), RecordError> {
     let Some((body_len, crc)) = frame(bytes) else { return Err(RecordError::Incomplete) };
     if body_len > MAX_BODY {
         return Err(RecordError::TooLong(body_len as u64));
@@ -174,7 +235,25 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
+fn decode_body(body: &[u8]) -> Result<Item, RecordError> {
+    if body.first() == Some(&KIND_MARK) {
+        return match mark_at_body(body) {
+            Some(mark) => Ok(Item::Mark(mark)),
+            None => Err(RecordError::Malformed("sync mark of the wrong length")),
+        };
+    }
+    decode_change(body).map(Item::Record)
+}
+
+fn mark_at_body(body: &[u8]) -> Option<SyncMark> {
+    let mut f = Fields(body);
+    let _kind = f.u8().ok()?;
+    let segment = f.u64().ok()?;
+    let synced_to = f.u64().ok()?;
+    f.0.is_empty().then_some(SyncMark { segment, synced_to })
+}
+
+fn decode_change(body: &[u8]) -> Result<Record, RecordError> {
     let mut f = Fields(body);
     let kind = f.u8()?;
     let version = f.u64()?;
@@ -220,6 +299,10 @@ pub enum Tail {
     /// The segment ends in a torn record at this offset (a crash mid-append):
     /// everything from there on is to be cut.
     Torn { at: u64, why: RecordError },
+    /// A bad record at this offset that no later sync mark covers, in a
+    /// segment with marks: the unsynced end a power loss left partly
+    /// written. Everything from there on is to be cut.
+    Unsynced { at: u64, why: RecordError },
 }
 
 /// Damage: a bad record followed by more data, at this byte offset.
@@ -229,11 +312,11 @@ pub struct Damage {
     pub why: RecordError,
 }
 
-/// Walks the records of a segment's bytes, calling `f` for each valid one,
-/// and classifies how the bytes end (see `read_stream`).
-pub fn read_all(bytes: &[u8], f: impl FnMut(Record)) -> Result<Tail, Damage> {
+/// Walks the records of segment `segment`'s bytes, calling `f` for each
+/// valid one, and classifies how the bytes end (see `read_stream`).
+pub fn read_all(bytes: &[u8], segment: u64, f: impl FnMut(Record)) -> Result<Tail, Damage> {
     // Reading from memory cannot fail.
-    read_stream(bytes, bytes.len() as u64, f)
+    read_stream(bytes, bytes.len() as u64, segment, f)
         .unwrap_or(Err(Damage { offset: 0, why: RecordError::Malformed("unreadable") }))
 }
 
@@ -248,25 +331,36 @@ const READ_BLOCK: usize = 8 << 20;
 /// A record that is cut short, or whose checksum fails while it ends
 /// exactly at the end of the file, is a torn tail (the length reached the
 /// disk, the body did not); so is a tail of zeroes (a filesystem that grew
-/// the file before the data landed). Anything else that fails is damage.
+/// the file before the data landed). Any other bad record is judged by the
+/// segment's sync marks (`segment` is its sequence number; a mark naming
+/// another segment is a copy a retry moved, and says nothing here): one
+/// after it saying its bytes were synced makes it damage; with none, in a
+/// segment that has marks, it is the unsynced end a power loss left
+/// (`Tail::Unsynced`). In a segment without marks it is damage.
 pub fn read_stream(
     mut r: impl std::io::Read,
     size: u64,
+    segment: u64,
     mut f: impl FnMut(Record),
 ) -> std::io::Result<Result<Tail, Damage>> {
     let mut buf: Vec<u8> = Vec::new();
     let mut start = 0usize;
     let mut offset = 0u64;
     let mut eof = false;
+    // A mark of this segment was read.
+    let mut marked = false;
     loop {
         loop {
             let rest = &buf[start..];
             if rest.is_empty() && eof {
                 return Ok(Ok(Tail::Clean));
             }
-            match decode(rest) {
-                Ok((rec, n)) => {
-                    f(rec);
+            match decode_item(rest) {
+                Ok((item, n)) => {
+                    match item {
+                        Item::Record(rec) => f(rec),
+                        Item::Mark(mark) => marked |= mark.segment == segment,
+                    }
                     start += n;
                     offset += n as u64;
                 }
@@ -286,8 +380,15 @@ pub fn read_stream(
                     // tell them apart, and stop recovery rather than cut
                     // away what was acknowledged.
                     let torn = torn && !one_bit_off(rest) && !records_follow(rest.get(1..).unwrap_or_default());
-                    if torn || (rest.iter().all(|&b| b == 0) && rest_is_zero(&mut r)?) {
+                    if torn {
                         return Ok(Ok(Tail::Torn { at: offset, why }));
+                    }
+                    let after = scan_rest(rest, &mut r, segment, offset)?;
+                    if after.zero {
+                        return Ok(Ok(Tail::Torn { at: offset, why }));
+                    }
+                    if !after.covered && (marked || after.marked) {
+                        return Ok(Ok(Tail::Unsynced { at: offset, why }));
                     }
                     return Ok(Err(Damage { offset, why }));
                 }
@@ -337,7 +438,7 @@ fn records_follow(bytes: &[u8]) -> bool {
                 return false;
             }
             budget -= len;
-            let Ok((_, n)) = decode(&bytes[at..]) else { break };
+            let Ok((_, n)) = decode_item(&bytes[at..]) else { break };
             at += n;
             if at == bytes.len() {
                 return true;
@@ -369,7 +470,7 @@ fn plausible(bytes: &[u8]) -> Option<usize> {
         return None;
     }
     let body = bytes.get(FRAME..FRAME + len)?;
-    matches!(body[0], KIND_PUT | KIND_DELETE).then_some(len)
+    matches!(body[0], KIND_PUT | KIND_DELETE | KIND_MARK).then_some(len)
 }
 
 fn read_up_to(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -385,17 +486,53 @@ fn read_up_to(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usi
     Ok(n)
 }
 
-/// Whether everything left in `r` is zero bytes.
-fn rest_is_zero(r: &mut impl std::io::Read) -> std::io::Result<bool> {
-    let mut block = vec![0u8; 64 << 10];
+/// What a segment holds from a bad record on.
+#[derive(Debug, Default)]
+struct Rest {
+    /// Nothing but zero bytes.
+    zero: bool,
+    /// A sync mark of the segment is there.
+    marked: bool,
+    /// One of them says the bad record's bytes were synced.
+    covered: bool,
+}
+
+/// Reads the segment from a bad record at `at` to its end (`rest`, then
+/// what `r` has left), looking at every byte offset for a sync mark of
+/// `segment`: the bad record's frame cannot be trusted to say where the
+/// next record starts. A mark counts only if it claims no more than the
+/// bytes before itself (as every mark the log writes does).
+fn scan_rest(rest: &[u8], r: &mut impl std::io::Read, segment: u64, at: u64) -> std::io::Result<Rest> {
+    const BLOCK: usize = 1 << 20;
+    // A mark may straddle two reads: keep its length less one byte.
+    const KEEP: usize = FRAME + MARK_BODY - 1;
+    let mut found = Rest { zero: true, ..Rest::default() };
+    let mut window: Vec<u8> = rest.to_vec();
+    // The offset of `window[0]` in the segment.
+    let mut base = at;
+    let mut ended = false;
     loop {
-        let n = read_up_to(r, &mut block)?;
-        if n == 0 {
-            return Ok(true);
+        found.zero &= window.iter().all(|&b| b == 0);
+        let last = if ended { window.len() } else { window.len().saturating_sub(KEEP) };
+        for i in 0..last {
+            if let Some(mark) = mark_at(&window[i..]) {
+                let here = base + i as u64;
+                if mark.segment == segment && mark.synced_to <= here {
+                    found.marked = true;
+                    found.covered |= mark.synced_to > at;
+                }
+            }
         }
-        if block[..n].iter().any(|&b| b != 0) {
-            return Ok(false);
+        if ended {
+            return Ok(found);
         }
+        window.drain(..last);
+        base += last as u64;
+        let have = window.len();
+        window.resize(have + BLOCK, 0);
+        let n = read_up_to(r, &mut window[have..])?;
+        window.truncate(have + n);
+        ended = n == 0;
     }
 }
 
@@ -489,11 +626,115 @@ mod tests {
         (bytes, recs)
     }
 
+    /// Records `k0..` of `n` bytes' values, then `at` of their starts.
+    fn puts(bytes: &mut Vec<u8>, n: usize, from: u64) -> Vec<usize> {
+        (0..n as u64)
+            .map(|i| {
+                let start = bytes.len();
+                encode_put(bytes, &entry(format!("k{}", from + i).as_bytes(), &[b'v'; 100], None, from + i), 0);
+                start
+            })
+            .collect()
+    }
+
+    fn mark(bytes: &mut Vec<u8>, segment: u64, synced_to: usize) {
+        encode_mark(bytes, SyncMark { segment, synced_to: synced_to as u64 });
+    }
+
+    #[test]
+    fn sync_marks_change_nothing_and_are_read_past() {
+        let (mut bytes, recs) = sample();
+        let synced = bytes.len();
+        mark(&mut bytes, 3, synced);
+        assert_eq!(mark_at(&bytes[synced..]), Some(SyncMark { segment: 3, synced_to: synced as u64 }));
+        assert!(decode(&bytes[synced..]).is_err(), "a mark is not a change");
+        let (more, _) = sample();
+        bytes.extend_from_slice(&more);
+        let mut got = Vec::new();
+        assert_eq!(read_all(&bytes, 3, |r| got.push(r)), Ok(Tail::Clean));
+        assert_eq!(got, [recs.clone(), recs].concat());
+    }
+
+    #[test]
+    fn a_bad_record_after_the_last_mark_is_the_unsynced_end_a_power_loss_left() {
+        // Ten records, a mark saying they are synced, ten more; then the
+        // block holding records 12-13 never reached the disk (zeros) while
+        // later ones did.
+        let mut bytes = Vec::new();
+        puts(&mut bytes, 10, 0);
+        let synced = bytes.len();
+        mark(&mut bytes, 7, synced);
+        let after = puts(&mut bytes, 10, 10);
+        let hole = after[2]..after[4];
+        bytes[hole.clone()].fill(0);
+        let mut got = Vec::new();
+        let tail = read_all(&bytes, 7, |r| got.push(r));
+        assert!(matches!(tail, Ok(Tail::Unsynced { at, .. }) if at == hole.start as u64), "{tail:?}");
+        assert_eq!(got.len(), 12, "the records before the hole are read");
+        // Stale bytes instead of zeros: the same.
+        let mut stale = bytes.clone();
+        for (i, b) in stale[hole.clone()].iter_mut().enumerate() {
+            *b = (i * 31 + 7) as u8;
+        }
+        assert!(matches!(read_all(&stale, 7, |_| {}), Ok(Tail::Unsynced { at, .. }) if at == hole.start as u64));
+        // A mark naming another segment (a retry's copy) says nothing
+        // here: without marks of its own the segment is judged as before.
+        assert!(matches!(read_all(&bytes, 8, |_| {}), Err(Damage { offset, .. }) if offset == hole.start as u64));
+    }
+
+    #[test]
+    fn a_bad_record_a_later_mark_covers_is_damage() {
+        let mut bytes = Vec::new();
+        let starts = puts(&mut bytes, 10, 0);
+        let synced = bytes.len();
+        puts(&mut bytes, 3, 10);
+        mark(&mut bytes, 7, synced);
+        bytes[starts[4] + 20] ^= 0x55;
+        assert!(matches!(read_all(&bytes, 7, |_| {}), Err(Damage { offset, .. }) if offset == starts[4] as u64));
+        // A mark claiming more than the bytes before it is no mark: the
+        // bad record is then the unsynced end (an earlier mark exists).
+        let mut bytes = Vec::new();
+        puts(&mut bytes, 2, 0);
+        let first = bytes.len();
+        mark(&mut bytes, 7, first);
+        let starts = puts(&mut bytes, 5, 2);
+        let bogus = bytes.len() + 1000;
+        mark(&mut bytes, 7, bogus);
+        bytes[starts[1] + 20] ^= 0x55;
+        assert!(matches!(read_all(&bytes, 7, |_| {}), Ok(Tail::Unsynced { at, .. }) if at == starts[1] as u64));
+    }
+
+    #[test]
+    fn a_covering_mark_is_found_however_far_and_wherever_reads_split_it() {
+        struct Chunks<'a>(&'a [u8], usize);
+        impl std::io::Read for Chunks<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = buf.len().min(self.0.len()).min(self.1);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for shift in 0..30 {
+            let mut bytes = Vec::new();
+            puts(&mut bytes, 3, 0);
+            let bad = bytes.len();
+            // Garbage past a read block, then a mark saying it was synced.
+            bytes.extend((0..(1 << 20) + shift).map(|i| (i % 251) as u8 | 1));
+            let synced = bytes.len();
+            mark(&mut bytes, 7, synced);
+            for chunk in [4096, 1 << 20, 7777] {
+                let tail = read_stream(Chunks(&bytes, chunk), bytes.len() as u64, 7, |_| {}).unwrap();
+                assert!(matches!(tail, Err(Damage { offset, .. }) if offset == bad as u64), "shift {shift}: {tail:?}");
+            }
+        }
+    }
+
     #[test]
     fn round_trip() {
         let (bytes, recs) = sample();
         let mut got = Vec::new();
-        assert_eq!(read_all(&bytes, |r| got.push(r)), Ok(Tail::Clean));
+        assert_eq!(read_all(&bytes, 0, |r| got.push(r)), Ok(Tail::Clean));
         assert_eq!(got, recs);
         assert_eq!(got[1].key(), b"k2");
         assert_eq!(got[2].version(), 12);
@@ -512,7 +753,7 @@ mod tests {
         };
         for cut in last_start + 1..bytes.len() {
             let mut got = Vec::new();
-            let tail = read_all(&bytes[..cut], |r| got.push(r)).unwrap();
+            let tail = read_all(&bytes[..cut], 0, |r| got.push(r)).unwrap();
             assert!(matches!(tail, Tail::Torn { at, .. } if at == last_start as u64), "cut {cut}");
             assert_eq!(got, recs[..3]);
         }
@@ -521,12 +762,12 @@ mod tests {
         let mut scrambled = bytes.clone();
         let n = scrambled.len();
         scrambled[n - 1] ^= 0xff;
-        assert!(matches!(read_all(&scrambled, |_| {}), Ok(Tail::Torn { .. })));
+        assert!(matches!(read_all(&scrambled, 0, |_| {}), Ok(Tail::Torn { .. })));
         // Zeroes after the last record (a filesystem that extended the file).
         let mut zeroed = bytes.clone();
         zeroed.extend_from_slice(&[0; 100]);
         let mut got = Vec::new();
-        assert!(matches!(read_all(&zeroed, |r| got.push(r)), Ok(Tail::Torn { .. })));
+        assert!(matches!(read_all(&zeroed, 0, |r| got.push(r)), Ok(Tail::Torn { .. })));
         assert_eq!(got, recs);
     }
 
@@ -539,13 +780,13 @@ mod tests {
         let mut bad = bytes.clone();
         let claimed = (bytes.len() as u32) * 2;
         bad[first_len..first_len + 4].copy_from_slice(&claimed.to_le_bytes());
-        assert_eq!(read_all(&bad, |_| {}), Err(Damage { offset: first_len as u64, why: RecordError::Incomplete }));
+        assert_eq!(read_all(&bad, 0, |_| {}), Err(Damage { offset: first_len as u64, why: RecordError::Incomplete }));
         // The same length on the last record, with nothing valid after it,
         // is still a torn tail.
         let last = bytes.len() - decode_tail_len(&bytes);
         let mut torn = bytes.clone();
         torn[last..last + 4].copy_from_slice(&claimed.to_le_bytes());
-        assert!(matches!(read_all(&torn, |_| {}), Ok(Tail::Torn { at, .. }) if at == last as u64));
+        assert!(matches!(read_all(&torn, 0, |_| {}), Ok(Tail::Torn { at, .. }) if at == last as u64));
         // A value that holds a record's bytes, torn by a crash: torn, unless
         // the cut falls exactly at the end of the record it holds (then the
         // reader cannot tell it from a corrupted length: recovery stops and
@@ -558,7 +799,7 @@ mod tests {
         encode_put(&mut held, &entry(b"k", &inner, None, 6), 0);
         let inner_end = held.len() - 4;
         for cut in inner_end - inner_len + 1..held.len() {
-            let tail = read_all(&held[..cut], |_| {});
+            let tail = read_all(&held[..cut], 0, |_| {});
             if cut == inner_end {
                 assert!(matches!(tail, Err(Damage { offset: 0, .. })), "cut {cut}: {tail:?}");
             } else {
@@ -577,7 +818,7 @@ mod tests {
         encode_put(&mut bytes, &entry(b"big", &value, None, 20), 0);
         encode_delete(&mut bytes, b"k1", 21);
         bytes[at + 3] ^= 1 << 2;
-        assert!(matches!(read_all(&bytes, |_| {}), Err(Damage { offset, .. }) if offset == at as u64));
+        assert!(matches!(read_all(&bytes, 0, |_| {}), Err(Damage { offset, .. }) if offset == at as u64));
     }
 
     #[test]
@@ -597,7 +838,7 @@ mod tests {
         encode_put(&mut bytes, &entry(b"big", &value, None, 20), 0);
         bytes.truncate(at as usize + (17 << 20));
         let mut got = Vec::new();
-        assert!(matches!(read_all(&bytes, |r| got.push(r)), Ok(Tail::Torn { at: a, .. }) if a == at));
+        assert!(matches!(read_all(&bytes, 0, |r| got.push(r)), Ok(Tail::Torn { at: a, .. }) if a == at));
         assert_eq!(got, recs);
     }
 
@@ -618,10 +859,10 @@ mod tests {
         let first_len = decode(&bytes).unwrap().1;
         let mut bad = bytes.clone();
         bad[first_len + FRAME + 3] ^= 0x01;
-        assert_eq!(read_all(&bad, |_| {}), Err(Damage { offset: first_len as u64, why: RecordError::Checksum }));
+        assert_eq!(read_all(&bad, 0, |_| {}), Err(Damage { offset: first_len as u64, why: RecordError::Checksum }));
         let mut huge = bytes.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(read_all(&huge, |_| {}), Err(Damage { offset: 0, why: RecordError::TooLong(_) })));
+        assert!(matches!(read_all(&huge, 0, |_| {}), Err(Damage { offset: 0, why: RecordError::TooLong(_) })));
     }
 
     #[test]
@@ -644,7 +885,7 @@ mod tests {
             encode_put(&mut bytes, &entry(format!("k{i}").as_bytes(), value, None, i), 0);
         }
         let mut n = 0;
-        let tail = read_stream(Dribble(&bytes), bytes.len() as u64, |r| {
+        let tail = read_stream(Dribble(&bytes), bytes.len() as u64, 0, |r| {
             assert_eq!(r.version(), n);
             n += 1;
         })
@@ -653,7 +894,7 @@ mod tests {
         // Cut inside a big record: torn at its start.
         let cut = bytes.len() - 100;
         let mut n = 0;
-        let tail = read_stream(Dribble(&bytes[..cut]), cut as u64, |_| n += 1).unwrap();
+        let tail = read_stream(Dribble(&bytes[..cut]), cut as u64, 0, |_| n += 1).unwrap();
         assert!(matches!(tail, Ok(Tail::Torn { .. })) && n == 49);
     }
 
@@ -670,7 +911,7 @@ mod tests {
         let taken = j.take(Vec::with_capacity(64));
         assert_eq!((taken.len() as u64, j.pending(), j.lsn()), (lsn, 0, lsn));
         let mut got = Vec::new();
-        read_all(&taken, |r| got.push(r)).unwrap();
+        read_all(&taken, 0, |r| got.push(r)).unwrap();
         assert_eq!(got.len(), 2);
         j.set_refusing(true);
         assert!(j.refusing());

@@ -1117,7 +1117,7 @@ mod tests {
         s.write(w("k", "", Some(1), Condition::Delete), T, &b, &mut j);
         let bytes = j.take(Vec::new());
         let mut recs = Vec::new();
-        read_all(&bytes, |r| recs.push(r)).unwrap();
+        read_all(&bytes, 0, |r| recs.push(r)).unwrap();
         assert_eq!(recs.len(), 3);
         let versions: Vec<u64> = recs.iter().map(Record::version).collect();
         assert!(versions.windows(2).all(|v| v[0] < v[1]), "{versions:?}");
