@@ -381,6 +381,24 @@ fn requests_that_cost_nothing_do_not_keep_a_connection_open_on_a_full_server() {
 }
 
 #[test]
+fn a_request_dribbled_in_parts_does_not_keep_a_connection_open_on_a_full_server() {
+    let s = Server::start(&["-maxConns", "2", "-threads", "1"]);
+    // Each free request carries the first byte of the next: the connection
+    // is always in the middle of a request head.
+    let mut dribbling = s.client();
+    let mut raw = build("GET", "/favicon.ico", &[], b"");
+    raw.push(b'G');
+    dribbling.send_raw(&raw);
+    assert_eq!(dribbling.read_response(false).map(|r| r.status), Some(204));
+    let mut paying = s.client();
+    assert_eq!(paying.req("GET", "/get/x", &[], b"").status, 404);
+    let mut extra = s.client();
+    assert_eq!(extra.req("GET", "/get/x", &[], b"").status, 404);
+    assert!(dribbling.is_closed(), "a connection waiting for the rest of a head must be closable");
+    assert_eq!(paying.req("GET", "/get/x", &[], b"").status, 404);
+}
+
+#[test]
 fn a_full_server_closes_no_connection_in_a_request() {
     let s = Server::start(&["-maxConns", "2", "-threads", "1"]);
     // Two blocking reads hold the server's connections, parked.

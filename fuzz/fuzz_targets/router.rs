@@ -84,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(out.starts_with(b"HTTP/1.1 "));
         // Every change journaled decodes back, whole.
         let bytes = journal.take(Vec::new());
-        assert_eq!(read_all(&bytes, |_| {}), Ok(Tail::Clean));
+        assert_eq!(read_all(&bytes, 0, |_| {}), Ok(Tail::Clean));
         if owned.shard.len() > 60 {
             owned.shard.sweep(u64::MAX, 1000, budget);
         }

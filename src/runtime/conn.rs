@@ -353,7 +353,7 @@ impl Conn<'_> {
                 Ok(at) => at,
                 Err(stop) => return stop,
             };
-            let keep_alive = self.head.keep_alive && !self.ctx.is_draining();
+            let keep_alive = self.keep_alive();
             if self.body.capacity() > BODY_KEEP {
                 self.body = Vec::new();
             }
@@ -415,8 +415,7 @@ impl Conn<'_> {
                 None => cfg.idle_timeout,
             };
             waited = had_bytes;
-            let read = if had_bytes { self.read_more(wait).await } else { self.read_idle(wait).await };
-            match read {
+            match self.read_client(wait).await {
                 Ok(0) if !had_bytes => return Ok(None),
                 Ok(0) => return Err(Stop::Broken),
                 Ok(_) => {}
@@ -440,21 +439,19 @@ impl Conn<'_> {
         res.map_err(|_| ReadFail::Io)
     }
 
-    /// `read_more` between requests: the connection is idle meanwhile, and
-    /// gives up the wait if the core closes it to make room
-    /// (`CoreCtx::make_room`). A request that arrives as it is told is
-    /// still served; the connection closes when it is next idle.
-    async fn read_idle(&mut self, wait: Duration) -> Result<usize, ReadFail> {
-        let (ctx, id) = (self.ctx, self.idle_id);
-        ctx.idle.borrow_mut().idle(id, self.paid);
-        let mut read = std::pin::pin!(self.read_more(wait));
-        let result = std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
-            Poll::Pending if ctx.idle.borrow_mut().evicted(id, cx.waker()) => Poll::Ready(Err(ReadFail::Evicted)),
-            polled => polled,
-        })
-        .await;
-        ctx.idle.borrow_mut().busy(id);
-        result
+    /// `read_more` that the core may cut short to close the connection
+    /// when the server is full (`ReadFail::Evicted`; see `waiting`).
+    async fn read_client(&mut self, wait: Duration) -> Result<usize, ReadFail> {
+        let (ctx, id, paid) = (self.ctx, self.idle_id, std::mem::take(&mut self.paid));
+        waiting(ctx, id, paid, self.read_more(wait)).await.unwrap_or(Err(ReadFail::Evicted))
+    }
+
+    /// Whether the connection stays open after this request: the client
+    /// asks for it, the server is not shutting down, and the core has not
+    /// told it to close (a request that arrived as it was told is answered,
+    /// with `Connection: close`).
+    fn keep_alive(&self) -> bool {
+        self.head.keep_alive && !self.ctx.is_draining() && !self.ctx.idle.borrow().told(self.idle_id)
     }
 
     /// Reads the body the head announced into `self.body`, within the cap.
@@ -493,7 +490,10 @@ impl Conn<'_> {
                     let body = std::mem::take(&mut self.body);
                     let upto = n.min(body.capacity());
                     let wait = deadline.saturating_duration_since(Instant::now());
-                    let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..upto))).await;
+                    let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..upto)));
+                    let Some(read) = waiting(self.ctx, self.idle_id, false, read).await else {
+                        return Err(Stop::Broken);
+                    };
                     let Ok((res, slice)) = read else {
                         return Err(Stop::Reject(Error::RequestTimeout));
                     };
@@ -538,8 +538,7 @@ impl Conn<'_> {
     /// connection, the deadline answers 408.
     async fn read_more_body(&mut self, deadline: Instant) -> Result<(), Stop> {
         let wait = deadline.saturating_duration_since(Instant::now());
-        match self.read_more(wait).await {
-            // (`Evicted` is only for the wait between requests.)
+        match self.read_client(wait).await {
             Ok(0) | Err(ReadFail::Io | ReadFail::Evicted) => Err(Stop::Broken),
             Ok(_) => Ok(()),
             Err(ReadFail::Timeout) => Err(Stop::Reject(Error::RequestTimeout)),
@@ -645,7 +644,9 @@ impl Conn<'_> {
                 }
             }
         };
-        self.paid = charged && response.status != 429;
+        // Refusals for want of tokens (429) or of room for a waiter (503)
+        // took none.
+        self.paid |= charged && !matches!(response.status, 429 | 503);
         let mut ended = None;
         if shared.metrics_on {
             let route = metrics::route_index(route);
@@ -659,7 +660,7 @@ impl Conn<'_> {
             }
         }
         let head_only = self.head.method == Method::Head;
-        let keep_alive = self.head.keep_alive && !ctx.is_draining();
+        let keep_alive = self.keep_alive();
         http::encode(&mut self.out, &response, &self.client_text, keep_alive, self.head.http10, head_only);
         Ok(ended)
     }
@@ -830,4 +831,26 @@ enum ReadFail {
     Io,
     /// Closed to make room for a new connection.
     Evicted,
+}
+
+/// Runs `read`, a wait for the client's bytes, with connection `id`
+/// counted as waiting (`IdleConns`): the core may tell it to close to make
+/// room for a new connection when the server is full, and the wait then
+/// ends with `None`. Every wait for the client goes through here, between
+/// requests and inside one (a head or body arriving): a client dribbling
+/// a request holds its connection no more than one that sends nothing.
+/// What the server does for the connection (work on a request, writing an
+/// answer, a parked blocking read) is never cut short. `paid`: the request
+/// before this wait cost tokens (`IdleConns::idle`).
+async fn waiting<F: Future>(ctx: &CoreCtx, id: u32, paid: bool, read: F) -> Option<F::Output> {
+    ctx.idle.borrow_mut().idle(id, paid);
+    let mut read = std::pin::pin!(read);
+    let out = std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
+        Poll::Ready(out) => Poll::Ready(Some(out)),
+        Poll::Pending if ctx.idle.borrow_mut().evicted(id, cx.waker()) => Poll::Ready(None),
+        Poll::Pending => Poll::Pending,
+    })
+    .await;
+    ctx.idle.borrow_mut().busy(id);
+    out
 }

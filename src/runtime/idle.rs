@@ -1,6 +1,6 @@
-//! Which of one core's client connections are idle (waiting for the first
-//! byte of their next request, or of their first), and which of them to
-//! close when the server is full.
+//! Which of one core's client connections are idle (waiting for bytes from
+//! their client: a next request, or the rest of one arriving), and which
+//! of them to close when the server is full.
 //!
 //! At `-maxConns`, a new connection used to be closed at once, whatever
 //! the open ones were doing: a few dozen networks holding idle keep-alive
@@ -10,9 +10,11 @@
 //! connections idle longest on it (as nginx reuses keep-alive connections
 //! when it runs out), and the new one takes the room. Closing a
 //! keep-alive connection between requests is ordinary HTTP: a client
-//! opens another. A connection in the middle of a request (a head or body
-//! arriving, an answer being written, a blocking read parked) is never
-//! chosen; those have deadlines of their own.
+//! opens another. A connection waiting for the rest of a request counts as
+//! idle too: otherwise a client sending each request in two parts, the
+//! next one's first byte with the last one's end, would never be idle. A
+//! connection the server is working for (a request being handled, an
+//! answer being written, a blocking read parked) is never chosen.
 //!
 //! Idle longest counts from the connection's last request that cost
 //! tokens (or from its accept): requests that cost nothing (the docs page,
@@ -68,12 +70,16 @@ pub struct IdleConns {
     /// Connections admitted over the limit on the strength of `closing`
     /// and not yet covered by one of them going.
     owed: usize,
+    /// Connections idle and not told to close: when none are, a full
+    /// server refuses without scanning.
+    candidates: usize,
 }
 
 impl IdleConns {
     /// Registers a connection just accepted: idle until its first byte.
     pub fn join(&mut self) -> u32 {
         self.tick += 1;
+        self.candidates += 1;
         let slot = Slot { rank: self.tick, idle: true, evicted: false, waker: None };
         match self.free.pop() {
             Some(id) => {
@@ -93,6 +99,8 @@ impl IdleConns {
             if slot.evicted {
                 self.closing -= 1;
                 self.owed = self.owed.saturating_sub(1);
+            } else if slot.idle {
+                self.candidates -= 1;
             }
             *slot = Slot::default();
             self.free.push(id);
@@ -128,15 +136,26 @@ impl IdleConns {
                 self.tick += 1;
                 slot.rank = self.tick;
             }
+            if !slot.idle && !slot.evicted {
+                self.candidates += 1;
+            }
             slot.idle = true;
         }
     }
 
-    /// The connection's next request began.
+    /// The connection's wait for its client ended.
     pub fn busy(&mut self, id: u32) {
         if let Some(slot) = self.slots.get_mut(id as usize) {
+            if slot.idle && !slot.evicted {
+                self.candidates -= 1;
+            }
             slot.idle = false;
         }
+    }
+
+    /// Whether the connection was told to close.
+    pub fn told(&self, id: u32) -> bool {
+        self.slots.get(id as usize).is_some_and(|s| s.evicted)
     }
 
     /// Whether the connection was told to close; if not, `waker` is woken
@@ -157,6 +176,9 @@ impl IdleConns {
     /// Tells the `n` connections idle longest (fewer if fewer are idle) to
     /// close, and wakes them. Returns how many were told.
     fn evict(&mut self, n: usize) -> usize {
+        if self.candidates == 0 {
+            return 0;
+        }
         // The n oldest, by a max-heap that drops the youngest over n.
         let mut oldest: BinaryHeap<(u64, u32)> = BinaryHeap::with_capacity(n + 1);
         for (id, slot) in self.slots.iter().enumerate() {
@@ -170,6 +192,7 @@ impl IdleConns {
         }
         let told = oldest.len();
         self.closing += told;
+        self.candidates -= told;
         for (_, id) in oldest {
             let slot = &mut self.slots[id as usize];
             slot.evicted = true;
@@ -184,6 +207,16 @@ impl IdleConns {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// `candidates` recounted from the slots.
+    #[cfg(test)]
+    fn recount(&self) -> usize {
+        let free: std::collections::HashSet<u32> = self.free.iter().copied().collect();
+        (0..self.slots.len() as u32)
+            .filter(|id| !free.contains(id))
+            .filter(|&id| self.slots[id as usize].idle && !self.slots[id as usize].evicted)
+            .count()
     }
 }
 
@@ -223,15 +256,23 @@ mod tests {
         assert_eq!(woken.0.load(Ordering::SeqCst), 2);
         let told: Vec<bool> = ids.iter().map(|&id| idle.evicted(id, &w)).collect();
         assert_eq!(told, [false, true, false, true, false]);
+        assert!(idle.told(ids[1]) && !idle.told(ids[0]));
+        assert_eq!(idle.candidates, idle.recount());
         // Connections in a request are never chosen, nor one told already.
         assert_eq!(idle.evict(10), 1);
         assert!(idle.evicted(ids[4], &w));
+        assert_eq!((idle.candidates, idle.recount()), (0, 0));
         assert_eq!(idle.evict(10), 0);
         // A told connection that stays to finish a request is still told
         // when it next goes idle.
         idle.busy(ids[1]);
         idle.idle(ids[1], true);
         assert!(idle.evicted(ids[1], &w));
+        assert_eq!(idle.candidates, idle.recount());
+        for id in ids {
+            idle.leave(id);
+        }
+        assert_eq!((idle.candidates, idle.closing, idle.owed), (0, 0, 0));
     }
 
     #[test]
@@ -299,6 +340,7 @@ mod tests {
         for &id in &ids[8..] {
             idle.busy(id);
         }
+        assert_eq!((idle.candidates, idle.recount()), (0, 0));
         assert_eq!(idle.make_room(2), None);
     }
 

@@ -520,7 +520,7 @@ impl Wal {
                     "core {}: log segment reached the file-size limit at {offset} bytes; continuing in a new segment",
                     self.core
                 );
-                self.rotate()?;
+                self.rotate(false)?;
                 let r = self.st.borrow().seg.file.write_all_at(bytes, 0);
                 if let Err(e) = r {
                     // Left empty, not holding a partial copy: a retry
@@ -633,9 +633,25 @@ impl Wal {
 
     /// Moves the log to a new segment now. The old one is synced (through
     /// the ring, by the sync task) before anything after it counts as synced.
-    fn rotate(&self) -> std::io::Result<u64> {
+    /// `last_mark`: the old one ends with a mark claiming its whole length,
+    /// made true by that sync; without it, its last records after its
+    /// last mark would never be covered, and damage to them found after a
+    /// power loss would be cut. Until the sync returns the claim is ahead
+    /// of the disk: a power loss then can make recovery stop at the
+    /// segment's unsynced end instead of cutting it, never the reverse.
+    /// Not for a segment a failed sync left suspect.
+    fn rotate(&self, last_mark: bool) -> std::io::Result<u64> {
         let seq = self.shared.next_segment.fetch_add(1, Ordering::AcqRel);
         let seg = Segment::create(&self.dir, seq, self.core)?;
+        if last_mark && self.mode != Fsync::No {
+            let st = self.st.borrow();
+            if st.offset > st.marked_to {
+                let mut bytes = Vec::with_capacity(32);
+                record::encode_mark(&mut bytes, SyncMark { segment: st.seg.seq, synced_to: st.offset });
+                // Best effort, as `mark_alone`.
+                let _ = st.seg.file.write_all_at(&bytes, st.offset);
+            }
+        }
         let mut st = self.st.borrow_mut();
         let old = std::mem::replace(&mut st.seg, seg);
         st.offset = 0;
@@ -671,7 +687,7 @@ impl Wal {
     pub fn rotate_for_checkpoint(&self, router: &impl Host) -> std::io::Result<u64> {
         // Whatever is journaled belongs before the checkpoint's start.
         self.append(router);
-        self.rotate()
+        self.rotate(!self.is_failing())
     }
 
     /// The sync task: for `always`, a sync whenever something is written
@@ -738,7 +754,7 @@ impl Wal {
                     }
                 };
                 if let Some(mark) = mark {
-                    self.mark_alone(mark).await;
+                    self.mark_alone(&*router, mark).await;
                 }
             }
             written_before = self.st.borrow().written;
@@ -749,17 +765,25 @@ impl Wal {
     /// to carry it for a period. Without it the newest synced records of a
     /// log gone quiet would have no mark after them, and damage to them
     /// found after a power loss would be taken for the unsynced end and
-    /// cut. Best effort: a mark that cannot be written is simply missing
-    /// (recovery then judges as without it), and its sync acknowledges
-    /// nothing (what it syncs is counted by the next real sync).
-    async fn mark_alone(&self, mark: SyncMark) {
+    /// cut. A mark that cannot be written is simply missing (recovery then
+    /// judges as without it; no move to a new segment for it). Its sync is
+    /// a full one (`sync`): a sync consumes the file's write error, so one
+    /// that dropped it would let the next report records synced that are
+    /// not, and one left hanging must count as the disk falling behind.
+    async fn mark_alone(&self, router: &impl Host, mark: SyncMark) {
         let mut bytes = Vec::with_capacity(32);
         record::encode_mark(&mut bytes, mark);
-        if self.write(&bytes).is_err() {
-            return;
+        {
+            let mut st = self.st.borrow_mut();
+            if st.seg.file.write_all_at(&bytes, st.offset).is_err() {
+                // Whatever part landed is overwritten by the next append.
+                return;
+            }
+            st.offset += bytes.len() as u64;
+            // Its own sync makes no new mark.
+            st.marked_to = st.offset;
         }
-        let ring = self.st.borrow().seg.ring.clone();
-        let _ = ring.sync_data().await;
+        self.sync(router).await;
     }
 
     /// Syncs every closed segment, then the current one, and acknowledges
@@ -939,7 +963,7 @@ impl Wal {
             }
             // It cannot be emptied: a new one, as if it were not reusable.
         }
-        self.rotate()?;
+        self.rotate(false)?;
         self.st.borrow_mut().retry_copy = true;
         Ok(())
     }

@@ -335,8 +335,8 @@ const READ_BLOCK: usize = 8 << 20;
 /// segment's sync marks (`segment` is its sequence number; a mark naming
 /// another segment is a copy a retry moved, and says nothing here): one
 /// after it saying its bytes were synced makes it damage; with none, in a
-/// segment that has marks, it is the unsynced end a power loss left
-/// (`Tail::Unsynced`). In a segment without marks it is damage.
+/// segment with a mark before it, it is the unsynced end a power loss left
+/// (`Tail::Unsynced`). In a segment without marks before it, it is damage.
 pub fn read_stream(
     mut r: impl std::io::Read,
     size: u64,
@@ -387,7 +387,7 @@ pub fn read_stream(
                     if after.zero {
                         return Ok(Ok(Tail::Torn { at: offset, why }));
                     }
-                    if !after.covered && (marked || after.marked) {
+                    if !after.covered && marked {
                         return Ok(Ok(Tail::Unsynced { at: offset, why }));
                     }
                     return Ok(Err(Damage { offset, why }));
@@ -491,48 +491,51 @@ fn read_up_to(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usi
 struct Rest {
     /// Nothing but zero bytes.
     zero: bool,
-    /// A sync mark of the segment is there.
-    marked: bool,
-    /// One of them says the bad record's bytes were synced.
+    /// A sync mark of the segment says the bad record's bytes were synced.
     covered: bool,
 }
 
 /// Reads the segment from a bad record at `at` to its end (`rest`, then
 /// what `r` has left), looking at every byte offset for a sync mark of
-/// `segment`: the bad record's frame cannot be trusted to say where the
-/// next record starts. A mark counts only if it claims no more than the
-/// bytes before itself (as every mark the log writes does).
+/// `segment` that covers `at`: the bad record's frame cannot be trusted to
+/// say where the next record starts. A mark counts only if it claims no
+/// more than the bytes before itself (as every mark the log writes does).
+/// Marks found this way can sit inside a value a client wrote, so they
+/// can only stop recovery (damage), never let it cut: whether the segment
+/// has marks at all is judged from those read on record boundaries.
 fn scan_rest(rest: &[u8], r: &mut impl std::io::Read, segment: u64, at: u64) -> std::io::Result<Rest> {
     const BLOCK: usize = 1 << 20;
     // A mark may straddle two reads: keep its length less one byte.
     const KEEP: usize = FRAME + MARK_BODY - 1;
-    let mut found = Rest { zero: true, ..Rest::default() };
-    let mut window: Vec<u8> = rest.to_vec();
-    // The offset of `window[0]` in the segment.
-    let mut base = at;
-    let mut ended = false;
-    loop {
-        found.zero &= window.iter().all(|&b| b == 0);
-        let last = if ended { window.len() } else { window.len().saturating_sub(KEEP) };
-        for i in 0..last {
+    let mut found = Rest { zero: true, covered: false };
+    let look = |window: &[u8], base: u64, upto: usize, found: &mut Rest| {
+        found.zero &= window[..upto].iter().all(|&b| b == 0);
+        for i in 0..upto {
             if let Some(mark) = mark_at(&window[i..]) {
                 let here = base + i as u64;
-                if mark.segment == segment && mark.synced_to <= here {
-                    found.marked = true;
-                    found.covered |= mark.synced_to > at;
-                }
+                found.covered |= mark.segment == segment && mark.synced_to <= here && mark.synced_to > at;
             }
         }
-        if ended {
-            return Ok(found);
-        }
-        window.drain(..last);
-        base += last as u64;
+    };
+    // `rest` in place (it can be as long as a record, up to `MAX_BODY`),
+    // but for its last bytes, scanned with what follows.
+    let upto = rest.len().saturating_sub(KEEP);
+    look(rest, at, upto, &mut found);
+    let mut window: Vec<u8> = rest[upto..].to_vec();
+    let mut base = at + upto as u64;
+    loop {
         let have = window.len();
         window.resize(have + BLOCK, 0);
         let n = read_up_to(r, &mut window[have..])?;
         window.truncate(have + n);
-        ended = n == 0;
+        let ended = n == 0;
+        let upto = if ended { window.len() } else { window.len().saturating_sub(KEEP) };
+        look(&window, base, upto, &mut found);
+        if ended {
+            return Ok(found);
+        }
+        window.drain(..upto);
+        base += upto as u64;
     }
 }
 
@@ -706,28 +709,39 @@ mod tests {
 
     #[test]
     fn a_covering_mark_is_found_however_far_and_wherever_reads_split_it() {
-        struct Chunks<'a>(&'a [u8], usize);
-        impl std::io::Read for Chunks<'_> {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                let n = buf.len().min(self.0.len()).min(self.1);
-                buf[..n].copy_from_slice(&self.0[..n]);
-                self.0 = &self.0[n..];
-                Ok(n)
-            }
-        }
-        for shift in 0..30 {
+        // `read_stream` reads 1 MiB first: a mark just before, across or
+        // after that boundary is found, and only a covering one counts.
+        for shift in 0..=26 {
             let mut bytes = Vec::new();
-            puts(&mut bytes, 3, 0);
+            let starts = puts(&mut bytes, 1, 0);
+            let end = bytes.len();
+            mark(&mut bytes, 7, end);
             let bad = bytes.len();
-            // Garbage past a read block, then a mark saying it was synced.
-            bytes.extend((0..(1 << 20) + shift).map(|i| (i % 251) as u8 | 1));
-            let synced = bytes.len();
-            mark(&mut bytes, 7, synced);
-            for chunk in [4096, 1 << 20, 7777] {
-                let tail = read_stream(Chunks(&bytes, chunk), bytes.len() as u64, 7, |_| {}).unwrap();
-                assert!(matches!(tail, Err(Damage { offset, .. }) if offset == bad as u64), "shift {shift}: {tail:?}");
-            }
+            puts(&mut bytes, 2, 1);
+            bytes[bad + FRAME + 3] ^= 0x55;
+            let at = (1 << 20) - (FRAME + MARK_BODY) + shift;
+            let mut garbage = (0..).map(|i: usize| (i % 251) as u8 | 1);
+            bytes.resize_with(at, || garbage.next().unwrap_or(1));
+            let mut covering = bytes.clone();
+            mark(&mut covering, 7, bad + 1);
+            mark(&mut bytes, 7, bad);
+            let tail = read_all(&covering, 7, |_| {});
+            assert!(matches!(tail, Err(Damage { offset, .. }) if offset == bad as u64), "shift {shift}: {tail:?}");
+            let tail = read_all(&bytes, 7, |_| {});
+            assert!(matches!(tail, Ok(Tail::Unsynced { at, .. }) if at == bad as u64), "shift {shift}: {tail:?}");
+            assert_eq!(starts, [0]);
         }
+    }
+
+    #[test]
+    fn marks_read_only_past_a_bad_record_never_let_it_be_cut() {
+        // No mark before the bad record: a mark found past it (it could sit
+        // inside a client's value) can make it damage, never the unsynced end.
+        let mut bytes = Vec::new();
+        let starts = puts(&mut bytes, 3, 0);
+        mark(&mut bytes, 7, 10);
+        bytes[starts[1] + 20] ^= 0x55;
+        assert!(matches!(read_all(&bytes, 7, |_| {}), Err(Damage { offset, .. }) if offset == starts[1] as u64));
     }
 
     #[test]
