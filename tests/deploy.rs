@@ -213,12 +213,13 @@ fn under_systemd(dir: &TempDir, data_dir: &str) -> (std::os::unix::net::UnixData
 fn systemd_is_told_ready_and_stopping() {
     let dir = TempDir::new();
     let (sock, mut child) = under_systemd(&dir, "");
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 128];
     let n = sock.recv(&mut buf).expect("READY=1");
-    assert_eq!(&buf[..n], b"READY=1");
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(ready.starts_with("READY=1\nSTATUS=serving on 127.0.0.1:"), "{ready}");
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     let n = sock.recv(&mut buf).expect("STOPPING=1");
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1\nSTATUS=draining and saving the store");
     assert!(wait_deadline(&mut child, Duration::from_secs(20)).success());
 }
 
@@ -236,7 +237,9 @@ fn systemd_is_asked_to_wait_while_the_store_is_recovered() {
     let first = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(first.starts_with("EXTEND_TIMEOUT_USEC=30000000\n"), "{first}");
     let n = sock.recv(&mut buf).expect("READY=1");
-    assert_eq!(&buf[..n], b"READY=1");
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    // The status systemd shows moves on from "recovering the store".
+    assert!(ready.starts_with("READY=1\nSTATUS=serving on "), "{ready}");
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(wait_deadline(&mut child, Duration::from_secs(20)).success());
 }

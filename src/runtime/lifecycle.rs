@@ -183,7 +183,7 @@ impl LogGrowth {
 /// Returns the exit code.
 fn shutdown(shared: &Shared, signals: &crossbeam_channel::Receiver<i32>) -> i32 {
     shared.phase.set(Phase::Draining);
-    notify_systemd("STOPPING=1");
+    notify_systemd("STOPPING=1\nSTATUS=draining and saving the store");
     let n = shared.config.threads;
     let (tx, rx) = mpsc::sync_channel(n);
     for core in 0..n {

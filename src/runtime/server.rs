@@ -348,7 +348,9 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     drivers.dedup();
     shared.phase.set(Phase::Ready);
     log::info!("{}", banner(&shared, bound, &drivers.join("+")));
-    lifecycle::notify_systemd("READY=1");
+    // In the same message, so `systemctl status` no longer shows the
+    // recovery's status once the server serves.
+    lifecycle::notify_systemd(&format!("READY=1\nSTATUS=serving on {bound}"));
     lifecycle::run(shared, signals)
 }
 
