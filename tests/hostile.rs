@@ -399,6 +399,26 @@ fn a_request_dribbled_in_parts_does_not_keep_a_connection_open_on_a_full_server(
 }
 
 #[test]
+fn a_connection_closed_while_a_body_arrives_first_gets_the_answers_it_is_owed() {
+    let s = Server::start(&["-maxConns", "2", "-threads", "1"]);
+    // A set, pipelined with a second whose body is still arriving.
+    let mut sender = s.client();
+    let mut raw = build("POST", "/set/a", &[], b"x");
+    raw.extend_from_slice(b"POST /set/b HTTP/1.1\r\nHost: test.local\r\nContent-Length: 10\r\n\r\n12345");
+    sender.send_raw(&raw);
+    let mut paying = s.client();
+    assert_eq!(paying.req("GET", "/get/x", &[], b"").status, 404);
+    let mut extra = s.client();
+    assert_eq!(extra.req("GET", "/get/x", &[], b"").status, 404);
+    // The sender was closed to make room, after the first set's answer.
+    assert_eq!(sender.read_response(false).map(|r| r.status), Some(200), "the applied set's answer was lost");
+    assert!(sender.is_closed());
+    assert_eq!(paying.req("GET", "/get/x", &[], b"").status, 404);
+    // (A new connection makes room again, by closing one of those two.)
+    assert_eq!(s.get("/get/a").body, b"x");
+}
+
+#[test]
 fn a_full_server_closes_no_connection_in_a_request() {
     let s = Server::start(&["-maxConns", "2", "-threads", "1"]);
     // Two blocking reads hold the server's connections, parked.

@@ -482,6 +482,9 @@ impl Conn<'_> {
                 self.start += have;
                 while self.body.len() < n {
                     waited = true;
+                    // About to wait for the client (and perhaps be closed
+                    // to make room): answers to pipelined requests go first.
+                    self.flush().await?;
                     // Room grows as bytes arrive (doubling), not to the
                     // declared length at once: a client that only declares
                     // a large body holds no more memory than it has sent.
@@ -490,8 +493,9 @@ impl Conn<'_> {
                     let body = std::mem::take(&mut self.body);
                     let upto = n.min(body.capacity());
                     let wait = deadline.saturating_duration_since(Instant::now());
+                    let paid = std::mem::take(&mut self.paid);
                     let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..upto)));
-                    let Some(read) = waiting(self.ctx, self.idle_id, false, read).await else {
+                    let Some(read) = waiting(self.ctx, self.idle_id, paid, read).await else {
                         return Err(Stop::Broken);
                     };
                     let Ok((res, slice)) = read else {
@@ -537,6 +541,8 @@ impl Conn<'_> {
     /// Reads more of a request body before `deadline`; EOF breaks the
     /// connection, the deadline answers 408.
     async fn read_more_body(&mut self, deadline: Instant) -> Result<(), Stop> {
+        // As in `read_body`: what is owed goes out before a wait.
+        self.flush().await?;
         let wait = deadline.saturating_duration_since(Instant::now());
         match self.read_client(wait).await {
             Ok(0) | Err(ReadFail::Io | ReadFail::Evicted) => Err(Stop::Broken),

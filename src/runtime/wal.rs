@@ -304,6 +304,15 @@ impl Segment {
     }
 }
 
+/// A segment the log moved on from, until a sync has it on the disk.
+#[derive(Clone)]
+struct Closed {
+    ring: Rc<monoio::fs::File>,
+    file: Arc<File>,
+    /// The mark to end it with once that sync returns (`Wal::rotate`).
+    last: Option<SyncMark>,
+}
+
 /// How an answer computed at some log position stands.
 pub enum Settled {
     /// It may go out now (converted to a 503 if its change was not logged).
@@ -319,7 +328,7 @@ struct State {
     /// Bytes of `seg` whose pages were dropped from the page cache.
     trimmed: u64,
     /// Segments closed since the last sync, still to be synced first.
-    closed: Vec<Rc<monoio::fs::File>>,
+    closed: Vec<Closed>,
     /// Journal position up to which records are in the page cache.
     written: u64,
     /// Journal position up to which records are synced (or, for `no`,
@@ -633,26 +642,17 @@ impl Wal {
 
     /// Moves the log to a new segment now. The old one is synced (through
     /// the ring, by the sync task) before anything after it counts as synced.
-    /// `last_mark`: the old one ends with a mark claiming its whole length,
-    /// made true by that sync; without it, its last records after its
-    /// last mark would never be covered, and damage to them found after a
-    /// power loss would be cut. Until the sync returns the claim is ahead
-    /// of the disk: a power loss then can make recovery stop at the
-    /// segment's unsynced end instead of cutting it, never the reverse.
-    /// Not for a segment a failed sync left suspect.
+    /// `last_mark`: once that sync returns, the old one is ended with a
+    /// mark claiming its whole length; without it, its records after its
+    /// last mark (or a mark still waiting for records to carry it) would
+    /// never be covered, and damage to them found after a power loss would
+    /// be cut. Not for a segment a failed write or sync left suspect.
     fn rotate(&self, last_mark: bool) -> std::io::Result<u64> {
         let seq = self.shared.next_segment.fetch_add(1, Ordering::AcqRel);
         let seg = Segment::create(&self.dir, seq, self.core)?;
-        if last_mark && self.mode != Fsync::No {
-            let st = self.st.borrow();
-            if st.offset > st.marked_to {
-                let mut bytes = Vec::with_capacity(32);
-                record::encode_mark(&mut bytes, SyncMark { segment: st.seg.seq, synced_to: st.offset });
-                // Best effort, as `mark_alone`.
-                let _ = st.seg.file.write_all_at(&bytes, st.offset);
-            }
-        }
         let mut st = self.st.borrow_mut();
+        let last = (last_mark && (st.mark.is_some() || st.offset > st.marked_to))
+            .then_some(SyncMark { segment: st.seg.seq, synced_to: st.offset });
         let old = std::mem::replace(&mut st.seg, seg);
         st.offset = 0;
         st.trimmed = 0;
@@ -670,7 +670,7 @@ impl Wal {
                 }
             });
         } else {
-            st.closed.push(old.ring.clone());
+            st.closed.push(Closed { ring: old.ring.clone(), file: old.file.clone(), last });
             // `always` syncs only when something waits for it: a closed
             // segment is synced (and let go of) now, not at the next write.
             if self.mode == Fsync::Always {
@@ -797,7 +797,7 @@ impl Wal {
         };
         let started = Instant::now();
         let mut result = Ok(());
-        for f in closed.iter().chain(std::iter::once(&ring)) {
+        for f in closed.iter().map(|c| &c.ring).chain(std::iter::once(&ring)) {
             result = f.sync_data().await;
             if result.is_err() {
                 break;
@@ -827,7 +827,16 @@ impl Wal {
                     }
                 }
                 self.release(router);
-                closed.into_iter().for_each(|f| self.trim.retire(f));
+                for c in closed {
+                    // True now. Not synced itself: if it never reaches the
+                    // disk, recovery judges the segment's end as without it.
+                    if let Some(mark) = c.last {
+                        let mut bytes = Vec::with_capacity(32);
+                        record::encode_mark(&mut bytes, mark);
+                        let _ = c.file.write_all_at(&bytes, mark.synced_to);
+                    }
+                    self.trim.retire(c.ring);
+                }
             }
             Err(e) => {
                 // The OS may have dropped what it could not write: every
@@ -862,7 +871,7 @@ impl Wal {
             // again, only let go of (their cache dropped off the core).
             let r = self.empty_segment();
             let abandoned = std::mem::take(&mut self.st.borrow_mut().closed);
-            abandoned.into_iter().for_each(|f| self.trim.retire(f));
+            abandoned.into_iter().for_each(|c| self.trim.retire(c.ring));
             r
         } else {
             Ok(())
@@ -876,7 +885,7 @@ impl Wal {
         let closed = self.st.borrow().closed.clone();
         if result.is_ok() && self.mode != Fsync::No {
             let ring = self.st.borrow().seg.ring.clone();
-            for f in closed.iter().chain(std::iter::once(&ring)) {
+            for f in closed.iter().map(|c| &c.ring).chain(std::iter::once(&ring)) {
                 result = f.sync_data().await;
                 if result.is_err() {
                     break;
@@ -886,7 +895,7 @@ impl Wal {
                 // A rotation during the syncs appends after these.
                 let mut st = self.st.borrow_mut();
                 let n = closed.len().min(st.closed.len());
-                st.closed.drain(..n).for_each(|f| self.trim.retire(f));
+                st.closed.drain(..n).for_each(|c| self.trim.retire(c.ring));
             }
         }
         {
@@ -980,8 +989,8 @@ impl Wal {
             let st = self.st.borrow();
             (st.closed.clone(), st.seg.ring.clone())
         };
-        for f in closed {
-            f.sync_data().await?;
+        for c in closed {
+            c.ring.sync_data().await?;
         }
         ring.sync_data().await
     }
