@@ -223,21 +223,8 @@ impl IdleConns {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::Wake;
-
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn waker() -> (Waker, Arc<Count>) {
-        let c = Arc::new(Count(AtomicUsize::new(0)));
-        (Waker::from(c.clone()), c)
-    }
+    use crate::runtime::testing::waker;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn the_connections_idle_longest_go_first() {

@@ -32,3 +32,26 @@ pub mod slots;
 pub mod trim;
 pub mod turns;
 pub mod wal;
+
+/// What the unit tests of the runtime's plain state machines share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Wake, Waker};
+
+    /// Counts its wake-ups.
+    pub struct Count(pub AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A waker, and the count of its wake-ups.
+    pub fn waker() -> (Waker, Arc<Count>) {
+        let c = Arc::new(Count(AtomicUsize::new(0)));
+        (Waker::from(c.clone()), c)
+    }
+}

@@ -203,22 +203,8 @@ impl Credits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::Wake;
-
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn waker() -> (Waker, Arc<Count>) {
-        let c = Arc::new(Count(AtomicUsize::new(0)));
-        (Waker::from(c.clone()), c)
-    }
+    use crate::runtime::testing::waker;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn call_then_reply_then_poll() {
