@@ -621,13 +621,13 @@ fn a_corrupted_length_stops_startup_and_the_offered_cut_keeps_what_precedes_it()
 
 /// The records and sync marks of a segment: (start, is a mark).
 fn items(bytes: &[u8]) -> Vec<(usize, bool)> {
-    use rendezvous::state::record::{decode, mark_at};
+    use rendezvous::state::record::{decode, mark_at, MARK_LEN};
     let mut at = 0;
     let mut out = Vec::new();
     while at < bytes.len() {
         if mark_at(&bytes[at..]).is_some() {
             out.push((at, true));
-            at += 25;
+            at += MARK_LEN;
         } else {
             out.push((at, false));
             at += decode(&bytes[at..]).unwrap().1;
@@ -708,6 +708,36 @@ fn a_hole_a_sync_mark_covers_stops_startup() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains(&format!("damaged at byte {}", hole.start)), "{err}");
     assert_eq!(std::fs::read(&seg).unwrap(), bytes, "the segment was changed");
+}
+
+/// A segment a checkpoint moves on from ends, once synced, with a mark
+/// claiming its whole length: its last records are covered too. The
+/// checkpoint is held open (one core stopped, so it cannot finish and
+/// delete the segment) while the other core's old segment is looked at.
+#[test]
+fn a_segment_a_checkpoint_moves_on_from_ends_with_a_mark_of_its_length() {
+    use rendezvous::state::record::{mark_at, MARK_LEN};
+    let s = Server::start(&["-threads", "2"]);
+    for i in 0..100 {
+        assert_eq!(s.post(&format!("/set/k{i}"), b"v").status, 200);
+    }
+    let first = segments(s.dir.path()).into_iter().find(|p| p.to_string_lossy().ends_with("-0000.wal")).unwrap();
+    let frozen = Frozen::core(s.pid(), 1);
+    s.signal("-HUP");
+    s.wait_log("writing a snapshot now", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let bytes = std::fs::read(&first).unwrap();
+        let end = bytes.len().saturating_sub(MARK_LEN);
+        let moved_on = segments(s.dir.path()).iter().filter(|p| p.to_string_lossy().ends_with("-0000.wal")).count() > 1;
+        if moved_on && mark_at(&bytes[end..]).is_some_and(|m| m.synced_to == end as u64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old segment never got its last mark");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(frozen);
+    s.wait_log("snapshot saved", Duration::from_secs(30));
 }
 
 #[test]

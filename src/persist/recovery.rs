@@ -152,8 +152,7 @@ pub fn recover(
         report.segments += 1;
         match tail {
             Ok(Tail::Clean) => {}
-            Ok(Tail::Torn { at, why }) => torn.push((seg.path.clone(), at, why, false)),
-            Ok(Tail::Unsynced { at, why }) => torn.push((seg.path.clone(), at, why, true)),
+            Ok(tail) => torn.push((seg.path.clone(), tail)),
             Err(Damage { offset, why }) => {
                 return Err(RecoveryError::Damage { path: seg.path.clone(), offset, why: why.to_string() });
             }
@@ -161,11 +160,12 @@ pub fn recover(
     }
     // Cut only once every segment has been read: damage found in a later
     // one leaves every file as it was.
-    for (path, at, why, unsynced) in torn {
+    for (path, tail) in torn {
+        let (Tail::Torn { at, ref why } | Tail::Unsynced { at, ref why }) = tail else { continue };
         if mode == Mode::Repair {
             let size = std::fs::metadata(&path).map_or(0, |m| m.len());
             cut(&path, at).map_err(|e| RecoveryError::Io(path.clone(), e))?;
-            if unsynced {
+            if matches!(tail, Tail::Unsynced { .. }) {
                 log::warn!(
                     "cut the unsynced end of {} from byte {at} ({} bytes; {why} there, and no sync mark after it \
                      says it was synced): a power loss left it partly written, within what -fsync may lose",

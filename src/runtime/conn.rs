@@ -86,7 +86,8 @@ pub struct CoreCtx {
     accept_waker: RefCell<Option<Waker>>,
     /// Told of each request when this core gives turns on a shared CPU.
     turns: Option<Rc<Turns>>,
-    /// This core's connections idle between requests, to close at `-maxConns`.
+    /// This core's connections and which are idle (waiting for their
+    /// client), to close at `-maxConns`.
     idle: RefCell<IdleConns>,
 }
 

@@ -18,7 +18,7 @@
 //!
 //! Idle longest counts from the connection's last request that cost
 //! tokens (or from its accept): requests that cost nothing (the docs page,
-//! a preflight, an error, a 429) do not move it, or a client could keep
+//! a preflight, an error, a 429 or a 503) do not move it, or a client could keep
 //! its connections last in line for free.
 //!
 //! Each core keeps its own list: connections never move between cores,
@@ -50,7 +50,7 @@ struct Slot {
     /// Its place in the order: the counter's value when it joined or last
     /// went idle after a request that cost tokens. Lower goes first.
     rank: u64,
-    /// Waiting for a request.
+    /// Waiting for its client's bytes.
     idle: bool,
     /// Told to close.
     evicted: bool,
@@ -126,10 +126,11 @@ impl IdleConns {
         })
     }
 
-    /// The connection waits for its next request. `paid`: its last
-    /// request cost tokens. One that did not (the docs page, a preflight,
-    /// an error, a 429) keeps the place it had: requests that cost nothing
-    /// do not keep a connection from being closed.
+    /// The connection waits for its client's bytes. `paid`: a request
+    /// since its last wait cost tokens. One that did not (the docs page, a
+    /// preflight, an error, a 429 or a 503) keeps the place it had:
+    /// requests that cost nothing do not keep a connection from being
+    /// closed.
     pub fn idle(&mut self, id: u32, paid: bool) {
         if let Some(slot) = self.slots.get_mut(id as usize) {
             if paid {

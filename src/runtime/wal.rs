@@ -313,6 +313,14 @@ struct Closed {
     last: Option<SyncMark>,
 }
 
+/// Writes `mark` at byte `at` of `file`, on its own: a plain positioned
+/// write (no move to a new segment), best effort for the callers.
+fn write_mark(file: &File, mark: SyncMark, at: u64) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(record::MARK_LEN);
+    record::encode_mark(&mut bytes, mark);
+    file.write_all_at(&bytes, at)
+}
+
 /// How an answer computed at some log position stands.
 pub enum Settled {
     /// It may go out now (converted to a 503 if its change was not logged).
@@ -771,15 +779,13 @@ impl Wal {
     /// that dropped it would let the next report records synced that are
     /// not, and one left hanging must count as the disk falling behind.
     async fn mark_alone(&self, router: &impl Host, mark: SyncMark) {
-        let mut bytes = Vec::with_capacity(32);
-        record::encode_mark(&mut bytes, mark);
         {
             let mut st = self.st.borrow_mut();
-            if st.seg.file.write_all_at(&bytes, st.offset).is_err() {
+            if write_mark(&st.seg.file, mark, st.offset).is_err() {
                 // Whatever part landed is overwritten by the next append.
                 return;
             }
-            st.offset += bytes.len() as u64;
+            st.offset += record::MARK_LEN as u64;
             // Its own sync makes no new mark.
             st.marked_to = st.offset;
         }
@@ -831,9 +837,7 @@ impl Wal {
                     // True now. Not synced itself: if it never reaches the
                     // disk, recovery judges the segment's end as without it.
                     if let Some(mark) = c.last {
-                        let mut bytes = Vec::with_capacity(32);
-                        record::encode_mark(&mut bytes, mark);
-                        let _ = c.file.write_all_at(&bytes, mark.synced_to);
+                        let _ = write_mark(&c.file, mark, mark.synced_to);
                     }
                     self.trim.retire(c.ring);
                 }

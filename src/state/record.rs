@@ -24,9 +24,10 @@
 //! startup stopped until someone cut the file. A bad record that no later
 //! mark of its segment says was synced is in such an end, and is cut with
 //! everything after it (it was within what `-fsync` may lose); one that a
-//! later mark covers is damage, and recovery stops. A segment without any
-//! mark (written before its first sync, or by a version without marks) is
-//! judged as before (`read_stream`).
+//! later mark covers is damage, and recovery stops. A bad record with no
+//! mark before it in its segment (written before the segment's first
+//! sync, or by a version without marks) is judged as before
+//! (`read_stream`).
 //!
 //! `Journal` is the append side, one per core, filled by every change the
 //! core applies to any shard (pure: bytes in memory; the runtime writes
@@ -41,6 +42,8 @@ const KIND_DELETE: u8 = 2;
 const KIND_MARK: u8 = 3;
 /// A sync mark's body: kind, segment, synced-to offset.
 const MARK_BODY: usize = 1 + 8 + 8;
+/// A sync mark's length in the log.
+pub const MARK_LEN: usize = FRAME + MARK_BODY;
 const FLAG_SECRET: u8 = 1;
 /// Length prefix + checksum.
 pub const FRAME: usize = 8;
@@ -299,9 +302,9 @@ pub enum Tail {
     /// The segment ends in a torn record at this offset (a crash mid-append):
     /// everything from there on is to be cut.
     Torn { at: u64, why: RecordError },
-    /// A bad record at this offset that no later sync mark covers, in a
-    /// segment with marks: the unsynced end a power loss left partly
-    /// written. Everything from there on is to be cut.
+    /// A bad record at this offset that no later sync mark covers, with a
+    /// mark before it: the unsynced end a power loss left partly written.
+    /// Everything from there on is to be cut.
     Unsynced { at: u64, why: RecordError },
 }
 
@@ -383,7 +386,9 @@ pub fn read_stream(
                     if torn {
                         return Ok(Ok(Tail::Torn { at: offset, why }));
                     }
-                    let after = scan_rest(rest, &mut r, segment, offset)?;
+                    // Without a mark before it, marks after it cannot
+                    // change the verdict: only zeros are looked for.
+                    let after = scan_rest(rest, &mut r, marked.then_some(segment), offset)?;
                     if after.zero {
                         return Ok(Ok(Tail::Torn { at: offset, why }));
                     }
@@ -496,20 +501,24 @@ struct Rest {
 }
 
 /// Reads the segment from a bad record at `at` to its end (`rest`, then
-/// what `r` has left), looking at every byte offset for a sync mark of
-/// `segment` that covers `at`: the bad record's frame cannot be trusted to
-/// say where the next record starts. A mark counts only if it claims no
-/// more than the bytes before itself (as every mark the log writes does).
-/// Marks found this way can sit inside a value a client wrote, so they
-/// can only stop recovery (damage), never let it cut: whether the segment
-/// has marks at all is judged from those read on record boundaries.
-fn scan_rest(rest: &[u8], r: &mut impl std::io::Read, segment: u64, at: u64) -> std::io::Result<Rest> {
+/// what `r` has left): whether it is all zeros, and, given the segment's
+/// number (`marks_of`), whether a sync mark of it covers `at`. Marks are
+/// looked for at every byte offset: the bad record's frame cannot be
+/// trusted to say where the next record starts. A mark counts only if it
+/// claims no more than the bytes before itself (as every mark the log
+/// writes does). Marks found this way can sit inside a value a client
+/// wrote, so they can only stop recovery (damage), never let it cut:
+/// whether the segment has marks at all is judged from those read on
+/// record boundaries. Not looking for marks, it stops at the first
+/// non-zero byte.
+fn scan_rest(rest: &[u8], r: &mut impl std::io::Read, marks_of: Option<u64>, at: u64) -> std::io::Result<Rest> {
     const BLOCK: usize = 1 << 20;
     // A mark may straddle two reads: keep its length less one byte.
-    const KEEP: usize = FRAME + MARK_BODY - 1;
+    const KEEP: usize = MARK_LEN - 1;
     let mut found = Rest { zero: true, covered: false };
     let look = |window: &[u8], base: u64, upto: usize, found: &mut Rest| {
         found.zero &= window[..upto].iter().all(|&b| b == 0);
+        let Some(segment) = marks_of else { return };
         for i in 0..upto {
             if let Some(mark) = mark_at(&window[i..]) {
                 let here = base + i as u64;
@@ -524,6 +533,9 @@ fn scan_rest(rest: &[u8], r: &mut impl std::io::Read, segment: u64, at: u64) -> 
     let mut window: Vec<u8> = rest[upto..].to_vec();
     let mut base = at + upto as u64;
     loop {
+        if !found.zero && marks_of.is_none() {
+            return Ok(found);
+        }
         let have = window.len();
         window.resize(have + BLOCK, 0);
         let n = read_up_to(r, &mut window[have..])?;
