@@ -17,17 +17,29 @@ struct Haproxy {
     addr: SocketAddr,
 }
 
-/// `tokens`: the per-client budget (the shipped file says 17).
+/// The shipped rate limits, per client and per network: the binary's own
+/// defaults.
+fn shipped_limits() -> (u32, u32) {
+    let Ok(rendezvous::config::Parsed::Run(defaults)) = rendezvous::config::parse(Vec::<String>::new()) else {
+        panic!("an empty command line runs with the defaults");
+    };
+    (defaults.flags.max_requests, defaults.flags.max_requests_per_net)
+}
+
+/// `tokens`: the per-client budget (the shipped file's is the binary's
+/// default, `shipped_limits`).
 /// `nodes`: each node's public and admin address.
 fn start_haproxy(dir: &std::path::Path, nodes: &[(SocketAddr, SocketAddr)], tokens: u32) -> Haproxy {
     let port = free_port();
     // Only the listen address, node addresses and (for this machine's
     // open-file limit) maxconn differ from the shipped file.
-    let mut cfg = std::fs::read_to_string(CONFIG)
-        .unwrap()
+    let cfg = std::fs::read_to_string(CONFIG).unwrap();
+    let budget = format!(") gt {} }}", shipped_limits().0);
+    assert!(cfg.contains(&budget), "the shipped file's per-client budget is the binary's default ({budget})");
+    let mut cfg = cfg
         .replace("bind :80", &format!("bind 127.0.0.1:{port}"))
         .replace("maxconn 50000", "maxconn 2000")
-        .replace(") gt 17 }", &format!(") gt {tokens} }}"));
+        .replace(&budget, &format!(") gt {tokens} }}"));
     for (i, (node, admin)) in nodes.iter().enumerate() {
         let shipped = format!("10.0.0.1{}:8080", i + 1);
         cfg = cfg.replace(&format!("{shipped} port 9464"), &format!("{node} port {}", admin.port()));
@@ -80,7 +92,11 @@ fn start_node(dir: TempDir, port: Option<u16>) -> Server {
         .flat_map(|f| f.iter().map(String::as_str))
         .collect();
     assert!(rate.contains(&"-maxRequestsPerNet"), "the recipe leaves the per-network limit on: {recipe:?}");
-    let shipped = ["-maxRequests", "17", "-maxRequestsPerNet", "170"];
+    // The test harness lifts the rate limits; the recipe runs with the
+    // shipped ones.
+    let (per_client, per_net) = shipped_limits();
+    let (per_client, per_net) = (per_client.to_string(), per_net.to_string());
+    let shipped = ["-maxRequests", per_client.as_str(), "-maxRequestsPerNet", per_net.as_str()];
     let args = [&["-threads", "1", "-trustedProxies", "127.0.0.1/32", "-port", &port][..], &shipped, &rate].concat();
     Server::start_in(dir, &args)
 }
@@ -216,6 +232,7 @@ fn haproxy_rate_limits_each_client_globally() {
     let nodes: Vec<Server> = (0..3).map(|_| start_node(TempDir::new(), None)).collect();
     let addrs: Vec<(SocketAddr, SocketAddr)> = nodes.iter().map(|n| (n.addr, n.metrics.unwrap())).collect();
     let hdir = TempDir::new();
+    assert_eq!(shipped_limits().0, 17, "the steps below spend the shipped budget");
     let lb = start_haproxy(hdir.path(), &addrs, 17);
     // 17 tokens: 5 writes (15) and 2 reads, on keys spread over all nodes.
     // Deletes are writes, with either method; preflights are free.
