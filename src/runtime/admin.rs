@@ -20,11 +20,18 @@
 //! was doing. The cores' counts are folded into the exporter once a second
 //! by a timer task here, and on every scrape.
 //!
-//! - `/healthz`: 200 while the process runs (liveness).
+//! The server starts this thread before it recovers the store, and hands
+//! it the store's shared state and the exporter only once recovered
+//! (`Attach`): a long replay is then a process that answers its liveness
+//! and says it is starting, not one whose admin address refuses or hangs
+//! (a liveness probe would kill it, and every restart would replay again).
+//!
+//! - `/healthz`: 200 while the process runs (liveness), recovery included.
 //! - `/readyz`: 200 once the store is loaded and every core serves; 503
-//!   while starting or draining, or while a core is stalled (readiness:
-//!   take it out of a balancer).
-//! - `/metrics`: the Prometheus text exposition.
+//!   while starting (recovery included) or draining, or while a core is
+//!   stalled (readiness: take it out of a balancer).
+//! - `/metrics`: the Prometheus text exposition; 503 until the store is
+//!   recovered (nothing to count before).
 
 use crate::runtime::exporter::Exporter;
 use crate::runtime::shared::{Readiness, Shared};
@@ -41,7 +48,7 @@ use monoio_http::h1::codec::encoder::GenericEncoder;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -62,13 +69,53 @@ const EVICTION_LOG_EVERY: Duration = Duration::from_secs(60);
 /// An idle connection this old makes room before any request does.
 const STALE_IDLE: Duration = Duration::from_secs(1);
 
-/// Starts the admin thread on an already bound listener. Returns the
-/// address it serves.
-pub fn start(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::Result<std::net::SocketAddr> {
+/// What the admin thread is handed once the store is recovered.
+type Live = (Arc<Shared>, Exporter);
+/// The same, as the admin thread keeps it.
+type Serving = (Arc<Shared>, Rc<RefCell<Exporter>>);
+
+/// Hands the admin thread the recovered store (see the module doc).
+pub struct Attach(Arc<Mutex<Option<Live>>>);
+
+impl Attach {
+    /// From now on `/metrics` and `/readyz` read `shared`; `started`: when
+    /// startup began (see `Exporter::new`).
+    pub fn attach(self, shared: Arc<Shared>, started: std::time::SystemTime) -> Result<(), String> {
+        let exporter = Exporter::new(shared.clone(), started)?;
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((shared, exporter));
+        Ok(())
+    }
+}
+
+/// The admin thread's view: liveness only until `Attach::attach`, then the
+/// store and its exporter (taken from the handover once, then kept here).
+struct Plane {
+    handover: Arc<Mutex<Option<Live>>>,
+    live: RefCell<Option<Serving>>,
+}
+
+impl Plane {
+    fn live(&self) -> Option<Serving> {
+        if self.live.borrow().is_none() {
+            let taken = self.handover.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((shared, exporter)) = taken {
+                *self.live.borrow_mut() = Some((shared, Rc::new(RefCell::new(exporter))));
+            }
+        }
+        self.live.borrow().clone()
+    }
+}
+
+/// Starts the admin thread on an already bound listener, before the store
+/// is recovered. Returns the address it serves and the handle that gives
+/// it the store.
+pub fn start(listener: std::net::TcpListener) -> std::io::Result<(std::net::SocketAddr, Attach)> {
     let bound = listener.local_addr()?;
     listener.set_nonblocking(true)?;
-    let exporter = Exporter::new(shared.clone()).map_err(std::io::Error::other)?;
+    let handover: Arc<Mutex<Option<Live>>> = Arc::default();
+    let theirs = handover.clone();
     std::thread::Builder::new().name("admin".into()).spawn(move || {
+        let plane = Plane { handover: theirs, live: RefCell::new(None) };
         let run = async move {
             let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
@@ -77,7 +124,7 @@ pub fn start(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
                     return;
                 }
             };
-            serve(shared, listener, exporter).await
+            serve(Rc::new(plane), listener).await
         };
         // Through `opened_by`, so a core never takes this ring for its own.
         let uring = Ring::opened_by(|| monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build());
@@ -89,18 +136,19 @@ pub fn start(shared: Arc<Shared>, listener: std::net::TcpListener) -> std::io::R
             },
         }
     })?;
-    Ok(bound)
+    Ok((bound, Attach(handover)))
 }
 
-async fn serve(shared: Arc<Shared>, listener: TcpListener, exporter: Exporter) {
-    let exporter = Rc::new(RefCell::new(exporter));
+async fn serve(plane: Rc<Plane>, listener: TcpListener) {
     {
-        let exporter = exporter.clone();
+        let plane = plane.clone();
         monoio::spawn(async move {
             let mut tick = monoio::time::interval(FOLD_EVERY);
             loop {
                 tick.tick().await;
-                exporter.borrow_mut().fold();
+                if let Some((_, exporter)) = plane.live() {
+                    exporter.borrow_mut().fold();
+                }
             }
         });
     }
@@ -122,7 +170,7 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener, exporter: Exporter) {
                 let slot = Rc::new(Slot::new());
                 open.borrow_mut().push(slot.clone());
                 let guard = Leave { open: open.clone(), slot };
-                monoio::spawn(connection(shared.clone(), exporter.clone(), stream, guard));
+                monoio::spawn(connection(plane.clone(), stream, guard));
             }
             Err(e) => {
                 log::warn!("admin server: accept failed: {e}");
@@ -280,16 +328,21 @@ fn respond(status: u16, content_type: &str, body: impl Into<Bytes>) -> http::Res
     r
 }
 
-fn route(shared: &Shared, exporter: &RefCell<Exporter>, method: &http::Method, path: &str) -> http::Response<HttpBody> {
+/// `live`: the store and its exporter, `None` while it is being recovered.
+fn route(live: Option<&Serving>, method: &http::Method, path: &str) -> http::Response<HttpBody> {
     if method != http::Method::GET && method != http::Method::HEAD {
         let mut r = respond(405, "text/plain; charset=utf-8", "Method not allowed\n");
         r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    match path {
-        "/metrics" => respond(200, "text/plain; version=0.0.4; charset=utf-8", exporter.borrow_mut().render()),
-        "/healthz" => respond(200, "text/plain; charset=utf-8", "ok\n"),
-        "/readyz" => match shared.readiness() {
+    match (path, live) {
+        ("/healthz", _) => respond(200, "text/plain; charset=utf-8", "ok\n"),
+        ("/metrics", None) => respond(503, "text/plain; charset=utf-8", "starting: recovering the store\n"),
+        ("/readyz", None) => respond(503, "text/plain; charset=utf-8", "starting\n"),
+        ("/metrics", Some((_, exporter))) => {
+            respond(200, "text/plain; version=0.0.4; charset=utf-8", exporter.borrow_mut().render())
+        }
+        ("/readyz", Some((shared, _))) => match shared.readiness() {
             Readiness::Ready => respond(200, "text/plain; charset=utf-8", "ready\n"),
             Readiness::Starting => respond(503, "text/plain; charset=utf-8", "starting\n"),
             Readiness::Draining => respond(503, "text/plain; charset=utf-8", "draining\n"),
@@ -302,7 +355,7 @@ fn route(shared: &Shared, exporter: &RefCell<Exporter>, method: &http::Method, p
     }
 }
 
-async fn connection(shared: Arc<Shared>, exporter: Rc<RefCell<Exporter>>, stream: TcpStream, guard: Leave) {
+async fn connection(plane: Rc<Plane>, stream: TcpStream, guard: Leave) {
     let slot = guard.slot.clone();
     let (r, w) = stream.into_split();
     let budget = Rc::new(Cell::new(MAX_REQUEST));
@@ -329,7 +382,7 @@ async fn connection(shared: Arc<Shared>, exporter: Rc<RefCell<Exporter>>, stream
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || req.version() == http::Version::HTTP_10;
-        let mut response = route(&shared, &exporter, req.method(), req.uri().path());
+        let mut response = route(plane.live().as_ref(), req.method(), req.uri().path());
         drop(req);
         // Read (and drop) any body before the next request, within the budget.
         let body = slot.unless_evicted(monoio::time::timeout(HEAD, decoder.fill_payload())).await;

@@ -255,7 +255,9 @@ pub struct Exporter {
 
 impl Exporter {
     /// Installs the recorder (once per process).
-    pub fn new(shared: Arc<Shared>) -> Result<Exporter, String> {
+    /// `started`: when startup began, the start time where `/proc` cannot
+    /// tell it (a `ProcSubset=pid` sandbox hides `/proc/stat`'s boot time).
+    pub fn new(shared: Arc<Shared>, started: SystemTime) -> Result<Exporter, String> {
         let buckets = |b: &[u64]| stats::bounds_seconds(b);
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(F::HttpDuration.name().into()), &buckets(&stats::LATENCY_BOUNDS_NS))
@@ -275,10 +277,10 @@ impl Exporter {
         describe();
         let n = shared.stats.len();
         let per_core = || (0..ROUTE_LABELS + 2).map(|_| Folded::new(crate::metrics::MAX_BUCKETS)).collect::<Vec<_>>();
-        let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let started_unix = started.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         // The process's start, not this exporter's (which comes after
         // recovery, minutes later for a large store).
-        let start_unix = process_start_unix().unwrap_or(now_unix);
+        let start_unix = process_start_unix().unwrap_or(started_unix);
         Ok(Exporter { shared, handle, folded: (0..n).map(|_| per_core()).collect(), start_unix })
     }
 

@@ -7,12 +7,14 @@
 //!    would otherwise let a second instance join the port and split the
 //!    traffic, and a probe alone is a race between two instances started
 //!    together. One Rendezvous instance per port per host.
-//! 2. The data directory is locked, checked (a file can be written and
-//!    fsynced there) and recovered: snapshot plus log, into one shard per
-//!    core, before any listener exists.
-//! 3. The admin address is bound (busy: an error if `-metricsAddr` was
+//! 2. The admin address is bound (busy: an error if `-metricsAddr` was
 //!    given, a warning and no admin server if it was the default, so two
-//!    instances started with the Go server's command line run side by side).
+//!    instances started with the Go server's command line run side by side)
+//!    and served: `/healthz` answers, `/readyz` says starting, `/metrics`
+//!    waits for the store (`admin::Attach`).
+//! 3. The data directory is locked, checked (a file can be written and
+//!    fsynced there) and recovered: snapshot plus log, into one shard per
+//!    core, before any public listener exists.
 //! 4. The listeners are bound, one per core, and the cores start; the
 //!    process is ready once every core runs.
 //!
@@ -253,6 +255,7 @@ fn raise_fd_limit(max_conns: usize) {
 
 /// Starts the server and runs it until shutdown.
 pub fn run(config: Config) -> Result<(), StartupError> {
+    let started = std::time::SystemTime::now();
     let signals = lifecycle::install_signals();
     let n = config.threads;
     let routing = Routing::new(n);
@@ -262,8 +265,18 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     // The port first: a second instance must fail before it touches the
     // data directory or spends time loading.
     let port_lock = if config.port != 0 { Some(lock_port(config.port)?) } else { None };
+    // The admin address next, for the same reason, and served from here on:
+    // liveness and "starting" through a long recovery.
+    let admin = match bind_admin(&config)? {
+        Some(listener) => {
+            let (bound, attach) = crate::runtime::admin::start(listener)
+                .map_err(|e| StartupError::Runtime(format!("cannot start the admin server: {e}")))?;
+            log::info!("metrics on http://{bound}/metrics once the store is recovered (/healthz and /readyz from now)");
+            Some(attach)
+        }
+        None => None,
+    };
     let restored = restore(&config, &routing, &budget)?;
-    let admin = bind_admin(&config)?;
     let (listeners, bound, port_lock) = bind_listeners(config.listen(), n, port_lock)?;
     let (mesh, receivers) = Mesh::new(n);
     let Restored { shards, versions, secret_key, next_segment, data_dir } = restored;
@@ -298,10 +311,10 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         config,
         born: Instant::now(),
     });
-    if let Some(listener) = admin {
-        let bound = crate::runtime::admin::start(shared.clone(), listener)
-            .map_err(|e| StartupError::Runtime(format!("cannot start the admin server: {e}")))?;
-        log::info!("metrics on http://{bound}/metrics");
+    if let Some(attach) = admin {
+        attach
+            .attach(shared.clone(), started)
+            .map_err(|e| StartupError::Runtime(format!("cannot start the metrics: {e}")))?;
     }
     let cpus = match shared.config.cpu_affinity {
         CpuAffinity::Spread => {

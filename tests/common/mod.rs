@@ -26,7 +26,7 @@ pub fn from(ip: &str) -> [(&str, &str); 1] {
 }
 
 /// The socket address at the start of `text` (a log line's tail, text or JSON).
-fn address_at(text: &str) -> SocketAddr {
+pub fn address_at(text: &str) -> SocketAddr {
     let end = text.find(|c: char| !(c.is_ascii_hexdigit() || ".:[]".contains(c))).unwrap_or(text.len());
     text[..end].parse().unwrap_or_else(|e| panic!("no address in {text:?}: {e}"))
 }
