@@ -1226,3 +1226,44 @@ fn a_full_disk_refuses_writes_and_recovers() {
     assert_eq!(status.code(), Some(1));
     assert!(err.contains(ro.to_str().unwrap()), "{err}");
 }
+
+/// A file in the data directory that no server writes stops startup with a
+/// message naming it, never a hang or a read without end: a FIFO as the
+/// snapshot or a segment, a segment that is `/dev/zero` behind a symlink,
+/// a 64 GiB (sparse) `SECRET`, a segment number whose successor would
+/// overflow.
+#[test]
+fn special_files_in_the_data_directory_stop_startup_with_a_message() {
+    let fifo = |path: &std::path::Path| {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "{}", std::io::Error::last_os_error());
+    };
+    let refused = |setup: &dyn Fn(&std::path::Path), name: &str, why: &str| {
+        let t = TempDir::new();
+        setup(t.path());
+        let data = t.path().display().to_string();
+        let started = Instant::now();
+        let (status, err) = run_to_exit(&["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &data]);
+        assert_eq!(status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(name) && err.contains(why), "{name}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{name}: refused at once, not after a read");
+    };
+    refused(&|d| fifo(&d.join("snapshot.rkyv")), "snapshot.rkyv", "not a regular file");
+    refused(&|d| fifo(&d.join("0000000000000000-0000.wal")), "0000000000000000-0000.wal", "not a regular file");
+    refused(
+        &|d| std::os::unix::fs::symlink("/dev/zero", d.join("0000000000000000-0000.wal")).unwrap(),
+        "0000000000000000-0000.wal",
+        "not a regular file",
+    );
+    refused(
+        &|d| std::fs::File::create(d.join("SECRET")).unwrap().set_len(64 << 30).unwrap(),
+        "SECRET",
+        "not a 32-byte key",
+    );
+    refused(
+        &|d| drop(std::fs::File::create(d.join("ffffffffffffffff-0000.wal")).unwrap()),
+        "ffffffffffffffff-0000.wal",
+        "a number no server makes",
+    );
+}

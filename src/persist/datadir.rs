@@ -42,6 +42,8 @@ pub enum DataDirError {
     /// A file cannot be created, written or fsynced there.
     NotWritable(PathBuf, io::Error),
     List(PathBuf, io::Error),
+    /// A segment's number is above `MAX_SEGMENT`.
+    SegmentNumber(PathBuf),
 }
 
 impl std::fmt::Display for DataDirError {
@@ -69,6 +71,12 @@ impl std::fmt::Display for DataDirError {
                 p.display()
             ),
             DataDirError::List(p, e) => write!(f, "cannot list data directory {}: {e}", p.display()),
+            DataDirError::SegmentNumber(p) => write!(
+                f,
+                "log segment {} has a number no server makes (above 2^62): a hand-made or damaged name; move it \
+                 out of the data directory",
+                p.display()
+            ),
         }
     }
 }
@@ -97,6 +105,11 @@ fn parse_segment(name: &str) -> Option<(u64, u32)> {
     Some((u64::from_str_radix(seq, 16).ok()?, stream.parse().ok()?))
 }
 
+/// The highest segment number a server makes, by far (one a checkpoint
+/// per core): a name above it is hand-made or damaged, and the numbers
+/// after it would overflow.
+pub const MAX_SEGMENT: u64 = 1 << 62;
+
 /// Every log segment in `dir`, in sequence order.
 pub fn segments(dir: &Path) -> Result<Vec<Segment>, DataDirError> {
     let list = |e| DataDirError::List(dir.to_path_buf(), e);
@@ -105,11 +118,26 @@ pub fn segments(dir: &Path) -> Result<Vec<Segment>, DataDirError> {
         let entry = entry.map_err(list)?;
         let name = entry.file_name();
         if let Some((seq, stream)) = name.to_str().and_then(parse_segment) {
+            if seq > MAX_SEGMENT {
+                return Err(DataDirError::SegmentNumber(entry.path()));
+            }
             out.push(Segment { seq, stream, path: entry.path() });
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Opens a file of the data directory for reading, refusing anything but a
+/// regular file: a FIFO would block startup forever (opened without
+/// waiting for a writer, here), a device such as `/dev/zero` behind a
+/// symlink would never end.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    Ok(file)
 }
 
 /// Creates a new, empty segment file (exclusively, 0600) and makes its
@@ -159,12 +187,14 @@ impl DataDir {
     /// in `SECRET` (0600) from then on.
     pub fn secret_key(&self, from_snapshot: Option<SecretKey>) -> io::Result<SecretKey> {
         let path = self.path.join(SECRET_FILE);
-        match fs::read(&path) {
-            Ok(bytes) => {
-                let key: [u8; 32] = bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not a 32-byte key"))?;
+        match open_regular(&path) {
+            Ok(mut f) => {
+                // The length first: a huge file is refused, not read.
+                if f.metadata()?.len() != 32 {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "not a 32-byte key"));
+                }
+                let mut key = [0u8; 32];
+                f.read_exact(&mut key)?;
                 return Ok(SecretKey::from_bytes(key));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

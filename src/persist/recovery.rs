@@ -32,7 +32,7 @@ use crate::state::record::{read_stream, Damage, Record, Tail};
 use crate::state::secret::SecretKey;
 use crate::state::shard::{KeyBudget, Shard};
 use hashbrown::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -133,7 +133,7 @@ pub fn recover(
     let mut tombstones: HashMap<Box<[u8]>, u64> = HashMap::new();
     let mut torn = Vec::new();
     for seg in to_replay {
-        let file = File::open(&seg.path).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
+        let file = datadir::open_regular(&seg.path).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
         let size = file.metadata().map_err(|e| RecoveryError::Io(seg.path.clone(), e))?.len();
         let reader = io::BufReader::with_capacity(1 << 20, file);
         let mut apply = |rec: Record| {

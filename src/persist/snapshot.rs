@@ -262,7 +262,7 @@ fn entry(
 /// (expired ones included; the caller decides). `Ok(None)` if there is no
 /// file. Memory: one frame at a time.
 pub fn load(path: &Path, mut each: impl FnMut(Entry)) -> Result<Option<Meta>, SnapshotError> {
-    let file = match File::open(path) {
+    let file = match crate::persist::datadir::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
