@@ -1288,3 +1288,28 @@ fn startup_syncs_the_segments_it_replays() {
     let calls = std::fs::read_to_string(&trace).unwrap();
     assert!(calls.contains("fdatasync(") || calls.contains("fsync("), "{seg_arg} was not synced: {calls}");
 }
+
+/// A lost snapshot stops startup: the log that follows a checkpoint no
+/// longer holds the keys the checkpoint's snapshot had, and serving the
+/// rest would drop them silently.
+#[test]
+fn a_missing_snapshot_behind_a_checkpointed_log_stops_startup() {
+    let s = Server::start(&["-threads", "1"]);
+    assert_eq!(s.post("/set/before", b"in the snapshot only").status, 200);
+    s.signal("-HUP");
+    s.wait_log("snapshot saved", Duration::from_secs(10));
+    assert_eq!(s.post("/set/after", b"in the log").status, 200);
+    let (dir, _) = s.stop_keep_dir("-KILL");
+    std::fs::remove_file(dir.path().join("snapshot.rkyv")).unwrap();
+    let first = segments(dir.path()).into_iter().next().unwrap();
+    let data = dir.path().display().to_string();
+    let (status, err) = run_to_exit(&["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &data]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("there is no snapshot.rkyv") && err.contains(&first.display().to_string()), "{err}");
+    // Moving the segments out, as the message says, starts an empty store.
+    for seg in segments(dir.path()) {
+        std::fs::remove_file(seg).unwrap();
+    }
+    let s = Server::start_in(dir, &["-threads", "1"]);
+    assert_eq!(s.get("/get/after").status, 404);
+}

@@ -49,6 +49,9 @@ pub enum RecoveryError {
     Io(PathBuf, io::Error),
     /// A replayed segment could not be synced at startup.
     Sync(PathBuf, io::Error),
+    /// No snapshot, and the log (its first segment named) does not start
+    /// at the beginning.
+    MissingSnapshot(PathBuf),
 }
 
 impl std::fmt::Display for RecoveryError {
@@ -69,6 +72,13 @@ impl std::fmt::Display for RecoveryError {
                 shell_quoted(path)
             ),
             RecoveryError::Io(p, e) => write!(f, "cannot read {}: {e}", p.display()),
+            RecoveryError::MissingSnapshot(p) => write!(
+                f,
+                "there is no snapshot.rkyv, but the log starts at {}: the segments before it were deleted by a \
+                 checkpoint whose snapshot is gone, and with them the keys it held. Restore snapshot.rkyv from a \
+                 backup, or move the log segments (*.wal) out of the directory to start with an empty store",
+                p.display()
+            ),
             RecoveryError::Sync(p, e) => write!(
                 f,
                 "cannot sync {} (what the last run wrote must be on the disk before this one builds on it): {e}",
@@ -139,6 +149,16 @@ pub fn recover(
         report.max_version = m.max_version;
     }
     let all = datadir::segments(dir).map_err(RecoveryError::DataDir)?;
+    // Segments are numbered from 0, and a checkpoint deletes the ones its
+    // snapshot covers only once that snapshot is published: a log that
+    // starts later with no snapshot lost the snapshot, and with it every
+    // key the deleted segments held. Serving what is left would drop them
+    // silently.
+    if let (None, Some(first)) = (&meta, all.first()) {
+        if first.seq > 0 {
+            return Err(RecoveryError::MissingSnapshot(first.path.clone()));
+        }
+    }
     report.next_seq = all.iter().map(|s| s.seq + 1).max().unwrap_or(0).max(replay_from);
     let to_replay: Vec<&Segment> = all.iter().filter(|s| s.seq >= replay_from).collect();
     let mut tombstones: HashMap<Box<[u8]>, u64> = HashMap::new();
@@ -315,11 +335,11 @@ mod tests {
         let d = tmp("order");
         // A key moved between streams (a restart with another core count):
         // stream 1's older record comes after stream 0's newer one.
-        segment(&d, 3, 1, |b| {
+        segment(&d, 1, 1, |b| {
             encode_put(b, &entry("a", "old", 10), 0);
             encode_put(b, &entry("gone", "x", 11), 0);
         });
-        segment(&d, 2, 0, |b| {
+        segment(&d, 0, 0, |b| {
             encode_put(b, &entry("a", "new", 20), 0);
             encode_delete(b, b"gone", 30);
             encode_put(b, &entry("gone", "stale", 25), 0);
@@ -328,7 +348,7 @@ mod tests {
             let (mut shards, report, budget) = run(&d, cores, Mode::Repair).unwrap();
             assert_eq!(value(&mut shards, cores, "a", &budget).as_deref(), Some("new"));
             assert_eq!(value(&mut shards, cores, "gone", &budget), None, "the delete's tombstone holds");
-            assert_eq!((report.records, report.max_version, report.next_seq, report.live), (5, 30, 4, 1));
+            assert_eq!((report.records, report.max_version, report.next_seq, report.live), (5, 30, 2, 1));
             // Versions continue above the delete's.
             assert!(shards.iter().all(|s| s.last_version() >= 30));
         }
@@ -401,7 +421,7 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_and_damage_stops() {
         let d = tmp("torn");
-        let path = segment(&d, 5, 0, |b| {
+        let path = segment(&d, 0, 0, |b| {
             encode_put(b, &entry("a", "1", 1), 0);
             encode_put(b, &entry("b", "2", 2), 0);
         });
@@ -429,7 +449,7 @@ mod tests {
         // A torn tail in a segment that is not its stream's last (power loss
         // after a rotation) is cut too, and the later segment is replayed.
         std::fs::write(&path, &full[..full.len() - 3]).unwrap();
-        segment(&d, 9, 0, |b| encode_put(b, &entry("c", "3", 3), 0));
+        segment(&d, 4, 0, |b| encode_put(b, &entry("c", "3", 3), 0));
         let (mut shards, report, budget) = run(&d, 1, Mode::Repair).unwrap();
         assert_eq!(report.torn.len(), 1);
         assert_eq!(value(&mut shards, 1, "c", &budget).as_deref(), Some("3"));
