@@ -339,3 +339,31 @@ fn the_admin_address_answers_while_the_store_is_recovered() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Blocking reads of another core's keys are cross-core commands (the wait,
+/// and its cancel at the timeout), counted as such on both ends.
+#[test]
+fn blocking_reads_count_as_cross_core_messages() {
+    let s = Server::start(&["-threads", "2"]);
+    let total = |name: &str| -> f64 {
+        let scrape = s.scrape();
+        ["0", "1"].iter().filter_map(|c| metric_in(&scrape, &format!("{name}{{core=\"{c}\"}}"))).sum()
+    };
+    assert_eq!(total("rendezvous_cross_core_messages_total"), 0.0);
+    let mut c = s.client();
+    for i in 0..40 {
+        assert_eq!(c.req("GET", &format!("/get/absent{i}?wait=20ms"), &[], b"").status, 404);
+    }
+    // About half the keys are the other core's: a wait and a cancel each
+    // (published by each core's housekeeping tick).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let sent = loop {
+        let sent = total("rendezvous_cross_core_messages_total");
+        if sent >= 2.0 || Instant::now() > deadline {
+            break sent;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!((2.0..=80.0).contains(&sent), "{sent}");
+    assert!(total("rendezvous_cross_core_batches_total") >= 1.0);
+}

@@ -121,7 +121,7 @@ families! {
     TrackedNetworks: Gauge Count "rendezvous_ratelimit_tracked_networks" []
         "Network buckets tracked this refill period (also capped by -maxTrackedIPs).";
     CrossCoreMessages: Counter Count "rendezvous_cross_core_messages_total" ["core"]
-        "Commands sent to another core, by sending core.";
+        "Commands sent to another core, by sending core (a blocking read of its key and the read's cancel included).";
     CrossCoreBatches: Counter Count "rendezvous_cross_core_batches_total" ["core"]
         "Channel sends (batches of commands and replies), by sending core.";
     DirectReads: Counter Count "rendezvous_direct_reads_total" ["core"]

@@ -418,6 +418,7 @@ impl Router {
             }
         } else {
             self.push(owner, Msg::Call { from: self.me as u32, slot, op, pipelined: false });
+            self.count(|s| s.calls_sent += 1);
         }
         Ok(WaitFuture { inner: SlotFuture { router: self, slot, done: false }, key: Some(key), owner })
     }
@@ -488,6 +489,7 @@ impl Router {
                         }
                     }
                     Msg::Notify { op } => {
+                        received += 1;
                         self.apply_local(op, *now_ms.get_or_insert_with(crate::clock::unix_ms));
                     }
                     Msg::Done { slot, reply } => self.complete(slot, reply),
@@ -646,6 +648,7 @@ impl Drop for WaitFuture<'_> {
             router.apply_local(op, crate::clock::unix_ms());
         } else {
             router.push(self.owner, Msg::Notify { op });
+            router.count(|s| s.calls_sent += 1);
         }
     }
 }
