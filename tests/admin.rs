@@ -299,16 +299,20 @@ fn the_admin_address_answers_while_the_store_is_recovered() {
     let dir = TempDir::new();
     let snapshot = dir.path().join("snapshot.rkyv").display().to_string();
     let held = ["-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-P", &snapshot, "-e", "trace=openat"];
-    let mut child = std::process::Command::new("strace")
-        .args(held)
-        .args(["-e", "inject=openat:delay_enter=3000000", "--", BIN])
-        .args(Server::command_line(&dir, &[]))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    use std::os::unix::process::CommandExt;
+    let mut child = Group(
+        std::process::Command::new("strace")
+            .args(held)
+            .args(["-e", "inject=openat:delay_enter=3000000", "--", BIN])
+            .args(Server::command_line(&dir, &[]))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(child.0.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
     let admin = loop {
         let line = lines.next().expect("the server logs its admin address").unwrap();
@@ -336,8 +340,6 @@ fn the_admin_address_answers_while_the_store_is_recovered() {
     let scrape = get(admin, "/metrics");
     assert_eq!(scrape.status, 200);
     assert_eq!(metric_in(&scrape.text(), "rendezvous_ready"), Some(1.0));
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Blocking reads of another core's keys are cross-core commands (the wait,

@@ -100,6 +100,9 @@ pub fn run(dir: &Path, out: &mut impl Write) -> Result<(), DumpError> {
             Ok(_) => return Err(DumpError::Unsettled(dir.to_path_buf())),
             // A checkpoint removed a segment under us: read again.
             Err(RecoveryError::Io(_, e)) if e.kind() == io::ErrorKind::NotFound && attempts < 5 => attempts += 1,
+            // The first snapshot was published (and the segments it covers
+            // deleted) between reading no snapshot and listing the log.
+            Err(RecoveryError::MissingSnapshot(_)) if identity() != before && attempts < 5 => attempts += 1,
             Err(e) => return Err(DumpError::Recovery(e)),
         }
     };

@@ -149,13 +149,17 @@ pub fn recover(
         report.max_version = m.max_version;
     }
     let all = datadir::segments(dir).map_err(RecoveryError::DataDir)?;
-    // Segments are numbered from 0, and a checkpoint deletes the ones its
-    // snapshot covers only once that snapshot is published: a log that
-    // starts later with no snapshot lost the snapshot, and with it every
-    // key the deleted segments held. Serving what is left would drop them
-    // silently.
-    if let (None, Some(first)) = (&meta, all.first()) {
-        if first.seq > 0 {
+    // A store's first run numbers each core's first segment as the core
+    // (segment i, stream i); every later segment has a higher number than
+    // its stream, and a checkpoint deletes the first run's segments only
+    // once its snapshot is published. So with segments but no snapshot and
+    // none of the first run's left, the snapshot was lost, and with it every
+    // key the deleted segments held: serving what is left would drop them
+    // silently. (One of the first run's segments left, even alone because
+    // the run died before its other cores made theirs, is a log from the
+    // beginning.)
+    if meta.is_none() && !all.is_empty() && !all.iter().any(|s| s.seq == u64::from(s.stream)) {
+        if let Some(first) = all.first() {
             return Err(RecoveryError::MissingSnapshot(first.path.clone()));
         }
     }
@@ -408,6 +412,25 @@ mod tests {
         assert_eq!(value(&mut shards, 2, "new", &budget).as_deref(), Some("after"));
         assert_eq!((report.records, report.skipped), (4, 3));
         assert!(shards.iter().all(|s| s.last_version() >= 25));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_log_with_no_snapshot_must_hold_a_segment_of_the_first_run() {
+        let d = tmp("nosnap");
+        // The first run's core 1 made its segment; core 0 died before its own.
+        let first = segment(&d, 1, 1, |b| encode_put(b, &entry("a", "1", 1), 0));
+        segment(&d, 2, 0, |b| encode_put(b, &entry("b", "2", 2), 0));
+        let (mut shards, _, budget) = run(&d, 2, Mode::Repair).unwrap();
+        assert_eq!(value(&mut shards, 2, "a", &budget).as_deref(), Some("1"));
+        // Without it (a checkpoint deleted it, and its snapshot is gone).
+        std::fs::remove_file(&first).unwrap();
+        match run(&d, 2, Mode::Repair) {
+            Err(RecoveryError::MissingSnapshot(p)) => {
+                assert!(p.ends_with(datadir::segment_name(2, 0)), "{}", p.display())
+            }
+            other => panic!("{:?}", other.err()),
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -34,6 +34,9 @@ pub fn address_at(text: &str) -> SocketAddr {
 /// A running server, killed on drop.
 pub struct Server {
     child: Option<Child>,
+    /// Started under a wrapper, in a process group of its own: killed as a
+    /// group (a wrapper such as strace 6.1 does not take its child with it).
+    grouped: bool,
     pub addr: SocketAddr,
     pub dir: TempDir,
     /// The startup line ("listening on ...").
@@ -117,6 +120,11 @@ impl Server {
             }
             None => Command::new(BIN),
         };
+        let grouped = !wrapper.is_empty();
+        if grouped {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
         let mut child = cmd
             .args(&all)
             .current_dir(dir.path())
@@ -148,7 +156,8 @@ impl Server {
                     }
                     if let Some(rest) = line.split("listening on http://").nth(1) {
                         let addr = address_at(rest);
-                        return Server { child: Some(child), addr, dir, banner: line, startup, metrics, log: rx };
+                        let child = Some(child);
+                        return Server { child, grouped, addr, dir, banner: line, startup, metrics, log: rx };
                     }
                 }
                 Err(_) => {
@@ -254,10 +263,31 @@ pub fn wait_deadline(child: &mut Child, limit: Duration) -> std::process::ExitSt
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            if self.grouped {
+                drop(Group(c));
+            } else {
+                let mut c = c;
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
+    }
+}
+
+/// A child started with `process_group(0)`, killed with its whole group
+/// on drop (a test that fails midway included).
+pub struct Group(pub Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.0.id()) {
+            // SAFETY: a plain signal to the process group this test started
+            // (its id is the child's pid); a group already gone is ignored.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
