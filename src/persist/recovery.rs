@@ -158,8 +158,8 @@ pub fn recover(
     // silently. (One of the first run's segments left, even alone because
     // the run died before its other cores made theirs, is a log from the
     // beginning.)
-    if meta.is_none() && !all.is_empty() && !all.iter().any(|s| s.seq == u64::from(s.stream)) {
-        if let Some(first) = all.first() {
+    if let (None, Some(first)) = (&meta, all.first()) {
+        if !all.iter().any(|s| s.seq == u64::from(s.stream)) {
             return Err(RecoveryError::MissingSnapshot(first.path.clone()));
         }
     }
@@ -167,11 +167,10 @@ pub fn recover(
     let to_replay: Vec<&Segment> = all.iter().filter(|s| s.seq >= replay_from).collect();
     let mut tombstones: HashMap<Box<[u8]>, u64> = HashMap::new();
     let mut torn = Vec::new();
-    let replayed: Vec<std::path::PathBuf> = to_replay.iter().map(|s| s.path.clone()).collect();
     for seg in to_replay {
         let file = datadir::open_regular(&seg.path).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
         let size = file.metadata().map_err(|e| RecoveryError::Io(seg.path.clone(), e))?.len();
-        let reader = io::BufReader::with_capacity(1 << 20, file);
+        let reader = io::BufReader::with_capacity(1 << 20, &file);
         let mut apply = |rec: Record| {
             report.records += 1;
             report.max_version = report.max_version.max(rec.version());
@@ -186,6 +185,16 @@ pub fn recover(
         let tail =
             read_stream(reader, size, seg.seq, &mut apply).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
         report.segments += 1;
+        // What a crashed process acknowledged under `everysec` may still be
+        // in the page cache only: synced before this process acknowledges
+        // anything that builds on it, or a power loss soon after the restart
+        // could take an old segment's end (seconds or minutes old by then)
+        // and leave the newer, synced segments: no longer a prefix of what
+        // was applied. Mostly a no-op: written back long ago, the pages are
+        // clean. (A torn tail is cut, and synced again, below.)
+        if mode == Mode::Repair {
+            file.sync_data().map_err(|e| RecoveryError::Sync(seg.path.clone(), e))?;
+        }
         match tail {
             Ok(Tail::Clean) => {}
             Ok(tail) => torn.push((seg.path.clone(), tail)),
@@ -217,18 +226,6 @@ pub fn recover(
             }
         }
         report.torn.push((path, at));
-    }
-    // What a crashed process acknowledged under `everysec` may still be in
-    // the page cache only: synced before this process acknowledges anything
-    // that builds on it, or a power loss soon after the restart could take
-    // an old segment's end (seconds or minutes old by then) and leave the
-    // newer, synced segments: no longer a prefix of what was applied.
-    // Mostly a no-op: written back long ago, the pages are clean.
-    if mode == Mode::Repair {
-        for path in &replayed {
-            let synced = datadir::open_regular(path).and_then(|f| f.sync_data());
-            synced.map_err(|e| RecoveryError::Sync(path.clone(), e))?;
-        }
     }
     drop(tombstones);
     for shard in shards.iter_mut() {

@@ -48,7 +48,7 @@ use monoio_http::h1::codec::encoder::GenericEncoder;
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -69,41 +69,26 @@ const EVICTION_LOG_EVERY: Duration = Duration::from_secs(60);
 /// An idle connection this old makes room before any request does.
 const STALE_IDLE: Duration = Duration::from_secs(1);
 
-/// What the admin thread is handed once the store is recovered.
-type Live = (Arc<Shared>, Exporter);
-/// The same, as the admin thread keeps it.
-type Serving = (Arc<Shared>, Rc<RefCell<Exporter>>);
+/// The recovered store and its exporter, set once by `Attach::attach`.
+/// Only the admin thread uses the exporter; the lock is never contended.
+type Live = OnceLock<(Arc<Shared>, Mutex<Exporter>)>;
 
 /// Hands the admin thread the recovered store (see the module doc).
-pub struct Attach(Arc<Mutex<Option<Live>>>);
+pub struct Attach(Arc<Live>);
 
 impl Attach {
     /// From now on `/metrics` and `/readyz` read `shared`; `started`: when
     /// startup began (see `Exporter::new`).
     pub fn attach(self, shared: Arc<Shared>, started: std::time::SystemTime) -> Result<(), String> {
         let exporter = Exporter::new(shared.clone(), started)?;
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((shared, exporter));
+        // `self` is consumed: the one `set`, which cannot find it set.
+        let _ = self.0.set((shared, Mutex::new(exporter)));
         Ok(())
     }
 }
 
-/// The admin thread's view: liveness only until `Attach::attach`, then the
-/// store and its exporter (taken from the handover once, then kept here).
-struct Plane {
-    handover: Arc<Mutex<Option<Live>>>,
-    live: RefCell<Option<Serving>>,
-}
-
-impl Plane {
-    fn live(&self) -> Option<Serving> {
-        if self.live.borrow().is_none() {
-            let taken = self.handover.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some((shared, exporter)) = taken {
-                *self.live.borrow_mut() = Some((shared, Rc::new(RefCell::new(exporter))));
-            }
-        }
-        self.live.borrow().clone()
-    }
+fn exporter(lock: &Mutex<Exporter>) -> std::sync::MutexGuard<'_, Exporter> {
+    lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Starts the admin thread on an already bound listener, before the store
@@ -112,10 +97,9 @@ impl Plane {
 pub fn start(listener: std::net::TcpListener) -> std::io::Result<(std::net::SocketAddr, Attach)> {
     let bound = listener.local_addr()?;
     listener.set_nonblocking(true)?;
-    let handover: Arc<Mutex<Option<Live>>> = Arc::default();
-    let theirs = handover.clone();
+    let live: Arc<Live> = Arc::default();
+    let theirs = live.clone();
     std::thread::Builder::new().name("admin".into()).spawn(move || {
-        let plane = Plane { handover: theirs, live: RefCell::new(None) };
         let run = async move {
             let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
@@ -124,7 +108,7 @@ pub fn start(listener: std::net::TcpListener) -> std::io::Result<(std::net::Sock
                     return;
                 }
             };
-            serve(Rc::new(plane), listener).await
+            serve(theirs, listener).await
         };
         // Through `opened_by`, so a core never takes this ring for its own.
         let uring = Ring::opened_by(|| monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build());
@@ -136,18 +120,18 @@ pub fn start(listener: std::net::TcpListener) -> std::io::Result<(std::net::Sock
             },
         }
     })?;
-    Ok((bound, Attach(handover)))
+    Ok((bound, Attach(live)))
 }
 
-async fn serve(plane: Rc<Plane>, listener: TcpListener) {
+async fn serve(live: Arc<Live>, listener: TcpListener) {
     {
-        let plane = plane.clone();
+        let live = live.clone();
         monoio::spawn(async move {
             let mut tick = monoio::time::interval(FOLD_EVERY);
             loop {
                 tick.tick().await;
-                if let Some((_, exporter)) = plane.live() {
-                    exporter.borrow_mut().fold();
+                if let Some((_, e)) = live.get() {
+                    exporter(e).fold();
                 }
             }
         });
@@ -170,7 +154,7 @@ async fn serve(plane: Rc<Plane>, listener: TcpListener) {
                 let slot = Rc::new(Slot::new());
                 open.borrow_mut().push(slot.clone());
                 let guard = Leave { open: open.clone(), slot };
-                monoio::spawn(connection(plane.clone(), stream, guard));
+                monoio::spawn(connection(live.clone(), stream, guard));
             }
             Err(e) => {
                 log::warn!("admin server: accept failed: {e}");
@@ -329,20 +313,20 @@ fn respond(status: u16, content_type: &str, body: impl Into<Bytes>) -> http::Res
 }
 
 /// `live`: the store and its exporter, `None` while it is being recovered.
-fn route(live: Option<&Serving>, method: &http::Method, path: &str) -> http::Response<HttpBody> {
+fn route(live: Option<&(Arc<Shared>, Mutex<Exporter>)>, method: &http::Method, path: &str) -> http::Response<HttpBody> {
     if method != http::Method::GET && method != http::Method::HEAD {
         let mut r = respond(405, "text/plain; charset=utf-8", "Method not allowed\n");
         r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    match (path, live) {
-        ("/healthz", _) => respond(200, "text/plain; charset=utf-8", "ok\n"),
-        ("/metrics", None) => respond(503, "text/plain; charset=utf-8", "starting: recovering the store\n"),
-        ("/readyz", None) => respond(503, "text/plain; charset=utf-8", "starting\n"),
-        ("/metrics", Some((_, exporter))) => {
-            respond(200, "text/plain; version=0.0.4; charset=utf-8", exporter.borrow_mut().render())
-        }
-        ("/readyz", Some((shared, _))) => match shared.readiness() {
+    match path {
+        "/healthz" => respond(200, "text/plain; charset=utf-8", "ok\n"),
+        "/metrics" => match live {
+            Some((_, e)) => respond(200, "text/plain; version=0.0.4; charset=utf-8", exporter(e).render()),
+            None => respond(503, "text/plain; charset=utf-8", "starting: recovering the store\n"),
+        },
+        // Recovering is starting.
+        "/readyz" => match live.map_or(Readiness::Starting, |(shared, _)| shared.readiness()) {
             Readiness::Ready => respond(200, "text/plain; charset=utf-8", "ready\n"),
             Readiness::Starting => respond(503, "text/plain; charset=utf-8", "starting\n"),
             Readiness::Draining => respond(503, "text/plain; charset=utf-8", "draining\n"),
@@ -355,7 +339,7 @@ fn route(live: Option<&Serving>, method: &http::Method, path: &str) -> http::Res
     }
 }
 
-async fn connection(plane: Rc<Plane>, stream: TcpStream, guard: Leave) {
+async fn connection(live: Arc<Live>, stream: TcpStream, guard: Leave) {
     let slot = guard.slot.clone();
     let (r, w) = stream.into_split();
     let budget = Rc::new(Cell::new(MAX_REQUEST));
@@ -382,7 +366,7 @@ async fn connection(plane: Rc<Plane>, stream: TcpStream, guard: Leave) {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || req.version() == http::Version::HTTP_10;
-        let mut response = route(plane.live().as_ref(), req.method(), req.uri().path());
+        let mut response = route(live.get(), req.method(), req.uri().path());
         drop(req);
         // Read (and drop) any body before the next request, within the budget.
         let body = slot.unless_evicted(monoio::time::timeout(HEAD, decoder.fill_payload())).await;
