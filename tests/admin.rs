@@ -369,3 +369,47 @@ fn blocking_reads_count_as_cross_core_messages() {
     assert!((2.0..=80.0).contains(&sent), "{sent}");
     assert!(total("rendezvous_cross_core_batches_total") >= 1.0);
 }
+
+/// A blocking read whose condition already holds is answered at once and
+/// is not a wait, whichever core owns its key: the owner of another core's
+/// key answers it with a plain read, a parked read's answer comes as a
+/// wake-up, and only the second counts (`rendezvous_waits_total`, the
+/// parked-time histogram). It used to count every read of another core's
+/// key as parked.
+#[test]
+fn satisfied_blocking_reads_are_not_counted_as_waits() {
+    let s = Server::start(&["-threads", "2"]);
+    let mut c = s.client();
+    // About half the keys are the other core's, whichever core this
+    // connection is on (all 40 on one core: one chance in 2^40).
+    for i in 0..40 {
+        assert_eq!(c.req("POST", &format!("/set/k{i}"), &[], b"v").status, 200);
+    }
+    for i in 0..40 {
+        assert_eq!(c.req("GET", &format!("/get/k{i}?wait=10s"), &[], b"").status, 200);
+    }
+    // One read that does park, on the same connection (so the same core's
+    // counters): once it shows, everything before it shows too.
+    let waiter = std::thread::spawn(move || {
+        let status = c.req("GET", "/get/later?wait=10s", &[], b"").status;
+        (c, status)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.metric("rendezvous_waiters") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the read never parked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.post("/set/later", b"v").status, 200);
+    let (_c, status) = waiter.join().unwrap();
+    assert_eq!(status, 200);
+    // Each core publishes its counters on its housekeeping tick.
+    let shown = |series: &str| s.metric(series).unwrap_or(0.0) >= 1.0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(shown("rendezvous_waits_total") && shown("rendezvous_wait_wakeups_total")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = s.scrape();
+    assert_eq!(s.metric("rendezvous_waits_total"), Some(1.0), "{text}");
+    assert_eq!(s.metric("rendezvous_wait_duration_seconds_count"), Some(1.0), "{text}");
+    assert_eq!(s.metric("rendezvous_wait_wakeups_total"), Some(1.0), "{text}");
+}

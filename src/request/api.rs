@@ -232,7 +232,9 @@ pub fn respond(action: &ReplyMeta, reply: Reply, client_ip: &str, retry_after: i
         Reply::ShuttingDown => Response::from_error(Error::ShuttingDown),
         Reply::Unavailable => Response::from_error(Error::LogUnavailable),
         // Waiter replies never reach `respond`; treat them as a miss.
-        Reply::Parked | Reply::Cancelled | Reply::Got(None) => Response::from_error(Error::KeyNotFound),
+        Reply::Parked | Reply::Cancelled | Reply::Woken(_) | Reply::Got(None) => {
+            Response::from_error(Error::KeyNotFound)
+        }
         Reply::Got(Some(found)) => {
             let unchanged = match &action.if_none_match {
                 Some(None) => true,
@@ -309,9 +311,9 @@ pub fn found_response(found: Found) -> Response {
 /// The answer to a blocking read.
 pub fn respond_wait(reply: Option<Reply>, timeout_status: u16, retry_after: impl FnOnce() -> u64) -> Response {
     match reply {
-        Some(Reply::Got(Some(found))) => found_response(found),
+        Some(Reply::Got(Some(found)) | Reply::Woken(Some(found))) => found_response(found),
         Some(Reply::Limited(refused)) => Response::from_error(limited(refused, retry_after())),
-        Some(Reply::Got(None)) => Response::from_error(Error::KeyNotFound),
+        Some(Reply::Got(None) | Reply::Woken(None)) => Response::from_error(Error::KeyNotFound),
         Some(Reply::ShuttingDown) => Response::from_error(Error::ShuttingDown),
         Some(Reply::Unavailable) => Response::from_error(Error::LogUnavailable),
         Some(Reply::Lost) => Response::from_error(Error::Internal),

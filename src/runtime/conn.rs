@@ -694,11 +694,17 @@ impl Conn<'_> {
         let reply = match ctx.router.wait(Some(charge), wait.key, wait.until, now.unix_ms).await {
             Err(immediate) => Some(immediate),
             Ok(parked) => {
-                stats.waits_parked.add(1);
                 let since = Instant::now();
                 let end = self.watch_while_waiting(parked, wait.timeout).await;
-                waited = since.elapsed();
-                stats.waited.record_ns(waited.as_nanos() as u64);
+                // Another core's key is answered by its owner: a plain `Got`
+                // means the owner found the condition met and never parked
+                // it (a woken waiter's answer is `Woken`), so it is not a
+                // wait, and its round trip stays in the request's own time.
+                if !matches!(end, WaitEnd::Answer(Reply::Got(_))) {
+                    waited = since.elapsed();
+                    stats.waits_parked.add(1);
+                    stats.waited.record_ns(waited.as_nanos() as u64);
+                }
                 match end {
                     WaitEnd::Answer(reply) => Some(reply),
                     WaitEnd::TimedOut => {

@@ -397,7 +397,10 @@ impl Router {
 
     /// Starts a blocking read: charges the client, then either answers at
     /// once (`Err(reply)`) or returns a future for the answer a write will
-    /// bring. Dropping that future cancels the waiter on its owner.
+    /// bring (`Reply::Woken`). For another core's key the future also
+    /// carries the owner's answer if it found the condition met at once
+    /// (`Reply::Got`: the read never parked). Dropping that future cancels
+    /// the waiter on its owner.
     pub async fn wait(
         self: &Rc<Self>,
         charge: Option<Charge>,

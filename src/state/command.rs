@@ -61,6 +61,11 @@ pub enum Reply {
     /// The rate-limit charge was refused; nothing was done.
     Limited(Refused),
     Got(Option<Found>),
+    /// A parked waiter's answer: the key as the write that woke it left
+    /// it. Told apart from `Got` so that the waiting core knows its read
+    /// did park (a waiter on another core's key gets either, and only this
+    /// one counts as a wait: `rendezvous_waits_total`).
+    Woken(Option<Found>),
     Wrote(WriteOutcome),
     /// A waiter was registered; its answer comes later, to its origin.
     Parked,
@@ -192,7 +197,7 @@ impl Owned {
                     let current = self.shard.get(&key, now_ms, budget);
                     let mut woken = Vec::new();
                     self.waiters.wake(&key, current.as_ref(), &mut woken);
-                    wakeups.extend(woken.into_iter().map(|o| (o, Reply::Got(current.clone()))));
+                    wakeups.extend(woken.into_iter().map(|o| (o, Reply::Woken(current.clone()))));
                 }
                 (Reply::Wrote(outcome), seen)
             }
@@ -295,7 +300,7 @@ mod tests {
         assert!(w.is_empty());
         set(&mut o, &b, b"b", &mut w);
         assert_eq!(w.len(), 1);
-        assert!(matches!(&w[0], (Origin { slot: 3, .. }, Reply::Got(Some(f))) if &f.value[..] == b"b"));
+        assert!(matches!(&w[0], (Origin { slot: 3, .. }, Reply::Woken(Some(f))) if &f.value[..] == b"b"));
         assert_eq!((o.waiters.parked(), o.waiters.woken_total()), (0, 3));
     }
 
@@ -320,6 +325,6 @@ mod tests {
         assert_eq!(wait(&mut o, &b, WaitFor::ValueDiffers((*b"a").into()), 4), Reply::Parked);
         let del = Op::Write(Write::new(b"k", b"", None, 0, Condition::Delete).unwrap());
         apply(&mut o, del, &b, &mut w);
-        assert_eq!(w.pop(), Some((Origin { core: 1, slot: 4 }, Reply::Got(None))));
+        assert_eq!(w.pop(), Some((Origin { core: 1, slot: 4 }, Reply::Woken(None))));
     }
 }
