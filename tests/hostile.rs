@@ -363,6 +363,51 @@ fn a_full_server_closes_the_connection_idle_longest_for_a_new_one() {
     assert_eq!(s.metric("rendezvous_connections_refused_total{reason=\"server\"}").unwrap_or(0.0), 0.0);
 }
 
+/// A client that pipelines free requests and never reads the answers
+/// holds a connection the server cannot finish writing to. That is a wait
+/// for the client like any other: a full server closes it for a new one
+/// (it used to count as the server's own work, never closed, so a few
+/// networks could hold every connection for the whole write timeout).
+#[test]
+fn a_full_server_closes_a_connection_that_does_not_read_its_answers() {
+    let s = Server::start(&["-maxConns", "2", "-threads", "1"]);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let mut stuck: TcpStream = sock.into();
+    stuck.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    // 3000 docs pages of about 7 KiB each: far more than the sockets hold.
+    let sent = 3000;
+    let _ = stuck.write_all(&build("GET", "/", &[], b"").repeat(sent));
+    // The answers stall: the count stops short of what was sent.
+    let answered = || s.metric("rendezvous_http_requests_total{route=\"docs\",code=\"200\"}").unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut last, mut since) = (answered(), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = answered();
+        assert!(now < sent as f64, "every answer was taken: the test's premise failed");
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if now > 0.0 && since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the answers never stalled");
+    }
+    let mut paying = s.client();
+    assert_eq!(paying.req("GET", "/get/x", &[], b"").status, 404);
+    // Full: the new connection is served in the stalled one's room...
+    let mut extra = s.client();
+    assert_eq!(extra.req("GET", "/get/x", &[], b"").status, 404);
+    // ...not in the room of the client that pays and reads.
+    assert_eq!(paying.req("GET", "/get/x", &[], b"").status, 404);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.metric("rendezvous_connections_evicted_total") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the closed connection is not counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn requests_that_cost_nothing_do_not_keep_a_connection_open_on_a_full_server() {
     let s = Server::start(&["-maxConns", "2", "-threads", "1"]);

@@ -790,7 +790,21 @@ impl Conn<'_> {
         let out = std::mem::take(&mut self.out);
         let from = from.unwrap_or_else(Instant::now);
         let deadline = monoio::time::Instant::from_std(from + self.ctx.shared.config.idle_timeout);
-        let Ok((res, mut out)) = monoio::time::timeout_at(deadline, self.stream.write_all(out)).await else {
+        let write = monoio::time::timeout_at(deadline, self.stream.write_all(out));
+        let (ctx, id) = (self.ctx, self.idle_id);
+        let written = if ctx.idle.borrow().told(id) {
+            // Told to close: the answers it is owed still go out.
+            Some(write.await)
+        } else {
+            // Answers the client does not take are a wait for the client,
+            // like a wait for its next request: the connection may be
+            // closed meanwhile to make room. Otherwise a client that
+            // pipelines free requests and never reads held its connection
+            // for the whole write timeout, out of reach of `IdleConns`,
+            // and a few networks could fill `-maxConns` for nothing.
+            waiting(ctx, id, std::mem::take(&mut self.paid), write).await
+        };
+        let Some(Ok((res, mut out))) = written else {
             return Err(Stop::Broken);
         };
         res.map_err(|_| Stop::Broken)?;
@@ -846,15 +860,17 @@ enum ReadFail {
     Evicted,
 }
 
-/// Runs `read`, a wait for the client's bytes, with connection `id`
-/// counted as waiting (`IdleConns`): the core may tell it to close to make
-/// room for a new connection when the server is full, and the wait then
-/// ends with `None`. Every wait for the client goes through here, between
-/// requests and inside one (a head or body arriving): a client dribbling
-/// a request holds its connection no more than one that sends nothing.
-/// What the server does for the connection (work on a request, writing an
-/// answer, a parked blocking read) is never cut short. `paid`: the request
-/// before this wait cost tokens (`IdleConns::idle`).
+/// Runs `read`, a wait for the client (its bytes, or room in its socket
+/// for our answers), with connection `id` counted as waiting
+/// (`IdleConns`): the core may tell it to close to make room for a new
+/// connection when the server is full, and the wait then ends with
+/// `None`. Every wait for the client goes through here, between requests,
+/// inside one (a head or body arriving) and while its answers are written:
+/// a client dribbling a request, or not reading its answers, holds its
+/// connection no more than one that sends nothing. What the server does
+/// for the connection (work on a request, a parked blocking read) is never
+/// cut short. `paid`: the request before this wait cost tokens
+/// (`IdleConns::idle`).
 async fn waiting<F: Future>(ctx: &CoreCtx, id: u32, paid: bool, read: F) -> Option<F::Output> {
     ctx.idle.borrow_mut().idle(id, paid);
     let mut read = std::pin::pin!(read);

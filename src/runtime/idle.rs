@@ -1,6 +1,7 @@
-//! Which of one core's client connections are idle (waiting for bytes from
-//! their client: a next request, or the rest of one arriving), and which
-//! of them to close when the server is full.
+//! Which of one core's client connections are idle (waiting for their
+//! client: for a next request, for the rest of one arriving, or to take
+//! the answers written to it), and which of them to close when the server
+//! is full.
 //!
 //! At `-maxConns`, a new connection used to be closed at once, whatever
 //! the open ones were doing: a few dozen networks holding idle keep-alive
@@ -12,9 +13,12 @@
 //! keep-alive connection between requests is ordinary HTTP: a client
 //! opens another. A connection waiting for the rest of a request counts as
 //! idle too: otherwise a client sending each request in two parts, the
-//! next one's first byte with the last one's end, would never be idle. A
-//! connection the server is working for (a request being handled, an
-//! answer being written, a blocking read parked) is never chosen.
+//! next one's first byte with the last one's end, would never be idle. So
+//! does one whose answers are being written: a client that pipelines free
+//! requests and never reads its answers would otherwise hold its
+//! connection for the whole write timeout, and about ten networks could
+//! fill `-maxConns` for nothing. A connection the server is working for
+//! (a request being handled, a blocking read parked) is never chosen.
 //!
 //! Idle longest counts from the connection's last request that cost
 //! tokens (or from its accept): requests that cost nothing (the docs page,
@@ -126,7 +130,7 @@ impl IdleConns {
         })
     }
 
-    /// The connection waits for its client's bytes. `paid`: a request
+    /// The connection waits for its client (bytes, or room for answers). `paid`: a request
     /// since its last wait cost tokens. One that did not (the docs page, a
     /// preflight, an error, a 429 or a 503) keeps the place it had:
     /// requests that cost nothing do not keep a connection from being
