@@ -752,6 +752,54 @@ fn two_instances_on_one_data_directory() {
     assert_eq!(s.post("/set/k", b"v").status, 200, "the owner is untouched");
 }
 
+/// `rm LOCK` (a "stale lock" cleanup) while the owner runs does not let a
+/// second process in: the directory itself is locked too.
+#[test]
+fn a_removed_lock_file_does_not_let_a_second_process_in() {
+    let s = Server::start(&[]);
+    std::fs::remove_file(s.dir.path().join("LOCK")).unwrap();
+    let data = s.dir.path().display().to_string();
+    let (status, err) = run_to_exit(&["-l", "127.0.0.1", "-port", "0", "-metricsAddr", "", "-dataDir", &data]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by another Rendezvous process"), "{err}");
+    assert_eq!(s.post("/set/k", b"v").status, 200, "the owner is untouched");
+}
+
+/// A data directory given as a symlink is resolved once. Flipped to
+/// another directory while the server runs (a blue/green switch), the
+/// server stays in the one it locked: its checkpoint neither lands in nor
+/// prunes the new one, which a second server can own. (It used to follow
+/// the link, and its checkpoint deleted the second server's log.)
+#[test]
+fn a_flipped_symlink_leaves_each_server_in_the_directory_it_locked() {
+    let base = TempDir::new();
+    let (a, b, cur) = (base.path().join("a"), base.path().join("b"), base.path().join("cur"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    std::os::unix::fs::symlink(&a, &cur).unwrap();
+    let link = cur.display().to_string();
+    let first = Server::start(&["-dataDir", &link]);
+    assert_eq!(first.post("/set/from-a", b"a").status, 200);
+    std::fs::remove_file(&cur).unwrap();
+    std::os::unix::fs::symlink(&b, &cur).unwrap();
+    let mut second = Server::start(&["-dataDir", &link]);
+    for i in 0..3 {
+        assert_eq!(second.post(&format!("/set/from-b{i}"), b"b").status, 200);
+    }
+    first.signal("-HUP");
+    first.wait_log("snapshot saved", Duration::from_secs(30));
+    assert!(a.join("snapshot.rkyv").exists(), "the first server's snapshot is in its own directory");
+    assert!(!b.join("snapshot.rkyv").exists(), "and not in the second one's");
+    // The second server's acknowledged writes survive a kill -9.
+    second.signal_and_wait("-KILL");
+    let b_dir = b.display().to_string();
+    let third = Server::start(&["-dataDir", &b_dir]);
+    for i in 0..3 {
+        assert_eq!(third.get(&format!("/get/from-b{i}")).body, b"b");
+    }
+    assert_eq!(third.get("/get/from-a").status, 404);
+}
+
 #[test]
 fn missing_explicit_directory_is_a_startup_error_and_the_default_is_created() {
     let t = TempDir::new();

@@ -13,6 +13,16 @@
 //! message naming the directory, instead of acknowledging writes it could
 //! never keep. Temp files a crash left behind are removed (nobody else can
 //! be writing them: we hold the lock).
+//!
+//! One owner, whatever happens to the names: the directory itself is
+//! locked too (an `flock` on its own descriptor, which no `rm LOCK` can
+//! take away), the path is resolved once at startup (a symlink flipped to
+//! another directory later, as a blue/green switch does, leaves this
+//! process in the one it locked), and before the server creates or
+//! deletes anything in it, it checks that the path still names the
+//! directory it locked (`DataDir::check`): a directory renamed away and
+//! replaced under a running server would otherwise be written and pruned
+//! by two processes, each checkpoint deleting the other's log.
 
 use crate::persist::snapshot::{self, create_private, sync_dir};
 use crate::state::secret::SecretKey;
@@ -151,7 +161,10 @@ pub fn create_segment(dir: &Path, seq: u64, stream: u32) -> io::Result<File> {
 /// An owned, checked data directory. Dropping it releases the lock.
 #[derive(Debug)]
 pub struct DataDir {
+    /// The directory's resolved path (no symlink, absolute).
     path: PathBuf,
+    /// The directory itself, open and locked.
+    dir: File,
     _lock: File,
 }
 
@@ -171,6 +184,8 @@ impl DataDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(DataDirError::Missing(owned)),
             Err(e) => return Err(DataDirError::NotWritable(owned, e)),
         }
+        let path = &fs::canonicalize(path).map_err(|e| DataDirError::NotWritable(owned.clone(), e))?;
+        let dir = lock_dir(path)?;
         let lock = lock(path)?;
         probe(path).map_err(|e| DataDirError::NotWritable(owned.clone(), e))?;
         for entry in fs::read_dir(path).map_err(|e| DataDirError::List(owned.clone(), e))?.flatten() {
@@ -179,7 +194,31 @@ impl DataDir {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        Ok(DataDir { path: owned, _lock: lock })
+        Ok(DataDir { path: path.clone(), dir, _lock: lock })
+    }
+
+    /// The directory's resolved path: every file of the store is made,
+    /// read and deleted through it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the path still names the directory this process locked.
+    /// Called before anything is created or deleted there; an error means
+    /// the directory was moved or replaced under the running server, which
+    /// must then neither write nor prune there.
+    pub fn check(&self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let locked = self.dir.metadata()?;
+        let named = fs::metadata(&self.path)?;
+        if (locked.dev(), locked.ino()) == (named.dev(), named.ino()) {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "{} is no longer the data directory this process locked at startup (it was moved or replaced); \
+             nothing more is written or deleted there: restart the server",
+            self.path.display()
+        )))
     }
 
     /// The instance's secret-hashing key: the one kept in the directory,
@@ -212,6 +251,25 @@ impl DataDir {
         fs::rename(&tmp, &path)?;
         sync_dir(&self.path)?;
         Ok(key)
+    }
+}
+
+/// Opens and locks the directory itself. The `LOCK` file's lock (which
+/// older versions take, and which holds the PID for the message) can be
+/// lost to an `rm LOCK` while the server runs; this one cannot.
+fn lock_dir(dir: &Path) -> Result<File, DataDirError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|e| DataDirError::Lock(dir.to_path_buf(), e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(fs::TryLockError::WouldBlock) => {
+            let pid = fs::read_to_string(dir.join(LOCK_FILE)).ok().and_then(|t| t.trim().parse().ok());
+            Err(DataDirError::Locked { path: dir.to_path_buf(), pid })
+        }
+        Err(fs::TryLockError::Error(e)) => Err(DataDirError::Lock(dir.to_path_buf(), e)),
     }
 }
 
@@ -305,6 +363,43 @@ mod tests {
             fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert_eq!(names, vec!["LOCK".to_string()]);
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_directory_stays_locked_without_its_lock_file() {
+        let d = tmp("rmlock");
+        let first = DataDir::open(&d, true).unwrap();
+        // A "stale lock" cleanup while the owner runs.
+        fs::remove_file(d.join(LOCK_FILE)).unwrap();
+        assert!(matches!(DataDir::open(&d, false), Err(DataDirError::Locked { .. })));
+        drop(first);
+        drop(DataDir::open(&d, false).unwrap());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_is_resolved_once_and_a_replaced_directory_is_noticed() {
+        let base = tmp("flip");
+        let (a, b, cur) = (base.join("a"), base.join("b"), base.join("cur"));
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        std::os::unix::fs::symlink(&a, &cur).unwrap();
+        let owner = DataDir::open(&cur, false).unwrap();
+        assert_eq!(owner.path(), fs::canonicalize(&a).unwrap());
+        // Flipped to b (a blue/green switch): the owner stays in a, and b
+        // can have an owner of its own.
+        fs::remove_file(&cur).unwrap();
+        std::os::unix::fs::symlink(&b, &cur).unwrap();
+        owner.check().unwrap();
+        let other = DataDir::open(&cur, false).unwrap();
+        assert_eq!(other.path(), fs::canonicalize(&b).unwrap());
+        // a moved away and replaced by a new directory: the owner must
+        // write and delete nothing there.
+        fs::rename(&a, base.join("a-old")).unwrap();
+        fs::create_dir_all(&a).unwrap();
+        assert!(owner.check().is_err());
+        other.check().unwrap();
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

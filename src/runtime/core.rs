@@ -134,7 +134,7 @@ pub fn core_thread(start: CoreStart) {
 /// `turns`: how this core's answers reach the kernel, if it gives turns.
 async fn core_main(start: CoreStart, turns: Option<Ring>) {
     let CoreStart { id, shared, listener, inbox, log, .. } = start;
-    let wal = match (shared.config.data_dir(), log) {
+    let wal = match (shared.data_dir.as_ref().map(|d| d.path()), log) {
         (Some(dir), Some(log)) => match Wal::open(shared.clone(), id, dir.to_path_buf(), log.first_segment, log.trim) {
             Ok(w) => Some(w),
             Err(e) => {

@@ -22,7 +22,8 @@
 //! draining does not wait behind a copy that would be redone.
 
 use crate::clock::unix_ms;
-use crate::persist::{datadir, snapshot};
+use crate::persist::datadir::{self, DataDir};
+use crate::persist::snapshot;
 use crate::runtime::mesh::{CheckpointMsg, Control, CopyGate, DrainReport};
 use crate::runtime::shared::{Phase, Shared};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
@@ -289,17 +290,24 @@ enum NotSaved {
 /// SIGTERM or SIGINT while the cores' copies are collected stops it (other
 /// signals meanwhile are dropped: a snapshot is being written already).
 pub fn checkpoint(shared: &Shared, signals: Option<&crossbeam_channel::Receiver<i32>>) -> Checkpoint {
-    let Some(dir) = shared.config.data_dir() else { return Checkpoint::Saved };
+    let Some(data) = shared.data_dir.as_ref() else { return Checkpoint::Saved };
+    let dir = data.path();
     let started = Instant::now();
     let stats = &shared.snapshot_stats;
-    match write_checkpoint(shared, dir, started, signals) {
+    match write_checkpoint(shared, data, started, signals) {
         Ok((entries, size, replay_from)) => {
             stats.saved_total.add(1);
             stats.last_success_unix_ms.set(unix_ms());
             stats.last_duration_us.set(started.elapsed().as_micros() as u64);
             stats.last_size_bytes.set(size);
             stats.last_entries.set(entries);
-            let deleted = delete_covered_segments(dir, replay_from);
+            let deleted = match data.check() {
+                Ok(()) => delete_covered_segments(dir, replay_from),
+                Err(e) => {
+                    log::error!("{e}");
+                    0
+                }
+            };
             log::info!(
                 "snapshot saved: {entries} keys, {size} bytes, {} ms, {}; {deleted} log segments it covers deleted",
                 started.elapsed().as_millis(),
@@ -355,14 +363,15 @@ fn next_slice(
 /// Returns (entries, bytes, first segment not covered).
 fn write_checkpoint(
     shared: &Shared,
-    dir: &Path,
+    data: &DataDir,
     started: Instant,
     signals: Option<&crossbeam_channel::Receiver<i32>>,
 ) -> Result<(u64, u64, u64), NotSaved> {
     let n = shared.config.threads;
     let created = unix_ms();
-    let mut writer =
-        snapshot::Writer::create(dir).map_err(|e| NotSaved::Failed(format!("cannot create a temp file: {e}")))?;
+    data.check().map_err(|e| NotSaved::Failed(e.to_string()))?;
+    let mut writer = snapshot::Writer::create(data.path())
+        .map_err(|e| NotSaved::Failed(format!("cannot create a temp file: {e}")))?;
     // One slice per core in flight at most: memory stays bounded.
     let (tx, rx) = mpsc::sync_channel(n);
     let gate = Arc::new(CopyGate::default());
@@ -415,6 +424,10 @@ fn write_checkpoint(
     let entries = writer.entries();
     let replay_from = seqs.iter().flatten().copied().min().unwrap_or(0);
     let cover = snapshot::Cover { replay_from, covered_version: covered, max_version };
+    if let Err(e) = data.check() {
+        writer.abort();
+        return Err(NotSaved::Failed(e.to_string()));
+    }
     let size = writer.publish(&shared.secret_key, created, cover).map_err(|e| NotSaved::Failed(e.to_string()))?;
     Ok((entries, size, replay_from))
 }

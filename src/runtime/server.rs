@@ -180,6 +180,8 @@ fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Res
         return Ok(Restored { shards, versions, secret_key, next_segment: 0, data_dir: None });
     };
     let dir = DataDir::open(path, !config.was_given("dataDir")).map_err(StartupError::DataDir)?;
+    // Resolved once: a symlink flipped later does not move this process.
+    let path = dir.path();
     let started = Instant::now();
     let now = crate::clock::unix_ms();
     let max_expiry = now.saturating_add(config.expire_duration.as_millis() as u64);

@@ -656,6 +656,10 @@ impl Wal {
     /// never be covered, and damage to them found after a power loss would
     /// be cut. Not for a segment a failed write or sync left suspect.
     fn rotate(&self, last_mark: bool) -> std::io::Result<u64> {
+        // Never a segment in a directory that replaced ours under us.
+        if let Some(data) = &self.shared.data_dir {
+            data.check()?;
+        }
         let seq = self.shared.next_segment.fetch_add(1, Ordering::AcqRel);
         let seg = Segment::create(&self.dir, seq, self.core)?;
         let mut st = self.st.borrow_mut();
