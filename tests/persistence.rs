@@ -1027,6 +1027,34 @@ fn signals_snapshot_drain_and_cut_short() {
     drop(slow);
 }
 
+/// An answer computed before a shutdown but not yet taken by its client
+/// is a request still in progress: the drain waits for it to be written
+/// (within `-shutdownTimeout`). It used to count only until the answer was
+/// encoded, and the process exited halfway through writing it.
+#[test]
+fn a_shutdown_waits_for_an_answer_still_being_written() {
+    let mut s = Server::start(&["-maxValueSize", "60010", "-shutdownTimeout", "20s", "-threads", "1"]);
+    assert_eq!(s.post("/set/big", &[b'v'; 60_000]).status, 200);
+    // A client with a tiny window, which reads nothing yet.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_tcp_mss(536).unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let mut slow = Client::over(sock.into());
+    slow.send_raw(&build("GET", "/get/big", &[], b""));
+    // Its answer has begun to arrive: computed, and being written.
+    let mut first = [0u8; 1];
+    assert_eq!(slow.stream.peek(&mut first).unwrap(), 1);
+    s.signal("-TERM");
+    s.wait_log("shutting down", Duration::from_secs(5));
+    // Long past the drain of a server with nothing in progress.
+    std::thread::sleep(Duration::from_millis(500));
+    let r = slow.read_response(false).expect("the whole answer");
+    assert_eq!((r.status, r.body.len()), (200, 60_000));
+    let status = s.signal_and_wait("-0");
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn dump_prints_the_store_beside_a_running_server() {
     let s = Server::start(&["-threads", "2"]);

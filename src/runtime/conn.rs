@@ -278,6 +278,11 @@ struct Conn<'a> {
     idle_id: u32,
     /// The last request cost tokens (`IdleConns::idle`).
     paid: bool,
+    /// Held while `out` holds answers not yet written: a request is in
+    /// progress until its answer is out, so a shutdown's drain waits for
+    /// it (`-shutdownTimeout`) rather than exiting with an answer computed
+    /// and never sent, a write's `OK` included.
+    owed: Option<InFlight<'a>>,
 }
 
 /// Removes a connection from its core's idle list when its task ends,
@@ -310,6 +315,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         discarded: false,
         idle_id,
         paid: false,
+        owed: None,
     };
     let stats = ctx.stats();
     stats.connections_open.add(1);
@@ -320,6 +326,9 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
             if ctx.shared.metrics_on {
                 stats.request(metrics::ROUTE_OTHER, e.status(), Some(e), 0);
             }
+            // In progress until written, like any answer (a draining
+            // server's 503 included).
+            let _answer = ctx.begin_request();
             conn.reject(e).await
         }
     }
@@ -342,7 +351,7 @@ impl Conn<'_> {
             if self.ctx.is_draining() {
                 return Stop::Reject(Error::ShuttingDown);
             }
-            let _in_flight = self.ctx.begin_request();
+            let in_flight = self.ctx.begin_request();
             let deadline = arrived.first_byte + self.ctx.shared.config.read_timeout;
             let now = match self.read_body(deadline).await {
                 // Latency counts from a complete request: a body that made
@@ -365,6 +374,10 @@ impl Conn<'_> {
                 self.start = 0;
             }
             self.head.release_large();
+            if !self.out.is_empty() && self.owed.is_none() {
+                // Its answer (or a pipelined one's) is still to be written.
+                self.owed = Some(in_flight);
+            }
             if !keep_alive {
                 let _ = self.flush_from(ended).await;
                 return Stop::Done;
@@ -785,6 +798,7 @@ impl Conn<'_> {
     /// reading of this pass, with nothing awaited since) or of now.
     async fn flush_from(&mut self, from: Option<Instant>) -> Result<(), Stop> {
         if self.out.is_empty() {
+            self.owed = None;
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
@@ -813,6 +827,7 @@ impl Conn<'_> {
             out = Vec::new();
         }
         self.out = out;
+        self.owed = None;
         Ok(())
     }
 

@@ -79,7 +79,7 @@ families! {
     WaitDuration: Histogram Seconds "rendezvous_wait_duration_seconds" []
         "How long blocking reads stayed parked before a write, their timeout or shutdown answered them.";
     InFlight: Gauge Count "rendezvous_http_requests_in_flight" []
-        "Requests being processed (parked blocking reads included).";
+        "Requests being processed, until their answers are written (parked blocking reads included).";
     ConnectionsOpen: Gauge Count "rendezvous_connections_open" []
         "Open client connections.";
     ConnectionsMax: Gauge Count "rendezvous_connections_max" []
