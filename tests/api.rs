@@ -249,7 +249,11 @@ fn forwarded_for_is_walked_from_the_right() {
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("20.18.12.10"));
     let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "6.6.6.6, 20.18.12.10, 10.0.0.2")], b"");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("20.18.12.10"));
-    let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "20.18.12.10, garbage")], b"");
+    // What the proxy wrote is not an address ("unknown"): the entry to its
+    // left is the client's own claim, so the proxy is the client.
+    let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "20.18.12.10, unknown")], b"");
+    assert_eq!(r.header("X-Client-Ip").as_deref(), Some("127.0.0.1"));
+    let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "garbage, 20.18.12.10")], b"");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("20.18.12.10"));
     let r = s.req("GET", "/get/x", &[("X-Forwarded-For", "not-an-ip")], b"");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("127.0.0.1"));

@@ -115,9 +115,14 @@ fn parse_entry(raw: &[u8]) -> Option<IpAddr> {
 /// `X-Forwarded-For` value (all headers joined with `,`, in order).
 ///
 /// If the peer is not trusted, XFF is ignored. Otherwise entries are walked
-/// from the right, skipping unparsable ones; the first that is not a trusted
-/// proxy is the client. If every entry is trusted, the leftmost valid one is
-/// (a client inside the proxy's own network); with no valid entry, the peer.
+/// from the right (empty ones skipped); the first that is not a trusted
+/// proxy is the client. If every entry is trusted, the leftmost one is (a
+/// client inside the proxy's own network). An entry that is not an address
+/// (`unknown`, an obfuscated name, a zone) ends the walk at the trusted
+/// hop that wrote it, the peer or the nearest trusted entry: who sent it
+/// to that hop is unknown, and everything further left is the client's
+/// own say. Walking past it let a client behind such a proxy pick its
+/// address.
 pub fn client_ip(peer: IpAddr, xff: Option<&[u8]>, trusted: &TrustedProxies) -> IpAddr {
     let peer = canonical(peer);
     let Some(xff) = xff else { return peer };
@@ -126,8 +131,11 @@ pub fn client_ip(peer: IpAddr, xff: Option<&[u8]>, trusted: &TrustedProxies) -> 
     }
     let mut leftmost_trusted = None;
     for entry in xff.rsplit(|&b| b == b',') {
-        let Some(ip) = parse_entry(entry) else {
+        if entry.trim_ascii().is_empty() {
             continue;
+        }
+        let Some(ip) = parse_entry(entry) else {
+            return leftmost_trusted.unwrap_or(peer);
         };
         if !trusted.contains(ip) {
             return ip;
@@ -169,11 +177,26 @@ mod tests {
     }
 
     #[test]
-    fn skips_garbage_entries() {
+    fn an_entry_that_is_not_an_address_ends_the_walk_at_the_hop_that_wrote_it() {
         let t = default_trusted();
-        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"1.2.3.4, garbage,,"), &t), ip("1.2.3.4"));
-        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"\xff\xfe"), &t), ip("127.0.0.1"));
-        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"0.0.0.0, 224.0.0.1"), &t), ip("127.0.0.1"));
+        // Empty entries (joined headers, stray commas) are nothing.
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"1.2.3.4, ,,"), &t), ip("1.2.3.4"));
+        // The proxy wrote "unknown" (or a name, a zone, a bad port): the
+        // address to its left is the client's own say, not taken.
+        for xff in [
+            &b"6.6.6.6, unknown"[..],
+            b"6.6.6.6, _hidden",
+            b"6.6.6.6, [fe80::1%eth0]",
+            b"6.6.6.6, 203.0.113.9:abc",
+            b"6.6.6.6, 0.0.0.0",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(client_ip(ip("127.0.0.1"), Some(xff), &t), ip("127.0.0.1"), "{xff:?}");
+        }
+        // Written by a trusted hop further in: that hop is the client.
+        assert_eq!(client_ip(ip("10.0.0.1"), Some(b"6.6.6.6, unknown, 10.0.0.7"), &t), ip("10.0.0.7"));
+        // An address the proxy appended to the right of a client's garbage wins.
+        assert_eq!(client_ip(ip("127.0.0.1"), Some(b"garbage, 20.18.12.10"), &t), ip("20.18.12.10"));
     }
 
     #[test]
