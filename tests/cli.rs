@@ -163,6 +163,44 @@ fn two_instances_started_together_on_one_port_never_both_serve() {
     }
 }
 
+/// The port's lock is an abstract Unix socket, a name any local user can
+/// bind first. Bound by another user it is no Rendezvous process of ours:
+/// the server starts, with a warning naming the holder, instead of being
+/// kept down as long as the squatter likes (it used to exit 1 blaming
+/// "another Rendezvous process").
+#[test]
+#[ignore = "needs root (the squatter runs as another user) and /usr/bin/python3"]
+fn a_port_lock_squatted_by_another_user_does_not_keep_the_server_down() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    // Debian's, not a per-user install the other user cannot read.
+    assert!(std::path::Path::new("/usr/bin/python3").exists(), "needs /usr/bin/python3 (.ci/debian-packages)");
+    // SAFETY: no arguments, no pointers.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: the squatter needs another user");
+    let port = free_port();
+    let script = format!(
+        "import socket, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(b'\\0rendezvous/port/{port}')\n\
+         s.listen()\nprint('bound', flush=True)\ntime.sleep(60)"
+    );
+    let mut squatter = Group(
+        Command::new("/usr/bin/python3")
+            .args(["-c", &script])
+            .uid(65534)
+            .gid(65534)
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = squatter.0.stdout.take().unwrap();
+    let first = std::io::BufReader::new(out).lines().next().map(|l| l.unwrap());
+    assert_eq!(first.as_deref(), Some("bound"));
+    let s = Server::start(&["-port", &port.to_string(), "-dataDir", ""]);
+    let warning = format!("held by PID {} running as uid 65534", squatter.0.id());
+    assert!(s.startup.iter().any(|l| l.contains(&warning)), "{:#?}", s.startup);
+    assert_eq!(s.get("/get/x").status, 404);
+}
+
 #[test]
 fn version_and_json_logs() {
     let out = Command::new(BIN).arg("-version").output().unwrap();

@@ -51,7 +51,8 @@ const LISTEN_BACKLOG: i32 = 4096;
 pub enum StartupError {
     PortInUse(SocketAddr),
     /// Another Rendezvous process holds the port's lock.
-    PortLocked(u16),
+    /// Another Rendezvous process of this user holds the port (its PID, if known).
+    PortLocked(u16, Option<u32>),
     Bind(SocketAddr, std::io::Error),
     Runtime(String),
     Random(std::io::Error),
@@ -67,7 +68,11 @@ impl std::fmt::Display for StartupError {
             StartupError::PortInUse(a) => {
                 write!(f, "cannot listen on {a}: another process is already listening on that port (-port)")
             }
-            StartupError::PortLocked(p) => {
+            StartupError::PortLocked(p, Some(pid)) => write!(
+                f,
+                "cannot listen on port {p}: another Rendezvous process on this host (PID {pid}) is using it (-port)"
+            ),
+            StartupError::PortLocked(p, None) => {
                 write!(f, "cannot listen on port {p}: another Rendezvous process on this host is using it (-port)")
             }
             StartupError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
@@ -85,18 +90,108 @@ impl std::fmt::Display for StartupError {
 
 impl std::error::Error for StartupError {}
 
+/// A port's lock among Rendezvous processes, held for the process's life.
+#[derive(Debug)]
+pub struct PortLock {
+    /// `None`: the lock's name was held by another user's socket, which no
+    /// Rendezvous process of this user can be (see `lock_port`).
+    _held: Option<std::os::unix::net::UnixListener>,
+}
+
 /// Holds `port` exclusively among Rendezvous processes in this network
-/// namespace: an abstract Unix socket is bound for as long as the process
-/// lives and vanishes with it (even after SIGKILL), so no stale lock is left.
-pub fn lock_port(port: u16) -> Result<std::os::unix::net::UnixListener, StartupError> {
+/// namespace: an abstract Unix socket is bound and listening for as long as
+/// the process lives and vanishes with it (even after SIGKILL), so no stale
+/// lock is left. Abstract names have no permissions, so any local user
+/// could bind this one first: a holder running as another user is no
+/// Rendezvous process of ours (and could not join this user's
+/// `SO_REUSEPORT` listeners anyway), so startup goes on without the lock,
+/// with a warning naming it, rather than refusing to start for as long as
+/// the squatter likes. The plain bind in `bind_listeners` still refuses a
+/// port anyone listens on; what is lost is only the guard against two
+/// instances of this user started at the same instant.
+pub fn lock_port(port: u16) -> Result<PortLock, StartupError> {
     use std::os::linux::net::SocketAddrExt;
     let name = format!("rendezvous/port/{port}");
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
         .map_err(|e| StartupError::Runtime(e.to_string()))?;
     match std::os::unix::net::UnixListener::bind_addr(&addr) {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(StartupError::PortLocked(port)),
+        Ok(l) => Ok(PortLock { _held: Some(l) }),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => match lock_holder(&name) {
+            Holder::Other { pid, uid } => {
+                log::warn!(
+                    "the lock for port {port} (abstract socket @{name}) is held by PID {pid} running as uid {uid}, \
+                     not as this user: not a Rendezvous process of ours; going on without the lock"
+                );
+                Ok(PortLock { _held: None })
+            }
+            Holder::NotListening => {
+                log::warn!(
+                    "the lock for port {port} (abstract socket @{name}) is bound by a socket that does not \
+                     listen: not a Rendezvous process; going on without the lock"
+                );
+                Ok(PortLock { _held: None })
+            }
+            Holder::Ours(pid) => Err(StartupError::PortLocked(port, pid)),
+        },
         Err(e) => Err(StartupError::Runtime(format!("cannot take the port lock: {e}"))),
+    }
+}
+
+/// Who holds a port lock's name.
+enum Holder {
+    /// A process of this user (its PID, if the kernel said), or one that
+    /// cannot be told apart from one: refuse.
+    Ours(Option<u32>),
+    /// A listening socket of another user.
+    Other { pid: i32, uid: u32 },
+    /// A socket that is bound but does not listen: a Rendezvous lock always does.
+    NotListening,
+}
+
+/// Asks the kernel who holds the lock's name: connects without blocking
+/// (a backlog someone filled must not hang startup) and reads the
+/// listener's credentials.
+fn lock_holder(name: &str) -> Holder {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(sock) = Socket::new(Domain::UNIX, Type::STREAM, None) else { return Holder::Ours(None) };
+    if sock.set_nonblocking(true).is_err() {
+        return Holder::Ours(None);
+    }
+    // A leading NUL makes the name abstract.
+    let abstract_name = [&[0u8][..], name.as_bytes()].concat();
+    let Ok(sockaddr) = socket2::SockAddr::unix(std::ffi::OsStr::from_bytes(&abstract_name)) else {
+        return Holder::Ours(None);
+    };
+    match sock.connect(&sockaddr) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => return Holder::NotListening,
+        // Busy (a full backlog) or anything else: cannot tell, so refuse.
+        Err(_) => return Holder::Ours(None),
+    }
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a plain C struct owned here and `len` is its size:
+    // the kernel writes at most `len` bytes into it for `SO_PEERCRED`, on a
+    // descriptor `sock` keeps open for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Holder::Ours(None);
+    }
+    // SAFETY: no arguments, no pointers; always succeeds.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid == me {
+        Holder::Ours(u32::try_from(cred.pid).ok())
+    } else {
+        Holder::Other { pid: cred.pid, uid: cred.uid }
     }
 }
 
@@ -120,8 +215,8 @@ fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, Startup
 pub fn bind_listeners(
     addr: SocketAddr,
     n: usize,
-    lock: Option<std::os::unix::net::UnixListener>,
-) -> Result<(Vec<std::net::TcpListener>, SocketAddr, std::os::unix::net::UnixListener), StartupError> {
+    lock: Option<PortLock>,
+) -> Result<(Vec<std::net::TcpListener>, SocketAddr, PortLock), StartupError> {
     let lock = if addr.port() != 0 {
         let lock = match lock {
             Some(l) => l,

@@ -117,7 +117,7 @@ pub struct Shared {
     /// The data directory, locked for the process's life (`None`: no persistence).
     pub data_dir: Option<DataDir>,
     /// The listen port's lock, held for the process's life.
-    pub port_lock: std::os::unix::net::UnixListener,
+    pub port_lock: crate::runtime::server::PortLock,
     /// What the cores' ticks count from.
     pub born: Instant,
 }
