@@ -265,7 +265,7 @@ pub struct Flags {
         default = "1000000",
         meta = "N",
         parse(try_from_str = "max_tracked_ips"),
-        help = "rate-limit buckets kept per period, server-wide; new clients beyond it get 429"
+        help = "rate-limit buckets kept per period, server-wide; new clients beyond it get 429 (none when both limits are 4294967295: the limiter is off)"
     )]
     pub max_tracked_ips: usize,
     #[options(
@@ -380,6 +380,14 @@ pub struct Flags {
         help = "blocking reads parked at once per client IP (over: 429)"
     )]
     pub max_waiters_per_ip: u32,
+    #[options(
+        long = "maxWaitersPerNet",
+        default = "256",
+        meta = "N",
+        parse(try_from_str = "positive_u32"),
+        help = "blocking reads parked at once per client network (IPv4 /24, IPv6 /48; over: 429)"
+    )]
+    pub max_waiters_per_net: u32,
     #[options(
         long = "logFormat",
         default = "text",

@@ -33,6 +33,7 @@ fn help_lists_every_flag() {
         "-maxWait",
         "-maxWaiters",
         "-maxWaitersPerIP",
+        "-maxWaitersPerNet",
         "-maxTrackedIPs",
         "-ioDriver",
     ] {

@@ -131,19 +131,25 @@ fn pipelined_requests_behind_a_waiting_one_are_kept() {
 
 #[test]
 fn waiter_bounds() {
-    let s = Server::start(&["-threads", "2", "-maxWaitersPerIP", "2", "-maxWaiters", "3"]);
+    let s = Server::start(&["-threads", "2", "-maxWaitersPerIP", "2", "-maxWaitersPerNet", "3", "-maxWaiters", "4"]);
     let from = |ip: &str| vec![("X-Forwarded-For".to_string(), ip.to_string())];
     let w1 = waiter(&s, "/get/x?wait=5s", from("1.1.1.1"));
     let w2 = waiter(&s, "/get/x?wait=5s", from("1.1.1.1"));
     wait_parked(&s, 2.0);
     let r = s.req("GET", "/get/x?wait=5s", &[("X-Forwarded-For", "1.1.1.1")], b"");
     assert_eq!(r.status, 429, "per-IP bound");
-    let w3 = waiter(&s, "/get/x?wait=5s", from("2.2.2.2"));
+    // Another client of the same /24 parks; the network is then full.
+    let w3 = waiter(&s, "/get/x?wait=5s", from("1.1.1.2"));
     wait_parked(&s, 3.0);
+    let r = s.req("GET", "/get/x?wait=5s", &[("X-Forwarded-For", "1.1.1.3")], b"");
+    assert_eq!(r.status, 429, "per-network bound");
+    assert!(r.text().contains("-maxWaitersPerNet"), "{}", r.text());
+    let w4 = waiter(&s, "/get/x?wait=5s", from("2.2.2.2"));
+    wait_parked(&s, 4.0);
     let r = s.req("GET", "/get/x?wait=5s", &[("X-Forwarded-For", "3.3.3.3")], b"");
     assert_eq!(r.status, 503, "server-wide bound");
     s.post("/set/x", b"v");
-    for w in [w1, w2, w3] {
+    for w in [w1, w2, w3, w4] {
         assert_eq!(w.join().unwrap().0.status, 200);
     }
 }

@@ -110,6 +110,21 @@ fn max_u32_requests_is_accepted() {
     }
 }
 
+/// With both limits at their maximum (the limiter off, as the HAProxy
+/// recipe runs its nodes) a full table of tracked clients refuses nobody:
+/// there is no budget to keep. It used to answer 429 to every new client
+/// once a few networks had sent one request from each of many addresses.
+#[test]
+fn with_the_limiter_off_a_full_table_refuses_nobody() {
+    let s = Server::start(&["-maxTrackedIPs", "5", "-threads", "1"]);
+    let mut c = s.client();
+    for i in 0..12 {
+        assert_eq!(c.req("GET", "/get/x", &from(&format!("7.7.{i}.1")), b"").status, 404, "client {i}");
+    }
+    assert_eq!(s.metric("rendezvous_ratelimit_tracked_clients"), Some(5.0));
+    assert_eq!(s.metric("rendezvous_rate_limited_total{reason=\"table_full\"}").unwrap_or(0.0), 0.0);
+}
+
 #[test]
 fn tracked_client_table_is_bounded() {
     let s = Server::start(&["-maxRequests", "100", "-resetDuration", "1h", "-maxTrackedIPs", "20", "-threads", "1"]);

@@ -65,6 +65,8 @@ pub enum Error {
     BadWait,
     /// This client has `-maxWaitersPerIP` blocking reads parked.
     TooManyWaitersFromIp,
+    /// This client's network has `-maxWaitersPerNet` blocking reads parked.
+    TooManyWaitersFromNet,
     /// The server has `-maxWaiters` blocking reads parked.
     TooManyWaiters,
     /// `If-Match` did not match the key's version.
@@ -97,7 +99,7 @@ impl Error {
             RateLimited(_) | NetRateLimited(_) | TrackingFull(_) | IpKeyQuota(_) | NetKeyQuota(_) => 429,
             ShuttingDown | TooManyWaiters => 503,
             BadWait => 400,
-            TooManyWaitersFromIp => 429,
+            TooManyWaitersFromIp | TooManyWaitersFromNet => 429,
             PreconditionFailed => 412,
             TooManyTags => 400,
             Internal => 500,
@@ -143,6 +145,9 @@ impl Error {
             ShuttingDown => "Server shutting down",
             BadWait => "Invalid wait: use a positive Go duration such as 30s",
             TooManyWaitersFromIp => "Too many waiting requests from this address",
+            TooManyWaitersFromNet => {
+                "Too many waiting requests from your network (IPv4 /24, IPv6 /48; -maxWaitersPerNet)"
+            }
             TooManyWaiters => "Too many waiting requests",
             PreconditionFailed => "Precondition failed",
             TooManyTags => "Too many entity tags (at most 16)",

@@ -695,10 +695,8 @@ impl Conn<'_> {
         // Nothing is closed to make room for a waiter.
         let _permit = match ctx.shared.waiter_limits.admit(self.client, || false) {
             Ok(p) => p,
-            // No per-network cap on waiters (`u32::MAX`): a refusal is the client's.
-            Err(Refusal::IpFull | Refusal::NetFull) => {
-                return Some((Response::from_error(Error::TooManyWaitersFromIp), Duration::ZERO))
-            }
+            Err(Refusal::IpFull) => return Some((Response::from_error(Error::TooManyWaitersFromIp), Duration::ZERO)),
+            Err(Refusal::NetFull) => return Some((Response::from_error(Error::TooManyWaitersFromNet), Duration::ZERO)),
             Err(Refusal::ServerFull) => return Some((Response::from_error(Error::TooManyWaiters), Duration::ZERO)),
         };
         let periods = ctx.router.periods();

@@ -398,9 +398,15 @@ pub fn run(config: Config) -> Result<(), StartupError> {
             config.max_conns_per_net,
             config.trusted_proxies.clone(),
         ),
-        // Parked reads are capped per client; per network, -maxWaitersPerIP
-        // times the clients of a network (not a limit of its own).
-        waiter_limits: ConnLimits::new(config.max_waiters, config.max_waiters_per_ip, u32::MAX, TrustedProxies::none()),
+        // Parked reads are capped per client and per network, whoever the
+        // peer is: behind a proxy the connection caps exempt it, and only
+        // these bound what one network parks.
+        waiter_limits: ConnLimits::new(
+            config.max_waiters,
+            config.max_waiters_per_ip,
+            config.max_waiters_per_net,
+            TrustedProxies::none(),
+        ),
         phase: PhaseCell::default(),
         next_segment: AtomicU64::new(next_segment + n as u64),
         data_dir,

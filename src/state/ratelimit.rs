@@ -227,15 +227,22 @@ impl Limiter {
         let Some(client_after) = after(client_spent, self.max_tokens) else { return Err(Refused::Exhausted) };
         let Some(net_after) = after(net_spent, self.max_net_tokens) else { return Err(Refused::NetExhausted) };
         let (new_client, new_net) = (client_spent.is_none(), net_spent.is_none());
+        // With both limits at their maximum (the limiter off, as behind the
+        // HAProxy recipe) there is no budget to keep, and a full table must
+        // not refuse anyone: otherwise a few networks sending one request
+        // from each of many addresses kept every new client out.
+        let untracked = |full| if self.is_off() { Ok(()) } else { Err(full) };
         if new_client {
-            self.tracked.claim(&self.tracked.clients)?;
+            if let Err(full) = self.tracked.claim(&self.tracked.clients) {
+                return untracked(full);
+            }
         }
         if new_net {
             if let Err(full) = self.tracked.claim(&self.tracked.networks) {
                 if new_client {
                     self.tracked.clients.fetch_sub(1, Ordering::AcqRel);
                 }
-                return Err(full);
+                return untracked(full);
             }
         }
         // Only an accepted charge touches the tables: a refusal allocates
@@ -250,6 +257,11 @@ impl Limiter {
             None => net_at.insert(&mut t.net_spent, net_hash, (network, net_after), rehash),
         }
         Ok(())
+    }
+
+    /// Whether no charge can ever be refused: both limits at `u32::MAX`.
+    fn is_off(&self) -> bool {
+        self.max_tokens == u32::MAX && self.max_net_tokens == u32::MAX
     }
 
     /// Number of clients with a bucket this period.
@@ -277,6 +289,24 @@ mod tests {
         assert_eq!(l.charge(1, 3, 0), Err(Refused::Exhausted));
         // Another client is unaffected.
         assert_eq!(l.charge(2, 3, 0), Ok(()));
+    }
+
+    #[test]
+    fn a_full_table_refuses_nobody_when_the_limiter_is_off() {
+        let off = Limiter::new(u32::MAX, u32::MAX, 2);
+        for client in 1..=2 {
+            assert_eq!(off.charge(client << 32, 1, 0), Ok(()));
+        }
+        // Full, for clients and networks alike: the next ones pass untracked.
+        assert_eq!(off.charge(3 << 32, 1, 0), Ok(()));
+        assert_eq!(off.charge((1 << 32) | 7, 1, 0), Ok(()));
+        assert_eq!((off.tracked(), off.tracked_networks()), (2, 2));
+        // With a limit to keep, the same table refuses.
+        let on = Limiter::new(u32::MAX, 1000, 2);
+        for client in 1..=2 {
+            assert_eq!(on.charge(client << 32, 1, 0), Ok(()));
+        }
+        assert!(matches!(on.charge(3 << 32, 1, 0), Err(Refused::TableFull)));
     }
 
     #[test]
