@@ -103,6 +103,8 @@ fn main() {
         "30000",
         "-maxWaitersPerIP",
         "30000",
+        "-maxWaitersPerNet",
+        "30000",
         "-maxWait",
         "10m",
     ];

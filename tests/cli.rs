@@ -164,6 +164,22 @@ fn two_instances_started_together_on_one_port_never_both_serve() {
     }
 }
 
+/// A lock's name bound by a socket that never listens (as no Rendezvous
+/// lock is for more than an instant) is a squatter's: the server starts
+/// after a short look, with a warning.
+#[test]
+fn a_port_lock_name_bound_by_a_socket_that_does_not_listen_does_not_keep_the_server_down() {
+    use std::os::unix::ffi::OsStrExt;
+    let port = free_port();
+    let squatter = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    let name = format!("\0rendezvous/port/{port}");
+    squatter.bind(&socket2::SockAddr::unix(std::ffi::OsStr::from_bytes(name.as_bytes())).unwrap()).unwrap();
+    let s = Server::start(&["-port", &port.to_string(), "-dataDir", ""]);
+    assert!(s.startup.iter().any(|l| l.contains("does not listen")), "{:#?}", s.startup);
+    assert_eq!(s.get("/get/x").status, 404);
+    drop(squatter);
+}
+
 /// The port's lock is an abstract Unix socket, a name any local user can
 /// bind first. Bound by another user it is no Rendezvous process of ours:
 /// the server starts, with a warning naming the holder, instead of being

@@ -408,6 +408,45 @@ fn a_full_server_closes_a_connection_that_does_not_read_its_answers() {
     }
 }
 
+/// A connection closed to make room while an answer it paid for is being
+/// written still gets that answer, if it takes it within the grace.
+#[test]
+fn a_connection_closed_while_its_answer_is_written_still_gets_it() {
+    // Far more than the sockets' buffers hold: the write is still going
+    // when the connection is told to close.
+    const BIG: usize = 8 << 20;
+    let s = Server::start(&["-maxConns", "2", "-threads", "1", "-maxValueSize", "9000000"]);
+    assert_eq!(s.post("/set/big", &vec![b'v'; BIG]).status, 200);
+    let mut other = s.client();
+    assert_eq!(other.req("GET", "/get/x", &[], b"").status, 404);
+    // A slow reader, of an answer 8 MiB long.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&s.addr.into()).unwrap();
+    let mut slow = Client::over(sock.into());
+    slow.send_raw(&build("GET", "/get/big", &[], b""));
+    let mut first = [0u8; 1];
+    assert_eq!(slow.stream.peek(&mut first).unwrap(), 1);
+    // The other connection pays again: the slow one is now the idlest.
+    assert_eq!(other.req("GET", "/get/x", &[], b"").status, 404);
+    let mut extra = s.client();
+    assert_eq!(extra.req("GET", "/get/x", &[], b"").status, 404);
+    // Told to close mid-answer (counted once told), it still gets the whole
+    // of it, reading a moment later (within the grace), at full speed...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.metric("rendezvous_connections_evicted_total") != Some(1.0) {
+        assert!(Instant::now() < deadline, "no connection was told to close");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    socket2::SockRef::from(&slow.stream).set_recv_buffer_size(8 << 20).unwrap();
+    let r = slow.read_response(false).expect("the answer it was owed");
+    assert_eq!((r.status, r.body.len()), (200, BIG));
+    // ...and is closed after it, for the room the new one took.
+    assert!(slow.is_closed());
+    assert_eq!(other.req("GET", "/get/x", &[], b"").status, 404);
+}
+
 #[test]
 fn requests_that_cost_nothing_do_not_keep_a_connection_open_on_a_full_server() {
     let s = Server::start(&["-maxConns", "2", "-threads", "1"]);

@@ -155,8 +155,10 @@ proptest! {
         }
     }
 
-    /// The XFF walk matches a reference: the rightmost untrusted valid entry
-    /// (behind a trusted peer), else the leftmost valid one, else the peer.
+    /// The XFF walk matches a reference: behind a trusted peer, walking from
+    /// the right past empty entries, the first untrusted address; an entry
+    /// that is not an address stops the walk at the nearest trusted address
+    /// to its right (or the peer); all trusted, the leftmost.
     #[test]
     fn xff_walk_matches_reference(
         peer_trusted in any::<bool>(),
@@ -175,17 +177,24 @@ proptest! {
         let peer: IpAddr = if peer_trusted { "127.0.0.1".parse().unwrap() } else { "8.8.4.4".parse().unwrap() };
         let xff = entries.join(", ");
         let got = clientip::client_ip(peer, Some(xff.as_bytes()), &trusted);
-        let valid: Vec<IpAddr> = entries
-            .iter()
-            .filter_map(|e| e.parse::<IpAddr>().ok())
-            .filter(|ip| !ip.is_unspecified() && !ip.is_multicast())
-            .collect();
         let expected = if !peer_trusted {
             peer
-        } else if let Some(ip) = valid.iter().rev().find(|ip| !trusted.contains(**ip)) {
-            *ip
         } else {
-            valid.first().copied().unwrap_or(peer)
+            let mut nearest_trusted = peer;
+            let mut found = None;
+            for e in entries.iter().rev().filter(|e| !e.trim().is_empty()) {
+                match e.parse::<IpAddr>() {
+                    Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
+                        if !trusted.contains(ip) {
+                            found = Some(ip);
+                            break;
+                        }
+                        nearest_trusted = ip;
+                    }
+                    _ => break,
+                }
+            }
+            found.unwrap_or(nearest_trusted)
         };
         prop_assert_eq!(got, expected);
     }

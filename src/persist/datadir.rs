@@ -185,8 +185,9 @@ impl DataDir {
             Err(e) => return Err(DataDirError::NotWritable(owned, e)),
         }
         let path = &fs::canonicalize(path).map_err(|e| DataDirError::NotWritable(owned.clone(), e))?;
-        let dir = lock_dir(path)?;
-        let lock = lock(path)?;
+        // Messages name the directory as given; the locks are on the resolved one.
+        let dir = lock_dir(path, &owned)?;
+        let lock = lock(path, &owned)?;
         probe(path).map_err(|e| DataDirError::NotWritable(owned.clone(), e))?;
         for entry in fs::read_dir(path).map_err(|e| DataDirError::List(owned.clone(), e))?.flatten() {
             let name = entry.file_name();
@@ -257,23 +258,23 @@ impl DataDir {
 /// Opens and locks the directory itself. The `LOCK` file's lock (which
 /// older versions take, and which holds the PID for the message) can be
 /// lost to an `rm LOCK` while the server runs; this one cannot.
-fn lock_dir(dir: &Path) -> Result<File, DataDirError> {
+fn lock_dir(dir: &Path, shown: &Path) -> Result<File, DataDirError> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY)
         .open(dir)
-        .map_err(|e| DataDirError::Lock(dir.to_path_buf(), e))?;
+        .map_err(|e| DataDirError::Lock(shown.to_path_buf(), e))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(fs::TryLockError::WouldBlock) => {
             let pid = fs::read_to_string(dir.join(LOCK_FILE)).ok().and_then(|t| t.trim().parse().ok());
-            Err(DataDirError::Locked { path: dir.to_path_buf(), pid })
+            Err(DataDirError::Locked { path: shown.to_path_buf(), pid })
         }
-        Err(fs::TryLockError::Error(e)) => Err(DataDirError::Lock(dir.to_path_buf(), e)),
+        Err(fs::TryLockError::Error(e)) => Err(DataDirError::Lock(shown.to_path_buf(), e)),
     }
 }
 
-fn lock(dir: &Path) -> Result<File, DataDirError> {
+fn lock(dir: &Path, shown: &Path) -> Result<File, DataDirError> {
     let path = dir.join(LOCK_FILE);
     let mut f = OpenOptions::new()
         .read(true)
@@ -282,15 +283,15 @@ fn lock(dir: &Path) -> Result<File, DataDirError> {
         .truncate(false)
         .mode(0o600)
         .open(&path)
-        .map_err(|e| DataDirError::Lock(dir.to_path_buf(), e))?;
+        .map_err(|e| DataDirError::Lock(shown.to_path_buf(), e))?;
     match f.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
             let mut text = String::new();
             let _ = f.read_to_string(&mut text);
-            return Err(DataDirError::Locked { path: dir.to_path_buf(), pid: text.trim().parse().ok() });
+            return Err(DataDirError::Locked { path: shown.to_path_buf(), pid: text.trim().parse().ok() });
         }
-        Err(fs::TryLockError::Error(e)) => return Err(DataDirError::Lock(dir.to_path_buf(), e)),
+        Err(fs::TryLockError::Error(e)) => return Err(DataDirError::Lock(shown.to_path_buf(), e)),
     }
     // Ours now: record who holds it, for the next one's message.
     let write_pid = (|| {
@@ -298,7 +299,7 @@ fn lock(dir: &Path) -> Result<File, DataDirError> {
         f.rewind()?;
         writeln!(f, "{}", std::process::id())
     })();
-    write_pid.map_err(|e| DataDirError::Lock(dir.to_path_buf(), e))?;
+    write_pid.map_err(|e| DataDirError::Lock(shown.to_path_buf(), e))?;
     Ok(f)
 }
 

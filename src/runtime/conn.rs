@@ -326,9 +326,6 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
             if ctx.shared.metrics_on {
                 stats.request(metrics::ROUTE_OTHER, e.status(), Some(e), 0);
             }
-            // In progress until written, like any answer (a draining
-            // server's 503 included).
-            let _answer = ctx.begin_request();
             conn.reject(e).await
         }
     }
@@ -803,20 +800,8 @@ impl Conn<'_> {
         let from = from.unwrap_or_else(Instant::now);
         let deadline = monoio::time::Instant::from_std(from + self.ctx.shared.config.idle_timeout);
         let write = monoio::time::timeout_at(deadline, self.stream.write_all(out));
-        let (ctx, id) = (self.ctx, self.idle_id);
-        let written = if ctx.idle.borrow().told(id) {
-            // Told to close: the answers it is owed still go out.
-            Some(write.await)
-        } else {
-            // Answers the client does not take are a wait for the client,
-            // like a wait for its next request: the connection may be
-            // closed meanwhile to make room. Otherwise a client that
-            // pipelines free requests and never reads held its connection
-            // for the whole write timeout, out of reach of `IdleConns`,
-            // and a few networks could fill `-maxConns` for nothing.
-            waiting(ctx, id, std::mem::take(&mut self.paid), write).await
-        };
-        let Some(Ok((res, mut out))) = written else {
+        let paid = std::mem::take(&mut self.paid);
+        let Some(Ok((res, mut out))) = writing(self.ctx, self.idle_id, paid, write).await else {
             return Err(Stop::Broken);
         };
         res.map_err(|_| Stop::Broken)?;
@@ -835,7 +820,12 @@ impl Conn<'_> {
         let response = Response::from_error(e);
         let http10 = self.head.http10;
         http::encode(&mut self.out, &response, &self.client_text, false, http10, false);
-        if self.flush().await.is_err() {
+        // In progress until written, like any answer (a draining server's
+        // 503 included), but not through the linger after it.
+        let answer = self.ctx.begin_request();
+        let flushed = self.flush().await;
+        drop(answer);
+        if flushed.is_err() {
             return;
         }
         let _ = self.stream.shutdown().await;
@@ -873,17 +863,51 @@ enum ReadFail {
     Evicted,
 }
 
-/// Runs `read`, a wait for the client (its bytes, or room in its socket
-/// for our answers), with connection `id` counted as waiting
-/// (`IdleConns`): the core may tell it to close to make room for a new
-/// connection when the server is full, and the wait then ends with
-/// `None`. Every wait for the client goes through here, between requests,
-/// inside one (a head or body arriving) and while its answers are written:
-/// a client dribbling a request, or not reading its answers, holds its
-/// connection no more than one that sends nothing. What the server does
-/// for the connection (work on a request, a parked blocking read) is never
-/// cut short. `paid`: the request before this wait cost tokens
-/// (`IdleConns::idle`).
+/// How long a connection told to close (to make room) still has to take
+/// the answers being written to it.
+const WRITE_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs `write`, answers going out to the client, with connection `id`
+/// counted as waiting (`IdleConns`), as `waiting` does for reads: answers
+/// the client does not take are a wait for the client. Otherwise a client
+/// that pipelines free requests and never reads held its connection for
+/// the whole write timeout, out of reach of `IdleConns`, and a few
+/// networks could fill `-maxConns` for nothing. But the answers are owed
+/// (a write's `OK` among them), so a connection told to close, before or
+/// during the write, gets `WRITE_GRACE` more to take them: a slow reader
+/// gets its answers, one that reads nothing is closed a second later
+/// (`None`), its room already given to the new connection.
+async fn writing<F: Future>(ctx: &CoreCtx, id: u32, paid: bool, write: F) -> Option<F::Output> {
+    ctx.idle.borrow_mut().idle(id, paid);
+    let mut write = std::pin::pin!(write);
+    let mut grace = None;
+    let out = std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = write.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if grace.is_none() && ctx.idle.borrow_mut().evicted(id, cx.waker()) {
+            grace = Some(Box::pin(monoio::time::sleep(WRITE_GRACE)));
+        }
+        match grace.as_mut().map(|g| g.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
+    })
+    .await;
+    ctx.idle.borrow_mut().busy(id);
+    out
+}
+
+/// Runs `read`, a wait for the client's bytes, with connection `id`
+/// counted as waiting (`IdleConns`): the core may tell it to close to make
+/// room for a new connection when the server is full, and the wait then
+/// ends with `None`. Every wait for the client's bytes goes through here,
+/// between requests and inside one (a head or body arriving): a client
+/// dribbling a request holds its connection no more than one that sends
+/// nothing; `writing` is the same for answers it does not take. What the
+/// server does for the connection (work on a request, a parked blocking
+/// read) is never cut short. `paid`: the request before this wait cost
+/// tokens (`IdleConns::idle`).
 async fn waiting<F: Future>(ctx: &CoreCtx, id: u32, paid: bool, read: F) -> Option<F::Output> {
     ctx.idle.borrow_mut().idle(id, paid);
     let mut read = std::pin::pin!(read);

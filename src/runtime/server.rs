@@ -108,34 +108,53 @@ pub struct PortLock {
 /// with a warning naming it, rather than refusing to start for as long as
 /// the squatter likes. The plain bind in `bind_listeners` still refuses a
 /// port anyone listens on; what is lost is only the guard against two
-/// instances of this user started at the same instant.
+/// instances of this user started at the same instant. A squatter that
+/// fills its socket's backlog cannot be asked and is taken for ours (the
+/// message then names no PID; `ss -xlp` shows the holder).
 pub fn lock_port(port: u16) -> Result<PortLock, StartupError> {
     use std::os::linux::net::SocketAddrExt;
     let name = format!("rendezvous/port/{port}");
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
         .map_err(|e| StartupError::Runtime(e.to_string()))?;
-    match std::os::unix::net::UnixListener::bind_addr(&addr) {
-        Ok(l) => Ok(PortLock { _held: Some(l) }),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => match lock_holder(&name) {
-            Holder::Other { pid, uid } => {
-                log::warn!(
-                    "the lock for port {port} (abstract socket @{name}) is held by PID {pid} running as uid {uid}, \
+    // A lock is bound, then listens: two calls. A holder seen between them
+    // (or one exiting as it is asked) looks like a socket that does not
+    // listen; only one that stays so for `NOT_LISTENING_FOR` is a squatter.
+    let asked_since = std::time::Instant::now();
+    let holder = loop {
+        let bound = std::os::unix::net::UnixListener::bind_addr(&addr);
+        match bound {
+            Ok(l) => return Ok(PortLock { _held: Some(l) }),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => match lock_holder(&name) {
+                Holder::NotListening if asked_since.elapsed() < NOT_LISTENING_FOR => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                holder => break holder,
+            },
+            Err(e) => return Err(StartupError::Runtime(format!("cannot take the port lock: {e}"))),
+        }
+    };
+    match holder {
+        Holder::Other { pid, uid } => {
+            log::warn!(
+                "the lock for port {port} (abstract socket @{name}) is held by PID {pid} running as uid {uid}, \
                      not as this user: not a Rendezvous process of ours; going on without the lock"
-                );
-                Ok(PortLock { _held: None })
-            }
-            Holder::NotListening => {
-                log::warn!(
-                    "the lock for port {port} (abstract socket @{name}) is bound by a socket that does not \
+            );
+            Ok(PortLock { _held: None })
+        }
+        Holder::NotListening => {
+            log::warn!(
+                "the lock for port {port} (abstract socket @{name}) is bound by a socket that does not \
                      listen: not a Rendezvous process; going on without the lock"
-                );
-                Ok(PortLock { _held: None })
-            }
-            Holder::Ours(pid) => Err(StartupError::PortLocked(port, pid)),
-        },
-        Err(e) => Err(StartupError::Runtime(format!("cannot take the port lock: {e}"))),
+            );
+            Ok(PortLock { _held: None })
+        }
+        Holder::Ours(pid) => Err(StartupError::PortLocked(port, pid)),
     }
 }
+
+/// How long a lock's name must stay bound by a socket that does not listen
+/// before it is taken for a squatter's (see `lock_port`).
+const NOT_LISTENING_FOR: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Who holds a port lock's name.
 enum Holder {
@@ -189,7 +208,8 @@ fn lock_holder(name: &str) -> Holder {
     // SAFETY: no arguments, no pointers; always succeeds.
     let me = unsafe { libc::geteuid() };
     if cred.uid == me {
-        Holder::Ours(u32::try_from(cred.pid).ok())
+        // 0: a holder in another PID namespace, whose PID means nothing here.
+        Holder::Ours(u32::try_from(cred.pid).ok().filter(|&pid| pid != 0))
     } else {
         Holder::Other { pid: cred.pid, uid: cred.uid }
     }
