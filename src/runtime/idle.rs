@@ -17,7 +17,8 @@
 //! does one whose answers are being written: a client that pipelines free
 //! requests and never reads its answers would otherwise hold its
 //! connection for the whole write timeout, and about ten networks could
-//! fill `-maxConns` for nothing. A connection the server is working for
+//! fill `-maxConns` for nothing; told to close, it still gets a second to
+//! take those answers (`conn::writing`). A connection the server is working for
 //! (a request being handled, a blocking read parked) is never chosen.
 //!
 //! Idle longest counts from the connection's last request that cost
