@@ -289,8 +289,10 @@ fn metrics_tell_the_truth() {
 
 /// The admin address is served from before the store is recovered: during
 /// a long recovery (here the snapshot's open, held for 3 s by strace)
-/// `/healthz` says ok, `/readyz` says starting and `/metrics` 503, while
-/// the public port is not open yet; once recovered, all three serve.
+/// `/healthz` says ok, `/readyz` says starting and `/metrics` says the
+/// process is up and not ready (so Prometheus sees a starting server, not
+/// a down one), while the public port is not open yet; once recovered,
+/// all three serve.
 #[test]
 #[ignore = "needs strace"]
 fn the_admin_address_answers_while_the_store_is_recovered() {
@@ -327,7 +329,14 @@ fn the_admin_address_answers_while_the_store_is_recovered() {
     assert_eq!((healthz.status, healthz.text()), (200, "ok\n".to_string()));
     let readyz = get(admin, "/readyz");
     assert_eq!((readyz.status, readyz.text()), (503, "starting\n".to_string()));
-    assert_eq!(get(admin, "/metrics").status, 503);
+    let scrape = get(admin, "/metrics");
+    assert_eq!(scrape.status, 200);
+    let text = scrape.text();
+    assert_eq!(metric_in(&text, "rendezvous_ready"), Some(0.0), "{text}");
+    assert!(text.contains("# TYPE rendezvous_ready gauge"), "{text}");
+    assert!(text.contains(&format!("rendezvous_build_info{{version=\"{}\"", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(metric_in(&text, "process_start_time_seconds").is_some_and(|t| t > 0.0), "{text}");
+    assert!(!text.contains("rendezvous_keys "), "nothing of the store before it is recovered: {text}");
     // Those answers came while the snapshot's open was held: the public
     // port opened seconds later.
     assert!(lines.by_ref().map(Result::unwrap).any(|l| l.contains("listening on")), "the server started");

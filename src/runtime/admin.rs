@@ -30,10 +30,11 @@
 //! - `/readyz`: 200 once the store is loaded and every core serves; 503
 //!   while starting (recovery included) or draining, or while a core is
 //!   stalled (readiness: take it out of a balancer).
-//! - `/metrics`: the Prometheus text exposition; 503 until the store is
-//!   recovered (nothing to count before).
+//! - `/metrics`: the Prometheus text exposition; while the store is
+//!   recovered, only `rendezvous_ready 0`, the build and the process
+//!   metrics (`exporter::starting_text`): the process is up, not ready.
 
-use crate::runtime::exporter::Exporter;
+use crate::runtime::exporter::{starting_text, Exporter};
 use crate::runtime::shared::{Readiness, Shared};
 use crate::runtime::turns::Ring;
 use bytes::Bytes;
@@ -94,7 +95,11 @@ fn exporter(lock: &Mutex<Exporter>) -> std::sync::MutexGuard<'_, Exporter> {
 /// Starts the admin thread on an already bound listener, before the store
 /// is recovered. Returns the address it serves and the handle that gives
 /// it the store.
-pub fn start(listener: std::net::TcpListener) -> std::io::Result<(std::net::SocketAddr, Attach)> {
+/// `started`: when startup began, for the process metrics meanwhile.
+pub fn start(
+    listener: std::net::TcpListener,
+    started: std::time::SystemTime,
+) -> std::io::Result<(std::net::SocketAddr, Attach)> {
     let bound = listener.local_addr()?;
     listener.set_nonblocking(true)?;
     let live: Arc<Live> = Arc::default();
@@ -108,7 +113,7 @@ pub fn start(listener: std::net::TcpListener) -> std::io::Result<(std::net::Sock
                     return;
                 }
             };
-            serve(theirs, listener).await
+            serve(theirs, listener, started).await
         };
         // Through `opened_by`, so a core never takes this ring for its own.
         let uring = Ring::opened_by(|| monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build());
@@ -123,7 +128,7 @@ pub fn start(listener: std::net::TcpListener) -> std::io::Result<(std::net::Sock
     Ok((bound, Attach(live)))
 }
 
-async fn serve(live: Arc<Live>, listener: TcpListener) {
+async fn serve(live: Arc<Live>, listener: TcpListener, started: std::time::SystemTime) {
     {
         let live = live.clone();
         monoio::spawn(async move {
@@ -154,7 +159,7 @@ async fn serve(live: Arc<Live>, listener: TcpListener) {
                 let slot = Rc::new(Slot::new());
                 open.borrow_mut().push(slot.clone());
                 let guard = Leave { open: open.clone(), slot };
-                monoio::spawn(connection(live.clone(), stream, guard));
+                monoio::spawn(connection(live.clone(), stream, guard, started));
             }
             Err(e) => {
                 log::warn!("admin server: accept failed: {e}");
@@ -313,7 +318,13 @@ fn respond(status: u16, content_type: &str, body: impl Into<Bytes>) -> http::Res
 }
 
 /// `live`: the store and its exporter, `None` while it is being recovered.
-fn route(live: Option<&(Arc<Shared>, Mutex<Exporter>)>, method: &http::Method, path: &str) -> http::Response<HttpBody> {
+/// `started`: when startup began (the process metrics while recovering).
+fn route(
+    live: Option<&(Arc<Shared>, Mutex<Exporter>)>,
+    started: std::time::SystemTime,
+    method: &http::Method,
+    path: &str,
+) -> http::Response<HttpBody> {
     if method != http::Method::GET && method != http::Method::HEAD {
         let mut r = respond(405, "text/plain; charset=utf-8", "Method not allowed\n");
         r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
@@ -323,7 +334,7 @@ fn route(live: Option<&(Arc<Shared>, Mutex<Exporter>)>, method: &http::Method, p
         "/healthz" => respond(200, "text/plain; charset=utf-8", "ok\n"),
         "/metrics" => match live {
             Some((_, e)) => respond(200, "text/plain; version=0.0.4; charset=utf-8", exporter(e).render()),
-            None => respond(503, "text/plain; charset=utf-8", "starting: recovering the store\n"),
+            None => respond(200, "text/plain; version=0.0.4; charset=utf-8", starting_text(started)),
         },
         // Recovering is starting.
         "/readyz" => match live.map_or(Readiness::Starting, |(shared, _)| shared.readiness()) {
@@ -339,7 +350,7 @@ fn route(live: Option<&(Arc<Shared>, Mutex<Exporter>)>, method: &http::Method, p
     }
 }
 
-async fn connection(live: Arc<Live>, stream: TcpStream, guard: Leave) {
+async fn connection(live: Arc<Live>, stream: TcpStream, guard: Leave, started: std::time::SystemTime) {
     let slot = guard.slot.clone();
     let (r, w) = stream.into_split();
     let budget = Rc::new(Cell::new(MAX_REQUEST));
@@ -366,7 +377,7 @@ async fn connection(live: Arc<Live>, stream: TcpStream, guard: Leave) {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || req.version() == http::Version::HTTP_10;
-        let mut response = route(live.get(), req.method(), req.uri().path());
+        let mut response = route(live.get(), started, req.method(), req.uri().path());
         drop(req);
         // Read (and drop) any body before the next request, within the budget.
         let body = slot.unless_evicted(monoio::time::timeout(HEAD, decoder.fill_payload())).await;

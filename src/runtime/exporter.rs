@@ -395,22 +395,50 @@ impl Exporter {
     pub fn render(&mut self) -> String {
         self.fold();
         let mut text = self.handle.render();
-        if let Some(p) = read_process() {
-            let values = [
-                p.cpu_seconds,
-                p.rss_bytes as f64,
-                p.virtual_bytes as f64,
-                p.open_fds as f64,
-                p.max_fds as f64,
-                p.threads as f64,
-                self.start_unix,
-            ];
-            for ((name, kind, help), v) in PROCESS_FAMILIES.iter().zip(values) {
-                text += &format!("# HELP {name} {help}\n# TYPE {name} {}\n{name} {v}\n", kind.as_str());
-            }
-        }
+        text += &process_text(self.start_unix);
         text
     }
+}
+
+/// The process families, written straight into the text (see the module doc).
+fn process_text(start_unix: f64) -> String {
+    let mut text = String::new();
+    if let Some(p) = read_process() {
+        let values = [
+            p.cpu_seconds,
+            p.rss_bytes as f64,
+            p.virtual_bytes as f64,
+            p.open_fds as f64,
+            p.max_fds as f64,
+            p.threads as f64,
+            start_unix,
+        ];
+        for ((name, kind, help), v) in PROCESS_FAMILIES.iter().zip(values) {
+            text += &format!("# HELP {name} {help}\n# TYPE {name} {}\n{name} {v}\n", kind.as_str());
+        }
+    }
+    text
+}
+
+/// What `/metrics` answers while the store is being recovered, before an
+/// `Exporter` can exist: the process is up (Prometheus's `up` is 1, so a
+/// long replay is not RendezvousDown) and not ready (`rendezvous_ready 0`,
+/// which RendezvousNotReady watches, as `/readyz` says `starting`), with its
+/// build and process metrics. Everything else appears once recovered.
+/// Written from the same family table as the full exposition. `started`:
+/// when startup began (see `Exporter::new`).
+pub fn starting_text(started: SystemTime) -> String {
+    let mut text = String::new();
+    let labels = format!("{{version=\"{}\",revision=\"{}\"}}", crate::VERSION, crate::GIT_REVISION);
+    for (f, labels, value) in [(F::Ready, "", 0), (F::BuildInfo, labels.as_str(), 1)] {
+        if let Some(family) = FAMILIES.iter().find(|fam| fam.f == f) {
+            let (name, help, kind) = (family.name, family.help, family.kind.as_str());
+            text += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}\n");
+        }
+    }
+    let started_unix = started.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    text += &process_text(process_start_unix().unwrap_or(started_unix));
+    text
 }
 
 struct ProcessStats {

@@ -386,7 +386,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     // liveness and "starting" through a long recovery.
     let admin = match bind_admin(&config)? {
         Some(listener) => {
-            let (bound, attach) = crate::runtime::admin::start(listener)
+            let (bound, attach) = crate::runtime::admin::start(listener, started)
                 .map_err(|e| StartupError::Runtime(format!("cannot start the admin server: {e}")))?;
             log::info!("metrics on http://{bound}/metrics once the store is recovered (/healthz and /readyz from now)");
             Some(attach)
