@@ -287,6 +287,24 @@ fn metrics_tell_the_truth() {
     assert!(value("process_max_fds").unwrap() > 0.0);
 }
 
+/// A request refused after its head was read (here a body far over the
+/// limit: 413) is counted under its route; one refused before (a head too
+/// large: 431) under `other`. Both used to be `other`.
+#[test]
+fn requests_refused_after_their_head_count_under_their_route() {
+    let s = Server::start(&["-maxValueSize", "1000"]);
+    let mut c = s.client();
+    c.send_raw(b"POST /set/k HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n");
+    assert_eq!(c.read_response(false).map(|r| r.status), Some(413));
+    let mut c = s.client();
+    let long = format!("GET /get/k HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(9000));
+    c.send_raw(long.as_bytes());
+    assert_eq!(c.read_response(false).map(|r| r.status), Some(431));
+    assert_eq!(s.metric("rendezvous_http_requests_total{route=\"set\",code=\"413\"}"), Some(1.0));
+    assert_eq!(s.metric("rendezvous_http_requests_total{route=\"other\",code=\"431\"}"), Some(1.0));
+    assert_eq!(s.metric("rendezvous_http_requests_total{route=\"other\",code=\"413\"}"), None);
+}
+
 /// The admin address is served from before the store is recovered: during
 /// a long recovery (here the snapshot's open, held for 3 s by strace)
 /// `/healthz` says ok, `/readyz` says starting and `/metrics` says the

@@ -283,6 +283,10 @@ struct Conn<'a> {
     /// it (`-shutdownTimeout`) rather than exiting with an answer computed
     /// and never sent, a write's `OK` included.
     owed: Option<InFlight<'a>>,
+    /// `head` is the current request's (parsed, not yet answered): a
+    /// request refused from here on (its body too large or too slow, the
+    /// server draining) is counted under its route, not `other`.
+    in_request: bool,
 }
 
 /// Removes a connection from its core's idle list when its task ends,
@@ -316,6 +320,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         idle_id,
         paid: false,
         owed: None,
+        in_request: false,
     };
     let stats = ctx.stats();
     stats.connections_open.add(1);
@@ -324,7 +329,11 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         Stop::Done | Stop::Broken => {}
         Stop::Reject(e) => {
             if ctx.shared.metrics_on {
-                stats.request(metrics::ROUTE_OTHER, e.status(), Some(e), 0);
+                let route = conn
+                    .in_request
+                    .then(|| route::match_target(conn.head.method, &conn.head.target).ok().map(|(r, _, _)| r))
+                    .flatten();
+                stats.request(metrics::route_index(route), e.status(), Some(e), 0);
             }
             conn.reject(e).await
         }
@@ -344,6 +353,7 @@ impl Conn<'_> {
                 Ok(None) => return Stop::Done,
                 Err(stop) => return stop,
             };
+            self.in_request = true;
             self.detect_client();
             if self.ctx.is_draining() {
                 return Stop::Reject(Error::ShuttingDown);
@@ -360,6 +370,7 @@ impl Conn<'_> {
                 Ok(at) => at,
                 Err(stop) => return stop,
             };
+            self.in_request = false;
             let keep_alive = self.keep_alive();
             if self.body.capacity() > BODY_KEEP {
                 self.body = Vec::new();
