@@ -294,7 +294,12 @@ impl Exporter {
             let route = stats::route_label(r);
             for ci in 0..STATUS_LABELS {
                 let total: u64 = stats.iter().map(|s| s.requests(r, ci)).sum();
-                if total > 0 {
+                // Every known route and status from the start, at zero: a
+                // series born at its first increment hides that increment
+                // from `rate()` and `increase()` (the first 503s of an
+                // outage, say). The "other" status (one not in the table)
+                // only once seen.
+                if total > 0 || ci < STATUS_LABELS - 1 {
                     counter!(F::HttpRequests.name(), "route" => route, "code" => stats::status_label(ci))
                         .absolute(total);
                 }
@@ -304,9 +309,7 @@ impl Exporter {
                 self.folded[core][r].fold(s.latency(r), &hist);
             }
             let conflicts: u64 = stats.iter().map(|s| s.conflicts(r)).sum();
-            if conflicts > 0 {
-                counter!(F::Conflicts.name(), "route" => route).absolute(conflicts);
-            }
+            counter!(F::Conflicts.name(), "route" => route).absolute(conflicts);
         }
         let waited = histogram!(F::WaitDuration.name());
         let synced = histogram!(F::LogSyncDuration.name());
