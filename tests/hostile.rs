@@ -371,10 +371,7 @@ fn a_full_server_closes_the_connection_idle_longest_for_a_new_one() {
 #[test]
 fn a_full_server_closes_a_connection_that_does_not_read_its_answers() {
     let s = Server::start(&["-maxConns", "2", "-threads", "1"]);
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&s.addr.into()).unwrap();
-    let mut stuck: TcpStream = sock.into();
+    let mut stuck = Client::slow_reader(s.addr, 4096, None).stream;
     stuck.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     // 3000 docs pages of about 7 KiB each: far more than the sockets hold.
     let sent = 3000;
@@ -420,13 +417,9 @@ fn a_connection_closed_while_its_answer_is_written_still_gets_it() {
     let mut other = s.client();
     assert_eq!(other.req("GET", "/get/x", &[], b"").status, 404);
     // A slow reader, of an answer 8 MiB long.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&s.addr.into()).unwrap();
-    let mut slow = Client::over(sock.into());
+    let mut slow = Client::slow_reader(s.addr, 4096, None);
     slow.send_raw(&build("GET", "/get/big", &[], b""));
-    let mut first = [0u8; 1];
-    assert_eq!(slow.stream.peek(&mut first).unwrap(), 1);
+    slow.wait_first_byte();
     // The other connection pays again: the slow one is now the idlest.
     assert_eq!(other.req("GET", "/get/x", &[], b"").status, 404);
     let mut extra = s.client();

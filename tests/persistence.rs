@@ -1036,15 +1036,10 @@ fn a_shutdown_waits_for_an_answer_still_being_written() {
     let mut s = Server::start(&["-maxValueSize", "60010", "-shutdownTimeout", "20s", "-threads", "1"]);
     assert_eq!(s.post("/set/big", &[b'v'; 60_000]).status, 200);
     // A client with a tiny window, which reads nothing yet.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_tcp_mss(536).unwrap();
-    sock.set_recv_buffer_size(2048).unwrap();
-    sock.connect(&s.addr.into()).unwrap();
-    let mut slow = Client::over(sock.into());
+    let mut slow = Client::slow_reader(s.addr, 2048, Some(536));
     slow.send_raw(&build("GET", "/get/big", &[], b""));
     // Its answer has begun to arrive: computed, and being written.
-    let mut first = [0u8; 1];
-    assert_eq!(slow.stream.peek(&mut first).unwrap(), 1);
+    slow.wait_first_byte();
     s.signal("-TERM");
     s.wait_log("shutting down", Duration::from_secs(5));
     // Long past the drain of a server with nothing in progress.

@@ -334,6 +334,26 @@ impl Client {
         Client { stream, buf: Vec::new() }
     }
 
+    /// A client whose receive window is tiny (`rcvbuf` bytes, and segments
+    /// of `mss` bytes if given): a server's long answer to it stays in the
+    /// sockets until it reads, the server's write still going meanwhile.
+    pub fn slow_reader(addr: SocketAddr, rcvbuf: usize, mss: Option<u32>) -> Client {
+        let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).unwrap();
+        if let Some(mss) = mss {
+            sock.set_tcp_mss(mss).unwrap();
+        }
+        sock.set_recv_buffer_size(rcvbuf).unwrap();
+        sock.connect(&addr.into()).unwrap();
+        Client::over(sock.into())
+    }
+
+    /// Waits until the first byte of an answer has arrived (and reads
+    /// nothing).
+    pub fn wait_first_byte(&mut self) {
+        let mut first = [0u8; 1];
+        assert_eq!(self.stream.peek(&mut first).unwrap(), 1, "the answer began");
+    }
+
     /// A client over an already connected stream.
     pub fn over(stream: TcpStream) -> Client {
         stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
