@@ -280,8 +280,17 @@ impl CoreStats {
     /// `elapsed_ns`: head parsed to response encoded, time parked excluded).
     #[inline]
     pub fn request(&self, route: usize, status: u16, error: Option<Error>, elapsed_ns: u64) {
-        self.requests[route][status_index(status)].add(1);
         self.latency[route].record_ns(elapsed_ns);
+        self.answer(route, status, error);
+    }
+
+    /// Counts one answer, with no latency sample: alone, for a request
+    /// refused before it was handled (its head or body refused, the server
+    /// draining), which was never served (a zero would pull its route's
+    /// quantiles down).
+    #[inline]
+    pub fn answer(&self, route: usize, status: u16, error: Option<Error>) {
+        self.requests[route][status_index(status)].add(1);
         match error.and_then(reason) {
             Some(Reason::RateLimited(i)) => self.rate_limited[i].add(1),
             Some(Reason::CreateRefused(i)) => self.creates_refused[i].add(1),

@@ -311,14 +311,19 @@ fn request_series_exist_at_zero_from_the_start() {
 #[test]
 fn requests_refused_after_their_head_count_under_their_route() {
     let s = Server::start(&["-maxValueSize", "1000"]);
-    let mut c = s.client();
-    c.send_raw(b"POST /set/k HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n");
-    assert_eq!(c.read_response(false).map(|r| r.status), Some(413));
+    // By its path, whatever the method (as answered requests are).
+    for method in ["POST", "PUT"] {
+        let mut c = s.client();
+        c.send_raw(format!("{method} /set/k HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n").as_bytes());
+        assert_eq!(c.read_response(false).map(|r| r.status), Some(413));
+    }
     let mut c = s.client();
     let long = format!("GET /get/k HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(9000));
     c.send_raw(long.as_bytes());
     assert_eq!(c.read_response(false).map(|r| r.status), Some(431));
-    assert_eq!(s.metric("rendezvous_http_requests_total{route=\"set\",code=\"413\"}"), Some(1.0));
+    assert_eq!(s.metric("rendezvous_http_requests_total{route=\"set\",code=\"413\"}"), Some(2.0));
+    // Never served, they are no latency samples.
+    assert_eq!(s.metric("rendezvous_http_request_duration_seconds_count{route=\"set\"}"), Some(0.0));
     assert_eq!(s.metric("rendezvous_http_requests_total{route=\"other\",code=\"431\"}"), Some(1.0));
     assert_eq!(s.metric("rendezvous_http_requests_total{route=\"other\",code=\"413\"}"), Some(0.0));
 }

@@ -170,7 +170,7 @@ fn two_instances_started_together_on_one_port_never_both_serve() {
 #[test]
 fn a_port_lock_name_bound_by_a_socket_that_does_not_listen_does_not_keep_the_server_down() {
     use std::os::unix::ffi::OsStrExt;
-    let port = free_port();
+    let port = quiet_port();
     let squatter = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
     let name = format!("\0rendezvous/port/{port}");
     squatter.bind(&socket2::SockAddr::unix(std::ffi::OsStr::from_bytes(name.as_bytes())).unwrap()).unwrap();
@@ -194,7 +194,7 @@ fn a_port_lock_squatted_by_another_user_does_not_keep_the_server_down() {
     assert!(std::path::Path::new("/usr/bin/python3").exists(), "needs /usr/bin/python3 (.ci/debian-packages)");
     // SAFETY: no arguments, no pointers.
     assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: the squatter needs another user");
-    let port = free_port();
+    let port = quiet_port();
     let script = format!(
         "import socket, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(b'\\0rendezvous/port/{port}')\n\
          s.listen()\nprint('bound', flush=True)\ntime.sleep(60)"

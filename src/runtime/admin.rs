@@ -75,13 +75,12 @@ const STALE_IDLE: Duration = Duration::from_secs(1);
 type Live = OnceLock<(Arc<Shared>, Mutex<Exporter>)>;
 
 /// Hands the admin thread the recovered store (see the module doc).
-pub struct Attach(Arc<Live>);
+pub struct Attach(Arc<Live>, f64);
 
 impl Attach {
-    /// From now on `/metrics` and `/readyz` read `shared`; `started`: when
-    /// startup began (see `Exporter::new`).
-    pub fn attach(self, shared: Arc<Shared>, started: std::time::SystemTime) -> Result<(), String> {
-        let exporter = Exporter::new(shared.clone(), started)?;
+    /// From now on `/metrics` and `/readyz` read `shared`.
+    pub fn attach(self, shared: Arc<Shared>) -> Result<(), String> {
+        let exporter = Exporter::new(shared.clone(), self.1)?;
         // `self` is consumed: the one `set`, which cannot find it set.
         let _ = self.0.set((shared, Mutex::new(exporter)));
         Ok(())
@@ -95,11 +94,8 @@ fn exporter(lock: &Mutex<Exporter>) -> std::sync::MutexGuard<'_, Exporter> {
 /// Starts the admin thread on an already bound listener, before the store
 /// is recovered. Returns the address it serves and the handle that gives
 /// it the store.
-/// `started`: when startup began, for the process metrics meanwhile.
-pub fn start(
-    listener: std::net::TcpListener,
-    started: std::time::SystemTime,
-) -> std::io::Result<(std::net::SocketAddr, Attach)> {
+/// `start_unix`: the process's start (`exporter::start_time`).
+pub fn start(listener: std::net::TcpListener, start_unix: f64) -> std::io::Result<(std::net::SocketAddr, Attach)> {
     let bound = listener.local_addr()?;
     listener.set_nonblocking(true)?;
     let live: Arc<Live> = Arc::default();
@@ -113,7 +109,7 @@ pub fn start(
                     return;
                 }
             };
-            serve(theirs, listener, started).await
+            serve(theirs, listener, start_unix).await
         };
         // Through `opened_by`, so a core never takes this ring for its own.
         let uring = Ring::opened_by(|| monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build());
@@ -125,10 +121,10 @@ pub fn start(
             },
         }
     })?;
-    Ok((bound, Attach(live)))
+    Ok((bound, Attach(live, start_unix)))
 }
 
-async fn serve(live: Arc<Live>, listener: TcpListener, started: std::time::SystemTime) {
+async fn serve(live: Arc<Live>, listener: TcpListener, start_unix: f64) {
     {
         let live = live.clone();
         monoio::spawn(async move {
@@ -159,7 +155,7 @@ async fn serve(live: Arc<Live>, listener: TcpListener, started: std::time::Syste
                 let slot = Rc::new(Slot::new());
                 open.borrow_mut().push(slot.clone());
                 let guard = Leave { open: open.clone(), slot };
-                monoio::spawn(connection(live.clone(), stream, guard, started));
+                monoio::spawn(connection(live.clone(), stream, guard, start_unix));
             }
             Err(e) => {
                 log::warn!("admin server: accept failed: {e}");
@@ -318,10 +314,10 @@ fn respond(status: u16, content_type: &str, body: impl Into<Bytes>) -> http::Res
 }
 
 /// `live`: the store and its exporter, `None` while it is being recovered.
-/// `started`: when startup began (the process metrics while recovering).
+/// `start_unix`: the process's start (the process metrics while recovering).
 fn route(
     live: Option<&(Arc<Shared>, Mutex<Exporter>)>,
-    started: std::time::SystemTime,
+    start_unix: f64,
     method: &http::Method,
     path: &str,
 ) -> http::Response<HttpBody> {
@@ -334,7 +330,7 @@ fn route(
         "/healthz" => respond(200, "text/plain; charset=utf-8", "ok\n"),
         "/metrics" => match live {
             Some((_, e)) => respond(200, "text/plain; version=0.0.4; charset=utf-8", exporter(e).render()),
-            None => respond(200, "text/plain; version=0.0.4; charset=utf-8", starting_text(started)),
+            None => respond(200, "text/plain; version=0.0.4; charset=utf-8", starting_text(start_unix)),
         },
         // Recovering is starting.
         "/readyz" => match live.map_or(Readiness::Starting, |(shared, _)| shared.readiness()) {
@@ -350,7 +346,7 @@ fn route(
     }
 }
 
-async fn connection(live: Arc<Live>, stream: TcpStream, guard: Leave, started: std::time::SystemTime) {
+async fn connection(live: Arc<Live>, stream: TcpStream, guard: Leave, start_unix: f64) {
     let slot = guard.slot.clone();
     let (r, w) = stream.into_split();
     let budget = Rc::new(Cell::new(MAX_REQUEST));
@@ -377,7 +373,7 @@ async fn connection(live: Arc<Live>, stream: TcpStream, guard: Leave, started: s
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
             || req.version() == http::Version::HTTP_10;
-        let mut response = route(live.get(), started, req.method(), req.uri().path());
+        let mut response = route(live.get(), start_unix, req.method(), req.uri().path());
         drop(req);
         // Read (and drop) any body before the next request, within the budget.
         let body = slot.unless_evicted(monoio::time::timeout(HEAD, decoder.fill_payload())).await;

@@ -329,11 +329,9 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         Stop::Done | Stop::Broken => {}
         Stop::Reject(e) => {
             if ctx.shared.metrics_on {
-                let route = conn
-                    .in_request
-                    .then(|| route::match_target(conn.head.method, &conn.head.target).ok().map(|(r, _, _)| r))
-                    .flatten();
-                stats.request(metrics::route_index(route), e.status(), Some(e), 0);
+                // By its path, as `handle` labels its own refusals.
+                let route = conn.in_request.then(|| route::route_hint(&conn.head.target)).flatten();
+                stats.answer(metrics::route_index(route), e.status(), Some(e));
             }
             conn.reject(e).await
         }
@@ -885,9 +883,11 @@ const WRITE_GRACE: Duration = Duration::from_secs(1);
 /// the whole write timeout, out of reach of `IdleConns`, and a few
 /// networks could fill `-maxConns` for nothing. But the answers are owed
 /// (a write's `OK` among them), so a connection told to close, before or
-/// during the write, gets `WRITE_GRACE` more to take them: a slow reader
-/// gets its answers, one that reads nothing is closed a second later
-/// (`None`), its room already given to the new connection.
+/// during the write, gets `WRITE_GRACE` more to take them: a client that
+/// takes them within that second gets them all; one that reads nothing,
+/// or too slowly to finish by then, is closed (`None`), its room already
+/// given to the new connection. The grace is not extended while the client
+/// reads: that would let a trickle hold the room it was told to give.
 async fn writing<F: Future>(ctx: &CoreCtx, id: u32, paid: bool, write: F) -> Option<F::Output> {
     ctx.idle.borrow_mut().idle(id, paid);
     let mut write = std::pin::pin!(write);

@@ -255,9 +255,8 @@ pub struct Exporter {
 
 impl Exporter {
     /// Installs the recorder (once per process).
-    /// `started`: when startup began, the start time where `/proc` cannot
-    /// tell it (a `ProcSubset=pid` sandbox hides `/proc/stat`'s boot time).
-    pub fn new(shared: Arc<Shared>, started: SystemTime) -> Result<Exporter, String> {
+    /// `start_unix`: the process's start (`start_time`).
+    pub fn new(shared: Arc<Shared>, start_unix: f64) -> Result<Exporter, String> {
         let buckets = |b: &[u64]| stats::bounds_seconds(b);
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(F::HttpDuration.name().into()), &buckets(&stats::LATENCY_BOUNDS_NS))
@@ -277,10 +276,6 @@ impl Exporter {
         describe();
         let n = shared.stats.len();
         let per_core = || (0..ROUTE_LABELS + 2).map(|_| Folded::new(crate::metrics::MAX_BUCKETS)).collect::<Vec<_>>();
-        let started_unix = started.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-        // The process's start, not this exporter's (which comes after
-        // recovery, minutes later for a large store).
-        let start_unix = process_start_unix().unwrap_or(started_unix);
         Ok(Exporter { shared, handle, folded: (0..n).map(|_| per_core()).collect(), start_unix })
     }
 
@@ -428,9 +423,9 @@ fn process_text(start_unix: f64) -> String {
 /// long replay is not RendezvousDown) and not ready (`rendezvous_ready 0`,
 /// which RendezvousNotReady watches, as `/readyz` says `starting`), with its
 /// build and process metrics. Everything else appears once recovered.
-/// Written from the same family table as the full exposition. `started`:
-/// when startup began (see `Exporter::new`).
-pub fn starting_text(started: SystemTime) -> String {
+/// Written from the same family table as the full exposition. `start_unix`:
+/// the process's start (`start_time`).
+pub fn starting_text(start_unix: f64) -> String {
     let mut text = String::new();
     let labels = format!("{{version=\"{}\",revision=\"{}\"}}", crate::VERSION, crate::GIT_REVISION);
     for (f, labels, value) in [(F::Ready, "", 0), (F::BuildInfo, labels.as_str(), 1)] {
@@ -439,9 +434,18 @@ pub fn starting_text(started: SystemTime) -> String {
             text += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}\n");
         }
     }
-    let started_unix = started.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    text += &process_text(process_start_unix().unwrap_or(started_unix));
+    text += &process_text(start_unix);
     text
+}
+
+/// `process_start_time_seconds`: the process's start from `/proc`, else
+/// `started` (when startup began: a `ProcSubset=pid` sandbox hides
+/// `/proc/stat`'s boot time). Read once, at startup: the boot time `/proc`
+/// gives moves when the wall clock is stepped, and a start time that moved
+/// would look like a restart (RendezvousCrashLooping).
+pub fn start_time(started: SystemTime) -> f64 {
+    let started_unix = started.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    process_start_unix().unwrap_or(started_unix)
 }
 
 struct ProcessStats {

@@ -386,9 +386,13 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     // liveness and "starting" through a long recovery.
     let admin = match bind_admin(&config)? {
         Some(listener) => {
-            let (bound, attach) = crate::runtime::admin::start(listener, started)
+            let start_unix = crate::runtime::exporter::start_time(started);
+            let (bound, attach) = crate::runtime::admin::start(listener, start_unix)
                 .map_err(|e| StartupError::Runtime(format!("cannot start the admin server: {e}")))?;
-            log::info!("metrics on http://{bound}/metrics once the store is recovered (/healthz and /readyz from now)");
+            log::info!(
+                "metrics on http://{bound}/metrics (/healthz and /readyz too; until the store is recovered, \
+                 /metrics holds only rendezvous_ready 0 and the process metrics)"
+            );
             Some(attach)
         }
         None => None,
@@ -435,9 +439,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         born: Instant::now(),
     });
     if let Some(attach) = admin {
-        attach
-            .attach(shared.clone(), started)
-            .map_err(|e| StartupError::Runtime(format!("cannot start the metrics: {e}")))?;
+        attach.attach(shared.clone()).map_err(|e| StartupError::Runtime(format!("cannot start the metrics: {e}")))?;
     }
     let cpus = match shared.config.cpu_affinity {
         CpuAffinity::Spread => {

@@ -488,6 +488,22 @@ pub fn require(tool: &str) {
 }
 
 /// A port nobody listens on right now.
+/// A free port below the kernel's ephemeral range (32768 up), for a test
+/// that must name its port before the server starts and hold something
+/// keyed by it meanwhile: `free_port`'s ports are ephemeral ones, which
+/// another test's `free_port` or any outgoing connection may take by the
+/// time the server binds.
+pub fn quiet_port() -> u16 {
+    use std::hash::BuildHasher;
+    let seed = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    (0..1000u64)
+        .map(|i| 20_000 + ((seed.wrapping_add(i.wrapping_mul(7919))) % 12_000) as u16)
+        .find(|&p| {
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() && std::net::TcpListener::bind(("0.0.0.0", p)).is_ok()
+        })
+        .expect("a free port in 20000-31999")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
