@@ -99,7 +99,7 @@ families! {
     KeysExpired: Counter Count "rendezvous_keys_expired_total" []
         "Keys removed because their TTL ran out.";
     CreatesRefused: Counter Count "rendezvous_creates_refused_total" ["reason"]
-        "Creates refused: -maxNumKV reached (reason=store_full, 507), or the client's -maxKeysPerIP (ip_quota) or network's -maxKeysPerNet (net_quota) quota (429).";
+        "Creates refused: -maxNumKV reached (reason=store_full, 507), or the client's -maxKeysPerIP (ip_quota) or network's -maxKeysPerNet (net_quota) quota (429), which also refuses storing over another client's key when it would move onto a full quota.";
     QuotaMax: Gauge Count "rendezvous_quota_max" ["scope"]
         "The key quotas in keys: -maxKeysPerIP (scope=ip) and -maxKeysPerNet (scope=net); 0 when off.";
     QuotaAtLimit: Gauge Count "rendezvous_quota_at_limit" ["scope"]
