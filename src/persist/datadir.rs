@@ -204,6 +204,35 @@ impl DataDir {
         &self.path
     }
 
+    /// Creates a new, empty segment file (`create_segment`), in the locked
+    /// directory only (`check`).
+    pub fn create_segment(&self, seq: u64, stream: u32) -> io::Result<File> {
+        self.check()?;
+        create_segment(&self.path, seq, stream)
+    }
+
+    /// Deletes the segments numbered below `seq` (those a published
+    /// snapshot covers), in the locked directory only (`check`). Returns
+    /// how many went.
+    pub fn delete_segments_below(&self, seq: u64) -> usize {
+        if let Err(e) = self.check() {
+            log::error!("{e}");
+            return 0;
+        }
+        let Ok(segments) = segments(&self.path) else { return 0 };
+        let mut deleted = 0;
+        for s in segments.iter().filter(|s| s.seq < seq) {
+            match fs::remove_file(&s.path) {
+                Ok(()) => deleted += 1,
+                Err(e) => log::warn!("cannot delete covered log segment {}: {e}", s.path.display()),
+            }
+        }
+        if deleted > 0 {
+            let _ = sync_dir(&self.path);
+        }
+        deleted
+    }
+
     /// Whether the path still names the directory this process locked.
     /// Called before anything is created or deleted there; an error means
     /// the directory was moved or replaced under the running server, which

@@ -463,7 +463,7 @@ impl Conn<'_> {
     /// when the server is full (`ReadFail::Evicted`; see `waiting`).
     async fn read_client(&mut self, wait: Duration) -> Result<usize, ReadFail> {
         let (ctx, id, paid) = (self.ctx, self.idle_id, std::mem::take(&mut self.paid));
-        waiting(ctx, id, paid, self.read_more(wait)).await.unwrap_or(Err(ReadFail::Evicted))
+        waiting(ctx, id, paid, READ_GRACE, self.read_more(wait)).await.unwrap_or(Err(ReadFail::Evicted))
     }
 
     /// Whether the connection stays open after this request: the client
@@ -515,7 +515,7 @@ impl Conn<'_> {
                     let wait = deadline.saturating_duration_since(Instant::now());
                     let paid = std::mem::take(&mut self.paid);
                     let read = monoio::time::timeout(wait, self.stream.read(body.slice_mut(len..upto)));
-                    let Some(read) = waiting(self.ctx, self.idle_id, paid, read).await else {
+                    let Some(read) = waiting(self.ctx, self.idle_id, paid, READ_GRACE, read).await else {
                         return Err(Stop::Broken);
                     };
                     let Ok((res, slice)) = read else {
@@ -810,7 +810,7 @@ impl Conn<'_> {
         let deadline = monoio::time::Instant::from_std(from + self.ctx.shared.config.idle_timeout);
         let write = monoio::time::timeout_at(deadline, self.stream.write_all(out));
         let paid = std::mem::take(&mut self.paid);
-        let Some(Ok((res, mut out))) = writing(self.ctx, self.idle_id, paid, write).await else {
+        let Some(Ok((res, mut out))) = waiting(self.ctx, self.idle_id, paid, WRITE_GRACE, write).await else {
             return Err(Stop::Broken);
         };
         res.map_err(|_| Stop::Broken)?;
@@ -873,59 +873,47 @@ enum ReadFail {
 }
 
 /// How long a connection told to close (to make room) still has to take
-/// the answers being written to it.
+/// the answers being written to it (`waiting`).
 const WRITE_GRACE: Duration = Duration::from_secs(1);
+/// A connection told to close while it waits for its client's bytes owes
+/// it nothing: it closes at once.
+const READ_GRACE: Duration = Duration::ZERO;
 
-/// Runs `write`, answers going out to the client, with connection `id`
-/// counted as waiting (`IdleConns`), as `waiting` does for reads: answers
-/// the client does not take are a wait for the client. Otherwise a client
-/// that pipelines free requests and never reads held its connection for
-/// the whole write timeout, out of reach of `IdleConns`, and a few
-/// networks could fill `-maxConns` for nothing. But the answers are owed
-/// (a write's `OK` among them), so a connection told to close, before or
-/// during the write, gets `WRITE_GRACE` more to take them: a client that
-/// takes them within that second gets them all; one that reads nothing,
-/// or too slowly to finish by then, is closed (`None`), its room already
-/// given to the new connection. The grace is not extended while the client
-/// reads: that would let a trickle hold the room it was told to give.
-async fn writing<F: Future>(ctx: &CoreCtx, id: u32, paid: bool, write: F) -> Option<F::Output> {
+/// Runs `wait`, a wait for the client, with connection `id` counted as
+/// waiting (`IdleConns`): the core may tell it to close to make room for a
+/// new connection when the server is full, and the wait then ends with
+/// `None` once `grace` has passed. Every wait for the client goes through
+/// here: for its bytes between requests and inside one (a head or body
+/// arriving), with `READ_GRACE`, so a client dribbling a request holds its
+/// connection no more than one that sends nothing; and for it to take its
+/// answers, with `WRITE_GRACE`, or a client that pipelines free requests
+/// and never reads held its connection for the whole write timeout and a
+/// few networks could fill `-maxConns` for nothing. Those answers are owed
+/// (a write's `OK` among them): a client that takes them within the grace
+/// gets them all, one that reads nothing, or too slowly, is closed, its
+/// room already given to the new connection. The grace is a deadline, not
+/// extended while the client reads: a trickle must not hold the room it
+/// was told to give. What the server does for the connection (work on a
+/// request, a parked blocking read) is never cut short. `paid`: the
+/// request before this wait cost tokens (`IdleConns::idle`).
+async fn waiting<F: Future>(ctx: &CoreCtx, id: u32, paid: bool, grace: Duration, wait: F) -> Option<F::Output> {
     ctx.idle.borrow_mut().idle(id, paid);
-    let mut write = std::pin::pin!(write);
-    let mut grace = None;
+    let mut wait = std::pin::pin!(wait);
+    let mut closing = None;
     let out = std::future::poll_fn(|cx| {
-        if let Poll::Ready(out) = write.as_mut().poll(cx) {
+        if let Poll::Ready(out) = wait.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
         }
-        if grace.is_none() && ctx.idle.borrow_mut().evicted(id, cx.waker()) {
-            grace = Some(Box::pin(monoio::time::sleep(WRITE_GRACE)));
+        if closing.is_none() && ctx.idle.borrow_mut().evicted(id, cx.waker()) {
+            if grace.is_zero() {
+                return Poll::Ready(None);
+            }
+            closing = Some(Box::pin(monoio::time::sleep(grace)));
         }
-        match grace.as_mut().map(|g| g.as_mut().poll(cx)) {
+        match closing.as_mut().map(|c| c.as_mut().poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(None),
             _ => Poll::Pending,
         }
-    })
-    .await;
-    ctx.idle.borrow_mut().busy(id);
-    out
-}
-
-/// Runs `read`, a wait for the client's bytes, with connection `id`
-/// counted as waiting (`IdleConns`): the core may tell it to close to make
-/// room for a new connection when the server is full, and the wait then
-/// ends with `None`. Every wait for the client's bytes goes through here,
-/// between requests and inside one (a head or body arriving): a client
-/// dribbling a request holds its connection no more than one that sends
-/// nothing; `writing` is the same for answers it does not take. What the
-/// server does for the connection (work on a request, a parked blocking
-/// read) is never cut short. `paid`: the request before this wait cost
-/// tokens (`IdleConns::idle`).
-async fn waiting<F: Future>(ctx: &CoreCtx, id: u32, paid: bool, read: F) -> Option<F::Output> {
-    ctx.idle.borrow_mut().idle(id, paid);
-    let mut read = std::pin::pin!(read);
-    let out = std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
-        Poll::Ready(out) => Poll::Ready(Some(out)),
-        Poll::Pending if ctx.idle.borrow_mut().evicted(id, cx.waker()) => Poll::Ready(None),
-        Poll::Pending => Poll::Pending,
     })
     .await;
     ctx.idle.borrow_mut().busy(id);

@@ -134,11 +134,11 @@ pub fn core_thread(start: CoreStart) {
 /// `turns`: how this core's answers reach the kernel, if it gives turns.
 async fn core_main(start: CoreStart, turns: Option<Ring>) {
     let CoreStart { id, shared, listener, inbox, log, .. } = start;
-    let wal = match (shared.data_dir.as_ref().map(|d| d.path()), log) {
-        (Some(dir), Some(log)) => match Wal::open(shared.clone(), id, dir.to_path_buf(), log.first_segment, log.trim) {
+    let wal = match (shared.data_dir.clone(), log) {
+        (Some(dir), Some(log)) => match Wal::open(shared.clone(), id, dir.clone(), log.first_segment, log.trim) {
             Ok(w) => Some(w),
             Err(e) => {
-                log::error!("core {id}: cannot create a log segment in {}: {e}", dir.display());
+                log::error!("core {id}: cannot create a log segment in {}: {e}", dir.path().display());
                 std::process::exit(1);
             }
         },

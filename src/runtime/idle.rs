@@ -18,7 +18,7 @@
 //! requests and never reads its answers would otherwise hold its
 //! connection for the whole write timeout, and about ten networks could
 //! fill `-maxConns` for nothing; told to close, it still gets a second to
-//! take those answers (`conn::writing`). A connection the server is working for
+//! take those answers (`conn::waiting`, `WRITE_GRACE`). A connection the server is working for
 //! (a request being handled, a blocking read parked) is never chosen.
 //!
 //! Idle longest counts from the connection's last request that cost

@@ -22,12 +22,11 @@
 //! draining does not wait behind a copy that would be redone.
 
 use crate::clock::unix_ms;
-use crate::persist::datadir::{self, DataDir};
+use crate::persist::datadir::DataDir;
 use crate::persist::snapshot;
 use crate::runtime::mesh::{CheckpointMsg, Control, CopyGate, DrainReport};
 use crate::runtime::shared::{Phase, Shared};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -301,13 +300,7 @@ pub fn checkpoint(shared: &Shared, signals: Option<&crossbeam_channel::Receiver<
             stats.last_duration_us.set(started.elapsed().as_micros() as u64);
             stats.last_size_bytes.set(size);
             stats.last_entries.set(entries);
-            let deleted = match data.check() {
-                Ok(()) => delete_covered_segments(dir, replay_from),
-                Err(e) => {
-                    log::error!("{e}");
-                    0
-                }
-            };
+            let deleted = data.delete_segments_below(replay_from);
             log::info!(
                 "snapshot saved: {entries} keys, {size} bytes, {} ms, {}; {deleted} log segments it covers deleted",
                 started.elapsed().as_millis(),
@@ -439,22 +432,6 @@ impl Drop for AbandonOnDrop {
     fn drop(&mut self) {
         self.0.abandon();
     }
-}
-
-/// Deletes log segments the published snapshot covers. Returns how many.
-fn delete_covered_segments(dir: &Path, replay_from: u64) -> usize {
-    let Ok(segments) = datadir::segments(dir) else { return 0 };
-    let mut deleted = 0;
-    for s in segments.iter().filter(|s| s.seq < replay_from) {
-        match std::fs::remove_file(&s.path) {
-            Ok(()) => deleted += 1,
-            Err(e) => log::warn!("cannot delete covered log segment {}: {e}", s.path.display()),
-        }
-    }
-    if deleted > 0 {
-        let _ = snapshot::sync_dir(dir);
-    }
-    deleted
 }
 
 /// How long each of `while_starting`'s messages asks systemd to wait, and

@@ -433,7 +433,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         ),
         phase: PhaseCell::default(),
         next_segment: AtomicU64::new(next_segment + n as u64),
-        data_dir,
+        data_dir: data_dir.map(Arc::new),
         port_lock,
         config,
         born: Instant::now(),

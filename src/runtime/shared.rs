@@ -115,7 +115,7 @@ pub struct Shared {
     /// The next log segment number (segments are numbered across cores).
     pub next_segment: AtomicU64,
     /// The data directory, locked for the process's life (`None`: no persistence).
-    pub data_dir: Option<DataDir>,
+    pub data_dir: Option<Arc<DataDir>>,
     /// The listen port's lock, held for the process's life.
     pub port_lock: crate::runtime::server::PortLock,
     /// What the cores' ticks count from.

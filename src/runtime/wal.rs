@@ -55,7 +55,7 @@
 //! limit (EFBIG; SIGXFSZ is ignored) just moves the log to a new segment.
 
 use crate::config::Fsync;
-use crate::persist::datadir;
+use crate::persist::datadir::DataDir;
 use crate::runtime::shared::Shared;
 use crate::runtime::trim::{self, Trimmer};
 use crate::state::command::{Origin, Reply};
@@ -65,7 +65,6 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -297,8 +296,8 @@ struct Segment {
 }
 
 impl Segment {
-    fn create(dir: &std::path::Path, seq: u64, core: usize) -> std::io::Result<Segment> {
-        let file = datadir::create_segment(dir, seq, core as u32)?;
+    fn create(dir: &DataDir, seq: u64, core: usize) -> std::io::Result<Segment> {
+        let file = dir.create_segment(seq, core as u32)?;
         let ring = Rc::new(monoio::fs::File::from_std(file.try_clone()?)?);
         Ok(Segment { file: Arc::new(file), ring, seq })
     }
@@ -379,7 +378,9 @@ struct State {
 /// One core's log.
 pub struct Wal {
     core: usize,
-    dir: PathBuf,
+    /// The data directory; segments are made in it only while it is the
+    /// one locked at startup (`DataDir::create_segment`).
+    dir: Arc<DataDir>,
     mode: Fsync,
     shared: Arc<Shared>,
     trim: Trimmer,
@@ -389,7 +390,13 @@ pub struct Wal {
 impl Wal {
     /// Opens this core's first segment (`seq`, allocated by the caller);
     /// `trim` is the core's trimming helper.
-    pub fn open(shared: Arc<Shared>, core: usize, dir: PathBuf, seq: u64, trim: Trimmer) -> std::io::Result<Rc<Wal>> {
+    pub fn open(
+        shared: Arc<Shared>,
+        core: usize,
+        dir: Arc<DataDir>,
+        seq: u64,
+        trim: Trimmer,
+    ) -> std::io::Result<Rc<Wal>> {
         let seg = Segment::create(&dir, seq, core)?;
         let mode = shared.config.fsync;
         Ok(Rc::new(Wal {
@@ -639,7 +646,7 @@ impl Wal {
             log::error!(
                 "core {}: cannot write the log in {}: {e}; refusing writes (503) until it can, reads go on",
                 self.core,
-                self.dir.display()
+                self.dir.path().display()
             );
         }
         self.release(router);
@@ -656,10 +663,6 @@ impl Wal {
     /// never be covered, and damage to them found after a power loss would
     /// be cut. Not for a segment a failed write or sync left suspect.
     fn rotate(&self, last_mark: bool) -> std::io::Result<u64> {
-        // Never a segment in a directory that replaced ours under us.
-        if let Some(data) = &self.shared.data_dir {
-            data.check()?;
-        }
         let seq = self.shared.next_segment.fetch_add(1, Ordering::AcqRel);
         let seg = Segment::create(&self.dir, seq, self.core)?;
         let mut st = self.st.borrow_mut();
