@@ -351,9 +351,10 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
          snapshots on, defaults) and nginx `return 200 \"OK\"` with 2 workers, {rounds} alternated rounds per \
          workload with the same script. Ratios are the server's over nginx's in the same round: median \
          (min-max). CPU is user+system time per request from /proc. Cross-core: messages the server's cores \
-         sent each other per request. Log writes: write-ahead log writes per request.\n\n\
-         | workload | server req/s | server CPU/req | CPU vs nginx | req/s vs nginx | p99 server / nginx | p99 vs nginx | cross-core msgs/req | log writes/req |\n\
-         |---|---:|---:|---:|---:|---|---:|---:|---:|\n"
+         sent each other per request. Log writes: write-ahead log writes per request. Busiest thread: the \
+         share of each side's CPU its busiest thread spent (median; 0.5 is an even split between two).\n\n\
+         | workload | server req/s | server CPU/req | CPU vs nginx | req/s vs nginx | p99 server / nginx | p99 vs nginx | cross-core msgs/req | log writes/req | busiest thread server / nginx |\n\
+         |---|---:|---:|---:|---:|---|---:|---:|---:|---|\n"
     );
     for r in results {
         let ratio = |f: fn(&Run) -> f64| {
@@ -374,7 +375,7 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
         let med = |v: &[Run], f: fn(&Run) -> f64| spread(v.iter().map(f).collect()).0;
         let p99 = |v: f64| if v > 0.0 { format!("{:.1} ms", v / 1000.0) } else { "n/a".into() };
         md += &format!(
-            "| {} | {:.0} | {:.1} us | {} | {} | {} / {} | {} | {:.2} | {:.2} |\n",
+            "| {} | {:.0} | {:.1} us | {} | {} | {} / {} | {} | {:.2} | {:.2} | {:.2} / {:.2} |\n",
             r.name,
             med(&r.server, |x| x.rps),
             med(&r.server, |x| x.cpu_us_per_req),
@@ -385,6 +386,8 @@ fn write_report(results: &[Rounds], memory: &[Memory], secs: u64, rounds: usize,
             ratio(|x| x.p99_us),
             spread(r.cross_core.clone()).0,
             spread(r.log_writes.clone()).0,
+            med(&r.server, |x| x.busiest_thread),
+            med(&r.nginx, |x| x.busiest_thread),
         );
     }
     if !memory.is_empty() {

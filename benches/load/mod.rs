@@ -16,7 +16,40 @@ pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// User + system CPU seconds of a process.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    cpu_seconds_at(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU seconds of every thread of the processes `pids`.
+/// How a server spreads its work shows here: nginx's workers share one
+/// listening socket and the idle one takes each new connection, so one
+/// worker often serves most of them, where the server's `SO_REUSEPORT`
+/// listeners split connections evenly between its cores.
+pub fn thread_cpu_seconds(pids: &[u32]) -> Vec<(u32, f64)> {
+    let mut out = Vec::new();
+    for &pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for e in dir.flatten() {
+            let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            out.push((tid, cpu_seconds_at(&format!("/proc/{pid}/task/{tid}/stat"))));
+        }
+    }
+    out
+}
+
+/// The busiest thread's share of the CPU the threads spent between two
+/// `thread_cpu_seconds` readings (1.0: one thread did all the work).
+pub fn busiest_share(before: &[(u32, f64)], after: &[(u32, f64)]) -> f64 {
+    let spent: Vec<f64> =
+        after.iter().map(|(tid, t)| t - before.iter().find(|(b, _)| b == tid).map_or(0.0, |(_, t0)| *t0)).collect();
+    let total: f64 = spent.iter().sum();
+    if total <= 0.0 {
+        return 0.0;
+    }
+    spent.iter().cloned().fold(0.0, f64::max) / total
+}
+
+fn cpu_seconds_at(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let Some(close) = stat.rfind(')') else { return 0.0 };
     let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
     let ticks: u64 =
@@ -77,6 +110,8 @@ pub struct Run {
     pub p99_us: f64,
     pub p999_us: f64,
     pub cpu_us_per_req: f64,
+    /// The busiest thread's share of the CPU spent (`busiest_share`).
+    pub busiest_thread: f64,
     pub socket_errors: u64,
     pub non2xx: u64,
 }
@@ -108,6 +143,7 @@ pub fn wrk_env(
     let path = std::env::temp_dir().join(format!("rdvz-bench-{}-{script}.lua", std::process::id()));
     std::fs::write(&path, format!("{common}\n{body}")).unwrap();
     let cpu0: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
+    let threads0 = thread_cpu_seconds(pids);
     let out = Command::new("wrk")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--timeout", "5s", "-s"])
@@ -116,6 +152,7 @@ pub fn wrk_env(
         .output()
         .expect("run wrk");
     let cpu1: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
+    let busiest_thread = busiest_share(&threads0, &thread_cpu_seconds(pids));
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find(|l| l.starts_with("{\"requests\"")).unwrap_or_else(|| panic!("wrk said: {text}"));
     let requests = json_field(line, "requests") as u64;
@@ -129,12 +166,13 @@ pub fn wrk_env(
         p99_us: json_field(line, "p99_us"),
         p999_us: json_field(line, "p999_us"),
         cpu_us_per_req: (cpu1 - cpu0) * 1e6 / requests.max(1) as f64,
+        busiest_thread,
         socket_errors: json_field(line, "socket_errors") as u64,
         non2xx: json_field(line, "non2xx") as u64,
     };
     eprintln!(
-        "{name:<34} {:>9.0} req/s  p50 {:>6.0}us p99 {:>6.0}us  cpu {:>5.1}us/req  non2xx {} errs {}",
-        run.rps, run.p50_us, run.p99_us, run.cpu_us_per_req, run.non2xx, run.socket_errors
+        "{name:<34} {:>9.0} req/s  p50 {:>6.0}us p99 {:>6.0}us  cpu {:>5.1}us/req  busiest thread {:.2}  non2xx {} errs {}",
+        run.rps, run.p50_us, run.p99_us, run.cpu_us_per_req, run.busiest_thread, run.non2xx, run.socket_errors
     );
     run
 }
