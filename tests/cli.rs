@@ -188,16 +188,51 @@ fn a_port_lock_name_bound_by_a_socket_that_does_not_listen_does_not_keep_the_ser
 #[test]
 #[ignore = "needs root (the squatter runs as another user) and /usr/bin/python3"]
 fn a_port_lock_squatted_by_another_user_does_not_keep_the_server_down() {
+    let port = quiet_port();
+    let squatter = squat_as_nobody(port, false);
+    let s = Server::start(&["-port", &port.to_string(), "-dataDir", ""]);
+    let warning = format!("held by PID {} running as uid 65534", squatter.0.id());
+    assert!(s.startup.iter().any(|l| l.contains(&warning)), "{:#?}", s.startup);
+    assert_eq!(s.get("/get/x").status, 404);
+}
+
+/// A squatter that fills its lock socket's backlog cannot be asked who
+/// it is (a connect would wait, or fail at once without blocking); the
+/// kernel's socket table still names its owner.
+#[test]
+#[ignore = "needs root (the squatter runs as another user) and /usr/bin/python3"]
+fn a_port_lock_squatter_with_a_full_backlog_does_not_keep_the_server_down() {
+    let port = quiet_port();
+    let _squatter = squat_as_nobody(port, true);
+    let s = Server::start(&["-port", &port.to_string(), "-dataDir", ""]);
+    let warning = "held by a process running as uid 65534";
+    assert!(s.startup.iter().any(|l| l.contains(warning)), "{:#?}", s.startup);
+    assert_eq!(s.get("/get/x").status, 404);
+}
+
+/// Binds port `port`'s lock name as uid 65534 (Debian's python3, which
+/// that user can run), listening, its backlog filled if `fill`; returns
+/// once it is in place.
+fn squat_as_nobody(port: u16, fill: bool) -> Group {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
     // Debian's, not a per-user install the other user cannot read.
     assert!(std::path::Path::new("/usr/bin/python3").exists(), "needs /usr/bin/python3 (.ci/debian-packages)");
     // SAFETY: no arguments, no pointers.
     assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: the squatter needs another user");
-    let port = quiet_port();
+    let name = format!("b'\\0rendezvous/port/{port}'");
+    // With a backlog of 0 the kernel queues one connection; the next
+    // connect finds the backlog full.
+    let filling = if fill {
+        format!(
+            "s.listen(0)\nqueued = []\nwhile True:\n  c = socket.socket(socket.AF_UNIX)\n  c.setblocking(False)\n  \
+             try:\n    c.connect({name})\n    queued.append(c)\n  except BlockingIOError:\n    break\n"
+        )
+    } else {
+        "s.listen()\n".to_string()
+    };
     let script = format!(
-        "import socket, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(b'\\0rendezvous/port/{port}')\n\
-         s.listen()\nprint('bound', flush=True)\ntime.sleep(60)"
+        "import socket, time\ns = socket.socket(socket.AF_UNIX)\ns.bind({name})\n{filling}print('bound', flush=True)\ntime.sleep(60)"
     );
     let mut squatter = Group(
         Command::new("/usr/bin/python3")
@@ -212,10 +247,7 @@ fn a_port_lock_squatted_by_another_user_does_not_keep_the_server_down() {
     let out = squatter.0.stdout.take().unwrap();
     let first = std::io::BufReader::new(out).lines().next().map(|l| l.unwrap());
     assert_eq!(first.as_deref(), Some("bound"));
-    let s = Server::start(&["-port", &port.to_string(), "-dataDir", ""]);
-    let warning = format!("held by PID {} running as uid 65534", squatter.0.id());
-    assert!(s.startup.iter().any(|l| l.contains(&warning)), "{:#?}", s.startup);
-    assert_eq!(s.get("/get/x").status, 404);
+    squatter
 }
 
 #[test]

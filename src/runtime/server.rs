@@ -109,8 +109,10 @@ pub struct PortLock {
 /// the squatter likes. The plain bind in `bind_listeners` still refuses a
 /// port anyone listens on; what is lost is only the guard against two
 /// instances of this user started at the same instant. A squatter that
-/// fills its socket's backlog cannot be asked and is taken for ours (the
-/// message then names no PID; `ss -xlp` shows the holder).
+/// fills its socket's backlog cannot be asked; the kernel's socket table
+/// (`listener_uid`) still names its owner, and only where that table
+/// cannot be read is it taken for ours (the message then names no PID;
+/// `ss -xlp` shows the holder).
 pub fn lock_port(port: u16) -> Result<PortLock, StartupError> {
     use std::os::linux::net::SocketAddrExt;
     let name = format!("rendezvous/port/{port}");
@@ -135,8 +137,9 @@ pub fn lock_port(port: u16) -> Result<PortLock, StartupError> {
     };
     match holder {
         Holder::Other { pid, uid } => {
+            let who = pid.map_or_else(|| "a process".to_string(), |pid| format!("PID {pid}"));
             log::warn!(
-                "the lock for port {port} (abstract socket @{name}) is held by PID {pid} running as uid {uid}, \
+                "the lock for port {port} (abstract socket @{name}) is held by {who} running as uid {uid}, \
                      not as this user: not a Rendezvous process of ours; going on without the lock"
             );
             Ok(PortLock { _held: None })
@@ -162,7 +165,7 @@ enum Holder {
     /// cannot be told apart from one: refuse.
     Ours(Option<u32>),
     /// A listening socket of another user.
-    Other { pid: i32, uid: u32 },
+    Other { pid: Option<u32>, uid: u32 },
     /// A socket that is bound but does not listen: a Rendezvous lock always does.
     NotListening,
 }
@@ -182,10 +185,20 @@ fn lock_holder(name: &str) -> Holder {
     let Ok(sockaddr) = socket2::SockAddr::unix(std::ffi::OsStr::from_bytes(&abstract_name)) else {
         return Holder::Ours(None);
     };
+    // SAFETY: no arguments, no pointers; always succeeds.
+    let me = unsafe { libc::geteuid() };
     match sock.connect(&sockaddr) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => return Holder::NotListening,
-        // Busy (a full backlog) or anything else: cannot tell, so refuse.
+        // A full backlog cannot be asked; the kernel's socket table can
+        // still say whose the listener is.
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+            return match listener_uid(&abstract_name) {
+                Some(uid) if uid != me => Holder::Other { pid: None, uid },
+                _ => Holder::Ours(None),
+            };
+        }
+        // Anything else: cannot tell, so refuse.
         Err(_) => return Holder::Ours(None),
     }
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
@@ -205,13 +218,198 @@ fn lock_holder(name: &str) -> Holder {
     if r != 0 {
         return Holder::Ours(None);
     }
-    // SAFETY: no arguments, no pointers; always succeeds.
-    let me = unsafe { libc::geteuid() };
+    // 0: a holder in another PID namespace, whose PID means nothing here.
+    let pid = u32::try_from(cred.pid).ok().filter(|&pid| pid != 0);
     if cred.uid == me {
-        // 0: a holder in another PID namespace, whose PID means nothing here.
-        Holder::Ours(u32::try_from(cred.pid).ok().filter(|&pid| pid != 0))
+        Holder::Ours(pid)
     } else {
-        Holder::Other { pid: cred.pid, uid: cred.uid }
+        Holder::Other { pid, uid: cred.uid }
+    }
+}
+
+/// The owner (uid) of the listening Unix socket bound to `name` (with
+/// its leading NUL), from the kernel's socket table (`NETLINK_SOCK_DIAG`,
+/// `UDIAG_SHOW_UID`, Linux 5.3): asked without connecting, so a listener
+/// whose backlog is full answers too. `None` if the kernel cannot say.
+fn listener_uid(name: &[u8]) -> Option<u32> {
+    use std::io::Read;
+    let sock =
+        Socket::new(Domain::from(libc::AF_NETLINK), Type::RAW, Some(Protocol::from(libc::NETLINK_SOCK_DIAG))).ok()?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(1))).ok()?;
+    sock.send(&sock_diag::listeners_request()).ok()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    // A dump of every listening Unix socket: bounded by the machine's.
+    loop {
+        let n = (&sock).read(&mut buf).ok()?;
+        match sock_diag::find_uid(&buf[..n], name) {
+            sock_diag::Found::Uid(uid) => return Some(uid),
+            sock_diag::Found::End => return None,
+            sock_diag::Found::More => {}
+        }
+    }
+}
+
+/// The bytes of a `NETLINK_SOCK_DIAG` dump of listening Unix sockets, and
+/// reading one answer's messages: plain byte work, tested on its own.
+mod sock_diag {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const UDIAG_SHOW_NAME: u32 = 0x01;
+    const UDIAG_SHOW_UID: u32 = 0x40;
+    const UNIX_DIAG_NAME: u16 = 0;
+    const UNIX_DIAG_UID: u16 = 7;
+    const TCP_LISTEN: u32 = 10;
+    /// `struct nlmsghdr`, then `struct unix_diag_msg`.
+    const HEADER: usize = 16;
+    const DIAG_MSG: usize = 16;
+
+    /// `nlmsghdr` + `unix_diag_req`: every listening Unix socket, with
+    /// its name and its owner's uid.
+    pub fn listeners_request() -> Vec<u8> {
+        let mut m = Vec::with_capacity(40);
+        m.extend_from_slice(&40u32.to_ne_bytes());
+        m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        m.extend_from_slice(&[0; 8]); // sequence, port id
+        m.push(libc::AF_UNIX as u8);
+        m.extend_from_slice(&[0; 3]); // protocol, padding
+        m.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes()); // any inode
+        m.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_UID).to_ne_bytes());
+        m.extend_from_slice(&[0; 8]); // cookie
+        m
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Found {
+        Uid(u32),
+        /// The dump ended (or failed) without it.
+        End,
+        /// Not in this part; read the next.
+        More,
+    }
+
+    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    }
+
+    fn align4(n: usize) -> usize {
+        (n + 3) & !3
+    }
+
+    /// Looks for the socket named `name` in one `recv` of the dump.
+    pub fn find_uid(buf: &[u8], name: &[u8]) -> Found {
+        let mut at = 0;
+        while let (Some(len), Some(kind)) = (u32_at(buf, at), u16_at(buf, at + 4)) {
+            let len = len as usize;
+            if len < HEADER || at + len > buf.len() {
+                return Found::End;
+            }
+            match kind {
+                NLMSG_DONE | NLMSG_ERROR => return Found::End,
+                SOCK_DIAG_BY_FAMILY => {
+                    let (mut named, mut uid) = (false, None);
+                    let mut attr = at + HEADER + DIAG_MSG;
+                    while let (Some(alen), Some(akind)) = (u16_at(buf, attr), u16_at(buf, attr + 2)) {
+                        let alen = alen as usize;
+                        if alen < 4 || attr + alen > at + len {
+                            break;
+                        }
+                        let payload = &buf[attr + 4..attr + alen];
+                        match akind {
+                            UNIX_DIAG_NAME => named = payload == name,
+                            UNIX_DIAG_UID => uid = u32_at(payload, 0),
+                            _ => {}
+                        }
+                        attr += align4(alen);
+                    }
+                    if let (true, Some(uid)) = (named, uid) {
+                        return Found::Uid(uid);
+                    }
+                }
+                _ => {}
+            }
+            at += align4(len);
+        }
+        Found::More
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
+            let mut a = ((4 + payload.len()) as u16).to_ne_bytes().to_vec();
+            a.extend_from_slice(&kind.to_ne_bytes());
+            a.extend_from_slice(payload);
+            a.resize(align4(a.len()), 0);
+            a
+        }
+
+        fn message(kind: u16, attrs: &[Vec<u8>]) -> Vec<u8> {
+            let body: Vec<u8> = attrs.concat();
+            let len = HEADER + DIAG_MSG + body.len();
+            let mut m = (len as u32).to_ne_bytes().to_vec();
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(&[0; 10]);
+            m.extend_from_slice(&[0; DIAG_MSG]);
+            m.extend_from_slice(&body);
+            m
+        }
+
+        #[test]
+        fn finds_the_named_listeners_uid_among_others() {
+            let name = b"\0rendezvous/port/80";
+            let mut dump = message(
+                SOCK_DIAG_BY_FAMILY,
+                &[attr(UNIX_DIAG_NAME, b"\0other"), attr(UNIX_DIAG_UID, &7u32.to_ne_bytes())],
+            );
+            // A name that only starts the same is another socket.
+            dump.extend(message(
+                SOCK_DIAG_BY_FAMILY,
+                &[attr(UNIX_DIAG_NAME, b"\0rendezvous/port/8"), attr(UNIX_DIAG_UID, &8u32.to_ne_bytes())],
+            ));
+            assert_eq!(find_uid(&dump, name), Found::More);
+            dump.extend(message(
+                SOCK_DIAG_BY_FAMILY,
+                &[attr(UNIX_DIAG_UID, &65534u32.to_ne_bytes()), attr(UNIX_DIAG_NAME, name)],
+            ));
+            assert_eq!(find_uid(&dump, name), Found::Uid(65534));
+        }
+
+        #[test]
+        fn a_dump_ends_at_done_and_garbage_ends_it() {
+            let name = b"\0rendezvous/port/80";
+            assert_eq!(find_uid(&message(NLMSG_DONE, &[]), name), Found::End);
+            assert_eq!(find_uid(&[], name), Found::More);
+            // A length past the buffer, or below a header: stop, never panic.
+            let mut bad = message(SOCK_DIAG_BY_FAMILY, &[attr(UNIX_DIAG_NAME, name)]);
+            bad[0] = 0xff;
+            assert_eq!(find_uid(&bad, name), Found::End);
+            assert_eq!(find_uid(&[3, 0, 0, 0, 20, 0], name), Found::End);
+            // An attribute claiming more than its message: ignored.
+            let mut m =
+                message(SOCK_DIAG_BY_FAMILY, &[attr(UNIX_DIAG_NAME, name), attr(UNIX_DIAG_UID, &1u32.to_ne_bytes())]);
+            let uid_attr = HEADER + DIAG_MSG + align4(4 + name.len());
+            m[uid_attr] = 200;
+            assert_eq!(find_uid(&m, name), Found::More);
+        }
+
+        #[test]
+        fn the_request_is_a_whole_dump_request() {
+            let r = listeners_request();
+            assert_eq!(r.len(), 40);
+            assert_eq!(u32_at(&r, 0), Some(40));
+            assert_eq!(u16_at(&r, 4), Some(SOCK_DIAG_BY_FAMILY));
+            assert_eq!(r[HEADER], libc::AF_UNIX as u8);
+        }
     }
 }
 
