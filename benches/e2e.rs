@@ -302,7 +302,7 @@ struct Memory {
 
 /// A distinct IPv6 /48 for every key.
 fn own_network(i: usize) -> String {
-    format!("2001:{:x}:{:x}::1", (i >> 16) & 0xffff, i & 0xffff)
+    format!("2a00:{:x}:{:x}::1", (i >> 16) & 0xffff, i & 0xffff)
 }
 
 /// Who sends the sets of a fill (`None`: the loopback peer itself).

@@ -73,22 +73,24 @@ fn ipv6_clients_share_a_bucket_per_64() {
 }
 
 /// A 6to4 address (`2002:aabb:ccdd::/48`) and a Teredo one carry the
-/// IPv4 address they come from, and count as it: their /64s do not each
-/// get a bucket of their own.
+/// public IPv4 address they were sent from, and count as that host: their
+/// /64s do not each get a bucket of their own. They are kept apart from
+/// the native address (a relay could claim any of them).
 #[test]
-fn ipv6_addresses_carrying_an_ipv4_source_share_its_bucket() {
-    let s = Server::start(&["-maxRequests", "4", "-resetDuration", "1h", "-threads", "2"]);
+fn ipv6_addresses_tunnelled_from_one_ipv4_host_share_a_bucket() {
+    let s = Server::start(&["-maxRequests", "3", "-resetDuration", "1h", "-threads", "2"]);
     let mut c = s.client();
-    assert_eq!(c.req("GET", "/get/x", &from("192.0.2.45"), b"").status, 404);
     assert_eq!(c.req("GET", "/get/x", &from("2002:c000:22d::1"), b"").status, 404);
     assert_eq!(c.req("GET", "/get/x", &from("2002:c000:22d:ffff::9"), b"").status, 404);
     // Teredo: 192.0.2.45, inverted, in the last 32 bits.
     assert_eq!(c.req("GET", "/get/x", &from("2001:0:4136:e378:8000:63bf:3fff:fdd2"), b"").status, 404);
     let r = c.req("GET", "/get/x", &from("2002:c000:22d:7::1"), b"");
-    assert_eq!(r.status, 429, "a fifth request from 192.0.2.45's 6to4 /48");
+    assert_eq!(r.status, 429, "a fourth request from 192.0.2.45's 6to4 /48");
     assert_eq!(r.header("X-Client-Ip").as_deref(), Some("2002:c000:22d:7::1"), "the address is shown as sent");
-    assert_eq!(c.req("GET", "/get/x", &from("192.0.2.45"), b"").status, 429);
+    assert_eq!(c.req("GET", "/get/x", &from("192.0.2.45"), b"").status, 404, "the native address: its own bucket");
     assert_eq!(c.req("GET", "/get/x", &from("2002:c000:22e::1"), b"").status, 404, "192.0.2.46's");
+    assert_eq!(c.req("GET", "/get/x", &from("2002:a00:5::1"), b"").status, 404, "a private address: not folded");
+    assert_eq!(c.req("GET", "/get/x", &from("2002:a00:5:1::1"), b"").status, 404, "another /64");
 }
 
 /// 40 simultaneous GETs from a fresh IP with 17 tokens: exactly 17 succeed,

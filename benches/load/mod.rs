@@ -16,7 +16,7 @@ pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// User + system CPU seconds of a process.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    cpu_seconds_at(&format!("/proc/{pid}/stat"))
+    cpu_seconds_of(&format!("/proc/{pid}/stat")).unwrap_or(0.0)
 }
 
 /// User + system CPU seconds of every thread of the processes `pids`.
@@ -30,7 +30,10 @@ pub fn thread_cpu_seconds(pids: &[u32]) -> Vec<(u32, f64)> {
         let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
         for e in dir.flatten() {
             let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            out.push((tid, cpu_seconds_at(&format!("/proc/{pid}/task/{tid}/stat"))));
+            // A thread that exits meanwhile is left out.
+            if let Some(t) = cpu_seconds_of(&format!("/proc/{pid}/task/{tid}/stat")) {
+                out.push((tid, t));
+            }
         }
     }
     out
@@ -38,9 +41,12 @@ pub fn thread_cpu_seconds(pids: &[u32]) -> Vec<(u32, f64)> {
 
 /// The busiest thread's share of the CPU the threads spent between two
 /// `thread_cpu_seconds` readings (1.0: one thread did all the work).
+/// Threads that exited before the second reading are not counted.
 pub fn busiest_share(before: &[(u32, f64)], after: &[(u32, f64)]) -> f64 {
-    let spent: Vec<f64> =
-        after.iter().map(|(tid, t)| t - before.iter().find(|(b, _)| b == tid).map_or(0.0, |(_, t0)| *t0)).collect();
+    let spent: Vec<f64> = after
+        .iter()
+        .map(|(tid, t)| (t - before.iter().find(|(b, _)| b == tid).map_or(0.0, |(_, t0)| *t0)).max(0.0))
+        .collect();
     let total: f64 = spent.iter().sum();
     if total <= 0.0 {
         return 0.0;
@@ -48,13 +54,12 @@ pub fn busiest_share(before: &[(u32, f64)], after: &[(u32, f64)]) -> f64 {
     spent.iter().cloned().fold(0.0, f64::max) / total
 }
 
-fn cpu_seconds_at(path: &str) -> f64 {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let Some(close) = stat.rfind(')') else { return 0.0 };
-    let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-    let ticks: u64 =
-        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
+fn cpu_seconds_of(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let close = stat.rfind(')')?;
+    let f: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 fn status_kb(pid: u32, field: &str) -> u64 {

@@ -4,7 +4,8 @@
 //! Walking from the right matters: a standard nginx `proxy_add_x_forwarded_for`
 //! appends the real peer to whatever the client sent, so the leftmost entry is
 //! attacker-chosen. This module also defines the rate-limit bucket identity
-//! (IPv4 address, or IPv6 /64). It is pure: no I/O, no logging.
+//! (IPv4 address, or IPv6 /64; tunnelled IPv6 as in `state::net`). It is
+//! pure: no I/O, no logging.
 
 use ipnet::IpNet;
 use std::net::IpAddr;

@@ -14,53 +14,75 @@
 //! `::/64` (loopback `::1`, reserved) is keyed as `0:0:0:1::/64` (reserved
 //! too, never a client).
 //!
-//! An IPv6 address that carries the IPv4 address it comes from counts as
-//! that IPv4 address: IPv4-mapped (`::ffff:a.b.c.d`), 6to4
-//! (`2002:aabb:ccdd::/48`, the /48 of one IPv4 host) and Teredo
-//! (`2001:0::/32`, the client's public address inverted in the last 32
-//! bits). Otherwise one IPv4 host would be a whole /48 of /64 clients,
-//! and one /24 256 networks, each with its own budgets; and every Teredo
-//! client behind one relay server would share a single /64. Replies to
-//! such an address are routed to that IPv4 host, so a TCP client cannot
-//! claim one it does not hold.
+//! IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is its IPv4 address. An IPv6
+//! address tunnelled from a public IPv4 host (6to4, `2002:aabb:ccdd::/48`;
+//! Teredo, `2001:0::/32`, the client's NAT address inverted in the last
+//! 32 bits) counts as that host, under a tag of its own
+//! (`ffff:fffe::/32`, multicast too): otherwise 6to4 gives one IPv4 host a
+//! whole /48 of /64 clients and one /24 256 networks' budgets, and every
+//! Teredo client of one Teredo server shared a single /64. Its own tag,
+//! not the native IPv4 key: replies to those prefixes go through
+//! whichever relay is nearest the server, often a third party's, so
+//! whoever runs or hijacks one can complete handshakes as any tunnelled
+//! address, and must not reach a native client's budgets that way. An
+//! embedded address that is not public (private, loopback, link-local,
+//! shared, multicast, reserved) is not folded: it names no host outside
+//! the relay's own network.
 
 use std::net::IpAddr;
 
 /// The tag in the top 32 bits of an IPv4 client key.
 const IPV4_TAG: u64 = 0xffff_ffff_0000_0000;
+/// The tag of an IPv4 host reached through a 6to4 or Teredo relay.
+const TUNNEL_TAG: u64 = 0xffff_fffe_0000_0000;
+/// The top 32 bits of a key, where the tags sit.
+const TAG_MASK: u64 = 0xffff_ffff_0000_0000;
 
-/// The client key of an address: the IPv4 address itself, or the IPv6 /64.
-/// An IPv6 address carrying its IPv4 source (mapped, 6to4, Teredo) is that
-/// IPv4 address.
+/// The client key of an address: the IPv4 address itself, or the IPv6 /64
+/// (a tunnelled public IPv4 host: its IPv4 address, tagged apart).
 pub fn client(ip: IpAddr) -> u64 {
-    let ip = match ip {
-        IpAddr::V6(v6) => embedded_ipv4(v6).map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
     match ip {
         IpAddr::V4(v4) => IPV4_TAG | u64::from(u32::from(v4)),
-        IpAddr::V6(v6) => ((u128::from(v6) >> 64) as u64).max(1),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IPV4_TAG | u64::from(u32::from(v4));
+            }
+            if let Some(v4) = tunnelled_from(v6) {
+                return TUNNEL_TAG | u64::from(u32::from(v4));
+            }
+            ((u128::from(v6) >> 64) as u64).max(1)
+        }
     }
 }
 
-/// The IPv4 address an IPv6 address was sent from, where the address
-/// says: IPv4-mapped, 6to4 (`2002::/16`, RFC 3056) or Teredo
-/// (`2001:0::/32`, RFC 4380).
-fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
-    if let Some(v4) = v6.to_ipv4_mapped() {
-        return Some(v4);
-    }
+/// The public IPv4 host a 6to4 (`2002::/16`, RFC 3056) or Teredo
+/// (`2001:0::/32`, RFC 4380) address was sent from.
+fn tunnelled_from(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
     let bits = u128::from(v6);
-    match v6.segments() {
-        [0x2002, ..] => Some(std::net::Ipv4Addr::from((bits >> 80) as u32)),
-        [0x2001, 0, ..] => Some(std::net::Ipv4Addr::from(!(bits as u32))),
-        _ => None,
-    }
+    let v4 = match v6.segments() {
+        [0x2002, ..] => std::net::Ipv4Addr::from((bits >> 80) as u32),
+        [0x2001, 0, ..] => std::net::Ipv4Addr::from(!(bits as u32)),
+        _ => return None,
+    };
+    let [a, b, ..] = v4.octets();
+    let special = v4.is_private()
+        || v4.is_loopback()
+        || v4.is_link_local()
+        || v4.is_multicast()
+        || a == 0
+        || a >= 240
+        || (a == 100 && (64..128).contains(&b));
+    (!special).then_some(v4)
+}
+
+/// Whether a client key holds an IPv4 address (native or tunnelled).
+fn is_ipv4(client: u64) -> bool {
+    matches!(client & TAG_MASK, IPV4_TAG | TUNNEL_TAG)
 }
 
 /// Bits of a client key that name the client inside its network.
 fn host_mask(client: u64) -> u64 {
-    if client & IPV4_TAG == IPV4_TAG {
+    if is_ipv4(client) {
         0xff
     } else {
         0xffff
@@ -79,8 +101,10 @@ pub fn host(client: u64) -> u16 {
 
 /// A client key as text: `192.0.2.1`, or `2001:db8:1:2::/64`.
 pub fn describe(client: u64) -> String {
-    if client & IPV4_TAG == IPV4_TAG {
+    if client & TAG_MASK == IPV4_TAG {
         std::net::Ipv4Addr::from(client as u32).to_string()
+    } else if client & TAG_MASK == TUNNEL_TAG {
+        format!("{} (through 6to4 or Teredo)", std::net::Ipv4Addr::from(client as u32))
     } else {
         format!("{}/64", std::net::Ipv6Addr::from(u128::from(client) << 64))
     }
@@ -115,16 +139,30 @@ mod tests {
     }
 
     #[test]
-    fn addresses_carrying_their_ipv4_source_count_as_it() {
-        // 6to4: 2002:c000:0201::/48 is 192.0.2.1's, every /64 of it.
-        assert_eq!(c("2002:c000:201::1"), c("192.0.2.1"));
-        assert_eq!(c("2002:c000:201:ffff::9"), c("192.0.2.1"));
-        assert_eq!(network(c("2002:c000:2fe::1")), network(c("192.0.2.77")));
-        assert_ne!(c("2002:c000:202::1"), c("192.0.2.1"));
+    fn tunnelled_public_ipv4_hosts_count_as_their_ipv4_address_tagged_apart() {
+        // 6to4: 2002:0808:0808::/48 is 8.8.8.8's, every /64 of it.
+        let six_to_four = c("2002:808:808::1");
+        assert_eq!(c("2002:808:808:ffff::9"), six_to_four);
+        assert_eq!(network(c("2002:808:8fe::1")), network(six_to_four), "one /24");
+        assert_ne!(network(c("2002:808:908::1")), network(six_to_four));
+        assert_eq!(host(six_to_four), 8);
         // Teredo: the client's address, inverted, in the last 32 bits
         // (RFC 4380's example: 192.0.2.45 behind server 65.54.227.120).
-        assert_eq!(c("2001:0:4136:e378:8000:63bf:3fff:fdd2"), c("192.0.2.45"));
-        assert_ne!(c("2001:0:4136:e378:8000:63bf:3fff:fdd3"), c("192.0.2.45"));
+        assert_eq!(c("2001:0:4136:e378:8000:63bf:3fff:fdd2"), c("2002:c000:22d::1"));
+        assert_ne!(c("2001:0:4136:e378:8000:63bf:3fff:fdd3"), c("2002:c000:22d::1"));
+        // Never the native address's budgets: a relay can claim any of these.
+        assert_ne!(six_to_four, c("8.8.8.8"));
+        assert_ne!(network(six_to_four), network(c("8.8.8.8")));
+        assert_eq!(describe(six_to_four), "8.8.8.8 (through 6to4 or Teredo)");
+        // Private, loopback, shared, reserved: not a host's, not folded.
+        for other in ["2002:a00:5::1", "2002:7f00:1::1", "2002:6440:1::1", "2002:f000:1::1", "2002::1"] {
+            assert_eq!(
+                describe(c(other)),
+                format!("{}/64", other.trim_end_matches("::1").to_string() + "::"),
+                "{other}"
+            );
+        }
+        assert_eq!(describe(c("2001:0:4136:e378:8000:63bf:ffff:ffff")), "2001:0:4136:e378::/64", "Teredo 0.0.0.0");
         // Neighbours of those prefixes are ordinary IPv6 clients.
         assert_eq!(describe(c("2001:1::1")), "2001:1::/64");
         assert_eq!(describe(c("2003::1")), "2003::/64");
