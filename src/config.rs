@@ -68,6 +68,16 @@ pub enum CpuAffinity {
     None,
 }
 
+/// Which cores take new connections (`runtime::placement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// As few cores as carry the load; more when they are busy and a CPU
+    /// stands idle for another.
+    Pack,
+    /// Every core, evenly (the kernel's `SO_REUSEPORT` hashing).
+    Spread,
+}
+
 /// When the write-ahead log is flushed to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
@@ -292,6 +302,14 @@ pub struct Flags {
         help = "with one worker thread per CPU the process may use (-threads 0), pin thread i to the i-th; or let the kernel place them"
     )]
     pub cpu_affinity: CpuAffinity,
+    #[options(
+        long = "placement",
+        default = "pack",
+        meta = "pack|spread",
+        parse(try_from_str = "placement"),
+        help = "which cores take new connections: as few as carry the load, more when they are busy and a CPU stands idle (connections beyond a core's share are asked to reconnect); or every core evenly"
+    )]
+    pub placement: Placement,
     #[options(
         long = "dataDir",
         default = "rendezvous-data",
@@ -620,6 +638,14 @@ fn cpu_affinity(s: &str) -> Result<CpuAffinity, BadValue> {
         "spread" => Ok(CpuAffinity::Spread),
         "none" => Ok(CpuAffinity::None),
         _ => Err(bad(s, "want spread or none")),
+    }
+}
+
+fn placement(s: &str) -> Result<Placement, BadValue> {
+    match s {
+        "pack" => Ok(Placement::Pack),
+        "spread" => Ok(Placement::Spread),
+        _ => Err(bad(s, "want pack or spread")),
     }
 }
 
@@ -978,6 +1004,7 @@ mod tests {
             ("-ioDriver kqueue", "-ioDriver", "kqueue", "auto, uring or epoll"),
             ("-schedPolicy fifo", "-schedPolicy", "fifo", "batch or normal"),
             ("-cpuAffinity all", "-cpuAffinity", "all", "spread or none"),
+            ("-placement even", "-placement", "even", "pack or spread"),
             ("-metricsAddr localhost", "-metricsAddr", "localhost", "ADDR:PORT"),
             ("-fsync sometimes", "-fsync", "sometimes", "always, everysec or no"),
             ("-threads 5000", "-threads", "5000", "0 to 1024"),

@@ -204,6 +204,9 @@ pub struct CoreStats {
     pub refused_net_full: Cell64,
     /// Idle connections closed to make room at `-maxConns`.
     pub evicted_idle: Cell64,
+    /// Keep-alive connections asked to reconnect onto the cores taking new
+    /// ones (`runtime::placement`).
+    pub connections_moved: Cell64,
     pub requests_in_flight: Cell64,
     rate_limited: [Cell64; RATE_LIMIT_REASONS.len()],
     secret_rejections: Cell64,
@@ -243,6 +246,7 @@ impl Default for CoreStats {
             waited: Histogram::new(&WAIT_BOUNDS_NS),
             conflicts: Default::default(),
             connections_open: Cell64::default(),
+            connections_moved: Cell64::default(),
             connections_total: Cell64::default(),
             refused_server_full: Cell64::default(),
             refused_ip_full: Cell64::default(),

@@ -287,6 +287,8 @@ struct Conn<'a> {
     /// request refused from here on (its body too large or too slow, the
     /// server draining) is counted under its route, not `other`.
     in_request: bool,
+    /// Asked to reconnect onto another core: this answer closes.
+    moving: bool,
 }
 
 /// Removes a connection from its core's idle list when its task ends,
@@ -321,6 +323,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         paid: false,
         owed: None,
         in_request: false,
+        moving: false,
     };
     let stats = ctx.stats();
     stats.connections_open.add(1);
@@ -385,7 +388,13 @@ impl Conn<'_> {
                 self.owed = Some(in_flight);
             }
             if !keep_alive {
-                let _ = self.flush_from(ended).await;
+                let flushed = self.flush_from(ended).await;
+                if self.moving && flushed.is_ok() {
+                    // The client did not choose to close: whatever it sent
+                    // meanwhile is drained, not reset.
+                    self.owed = None;
+                    self.linger().await;
+                }
                 return Stop::Done;
             }
             if self.out.len() >= OUT_HIGH_WATER {
@@ -471,7 +480,7 @@ impl Conn<'_> {
     /// told it to close (a request that arrived as it was told is answered,
     /// with `Connection: close`).
     fn keep_alive(&self) -> bool {
-        self.head.keep_alive && !self.ctx.is_draining() && !self.ctx.idle.borrow().told(self.idle_id)
+        self.head.keep_alive && !self.moving && !self.ctx.is_draining() && !self.ctx.idle.borrow().told(self.idle_id)
     }
 
     /// Reads the body the head announced into `self.body`, within the cap.
@@ -686,6 +695,13 @@ impl Conn<'_> {
             }
         }
         let head_only = self.head.method == Method::Head;
+        // Asked to reconnect (`placement`): onto a core that takes new
+        // connections, once this answer is written. Not with another
+        // request already buffered behind this one: it would be dropped.
+        if self.keep_alive() && self.start == self.buf.len() && self.ctx.shared.placement.take_one(self.ctx.id) {
+            self.moving = true;
+            self.ctx.stats().connections_moved.add(1);
+        }
         let keep_alive = self.keep_alive();
         http::encode(&mut self.out, &response, &self.client_text, keep_alive, self.head.http10, head_only);
         Ok(ended)
@@ -837,6 +853,14 @@ impl Conn<'_> {
         if flushed.is_err() {
             return;
         }
+        self.linger().await;
+    }
+
+    /// Closes gracefully after the last answer: stops writing, then reads
+    /// and drops a bounded amount of input for a bounded time, so that a
+    /// request the client sent meanwhile meets no reset that could destroy
+    /// the answers before it.
+    async fn linger(&mut self) {
         let _ = self.stream.shutdown().await;
         let until = Instant::now() + LINGER_TIME;
         let mut drained = 0;

@@ -8,6 +8,7 @@
 use crate::config::{IoDriver, SchedPolicy};
 use crate::runtime::conn::{self, CoreCtx};
 use crate::runtime::mesh::{CheckpointMsg, Control, CopyGate, DrainReport, GateState, Msg};
+use crate::runtime::placement;
 use crate::runtime::router::Router;
 use crate::runtime::sched;
 use crate::runtime::shared::Shared;
@@ -163,8 +164,17 @@ async fn core_main(start: CoreStart, turns: Option<Ring>) {
     if let Some(t) = &turns {
         monoio::spawn(t.clone().task());
     }
+    shared.placement.enrol(id);
     let ctx = Rc::new(CoreCtx::new(shared.clone(), id, router, turns));
     monoio::spawn(control_task(ctx.clone()));
+    if id == 0 && shared.placement.steered() {
+        use std::os::fd::AsRawFd;
+        // The task stops once draining begins, before the accept loop
+        // (on this thread too) lets the listener go.
+        let fd = listener.as_raw_fd();
+        let draining = ctx.clone();
+        monoio::spawn(placement::task(shared.clone(), fd, move || draining.is_draining()));
+    }
     accept_loop(id, &ctx, listener).await;
     // Stopped accepting (shutdown): closing the listener refuses new
     // connections; the runtime keeps serving the ones it has.

@@ -88,6 +88,12 @@ families! {
         "Client connections accepted.";
     ConnectionsRefused: Counter Count "rendezvous_connections_refused_total" ["reason"]
         "Connections closed at accept by -maxConns (reason=server), -maxConnsPerIP (reason=ip) or -maxConnsPerNet (reason=net).";
+    ConnectionsMoved: Counter Count "rendezvous_connections_moved_total" []
+        "Keep-alive connections asked (with Connection: close on an answer) to reconnect onto the cores taking new connections (-placement pack).";
+    PlacementCores: Gauge Count "rendezvous_placement_cores" []
+        "Cores taking new connections: as few as carry the load under -placement pack, every core under spread.";
+    CoreConnections: Gauge Count "rendezvous_core_connections_open" ["core"]
+        "Open client connections, by the core serving them.";
     ConnectionsEvicted: Counter Count "rendezvous_connections_evicted_total" []
         "Idle keep-alive connections closed to make room for a new one at -maxConns (a refusal with reason=server means none was idle on the accepting core).";
     Keys: Gauge Count "rendezvous_keys" []
@@ -315,6 +321,8 @@ impl Exporter {
         let sum = |f: fn(&CoreStats) -> u64| stats.iter().map(f).sum::<u64>();
         gauge!(F::InFlight.name()).set(sum(|s| s.requests_in_flight.get()) as f64);
         gauge!(F::ConnectionsOpen.name()).set(sum(|s| s.connections_open.get()) as f64);
+        counter!(F::ConnectionsMoved.name()).absolute(sum(|s| s.connections_moved.get()));
+        gauge!(F::PlacementCores.name()).set(self.shared.placement.active() as f64);
         gauge!(F::ConnectionsMax.name()).set(cfg.max_conns as f64);
         counter!(F::Connections.name()).absolute(sum(|s| s.connections_total.get()));
         counter!(F::ConnectionsRefused.name(), "reason" => "server").absolute(sum(|s| s.refused_server_full.get()));
@@ -354,6 +362,7 @@ impl Exporter {
             counter!(F::DirectReads.name(), "core" => core.clone()).absolute(s.direct_reads.get());
             counter!(F::DirectWrites.name(), "core" => core.clone()).absolute(s.direct_writes.get());
             counter!(F::AnswersHeld.name(), "core" => core.clone()).absolute(s.answers_held.get());
+            gauge!(F::CoreConnections.name(), "core" => core.clone()).set(s.connections_open.get() as f64);
             counter!(F::CoreRequests.name(), "core" => core).absolute(s.requests_total());
         }
         gauge!(F::Waiters.name()).set(sum(|s| s.waiters.get()) as f64);

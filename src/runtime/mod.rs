@@ -4,7 +4,8 @@
 //! core); `sched` chooses how the OS runs each core's thread (policy, CPU),
 //! and `turns` has cores the kernel put on one CPU take turns on it and
 //! pulls a core left waiting behind another program onto a core's CPU;
-//! `core` is one core's executor (accept loop, control requests, sweeper);
+//! `core` is one core's executor (accept loop, control requests, sweeper),
+//! and `placement` chooses which cores take new connections;
 //! `conn` serves one connection, and `idle` picks the idle ones to close
 //! when the server is full; `router` carries commands to the owning
 //! core and replies back, over `slots`, and reads a foreign key directly
@@ -24,6 +25,7 @@ pub mod exporter;
 pub mod idle;
 pub mod lifecycle;
 pub mod mesh;
+pub mod placement;
 pub mod router;
 pub mod sched;
 pub mod server;

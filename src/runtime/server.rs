@@ -597,6 +597,11 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     };
     let restored = restore(&config, &routing, &budget)?;
     let (listeners, bound, port_lock) = bind_listeners(config.listen(), n, port_lock)?;
+    // Before any core accepts: no connection lands on a core placement
+    // does not want yet.
+    let placed = (n > 1 && config.placement == crate::config::Placement::Pack)
+        .then(|| crate::runtime::placement::start(&listeners[0], n))
+        .flatten();
     let (mesh, receivers) = Mesh::new(n);
     let Restored { shards, versions, secret_key, next_segment, data_dir } = restored;
     let persist = data_dir.is_some();
@@ -612,6 +617,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         listen_text: bound.to_string(),
         stats: (0..n).map(|_| Default::default()).collect(),
         seats: Arc::new(Seats::new(n)),
+        placement: crate::runtime::placement::Placement::new(n, placed),
         snapshot_stats: Default::default(),
         metrics_on: admin.is_some(),
         conn_limits: ConnLimits::new(

@@ -105,6 +105,8 @@ pub struct Shared {
     pub stats: Vec<CoreStats>,
     /// The CPU each core last ran on (`turns`).
     pub seats: Arc<Seats>,
+    /// Which cores take new connections, and the moves asked of each.
+    pub placement: crate::runtime::placement::Placement,
     pub snapshot_stats: SnapshotStats,
     /// Whether requests are measured (the admin address is on).
     pub metrics_on: bool,

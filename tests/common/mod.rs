@@ -96,6 +96,12 @@ impl Server {
                 .chain(&["-disableLocalIPWarning"])
                 .map(|s| s.to_string())
                 .collect();
+        // Connections spread over the cores, as the tests were written
+        // for; `tests/placement.rs` runs the default.
+        if !args.iter().any(|a| a.contains("placement")) {
+            all.push("-placement".into());
+            all.push("spread".into());
+        }
         if !args.iter().any(|a| a.contains("metricsAddr")) {
             all.push("-metricsAddr".into());
             all.push("127.0.0.1:0".into());

@@ -1,0 +1,368 @@
+//! Placement: which cores take new connections, so that as few cores as
+//! carry the load are awake.
+//!
+//! Each core has its own `SO_REUSEPORT` listener, and left alone the
+//! kernel spreads new connections evenly over them. Below saturation that
+//! wakes every core for a share of each batch, and on a machine whose CPUs
+//! are busy anyway (a proxy or a load generator beside the server) two
+//! busy cores and the other program take turns on too few CPUs: with every
+//! connection on one core, the same binary took 0.63x the CPU of a paced
+//! GET, 0.83x a set and 0.92x a saturated GET (performance history, round
+//! 11). So by default (`-placement pack`) new connections go to the first
+//! `k` cores only (a classic BPF program on the listeners' reuseport group
+//! draws one of them; unprivileged, and switching it cancels no accept),
+//! and `k` follows the load (`Policy`): one more core when the active ones
+//! are busy and a CPU the process may use stands idle for it, one fewer
+//! when the load would fit in fewer at half their time each.
+//!
+//! A keep-alive connection stays where it was accepted, so when `k`
+//! changes the cores holding more than their share ask that many clients
+//! to reconnect: the next answer on such a connection carries
+//! `Connection: close`, which every HTTP/1.1 client handles by opening a
+//! new connection (landing where the program now sends it). Nothing is cut
+//! mid-request and no request is lost. Without this, a proxy's pool opened
+//! while the server was idle would stay on one core at full load.
+//!
+//! This module owns the policy (pure, unit-tested), the program, the
+//! per-core "connections to move" counts and the task on core 0 that reads
+//! the load every `TICK`. It must never fail or delay a request: every step
+//! is best effort, and where the program cannot be attached (an old
+//! kernel, a sandbox) connections stay spread, as with `-placement spread`.
+
+use crate::runtime::shared::Shared;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often core 0 reads the load and decides.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Ticks a change of `k` holds before the next: connections asked to move
+/// need a moment to reconnect and show up in the next readings.
+const HOLD_TICKS: u32 = 10;
+
+/// The active cores' mean share of busy time above which one more core is
+/// wanted.
+const GROW_BUSY: f64 = 0.85;
+
+/// Idle CPUs (of those the process may use) needed before one more core
+/// is activated: another core only helps where a CPU can run it. Beside a
+/// load generator that saturates the server, 0.13-0.40 CPUs stood idle with
+/// one core active (2 CPUs); a dedicated machine shows about 1.
+const GROW_IDLE: f64 = 0.6;
+
+/// A core is dropped when the whole load would fit in one fewer at this
+/// share of busy time each.
+const SHRINK_BUSY: f64 = 0.5;
+
+/// How many cores take new connections, from each tick's load.
+#[derive(Debug)]
+pub struct Policy {
+    cores: usize,
+    active: usize,
+    hold: u32,
+}
+
+impl Policy {
+    /// Starts with `active` of `cores` active (held for `HOLD_TICKS`).
+    pub fn new(cores: usize, active: usize) -> Policy {
+        let cores = cores.max(1);
+        Policy { cores, active: active.clamp(1, cores), hold: if active > 1 { HOLD_TICKS } else { 0 } }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active
+    }
+
+    /// One tick's readings: each core's share of the tick it spent running
+    /// (`busy[i]`, 0 to 1) and how many of the CPUs the process may use
+    /// stood idle over it. Returns the cores to activate.
+    pub fn tick(&mut self, busy: &[f64], idle_cpus: f64) -> usize {
+        if self.hold > 0 {
+            self.hold -= 1;
+            return self.active;
+        }
+        let total: f64 = busy.iter().sum();
+        let active_mean = busy.iter().take(self.active).sum::<f64>() / self.active as f64;
+        let next = if self.active < self.cores && active_mean > GROW_BUSY && idle_cpus >= GROW_IDLE {
+            self.active + 1
+        } else if self.active > 1 && total < (self.active - 1) as f64 * SHRINK_BUSY {
+            self.active - 1
+        } else {
+            self.active
+        };
+        if next != self.active {
+            self.active = next;
+            self.hold = HOLD_TICKS;
+        }
+        self.active
+    }
+}
+
+/// How many of its connections each core should ask to reconnect, with
+/// `open[i]` open on core `i` and the first `active` cores taking new
+/// ones: an inactive core all of them, an active one those beyond an even
+/// share and a margin (so that an even spread never churns).
+pub fn to_move(open: &[u64], active: usize) -> Vec<u64> {
+    let active = active.clamp(1, open.len().max(1));
+    let total: u64 = open.iter().sum();
+    let share = total.div_ceil(active as u64);
+    let margin = (share / 8).max(2);
+    open.iter().enumerate().map(|(core, &n)| if core < active { n.saturating_sub(share + margin) } else { n }).collect()
+}
+
+/// A core's slot, alone on its cache line: read on every answer by its
+/// core, written ten times a second by core 0.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Slot {
+    /// Its thread id (0: not yet known).
+    tid: AtomicI32,
+    /// Connections it should still ask to reconnect.
+    to_move: AtomicU64,
+}
+
+/// What the cores share about placement.
+#[derive(Debug)]
+pub struct Placement {
+    slots: Box<[Slot]>,
+    /// Cores taking new connections (the exported gauge; every core when
+    /// connections are spread).
+    active: AtomicU64,
+    /// Whether the program is attached (`start`), so the load decides.
+    steered: bool,
+}
+
+impl Placement {
+    /// `started`: the cores `start` sent new connections to, if it could.
+    pub fn new(cores: usize, started: Option<usize>) -> Placement {
+        Placement {
+            slots: (0..cores).map(|_| Slot::default()).collect(),
+            active: AtomicU64::new(started.unwrap_or(cores) as u64),
+            steered: started.is_some(),
+        }
+    }
+
+    /// Whether the load decides which cores take new connections (core 0
+    /// then runs `task`).
+    pub fn steered(&self) -> bool {
+        self.steered
+    }
+
+    /// Called by each core's thread as it starts.
+    pub fn enrol(&self, core: usize) {
+        if let Some(slot) = self.slots.get(core) {
+            // SAFETY: no arguments, no pointers; always succeeds.
+            slot.tid.store(unsafe { libc::gettid() }, Relaxed);
+        }
+    }
+
+    /// Whether a connection of `core` that is about to answer should ask
+    /// its client to reconnect (taking one from the core's count).
+    #[inline]
+    pub fn take_one(&self, core: usize) -> bool {
+        let Some(slot) = self.slots.get(core) else { return false };
+        slot.to_move.load(Relaxed) > 0 && slot.to_move.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
+
+    /// Cores taking new connections.
+    pub fn active(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+}
+
+/// Attaches the program sending each new connection to one of the first
+/// `active` listeners of the reuseport group `fd` belongs to (listener i
+/// is core i's: they joined the group in that order), drawn at random.
+fn attach(fd: RawFd, active: usize) -> std::io::Result<()> {
+    let code = |c: u32| c as u16;
+    let program = [
+        libc::sock_filter {
+            code: code(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS),
+            jt: 0,
+            jf: 0,
+            k: (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+        },
+        libc::sock_filter { code: code(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K), jt: 0, jf: 0, k: active as u32 },
+        libc::sock_filter { code: code(libc::BPF_RET | libc::BPF_A), jt: 0, jf: 0, k: 0 },
+    ];
+    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr().cast_mut() };
+    // SAFETY: `fprog` points at `program`, both live locals for the call,
+    // and `len` is its length; the kernel copies the program in and keeps
+    // no pointer. `fd` is a socket the caller keeps open for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (Linux 4.5), not exported by `libc` for
+/// every target.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// A thread's time on a CPU so far, in ns (`/proc/.../schedstat`).
+fn run_ns(tid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Idle (and I/O wait) time of the CPUs `cpus` so far, in clock ticks.
+fn idle_ticks(cpus: &[usize]) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let mut idle = 0;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(cpu) = fields.next().and_then(|f| f.strip_prefix("cpu")).and_then(|n| n.parse::<usize>().ok()) else {
+            continue;
+        };
+        if cpus.contains(&cpu) {
+            let f: Vec<u64> = fields.filter_map(|v| v.parse().ok()).collect();
+            idle += f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+        }
+    }
+    Some(idle)
+}
+
+/// Sends new connections to one core (of `cores`), before any core
+/// accepts: `listener` is core 0's. Returns how many cores take them, or
+/// `None` (with a warning) if the kernel refuses the program: connections
+/// are then spread evenly.
+pub fn start(listener: &impl std::os::fd::AsRawFd, cores: usize) -> Option<usize> {
+    // Tests start a server with its connections spread over
+    // `RENDEZVOUS_PLACEMENT_START` cores, to see them gathered again.
+    let active = std::env::var("RENDEZVOUS_PLACEMENT_START").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let active = usize::clamp(active, 1, cores.max(1));
+    match attach(listener.as_raw_fd(), active) {
+        Ok(()) => Some(active),
+        Err(e) => {
+            log::warn!("cannot steer new connections to the cores that carry the load ({e}): they are spread evenly");
+            None
+        }
+    }
+}
+
+/// Core 0's placement task, once `start` attached the program: reads the
+/// load every `TICK` and moves `k` and the connections. Stops when
+/// `stopped()` says the listener `fd` is gone (shutdown) or when the kernel
+/// refuses a new program (the last one stays).
+pub async fn task(shared: Arc<Shared>, fd: RawFd, stopped: impl Fn() -> bool) {
+    let placement = &shared.placement;
+    let cores = shared.stats.len();
+    let mut policy = Policy::new(cores, placement.active() as usize);
+    // SAFETY: `sysconf` takes no pointers.
+    let hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        hz if hz > 0 => hz as f64,
+        _ => 100.0,
+    };
+    let cpus = crate::runtime::sched::allowed_cpus();
+    let mut last: Option<(Instant, Vec<u64>, u64)> = None;
+    loop {
+        monoio::time::sleep(TICK).await;
+        if stopped() {
+            return;
+        }
+        let tids: Vec<i32> = placement.slots.iter().map(|s| s.tid.load(Relaxed)).collect();
+        let (Some(run), Some(idle)) =
+            (tids.iter().map(|&t| run_ns(t)).collect::<Option<Vec<u64>>>(), idle_ticks(&cpus))
+        else {
+            continue;
+        };
+        let now = Instant::now();
+        if let Some((then, run0, idle0)) = last.replace((now, run.clone(), idle)) {
+            let secs = now.duration_since(then).as_secs_f64().max(1e-3);
+            let busy: Vec<f64> = run.iter().zip(&run0).map(|(a, b)| a.saturating_sub(*b) as f64 / 1e9 / secs).collect();
+            let idle_cpus = idle.saturating_sub(idle0) as f64 / hz / secs;
+            let before = policy.active();
+            let active = policy.tick(&busy, idle_cpus);
+            if active != before {
+                if let Err(e) = attach(fd, active) {
+                    log::warn!("cannot steer new connections ({e}): they stay on {before} core(s)");
+                    return;
+                }
+                placement.active.store(active as u64, Relaxed);
+            }
+        }
+        let open: Vec<u64> = shared.stats.iter().map(|s| s.connections_open.get()).collect();
+        for (slot, n) in placement.slots.iter().zip(to_move(&open, policy.active())) {
+            slot.to_move.store(n, Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_core_until_it_is_busy_and_a_cpu_is_idle() {
+        let mut p = Policy::new(2, 1);
+        assert_eq!(p.tick(&[0.5, 0.0], 1.5), 1);
+        // Busy, but no CPU to run another core on (a load generator beside it).
+        assert_eq!(p.tick(&[0.95, 0.0], 0.4), 1);
+        // Busy with an idle CPU: the second core.
+        assert_eq!(p.tick(&[0.95, 0.0], 1.0), 2);
+        // No more than there are.
+        for _ in 0..HOLD_TICKS + 1 {
+            assert_eq!(p.tick(&[1.0, 1.0], 1.0), 2);
+        }
+    }
+
+    #[test]
+    fn a_change_holds_then_the_load_decides_again() {
+        let mut p = Policy::new(4, 1);
+        assert_eq!(p.tick(&[0.9, 0.0, 0.0, 0.0], 3.0), 2);
+        for _ in 0..HOLD_TICKS {
+            assert_eq!(p.tick(&[1.0, 1.0, 0.0, 0.0], 2.0), 2, "held");
+        }
+        assert_eq!(p.tick(&[1.0, 1.0, 0.0, 0.0], 2.0), 3);
+        for _ in 0..HOLD_TICKS {
+            p.tick(&[0.1, 0.1, 0.1, 0.0], 3.5);
+        }
+        // 0.3 in all fits in one core at half its time: one fewer a change.
+        assert_eq!(p.tick(&[0.1, 0.1, 0.1, 0.0], 3.5), 2);
+        for _ in 0..HOLD_TICKS {
+            p.tick(&[0.2, 0.1, 0.0, 0.0], 3.5);
+        }
+        assert_eq!(p.tick(&[0.2, 0.1, 0.0, 0.0], 3.5), 1);
+        // Between the marks nothing moves.
+        let mut p = Policy::new(2, 1);
+        p.tick(&[0.9, 0.0], 1.0);
+        for _ in 0..HOLD_TICKS {
+            p.tick(&[0.5, 0.4], 0.2);
+        }
+        assert_eq!(p.tick(&[0.4, 0.3], 0.2), 2, "0.7 would not fit in one core at half its time");
+    }
+
+    #[test]
+    fn moves_what_an_inactive_core_holds_and_an_active_ones_excess() {
+        assert_eq!(to_move(&[10, 6], 1), vec![0, 6]);
+        // 64 over two: 32 each, with a margin of 4.
+        assert_eq!(to_move(&[64, 0], 2), vec![28, 0]);
+        assert_eq!(to_move(&[36, 28], 2), vec![0, 0], "within the margin");
+        assert_eq!(to_move(&[3, 0], 2), vec![0, 0], "a margin of at least 2");
+        assert_eq!(to_move(&[0, 0], 1), vec![0, 0]);
+        assert_eq!(to_move(&[5], 1), vec![0]);
+    }
+
+    #[test]
+    fn a_core_takes_one_move_at_a_time_and_never_below_zero() {
+        let p = Placement::new(2, Some(1));
+        assert!(!p.take_one(0));
+        p.slots[1].to_move.store(2, Relaxed);
+        assert!(p.take_one(1));
+        assert!(p.take_one(1));
+        assert!(!p.take_one(1));
+        assert!(!p.take_one(7), "no such core");
+    }
+}
