@@ -339,6 +339,9 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
             conn.reject(e).await
         }
     }
+    if conn.moving {
+        ctx.shared.placement.left(ctx.id);
+    }
     stats.connections_open.sub(1);
 }
 

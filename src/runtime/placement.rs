@@ -53,8 +53,12 @@ const GROW_BUSY: f64 = 0.85;
 const GROW_IDLE: f64 = 0.6;
 
 /// A core is dropped when the whole load would fit in one fewer at this
-/// share of busy time each.
+/// share of busy time each, for `SHRINK_TICKS` ticks in a row: a core
+/// waiting on the disk for a moment is not a load that went away (under
+/// 512 MB/s of log, single ticks dipped below the mark and moved every
+/// client of a core back and forth).
 const SHRINK_BUSY: f64 = 0.5;
+const SHRINK_TICKS: u32 = 20;
 
 /// How many cores take new connections, from each tick's load.
 #[derive(Debug)]
@@ -62,13 +66,15 @@ pub struct Policy {
     cores: usize,
     active: usize,
     hold: u32,
+    /// Ticks in a row the load would have fitted in one core fewer.
+    low: u32,
 }
 
 impl Policy {
     /// Starts with `active` of `cores` active (held for `HOLD_TICKS`).
     pub fn new(cores: usize, active: usize) -> Policy {
         let cores = cores.max(1);
-        Policy { cores, active: active.clamp(1, cores), hold: if active > 1 { HOLD_TICKS } else { 0 } }
+        Policy { cores, active: active.clamp(1, cores), hold: if active > 1 { HOLD_TICKS } else { 0 }, low: 0 }
     }
 
     pub fn active(&self) -> usize {
@@ -79,15 +85,17 @@ impl Policy {
     /// (`busy[i]`, 0 to 1) and how many of the CPUs the process may use
     /// stood idle over it. Returns the cores to activate.
     pub fn tick(&mut self, busy: &[f64], idle_cpus: f64) -> usize {
+        let total: f64 = busy.iter().sum();
+        let fits_fewer = self.active > 1 && total < (self.active - 1) as f64 * SHRINK_BUSY;
+        self.low = if fits_fewer { self.low + 1 } else { 0 };
         if self.hold > 0 {
             self.hold -= 1;
             return self.active;
         }
-        let total: f64 = busy.iter().sum();
         let active_mean = busy.iter().take(self.active).sum::<f64>() / self.active as f64;
         let next = if self.active < self.cores && active_mean > GROW_BUSY && idle_cpus >= GROW_IDLE {
             self.active + 1
-        } else if self.active > 1 && total < (self.active - 1) as f64 * SHRINK_BUSY {
+        } else if self.low >= SHRINK_TICKS {
             self.active - 1
         } else {
             self.active
@@ -95,6 +103,7 @@ impl Policy {
         if next != self.active {
             self.active = next;
             self.hold = HOLD_TICKS;
+            self.low = 0;
         }
         self.active
     }
@@ -112,6 +121,37 @@ pub fn to_move(open: &[u64], active: usize) -> Vec<u64> {
     open.iter().enumerate().map(|(core, &n)| if core < active { n.saturating_sub(share + margin) } else { n }).collect()
 }
 
+/// Where the program sends new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steer {
+    /// To one of the first `n` cores, drawn at random.
+    Even(usize),
+    /// To this core only: an active core short of its share fills first,
+    /// so that clients asked to reconnect land where room was made for
+    /// them (drawn at random, half of them would land back where they
+    /// were, and be asked again).
+    Fill(usize),
+}
+
+/// Where new connections should go with `open[i]` open on core `i` and
+/// the first `active` cores taking them: the active core furthest below
+/// its share (by more than the margin `to_move` allows above it), else
+/// all active cores evenly.
+pub fn steer(open: &[u64], active: usize) -> Steer {
+    let active = active.clamp(1, open.len().max(1));
+    if active == 1 {
+        return Steer::Even(1);
+    }
+    let total: u64 = open.iter().sum();
+    let share = total / active as u64;
+    let margin = (share / 8).max(2);
+    let short = open.iter().take(active).enumerate().filter(|(_, &n)| n + margin < share).min_by_key(|(_, &n)| n);
+    match short {
+        Some((core, _)) => Steer::Fill(core),
+        None => Steer::Even(active),
+    }
+}
+
 /// A core's slot, alone on its cache line: read on every answer by its
 /// core, written ten times a second by core 0.
 #[derive(Debug, Default)]
@@ -121,6 +161,10 @@ struct Slot {
     tid: AtomicI32,
     /// Connections it should still ask to reconnect.
     to_move: AtomicU64,
+    /// Connections asked that have not closed yet (their answers still
+    /// being written, then a lingering close): not counted as its own
+    /// when the moves are set again, or they would be asked for twice.
+    leaving: AtomicU64,
 }
 
 /// What the cores share about placement.
@@ -160,10 +204,23 @@ impl Placement {
 
     /// Whether a connection of `core` that is about to answer should ask
     /// its client to reconnect (taking one from the core's count).
+    /// The connection then calls `left` when it closes.
     #[inline]
     pub fn take_one(&self, core: usize) -> bool {
         let Some(slot) = self.slots.get(core) else { return false };
-        slot.to_move.load(Relaxed) > 0 && slot.to_move.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
+        let taken =
+            slot.to_move.load(Relaxed) > 0 && slot.to_move.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok();
+        if taken {
+            slot.leaving.fetch_add(1, Relaxed);
+        }
+        taken
+    }
+
+    /// A connection that `take_one` asked to reconnect has closed.
+    pub fn left(&self, core: usize) {
+        if let Some(slot) = self.slots.get(core) {
+            let _ = slot.leaving.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+        }
     }
 
     /// Cores taking new connections.
@@ -172,21 +229,26 @@ impl Placement {
     }
 }
 
-/// Attaches the program sending each new connection to one of the first
-/// `active` listeners of the reuseport group `fd` belongs to (listener i
-/// is core i's: they joined the group in that order), drawn at random.
-fn attach(fd: RawFd, active: usize) -> std::io::Result<()> {
+/// Attaches the program sending each new connection where `steer` says,
+/// to the reuseport group `fd` belongs to (listener i is core i's: they
+/// joined the group in that order).
+fn attach(fd: RawFd, steer: Steer) -> std::io::Result<()> {
     let code = |c: u32| c as u16;
-    let program = [
-        libc::sock_filter {
-            code: code(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS),
-            jt: 0,
-            jf: 0,
-            k: (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
-        },
-        libc::sock_filter { code: code(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K), jt: 0, jf: 0, k: active as u32 },
-        libc::sock_filter { code: code(libc::BPF_RET | libc::BPF_A), jt: 0, jf: 0, k: 0 },
-    ];
+    let ret = |k: usize| libc::sock_filter { code: code(libc::BPF_RET | libc::BPF_K), jt: 0, jf: 0, k: k as u32 };
+    let program: Vec<libc::sock_filter> = match steer {
+        Steer::Fill(core) => vec![ret(core)],
+        Steer::Even(n) if n <= 1 => vec![ret(0)],
+        Steer::Even(n) => vec![
+            libc::sock_filter {
+                code: code(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS),
+                jt: 0,
+                jf: 0,
+                k: (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
+            },
+            libc::sock_filter { code: code(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K), jt: 0, jf: 0, k: n as u32 },
+            libc::sock_filter { code: code(libc::BPF_RET | libc::BPF_A), jt: 0, jf: 0, k: 0 },
+        ],
+    };
     let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr().cast_mut() };
     // SAFETY: `fprog` points at `program`, both live locals for the call,
     // and `len` is its length; the kernel copies the program in and keeps
@@ -243,7 +305,7 @@ pub fn start(listener: &impl std::os::fd::AsRawFd, cores: usize) -> Option<usize
     // `RENDEZVOUS_PLACEMENT_START` cores, to see them gathered again.
     let active = std::env::var("RENDEZVOUS_PLACEMENT_START").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let active = usize::clamp(active, 1, cores.max(1));
-    match attach(listener.as_raw_fd(), active) {
+    match attach(listener.as_raw_fd(), Steer::Even(active)) {
         Ok(()) => Some(active),
         Err(e) => {
             log::warn!("cannot steer new connections to the cores that carry the load ({e}): they are spread evenly");
@@ -267,6 +329,7 @@ pub async fn task(shared: Arc<Shared>, fd: RawFd, stopped: impl Fn() -> bool) {
     };
     let cpus = crate::runtime::sched::allowed_cpus();
     let mut last: Option<(Instant, Vec<u64>, u64)> = None;
+    let mut steered = Steer::Even(policy.active());
     loop {
         monoio::time::sleep(TICK).await;
         if stopped() {
@@ -283,19 +346,24 @@ pub async fn task(shared: Arc<Shared>, fd: RawFd, stopped: impl Fn() -> bool) {
             let secs = now.duration_since(then).as_secs_f64().max(1e-3);
             let busy: Vec<f64> = run.iter().zip(&run0).map(|(a, b)| a.saturating_sub(*b) as f64 / 1e9 / secs).collect();
             let idle_cpus = idle.saturating_sub(idle0) as f64 / hz / secs;
-            let before = policy.active();
-            let active = policy.tick(&busy, idle_cpus);
-            if active != before {
-                if let Err(e) = attach(fd, active) {
-                    log::warn!("cannot steer new connections ({e}): they stay on {before} core(s)");
-                    return;
-                }
-                placement.active.store(active as u64, Relaxed);
-            }
+            placement.active.store(policy.tick(&busy, idle_cpus) as u64, Relaxed);
         }
-        let open: Vec<u64> = shared.stats.iter().map(|s| s.connections_open.get()).collect();
+        let open: Vec<u64> = shared
+            .stats
+            .iter()
+            .zip(placement.slots.iter())
+            .map(|(s, slot)| s.connections_open.get().saturating_sub(slot.leaving.load(Relaxed)))
+            .collect();
         for (slot, n) in placement.slots.iter().zip(to_move(&open, policy.active())) {
             slot.to_move.store(n, Relaxed);
+        }
+        let next = steer(&open, policy.active());
+        if next != steered {
+            if let Err(e) = attach(fd, next) {
+                log::warn!("cannot steer new connections ({e}): they go as the last program said ({steered:?})");
+                return;
+            }
+            steered = next;
         }
     }
 }
@@ -326,15 +394,26 @@ mod tests {
             assert_eq!(p.tick(&[1.0, 1.0, 0.0, 0.0], 2.0), 2, "held");
         }
         assert_eq!(p.tick(&[1.0, 1.0, 0.0, 0.0], 2.0), 3);
-        for _ in 0..HOLD_TICKS {
-            p.tick(&[0.1, 0.1, 0.1, 0.0], 3.5);
+        // 0.3 in all fits in one core at half its time, but only once it
+        // has for SHRINK_TICKS in a row: one fewer a change.
+        for _ in 0..SHRINK_TICKS - 1 {
+            assert_eq!(p.tick(&[0.1, 0.1, 0.1, 0.0], 3.5), 3);
         }
-        // 0.3 in all fits in one core at half its time: one fewer a change.
         assert_eq!(p.tick(&[0.1, 0.1, 0.1, 0.0], 3.5), 2);
-        for _ in 0..HOLD_TICKS {
-            p.tick(&[0.2, 0.1, 0.0, 0.0], 3.5);
+        for _ in 0..SHRINK_TICKS - 1 {
+            assert_eq!(p.tick(&[0.2, 0.1, 0.0, 0.0], 3.5), 2);
         }
         assert_eq!(p.tick(&[0.2, 0.1, 0.0, 0.0], 3.5), 1);
+        // A busy tick between low ones starts the count again.
+        let mut p = Policy::new(2, 2);
+        for _ in 0..SHRINK_TICKS - 1 {
+            p.tick(&[0.1, 0.1], 1.5);
+        }
+        assert_eq!(p.tick(&[0.5, 0.5], 0.5), 2);
+        for _ in 0..SHRINK_TICKS - 1 {
+            assert_eq!(p.tick(&[0.1, 0.1], 1.5), 2);
+        }
+        assert_eq!(p.tick(&[0.1, 0.1], 1.5), 1);
         // Between the marks nothing moves.
         let mut p = Policy::new(2, 1);
         p.tick(&[0.9, 0.0], 1.0);
@@ -356,6 +435,19 @@ mod tests {
     }
 
     #[test]
+    fn a_core_short_of_its_share_fills_first() {
+        // After a second core is activated: core 0 sheds, core 1 fills.
+        assert_eq!(steer(&[64, 0], 2), Steer::Fill(1));
+        assert_eq!(steer(&[40, 24], 2), Steer::Fill(1));
+        // Within the margin: evenly.
+        assert_eq!(steer(&[34, 30], 2), Steer::Even(2));
+        assert_eq!(steer(&[0, 0], 2), Steer::Even(2));
+        // The one furthest below; inactive cores never.
+        assert_eq!(steer(&[30, 10, 2, 0], 3), Steer::Fill(2));
+        assert_eq!(steer(&[10, 10], 1), Steer::Even(1));
+    }
+
+    #[test]
     fn a_core_takes_one_move_at_a_time_and_never_below_zero() {
         let p = Placement::new(2, Some(1));
         assert!(!p.take_one(0));
@@ -363,6 +455,11 @@ mod tests {
         assert!(p.take_one(1));
         assert!(p.take_one(1));
         assert!(!p.take_one(1));
+        assert_eq!(p.slots[1].leaving.load(Relaxed), 2);
+        p.left(1);
+        p.left(1);
+        p.left(1);
+        assert_eq!(p.slots[1].leaving.load(Relaxed), 0, "never below zero");
         assert!(!p.take_one(7), "no such core");
     }
 }
