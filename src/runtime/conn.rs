@@ -257,6 +257,9 @@ enum Stop {
     Broken,
     /// The request must be answered with this error and the connection closed.
     Reject(Error),
+    /// Asked to reconnect (`placement`): its last answer written, the
+    /// connection closes gracefully.
+    Moved,
 }
 
 struct Conn<'a> {
@@ -289,6 +292,8 @@ struct Conn<'a> {
     in_request: bool,
     /// Asked to reconnect onto another core: this answer closes.
     moving: bool,
+    /// Its place under the connection caps (`None` once asked to move).
+    permit: Option<Permit>,
 }
 
 /// Removes a connection from its core's idle list when its task ends,
@@ -302,7 +307,7 @@ impl Drop for Leave<'_> {
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
+pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, permit: Permit) {
     let _ = stream.set_nodelay(true);
     let peer = clientip::canonical(peer.ip());
     let idle_id = ctx.idle.borrow_mut().join();
@@ -324,12 +329,15 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
         owed: None,
         in_request: false,
         moving: false,
+        permit: Some(permit),
     };
     let stats = ctx.stats();
     stats.connections_open.add(1);
     stats.connections_total.add(1);
     match conn.run().await {
         Stop::Done | Stop::Broken => {}
+        // Its slot under the connection caps went back when it was asked.
+        Stop::Moved => conn.linger().await,
         Stop::Reject(e) => {
             if ctx.shared.metrics_on {
                 // By its path, as `handle` labels its own refusals.
@@ -339,10 +347,10 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, _permi
             conn.reject(e).await
         }
     }
+    stats.connections_open.sub(1);
     if conn.moving {
         ctx.shared.placement.left(ctx.id);
     }
-    stats.connections_open.sub(1);
 }
 
 impl Conn<'_> {
@@ -395,8 +403,7 @@ impl Conn<'_> {
                 if self.moving && flushed.is_ok() {
                     // The client did not choose to close: whatever it sent
                     // meanwhile is drained, not reset.
-                    self.owed = None;
-                    self.linger().await;
+                    return Stop::Moved;
                 }
                 return Stop::Done;
             }
@@ -703,6 +710,10 @@ impl Conn<'_> {
         // request already buffered behind this one: it would be dropped.
         if self.keep_alive() && self.start == self.buf.len() && self.ctx.shared.placement.take_one(self.ctx.id) {
             self.moving = true;
+            // The client reconnects as soon as it reads this answer: its
+            // place under -maxConnsPerIP and the others is free before
+            // then, or a client at its cap would be refused.
+            self.permit = None;
             self.ctx.stats().connections_moved.add(1);
         }
         let keep_alive = self.keep_alive();

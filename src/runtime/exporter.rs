@@ -91,7 +91,7 @@ families! {
     ConnectionsMoved: Counter Count "rendezvous_connections_moved_total" []
         "Keep-alive connections asked (with Connection: close on an answer) to reconnect onto the cores taking new connections (-placement pack).";
     PlacementCores: Gauge Count "rendezvous_placement_cores" []
-        "Cores taking new connections: as few as carry the load under -placement pack, every core under spread.";
+        "Cores the load needs (-placement pack: new connections go to these, a core short of its share first); every core under spread.";
     CoreConnections: Gauge Count "rendezvous_core_connections_open" ["core"]
         "Open client connections, by the core serving them.";
     ConnectionsEvicted: Counter Count "rendezvous_connections_evicted_total" []

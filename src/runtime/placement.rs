@@ -19,15 +19,24 @@
 //! changes the cores holding more than their share ask that many clients
 //! to reconnect: the next answer on such a connection carries
 //! `Connection: close`, which every HTTP/1.1 client handles by opening a
-//! new connection (landing where the program now sends it). Nothing is cut
-//! mid-request and no request is lost. Without this, a proxy's pool opened
-//! while the server was idle would stay on one core at full load.
+//! new connection (landing where the program now sends it: a core short
+//! of its share takes every new one until it has it). Nothing is cut
+//! mid-request; a request the client had already sent behind the closing
+//! answer is not read, and the client sends it again on its new
+//! connection, as after any keep-alive close. A connection is not asked
+//! while another request sits in its buffer. Without the moves, a proxy's
+//! pool opened while the server was idle would stay on one core at full
+//! load. Moves are capped per tick, and a core is dropped only after the
+//! load stayed low for seconds, so a bursty load does not reconnect every
+//! client each time.
 //!
 //! This module owns the policy (pure, unit-tested), the program, the
 //! per-core "connections to move" counts and the task on core 0 that reads
 //! the load every `TICK`. It must never fail or delay a request: every step
-//! is best effort, and where the program cannot be attached (an old
-//! kernel, a sandbox) connections stay spread, as with `-placement spread`.
+//! is best effort. Where the program cannot be attached (an old kernel, a
+//! sandbox) or the load cannot be read (`/proc`), connections are spread
+//! over every core, as with `-placement spread`. `RENDEZVOUS_PLACEMENT_START`
+//! (a test hook) starts with that many cores active.
 
 use crate::runtime::shared::Shared;
 use std::os::fd::RawFd;
@@ -42,9 +51,11 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// need a moment to reconnect and show up in the next readings.
 const HOLD_TICKS: u32 = 10;
 
-/// The active cores' mean share of busy time above which one more core is
-/// wanted.
+/// The busiest active core's share of busy time above which one more
+/// core is wanted, for `GROW_TICKS` ticks in a row (one busy tick is a
+/// burst, not a load).
 const GROW_BUSY: f64 = 0.85;
+const GROW_TICKS: u32 = 3;
 
 /// Idle CPUs (of those the process may use) needed before one more core
 /// is activated: another core only helps where a CPU can run it. Beside a
@@ -53,12 +64,16 @@ const GROW_BUSY: f64 = 0.85;
 const GROW_IDLE: f64 = 0.6;
 
 /// A core is dropped when the whole load would fit in one fewer at this
-/// share of busy time each, for `SHRINK_TICKS` ticks in a row: a core
-/// waiting on the disk for a moment is not a load that went away (under
-/// 512 MB/s of log, single ticks dipped below the mark and moved every
-/// client of a core back and forth).
+/// share of busy time each, for `SHRINK_TICKS` ticks in a row after a
+/// change's hold: a core waiting on the disk for a moment is not a load
+/// that went away (under 512 MB/s of log, single ticks dipped below the
+/// mark and moved every client of a core back and forth).
 const SHRINK_BUSY: f64 = 0.5;
-const SHRINK_TICKS: u32 = 20;
+const SHRINK_TICKS: u32 = 50;
+
+/// The most connections a core is asked to move per tick: `MOVES_MIN`, or
+/// a tenth of what it holds if more.
+const MOVES_MIN: u64 = 8;
 
 /// How many cores take new connections, from each tick's load.
 #[derive(Debug)]
@@ -68,13 +83,15 @@ pub struct Policy {
     hold: u32,
     /// Ticks in a row the load would have fitted in one core fewer.
     low: u32,
+    /// Ticks in a row the busiest active core was busy.
+    high: u32,
 }
 
 impl Policy {
     /// Starts with `active` of `cores` active (held for `HOLD_TICKS`).
     pub fn new(cores: usize, active: usize) -> Policy {
         let cores = cores.max(1);
-        Policy { cores, active: active.clamp(1, cores), hold: if active > 1 { HOLD_TICKS } else { 0 }, low: 0 }
+        Policy { cores, active: active.clamp(1, cores), hold: if active > 1 { HOLD_TICKS } else { 0 }, low: 0, high: 0 }
     }
 
     pub fn active(&self) -> usize {
@@ -85,15 +102,17 @@ impl Policy {
     /// (`busy[i]`, 0 to 1) and how many of the CPUs the process may use
     /// stood idle over it. Returns the cores to activate.
     pub fn tick(&mut self, busy: &[f64], idle_cpus: f64) -> usize {
-        let total: f64 = busy.iter().sum();
-        let fits_fewer = self.active > 1 && total < (self.active - 1) as f64 * SHRINK_BUSY;
-        self.low = if fits_fewer { self.low + 1 } else { 0 };
         if self.hold > 0 {
             self.hold -= 1;
             return self.active;
         }
-        let active_mean = busy.iter().take(self.active).sum::<f64>() / self.active as f64;
-        let next = if self.active < self.cores && active_mean > GROW_BUSY && idle_cpus >= GROW_IDLE {
+        let total: f64 = busy.iter().sum();
+        let fits_fewer = self.active > 1 && total < (self.active - 1) as f64 * SHRINK_BUSY;
+        self.low = if fits_fewer { self.low + 1 } else { 0 };
+        let busiest = busy.iter().take(self.active).cloned().fold(0.0, f64::max);
+        let wants_more = self.active < self.cores && busiest > GROW_BUSY && idle_cpus >= GROW_IDLE;
+        self.high = if wants_more { self.high + 1 } else { 0 };
+        let next = if self.high >= GROW_TICKS {
             self.active + 1
         } else if self.low >= SHRINK_TICKS {
             self.active - 1
@@ -104,21 +123,30 @@ impl Policy {
             self.active = next;
             self.hold = HOLD_TICKS;
             self.low = 0;
+            self.high = 0;
         }
         self.active
     }
 }
 
-/// How many of its connections each core should ask to reconnect, with
-/// `open[i]` open on core `i` and the first `active` cores taking new
-/// ones: an inactive core all of them, an active one those beyond an even
-/// share and a margin (so that an even spread never churns).
+/// How many of its connections each core should ask to reconnect this
+/// tick, with `open[i]` open on core `i` and the first `active` cores
+/// taking new ones: an inactive core all of them, an active one those
+/// beyond an even share and a margin (an eighth of it, at least one, so
+/// that an even spread never churns), at most `MOVES_MIN` or a tenth of
+/// what it holds.
 pub fn to_move(open: &[u64], active: usize) -> Vec<u64> {
     let active = active.clamp(1, open.len().max(1));
     let total: u64 = open.iter().sum();
     let share = total.div_ceil(active as u64);
-    let margin = (share / 8).max(2);
-    open.iter().enumerate().map(|(core, &n)| if core < active { n.saturating_sub(share + margin) } else { n }).collect()
+    let margin = (share / 8).max(1);
+    open.iter()
+        .enumerate()
+        .map(|(core, &n)| {
+            let excess = if core < active { n.saturating_sub(share + margin) } else { n };
+            excess.min(MOVES_MIN.max(n / 10))
+        })
+        .collect()
 }
 
 /// Where the program sends new connections.
@@ -144,7 +172,7 @@ pub fn steer(open: &[u64], active: usize) -> Steer {
     }
     let total: u64 = open.iter().sum();
     let share = total / active as u64;
-    let margin = (share / 8).max(2);
+    let margin = (share / 8).max(1);
     let short = open.iter().take(active).enumerate().filter(|(_, &n)| n + margin < share).min_by_key(|(_, &n)| n);
     match short {
         Some((core, _)) => Steer::Fill(core),
@@ -176,15 +204,20 @@ pub struct Placement {
     active: AtomicU64,
     /// Whether the program is attached (`start`), so the load decides.
     steered: bool,
+    /// The CPUs the process may use, read at startup by the main thread
+    /// (a core's own mask may be narrowed: pinned, or moved for a turn).
+    cpus: Vec<usize>,
 }
 
 impl Placement {
-    /// `started`: the cores `start` sent new connections to, if it could.
-    pub fn new(cores: usize, started: Option<usize>) -> Placement {
+    /// `started`: the cores `start` sent new connections to, if it could;
+    /// `cpus`: the process's CPUs.
+    pub fn new(cores: usize, started: Option<usize>, cpus: Vec<usize>) -> Placement {
         Placement {
             slots: (0..cores).map(|_| Slot::default()).collect(),
             active: AtomicU64::new(started.unwrap_or(cores) as u64),
             steered: started.is_some(),
+            cpus,
         }
     }
 
@@ -273,34 +306,80 @@ fn attach(fd: RawFd, steer: Steer) -> std::io::Result<()> {
 /// every target.
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
-/// A thread's time on a CPU so far, in ns (`/proc/.../schedstat`).
-fn run_ns(tid: i32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
+/// A thread's time on a CPU so far, in ns, from its `schedstat` (kept
+/// open: read again from the start each time).
+fn run_ns(file: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 96];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(buf.get(..n)?).ok()?.split_whitespace().next()?.parse().ok()
 }
 
-/// Idle (and I/O wait) time of the CPUs `cpus` so far, in clock ticks.
+/// Opens a core thread's `schedstat`.
+fn schedstat(tid: i32) -> Option<std::fs::File> {
+    std::fs::File::open(format!("/proc/self/task/{tid}/schedstat")).ok()
+}
+
+/// Idle (and I/O wait) time of the CPUs `cpus` so far, in clock ticks, or
+/// `None` if `/proc/stat` names none of them (a container's renumbered
+/// view). Reads only the `cpu` lines at its top.
 fn idle_ticks(cpus: &[usize]) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let mut idle = 0;
-    for line in text.lines() {
-        let mut fields = line.split_whitespace();
-        let Some(cpu) = fields.next().and_then(|f| f.strip_prefix("cpu")).and_then(|n| n.parse::<usize>().ok()) else {
-            continue;
-        };
+    use std::io::BufRead;
+    let file = std::fs::File::open("/proc/stat").ok()?;
+    let (mut idle, mut seen) = (0, false);
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.ok()?;
+        let Some(rest) = line.strip_prefix("cpu") else { break };
+        let mut fields = rest.split_whitespace();
+        let Some(cpu) = fields.next().and_then(|n| n.parse::<usize>().ok()) else { continue };
         if cpus.contains(&cpu) {
             let f: Vec<u64> = fields.filter_map(|v| v.parse().ok()).collect();
             idle += f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+            seen = true;
         }
     }
-    Some(idle)
+    seen.then_some(idle)
 }
+
+/// Lets the kernel spread new connections again (the program removed,
+/// else one spreading evenly): what is left when the load can no longer
+/// be read or a program is refused.
+fn unsteer(fd: RawFd, cores: usize) {
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a live local int and its size is given; `fd` is a
+    // socket the caller keeps open for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_DETACH_REUSEPORT_BPF,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let _ = attach(fd, Steer::Even(cores));
+    }
+}
+
+/// `SO_DETACH_REUSEPORT_BPF` (Linux 5.3).
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
+
+/// Ticks in a row the load may go unread before the task gives up.
+const UNREAD_TICKS: u32 = 10;
 
 /// Sends new connections to one core (of `cores`), before any core
 /// accepts: `listener` is core 0's. Returns how many cores take them, or
 /// `None` (with a warning) if the kernel refuses the program: connections
 /// are then spread evenly.
-pub fn start(listener: &impl std::os::fd::AsRawFd, cores: usize) -> Option<usize> {
+pub fn start(listener: &impl std::os::fd::AsRawFd, cores: usize, cpus: &[usize]) -> Option<usize> {
+    // The load must be readable, or the first core would be the only one.
+    // SAFETY: no arguments, no pointers; always succeeds.
+    let me = unsafe { libc::gettid() };
+    if schedstat(me).as_ref().and_then(run_ns).is_none() || idle_ticks(cpus).is_none() {
+        log::warn!("cannot read the cores' load from /proc: new connections are spread evenly over the cores");
+        return None;
+    }
     // Tests start a server with its connections spread over
     // `RENDEZVOUS_PLACEMENT_START` cores, to see them gathered again.
     let active = std::env::var("RENDEZVOUS_PLACEMENT_START").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
@@ -327,26 +406,42 @@ pub async fn task(shared: Arc<Shared>, fd: RawFd, stopped: impl Fn() -> bool) {
         hz if hz > 0 => hz as f64,
         _ => 100.0,
     };
-    let cpus = crate::runtime::sched::allowed_cpus();
+    let mut files: Vec<Option<std::fs::File>> = (0..cores).map(|_| None).collect();
     let mut last: Option<(Instant, Vec<u64>, u64)> = None;
     let mut steered = Steer::Even(policy.active());
+    let mut unread = 0;
     loop {
         monoio::time::sleep(TICK).await;
         if stopped() {
             return;
         }
-        let tids: Vec<i32> = placement.slots.iter().map(|s| s.tid.load(Relaxed)).collect();
-        let (Some(run), Some(idle)) =
-            (tids.iter().map(|&t| run_ns(t)).collect::<Option<Vec<u64>>>(), idle_ticks(&cpus))
-        else {
+        for (file, slot) in files.iter_mut().zip(placement.slots.iter()) {
+            if file.is_none() {
+                *file = schedstat(slot.tid.load(Relaxed));
+            }
+        }
+        let run = files.iter().map(|f| f.as_ref().and_then(run_ns)).collect::<Option<Vec<u64>>>();
+        let (Some(run), Some(idle)) = (run, idle_ticks(&placement.cpus)) else {
+            unread += 1;
+            if unread >= UNREAD_TICKS {
+                log::warn!("cannot read the cores' load from /proc any more: new connections are spread evenly");
+                unsteer(fd, cores);
+                placement.active.store(cores as u64, Relaxed);
+                for slot in placement.slots.iter() {
+                    slot.to_move.store(0, Relaxed);
+                }
+                return;
+            }
             continue;
         };
+        unread = 0;
         let now = Instant::now();
+        let mut active = policy.active();
         if let Some((then, run0, idle0)) = last.replace((now, run.clone(), idle)) {
             let secs = now.duration_since(then).as_secs_f64().max(1e-3);
             let busy: Vec<f64> = run.iter().zip(&run0).map(|(a, b)| a.saturating_sub(*b) as f64 / 1e9 / secs).collect();
             let idle_cpus = idle.saturating_sub(idle0) as f64 / hz / secs;
-            placement.active.store(policy.tick(&busy, idle_cpus) as u64, Relaxed);
+            active = policy.tick(&busy, idle_cpus);
         }
         let open: Vec<u64> = shared
             .stats
@@ -354,17 +449,20 @@ pub async fn task(shared: Arc<Shared>, fd: RawFd, stopped: impl Fn() -> bool) {
             .zip(placement.slots.iter())
             .map(|(s, slot)| s.connections_open.get().saturating_sub(slot.leaving.load(Relaxed)))
             .collect();
-        for (slot, n) in placement.slots.iter().zip(to_move(&open, policy.active())) {
+        for (slot, n) in placement.slots.iter().zip(to_move(&open, active)) {
             slot.to_move.store(n, Relaxed);
         }
-        let next = steer(&open, policy.active());
+        let next = steer(&open, active);
         if next != steered {
             if let Err(e) = attach(fd, next) {
-                log::warn!("cannot steer new connections ({e}): they go as the last program said ({steered:?})");
+                log::warn!("cannot steer new connections ({e}): they are spread evenly");
+                unsteer(fd, cores);
+                placement.active.store(cores as u64, Relaxed);
                 return;
             }
             steered = next;
         }
+        placement.active.store(active as u64, Relaxed);
     }
 }
 
@@ -372,64 +470,70 @@ pub async fn task(shared: Arc<Shared>, fd: RawFd, stopped: impl Fn() -> bool) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn one_core_until_it_is_busy_and_a_cpu_is_idle() {
-        let mut p = Policy::new(2, 1);
-        assert_eq!(p.tick(&[0.5, 0.0], 1.5), 1);
-        // Busy, but no CPU to run another core on (a load generator beside it).
-        assert_eq!(p.tick(&[0.95, 0.0], 0.4), 1);
-        // Busy with an idle CPU: the second core.
-        assert_eq!(p.tick(&[0.95, 0.0], 1.0), 2);
-        // No more than there are.
-        for _ in 0..HOLD_TICKS + 1 {
-            assert_eq!(p.tick(&[1.0, 1.0], 1.0), 2);
-        }
+    /// Ticks `p` with the same readings `n` times; returns the last answer.
+    fn ticks(p: &mut Policy, n: u32, busy: &[f64], idle: f64) -> usize {
+        (0..n).map(|_| p.tick(busy, idle)).last().unwrap_or(p.active())
     }
 
     #[test]
-    fn a_change_holds_then_the_load_decides_again() {
+    fn one_core_until_it_is_busy_and_a_cpu_is_idle() {
+        let mut p = Policy::new(2, 1);
+        assert_eq!(ticks(&mut p, 100, &[0.5, 0.0], 1.5), 1);
+        // Busy, but no CPU to run another core on (a load generator beside it).
+        assert_eq!(ticks(&mut p, 100, &[0.95, 0.0], 0.4), 1);
+        // Busy with an idle CPU, but only for a burst: still one.
+        assert_eq!(ticks(&mut p, GROW_TICKS - 1, &[0.95, 0.0], 1.0), 1);
+        assert_eq!(p.tick(&[0.3, 0.0], 1.5), 1);
+        assert_eq!(ticks(&mut p, GROW_TICKS - 1, &[0.95, 0.0], 1.0), 1);
+        // Sustained: the second core.
+        assert_eq!(p.tick(&[0.95, 0.0], 1.0), 2);
+        // No more than there are.
+        assert_eq!(ticks(&mut p, 100, &[1.0, 1.0], 1.0), 2);
+    }
+
+    #[test]
+    fn the_busiest_active_core_asks_for_another() {
+        // Core 0 saturated while core 1 idles (its connections are quiet).
+        let mut p = Policy::new(3, 2);
+        ticks(&mut p, HOLD_TICKS, &[0.0, 0.0, 0.0], 0.0);
+        assert_eq!(ticks(&mut p, GROW_TICKS, &[1.0, 0.1, 0.0], 1.5), 3);
+    }
+
+    #[test]
+    fn a_change_holds_and_a_core_is_dropped_only_after_a_long_lull() {
         let mut p = Policy::new(4, 1);
-        assert_eq!(p.tick(&[0.9, 0.0, 0.0, 0.0], 3.0), 2);
-        for _ in 0..HOLD_TICKS {
-            assert_eq!(p.tick(&[1.0, 1.0, 0.0, 0.0], 2.0), 2, "held");
-        }
-        assert_eq!(p.tick(&[1.0, 1.0, 0.0, 0.0], 2.0), 3);
-        // 0.3 in all fits in one core at half its time, but only once it
-        // has for SHRINK_TICKS in a row: one fewer a change.
-        for _ in 0..SHRINK_TICKS - 1 {
-            assert_eq!(p.tick(&[0.1, 0.1, 0.1, 0.0], 3.5), 3);
-        }
+        assert_eq!(ticks(&mut p, GROW_TICKS, &[0.9, 0.0, 0.0, 0.0], 3.0), 2);
+        // Held, whatever the load.
+        assert_eq!(ticks(&mut p, HOLD_TICKS, &[1.0, 1.0, 0.0, 0.0], 2.0), 2);
+        assert_eq!(ticks(&mut p, GROW_TICKS, &[1.0, 1.0, 0.0, 0.0], 2.0), 3);
+        // 0.3 in all fits in one core fewer at half their time, but a core
+        // goes only after the hold and SHRINK_TICKS low ticks in a row.
+        assert_eq!(ticks(&mut p, HOLD_TICKS + SHRINK_TICKS - 1, &[0.1, 0.1, 0.1, 0.0], 3.5), 3);
         assert_eq!(p.tick(&[0.1, 0.1, 0.1, 0.0], 3.5), 2);
-        for _ in 0..SHRINK_TICKS - 1 {
-            assert_eq!(p.tick(&[0.2, 0.1, 0.0, 0.0], 3.5), 2);
-        }
-        assert_eq!(p.tick(&[0.2, 0.1, 0.0, 0.0], 3.5), 1);
-        // A busy tick between low ones starts the count again.
+        assert_eq!(ticks(&mut p, HOLD_TICKS + SHRINK_TICKS, &[0.2, 0.1, 0.0, 0.0], 3.5), 1);
+        // A busy tick among the low ones starts the count again.
         let mut p = Policy::new(2, 2);
-        for _ in 0..SHRINK_TICKS - 1 {
-            p.tick(&[0.1, 0.1], 1.5);
-        }
+        ticks(&mut p, HOLD_TICKS + SHRINK_TICKS - 1, &[0.1, 0.1], 1.5);
         assert_eq!(p.tick(&[0.5, 0.5], 0.5), 2);
-        for _ in 0..SHRINK_TICKS - 1 {
-            assert_eq!(p.tick(&[0.1, 0.1], 1.5), 2);
-        }
+        assert_eq!(ticks(&mut p, SHRINK_TICKS - 1, &[0.1, 0.1], 1.5), 2);
         assert_eq!(p.tick(&[0.1, 0.1], 1.5), 1);
         // Between the marks nothing moves.
-        let mut p = Policy::new(2, 1);
-        p.tick(&[0.9, 0.0], 1.0);
-        for _ in 0..HOLD_TICKS {
-            p.tick(&[0.5, 0.4], 0.2);
-        }
-        assert_eq!(p.tick(&[0.4, 0.3], 0.2), 2, "0.7 would not fit in one core at half its time");
+        let mut p = Policy::new(2, 2);
+        assert_eq!(ticks(&mut p, 200, &[0.4, 0.3], 0.2), 2, "0.7 would not fit in one core at half its time");
     }
 
     #[test]
     fn moves_what_an_inactive_core_holds_and_an_active_ones_excess() {
         assert_eq!(to_move(&[10, 6], 1), vec![0, 6]);
-        // 64 over two: 32 each, with a margin of 4.
-        assert_eq!(to_move(&[64, 0], 2), vec![28, 0]);
+        // 64 over two: 32 each, with a margin of 4; at most 8 a tick.
+        assert_eq!(to_move(&[64, 0], 2), vec![8, 0]);
+        assert_eq!(to_move(&[40, 24], 2), vec![4, 0]);
         assert_eq!(to_move(&[36, 28], 2), vec![0, 0], "within the margin");
-        assert_eq!(to_move(&[3, 0], 2), vec![0, 0], "a margin of at least 2");
+        // A small pool is spread too: a margin of one.
+        assert_eq!(to_move(&[4, 0], 2), vec![1, 0]);
+        assert_eq!(to_move(&[3, 1], 2), vec![0, 0]);
+        // A tenth of a large core's connections a tick.
+        assert_eq!(to_move(&[0, 500], 1), vec![0, 50]);
         assert_eq!(to_move(&[0, 0], 1), vec![0, 0]);
         assert_eq!(to_move(&[5], 1), vec![0]);
     }
@@ -449,7 +553,7 @@ mod tests {
 
     #[test]
     fn a_core_takes_one_move_at_a_time_and_never_below_zero() {
-        let p = Placement::new(2, Some(1));
+        let p = Placement::new(2, Some(1), vec![0, 1]);
         assert!(!p.take_one(0));
         p.slots[1].to_move.store(2, Relaxed);
         assert!(p.take_one(1));

@@ -599,8 +599,10 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     let (listeners, bound, port_lock) = bind_listeners(config.listen(), n, port_lock)?;
     // Before any core accepts: no connection lands on a core placement
     // does not want yet.
+    // The process's CPUs, before any core narrows its own mask.
+    let process_cpus = sched::allowed_cpus();
     let placed = (n > 1 && config.placement == crate::config::Placement::Pack)
-        .then(|| crate::runtime::placement::start(&listeners[0], n))
+        .then(|| crate::runtime::placement::start(&listeners[0], n, &process_cpus))
         .flatten();
     let (mesh, receivers) = Mesh::new(n);
     let Restored { shards, versions, secret_key, next_segment, data_dir } = restored;
@@ -617,7 +619,7 @@ pub fn run(config: Config) -> Result<(), StartupError> {
         listen_text: bound.to_string(),
         stats: (0..n).map(|_| Default::default()).collect(),
         seats: Arc::new(Seats::new(n)),
-        placement: crate::runtime::placement::Placement::new(n, placed),
+        placement: crate::runtime::placement::Placement::new(n, placed, process_cpus.clone()),
         snapshot_stats: Default::default(),
         metrics_on: admin.is_some(),
         conn_limits: ConnLimits::new(
@@ -647,8 +649,8 @@ pub fn run(config: Config) -> Result<(), StartupError> {
     }
     let cpus = match shared.config.cpu_affinity {
         CpuAffinity::Spread => {
-            let allowed = sched::allowed_cpus();
-            let cpus = sched::placement(&allowed, n);
+            let allowed = &process_cpus;
+            let cpus = sched::placement(allowed, n);
             if cpus.iter().any(Option::is_none) {
                 log::info!("{n} worker threads for {} CPUs: leaving their placement to the kernel", allowed.len());
             }

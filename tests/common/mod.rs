@@ -98,7 +98,7 @@ impl Server {
                 .collect();
         // Connections spread over the cores, as the tests were written
         // for; `tests/placement.rs` runs the default.
-        if !args.iter().any(|a| a.contains("placement")) {
+        if !args.contains(&"-placement") {
             all.push("-placement".into());
             all.push("spread".into());
         }
