@@ -71,6 +71,16 @@ const GROW_IDLE: f64 = 0.6;
 const SHRINK_BUSY: f64 = 0.5;
 const SHRINK_TICKS: u32 = 50;
 
+/// A core is also dropped when the CPU the server had or could have had
+/// (its run time plus the idle CPUs) would not run one more core than
+/// that for more than this share of a CPU, for `CROWDED_TICKS` ticks in a
+/// row: the other CPUs are busy with other programs (a proxy, a load
+/// generator), and more cores only take turns with them. Above the grow
+/// condition's own total (0.85 + 0.6), so a core just added is not
+/// dropped for it.
+const CROWDED_MARGIN: f64 = 0.4;
+const CROWDED_TICKS: u32 = 20;
+
 /// The most connections a core is asked to move per tick: `MOVES_MIN`, or
 /// a tenth of what it holds if more.
 const MOVES_MIN: u64 = 8;
@@ -85,13 +95,22 @@ pub struct Policy {
     low: u32,
     /// Ticks in a row the busiest active core was busy.
     high: u32,
+    /// Ticks in a row the server could not have run all its active cores.
+    crowded: u32,
 }
 
 impl Policy {
     /// Starts with `active` of `cores` active (held for `HOLD_TICKS`).
     pub fn new(cores: usize, active: usize) -> Policy {
         let cores = cores.max(1);
-        Policy { cores, active: active.clamp(1, cores), hold: if active > 1 { HOLD_TICKS } else { 0 }, low: 0, high: 0 }
+        Policy {
+            cores,
+            active: active.clamp(1, cores),
+            hold: if active > 1 { HOLD_TICKS } else { 0 },
+            low: 0,
+            high: 0,
+            crowded: 0,
+        }
     }
 
     pub fn active(&self) -> usize {
@@ -109,12 +128,15 @@ impl Policy {
         let total: f64 = busy.iter().sum();
         let fits_fewer = self.active > 1 && total < (self.active - 1) as f64 * SHRINK_BUSY;
         self.low = if fits_fewer { self.low + 1 } else { 0 };
+        let room = total + idle_cpus;
+        let crowded = self.active > 1 && room < (self.active - 1) as f64 + CROWDED_MARGIN;
+        self.crowded = if crowded { self.crowded + 1 } else { 0 };
         let busiest = busy.iter().take(self.active).cloned().fold(0.0, f64::max);
         let wants_more = self.active < self.cores && busiest > GROW_BUSY && idle_cpus >= GROW_IDLE;
         self.high = if wants_more { self.high + 1 } else { 0 };
         let next = if self.high >= GROW_TICKS {
             self.active + 1
-        } else if self.low >= SHRINK_TICKS {
+        } else if self.low >= SHRINK_TICKS || self.crowded >= CROWDED_TICKS {
             self.active - 1
         } else {
             self.active
@@ -124,6 +146,7 @@ impl Policy {
             self.hold = HOLD_TICKS;
             self.low = 0;
             self.high = 0;
+            self.crowded = 0;
         }
         self.active
     }
@@ -500,6 +523,23 @@ mod tests {
     }
 
     #[test]
+    fn a_core_is_dropped_when_other_programs_hold_the_cpus() {
+        // Two cores busy half the time each, the other CPU's worth taken
+        // by a load generator: one core would get as much done.
+        let mut p = Policy::new(2, 2);
+        ticks(&mut p, HOLD_TICKS, &[0.5, 0.5], 0.1);
+        assert_eq!(ticks(&mut p, CROWDED_TICKS - 1, &[0.5, 0.5], 0.1), 2);
+        assert_eq!(p.tick(&[0.5, 0.5], 0.1), 1);
+        // Alone on the machine, both cores busy: kept.
+        let mut p = Policy::new(2, 2);
+        assert_eq!(ticks(&mut p, 200, &[1.0, 1.0], 0.0), 2);
+        // Just grown on the grow condition's own readings: not dropped.
+        let mut p = Policy::new(2, 1);
+        assert_eq!(ticks(&mut p, GROW_TICKS, &[0.86, 0.0], 0.6), 2);
+        assert_eq!(ticks(&mut p, 200, &[0.86, 0.0], 0.6), 2);
+    }
+
+    #[test]
     fn a_change_holds_and_a_core_is_dropped_only_after_a_long_lull() {
         let mut p = Policy::new(4, 1);
         assert_eq!(ticks(&mut p, GROW_TICKS, &[0.9, 0.0, 0.0, 0.0], 3.0), 2);
@@ -519,7 +559,7 @@ mod tests {
         assert_eq!(p.tick(&[0.1, 0.1], 1.5), 1);
         // Between the marks nothing moves.
         let mut p = Policy::new(2, 2);
-        assert_eq!(ticks(&mut p, 200, &[0.4, 0.3], 0.2), 2, "0.7 would not fit in one core at half its time");
+        assert_eq!(ticks(&mut p, 200, &[0.4, 0.3], 1.0), 2, "0.7 would not fit in one core at half its time");
     }
 
     #[test]
