@@ -104,6 +104,10 @@ fn start(threads: &str, extra: &[&str]) -> Server {
     // `-schedPolicy normal`, against the same nginx.
     let more = std::env::var("BENCH_SERVER_ARGS").unwrap_or_default();
     args.extend(more.split_whitespace());
+    // The default placement (the tests' helper spreads connections).
+    if !args.contains(&"-placement") {
+        args.extend(["-placement", "pack"]);
+    }
     Server::start(&args)
 }
 

@@ -11,9 +11,10 @@
 //! 11). So by default (`-placement pack`) new connections go to the first
 //! `k` cores only (a classic BPF program on the listeners' reuseport group
 //! draws one of them; unprivileged, and switching it cancels no accept),
-//! and `k` follows the load (`Policy`): one more core when the active ones
-//! are busy and a CPU the process may use stands idle for it, one fewer
-//! when the load would fit in fewer at half their time each.
+//! and `k` follows the load (`Policy`): one more core when an active one
+//! is busy and a CPU the process may use stands idle for it; one fewer
+//! when the load would fit in fewer at half their time each, or when
+//! other programs hold the CPUs a core more would need.
 //!
 //! A keep-alive connection stays where it was accepted, so when `k`
 //! changes the cores holding more than their share ask that many clients
