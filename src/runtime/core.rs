@@ -79,6 +79,9 @@ type UringRuntime = monoio::Runtime<monoio::time::TimeDriver<IoUringDriver>>;
 
 /// Runs one core until the process exits.
 pub fn core_thread(start: CoreStart) {
+    // Before anything slow (the log's opening): placement reads every
+    // core's run time, and waits for all of them.
+    start.shared.placement.enrol(start.id);
     let policy = start.shared.config.sched_policy;
     let batch = match sched::apply_policy(policy) {
         Ok(()) => policy == SchedPolicy::Batch,
@@ -164,7 +167,6 @@ async fn core_main(start: CoreStart, turns: Option<Ring>) {
     if let Some(t) = &turns {
         monoio::spawn(t.clone().task());
     }
-    shared.placement.enrol(id);
     let ctx = Rc::new(CoreCtx::new(shared.clone(), id, router, turns));
     monoio::spawn(control_task(ctx.clone()));
     if id == 0 && shared.placement.steered() {

@@ -82,6 +82,18 @@ const SHRINK_TICKS: u32 = 50;
 const CROWDED_MARGIN: f64 = 0.4;
 const CROWDED_TICKS: u32 = 20;
 
+/// After a core was dropped for want of CPUs, no core is added for this
+/// many ticks (30 s): a client that speeds up with the server (a load
+/// generator beside it) can make one core look short of CPU and two look
+/// crowded, and would otherwise have a core added and dropped every few
+/// seconds, each time asking clients to reconnect.
+const CROWDED_BACKOFF: u32 = 300;
+
+/// A core is added only where the shrink rules would keep it on the same
+/// readings, with this much to spare (a CPU's idle time comes in steps of
+/// a tenth of a tick).
+const GROW_SPARE: f64 = 0.05;
+
 /// The most connections a core is asked to move per tick: `MOVES_MIN`, or
 /// a tenth of what it holds if more.
 const MOVES_MIN: u64 = 8;
@@ -98,6 +110,8 @@ pub struct Policy {
     high: u32,
     /// Ticks in a row the server could not have run all its active cores.
     crowded: u32,
+    /// Ticks left before a core may be added again (`CROWDED_BACKOFF`).
+    backoff: u32,
 }
 
 impl Policy {
@@ -111,6 +125,7 @@ impl Policy {
             low: 0,
             high: 0,
             crowded: 0,
+            backoff: 0,
         }
     }
 
@@ -122,6 +137,7 @@ impl Policy {
     /// (`busy[i]`, 0 to 1) and how many of the CPUs the process may use
     /// stood idle over it. Returns the cores to activate.
     pub fn tick(&mut self, busy: &[f64], idle_cpus: f64) -> usize {
+        self.backoff = self.backoff.saturating_sub(1);
         if self.hold > 0 {
             self.hold -= 1;
             return self.active;
@@ -133,11 +149,19 @@ impl Policy {
         let crowded = self.active > 1 && room < (self.active - 1) as f64 + CROWDED_MARGIN;
         self.crowded = if crowded { self.crowded + 1 } else { 0 };
         let busiest = busy.iter().take(self.active).cloned().fold(0.0, f64::max);
-        let wants_more = self.active < self.cores && busiest > GROW_BUSY && idle_cpus >= GROW_IDLE;
+        // One more core, where neither shrink rule would take it back on
+        // these readings.
+        let kept =
+            total >= self.active as f64 * SHRINK_BUSY && room >= self.active as f64 + CROWDED_MARGIN + GROW_SPARE;
+        let wants_more =
+            self.active < self.cores && self.backoff == 0 && busiest > GROW_BUSY && idle_cpus >= GROW_IDLE && kept;
         self.high = if wants_more { self.high + 1 } else { 0 };
         let next = if self.high >= GROW_TICKS {
             self.active + 1
-        } else if self.low >= SHRINK_TICKS || self.crowded >= CROWDED_TICKS {
+        } else if self.low >= SHRINK_TICKS {
+            self.active - 1
+        } else if self.crowded >= CROWDED_TICKS {
+            self.backoff = CROWDED_BACKOFF;
             self.active - 1
         } else {
             self.active
@@ -354,6 +378,10 @@ fn idle_ticks(cpus: &[usize]) -> Option<u64> {
     for line in std::io::BufReader::new(file).lines() {
         let line = line.ok()?;
         let Some(rest) = line.strip_prefix("cpu") else { break };
+        // `cpu ` (all CPUs) first, then `cpu0`, `cpu1`...
+        if !rest.starts_with(|c: char| c.is_ascii_digit()) {
+            continue;
+        }
         let mut fields = rest.split_whitespace();
         let Some(cpu) = fields.next().and_then(|n| n.parse::<usize>().ok()) else { continue };
         if cpus.contains(&cpu) {
@@ -383,6 +411,16 @@ fn unsteer(fd: RawFd, cores: usize) {
     };
     if rc != 0 {
         let _ = attach(fd, Steer::Even(cores));
+    }
+}
+
+/// Spreads new connections over every core again and stops every move:
+/// what the task leaves behind when it cannot go on.
+fn give_up(placement: &Placement, fd: RawFd, cores: usize) {
+    unsteer(fd, cores);
+    placement.active.store(cores as u64, Relaxed);
+    for slot in placement.slots.iter() {
+        slot.to_move.store(0, Relaxed);
     }
 }
 
@@ -439,6 +477,10 @@ pub async fn task(shared: Arc<Shared>, fd: RawFd, stopped: impl Fn() -> bool) {
         if stopped() {
             return;
         }
+        if placement.slots.iter().any(|slot| slot.tid.load(Relaxed) == 0) {
+            // A core still starting (its log opening): nothing to read yet.
+            continue;
+        }
         for (file, slot) in files.iter_mut().zip(placement.slots.iter()) {
             if file.is_none() {
                 *file = schedstat(slot.tid.load(Relaxed));
@@ -449,11 +491,7 @@ pub async fn task(shared: Arc<Shared>, fd: RawFd, stopped: impl Fn() -> bool) {
             unread += 1;
             if unread >= UNREAD_TICKS {
                 log::warn!("cannot read the cores' load from /proc any more: new connections are spread evenly");
-                unsteer(fd, cores);
-                placement.active.store(cores as u64, Relaxed);
-                for slot in placement.slots.iter() {
-                    slot.to_move.store(0, Relaxed);
-                }
+                give_up(placement, fd, cores);
                 return;
             }
             continue;
@@ -480,8 +518,7 @@ pub async fn task(shared: Arc<Shared>, fd: RawFd, stopped: impl Fn() -> bool) {
         if next != steered {
             if let Err(e) = attach(fd, next) {
                 log::warn!("cannot steer new connections ({e}): they are spread evenly");
-                unsteer(fd, cores);
-                placement.active.store(cores as u64, Relaxed);
+                give_up(placement, fd, cores);
                 return;
             }
             steered = next;
@@ -538,6 +575,30 @@ mod tests {
         let mut p = Policy::new(2, 1);
         assert_eq!(ticks(&mut p, GROW_TICKS, &[0.86, 0.0], 0.6), 2);
         assert_eq!(ticks(&mut p, 200, &[0.86, 0.0], 0.6), 2);
+    }
+
+    #[test]
+    fn steady_readings_never_add_a_core_the_rules_would_drop() {
+        // Two of three active, one hot, 0.8 CPU idle: a third core would
+        // be crowded (room 2.0 < 2.4), so none is added.
+        let mut p = Policy::new(3, 2);
+        assert_eq!(ticks(&mut p, 500, &[0.9, 0.3, 0.0], 0.8), 2);
+        // One hot connection, plenty idle: a third core would be dropped
+        // as idle (0.95 < 1.0 in all).
+        let mut p = Policy::new(3, 2);
+        assert_eq!(ticks(&mut p, 500, &[0.9, 0.05, 0.0], 2.0), 2);
+    }
+
+    #[test]
+    fn a_core_dropped_for_want_of_cpus_is_not_added_back_at_once() {
+        // A client that speeds up with the server: one core looks short of
+        // CPU, two look crowded.
+        let mut p = Policy::new(2, 1);
+        assert_eq!(ticks(&mut p, GROW_TICKS, &[0.9, 0.0], 0.6), 2);
+        assert_eq!(ticks(&mut p, HOLD_TICKS + CROWDED_TICKS, &[0.62, 0.62], 0.1), 1);
+        // The same readings as before the first grow: held off.
+        assert_eq!(ticks(&mut p, CROWDED_BACKOFF - 1, &[0.9, 0.0], 0.6), 1);
+        assert_eq!(ticks(&mut p, GROW_TICKS, &[0.9, 0.0], 0.6), 2);
     }
 
     #[test]
