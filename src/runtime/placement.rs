@@ -653,6 +653,52 @@ mod tests {
         assert_eq!(steer(&[10, 10], 1), Steer::Even(1));
     }
 
+    /// Two listeners of one reuseport group, as two cores have.
+    fn group() -> (std::net::TcpListener, std::net::TcpListener) {
+        let listen = |addr: std::net::SocketAddr| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_port(true).unwrap();
+            s.bind(&addr.into()).unwrap();
+            s.listen(64).unwrap();
+            s.set_nonblocking(true).unwrap();
+            std::net::TcpListener::from(s)
+        };
+        let first = listen("127.0.0.1:0".parse().unwrap());
+        let second = listen(first.local_addr().unwrap());
+        (first, second)
+    }
+
+    /// Connects `n` times; returns how many each listener accepted.
+    fn accepted(pair: &(std::net::TcpListener, std::net::TcpListener), n: usize) -> (usize, usize) {
+        let addr = pair.0.local_addr().unwrap();
+        let clients: Vec<_> = (0..n).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        let count = |l: &std::net::TcpListener| std::iter::from_fn(|| l.accept().ok()).count();
+        let got = (count(&pair.0), count(&pair.1));
+        drop(clients);
+        got
+    }
+
+    #[test]
+    fn the_program_steers_new_connections_and_unsteering_spreads_them_again() {
+        use std::os::fd::AsRawFd;
+        let pair = group();
+        let fd = pair.0.as_raw_fd();
+        attach(fd, Steer::Fill(1)).unwrap();
+        assert_eq!(accepted(&pair, 16), (0, 16));
+        attach(fd, Steer::Even(1)).unwrap();
+        assert_eq!(accepted(&pair, 16), (16, 0));
+        // Drawn at random over both: all 64 on one is a 1 in 2^63 chance.
+        attach(fd, Steer::Even(2)).unwrap();
+        let (a, b) = accepted(&pair, 64);
+        assert!(a > 0 && b > 0 && a + b == 64, "{a} and {b}");
+        attach(fd, Steer::Fill(0)).unwrap();
+        assert_eq!(accepted(&pair, 16), (16, 0));
+        // Unsteered, the kernel hashes each connection's ports again.
+        unsteer(fd, 2);
+        let (a, b) = accepted(&pair, 64);
+        assert!(a > 0 && b > 0 && a + b == 64, "{a} and {b}");
+    }
+
     #[test]
     fn a_core_takes_one_move_at_a_time_and_never_below_zero() {
         let p = Placement::new(2, Some(1), vec![0, 1]);
