@@ -290,9 +290,8 @@ struct Conn<'a> {
     /// request refused from here on (its body too large or too slow, the
     /// server draining) is counted under its route, not `other`.
     in_request: bool,
-    /// Asked to reconnect onto another core: this answer closes.
-    moving: bool,
-    /// Its place under the connection caps (`None` once asked to move).
+    /// Its place under the connection caps; `None` once asked to
+    /// reconnect onto another core (`moving`).
     permit: Option<Permit>,
 }
 
@@ -328,7 +327,6 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, permit
         paid: false,
         owed: None,
         in_request: false,
-        moving: false,
         permit: Some(permit),
     };
     let stats = ctx.stats();
@@ -348,7 +346,7 @@ pub async fn serve(ctx: Rc<CoreCtx>, stream: TcpStream, peer: SocketAddr, permit
         }
     }
     stats.connections_open.sub(1);
-    if conn.moving {
+    if conn.moving() {
         ctx.shared.placement.left(ctx.id);
     }
 }
@@ -400,7 +398,7 @@ impl Conn<'_> {
             }
             if !keep_alive {
                 let flushed = self.flush_from(ended).await;
-                if self.moving && flushed.is_ok() {
+                if self.moving() && flushed.is_ok() {
                     // The client did not choose to close: whatever it sent
                     // meanwhile is drained, not reset.
                     return Stop::Moved;
@@ -490,7 +488,13 @@ impl Conn<'_> {
     /// told it to close (a request that arrived as it was told is answered,
     /// with `Connection: close`).
     fn keep_alive(&self) -> bool {
-        self.head.keep_alive && !self.moving && !self.ctx.is_draining() && !self.ctx.idle.borrow().told(self.idle_id)
+        self.head.keep_alive && !self.moving() && !self.ctx.is_draining() && !self.ctx.idle.borrow().told(self.idle_id)
+    }
+
+    /// Whether the connection was asked to reconnect (`placement`): its
+    /// current answer is its last.
+    fn moving(&self) -> bool {
+        self.permit.is_none()
     }
 
     /// Reads the body the head announced into `self.body`, within the cap.
@@ -708,15 +712,15 @@ impl Conn<'_> {
         // Asked to reconnect (`placement`): onto a core that takes new
         // connections, once this answer is written. Not with another
         // request already buffered behind this one: it would be dropped.
-        if self.keep_alive() && self.start == self.buf.len() && self.ctx.shared.placement.take_one(self.ctx.id) {
-            self.moving = true;
+        let mut keep_alive = self.keep_alive();
+        if keep_alive && self.start == self.buf.len() && self.ctx.shared.placement.take_one(self.ctx.id) {
             // The client reconnects as soon as it reads this answer: its
             // place under -maxConnsPerIP and the others is free before
             // then, or a client at its cap would be refused.
             self.permit = None;
+            keep_alive = false;
             self.ctx.stats().connections_moved.add(1);
         }
-        let keep_alive = self.keep_alive();
         http::encode(&mut self.out, &response, &self.client_text, keep_alive, self.head.http10, head_only);
         Ok(ended)
     }

@@ -331,16 +331,22 @@ fn attach(fd: RawFd, steer: Steer) -> std::io::Result<()> {
         ],
     };
     let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr().cast_mut() };
-    // SAFETY: `fprog` points at `program`, both live locals for the call,
-    // and `len` is its length; the kernel copies the program in and keeps
-    // no pointer. `fd` is a socket the caller keeps open for the call.
+    // The kernel copies the program in and keeps no pointer.
+    set_socket_option(fd, SO_ATTACH_REUSEPORT_CBPF, &fprog)
+}
+
+/// `setsockopt(fd, SOL_SOCKET, name, value)`.
+fn set_socket_option<T>(fd: RawFd, name: libc::c_int, value: &T) -> std::io::Result<()> {
+    // SAFETY: `value` is a live reference for the call and its size is
+    // given; the kernel reads at most that many bytes. `fd` is a socket
+    // the caller keeps open for the call.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -398,18 +404,7 @@ fn idle_ticks(cpus: &[usize]) -> Option<u64> {
 /// be read or a program is refused.
 fn unsteer(fd: RawFd, cores: usize) {
     let one: libc::c_int = 1;
-    // SAFETY: `one` is a live local int and its size is given; `fd` is a
-    // socket the caller keeps open for the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_DETACH_REUSEPORT_BPF,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
+    if set_socket_option(fd, SO_DETACH_REUSEPORT_BPF, &one).is_err() {
         let _ = attach(fd, Steer::Even(cores));
     }
 }
