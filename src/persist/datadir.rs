@@ -18,13 +18,18 @@
 //! locked too (an `flock` on its own descriptor, which no `rm LOCK` can
 //! take away), the path is resolved once at startup (a symlink flipped to
 //! another directory later, as a blue/green switch does, leaves this
-//! process in the one it locked), and before the server creates or
-//! deletes anything in it, it checks that the path still names the
-//! directory it locked (`DataDir::check`): a directory renamed away and
-//! replaced under a running server would otherwise be written and pruned
-//! by two processes, each checkpoint deleting the other's log.
+//! process in the one it locked), every file is made, renamed and deleted
+//! through the locked directory's descriptor (`persist::dir`), never its
+//! path, and before the server creates or deletes anything it checks that
+//! the path still names the directory it locked (`DataDir::check`). A
+//! directory renamed away and replaced under a running server would
+//! otherwise be written and pruned by two processes, each checkpoint
+//! deleting the other's log; the check stops this process writing there
+//! (and says so), and the descriptor makes sure that even a swap between
+//! the check and the write cannot put a file in the other's directory.
 
-use crate::persist::snapshot::{self, create_private, sync_dir};
+use crate::persist::dir::Dir;
+use crate::persist::snapshot;
 use crate::state::secret::SecretKey;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
@@ -152,9 +157,9 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
 
 /// Creates a new, empty segment file (exclusively, 0600) and makes its
 /// name durable.
-pub fn create_segment(dir: &Path, seq: u64, stream: u32) -> io::Result<File> {
-    let f = create_private(&dir.join(segment_name(seq, stream)))?;
-    sync_dir(dir)?;
+pub fn create_segment(dir: &Dir, seq: u64, stream: u32) -> io::Result<File> {
+    let f = dir.create_private(&segment_name(seq, stream))?;
+    dir.sync()?;
     Ok(f)
 }
 
@@ -163,8 +168,10 @@ pub fn create_segment(dir: &Path, seq: u64, stream: u32) -> io::Result<File> {
 pub struct DataDir {
     /// The directory's resolved path (no symlink, absolute).
     path: PathBuf,
-    /// The directory itself, open and locked.
-    dir: File,
+    /// The directory itself, open and locked: every file is made, renamed
+    /// and deleted through it (`persist::dir`), so none can land in a
+    /// directory that took its name later.
+    dir: Dir,
     _lock: File,
 }
 
@@ -188,27 +195,32 @@ impl DataDir {
         // Messages name the directory as given; the locks are on the resolved one.
         let dir = lock_dir(path, &owned)?;
         let lock = lock(path, &owned)?;
-        probe(path).map_err(|e| DataDirError::NotWritable(owned.clone(), e))?;
+        probe(&dir).map_err(|e| DataDirError::NotWritable(owned.clone(), e))?;
         for entry in fs::read_dir(path).map_err(|e| DataDirError::List(owned.clone(), e))?.flatten() {
-            let name = entry.file_name();
-            if name.to_str().is_some_and(|n| n.starts_with(snapshot::TEMP_PREFIX)) {
-                let _ = fs::remove_file(entry.path());
+            if let Some(name) = entry.file_name().to_str().filter(|n| n.starts_with(snapshot::TEMP_PREFIX)) {
+                let _ = dir.remove(name);
             }
         }
         Ok(DataDir { path: path.clone(), dir, _lock: lock })
     }
 
-    /// The directory's resolved path: every file of the store is made,
-    /// read and deleted through it.
+    /// The directory's resolved path: files are read and listed through
+    /// it at startup; messages name it.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The locked directory, through which files are made, renamed and
+    /// deleted (after `check`).
+    pub fn dir(&self) -> &Dir {
+        &self.dir
     }
 
     /// Creates a new, empty segment file (`create_segment`), in the locked
     /// directory only (`check`).
     pub fn create_segment(&self, seq: u64, stream: u32) -> io::Result<File> {
         self.check()?;
-        create_segment(&self.path, seq, stream)
+        create_segment(&self.dir, seq, stream)
     }
 
     /// Deletes the segments numbered below `seq` (those a published
@@ -219,16 +231,21 @@ impl DataDir {
             log::error!("{e}");
             return 0;
         }
+        // Listed through the path, deleted through the descriptor: a
+        // listing of a directory that took the name since `check` can only
+        // name segments this directory holds under the same name below
+        // `seq`, which the published snapshot covers.
         let Ok(segments) = segments(&self.path) else { return 0 };
         let mut deleted = 0;
         for s in segments.iter().filter(|s| s.seq < seq) {
-            match fs::remove_file(&s.path) {
+            let name = s.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            match self.dir.remove(name) {
                 Ok(()) => deleted += 1,
                 Err(e) => log::warn!("cannot delete covered log segment {}: {e}", s.path.display()),
             }
         }
         if deleted > 0 {
-            let _ = sync_dir(&self.path);
+            let _ = self.dir.sync();
         }
         deleted
     }
@@ -239,7 +256,7 @@ impl DataDir {
     /// must then neither write nor prune there.
     pub fn check(&self) -> io::Result<()> {
         use std::os::unix::fs::MetadataExt;
-        let locked = self.dir.metadata()?;
+        let locked = self.dir.file().metadata()?;
         let named = fs::metadata(&self.path)?;
         if (locked.dev(), locked.ino()) == (named.dev(), named.ino()) {
             return Ok(());
@@ -255,8 +272,7 @@ impl DataDir {
     /// else the snapshot's (older directories), else a new random one; kept
     /// in `SECRET` (0600) from then on.
     pub fn secret_key(&self, from_snapshot: Option<SecretKey>) -> io::Result<SecretKey> {
-        let path = self.path.join(SECRET_FILE);
-        match open_regular(&path) {
+        match self.dir.open_regular(SECRET_FILE) {
             Ok(mut f) => {
                 // The length first: a huge file is refused, not read.
                 if f.metadata()?.len() != 32 {
@@ -273,13 +289,13 @@ impl DataDir {
             Some(k) => k,
             None => SecretKey::random()?,
         };
-        let tmp = self.path.join(format!("{SECRET_FILE}.tmp"));
-        let _ = fs::remove_file(&tmp);
-        let mut f = create_private(&tmp)?;
+        let tmp = format!("{SECRET_FILE}.tmp");
+        let _ = self.dir.remove(&tmp);
+        let mut f = self.dir.create_private(&tmp)?;
         f.write_all(key.as_bytes())?;
         f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        sync_dir(&self.path)?;
+        self.dir.rename(&tmp, SECRET_FILE)?;
+        self.dir.sync()?;
         Ok(key)
     }
 }
@@ -287,14 +303,10 @@ impl DataDir {
 /// Opens and locks the directory itself. The `LOCK` file's lock (which
 /// older versions take, and which holds the PID for the message) can be
 /// lost to an `rm LOCK` while the server runs; this one cannot.
-fn lock_dir(dir: &Path, shown: &Path) -> Result<File, DataDirError> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(dir)
-        .map_err(|e| DataDirError::Lock(shown.to_path_buf(), e))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
+fn lock_dir(dir: &Path, shown: &Path) -> Result<Dir, DataDirError> {
+    let d = Dir::open(dir).map_err(|e| DataDirError::Lock(shown.to_path_buf(), e))?;
+    match d.file().try_lock() {
+        Ok(()) => Ok(d),
         Err(fs::TryLockError::WouldBlock) => {
             let pid = fs::read_to_string(dir.join(LOCK_FILE)).ok().and_then(|t| t.trim().parse().ok());
             Err(DataDirError::Locked { path: shown.to_path_buf(), pid })
@@ -333,18 +345,18 @@ fn lock(dir: &Path, shown: &Path) -> Result<File, DataDirError> {
 }
 
 /// Creates, writes, fsyncs and removes a file, and fsyncs the directory.
-fn probe(dir: &Path) -> io::Result<()> {
-    let path = dir.join(format!(".probe-{}", std::process::id()));
-    let _ = fs::remove_file(&path);
+fn probe(dir: &Dir) -> io::Result<()> {
+    let name = format!(".probe-{}", std::process::id());
+    let _ = dir.remove(&name);
     let result = (|| -> io::Result<()> {
-        let mut f = create_private(&path)?;
+        let mut f = dir.create_private(&name)?;
         f.write_all(&[0u8; 4096])?;
         f.sync_all()?;
         Ok(())
     })();
-    let _ = fs::remove_file(&path);
+    let _ = dir.remove(&name);
     result?;
-    sync_dir(dir)
+    dir.sync()
 }
 
 #[cfg(test)]
@@ -366,11 +378,11 @@ mod tests {
         let d = tmp("segs");
         fs::create_dir_all(&d).unwrap();
         for (seq, stream) in [(300, 0), (2, 1), (17, 0)] {
-            create_segment(&d, seq, stream).unwrap();
+            create_segment(&Dir::open(&d).unwrap(), seq, stream).unwrap();
         }
         let seqs: Vec<u64> = segments(&d).unwrap().iter().map(|s| s.seq).collect();
         assert_eq!(seqs, vec![2, 17, 300]);
-        assert!(create_segment(&d, 2, 1).is_err(), "never reopened or overwritten");
+        assert!(create_segment(&Dir::open(&d).unwrap(), 2, 1).is_err(), "never reopened or overwritten");
         fs::remove_dir_all(&d).unwrap();
     }
 

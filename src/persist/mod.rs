@@ -8,6 +8,7 @@
 //! shard); each core writes its own log in `runtime::wal`.
 
 pub mod datadir;
+pub mod dir;
 pub mod dump;
 pub mod recovery;
 pub mod snapshot;

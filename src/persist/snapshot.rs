@@ -29,13 +29,13 @@
 //! fsynced: a crash at any moment leaves the old or the new file, never a
 //! mix. This module never touches a shard or a socket.
 
+use crate::persist::dir::Dir;
 use crate::state::secret::SecretKey;
 use crate::state::shard::{Entry, MAX_KEY_LEN};
 use rkyv::rancor;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// First bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"RDVZSNAP";
@@ -460,11 +460,6 @@ fn decode_v12(bytes: &[u8]) -> Result<(Meta, Vec<Entry>), SnapshotError> {
     Ok((meta, entries))
 }
 
-/// Creates a file exclusively with mode 0600 (it may hold secret hashes).
-pub fn create_private(path: &Path) -> io::Result<File> {
-    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
-}
-
 /// Drops `len` bytes from `from` (0: to the end) of a synced data file from
 /// the page cache (`POSIX_FADV_DONTNEED`): the snapshot and the log are
 /// written once and read only at startup, so cached they would only crowd
@@ -523,16 +518,13 @@ pub fn memory_backed(dir: &Path) -> bool {
     rc != 0 || st.f_type == libc::TMPFS_MAGIC
 }
 
-/// Fsyncs a directory, so a rename or a new file in it survives a crash.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// Writes a format-3 snapshot frame by frame, then publishes it atomically.
 pub struct Writer {
     out: BufWriter<File>,
-    tmp: PathBuf,
-    dir: PathBuf,
+    /// The temp file's name in `dir`.
+    tmp: String,
+    /// Made, renamed and removed through its descriptor (`persist::dir`).
+    dir: Dir,
     entries: u64,
     frames: u64,
     bytes: u64,
@@ -540,15 +532,16 @@ pub struct Writer {
 
 impl Writer {
     /// Starts a snapshot in `dir` (under a temp name nobody else uses).
-    pub fn create(dir: &Path) -> io::Result<Writer> {
+    pub fn create(dir: &Dir) -> io::Result<Writer> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let tmp = dir.join(format!("{TEMP_PREFIX}{}.{nanos}", std::process::id()));
-        let mut out = BufWriter::with_capacity(1 << 20, create_private(&tmp)?);
+        let tmp = format!("{TEMP_PREFIX}{}.{nanos}", std::process::id());
+        let dir = dir.try_clone()?;
+        let mut out = BufWriter::with_capacity(1 << 20, dir.create_private(&tmp)?);
         let mut head = [0u8; V3_HEADER_LEN];
         head[..8].copy_from_slice(&MAGIC);
         head[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         let written = out.write_all(&head);
-        let w = Writer { out, tmp, dir: dir.to_path_buf(), entries: 0, frames: 0, bytes: V3_HEADER_LEN as u64 };
+        let w = Writer { out, tmp, dir, entries: 0, frames: 0, bytes: V3_HEADER_LEN as u64 };
         match written {
             Ok(()) => Ok(w),
             Err(e) => {
@@ -618,25 +611,27 @@ impl Writer {
             self.out.flush()?;
             self.out.get_ref().sync_all()?;
             drop_cached(self.out.get_ref(), 0, 0);
-            fs::rename(&self.tmp, self.dir.join(FILE_NAME))?;
-            sync_dir(&self.dir)?;
+            self.dir.rename(&self.tmp, FILE_NAME)?;
+            self.dir.sync()?;
             Ok(self.bytes)
         })();
         if result.is_err() {
-            let _ = fs::remove_file(&self.tmp);
+            let _ = self.dir.remove(&self.tmp);
         }
         result
     }
 
     /// Gives up: the temp file is removed, the old snapshot stays.
     pub fn abort(self) {
-        let _ = fs::remove_file(&self.tmp);
+        let _ = self.dir.remove(&self.tmp);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::path::PathBuf;
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("rdvz-snap-{name}-{}", std::process::id()));
@@ -653,7 +648,7 @@ mod tests {
     }
 
     fn write(d: &Path, frames: &[&[Entry]]) -> u64 {
-        let mut w = Writer::create(d).unwrap();
+        let mut w = Writer::create(&Dir::open(d).unwrap()).unwrap();
         for f in frames {
             w.write_entries(f).unwrap();
         }
@@ -771,7 +766,7 @@ mod tests {
         let d = dir("abort");
         write(&d, &[&sample()]);
         let before = fs::read(d.join(FILE_NAME)).unwrap();
-        let mut w = Writer::create(&d).unwrap();
+        let mut w = Writer::create(&Dir::open(&d).unwrap()).unwrap();
         w.write_entries(&sample()).unwrap();
         w.abort();
         assert_eq!(fs::read(d.join(FILE_NAME)).unwrap(), before);
@@ -852,7 +847,7 @@ mod tests {
     fn write_golden_v4() {
         assert_eq!(FORMAT_VERSION, 4, "add a new golden file for a new version");
         let d = dir("golden");
-        let mut w = Writer::create(&d).unwrap();
+        let mut w = Writer::create(&Dir::open(&d).unwrap()).unwrap();
         let entries = golden_v3_entries();
         w.write_entries(&entries[..2]).unwrap();
         w.write_entries(&entries[2..]).unwrap();

@@ -363,7 +363,7 @@ fn write_checkpoint(
     let n = shared.config.threads;
     let created = unix_ms();
     data.check().map_err(|e| NotSaved::Failed(e.to_string()))?;
-    let mut writer = snapshot::Writer::create(data.path())
+    let mut writer = snapshot::Writer::create(data.dir())
         .map_err(|e| NotSaved::Failed(format!("cannot create a temp file: {e}")))?;
     // One slice per core in flight at most: memory stays bounded.
     let (tx, rx) = mpsc::sync_channel(n);
