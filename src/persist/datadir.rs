@@ -103,6 +103,9 @@ impl std::error::Error for DataDirError {}
 pub struct Segment {
     pub seq: u64,
     pub stream: u32,
+    /// Its name in the directory (opened through the directory's descriptor).
+    pub name: String,
+    /// Its path, for messages.
     pub path: PathBuf,
 }
 
@@ -126,17 +129,15 @@ fn parse_segment(name: &str) -> Option<(u64, u32)> {
 pub const MAX_SEGMENT: u64 = 1 << 62;
 
 /// Every log segment in `dir`, in sequence order.
-pub fn segments(dir: &Path) -> Result<Vec<Segment>, DataDirError> {
-    let list = |e| DataDirError::List(dir.to_path_buf(), e);
+pub fn segments(dir: &Dir) -> Result<Vec<Segment>, DataDirError> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(list)? {
-        let entry = entry.map_err(list)?;
-        let name = entry.file_name();
-        if let Some((seq, stream)) = name.to_str().and_then(parse_segment) {
+    for name in dir.names().map_err(|e| DataDirError::List(dir.path().to_path_buf(), e))? {
+        if let Some((seq, stream)) = parse_segment(&name) {
+            let path = dir.path().join(&name);
             if seq > MAX_SEGMENT {
-                return Err(DataDirError::SegmentNumber(entry.path()));
+                return Err(DataDirError::SegmentNumber(path));
             }
-            out.push(Segment { seq, stream, path: entry.path() });
+            out.push(Segment { seq, stream, name, path });
         }
     }
     out.sort();
@@ -194,18 +195,18 @@ impl DataDir {
         let path = &fs::canonicalize(path).map_err(|e| DataDirError::NotWritable(owned.clone(), e))?;
         // Messages name the directory as given; the locks are on the resolved one.
         let dir = lock_dir(path, &owned)?;
-        let lock = lock(path, &owned)?;
+        let lock = lock(&dir, &owned)?;
         probe(&dir).map_err(|e| DataDirError::NotWritable(owned.clone(), e))?;
-        for entry in fs::read_dir(path).map_err(|e| DataDirError::List(owned.clone(), e))?.flatten() {
-            if let Some(name) = entry.file_name().to_str().filter(|n| n.starts_with(snapshot::TEMP_PREFIX)) {
-                let _ = dir.remove(name);
+        for name in dir.names().map_err(|e| DataDirError::List(owned.clone(), e))? {
+            if name.starts_with(snapshot::TEMP_PREFIX) {
+                let _ = dir.remove(&name);
             }
         }
         Ok(DataDir { path: path.clone(), dir, _lock: lock })
     }
 
-    /// The directory's resolved path: files are read and listed through
-    /// it at startup; messages name it.
+    /// The directory's resolved path, as messages name it (files are
+    /// reached through `dir`).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -231,15 +232,10 @@ impl DataDir {
             log::error!("{e}");
             return 0;
         }
-        // Listed through the path, deleted through the descriptor: a
-        // listing of a directory that took the name since `check` can only
-        // name segments this directory holds under the same name below
-        // `seq`, which the published snapshot covers.
-        let Ok(segments) = segments(&self.path) else { return 0 };
+        let Ok(segments) = segments(&self.dir) else { return 0 };
         let mut deleted = 0;
         for s in segments.iter().filter(|s| s.seq < seq) {
-            let name = s.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            match self.dir.remove(name) {
+            match self.dir.remove(&s.name) {
                 Ok(()) => deleted += 1,
                 Err(e) => log::warn!("cannot delete covered log segment {}: {e}", s.path.display()),
             }
@@ -308,23 +304,17 @@ fn lock_dir(dir: &Path, shown: &Path) -> Result<Dir, DataDirError> {
     match d.file().try_lock() {
         Ok(()) => Ok(d),
         Err(fs::TryLockError::WouldBlock) => {
-            let pid = fs::read_to_string(dir.join(LOCK_FILE)).ok().and_then(|t| t.trim().parse().ok());
+            let mut text = String::new();
+            let _ = d.open_regular(LOCK_FILE).and_then(|mut f| f.read_to_string(&mut text));
+            let pid = text.trim().parse().ok();
             Err(DataDirError::Locked { path: shown.to_path_buf(), pid })
         }
         Err(fs::TryLockError::Error(e)) => Err(DataDirError::Lock(shown.to_path_buf(), e)),
     }
 }
 
-fn lock(dir: &Path, shown: &Path) -> Result<File, DataDirError> {
-    let path = dir.join(LOCK_FILE);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| DataDirError::Lock(shown.to_path_buf(), e))?;
+fn lock(dir: &Dir, shown: &Path) -> Result<File, DataDirError> {
+    let mut f = dir.open_or_create(LOCK_FILE).map_err(|e| DataDirError::Lock(shown.to_path_buf(), e))?;
     match f.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
@@ -380,7 +370,7 @@ mod tests {
         for (seq, stream) in [(300, 0), (2, 1), (17, 0)] {
             create_segment(&Dir::open(&d).unwrap(), seq, stream).unwrap();
         }
-        let seqs: Vec<u64> = segments(&d).unwrap().iter().map(|s| s.seq).collect();
+        let seqs: Vec<u64> = segments(&Dir::open(&d).unwrap()).unwrap().iter().map(|s| s.seq).collect();
         assert_eq!(seqs, vec![2, 17, 300]);
         assert!(create_segment(&Dir::open(&d).unwrap(), 2, 1).is_err(), "never reopened or overwritten");
         fs::remove_dir_all(&d).unwrap();
@@ -442,6 +432,30 @@ mod tests {
         assert!(owner.check().is_err());
         other.check().unwrap();
         fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_directory_replaced_under_the_server_gets_none_of_its_files() {
+        let root = tmp("replaced-fd");
+        let (named, moved) = (root.join("data"), root.join("moved"));
+        fs::create_dir_all(&named).unwrap();
+        let data = DataDir::open(&named, false).unwrap();
+        create_segment(data.dir(), 1, 0).unwrap();
+        create_segment(data.dir(), 2, 0).unwrap();
+        fs::rename(&named, &moved).unwrap();
+        fs::create_dir(&named).unwrap();
+        fs::write(named.join(segment_name(1, 0)), b"theirs").unwrap();
+        assert!(data.check().is_err(), "the swap is noticed");
+        // What the check would have let through just before the swap:
+        create_segment(data.dir(), 3, 0).unwrap();
+        let ours: Vec<u64> = segments(data.dir()).unwrap().iter().map(|s| s.seq).collect();
+        assert_eq!(ours, [1, 2, 3]);
+        data.dir().remove(&segment_name(1, 0)).unwrap();
+        assert_eq!(fs::read(named.join(segment_name(1, 0))).unwrap(), b"theirs", "their segment untouched");
+        assert!(!moved.join(segment_name(1, 0)).exists());
+        assert!(moved.join(segment_name(3, 0)).exists() && !named.join(segment_name(3, 0)).exists());
+        drop(data);
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

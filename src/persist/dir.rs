@@ -60,6 +60,35 @@ impl Dir {
         Ok(File::from(fd))
     }
 
+    /// Opens `name` for writing (it must exist: a log segment to cut).
+    pub fn open_write(&self, name: &str) -> io::Result<File> {
+        let fd = rustix::fs::openat(self.fd.as_fd(), plain(name)?, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens `name` for reading and writing, creating it (0600) if missing
+    /// (the lock file, which every instance opens).
+    pub fn open_or_create(&self, name: &str) -> io::Result<File> {
+        let flags = OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(self.fd.as_fd(), plain(name)?, flags, Mode::from_raw_mode(0o600))?;
+        Ok(File::from(fd))
+    }
+
+    /// The names in the directory (not `.` and `..`; a name that is not
+    /// UTF-8 is none of ours and is left out).
+    pub fn names(&self) -> io::Result<Vec<String>> {
+        let mut list = rustix::fs::Dir::read_from(self.fd.as_fd())?;
+        let mut names = Vec::new();
+        while let Some(entry) = list.read() {
+            if let Ok(name) = entry?.file_name().to_str() {
+                if name != "." && name != ".." {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        Ok(names)
+    }
+
     /// Opens `name` for reading, refusing anything but a regular file: a
     /// FIFO would block (it is opened without waiting for a writer, here),
     /// a device would never end. A symlink is followed, as `open` would.

@@ -88,13 +88,15 @@ pub fn run(dir: &Path, out: &mut impl Write) -> Result<(), DumpError> {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&snapshot).ok().map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
     };
+    let opened = crate::persist::dir::Dir::open(dir)
+        .map_err(|e| DumpError::Recovery(RecoveryError::Io(dir.to_path_buf(), e)))?;
     let mut attempts = 0;
     let shard = loop {
         let budget = KeyBudget::new(usize::MAX);
         let mut shards = vec![Shard::with_capacity(0)];
         let now = crate::clock::unix_ms();
         let before = identity();
-        match recovery::recover(dir, &mut shards, |_| 0, &budget, now, u64::MAX, Mode::ReadOnly) {
+        match recovery::recover(&opened, &mut shards, |_| 0, &budget, now, u64::MAX, Mode::ReadOnly) {
             Ok(_) if identity() == before => break shards.pop(),
             Ok(_) if attempts < 5 => attempts += 1,
             Ok(_) => return Err(DumpError::Unsettled(dir.to_path_buf())),

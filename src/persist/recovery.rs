@@ -27,12 +27,12 @@
 //! ETag is never issued twice.
 
 use crate::persist::datadir::{self, DataDirError, Segment};
+use crate::persist::dir::Dir;
 use crate::persist::snapshot::{self, SnapshotError};
 use crate::state::record::{read_stream, Damage, Record, Tail};
 use crate::state::secret::SecretKey;
 use crate::state::shard::{KeyBudget, Shard};
 use hashbrown::HashMap;
-use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -122,8 +122,11 @@ pub struct Report {
 }
 
 /// Loads `dir` into `shards` (one per core; `owner` maps a key to its core).
+/// Every file is opened (and a torn tail cut) through the directory's
+/// descriptor: a directory that takes its name during a long replay is
+/// never touched.
 pub fn recover(
-    dir: &Path,
+    dir: &Dir,
     shards: &mut [Shard],
     owner: impl Fn(&[u8]) -> usize,
     budget: &KeyBudget,
@@ -132,8 +135,8 @@ pub fn recover(
     mode: Mode,
 ) -> Result<Report, RecoveryError> {
     let mut report = Report::default();
-    let snap_path = dir.join(snapshot::FILE_NAME);
-    let meta = snapshot::load(&snap_path, |entry| {
+    let snap_path = dir.path().join(snapshot::FILE_NAME);
+    let meta = snapshot::load_from(dir.open_regular(snapshot::FILE_NAME), |entry| {
         if !entry.is_expired(now_ms) {
             let core = owner(entry.key());
             shards[core].restore(entry, budget);
@@ -168,7 +171,7 @@ pub fn recover(
     let mut tombstones: HashMap<Box<[u8]>, u64> = HashMap::new();
     let mut torn = Vec::new();
     for seg in to_replay {
-        let file = datadir::open_regular(&seg.path).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
+        let file = dir.open_regular(&seg.name).map_err(|e| RecoveryError::Io(seg.path.clone(), e))?;
         let size = file.metadata().map_err(|e| RecoveryError::Io(seg.path.clone(), e))?.len();
         let reader = io::BufReader::with_capacity(1 << 20, &file);
         let mut apply = |rec: Record| {
@@ -197,7 +200,7 @@ pub fn recover(
         }
         match tail {
             Ok(Tail::Clean) => {}
-            Ok(tail) => torn.push((seg.path.clone(), tail)),
+            Ok(tail) => torn.push((seg, size, tail)),
             Err(Damage { offset, why }) => {
                 return Err(RecoveryError::Damage { path: seg.path.clone(), offset, why: why.to_string() });
             }
@@ -205,11 +208,11 @@ pub fn recover(
     }
     // Cut only once every segment has been read: damage found in a later
     // one leaves every file as it was.
-    for (path, tail) in torn {
+    for (seg, size, tail) in torn {
         let (Tail::Torn { at, ref why } | Tail::Unsynced { at, ref why }) = tail else { continue };
+        let path = seg.path.clone();
         if mode == Mode::Repair {
-            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-            cut(&path, at).map_err(|e| RecoveryError::Io(path.clone(), e))?;
+            cut(dir, &seg.name, at).map_err(|e| RecoveryError::Io(path.clone(), e))?;
             if matches!(tail, Tail::Unsynced { .. }) {
                 log::warn!(
                     "cut the unsynced end of {} from byte {at} ({} bytes; {why} there, and no sync mark after it \
@@ -282,8 +285,8 @@ fn shell_quoted(path: &Path) -> String {
 }
 
 /// Truncates a segment at `at` (dropping a torn tail) and syncs it.
-fn cut(path: &Path, at: u64) -> io::Result<()> {
-    let f = OpenOptions::new().write(true).open(path)?;
+fn cut(dir: &Dir, name: &str, at: u64) -> io::Result<()> {
+    let f = dir.open_write(name)?;
     f.set_len(at)?;
     f.sync_all()
 }
@@ -322,7 +325,15 @@ mod tests {
         let budget = KeyBudget::new(1000);
         let mut shards: Vec<Shard> = (0..cores).map(|_| Shard::with_capacity(16)).collect();
         let owner = |k: &[u8]| k.iter().map(|&b| b as usize).sum::<usize>() % cores;
-        let report = recover(dir, &mut shards, owner, &budget, NOW, u64::MAX, mode)?;
+        let report = recover(
+            &Dir::open(dir).map_err(|e| RecoveryError::Io(dir.to_path_buf(), e))?,
+            &mut shards,
+            owner,
+            &budget,
+            NOW,
+            u64::MAX,
+            mode,
+        )?;
         Ok((shards, report, budget))
     }
 
@@ -489,7 +500,8 @@ mod tests {
         });
         let budget = KeyBudget::new(2);
         let mut shards = vec![Shard::with_capacity(4)];
-        let report = recover(&d, &mut shards, |_| 0, &budget, NOW, u64::MAX, Mode::Repair).unwrap();
+        let report =
+            recover(&Dir::open(&d).unwrap(), &mut shards, |_| 0, &budget, NOW, u64::MAX, Mode::Repair).unwrap();
         assert_eq!((report.expired, report.live, budget.live()), (1, 5, 5), "no key dropped for -maxNumKV");
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -261,8 +261,14 @@ fn entry(
 /// Streams a snapshot file: every entry goes to `each`, in file order
 /// (expired ones included; the caller decides). `Ok(None)` if there is no
 /// file. Memory: one frame at a time.
-pub fn load(path: &Path, mut each: impl FnMut(Entry)) -> Result<Option<Meta>, SnapshotError> {
-    let file = match crate::persist::datadir::open_regular(path) {
+pub fn load(path: &Path, each: impl FnMut(Entry)) -> Result<Option<Meta>, SnapshotError> {
+    load_from(crate::persist::datadir::open_regular(path), each)
+}
+
+/// `load`, from the snapshot's file as it was opened (not found: there is
+/// no snapshot).
+pub fn load_from(file: io::Result<File>, mut each: impl FnMut(Entry)) -> Result<Option<Meta>, SnapshotError> {
+    let file = match file {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
@@ -654,6 +660,28 @@ mod tests {
         }
         w.publish(&SecretKey::from_bytes([5; 32]), 42, Cover { replay_from: 17, covered_version: 77, max_version: 99 })
             .unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_is_published_or_dropped_in_the_directory_it_was_begun_in() {
+        let root = dir("moved");
+        let (named, moved) = (root.join("data"), root.join("moved"));
+        fs::create_dir(&named).unwrap();
+        let opened = Dir::open(&named).unwrap();
+        let (mut kept, dropped) = (Writer::create(&opened).unwrap(), Writer::create(&opened).unwrap());
+        kept.write_entries(&sample()).unwrap();
+        // The directory is moved away and another takes its name, as under
+        // a second instance, while both snapshots are being written.
+        fs::rename(&named, &moved).unwrap();
+        fs::create_dir(&named).unwrap();
+        let cover = Cover { replay_from: 1, covered_version: 0, max_version: 3 };
+        kept.publish(&SecretKey::from_bytes([5; 32]), 42, cover).unwrap();
+        dropped.abort();
+        let names = |d: &Path| fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>();
+        assert_eq!(names(&moved), [FILE_NAME], "published, and the aborted temp file gone, where begun");
+        assert!(names(&named).is_empty(), "nothing made in the directory that took the name");
+        assert_eq!(read(&moved.join(FILE_NAME)).unwrap().1, sample());
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

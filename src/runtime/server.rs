@@ -501,7 +501,7 @@ fn restore(config: &Config, routing: &Routing, budget: &KeyBudget) -> Result<Res
     // systemd's start timeout (90 s by default) must not kill a long
     // replay: it is told to wait while recovery runs.
     let report = lifecycle::while_starting(|| {
-        recovery::recover(path, &mut shards, |k| routing.owner(k), budget, now, max_expiry, recovery::Mode::Repair)
+        recovery::recover(dir.dir(), &mut shards, |k| routing.owner(k), budget, now, max_expiry, recovery::Mode::Repair)
     })
     .map_err(StartupError::Recovery)?;
     let secret_key = dir
