@@ -340,13 +340,19 @@ fn the_admin_address_answers_while_the_store_is_recovered() {
     use std::io::BufRead;
     require("strace");
     let dir = TempDir::new();
-    let snapshot = dir.path().join("snapshot.rkyv").display().to_string();
-    let held = ["-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-P", &snapshot, "-e", "trace=openat"];
+    // Files of the data directory are opened relative to its descriptor
+    // (`openat(dirfd, "snapshot.rkyv")`), which `-P` matches by the
+    // descriptor: every open in the directory. The snapshot's is the 4th,
+    // after `LOCK`, the write probe and the listing for stale temp files;
+    // if that order changes, the probes below come after recovery and the
+    // test fails rather than passing unheld.
+    let data = dir.path().display().to_string();
+    let held = ["-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-P", &data, "-e", "trace=openat"];
     use std::os::unix::process::CommandExt;
     let mut child = Group(
         std::process::Command::new("strace")
             .args(held)
-            .args(["-e", "inject=openat:delay_enter=3000000", "--", BIN])
+            .args(["-e", "inject=openat:delay_enter=3000000:when=4", "--", BIN])
             .args(Server::command_line(&dir, &[]))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
