@@ -7,19 +7,22 @@
 //! them, the README's metrics table and the dashboard's and alert rules'
 //! names are all held against it (by the compiler, or by tests). The fold
 //! runs off the data cores, about once a second and on every scrape:
-//! counters as absolute totals, gauges as values, and each per-core
-//! histogram bucket's new samples as `record_many(mean of those samples,
-//! count)`, which lands them in the identical exporter bucket and keeps
-//! `_sum` exact (to within a sample a core was recording as it was read,
-//! carried to the next fold: `Folded::fold`). Process metrics are written straight into the text: the
-//! recorder's counters are integers, and CPU seconds must not move in whole
-//! seconds. Label values come from fixed tables (routes, statuses, core
+//! counters as absolute totals, gauges as values. Histograms and process
+//! metrics are written straight into the text. Histograms: the cores
+//! already count each bucket and its sum, so the text is those, summed
+//! over the cores, at O(buckets) a scrape; the recorder's histograms take
+//! one sample at a time, and replaying every request into them cost the
+//! admin thread about 8 ms a second at 160,000 requests a second, growing
+//! with the rate, in bursts that took a CPU from the cores or their
+//! clients (round 13 of `docs/performance-history.md`). Process metrics:
+//! the recorder's counters are integers, and CPU seconds must not move in
+//! whole seconds. Label values come from fixed tables (routes, statuses, core
 //! ids), so the number of series is bounded.
 
 use crate::metrics::{self as stats, CoreStats, Histogram, ROUTE_LABELS, STATUS_LABELS};
 use crate::runtime::shared::{Readiness, Shared};
 use ::metrics::Unit;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -199,63 +202,46 @@ fn describe() {
         match fam.kind {
             Kind::Counter => ::metrics::describe_counter!(fam.name, fam.unit, fam.help),
             Kind::Gauge => ::metrics::describe_gauge!(fam.name, fam.unit, fam.help),
-            Kind::Histogram => ::metrics::describe_histogram!(fam.name, fam.unit, fam.help),
+            // Written by `histogram_text`, not the recorder.
+            Kind::Histogram => {}
         }
     }
 }
 
-/// What a histogram's buckets held at the last fold, per core: the
-/// samples counted, and the sum of the values given for them.
-struct Folded {
-    counts: Vec<u64>,
-    sums: Vec<u64>,
-}
-
-impl Folded {
-    fn new(n: usize) -> Self {
-        Folded { counts: vec![0; n], sums: vec![0; n] }
-    }
-
-    /// Records the samples `h` gained since the last fold, each bucket's at
-    /// their mean. A core may be between a sample's count and its sum while
-    /// they are read, so the sum read can hold a sample more or less than
-    /// the count: the mean given is kept within the bucket's bounds (the
-    /// samples land in their own bucket, always), and what it leaves out or
-    /// adds is carried to the bucket's next new samples (`_sum` is off by
-    /// at most a sample or two's share until then).
-    fn fold(&mut self, h: &Histogram, into: &::metrics::Histogram) {
-        for b in 0..h.buckets() {
-            let (count, sum) = h.bucket(b);
-            if let Some((mean_ns, new)) = self.fold_bucket(h.bounds_ns(), b, count, sum) {
-                into.record_many(mean_ns / 1e9, new as usize);
-            }
+/// One histogram's text, summed over the cores' copies `each` (which share
+/// their bounds): `_bucket` per bound (cumulative) and `+Inf`, then `_sum`
+/// (seconds) and `_count`. `label`: `route="get",` or empty. Every count
+/// and sum is read once and only grows, so every series stays monotonic.
+fn histogram_series<'a>(text: &mut String, name: &str, label: &str, each: impl Iterator<Item = &'a Histogram>) {
+    use std::fmt::Write;
+    let mut bounds_ns: &[u64] = &[];
+    let mut total: Vec<(u64, u128)> = Vec::new();
+    for h in each {
+        bounds_ns = h.bounds_ns();
+        total.resize(h.buckets(), (0, 0));
+        for (b, t) in total.iter_mut().enumerate() {
+            let (n, ns) = h.bucket(b);
+            *t = (t.0 + n, t.1 + u128::from(ns));
         }
     }
-
-    /// Bucket `b` read as (`count`, `sum` in ns): the new samples' mean in
-    /// ns and their number, if there are any.
-    fn fold_bucket(&mut self, bounds: &[u64], b: usize, count: u64, sum: u64) -> Option<(f64, u64)> {
-        let new = count.wrapping_sub(self.counts[b]);
-        if new == 0 {
-            return None;
-        }
-        let lo = if b == 0 { 0 } else { bounds[b - 1] + 1 };
-        let hi = bounds.get(b).copied().unwrap_or(u64::MAX);
-        let pending = i128::from(sum) - i128::from(self.sums[b]);
-        let n = i128::from(new);
-        let given = pending.clamp(i128::from(lo) * n, i128::from(hi) * n);
-        self.counts[b] = count;
-        self.sums[b] = (i128::from(self.sums[b]) + given) as u64;
-        Some((given as f64 / new as f64, new))
+    let (mut count, mut sum_ns) = (0u64, 0u128);
+    for (b, &(n, ns)) in total.iter().enumerate() {
+        count += n;
+        sum_ns += ns;
+        let _ = match bounds_ns.get(b) {
+            Some(&le) => writeln!(text, "{name}_bucket{{{label}le=\"{}\"}} {count}", le as f64 / 1e9),
+            None => writeln!(text, "{name}_bucket{{{label}le=\"+Inf\"}} {count}"),
+        };
     }
+    let braces = if label.is_empty() { String::new() } else { format!("{{{}}}", label.trim_end_matches(',')) };
+    let _ = writeln!(text, "{name}_sum{braces} {}", sum_ns as f64 / 1e9);
+    let _ = writeln!(text, "{name}_count{braces} {count}");
 }
 
 /// Folds the cores' counts into the recorder and renders the text.
 pub struct Exporter {
     shared: Arc<Shared>,
     handle: PrometheusHandle,
-    /// Per core: one per route label, then waits, then log syncs.
-    folded: Vec<Vec<Folded>>,
     start_unix: f64,
 }
 
@@ -263,31 +249,16 @@ impl Exporter {
     /// Installs the recorder (once per process).
     /// `start_unix`: the process's start (`start_time`).
     pub fn new(shared: Arc<Shared>, start_unix: f64) -> Result<Exporter, String> {
-        let buckets = |b: &[u64]| stats::bounds_seconds(b);
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(F::HttpDuration.name().into()), &buckets(&stats::LATENCY_BOUNDS_NS))
-            .and_then(|b| {
-                b.set_buckets_for_metric(Matcher::Full(F::WaitDuration.name().into()), &buckets(&stats::WAIT_BOUNDS_NS))
-            })
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    Matcher::Full(F::LogSyncDuration.name().into()),
-                    &buckets(&stats::FLUSH_BOUNDS_NS),
-                )
-            })
-            .map_err(|e| e.to_string())?
-            .build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         ::metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
         describe();
-        let n = shared.stats.len();
-        let per_core = || (0..ROUTE_LABELS + 2).map(|_| Folded::new(crate::metrics::MAX_BUCKETS)).collect::<Vec<_>>();
-        Ok(Exporter { shared, handle, folded: (0..n).map(|_| per_core()).collect(), start_unix })
+        Ok(Exporter { shared, handle, start_unix })
     }
 
     /// Folds the cores' counts into the recorder.
     pub fn fold(&mut self) {
-        use ::metrics::{counter, gauge, histogram};
+        use ::metrics::{counter, gauge};
         let shared = &self.shared;
         let stats = &shared.stats;
         let cfg = &shared.config;
@@ -305,18 +276,8 @@ impl Exporter {
                         .absolute(total);
                 }
             }
-            let hist = histogram!(F::HttpDuration.name(), "route" => route);
-            for (core, s) in stats.iter().enumerate() {
-                self.folded[core][r].fold(s.latency(r), &hist);
-            }
             let conflicts: u64 = stats.iter().map(|s| s.conflicts(r)).sum();
             counter!(F::Conflicts.name(), "route" => route).absolute(conflicts);
-        }
-        let waited = histogram!(F::WaitDuration.name());
-        let synced = histogram!(F::LogSyncDuration.name());
-        for (core, s) in stats.iter().enumerate() {
-            self.folded[core][ROUTE_LABELS].fold(&s.waited, &waited);
-            self.folded[core][ROUTE_LABELS + 1].fold(&s.log_sync, &synced);
         }
         let sum = |f: fn(&CoreStats) -> u64| stats.iter().map(f).sum::<u64>();
         gauge!(F::InFlight.name()).set(sum(|s| s.requests_in_flight.get()) as f64);
@@ -398,13 +359,43 @@ impl Exporter {
         self.handle.run_upkeep();
     }
 
-    /// The `/metrics` text: the recorder's families, then the process's.
+    /// The `/metrics` text: the recorder's families, the histograms, then
+    /// the process's.
     pub fn render(&mut self) -> String {
         self.fold();
         let mut text = self.handle.render();
+        text += &self.histogram_text();
         text += &process_text(self.start_unix);
         text
     }
+
+    /// The histogram families, from the cores' buckets (see the module doc).
+    fn histogram_text(&self) -> String {
+        let mut text = String::new();
+        for fam in FAMILIES.iter().filter(|f| f.kind == Kind::Histogram) {
+            write_histogram(&mut text, fam, &self.shared.stats);
+        }
+        text
+    }
+}
+
+/// One histogram family's text, from the cores' `stats`. Every histogram
+/// family must have its arm here: a test checks each one is written.
+fn write_histogram(text: &mut String, fam: &Family, stats: &[CoreStats]) {
+    let (name, help) = (fam.name, fam.help);
+    *text += &format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
+    match fam.f {
+        F::HttpDuration => {
+            for r in 0..ROUTE_LABELS {
+                let label = format!("route=\"{}\",", stats::route_label(r));
+                histogram_series(text, name, &label, stats.iter().map(|s| s.latency(r)));
+            }
+        }
+        F::WaitDuration => histogram_series(text, name, "", stats.iter().map(|s| &s.waited)),
+        F::LogSyncDuration => histogram_series(text, name, "", stats.iter().map(|s| &s.log_sync)),
+        _ => {}
+    }
+    *text += "\n";
 }
 
 /// The process families, written straight into the text (see the module doc).
@@ -570,34 +561,37 @@ mod tests {
     }
 
     #[test]
-    fn a_fold_between_a_samples_count_and_its_sum_keeps_it_in_its_bucket() {
-        const BOUNDS: [u64; 2] = [1_000, 2_000];
-        let mut folded = Folded::new(crate::metrics::MAX_BUCKETS);
-        let mut given = Vec::new();
-        let mut fold = |count: u64, sum: u64| {
-            if let Some((mean, n)) = folded.fold_bucket(&BOUNDS, 1, count, sum) {
-                given.push((mean, n));
-            }
-        };
-        // Two samples of 2,000 ns in (1,000, 2,000]: a fold sees the first's
-        // count with both sums, the next the second's count.
-        fold(1, 4_000);
-        fold(2, 4_000);
-        // Then a sum read short of its count: a third sample of 1,500 ns
-        // counted before it is summed; its sum reaches the fold with a
-        // fourth's (1,500 ns).
-        fold(3, 4_000);
-        fold(3, 5_500);
-        fold(4, 7_000);
-        assert!(given.iter().all(|&(m, _)| m > 1_000.0 && m <= 2_000.0), "{given:?}");
-        let total: f64 = given.iter().map(|&(m, n)| m * n as f64).sum();
-        assert_eq!(total, 7_000.0, "{given:?}");
-        assert_eq!(given.iter().map(|&(_, n)| n).sum::<u64>(), 4);
-        // The top bucket has no upper bound; the first none below.
-        let mut folded = Folded::new(crate::metrics::MAX_BUCKETS);
-        assert_eq!(folded.fold_bucket(&BOUNDS, 2, 1, 9_000_000), Some((9_000_000.0, 1)));
-        assert_eq!(folded.fold_bucket(&BOUNDS, 0, 2, 3_000), Some((1_000.0, 2)));
-        assert_eq!(folded.fold_bucket(&BOUNDS, 0, 2, 3_000), None);
+    fn a_histogram_is_the_cores_buckets_summed_and_cumulative() {
+        static BOUNDS: [u64; 2] = [1_000, 2_000_000];
+        let cores = [Histogram::new(&BOUNDS), Histogram::new(&BOUNDS)];
+        for ns in [500, 1_000, 1_500_000] {
+            cores[0].record_ns(ns);
+        }
+        cores[1].record_ns(3_000_000_000);
+        let mut text = String::new();
+        histogram_series(&mut text, "x_seconds", "route=\"get\",", cores.iter());
+        assert_eq!(
+            text,
+            "x_seconds_bucket{route=\"get\",le=\"0.000001\"} 2\n\
+             x_seconds_bucket{route=\"get\",le=\"0.002\"} 3\n\
+             x_seconds_bucket{route=\"get\",le=\"+Inf\"} 4\n\
+             x_seconds_sum{route=\"get\"} 3.0015015\n\
+             x_seconds_count{route=\"get\"} 4\n"
+        );
+        let mut text = String::new();
+        histogram_series(&mut text, "y_seconds", "", cores[1..].iter());
+        assert!(text.ends_with("y_seconds_bucket{le=\"+Inf\"} 1\ny_seconds_sum 3\ny_seconds_count 1\n"), "{text}");
+    }
+
+    #[test]
+    fn every_histogram_family_is_written() {
+        let stats: Vec<CoreStats> = (0..2).map(|_| CoreStats::default()).collect();
+        let mut text = String::new();
+        for fam in FAMILIES.iter().filter(|f| f.kind == Kind::Histogram) {
+            let before = text.len();
+            write_histogram(&mut text, fam, &stats);
+            assert!(text[before..].contains(&format!("{}_count", fam.name)), "{} has no series", fam.name);
+        }
     }
 
     #[test]
