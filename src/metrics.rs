@@ -112,11 +112,6 @@ pub const FLUSH_BOUNDS_NS: [u64; 14] = {
     b
 };
 
-/// Bucket upper bounds in seconds, for the exporter.
-pub fn bounds_seconds(bounds_ns: &[u64]) -> Vec<f64> {
-    bounds_ns.iter().map(|&ns| ns as f64 / 1e9).collect()
-}
-
 /// A counter or gauge written by one thread only.
 #[derive(Default, Debug)]
 pub struct Cell64(AtomicU64);
