@@ -342,17 +342,17 @@ fn the_admin_address_answers_while_the_store_is_recovered() {
     let dir = TempDir::new();
     // Files of the data directory are opened relative to its descriptor
     // (`openat(dirfd, "snapshot.rkyv")`), which `-P` matches by the
-    // descriptor: every open in the directory. The snapshot's is the 4th,
-    // after `LOCK`, the write probe and the listing for stale temp files;
-    // if that order changes, the probes below come after recovery and the
-    // test fails rather than passing unheld.
+    // descriptor: every open in the directory. The snapshot's is the 5th,
+    // after the directory's own, `LOCK`, the write probe and the listing
+    // for stale temp files; the recovery's reported duration below checks
+    // that the hold fell inside it.
     let data = dir.path().display().to_string();
     let held = ["-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-P", &data, "-e", "trace=openat"];
     use std::os::unix::process::CommandExt;
     let mut child = Group(
         std::process::Command::new("strace")
             .args(held)
-            .args(["-e", "inject=openat:delay_enter=3000000:when=4", "--", BIN])
+            .args(["-e", "inject=openat:delay_enter=3000000:when=5", "--", BIN])
             .args(Server::command_line(&dir, &[]))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -386,7 +386,16 @@ fn the_admin_address_answers_while_the_store_is_recovered() {
     assert!(!text.contains("rendezvous_keys "), "nothing of the store before it is recovered: {text}");
     // Those answers came while the snapshot's open was held: the public
     // port opened seconds later.
-    assert!(lines.by_ref().map(Result::unwrap).any(|l| l.contains("listening on")), "the server started");
+    let mut recovered_ms = None;
+    for line in lines.by_ref().map(Result::unwrap) {
+        if let Some(rest) = line.split("keys from ").nth(1) {
+            recovered_ms = rest.split(" in ").nth(1).and_then(|t| t.split(" ms").next()?.parse::<u64>().ok());
+        }
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    assert!(recovered_ms.is_some_and(|ms| ms >= 2_000), "the hold fell inside recovery: {recovered_ms:?}");
     assert!(probed.elapsed() >= Duration::from_secs(2), "the probes came during recovery, not after");
     let deadline = Instant::now() + Duration::from_secs(10);
     while get(admin, "/readyz").status != 200 {

@@ -31,9 +31,9 @@
 use crate::persist::dir::Dir;
 use crate::persist::snapshot;
 use crate::state::secret::SecretKey;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 const LOCK_FILE: &str = "LOCK";
@@ -144,18 +144,6 @@ pub fn segments(dir: &Dir) -> Result<Vec<Segment>, DataDirError> {
     Ok(out)
 }
 
-/// Opens a file of the data directory for reading, refusing anything but a
-/// regular file: a FIFO would block startup forever (opened without
-/// waiting for a writer, here), a device such as `/dev/zero` behind a
-/// symlink would never end.
-pub fn open_regular(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
-    }
-    Ok(file)
-}
-
 /// Creates a new, empty segment file (exclusively, 0600) and makes its
 /// name durable.
 pub fn create_segment(dir: &Dir, seq: u64, stream: u32) -> io::Result<File> {
@@ -167,11 +155,10 @@ pub fn create_segment(dir: &Dir, seq: u64, stream: u32) -> io::Result<File> {
 /// An owned, checked data directory. Dropping it releases the lock.
 #[derive(Debug)]
 pub struct DataDir {
-    /// The directory's resolved path (no symlink, absolute).
-    path: PathBuf,
-    /// The directory itself, open and locked: every file is made, renamed
-    /// and deleted through it (`persist::dir`), so none can land in a
-    /// directory that took its name later.
+    /// The directory itself, opened by its resolved path (no symlink,
+    /// absolute) and locked: every file is made, renamed and deleted
+    /// through it (`persist::dir`), so none can land in a directory that
+    /// took its name later.
     dir: Dir,
     _lock: File,
 }
@@ -202,13 +189,13 @@ impl DataDir {
                 let _ = dir.remove(&name);
             }
         }
-        Ok(DataDir { path: path.clone(), dir, _lock: lock })
+        Ok(DataDir { dir, _lock: lock })
     }
 
     /// The directory's resolved path, as messages name it (files are
     /// reached through `dir`).
     pub fn path(&self) -> &Path {
-        &self.path
+        self.dir.path()
     }
 
     /// The locked directory, through which files are made, renamed and
@@ -253,14 +240,14 @@ impl DataDir {
     pub fn check(&self) -> io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         let locked = self.dir.file().metadata()?;
-        let named = fs::metadata(&self.path)?;
+        let named = fs::metadata(self.path())?;
         if (locked.dev(), locked.ino()) == (named.dev(), named.ino()) {
             return Ok(());
         }
         Err(io::Error::other(format!(
             "{} is no longer the data directory this process locked at startup (it was moved or replaced); \
              nothing more is written or deleted there: restart the server",
-            self.path.display()
+            self.path().display()
         )))
     }
 
@@ -304,9 +291,7 @@ fn lock_dir(dir: &Path, shown: &Path) -> Result<Dir, DataDirError> {
     match d.file().try_lock() {
         Ok(()) => Ok(d),
         Err(fs::TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let _ = d.open_regular(LOCK_FILE).and_then(|mut f| f.read_to_string(&mut text));
-            let pid = text.trim().parse().ok();
+            let pid = d.open_regular(LOCK_FILE).ok().and_then(|mut f| holder(&mut f));
             Err(DataDirError::Locked { path: shown.to_path_buf(), pid })
         }
         Err(fs::TryLockError::Error(e)) => Err(DataDirError::Lock(shown.to_path_buf(), e)),
@@ -318,9 +303,7 @@ fn lock(dir: &Dir, shown: &Path) -> Result<File, DataDirError> {
     match f.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let _ = f.read_to_string(&mut text);
-            return Err(DataDirError::Locked { path: shown.to_path_buf(), pid: text.trim().parse().ok() });
+            return Err(DataDirError::Locked { path: shown.to_path_buf(), pid: holder(&mut f) });
         }
         Err(fs::TryLockError::Error(e)) => return Err(DataDirError::Lock(shown.to_path_buf(), e)),
     }
@@ -332,6 +315,14 @@ fn lock(dir: &Dir, shown: &Path) -> Result<File, DataDirError> {
     })();
     write_pid.map_err(|e| DataDirError::Lock(shown.to_path_buf(), e))?;
     Ok(f)
+}
+
+/// The PID the lock file names (the holder's, for the message a second
+/// instance prints).
+fn holder(lock_file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    lock_file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
 }
 
 /// Creates, writes, fsyncs and removes a file, and fsyncs the directory.

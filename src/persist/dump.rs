@@ -83,13 +83,14 @@ pub fn run(dir: &Path, out: &mut impl Write) -> Result<(), DumpError> {
     // Which snapshot file is in place: a checkpoint that publishes a new one
     // while this reads deletes segments the old one needed, so a read that
     // saw the snapshot change is read again.
-    let snapshot = dir.join(crate::persist::snapshot::FILE_NAME);
-    let identity = || {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&snapshot).ok().map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
-    };
+    // Both through the one descriptor the reads use.
     let opened = crate::persist::dir::Dir::open(dir)
         .map_err(|e| DumpError::Recovery(RecoveryError::Io(dir.to_path_buf(), e)))?;
+    let identity = || {
+        use std::os::unix::fs::MetadataExt;
+        let file = opened.open_regular(crate::persist::snapshot::FILE_NAME).ok()?;
+        file.metadata().ok().map(|m| (m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
+    };
     let mut attempts = 0;
     let shard = loop {
         let budget = KeyBudget::new(usize::MAX);

@@ -371,7 +371,7 @@ mod tests {
     fn snapshot_then_log_replays_only_what_it_does_not_cover() {
         let d = tmp("snap");
         segment(&d, 1, 0, |b| encode_put(b, &entry("covered", "by-log-1", 1), 0));
-        let mut w = snapshot::Writer::create(&crate::persist::dir::Dir::open(&d).unwrap()).unwrap();
+        let mut w = snapshot::Writer::create(&Dir::open(&d).unwrap()).unwrap();
         w.write_entries(&[entry("s", "snap", 5), entry("covered", "snap", 6)]).unwrap();
         w.publish(
             &SecretKey::from_bytes([1; 32]),
@@ -397,7 +397,7 @@ mod tests {
     #[test]
     fn records_the_copy_covers_are_not_replayed() {
         let d = tmp("covered");
-        let mut w = snapshot::Writer::create(&crate::persist::dir::Dir::open(&d).unwrap()).unwrap();
+        let mut w = snapshot::Writer::create(&Dir::open(&d).unwrap()).unwrap();
         // The copy: "deleted" is gone (deleted at version 12), "expired"
         // holds version 13 whose expiry has passed, "kept" is at 14.
         let mut gone_soon = entry("expired", "new", 13);

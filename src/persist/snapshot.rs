@@ -258,15 +258,10 @@ fn entry(
     Ok(e)
 }
 
-/// Streams a snapshot file: every entry goes to `each`, in file order
-/// (expired ones included; the caller decides). `Ok(None)` if there is no
-/// file. Memory: one frame at a time.
-pub fn load(path: &Path, each: impl FnMut(Entry)) -> Result<Option<Meta>, SnapshotError> {
-    load_from(crate::persist::datadir::open_regular(path), each)
-}
-
-/// `load`, from the snapshot's file as it was opened (not found: there is
-/// no snapshot).
+/// Streams a snapshot file, as it was opened (not found: there is no
+/// snapshot, `Ok(None)`): every entry goes to `each`, in file order
+/// (expired ones included; the caller decides). Memory: one frame at a
+/// time.
 pub fn load_from(file: io::Result<File>, mut each: impl FnMut(Entry)) -> Result<Option<Meta>, SnapshotError> {
     let file = match file {
         Ok(f) => f,
@@ -705,7 +700,8 @@ mod tests {
 
     fn read(path: &Path) -> Result<(Meta, Vec<Entry>), SnapshotError> {
         let mut got = Vec::new();
-        let meta = load(path, |e| got.push(e))?.expect("file exists");
+        let (dir, name) = (path.parent().unwrap(), path.file_name().unwrap().to_str().unwrap());
+        let meta = load_from(Dir::open(dir)?.open_regular(name), |e| got.push(e))?.expect("file exists");
         Ok((meta, got))
     }
 
@@ -726,7 +722,7 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let leftovers = fs::read_dir(&d).unwrap().filter(|e| e.as_ref().unwrap().file_name() != FILE_NAME).count();
         assert_eq!(leftovers, 0, "no temp file left");
-        assert!(load(&d.join("missing"), |_| {}).unwrap().is_none());
+        assert!(load_from(Dir::open(&d).unwrap().open_regular("missing"), |_| {}).unwrap().is_none());
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -17,8 +17,9 @@
 //! begun longest ago, say): neither idle connections nor slow requests can
 //! lock a scraper out (a scrape takes milliseconds, so it is never the
 //! oldest for long), and an evicted connection closes at once, whatever it
-//! was doing. The cores' counts are folded into the exporter once a second
-//! by a timer task here, and on every scrape.
+//! was doing. The cores' counters and gauges are folded into the exporter
+//! once a second by a timer task here, and on every scrape; histograms are
+//! written from the cores' buckets at each scrape (`exporter`).
 //!
 //! The server starts this thread before it recovers the store, and hands
 //! it the store's shared state and the exporter only once recovered
