@@ -234,11 +234,15 @@ impl Unwrapped {
 
 /// One histogram's text, summed over the cores' copies (which share their
 /// bounds), each with its `Unwrapped` sums: `_bucket` per bound
-/// (cumulative) and `+Inf`, then `_sum` (seconds) and `_count`. `label`:
-/// `route="get",` or empty. Every count is read once and only grows, and
+/// (cumulative) and `+Inf`, then `_sum` (seconds) and `_count`, labelled
+/// with `route` if given. Every count is read once and only grows, and
 /// every sum only grows unwrapped, so every series stays monotonic.
-fn histogram_series(text: &mut String, name: &str, label: &str, cores: Vec<(&Histogram, &mut Unwrapped)>) {
+fn histogram_series(text: &mut String, name: &str, route: Option<&str>, cores: Vec<(&Histogram, &mut Unwrapped)>) {
     use std::fmt::Write;
+    let (label, braces) = match route {
+        Some(r) => (format!("route=\"{r}\","), format!("{{route=\"{r}\"}}")),
+        None => (String::new(), String::new()),
+    };
     let mut bounds_ns: &[u64] = &[];
     let mut total: Vec<(u64, u128)> = Vec::new();
     for (h, sums) in cores {
@@ -258,7 +262,6 @@ fn histogram_series(text: &mut String, name: &str, label: &str, cores: Vec<(&His
             None => writeln!(text, "{name}_bucket{{{label}le=\"+Inf\"}} {count}"),
         };
     }
-    let braces = if label.is_empty() { String::new() } else { format!("{{{}}}", label.trim_end_matches(',')) };
     let _ = writeln!(text, "{name}_sum{braces} {}", sum_ns as f64 / 1e9);
     let _ = writeln!(text, "{name}_count{braces} {count}");
 }
@@ -415,12 +418,13 @@ fn write_histogram(text: &mut String, fam: &Family, stats: &[CoreStats], sums: &
     match fam.f {
         F::HttpDuration => {
             for r in 0..ROUTE_LABELS {
-                let label = format!("route=\"{}\",", stats::route_label(r));
-                histogram_series(text, name, &label, in_slot(stats, sums, r, |s| s.latency(r)));
+                histogram_series(text, name, Some(stats::route_label(r)), in_slot(stats, sums, r, |s| s.latency(r)));
             }
         }
-        F::WaitDuration => histogram_series(text, name, "", in_slot(stats, sums, ROUTE_LABELS, |s| &s.waited)),
-        F::LogSyncDuration => histogram_series(text, name, "", in_slot(stats, sums, ROUTE_LABELS + 1, |s| &s.log_sync)),
+        F::WaitDuration => histogram_series(text, name, None, in_slot(stats, sums, ROUTE_LABELS, |s| &s.waited)),
+        F::LogSyncDuration => {
+            histogram_series(text, name, None, in_slot(stats, sums, ROUTE_LABELS + 1, |s| &s.log_sync))
+        }
         _ => {}
     }
     *text += "\n";
@@ -608,7 +612,7 @@ mod tests {
         cores[1].record_ns(3_000_000_000);
         let mut sums = vec![Unwrapped::default(); 2];
         let mut text = String::new();
-        histogram_series(&mut text, "x_seconds", "route=\"get\",", cores.iter().zip(sums.iter_mut()).collect());
+        histogram_series(&mut text, "x_seconds", Some("get"), cores.iter().zip(sums.iter_mut()).collect());
         assert_eq!(
             text,
             "x_seconds_bucket{route=\"get\",le=\"0.000001\"} 2\n\
@@ -618,7 +622,7 @@ mod tests {
              x_seconds_count{route=\"get\"} 4\n"
         );
         let mut text = String::new();
-        histogram_series(&mut text, "y_seconds", "", vec![(&cores[1], &mut Unwrapped::default())]);
+        histogram_series(&mut text, "y_seconds", None, vec![(&cores[1], &mut Unwrapped::default())]);
         assert!(text.ends_with("y_seconds_bucket{le=\"+Inf\"} 1\ny_seconds_sum 3\ny_seconds_count 1\n"), "{text}");
     }
 
@@ -636,7 +640,7 @@ mod tests {
         let mut sums = Unwrapped::default();
         let sum_after = |sums: &mut Unwrapped| {
             let mut text = String::new();
-            histogram_series(&mut text, "z", "", vec![(&h, sums)]);
+            histogram_series(&mut text, "z", None, vec![(&h, sums)]);
             let line = text.lines().find(|l| l.starts_with("z_sum ")).unwrap_or_default().to_string();
             line.trim_start_matches("z_sum ").parse::<f64>().unwrap_or(0.0)
         };
