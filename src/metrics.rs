@@ -95,6 +95,28 @@ pub const WAIT_BOUNDS_NS: [u64; 10] = [
     120_000_000_000,
 ];
 
+/// Log write bucket upper bounds (10 us to 5 s). A healthy append into the
+/// page cache takes a few microseconds to tens of them; one the filesystem
+/// holds (a sync's writeback holding a lock the append needs, a disk that
+/// stalls) takes milliseconds to seconds, with the core serving nothing
+/// meanwhile.
+pub const LOG_WRITE_BOUNDS_NS: [u64; 14] = [
+    10_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    100_000_000,
+    250_000_000,
+    1_000_000_000,
+    5_000_000_000,
+];
+
 /// Log sync latency bucket upper bounds (100 us to 30 s): the request
 /// latency bounds from 100 us to 250 ms, then 1, 5 and 30 s, since a slow
 /// or failing disk's syncs take seconds to tens of seconds, which a
@@ -228,6 +250,8 @@ pub struct CoreStats {
     /// 1 while the log cannot be written (writes are refused with 503).
     pub log_failing: Cell64,
     pub log_sync: Histogram,
+    /// Time the core spent in each log write (it serves nothing meanwhile).
+    pub log_write: Histogram,
     /// When the core last ran its housekeeping tick, in ms since
     /// `Shared::born` (`Shared::readiness`).
     pub tick_ms: Cell64,
@@ -269,6 +293,7 @@ impl Default for CoreStats {
             log_failures: Cell64::default(),
             log_failing: Cell64::default(),
             log_sync: Histogram::new(&FLUSH_BOUNDS_NS),
+            log_write: Histogram::new(&LOG_WRITE_BOUNDS_NS),
             tick_ms: Cell64::default(),
         }
     }
@@ -364,6 +389,7 @@ mod tests {
         assert_eq!(h.buckets(), 15);
         assert!(WAIT_BOUNDS_NS.len() < MAX_BUCKETS && LATENCY_BOUNDS_NS.len() < MAX_BUCKETS);
         assert!(FLUSH_BOUNDS_NS.len() < MAX_BUCKETS && FLUSH_BOUNDS_NS.is_sorted());
+        assert!(LOG_WRITE_BOUNDS_NS.len() < MAX_BUCKETS && LOG_WRITE_BOUNDS_NS.is_sorted());
         assert_eq!(
             (FLUSH_BOUNDS_NS[0], FLUSH_BOUNDS_NS[10], FLUSH_BOUNDS_NS[13]),
             (100_000, 250_000_000, 30_000_000_000)

@@ -309,6 +309,39 @@ fn concurrent_writes_share_log_writes_and_all_survive_kill_9() {
     }
 }
 
+/// Every log write is timed on the core that made it: an operator sees how
+/// long the cores sat in the log's writes (a filesystem that holds them
+/// shows there, not only in the request latency).
+#[test]
+fn every_log_write_is_timed_on_its_core() {
+    let s = Server::start(&["-threads", "2", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"]);
+    let addr = s.addr;
+    let writers: Vec<_> = (0..4)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                for i in 0..50 {
+                    assert_eq!(client.req("POST", &format!("/set/timed-{c}-{i}"), &[], b"v").status, 200);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let text = s.scrape();
+    let m = |series: &str| metric_in(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    let writes = m("rendezvous_log_writes_total");
+    let timed = m("rendezvous_log_write_duration_seconds_count");
+    assert!(writes >= 1.0, "{writes} log writes");
+    assert_eq!(timed, writes, "every log write is timed, and only those");
+    assert_eq!(m("rendezvous_log_write_duration_seconds_bucket{le=\"+Inf\"}"), timed);
+    assert!(m("rendezvous_log_write_duration_seconds_sum") > 0.0);
+    // The buckets are cumulative and start at 10 us.
+    let first = m("rendezvous_log_write_duration_seconds_bucket{le=\"0.00001\"}");
+    assert!(first <= timed, "{first} of {timed} at most 10 us");
+}
+
 /// A client that pipelines its sets (their changes are written at once
 /// rather than later in the pass, on the owner or, for another core's key,
 /// with the owner's batch) gets every answer, and the server is killed while

@@ -175,6 +175,8 @@ families! {
         "Cores whose write-ahead log cannot be written now (their writes get 503).";
     LogSyncDuration: Histogram Seconds "rendezvous_log_sync_duration_seconds" []
         "Duration of write-ahead log syncs (fdatasync).";
+    LogWriteDuration: Histogram Seconds "rendezvous_log_write_duration_seconds" []
+        "Time a core spent in each write-ahead log write, failed ones included, serving nothing meanwhile (into the page cache: microseconds unless the filesystem holds it).";
     Ready: Gauge Count "rendezvous_ready" []
         "1 while serving; 0 while starting, draining or with a core stalled (as /readyz).";
     CoreTickAge: Gauge Seconds "rendezvous_core_tick_age_seconds" ["core"]
@@ -208,9 +210,9 @@ fn describe() {
     }
 }
 
-/// The histograms each core keeps: one per route label, then waits,
-/// then log syncs.
-const SLOTS: usize = ROUTE_LABELS + 2;
+/// The histograms each core keeps: one per route label, then waits, log
+/// syncs and log writes.
+const SLOTS: usize = ROUTE_LABELS + 3;
 
 /// One core's histogram's per-bucket sums (ns) as last read, unwrapped:
 /// a core's sums are `u64`s that wrap (a bucket of 30 s long polls at the
@@ -424,6 +426,9 @@ fn write_histogram(text: &mut String, fam: &Family, stats: &[CoreStats], sums: &
         F::WaitDuration => histogram_series(text, name, None, in_slot(stats, sums, ROUTE_LABELS, |s| &s.waited)),
         F::LogSyncDuration => {
             histogram_series(text, name, None, in_slot(stats, sums, ROUTE_LABELS + 1, |s| &s.log_sync))
+        }
+        F::LogWriteDuration => {
+            histogram_series(text, name, None, in_slot(stats, sums, ROUTE_LABELS + 2, |s| &s.log_write))
         }
         _ => {}
     }

@@ -520,9 +520,18 @@ impl Wal {
         }
     }
 
-    /// Writes `bytes` at the end of the current segment; a file-size limit
-    /// moves on to a new segment first.
+    /// Writes `bytes` at the end of the current segment, timing the write
+    /// (the core serves nothing meanwhile: `rendezvous_log_write_duration_seconds`
+    /// shows an operator a filesystem that holds it).
     fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let started = Instant::now();
+        let r = self.write_at_end(bytes);
+        self.stats().log_write.record_ns(started.elapsed().as_nanos() as u64);
+        r
+    }
+
+    /// `write`'s work; a file-size limit moves on to a new segment first.
+    fn write_at_end(&self, bytes: &[u8]) -> std::io::Result<()> {
         let (offset, r) = {
             let st = self.st.borrow();
             (st.offset, st.seg.file.write_all_at(bytes, st.offset))
