@@ -309,11 +309,12 @@ fn concurrent_writes_share_log_writes_and_all_survive_kill_9() {
     }
 }
 
-/// Every log write is timed on the core that made it: an operator sees how
-/// long the cores sat in the log's writes (a filesystem that holds them
-/// shows there, not only in the request latency).
+/// Every log write is timed: an operator sees how long the cores sat in the
+/// log's writes (a filesystem that holds them shows there, not only in the
+/// request latency). On a healthy disk the writes timed are exactly those
+/// counted (failed writes are timed too, and not counted).
 #[test]
-fn every_log_write_is_timed_on_its_core() {
+fn every_log_write_is_timed() {
     let s = Server::start(&["-threads", "2", "-maxKeysPerIP", "0", "-maxKeysPerNet", "0"]);
     let addr = s.addr;
     let writers: Vec<_> = (0..4)
@@ -337,9 +338,10 @@ fn every_log_write_is_timed_on_its_core() {
     assert_eq!(timed, writes, "every log write is timed, and only those");
     assert_eq!(m("rendezvous_log_write_duration_seconds_bucket{le=\"+Inf\"}"), timed);
     assert!(m("rendezvous_log_write_duration_seconds_sum") > 0.0);
-    // The buckets are cumulative and start at 10 us.
-    let first = m("rendezvous_log_write_duration_seconds_bucket{le=\"0.00001\"}");
-    assert!(first <= timed, "{first} of {timed} at most 10 us");
+    // The bucket the dashboard's "over 1 ms" series reads, and the finest.
+    for le in ["0.001", "0.00001"] {
+        m(&format!("rendezvous_log_write_duration_seconds_bucket{{le=\"{le}\"}}"));
+    }
 }
 
 /// A client that pipelines its sets (their changes are written at once

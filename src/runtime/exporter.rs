@@ -176,7 +176,7 @@ families! {
     LogSyncDuration: Histogram Seconds "rendezvous_log_sync_duration_seconds" []
         "Duration of write-ahead log syncs (fdatasync).";
     LogWriteDuration: Histogram Seconds "rendezvous_log_write_duration_seconds" []
-        "Time a core spent in each write-ahead log write, failed ones included, serving nothing meanwhile (into the page cache: microseconds unless the filesystem holds it).";
+        "Time a core spent in each write of records into its write-ahead log (failed ones and a move to a new segment at a file-size limit included, sync marks written alone not), serving nothing meanwhile: microseconds into the page cache, unless the filesystem holds it.";
     Ready: Gauge Count "rendezvous_ready" []
         "1 while serving; 0 while starting, draining or with a core stalled (as /readyz).";
     CoreTickAge: Gauge Seconds "rendezvous_core_tick_age_seconds" ["core"]
