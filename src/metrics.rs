@@ -95,27 +95,25 @@ pub const WAIT_BOUNDS_NS: [u64; 10] = [
     120_000_000_000,
 ];
 
-/// Log write bucket upper bounds (10 us to 5 s). A healthy append into the
-/// page cache takes a few microseconds to tens of them; one the filesystem
-/// holds (a sync's writeback holding a lock the append needs, a disk that
-/// stalls) takes milliseconds to seconds, with the core serving nothing
-/// meanwhile.
-pub const LOG_WRITE_BOUNDS_NS: [u64; 14] = [
-    10_000,
-    50_000,
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    100_000_000,
-    250_000_000,
-    1_000_000_000,
-    5_000_000_000,
-];
+/// Log write bucket upper bounds (10 us to 5 s): 10 us, the request
+/// latency bounds from 50 us to 25 ms, then 100 ms, 1 s and 5 s. A healthy
+/// append into the page cache takes a few microseconds to tens of them;
+/// one the filesystem holds (a sync's writeback holding a lock the append
+/// needs, a disk that stalls) takes milliseconds to seconds, with the core
+/// serving nothing meanwhile.
+pub const LOG_WRITE_BOUNDS_NS: [u64; 14] = {
+    let mut b = [0u64; 14];
+    b[0] = 10_000;
+    let mut i = 0;
+    while i < 10 {
+        b[i + 1] = LATENCY_BOUNDS_NS[i];
+        i += 1;
+    }
+    b[11] = 100_000_000;
+    b[12] = 1_000_000_000;
+    b[13] = 5_000_000_000;
+    b
+};
 
 /// Log sync latency bucket upper bounds (100 us to 30 s): the request
 /// latency bounds from 100 us to 250 ms, then 1, 5 and 30 s, since a slow
