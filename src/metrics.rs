@@ -96,7 +96,8 @@ pub const WAIT_BOUNDS_NS: [u64; 10] = [
 ];
 
 /// Log write bucket upper bounds (10 us to 5 s): 10 us, the request
-/// latency bounds from 50 us to 25 ms, then 100 ms, 1 s and 5 s. A healthy
+/// latency bounds from 50 us to 25 ms, then 100 ms, 250 ms, 1 s and 5 s.
+/// A healthy
 /// append into the page cache takes a few microseconds to tens of them;
 /// one the filesystem holds (a sync's writeback holding a lock the append
 /// needs, a disk that stalls) takes milliseconds to seconds, with the core
@@ -105,11 +106,12 @@ pub const LOG_WRITE_BOUNDS_NS: [u64; 14] = {
     let mut b = [0u64; 14];
     b[0] = 10_000;
     let mut i = 0;
-    while i < 10 {
+    while i < 9 {
         b[i + 1] = LATENCY_BOUNDS_NS[i];
         i += 1;
     }
-    b[11] = 100_000_000;
+    b[10] = 100_000_000;
+    b[11] = 250_000_000;
     b[12] = 1_000_000_000;
     b[13] = 5_000_000_000;
     b
@@ -388,6 +390,11 @@ mod tests {
         assert!(WAIT_BOUNDS_NS.len() < MAX_BUCKETS && LATENCY_BOUNDS_NS.len() < MAX_BUCKETS);
         assert!(FLUSH_BOUNDS_NS.len() < MAX_BUCKETS && FLUSH_BOUNDS_NS.is_sorted());
         assert!(LOG_WRITE_BOUNDS_NS.len() < MAX_BUCKETS && LOG_WRITE_BOUNDS_NS.is_sorted());
+        let b = LOG_WRITE_BOUNDS_NS;
+        assert_eq!(
+            (b[0], b[1], b[9], b[10], b[11], b[13]),
+            (10_000, 50_000, 25_000_000, 100_000_000, 250_000_000, 5_000_000_000)
+        );
         assert_eq!(
             (FLUSH_BOUNDS_NS[0], FLUSH_BOUNDS_NS[10], FLUSH_BOUNDS_NS[13]),
             (100_000, 250_000_000, 30_000_000_000)
