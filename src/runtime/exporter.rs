@@ -210,10 +210,6 @@ fn describe() {
     }
 }
 
-/// The histograms each core keeps: one per route label, then waits, log
-/// syncs and log writes.
-const SLOTS: usize = ROUTE_LABELS + 3;
-
 /// One core's histogram's per-bucket sums (ns) as last read, unwrapped:
 /// a core's sums are `u64`s that wrap (a bucket of 30 s long polls at the
 /// default `-maxWaiters` reaches 2^64 ns in weeks), and an exported `_sum`
@@ -273,8 +269,8 @@ pub struct Exporter {
     shared: Arc<Shared>,
     handle: PrometheusHandle,
     start_unix: f64,
-    /// `SLOTS` per core, in core order.
-    sums: Vec<Unwrapped>,
+    /// The histograms' sums, unwrapped.
+    sums: SeriesSums,
 }
 
 impl Exporter {
@@ -285,8 +281,7 @@ impl Exporter {
         let handle = recorder.handle();
         ::metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
         describe();
-        let sums = vec![Unwrapped::default(); shared.stats.len() * SLOTS];
-        Ok(Exporter { shared, handle, start_unix, sums })
+        Ok(Exporter { shared, handle, start_unix, sums: SeriesSums::default() })
     }
 
     /// Folds the cores' counts into the recorder.
@@ -404,45 +399,67 @@ impl Exporter {
 
     /// The histogram families, from the cores' buckets (see the module doc).
     fn histogram_text(&mut self) -> String {
-        let mut text = String::new();
-        for fam in FAMILIES.iter().filter(|f| f.kind == Kind::Histogram) {
-            write_histogram(&mut text, fam, &self.shared.stats, &mut self.sums);
-        }
-        text
+        histogram_text(&self.shared.stats, &mut self.sums)
     }
+}
+
+/// Every histogram family's text from the cores' `stats`, one scrape's
+/// worth: the series in the same order each time (`SeriesSums`).
+fn histogram_text(stats: &[CoreStats], sums: &mut SeriesSums) -> String {
+    let mut text = String::new();
+    sums.next = 0;
+    for fam in FAMILIES.iter().filter(|f| f.kind == Kind::Histogram) {
+        write_histogram(&mut text, fam, stats, sums);
+    }
+    text
 }
 
 /// One histogram family's text, from the cores' `stats`. Every histogram
 /// family must have its arm here: a test checks each one is written.
-fn write_histogram(text: &mut String, fam: &Family, stats: &[CoreStats], sums: &mut [Unwrapped]) {
+fn write_histogram(text: &mut String, fam: &Family, stats: &[CoreStats], sums: &mut SeriesSums) {
     let (name, help) = (fam.name, fam.help);
     *text += &format!("# HELP {name} {help}\n# TYPE {name} histogram\n");
     match fam.f {
         F::HttpDuration => {
             for r in 0..ROUTE_LABELS {
-                histogram_series(text, name, Some(stats::route_label(r)), in_slot(stats, sums, r, |s| s.latency(r)));
+                histogram_series(
+                    text,
+                    name,
+                    Some(stats::route_label(r)),
+                    sums.next(stats.iter().map(|s| s.latency(r))),
+                );
             }
         }
-        F::WaitDuration => histogram_series(text, name, None, in_slot(stats, sums, ROUTE_LABELS, |s| &s.waited)),
-        F::LogSyncDuration => {
-            histogram_series(text, name, None, in_slot(stats, sums, ROUTE_LABELS + 1, |s| &s.log_sync))
-        }
-        F::LogWriteDuration => {
-            histogram_series(text, name, None, in_slot(stats, sums, ROUTE_LABELS + 2, |s| &s.log_write))
-        }
+        F::WaitDuration => histogram_series(text, name, None, sums.next(stats.iter().map(|s| &s.waited))),
+        F::LogSyncDuration => histogram_series(text, name, None, sums.next(stats.iter().map(|s| &s.log_sync))),
+        F::LogWriteDuration => histogram_series(text, name, None, sums.next(stats.iter().map(|s| &s.log_write))),
         _ => {}
     }
     *text += "\n";
 }
 
-/// Each core's histogram in `slot` (`of` picks it), with its sums.
-fn in_slot<'a>(
-    stats: &'a [CoreStats],
-    sums: &'a mut [Unwrapped],
-    slot: usize,
-    of: impl Fn(&'a CoreStats) -> &'a Histogram,
-) -> Vec<(&'a Histogram, &'a mut Unwrapped)> {
-    stats.iter().zip(sums.chunks_mut(SLOTS)).filter_map(|(s, c)| Some((of(s), c.get_mut(slot)?))).collect()
+/// Each histogram series' per-core `Unwrapped` sums, in the order
+/// `histogram_text` writes the series: the same at every scrape, so the
+/// n-th series written is always the same one (made at the first scrape).
+#[derive(Debug, Default)]
+struct SeriesSums {
+    all: Vec<Vec<Unwrapped>>,
+    /// The next series' place in `all` during a scrape.
+    next: usize,
+}
+
+impl SeriesSums {
+    /// The next series' per-core histograms, each with its sums.
+    fn next<'h>(&mut self, cores: impl Iterator<Item = &'h Histogram>) -> Vec<(&'h Histogram, &mut Unwrapped)> {
+        if self.all.len() == self.next {
+            self.all.push(Vec::new());
+        }
+        let sums = &mut self.all[self.next];
+        self.next += 1;
+        let cores: Vec<&Histogram> = cores.collect();
+        sums.resize(cores.len(), Unwrapped::default());
+        cores.into_iter().zip(sums.iter_mut()).collect()
+    }
 }
 
 /// The process families, written straight into the text (see the module doc).
@@ -657,9 +674,26 @@ mod tests {
     }
 
     #[test]
+    fn each_scrape_finds_each_series_sums_where_the_last_left_them() {
+        let stats: Vec<CoreStats> = (0..2).map(|_| CoreStats::default()).collect();
+        let mut sums = SeriesSums::default();
+        let first = histogram_text(&stats, &mut sums);
+        let series = sums.all.len();
+        assert_eq!(series, first.matches("_count").count(), "one per series");
+        stats[1].log_write.record_ns(u64::MAX - 10);
+        histogram_text(&stats, &mut sums);
+        stats[1].log_write.record_ns(1_000_000_000_000);
+        let third = histogram_text(&stats, &mut sums);
+        assert_eq!(sums.all.len(), series, "no series made twice");
+        let line = third.lines().find(|l| l.starts_with("rendezvous_log_write_duration_seconds_sum ")).unwrap();
+        let sum: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(sum > (u64::MAX / 1_000_000_000) as f64, "the wrap is seen across scrapes: {line}");
+    }
+
+    #[test]
     fn every_histogram_family_is_written() {
         let stats: Vec<CoreStats> = (0..2).map(|_| CoreStats::default()).collect();
-        let mut sums = vec![Unwrapped::default(); 2 * SLOTS];
+        let mut sums = SeriesSums::default();
         let mut text = String::new();
         for fam in FAMILIES.iter().filter(|f| f.kind == Kind::Histogram) {
             let before = text.len();
